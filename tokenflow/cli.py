@@ -1,0 +1,187 @@
+"""``tokenflow`` command line: thin; parses flags into an EditConfig, runs a job, maps errors to exit codes."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import List, Optional
+
+from . import __version__
+from .config import DEFAULT_NEGATIVE_PROMPT, PRESETS, EditConfig, from_mapping, load_yaml, parse_size
+from .errors import ConfigError, ResourceError, TokenFlowError
+
+EPILOG = """examples:
+  tokenflow edit clip.mp4 --prompt "a shiny silver robotic wolf" --inversion-prompt "a wolf" -o wolf.mp4
+  tokenflow invert clip.mp4 --inversion-prompt "a wolf"
+  tokenflow edit --config config_pnp.yaml
+  tokenflow edit clip.mp4 --method sdedit --sdedit-start 0.9 --prompt "..."
+  tokenflow edit clip.mp4 --model tiny --preset tiny --prompt "anything"   # offline demo, random weights
+exit codes: 0 ok, 2 bad flag/config, 3 bad input video, 4 model, 5 output, 6 out of memory, 130 interrupted"""
+
+
+def _size(text: str):
+    return parse_size(text)
+
+
+def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
+    p.add_argument("video", nargs="?", help="input video (mp4, mov, webm, mkv, gif, ...) or a folder of numbered images")
+    p.add_argument("--config", metavar="YAML", help="YAML config; our keys or the original repo's "
+                   "(data_path, n_frames, n_timesteps, batch_size, sd_version, ...). Flags override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset: "
+                   "original (the paper's defaults), fast (50 inversion / 10 edit steps), tiny (offline demo)")
+    g = p.add_argument_group("frames")
+    g.add_argument("--frames", type=int, metavar="N", help="number of frames to edit (default 40; 0 = all)")
+    g.add_argument("--start", metavar="I", help="first source frame index (default 0)")
+    g.add_argument("--stride", type=int, metavar="S", help="take every S-th source frame (default 1)")
+    g.add_argument("--size", type=_size, metavar="WxH", help="frame size, multiples of 8 (default 512x512 for "
+                   "square input, 672x384 / 384x672 otherwise)")
+    g.add_argument("--crop", action="store_true", default=None,
+                   help="centre-crop to the target aspect ratio instead of stretching")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="Hub id, local diffusers folder, SD version (1.5, 2.0, 2.1) or 'tiny' "
+                   "(random weights, offline). Default stabilityai/stable-diffusion-2-1-base")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    g.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
+    g = p.add_argument_group("inversion")
+    g.add_argument("--inversion-prompt", help="text describing the source video (default empty)")
+    g.add_argument("--inversion-steps", type=int, metavar="N", help="DDIM inversion steps (default 500)")
+    g.add_argument("--inversion-batch-size", type=int, metavar="B", help="frames per UNet call while inverting (default 8)")
+    g.add_argument("--cache-dir", help="inversion cache folder (default $TOKENFLOW_CACHE or ~/.cache/tokenflow)")
+    g.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the inversion cache")
+    if edit:
+        g = p.add_argument_group("editing")
+        g.add_argument("--prompt", help="what the video should become (required)")
+        g.add_argument("--negative-prompt", help=f"default: {DEFAULT_NEGATIVE_PROMPT!r}")
+        g.add_argument("--method", choices=["pnp", "sdedit"], help="pnp (default, TokenFlow + Plug-and-Play) or "
+                       "sdedit (TokenFlow + SDEdit, the original's run_tokenflow_sdedit.py)")
+        g.add_argument("--steps", type=int, metavar="N", help="denoising steps (default 50); every edit timestep "
+                       "must be an inversion timestep")
+    else:
+        p.add_argument("--steps", type=int, metavar="N", help="the edit steps the inversion must serve (default 50)")
+        p.add_argument("--method", choices=["pnp", "sdedit"], help=argparse.SUPPRESS)
+    if edit:
+        g.add_argument("--guidance-scale", type=float, metavar="G", help="classifier-free guidance (default 7.5)")
+        g.add_argument("--keyframe-spacing", type=int, metavar="B", help="frames per group, one random keyframe "
+                       "each (the original's batch_size; default 8)")
+        g.add_argument("--pnp-attn-t", type=float, metavar="F", help="fraction of steps with PnP Q/K injection (default 0.5)")
+        g.add_argument("--pnp-f-t", type=float, metavar="F", help="fraction of steps with PnP ResNet feature injection (default 0.8)")
+        g.add_argument("--sdedit-start", type=float, metavar="F", help="SDEdit: start fraction (the original's "
+                       "`start`, default 0.9); `--start 0.9` is accepted with --method sdedit")
+        g.add_argument("--no-ddim-noise", action="store_true", default=None,
+                       help="SDEdit: noise with one random draw instead of the inversion's noise")
+        g.add_argument("--propagation", choices=["original", "paper"], help="original (default: the authors' "
+                       "code) or paper (nearest keyframes before/after, linear weights, matched on attention outputs)")
+        g.add_argument("--seed", type=int, help="seed of the keyframe draws (default 1)")
+        g = p.add_argument_group("outputs")
+        g.add_argument("-o", "--output", help="output .mp4 (H.264, source fps, source audio) or a folder "
+                       "(default tokenflow-results/<video>-<method>.mp4)")
+        g.add_argument("--save-frames", metavar="DIR", help="also write numbered PNGs into DIR")
+        g.add_argument("--save-latents", metavar="PATH", help="also write the final latents [N,4,h,w] as .npy")
+        g.add_argument("--fps", type=float, help="output frame rate (default: the source's)")
+    g = p.add_argument_group("logging")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    g.add_argument("--log-json", action="store_true", help="JSON-lines events on stdout instead of progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenflow", description="TokenFlow video editing with Stable Diffusion "
+                                     "(Geyer et al., ICLR 2024).", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"tokenflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{edit,invert}")
+    edit = sub.add_parser("edit", help="invert (or reuse the cache) and edit a video",
+                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(edit, edit=True)
+    invert = sub.add_parser("invert", help="only DDIM-invert a video into the cache")
+    _add_common(invert, edit=False)
+    return parser
+
+
+# flag -> config field where the names differ
+_RENAMES = {"start": "start_frame", "no_cache": "use_cache", "no_ddim_noise": "use_ddim_noise"}
+_NOT_CONFIG = {"command", "config", "preset", "quiet", "log_json"}
+
+
+def config_from_args(args: argparse.Namespace) -> EditConfig:
+    config = PRESETS[args.preset] if args.preset else EditConfig()
+    if args.config:
+        config = load_yaml(args.config, config)
+    changes = {}
+    for name, value in vars(args).items():
+        if name in _NOT_CONFIG or value is None:
+            continue
+        if name == "start":
+            name, value = _parse_start(value, args)
+        elif name in ("no_cache", "no_ddim_noise"):
+            value = not value
+        changes[_RENAMES.get(name, name)] = value
+    if changes.get("frames") == 0:
+        changes["frames"] = None
+    return from_mapping(changes, config, source="flags")
+
+
+def _parse_start(value: str, args: argparse.Namespace):
+    """--start is the first frame index; a decimal like 0.9 means SDEdit's start under --method sdedit."""
+    if value.strip().lstrip("+").isdigit():
+        return "start_frame", int(value)
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise ConfigError(f"--start {value!r} must be a frame index (integer >= 0)") from None
+    if getattr(args, "method", None) == "sdedit":
+        return "sdedit_start", fraction
+    raise ConfigError(f"--start {value!r}: the first frame index must be an integer >= 0 "
+                      "(for SDEdit's start fraction use --method sdedit --sdedit-start F)")
+
+
+def _one_line_warnings(reporter) -> None:
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).splitlines()[0] if str(message) else category.__name__
+        reporter.event("warning", message=text)
+        if not reporter.quiet and reporter.json_stream is None:
+            print(f"tokenflow: warning: {text}", file=sys.stderr)
+    warnings.showwarning = show
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .progress import Reporter
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    reporter = Reporter(quiet=args.quiet, json_stream=sys.stdout if args.log_json else None)
+    _one_line_warnings(reporter)
+    try:
+        config = config_from_args(args)
+        from . import jobs
+
+        if args.command == "edit":
+            jobs.run_edit(config, reporter)
+        else:
+            jobs.run_invert(config, reporter)
+        return 0
+    except TokenFlowError as exc:
+        return _fail(reporter, str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail(reporter, "interrupted; no output was written", 130)
+    except MemoryError:
+        return _fail(reporter, str(ResourceError("out of host memory: use fewer frames (--frames) or a smaller "
+                                                 "--size")), ResourceError.exit_code)
+    except Exception as exc:  # a bug, not bad input: still one line unless asked for the traceback
+        if os.environ.get("TOKENFLOW_DEBUG"):
+            raise
+        return _fail(reporter, f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                     "(set TOKENFLOW_DEBUG=1 for a traceback and please report it)", 1)
+
+
+def _fail(reporter, message: str, code: int) -> int:
+    reporter.event("error", message=message, exit_code=code)
+    print(f"tokenflow: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

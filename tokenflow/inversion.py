@@ -1,0 +1,53 @@
+"""DDIM inversion of the source video (the original's ``preprocess.py``), and the edit's start point."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+from diffusers import DDIMScheduler
+
+
+def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor,
+                scheduler: DDIMScheduler, save: Iterable[int], batch_size: int,
+                on_step: Optional[Callable[[int], None]] = None) -> Dict[int, torch.Tensor]:
+    """Deterministic DDIM inversion, conditioned on one prompt (no guidance).
+
+    Walks the timesteps upwards (1, 21, ..., 981 for 50 steps). At step i the noise is predicted
+    on the current (less noisy) latent *with the new timestep t_i*:
+        x0 = (x - sqrt(1 - a_prev) * eps) / sqrt(a_prev);  x <- sqrt(a_t) * x0 + sqrt(1 - a_t) * eps
+    with a_prev = alpha_bar[t_{i-1}], or ``final_alpha_cumprod`` (alpha_bar[0] for SD) at i = 0.
+
+    Args:
+        eps_fn: (latents [b,4,h,w], t) -> noise prediction [b,4,h,w] float32.
+        z0: [N,4,h,w] float32 clean latents.
+        save: timesteps whose latents to return; the noisiest one is always returned.
+    Returns:
+        {t: [N,4,h,w] float32}.
+    """
+    alphas = scheduler.alphas_cumprod
+    timesteps = [int(t) for t in reversed(scheduler.timesteps)]
+    save = set(int(t) for t in save)
+    x = z0.clone()
+    saved: Dict[int, torch.Tensor] = {}
+    for i, t in enumerate(timesteps):
+        alpha_t = alphas[t]
+        alpha_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
+        mu, mu_prev = alpha_t ** 0.5, alpha_prev ** 0.5
+        sigma, sigma_prev = (1 - alpha_t) ** 0.5, (1 - alpha_prev) ** 0.5
+        for b in range(0, x.shape[0], batch_size):
+            xb = x[b:b + batch_size]
+            eps = eps_fn(xb, t)
+            pred_x0 = (xb - sigma_prev.to(xb.device) * eps) / mu_prev.to(xb.device)
+            x[b:b + batch_size] = mu.to(xb.device) * pred_x0 + sigma.to(xb.device) * eps
+        if t in save:
+            saved[t] = x.clone()
+        if on_step is not None:
+            on_step(i)
+    saved[timesteps[-1]] = x.clone()
+    return saved
+
+
+def noise_from_inversion(z0: torch.Tensor, z_noisiest: torch.Tensor, alpha_noisiest: torch.Tensor) -> torch.Tensor:
+    """The eps that takes z0 to the noisiest inverted latent: (z_T - sqrt(a_T) z0) / sqrt(1 - a_T)."""
+    mu, sigma = alpha_noisiest ** 0.5, (1 - alpha_noisiest) ** 0.5
+    return (z_noisiest - mu.to(z0.device) * z0) / sigma.to(z0.device)

@@ -1,0 +1,188 @@
+"""TokenFlow inside diffusers' UNet, through its public extension points only.
+
+- Every self-attention (``attn1``) of the 16 transformer blocks gets a ``TokenFlowAttention``
+  processor (diffusers' attention-processor API).
+- Plug-and-Play feature injection is a forward hook on ``conv2`` of one decoder ResNet
+  (``register_forward_hook``): the hook's return value replaces conv2's output, i.e. the
+  residual branch before the shortcut add, which is exactly where the original injects.
+
+Per-call state (pass kind, timestep, injection switches, keyframe store, pairs and weights)
+lives in one ``StepState`` object that the engine hands to ``TokenFlowControl.active``; the
+processors and the hook read it from there. Nothing is set on the UNet's modules.
+
+UNet batches are laid out as three equal branches [source, uncond, cond] of ``m`` frames each.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from . import kernels
+from .engine.store import KeyframeStore
+from .errors import ModelError
+
+# Plug-and-Play (Tumanyan et al.) injects Q/K in the decoder's self-attention layers "4-11": all
+# decoder self-attention layers except the first one at the lowest resolution. For SD 1.x/2.x
+# those are up_blocks[1].attentions[1, 2], up_blocks[2].attentions[0..2], up_blocks[3].attentions[0..2].
+PNP_QK_SKIP_FIRST_DECODER_LAYERS = 1
+# ... and the residual features of the second ResNet of the first attention decoder block
+# (1/16 resolution; up_blocks[0] has no attention in SD).
+PNP_FEATURE_RESNET = "up_blocks.1.resnets.1"
+
+
+class PassKind(enum.Enum):
+    PLAIN = "plain"            # ordinary UNet (inversion, decoding helpers)
+    KEYFRAMES = "keyframes"    # extended attention over keyframes; fills the store
+    PROPAGATE = "propagate"    # self-attention replaced by gathered keyframe outputs
+
+
+@dataclass
+class StepState:
+    """Everything the processors need for one UNet call.
+
+    n_frames: frames per branch in the call (K keyframes or a group's m frames).
+    pairs / weights: [m, P] keyframe slots and blend weights (propagation passes).
+    on_correspondences: optional callback(layer, idx [m, P, S]) for inspection/parity checks.
+    """
+
+    kind: PassKind
+    timestep: int
+    n_frames: int
+    store: Optional[KeyframeStore] = None
+    inject_qk: bool = False
+    inject_conv: bool = False
+    pairs: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+    match_on: str = "input"    # "input": norm1(h) (original); "output": source attn output (paper)
+    on_correspondences: Optional[Callable[[str, torch.Tensor], None]] = None
+
+
+class TokenFlowControl:
+    """Holds the StepState of the UNet call in progress (None outside TokenFlow passes)."""
+
+    def __init__(self) -> None:
+        self.state: Optional[StepState] = None
+
+    @contextlib.contextmanager
+    def active(self, state: StepState) -> Iterator[StepState]:
+        previous, self.state = self.state, state
+        try:
+            yield state
+        finally:
+            self.state = previous
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str          # module path of the attn1, e.g. "up_blocks.1.attentions.1.transformer_blocks.0.attn1"
+    pnp_qk: bool       # PnP Q/K injection applies here
+
+
+class TokenFlowAttention:
+    """attn1 processor: plain, keyframe (extended attention + store) or propagation pass."""
+
+    def __init__(self, control: TokenFlowControl, layer: LayerInfo):
+        self.control, self.layer = control, layer
+        self.plain = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        state = self.control.state
+        if state is None or state.kind is PassKind.PLAIN:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if hidden_states.dim() != 3 or hidden_states.shape[0] != 3 * state.n_frames:
+            raise RuntimeError(f"{self.layer.name}: expected [3*{state.n_frames}, S, C] hidden states, "
+                               f"got {tuple(hidden_states.shape)}")
+        if state.kind is PassKind.KEYFRAMES:
+            return self._keyframes(attn, hidden_states, state)
+        return self._propagate(attn, hidden_states, state)
+
+    def _keyframes(self, attn, h, state: StepState) -> torch.Tensor:
+        """h: [3K, S, C] = norm1 output of [source, uncond, cond] keyframes -> [3K, S, C]."""
+        n_kf, seq, channels = state.n_frames, h.shape[1], h.shape[2]
+        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+        split = lambda t: t.view(3, n_kf, seq, t.shape[-1])  # noqa: E731
+        inject = state.inject_qk and self.layer.pnp_qk
+        out = kernels.keyframe_attention(split(q), split(k), split(v), attn.heads, inject_qk=inject)
+        out = _project_out(attn, out.reshape(3 * n_kf, seq, -1), h)
+        source_features = h[:n_kf] if state.match_on == "input" else out[:n_kf]
+        state.store.put(self.layer.name, source_features, out.view(3, n_kf, seq, -1))
+        return out
+
+    def _propagate(self, attn, h, state: StepState) -> torch.Tensor:
+        """h: [3m, S, C] -> [3m, S, C], gathered from the stored keyframe outputs."""
+        m, seq = state.n_frames, h.shape[1]
+        if state.match_on == "input":
+            source = h[:m]
+        else:  # the paper matches on the source branch's own self-attention output
+            source = self.plain(attn, h[:m])
+        idx = kernels.cosine_nearest(source, state.store.features[self.layer.name], state.pairs.to(h.device))
+        if state.on_correspondences is not None:
+            state.on_correspondences(self.layer.name, idx)
+        out = kernels.propagate(state.store.outputs[self.layer.name], idx, state.pairs.to(h.device),
+                                state.weights.to(h.device))
+        return out.reshape(3 * m, seq, -1)
+
+
+def _project_out(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The tail of diffusers' attention processors: output projection, dropout, optional residual."""
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+def self_attention_layers(unet: torch.nn.Module) -> List[LayerInfo]:
+    """The UNet's transformer self-attention layers in module order, with their PnP role."""
+    names = [name for name, module in unet.named_modules()
+             if name.endswith(".attn1") and type(module).__name__ == "Attention"]
+    decoder = [n for n in names if n.startswith("up_blocks.")]
+    pnp = set(decoder[PNP_QK_SKIP_FIRST_DECODER_LAYERS:])
+    return [LayerInfo(n, n in pnp) for n in names]
+
+
+class TokenFlowUNet:
+    """Installs the TokenFlow processors and the PnP conv hook on a diffusers UNet (reversibly)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+        self.control = TokenFlowControl()
+        self.layers = self_attention_layers(unet)
+        self._check_layout()
+        self._saved_processors = dict(unet.attn_processors)
+        processors: Dict[str, object] = dict(self._saved_processors)
+        for layer in self.layers:
+            processors[f"{layer.name}.processor"] = TokenFlowAttention(self.control, layer)
+        unet.set_attn_processor(processors)
+        conv2 = unet.get_submodule(PNP_FEATURE_RESNET).conv2
+        self._hook = conv2.register_forward_hook(self._inject_residual_features)
+
+    def _check_layout(self) -> None:
+        try:
+            self.unet.get_submodule(PNP_FEATURE_RESNET).conv2
+        except AttributeError:
+            raise ModelError(f"the UNet has no {PNP_FEATURE_RESNET}.conv2: TokenFlow needs a Stable Diffusion "
+                             "1.x/2.x UNet layout") from None
+        for name, module in self.unet.named_modules():
+            if name.endswith(".attn1") and type(module).__name__ == "Attention":
+                dim = module.inner_dim // module.heads
+                if abs(module.scale - dim ** -0.5) > 1e-6 or module.norm_q is not None or module.spatial_norm is not None:
+                    raise ModelError(f"{name}: unsupported attention variant (custom scale or q/k norms)")
+
+    def _inject_residual_features(self, module, inputs, output):
+        state = self.control.state
+        if state is None or not state.inject_conv:
+            return None
+        source = output[: output.shape[0] // 3]
+        return torch.cat([source, source, source])
+
+    def remove(self) -> None:
+        """Restore the UNet's own processors and drop the hook."""
+        self._hook.remove()
+        self.unet.set_attn_processor(self._saved_processors)

@@ -1,0 +1,62 @@
+"""Progress per stage (tqdm bars with ETA), a quiet mode, and JSON-lines events for machines."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from typing import Dict, Iterator, Optional, TextIO
+
+
+class Stage:
+    def __init__(self, reporter: "Reporter", name: str, total: Optional[int]):
+        self.reporter, self.name, self.total, self.done = reporter, name, total, 0
+        self.bar = None
+        if reporter.bars:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{name:>9}", unit="it", file=reporter.stream,
+                            dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1, **info) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        self.reporter.event("progress", stage=self.name, done=self.done, total=self.total, **info)
+
+
+class Reporter:
+    """Stage timings plus human or machine progress output.
+
+    quiet: no bars, no messages (errors are still printed by the CLI).
+    json_stream: if set, one JSON object per line per event (stage start/progress/end, info, done).
+    """
+
+    def __init__(self, quiet: bool = False, json_stream: Optional[TextIO] = None, stream: TextIO = sys.stderr):
+        self.quiet, self.json_stream, self.stream = quiet, json_stream, stream
+        self.bars = not quiet and json_stream is None
+        self.timings: Dict[str, float] = {}
+
+    def event(self, kind: str, **fields) -> None:
+        if self.json_stream is not None:
+            self.json_stream.write(json.dumps({"event": kind, "time": round(time.time(), 3), **fields}) + "\n")
+            self.json_stream.flush()
+
+    def info(self, message: str) -> None:
+        self.event("info", message=message)
+        if self.bars:
+            print(message, file=self.stream)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: Optional[int] = None) -> Iterator[Stage]:
+        self.event("stage_start", stage=name, total=total)
+        stage = Stage(self, name, total)
+        start = time.perf_counter()
+        try:
+            yield stage
+        finally:
+            if stage.bar is not None:
+                stage.bar.close()
+            elapsed = time.perf_counter() - start
+            self.timings[name] = self.timings.get(name, 0.0) + elapsed
+            self.event("stage_end", stage=name, seconds=round(elapsed, 4))
