@@ -82,6 +82,7 @@ class InversionCache:
         if not self.enabled:
             return None
         entry = self._entry(key)
+        tmp = None
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
@@ -96,7 +97,8 @@ class InversionCache:
             return entry
         except OSError as exc:
             warnings.warn(f"could not write the inversion cache under {self.root} ({exc}); continuing without it")
-            shutil.rmtree(locals().get("tmp", ""), ignore_errors=True) if "tmp" in locals() else None
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             return None
 
 

@@ -21,7 +21,7 @@ DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 SD_VERSIONS = {
     "2.1": "stabilityai/stable-diffusion-2-1-base",
     "2.0": "stabilityai/stable-diffusion-2-base",
-    "1.5": "runwayml/stable-diffusion-v1-5",
+    "1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # runwayml/... was taken down
 }
 
 METHODS = ("pnp", "sdedit")
@@ -94,7 +94,7 @@ class EditConfig:
             raise ConfigError(
                 f"steps={self.steps} exceeds inversion_steps={self.inversion_steps}: every edit "
                 "timestep must be an inversion timestep; raise --inversion-steps or lower --steps")
-        if 1000 % self.inversion_steps and self.inversion_steps > 1000:
+        if self.inversion_steps > 1000:
             raise ConfigError(f"inversion_steps={self.inversion_steps} must be at most 1000")
         for name in ("pnp_attn_t", "pnp_f_t"):
             _fraction(name, getattr(self, name), low_open=False)
@@ -161,7 +161,6 @@ ORIGINAL_KEYS = {
     "data_path": "video",
     "n_frames": "frames",
     "n_inversion_steps": "inversion_steps",
-    "steps": "inversion_steps",          # preprocess.py's flag
     "n_timesteps": "steps",
     "save_steps": "steps",               # preprocess.py's flag
     "batch_size": "keyframe_spacing",
@@ -193,11 +192,6 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
     if ("start" in data or "use_ddim_noise" in data) and "method" not in data:
         changes["method"] = "sdedit"
     for key, value in data.items():
-        if key == "steps" and "n_timesteps" not in data and "save_steps" not in data \
-                and "inversion_steps" not in data and "n_inversion_steps" not in data:
-            # ambiguous: ours means edit steps; preprocess.py's means inversion steps. Ours wins.
-            changes["steps"] = value
-            continue
         name = ORIGINAL_KEYS.get(key, key)
         if key == "sd_version":
             value = _model_from_sd_version(value, source)

@@ -106,7 +106,9 @@ class Editor:
         for i in range(0, len(frames), VAE_BATCH_SIZE):
             batch = (2 * frames[i:i + VAE_BATCH_SIZE] - 1).to(self.model.device, vae.dtype)
             out.append(vae.encode(batch).latent_dist.mean.float() * self.model.scaling_factor)
-        return torch.cat(out)
+        # contiguous, not the VAE's channels-last strides: conv kernels (and so the last bits of the
+        # result) depend on the memory format, and cached latents load contiguous
+        return torch.cat(out).contiguous()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
     alphas = scheduler.alphas_cumprod
     timesteps = [int(t) for t in reversed(scheduler.timesteps)]
     save = set(int(t) for t in save)
-    x = z0.clone()
+    x = z0.clone(memory_format=torch.contiguous_format)
     saved: Dict[int, torch.Tensor] = {}
     for i, t in enumerate(timesteps):
         alpha_t = alphas[t]

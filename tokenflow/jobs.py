@@ -94,6 +94,9 @@ def save_npy(array: np.ndarray, path: str) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

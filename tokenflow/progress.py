@@ -12,7 +12,7 @@ class Stage:
     def __init__(self, reporter: "Reporter", name: str, total: Optional[int]):
         self.reporter, self.name, self.total, self.done = reporter, name, total, 0
         self.bar = None
-        if reporter.bars:
+        if reporter.bars and total is not None:  # untimed stages show up in the summary only
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=f"{name:>9}", unit="it", file=reporter.stream,

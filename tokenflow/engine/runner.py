@@ -29,7 +29,7 @@ class UNetRunner:
     def eps(self, latents: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
         """Plain UNet noise prediction. latents [B,4,h,w], text [B,77,D] -> [B,4,h,w] float32."""
         self.calls += 1
-        out = self.unet(latents.to(self.dtype), _timestep(t, latents.device), encoder_hidden_states=text.to(self.dtype))
+        out = self.unet(latents.to(self.dtype).contiguous(), _timestep(t, latents.device), encoder_hidden_states=text.to(self.dtype))
         return out.sample.float()
 
     def three_branch(self, source: torch.Tensor, x: torch.Tensor, t: int, texts: torch.Tensor,

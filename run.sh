@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One entry point that sets everything up on a fresh machine (Python >= 3.10 with venv):
+#   ./run.sh demo   edit a generated sample clip (default model if it loads, else --model tiny offline)
+#   ./run.sh test   run the test suite
+#   ./run.sh setup  only create .venv and install the package
+# Extra arguments after `demo` go to `tokenflow edit`; after `test`, to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+PY="${PYTHON:-python3}"
+VENV="${TOKENFLOW_VENV:-.venv}"
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PY" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.tokenflow-installed"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        # torch first, pinned: the CPU wheel where there is no CUDA, the CUDA build elsewhere.
+        # (An unpinned torch would pull the newest CUDA build with several GB of packages.)
+        "$VENV/bin/python" -m pip install -q "torch==${TOKENFLOW_TORCH_VERSION:-2.13.0}"
+        "$VENV/bin/python" -m pip install -q -e ".[test]"
+        touch "$stamp"
+    fi
+}
+
+demo() {
+    local clip=tokenflow-results/sample.mp4
+    mkdir -p tokenflow-results
+    "$VENV/bin/python" -c "from tokenflow.samples import make_sample_clip; make_sample_clip('$clip', n_frames=24, size=(256, 256), fps=12)"
+    local model="${TOKENFLOW_MODEL:-stabilityai/stable-diffusion-2-1-base}"
+    local preset=()
+    if ! "$VENV/bin/python" - "$model" <<'PY' 2>/dev/null; then
+import sys
+from tokenflow.models import resolve_source
+resolve_source(sys.argv[1])
+PY
+        echo "run.sh: model '$model' cannot be loaded here (offline or not downloaded); using --model tiny (random weights: the output is NOT a real edit)" >&2
+        model=tiny
+        preset=(--preset tiny)
+    fi
+    "$VENV/bin/tokenflow" edit "$clip" "${preset[@]}" --model "$model" \
+        --prompt "a colourful stained glass window" --inversion-prompt "coloured shapes moving" \
+        -o tokenflow-results/sample-edit.mp4 "$@"
+}
+
+cmd="${1:-demo}"
+shift || true
+case "$cmd" in
+    setup) setup ;;
+    demo) setup; demo "$@" ;;
+    test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    *) echo "usage: ./run.sh [demo|test|setup] [args...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny SD-2.1-shaped model built in code, an isolated cache, synthetic clips.
+
+Nothing here downloads: HF_HUB_OFFLINE is set for the whole session and caches live in tmp.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_and_isolated(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("tokenflow-cache")
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TOKENFLOW_CACHE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TOKENFLOW_CACHE"] = str(cache)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from tokenflow.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_model_dir):
+    """The tiny model loaded on CPU in float32 (shared: tests must not keep processors installed)."""
+    import torch
+
+    from tokenflow.models import load_model
+
+    return load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def sample_clip(tmp_path_factory):
+    from tokenflow.samples import make_sample_clip
+
+    path = tmp_path_factory.mktemp("clips") / "sample.mp4"
+    return make_sample_clip(str(path), n_frames=12, size=(96, 64), fps=12)

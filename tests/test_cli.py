@@ -1,0 +1,165 @@
+"""The command line as a user runs it: end-to-end edits, the cache, JSON events, and bad input.
+
+Each bad input must give one line on stderr (no traceback), a non-zero exit, and no output file.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from tokenflow import __version__
+
+from .conftest import SHARED_DATA
+
+FAST = ["--inversion-steps", "10", "--steps", "5", "--size", "64x64", "--device", "cpu", "--keyframe-spacing", "4"]
+
+
+def tokenflow(*args, cwd=None, env=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tokenflow", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=600)
+
+
+def frames_in(path):
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0)), c.streams.video[0]
+
+
+def test_version_and_help_explain_every_flag():
+    assert tokenflow("--version").stdout.strip() == f"tokenflow {__version__}"
+    help_text = tokenflow("edit", "--help").stdout
+    for flag in ["--model", "--frames", "--size", "--inversion-steps", "--steps", "--keyframe-spacing", "--pnp-attn-t",
+                 "--pnp-f-t", "--guidance-scale", "--seed", "--inversion-prompt", "--prompt", "--negative-prompt",
+                 "--device", "--dtype", "--save-latents", "--output", "--start", "--stride", "--method",
+                 "--propagation", "--config", "--quiet", "--log-json", "--save-frames", "--no-cache"]:
+        assert flag in help_text, flag
+
+
+def test_edit_end_to_end_with_cache_and_json_events(tmp_path, tiny_model_dir, sample_clip):
+    out, lat = tmp_path / "out" / "edit.mp4", tmp_path / "lat.npy"
+    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "glass", "--inversion-prompt", "shapes",
+                    "--frames", "10", *FAST, "-o", out, "--save-latents", lat, "--save-frames", tmp_path / "png",
+                    "--log-json")
+    assert run.returncode == 0, run.stderr
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    done = [e for e in events if e["event"] == "done"][0]
+    assert done["frames"] == 10 and done["output"] == str(out) and done["tiny_model"]
+    assert {"invert", "edit", "decode", "write"} <= set(done["stages"])
+    n, stream = frames_in(out)
+    assert n == 10 and stream.codec_context.name in ("h264", "mpeg4") and (stream.width, stream.height) == (64, 64)
+    assert float(stream.average_rate) == pytest.approx(12, rel=0.01)
+    latents = np.load(lat)
+    assert latents.shape == (10, 4, 8, 8) and np.isfinite(latents).all()
+    assert len(list((tmp_path / "png").glob("*.png"))) == 10
+    # a second edit with another prompt reuses the inversion and gives the same latents for the same prompt
+    again = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "glass", "--inversion-prompt",
+                      "shapes", "--frames", "10", *FAST, "-o", out, "--save-latents", lat, "--log-json")
+    assert again.returncode == 0, again.stderr
+    assert any("reusing cached" in e.get("message", "") for e in map(json.loads, again.stdout.splitlines()))
+    again_done = [e for e in map(json.loads, again.stdout.splitlines()) if e["event"] == "done"][0]
+    assert "invert" not in again_done["stages"]
+    assert np.array_equal(np.load(lat), latents)
+
+
+def test_any_frame_count_no_truncation_and_sdedit_and_paper(tmp_path, tiny_model_dir, sample_clip):
+    for extra in (["--method", "sdedit", "--start", "0.9"], ["--propagation", "paper"]):
+        out = tmp_path / f"{extra[1]}.mp4"
+        run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "glass", "--frames", "7", *FAST,
+                        "-o", out, "-q", *extra)
+        assert run.returncode == 0, run.stderr
+        assert run.stderr == ""  # quiet
+        assert frames_in(out)[0] == 7  # 7 frames with spacing 4: a short last group, nothing dropped
+
+
+def test_invert_command_fills_the_cache(tmp_path, tiny_model_dir, sample_clip):
+    env = {"TOKENFLOW_CACHE": str(tmp_path / "c")}
+    run = tokenflow("invert", sample_clip, "--model", tiny_model_dir, "--frames", "4", "--inversion-steps", "10",
+                    "--steps", "5", "--size", "64x64", "--device", "cpu", env=env)
+    assert run.returncode == 0, run.stderr
+    assert len(list((tmp_path / "c" / "inversions").iterdir())) == 1
+
+
+def test_original_config_file(tmp_path, tiny_model_dir, sample_clip):
+    cfg = tmp_path / "config_pnp.yaml"
+    cfg.write_text(f"data_path: '{sample_clip}'\nn_frames: 5\nn_inversion_steps: 10\nn_timesteps: 5\nbatch_size: 4\n"
+                   f"prompt: 'glass'\nnegative_prompt: 'ugly'\npnp_attn_t: 0.5\npnp_f_t: 0.8\nseed: 1\n"
+                   f"output_path: '{tmp_path / 'results'}'\nH: 64\nW: 64\n")
+    run = tokenflow("edit", "--config", cfg, "--model", tiny_model_dir, "--device", "cpu", "-q")
+    assert run.returncode == 0, run.stderr
+    assert frames_in(tmp_path / "results" / "sample-pnp.mp4")[0] == 5
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "wolf.mp4").exists(), reason="shared/data/wolf.mp4 not present")
+def test_real_video(tmp_path, tiny_model_dir):
+    out = tmp_path / "wolf.mp4"
+    run = tokenflow("edit", SHARED_DATA / "wolf.mp4", "--model", tiny_model_dir, "--prompt", "a robotic wolf",
+                    "--inversion-prompt", "a wolf", "--frames", "8", *FAST, "-o", out, "-q")
+    assert run.returncode == 0, run.stderr
+    n, stream = frames_in(out)
+    assert n == 8 and float(stream.average_rate) == pytest.approx(20, rel=0.01)
+
+
+def _corrupt(tmp_path):
+    p = tmp_path / "corrupt.mp4"
+    p.write_bytes(os.urandom(4096))
+    return p
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    return tmp_path / "file.txt" / "o.mp4"
+
+
+def _empty_avi(tmp_path):
+    p = tmp_path / "empty.avi"
+    with av.open(str(p), "w") as c:
+        c.add_stream("mpeg4", rate=10)
+    return p
+
+
+BAD = {
+    "missing video": (lambda t, m, c: ["edit", t / "nope.mp4", "--model", m, "--prompt", "x"], 3, "nope.mp4"),
+    "corrupt video": (lambda t, m, c: ["edit", _corrupt(t), "--model", m, "--prompt", "x"], 3, "corrupt.mp4"),
+    "zero frames": (lambda t, m, c: ["edit", _empty_avi(t), "--model", m, "--prompt", "x"], 3, "empty.avi"),
+    "empty folder": (lambda t, m, c: ["edit", t, "--model", m, "--prompt", "x"], 3, "work"),
+    "unsupported size": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--size", "100x100"], 2, "100x100"),
+    "negative steps": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--steps", "-5"], 2, "steps"),
+    "threshold > 1": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--pnp-f-t", "1.5"], 2, "pnp_f_t"),
+    "spacing < 1": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--keyframe-spacing", "0"], 2,
+                    "keyframe_spacing"),
+    "empty prompt": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "  "], 2, "prompt"),
+    "no prompt": (lambda t, m, c: ["edit", c, "--model", m], 2, "prompt"),
+    "incompatible steps": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--inversion-steps", "50",
+                                            "--steps", "30"], 2, "inversion"),
+    "unwritable output": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "-o", _under_a_file(t)], 5,
+                          "file.txt"),
+    "missing model": (lambda t, m, c: ["edit", c, "--model", t / "no-model", "--prompt", "x"], 4, "no-model"),
+    "unreachable hub model": (lambda t, m, c: ["edit", c, "--model", "someone/not-a-model", "--prompt", "x"], 4,
+                              "--model"),
+    "bad device": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--device", "tpu"], 2, "tpu"),
+    "bad dtype": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--dtype", "int8"], 2, "int8"),
+    "bad start": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--start", "500"], 3, "500"),
+    "missing config": (lambda t, m, c: ["edit", "--config", t / "none.yaml"], 2, "none.yaml"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_nonzero_no_output(case, tmp_path, tiny_model_dir, sample_clip):
+    make_args, code, needle = BAD[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    args = make_args(work, tiny_model_dir, sample_clip)
+    if "-o" not in args:
+        args += ["-o", tmp_path / "result.mp4"]
+    run = tokenflow(args[0], *FAST, *args[1:], "-q")  # the case's own flags come last and win
+    lines = [l for l in run.stderr.splitlines() if l.strip()]
+    assert run.returncode == code, run.stderr
+    assert len(lines) == 1 and lines[0].startswith("tokenflow: error:") and "Traceback" not in run.stderr, run.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "result.mp4").exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") and "tmp" in p.name]

@@ -1,0 +1,393 @@
+"""Load a Stable Diffusion model (UNet, VAE, CLIP text encoder, tokenizer, DDIM config).
+
+``load_model`` accepts ``"tiny"`` / ``"tiny:SEED"`` (a random-weight offline model, see
+``tokenflow.tiny``), a short SD version (``"1.5"``, ``"2.0"``, ``"2.1"``), a local diffusers
+folder or a Hugging Face Hub id. Every problem surfaces as a one-line ``ModelError`` (or
+``ResourceError`` when the device runs out of memory).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from . import tiny
+from .config import SD_VERSIONS
+from .errors import ModelError, ResourceError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx")
+CONFIG_SUFFIXES = (".json", ".txt")
+SD_TRANSFORMER_BLOCKS = 16
+HUB_ALLOW_PATTERNS = [
+    "model_index.json",
+    *(f"{component}/*{suffix}" for component in COMPONENTS for suffix in CONFIG_SUFFIXES),
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+]
+_TINY_PATTERN = re.compile(r"^tiny(?::(.*))?$")
+# torch >= 2.5 names it torch.OutOfMemoryError; older releases only have the CUDA alias
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@dataclass
+class SDModel:
+    """A loaded Stable Diffusion model, on ``device`` in ``dtype``, eval mode, no gradients.
+
+    ``identity`` fingerprints the weights for cache keys; ``scheduler_config`` builds fresh
+    DDIM schedulers. Latents are ``[N, 4, H / vae_scale_factor, W / vae_scale_factor]``;
+    ``z = vae.encode(x).mean * scaling_factor``.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict
+    name: str
+    identity: str
+    is_tiny: bool
+    device: torch.device
+    dtype: torch.dtype
+    vae_scale_factor: int = 8
+    scaling_factor: float = 0.18215
+    path: Optional[Path] = field(default=None, repr=False)
+
+    def make_scheduler(self):
+        """A fresh ``DDIMScheduler`` with this model's scheduler config."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler_config)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights of a model string live on disk, and how to fingerprint them."""
+
+    name: str
+    path: Path
+    identity: str
+    is_tiny: bool
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_model(model: str, device: torch.device, dtype: torch.dtype) -> SDModel:
+    """Load ``model`` (tiny[:SEED], 1.5/2.0/2.1, local folder or Hub id) onto ``device``."""
+    device = torch.device(device)
+    with quiet_hf_libraries():
+        source = resolve_source(model)
+        scheduler_config = load_scheduler_config(source)
+        unet = load_component(source, "unet", dtype)
+        check_unet_layout(unet, source.name)
+        vae = load_component(source, "vae", dtype)
+        text_encoder = load_component(source, "text_encoder", dtype)
+        tokenizer = load_component(source, "tokenizer", dtype)
+    modules = move_to_device([unet, vae, text_encoder], device, dtype, source.name)
+    for module in modules:
+        module.eval().requires_grad_(False)
+    return SDModel(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler_config=scheduler_config, name=model, identity=source.identity,
+        is_tiny=source.is_tiny, device=device, dtype=dtype,
+        vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+        scaling_factor=float(vae.config.scaling_factor), path=source.path,
+    )
+
+
+@torch.no_grad()
+def encode_prompt(model: SDModel, text: str) -> torch.Tensor:
+    """CLIP last hidden state of ``text``, padded to the tokenizer's max length: ``[1, 77, D]``.
+
+    No attention mask, as in the original; warns when the prompt is cut at 77 tokens.
+    """
+    tokenizer = model.tokenizer
+    max_length = tokenizer.model_max_length
+    with quiet_hf_libraries():
+        full_length = len(tokenizer(text, truncation=False).input_ids)
+        ids = tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").input_ids
+    if full_length > max_length:
+        warnings.warn(f"prompt {text[:40]!r}... is {full_length} tokens long; the text encoder "
+                      f"only sees the first {max_length}", stacklevel=2)
+    return model.text_encoder(ids.to(model.device))[0]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def resolve_source(model: str) -> ModelSource:
+    """Map a ``--model`` string to a local folder (downloading from the Hub if needed)."""
+    model = str(model).strip()
+    tiny_match = _TINY_PATTERN.match(model)
+    if tiny_match:
+        return tiny_source(model, tiny_match.group(1))
+    if model in SD_VERSIONS:
+        return hub_source(SD_VERSIONS[model])
+    if looks_like_path(model) or Path(model).expanduser().exists():
+        return local_source(model)
+    return hub_source(model)
+
+
+def tiny_source(model: str, seed_text: Optional[str]) -> ModelSource:
+    try:
+        seed = 0 if seed_text is None else int(seed_text)
+    except ValueError:
+        raise ModelError(f"bad model '{model}': the tiny model's seed must be an integer, "
+                         "e.g. --model tiny:1") from None
+    folder = tiny.tiny_model_dir(seed)
+    return ModelSource(model, folder, tiny.tiny_identity(seed), is_tiny=True)
+
+
+def looks_like_path(model: str) -> bool:
+    """True for strings that can only be a file system path, never a Hub ``owner/name`` id."""
+    return (model.startswith(("/", ".", "~")) or "\\" in model or model.count("/") > 1
+            or (os.sep != "/" and os.sep in model))
+
+
+def local_source(model: str) -> ModelSource:
+    folder = Path(model).expanduser()
+    if not folder.exists():
+        raise ModelError(f"model folder '{model}' does not exist")
+    if folder.is_file():
+        raise ModelError(f"model '{model}' is a file, not a diffusers folder: TokenFlow needs a "
+                         "folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/ (convert a "
+                         "single-file checkpoint with diffusers' from_single_file + save_pretrained)")
+    check_components(folder, f"model folder '{model}'")
+    return ModelSource(model, folder.resolve(), folder_fingerprint(folder),
+                       is_tiny=tiny.read_marker(folder) is not None)
+
+
+def hub_source(repo_id: str) -> ModelSource:
+    """Resolve a Hub id to a local snapshot with only the files TokenFlow loads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS,
+                                          local_files_only=hub_offline()))
+    except Exception as error:  # offline, not found, gated, invalid id, network ...
+        raise ModelError(
+            f"could not load model '{repo_id}' ({hub_error_reason(error)}): download it once "
+            f"with `huggingface-cli download {repo_id} --local-dir DIR` and pass --model DIR, "
+            "or use --model tiny for an offline demo") from None
+    check_components(snapshot, f"Hub model '{repo_id}'")
+    commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
+    identity = f"{repo_id}@{commit}" if commit else folder_fingerprint(snapshot)
+    return ModelSource(repo_id, snapshot, identity, is_tiny=False)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set *now* (huggingface_hub itself reads it once at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_error_reason(error: Exception) -> str:
+    """A short, one-line explanation of a ``snapshot_download`` failure."""
+    kinds = {cls.__name__ for cls in type(error).__mro__}
+    if "GatedRepoError" in kinds:
+        return "gated repository: accept its license on huggingface.co and log in"
+    if "RepositoryNotFoundError" in kinds:
+        return "not found on the Hugging Face Hub, or private"
+    if "RevisionNotFoundError" in kinds:
+        return "revision not found on the Hugging Face Hub"
+    if "HFValidationError" in kinds:
+        return "neither an existing folder nor a valid Hub repository id"
+    if kinds & {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}:
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub is unreachable"
+        return f"not in the local Hugging Face cache and {why}"
+    return one_line(error)
+
+
+def check_components(folder: Path, what: str) -> None:
+    """Raise ModelError naming the diffusers sub-folders ``folder`` lacks."""
+    missing = [f"{component}/" for component in COMPONENTS if not (folder / component).is_dir()]
+    if missing:
+        raise ModelError(f"{what} is not a diffusers Stable Diffusion folder: missing "
+                         f"{', '.join(missing)} (needs {' '.join(c + '/' for c in COMPONENTS)})")
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over config/tokenizer file contents and (path, size, mtime_ns) of weight files.
+
+    Cheap: weight files are never read. Only the five pipeline components and
+    ``model_index.json`` count.
+    """
+    digest = hashlib.sha256()
+    for path in fingerprinted_files(folder):
+        relative = path.relative_to(folder).as_posix()
+        if path.suffix in CONFIG_SUFFIXES:
+            digest.update(f"{relative}\0".encode() + path.read_bytes() + b"\0")
+        else:
+            stat = path.stat()
+            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def fingerprinted_files(folder: Path) -> Iterator[Path]:
+    index = folder / "model_index.json"
+    if index.is_file():
+        yield index
+    for component in COMPONENTS:
+        for path in sorted((folder / component).rglob("*")):
+            if path.is_file() and path.suffix in CONFIG_SUFFIXES + WEIGHT_SUFFIXES:
+                yield path
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_scheduler_config(source: ModelSource) -> dict:
+    """The DDIM config from ``scheduler/``; TokenFlow needs epsilon prediction."""
+    from diffusers import DDIMScheduler
+
+    try:
+        scheduler = DDIMScheduler.from_pretrained(source.path, subfolder="scheduler")
+    except Exception as error:
+        raise ModelError(f"could not load the scheduler of model '{source.name}' "
+                         f"({one_line(error)})") from None
+    config = dict(scheduler.config)
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ModelError(
+            f"model '{source.name}' predicts '{prediction}', but TokenFlow (like the original) "
+            "needs an epsilon-prediction model such as stabilityai/stable-diffusion-2-1-base "
+            "(--model 2.1)")
+    return config
+
+
+def load_component(source: ModelSource, component: str, dtype: torch.dtype):
+    """``from_pretrained`` of one pipeline component (on CPU, in ``dtype``)."""
+    loader, dtype_kwarg = component_loader(component)
+    kwargs = {} if component == "tokenizer" else {dtype_kwarg: dtype}
+    try:
+        return loader.from_pretrained(source.path, subfolder=component, **kwargs)
+    except Exception as error:
+        raise ModelError(f"could not load the {component} of model '{source.name}' "
+                         f"({one_line(error)})") from None
+
+
+def component_loader(component: str):
+    """(class, name of its dtype keyword) for a pipeline component."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    transformers_dtype_kwarg = "dtype" if transformers_major_minor() >= (4, 56) else "torch_dtype"
+    return {
+        "unet": (UNet2DConditionModel, "torch_dtype"),
+        "vae": (AutoencoderKL, "torch_dtype"),
+        "text_encoder": (CLIPTextModel, transformers_dtype_kwarg),
+        "tokenizer": (CLIPTokenizer, None),
+    }[component]
+
+
+def transformers_major_minor() -> tuple[int, int]:
+    import transformers
+
+    major, minor = (int(re.match(r"\d+", part).group()) for part in
+                    transformers.__version__.split(".")[:2])
+    return major, minor
+
+
+def check_unet_layout(unet, name: str) -> None:
+    """Raise ModelError unless ``unet`` has the SD 1.x/2.x layout TokenFlow hooks into.
+
+    Needed: 4 input channels, 4 up blocks, ``up_blocks[1].resnets[1]`` (conv injection),
+    3 single-block transformers in each of ``up_blocks[1..3]`` (QK injection) and 16
+    ``BasicTransformerBlock``s in total (extended attention / propagation).
+    """
+    from diffusers.models.attention import BasicTransformerBlock
+
+    problems = []
+    if unet.config.in_channels != 4:
+        problems.append(f"{unet.config.in_channels} input channels instead of 4 "
+                        "(inpainting / depth models are not supported)")
+    up_blocks = list(getattr(unet, "up_blocks", []))
+    if len(up_blocks) != 4:
+        problems.append(f"{len(up_blocks)} up blocks instead of 4")
+    else:
+        if len(getattr(up_blocks[1], "resnets", [])) < 2:
+            problems.append("no up_blocks[1].resnets[1]")
+        for index in (1, 2, 3):
+            attentions = list(getattr(up_blocks[index], "attentions", None) or [])
+            sizes = [len(getattr(a, "transformer_blocks", [])) for a in attentions]
+            if sizes != [1, 1, 1]:
+                problems.append(f"up_blocks[{index}] has {len(attentions)} attention modules "
+                                "instead of 3 with one transformer block each")
+    blocks = sum(isinstance(module, BasicTransformerBlock) for module in unet.modules())
+    if blocks != SD_TRANSFORMER_BLOCKS:
+        problems.append(f"{blocks} transformer blocks instead of {SD_TRANSFORMER_BLOCKS}")
+    if problems:
+        raise ModelError(f"model '{name}' does not have the Stable Diffusion 1.x/2.x UNet layout "
+                         f"TokenFlow needs ({'; '.join(problems)}); SDXL, SD 3 and other "
+                         "architectures are not supported")
+
+
+def move_to_device(modules: list, device: torch.device, dtype: torch.dtype, name: str) -> list:
+    """``module.to(device)`` for each; out-of-memory becomes a ResourceError.
+
+    On out-of-memory the modules go back to the CPU so the device memory is released.
+    """
+    try:
+        return [module.to(device) for module in modules]
+    except (OUT_OF_MEMORY, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+    for module in modules:
+        module.to("cpu")
+    release_device_memory(device)
+    raise ResourceError(f"out of memory moving model '{name}' to {device} in "
+                        f"{str(dtype).removeprefix('torch.')}: close other GPU programs, use "
+                        "--dtype float16, or --device cpu")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, OUT_OF_MEMORY) or "out of memory" in str(error).lower()
+
+
+def release_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def quiet_hf_libraries() -> Iterator[None]:
+    """Silence diffusers / transformers logging, progress bars and warnings; restore after."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
+             for lib in (diffusers_logging, transformers_logging)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for module in ("diffusers", "transformers", "huggingface_hub", "torch"):
+                warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+            yield
+    finally:
+        for lib, verbosity, progress_bar in saved:
+            lib.set_verbosity(verbosity)
+            if progress_bar:
+                lib.enable_progress_bar()
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """``TypeName: first line of the message``, shortened to ``limit`` characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
