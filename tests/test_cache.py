@@ -7,7 +7,7 @@ import torch
 
 from tokenflow.cache import InversionCache, InversionKey
 
-KEY = InversionKey("abc", (0, 1, 2), (64, 64), False, "model-x", "a wolf", 50, "float32")
+KEY = InversionKey("abc", (64, 64), "model-x", "a wolf", 50, "float32", "cpu")
 
 
 def _latents():
@@ -23,9 +23,9 @@ def test_round_trip(tmp_path):
     assert not [p for p in (tmp_path / "inversions").iterdir() if p.name.startswith(".")]  # no temp left
 
 
-@pytest.mark.parametrize("field,value", [("video_sha256", "abd"), ("frame_indices", (0, 2, 4)), ("size", (64, 72)),
-                                         ("crop", True), ("model", "model-y"), ("prompt", "a dog"), ("steps", 500),
-                                         ("dtype", "float16")])
+@pytest.mark.parametrize("field,value", [("frames_sha256", "abd"), ("size", (64, 72)), ("model", "model-y"),
+                                         ("prompt", "a dog"), ("steps", 500), ("dtype", "float16"),
+                                         ("device", "cuda")])
 def test_every_field_is_part_of_the_key(tmp_path, field, value):
     cache = InversionCache(tmp_path)
     cache.save(KEY, _latents())
@@ -47,7 +47,8 @@ def test_corrupt_entry_is_dropped_not_used(tmp_path):
     data.write_bytes(bytes(raw))
     with pytest.warns(UserWarning, match="corrupt"):
         assert cache.load(KEY, {1}) is None
-    assert not entry.exists()
+    cache.save(KEY, _latents())  # the recomputed entry replaces it
+    assert cache.load(KEY, {1}) is not None
 
 
 def test_tampered_meta_is_dropped(tmp_path):

@@ -110,6 +110,11 @@ def _corrupt(tmp_path):
     return p
 
 
+def _yaml(tmp_path, text):
+    (tmp_path / "c.yaml").write_text(text + "\n")
+    return tmp_path / "c.yaml"
+
+
 def _under_a_file(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     return tmp_path / "file.txt" / "o.mp4"
@@ -144,6 +149,10 @@ BAD = {
     "bad device": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--device", "tpu"], 2, "tpu"),
     "bad dtype": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--dtype", "int8"], 2, "int8"),
     "bad start": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--start", "500"], 3, "500"),
+    "tiny sdedit start": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--method", "sdedit",
+                                           "--sdedit-start", "0.1"], 2, "sdedit_start"),
+    "bad yaml value": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--config", _yaml(t, "H: abc")], 2,
+                       "H="),
     "missing config": (lambda t, m, c: ["edit", "--config", t / "none.yaml"], 2, "none.yaml"),
 }
 
@@ -163,3 +172,21 @@ def test_bad_input_one_line_nonzero_no_output(case, tmp_path, tiny_model_dir, sa
     assert needle in lines[0]
     assert not (tmp_path / "result.mp4").exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") and "tmp" in p.name]
+
+
+def test_usage_errors_are_one_line(tmp_path, sample_clip):
+    for args in (["edit", sample_clip, "--size", "12y"], ["edit", sample_clip, "--steps", "many"], ["frobnicate"]):
+        run = tokenflow(*args)
+        lines = [l for l in run.stderr.splitlines() if l.strip()]
+        assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("tokenflow: error:"), run.stderr
+
+
+def test_frames_folder_with_foreign_files_fails_before_any_work(tmp_path, tiny_model_dir, sample_clip):
+    png = tmp_path / "png"
+    png.mkdir()
+    (png / "notes.txt").write_text("mine")
+    out = tmp_path / "o.mp4"
+    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "x", *FAST, "--save-frames", png,
+                    "-o", out, "--log-json")
+    assert run.returncode == 5 and "png" in run.stderr and not out.exists()
+    assert '"stage_start"' not in run.stdout  # nothing ran

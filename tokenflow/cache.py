@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,16 +30,19 @@ def default_cache_root() -> Path:
 
 @dataclass(frozen=True)
 class InversionKey:
-    """What an inversion depends on. Timesteps are not part of the key: an entry holds a set."""
+    """What an inversion depends on. Timesteps are not part of the key: an entry holds a set.
 
-    video_sha256: str
-    frame_indices: Tuple[int, ...]
+    The frames are keyed by their decoded pixels, which covers the file, the frame selection,
+    size, crop and the decoder's own behaviour.
+    """
+
+    frames_sha256: str
     size: Tuple[int, int]           # (W, H)
-    crop: bool
     model: str                      # model identity fingerprint
     prompt: str
     steps: int
     dtype: str
+    device: str                     # device type: kernels differ numerically across devices
 
     def digest(self) -> str:
         blob = json.dumps({"format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
@@ -65,17 +69,16 @@ class InversionCache:
             meta = json.loads(meta_path.read_text())
             if meta.get("key") != json.loads(json.dumps(asdict(key))):
                 raise ValueError("key fields differ")
+            if not set(int(t) for t in needed) <= set(meta.get("timesteps", [])):
+                return None  # valid but incomplete: recomputed and replaced by the caller
             if _sha256(data_path) != meta["sha256"]:
                 raise ValueError("checksum mismatch")
             tensors = load_file(str(data_path))
-        except Exception as exc:  # any damage means: recompute
+        except (ValueError, KeyError, TypeError, OSError) as exc:  # damaged (or being replaced): not used
+            # not deleted here: a writer may be swapping the entry in; the recomputed one replaces it
             warnings.warn(f"inversion cache entry {entry} is corrupt ({exc}); recomputing it")
-            shutil.rmtree(entry, ignore_errors=True)
             return None
-        latents = {int(name[2:]): tensor for name, tensor in tensors.items()}
-        if not set(int(t) for t in needed) <= set(latents):
-            return None
-        return latents
+        return {int(name[2:]): tensor for name, tensor in tensors.items()}
 
     def save(self, key: InversionKey, latents: Dict[int, torch.Tensor]) -> Optional[Path]:
         """Write (or replace) the entry atomically; returns its folder (None if disabled/unwritable)."""
@@ -94,12 +97,24 @@ class InversionCache:
             if entry.exists():
                 shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)
+            _sweep_stale_temps(entry.parent)
             return entry
         except OSError as exc:
             warnings.warn(f"could not write the inversion cache under {self.root} ({exc}); continuing without it")
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             return None
+
+
+def _sweep_stale_temps(folder: Path, max_age_s: float = 24 * 3600) -> None:
+    """Remove temp folders that crashed writers left behind (older than a day)."""
+    now = time.time()
+    for tmp in folder.glob(".*"):
+        try:
+            if tmp.is_dir() and now - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _sha256(path: Path) -> str:

@@ -21,7 +21,17 @@ exit codes: 0 ok, 2 bad flag/config, 3 bad input video, 4 model, 5 output, 6 out
 
 
 def _size(text: str):
-    return parse_size(text)
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2 like every other bad flag."""
+
+    def error(self, message: str):
+        self.exit(2, f"tokenflow: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
@@ -85,11 +95,11 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenflow", description="TokenFlow video editing with Stable Diffusion "
+    parser = _OneLineParser(prog="tokenflow", description="TokenFlow video editing with Stable Diffusion "
                                      "(Geyer et al., ICLR 2024).", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tokenflow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,invert}")
+    sub = parser.add_subparsers(dest="command", metavar="{edit,invert}", parser_class=_OneLineParser)
     edit = sub.add_parser("edit", help="invert (or reuse the cache) and edit a video",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(edit, edit=True)

@@ -187,7 +187,10 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
     data = dict(data)
     h, w = data.pop("H", None), data.pop("W", None)
     if h is not None or w is not None:
-        changes["size"] = (int(w if w is not None else h), int(h if h is not None else w))
+        try:
+            changes["size"] = (int(w if w is not None else h), int(h if h is not None else w))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: H={h!r}, W={w!r} must be whole numbers of pixels") from None
     # the original's sdedit config is recognised by its keys
     if ("start" in data or "use_ddim_noise" in data) and "method" not in data:
         changes["method"] = "sdedit"
@@ -196,7 +199,7 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
         if key == "sd_version":
             value = _model_from_sd_version(value, source)
         elif key == "size" and value is not None:
-            value = parse_size(str(value)) if not isinstance(value, (list, tuple)) else tuple(int(v) for v in value)
+            value = _size_value(value, source)
         if name == "device" and value is not None:
             value = str(value)
         if name not in fields:
@@ -207,6 +210,14 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
         return dataclasses.replace(base, **changes)
     except TypeError as exc:  # pragma: no cover - dataclasses reports unknown fields this way
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _size_value(value: Any, source: str) -> Tuple[int, int]:
+    if not isinstance(value, (list, tuple)):
+        return parse_size(str(value))
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ConfigError(f"{source}: size={value!r} must be [width, height] or 'WIDTHxHEIGHT'")
+    return tuple(value)
 
 
 def _model_from_sd_version(value: Any, source: str) -> str:

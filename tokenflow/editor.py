@@ -8,6 +8,7 @@ Data flow (tensor shapes for N frames of HxW, latents of h=H/8, w=W/8):
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -22,7 +23,7 @@ from .engine import KeyframeStore, UNetRunner
 from .errors import ConfigError, ResourceError
 from .inversion import ddim_invert, noise_from_inversion
 from .keyframes import KeyframeSampler, groups, original_plan, paper_plan
-from .models import SDModel, encode_prompt, load_model
+from .models import SDModel, encode_prompt, is_out_of_memory, load_model
 from .processors import PassKind, StepState, TokenFlowUNet
 from .progress import Reporter
 from .video import Clip, read_video
@@ -57,12 +58,21 @@ class EditResult:
     output: Optional[str] = None
 
 
+def read_clip(video: str, config: EditConfig, reporter: Reporter) -> Clip:
+    """Decode the frames ``config`` selects from a video file or image folder."""
+    with reporter.stage("read"):
+        return read_video(video, frames=config.frames, start=config.start_frame, stride=config.stride,
+                          size=config.size, crop=config.crop)
+
+
 def _oom_as_resource_error(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except torch.OutOfMemoryError as exc:
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; CPU/MPS OOM are plain ones
+            if not is_out_of_memory(exc):
+                raise
             raise ResourceError(
                 f"out of memory on the device ({str(exc).splitlines()[0][:120]}): use fewer frames (--frames), "
                 "a smaller size (--size), --dtype float16, or a smaller --keyframe-spacing") from None
@@ -122,11 +132,7 @@ class Editor:
     # --- inversion -------------------------------------------------------------------------
 
     def load_clip(self, video: Union[str, Clip], config: EditConfig) -> Clip:
-        if isinstance(video, Clip):
-            return video
-        with self.reporter.stage("read"):
-            return read_video(str(video), frames=config.frames, start=config.start_frame,
-                              stride=config.stride, size=config.size, crop=config.crop)
+        return video if isinstance(video, Clip) else read_clip(str(video), config, self.reporter)
 
     @_oom_as_resource_error
     @torch.no_grad()
@@ -142,9 +148,9 @@ class Editor:
         needed = schedule.inversion_save_timesteps(inv_ts, self._edit_timesteps(config))
         with self.reporter.stage("encode"):
             z0 = self.encode(clip.frames)
-        key = InversionKey(clip.content_hash, tuple(clip.indices), tuple(clip.frames.shape[-1:-3:-1]),
-                           bool(config.crop), self.model.identity, config.inversion_prompt,
-                           config.inversion_steps, str(self.model.dtype).replace("torch.", ""))
+        key = InversionKey(_pixels_sha256(clip.frames), tuple(clip.frames.shape[-1:-3:-1]), self.model.identity,
+                           config.inversion_prompt, config.inversion_steps,
+                           str(self.model.dtype).replace("torch.", ""), self.model.device.type)
         cached = self.cache.load(key, needed)
         if cached is not None:
             self.reporter.info(f"inversion: reusing cached latents ({len(cached)} timesteps)")
@@ -166,8 +172,6 @@ class Editor:
         timesteps = schedule.timesteps_of(self.model.scheduler_config, config.steps)
         if config.method == "sdedit":
             timesteps = schedule.sdedit_timesteps(timesteps, config.sdedit_start)
-            if not timesteps:
-                raise ConfigError(f"sdedit_start={config.sdedit_start} leaves no denoising steps; raise it")
         return timesteps
 
     # --- editing ---------------------------------------------------------------------------
@@ -181,11 +185,15 @@ class Editor:
         config = (config or EditConfig()).replace(**overrides)
         if prompt is not None:
             config = config.replace(prompt=prompt)
+        if isinstance(video, Inversion):  # its prompt and steps are what the source branch uses
+            config = config.replace(inversion_prompt=video.prompt, inversion_steps=video.steps)
         config.validate()
         if isinstance(video, Inversion):
             inversion = video
-            if (inversion.prompt, inversion.steps) != (config.inversion_prompt, config.inversion_steps):
-                raise ConfigError("the given Inversion was made with another inversion prompt/steps than the config")
+            missing = set(self._edit_timesteps(config)) - set(inversion.latents)
+            if missing:
+                raise ConfigError(f"the given Inversion lacks the latents of timesteps {sorted(missing)[:5]}; "
+                                  f"invert with steps={config.steps} (the edit's step count)")
         else:
             inversion = self._invert(self.load_clip(video, config), config)
         latents, record = self._denoise(inversion, config, record_correspondences)
@@ -259,6 +267,12 @@ class Editor:
                 x = new_x
         store.clear()
         return x, record
+
+
+def _pixels_sha256(frames: torch.Tensor) -> str:
+    """sha256 of the frames as 8-bit pixels ([N,3,H,W] in [0,1], which are k/255 exactly)."""
+    pixels = (frames.detach().cpu() * 255).round().to(torch.uint8).contiguous()
+    return hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
 
 
 def _record(sink: list, step: int, group: int, layer: str, idx: torch.Tensor) -> None:

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from .config import EditConfig
-from .editor import Editor, EditResult
+from .editor import Editor, EditResult, read_clip
 from .errors import InputError, OutputError
 from .progress import Reporter
-from .video import check_writable, write_frames, write_video
+from .video import check_frames_target, check_writable, write_frames, write_video
 
 TINY_NOTE = "made with --model tiny: random weights, the output is NOT a real edit (offline demo/test model)"
 
@@ -40,17 +40,20 @@ def run_edit(config: EditConfig, reporter: Reporter) -> EditResult:
     if not config.video:
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow edit VIDEO ...)")
     output = resolve_output(config)
+    # every output target and the input are checked before any expensive work
     check_writable(output)
     if config.save_latents:
         check_writable(config.save_latents)
     if config.save_frames:
+        check_frames_target(config.save_frames)
         check_writable(str(Path(config.save_frames.rstrip("/\\")) / "00000.png"))
     start = time.perf_counter()
+    clip = read_clip(str(config.video), config, reporter)
     editor = Editor.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                     cache_dir=config.cache_dir, use_cache=config.use_cache, reporter=reporter)
     if editor.model.is_tiny:
         reporter.info(f"NOTE: {TINY_NOTE}")
-    result = editor.edit(config.video, config=config)
+    result = editor.edit(clip, config=config)
     with reporter.stage("write"):
         metadata = {"comment": f"tokenflow edit: {config.prompt}" + (f" [{TINY_NOTE}]" if result.model_is_tiny else "")}
         result.output = write_video(result.frames, output, config.fps or result.clip.fps,
@@ -72,9 +75,10 @@ def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
     if not config.video:
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow invert VIDEO ...)")
     start = time.perf_counter()
+    clip = read_clip(str(config.video), config, reporter)
     editor = Editor.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                     cache_dir=config.cache_dir, use_cache=config.use_cache, reporter=reporter)
-    inversion = editor.invert(config.video, config=config)
+    inversion = editor.invert(clip, config=config)
     summary = {"frames": int(inversion.z0.shape[0]), "timesteps": sorted(inversion.latents),
                "from_cache": inversion.from_cache, "cache": str(editor.cache.root),
                "seconds": round(time.perf_counter() - start, 3),

@@ -110,7 +110,7 @@ class TokenFlowAttention:
         inject = state.inject_qk and self.layer.pnp_qk
         out = kernels.keyframe_attention(split(q), split(k), split(v), attn.heads, inject_qk=inject)
         out = _project_out(attn, out.reshape(3 * n_kf, seq, -1), h)
-        source_features = h[:n_kf] if state.match_on == "input" else out[:n_kf]
+        source_features = (h[:n_kf] if state.match_on == "input" else out[:n_kf]).clone()  # not a view of all 3 branches
         state.store.put(self.layer.name, source_features, out.view(3, n_kf, seq, -1))
         return out
 
@@ -126,6 +126,8 @@ class TokenFlowAttention:
             state.on_correspondences(self.layer.name, idx)
         out = kernels.propagate(state.store.outputs[self.layer.name], idx, state.pairs.to(h.device),
                                 state.weights.to(h.device))
+        if state.match_on == "output":  # the paper: the source video keeps its own tokens
+            out[0] = source
         return out.reshape(3 * m, seq, -1)
 
 

@@ -31,7 +31,11 @@ def sdedit_timesteps(timesteps: Sequence[int], start: float) -> List[int]:
 
     (For 50 steps and start 0.9 that keeps the last 44 timesteps, from 861 down.)
     """
-    return list(timesteps[int(1 - start * len(timesteps)):])
+    first = int(1 - start * len(timesteps))
+    if first >= 0:  # the formula wraps to the full schedule when start * n < 2
+        raise ConfigError(f"sdedit_start={start} is too small for {len(timesteps)} steps: the original's "
+                          f"truncation needs start >= {2 / len(timesteps):.3g}; raise --sdedit-start or --steps")
+    return list(timesteps[first:])
 
 
 def injection_timesteps(timesteps: Sequence[int], n_steps: int, fraction: float) -> Set[int]:

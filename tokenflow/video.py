@@ -395,7 +395,7 @@ def write_frames(frames, folder) -> str:
     """
     folder = os.fspath(folder)
     images = _to_uint8_images(frames)
-    _check_frames_target(folder)
+    check_frames_target(folder)
     temp_folder = _temp_sibling(folder, "")
     try:
         _remove_if_present(temp_folder)  # left by a crashed run with the same pid
@@ -441,7 +441,7 @@ def _remove_if_present(path: str) -> None:
         os.remove(path)
 
 
-def _check_frames_target(folder: str) -> None:
+def check_frames_target(folder: str) -> None:
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise OutputError(f"frames output '{folder}' is a file; give a folder path instead.")
     if os.path.isdir(folder) and not _holds_only_our_frames(folder):

@@ -56,7 +56,7 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 def _cosine_nearest_torch(x, keys, pairs):
     n_frames, n_tokens, _ = x.shape
     idx = torch.zeros(n_frames, pairs.shape[1], n_tokens, dtype=torch.long, device=x.device)
-    xn, kn = _normalize(x), _normalize(keys)
+    xn, kn = _normalize(x.float()), _normalize(keys.float())  # half precision ties too easily near cos = 1
     pairs_cpu = pairs.cpu()
     # frames that read the same keyframe share one matmul, as in the original
     for slot in pairs_cpu.unique().tolist():
