@@ -78,8 +78,11 @@ def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
     clip = read_clip(str(config.video), config, reporter)
     editor = Editor.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                     cache_dir=config.cache_dir, use_cache=config.use_cache, reporter=reporter)
+    if editor.model.is_tiny:
+        reporter.info(f"NOTE: {TINY_NOTE}")
     inversion = editor.invert(clip, config=config)
     summary = {"frames": int(inversion.z0.shape[0]), "timesteps": sorted(inversion.latents),
+               "tiny_model": editor.model.is_tiny,
                "from_cache": inversion.from_cache, "cache": str(editor.cache.root),
                "seconds": round(time.perf_counter() - start, 3),
                "stages": {k: round(v, 3) for k, v in reporter.timings.items()}}
