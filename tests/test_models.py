@@ -15,6 +15,7 @@ from tokenflow import device as device_module
 from tokenflow import tiny
 from tokenflow.device import resolve_device, resolve_dtype
 from tokenflow.errors import ConfigError, ModelError, ResourceError
+from tokenflow.schedule import make_scheduler
 from tokenflow.models import (SDModel, check_unet_layout, encode_prompt, folder_fingerprint,
                               load_model, looks_like_path, move_to_device)
 
@@ -114,8 +115,7 @@ def test_tiny_scheduler_config(tiny_model):
                 "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1,
                 "clip_sample": False, "prediction_type": "epsilon", "timestep_spacing": "leading"}
     assert {key: config[key] for key in expected} == expected
-    scheduler = tiny_model.make_scheduler()
-    scheduler.set_timesteps(50)
+    scheduler = make_scheduler(tiny_model.scheduler_config, 50)
     assert scheduler.timesteps[0].item() == 981 and scheduler.timesteps[-1].item() == 1
 
 

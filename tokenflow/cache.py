@@ -25,7 +25,9 @@ FORMAT_VERSION = 1
 
 
 def default_cache_root() -> Path:
-    return Path(os.environ.get("TOKENFLOW_CACHE") or Path.home() / ".cache" / "tokenflow")
+    """``$TOKENFLOW_CACHE`` if set, else ``~/.cache/tokenflow`` (inversions and built models live below)."""
+    cache = os.environ.get("TOKENFLOW_CACHE")
+    return Path(cache).expanduser() if cache else Path.home() / ".cache" / "tokenflow"
 
 
 @dataclass(frozen=True)

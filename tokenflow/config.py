@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
@@ -170,8 +170,6 @@ ORIGINAL_KEYS = {
     "start": "sdedit_start",
     "sd_version": "model",
 }
-# keys the original has that change nothing here
-IGNORED_ORIGINAL_KEYS = ("H", "W")  # folded into `size` below
 
 
 def _field_names() -> Tuple[str, ...]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -100,7 +100,7 @@ class Editor:
                         use_cache: bool = True, reporter: Optional[Reporter] = None) -> "Editor":
         """Load a Hub id, a local diffusers folder, an SD version ('1.5', '2.0', '2.1') or 'tiny'."""
         dev = resolve_device(None if device is None else str(device))
-        dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+        dt = resolve_dtype(dtype, dev)
         reporter = reporter or Reporter(quiet=True)
         with reporter.stage("load"):
             sd = load_model(model, dev, dt)

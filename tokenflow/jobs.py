@@ -7,14 +7,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
 
 from .config import EditConfig
 from .editor import Editor, EditResult, read_clip
-from .errors import InputError, OutputError
+from .errors import InputError
 from .progress import Reporter
 from .video import check_frames_target, check_writable, write_frames, write_video
 
@@ -46,7 +46,6 @@ def run_edit(config: EditConfig, reporter: Reporter) -> EditResult:
         check_writable(config.save_latents)
     if config.save_frames:
         check_frames_target(config.save_frames)
-        check_writable(str(Path(config.save_frames.rstrip("/\\")) / "00000.png"))
     start = time.perf_counter()
     clip = read_clip(str(config.video), config, reporter)
     editor = Editor.from_pretrained(config.model, device=config.device, dtype=config.dtype,

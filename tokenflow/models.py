@@ -61,11 +61,6 @@ class SDModel:
     scaling_factor: float = 0.18215
     path: Optional[Path] = field(default=None, repr=False)
 
-    def make_scheduler(self):
-        """A fresh ``DDIMScheduler`` with this model's scheduler config."""
-        from diffusers import DDIMScheduler
-
-        return DDIMScheduler.from_config(self.scheduler_config)
 
 
 @dataclass(frozen=True)

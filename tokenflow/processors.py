@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -25,6 +25,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from . import kernels
 from .engine.store import KeyframeStore
 from .errors import ModelError
+from .models import check_unet_layout
 
 # Plug-and-Play (Tumanyan et al.) injects Q/K in the decoder's self-attention layers "4-11": all
 # decoder self-attention layers except the first one at the lowest resolution. For SD 1.x/2.x
@@ -104,7 +105,7 @@ class TokenFlowAttention:
 
     def _keyframes(self, attn, h, state: StepState) -> torch.Tensor:
         """h: [3K, S, C] = norm1 output of [source, uncond, cond] keyframes -> [3K, S, C]."""
-        n_kf, seq, channels = state.n_frames, h.shape[1], h.shape[2]
+        n_kf, seq = state.n_frames, h.shape[1]
         q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
         split = lambda t: t.view(3, n_kf, seq, t.shape[-1])  # noqa: E731
         inject = state.inject_qk and self.layer.pnp_qk
@@ -166,11 +167,7 @@ class TokenFlowUNet:
         self._hook = conv2.register_forward_hook(self._inject_residual_features)
 
     def _check_layout(self) -> None:
-        try:
-            self.unet.get_submodule(PNP_FEATURE_RESNET).conv2
-        except AttributeError:
-            raise ModelError(f"the UNet has no {PNP_FEATURE_RESNET}.conv2: TokenFlow needs a Stable Diffusion "
-                             "1.x/2.x UNet layout") from None
+        check_unet_layout(self.unet, "the UNet")
         for name, module in self.unet.named_modules():
             if name.endswith(".attn1") and type(module).__name__ == "Attention":
                 dim = module.inner_dim // module.heads

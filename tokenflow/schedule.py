@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Iterable, List, Sequence, Set
 
-import torch
 from diffusers import DDIMScheduler
 
 from .errors import ConfigError
@@ -58,8 +57,3 @@ def inversion_save_timesteps(inversion_timesteps: Sequence[int], edit_timesteps:
             f"of a {len(available)}-step inversion; every edit timestep must be one. Use inversion/edit step "
             "counts where one divides the other the DDIM way, e.g. --inversion-steps 500 --steps 50 or 50 and 10")
     return needed | {max(available)}
-
-
-def alphas_cumprod(scheduler: DDIMScheduler) -> torch.Tensor:
-    """The float32 table alpha_bar[t], t = 0..999."""
-    return scheduler.alphas_cumprod

@@ -28,6 +28,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .cache import default_cache_root
+
 # Bump whenever the architecture, the weight recipe or the folder layout changes:
 # cached folders carry it in their name and marker, so stale ones are rebuilt.
 RECIPE = 1
@@ -290,16 +292,9 @@ def build_tiny_model(folder: Union[str, os.PathLike], seed: int = 0) -> Path:
     return folder
 
 
-def default_cache_root() -> Path:
-    """``$TOKENFLOW_CACHE/models`` if set, else ``~/.cache/tokenflow/models``."""
-    cache = os.environ.get("TOKENFLOW_CACHE")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "tokenflow"
-    return base / "models"
-
-
 def tiny_model_dir(seed: int = 0, root: Union[str, os.PathLike, None] = None) -> Path:
     """Path of the cached tiny model for ``seed``; built on first use, reused afterwards."""
-    root = Path(root).expanduser() if root is not None else default_cache_root()
+    root = Path(root).expanduser() if root is not None else default_cache_root() / "models"
     folder = root / f"{KIND}-seed{seed}-r{RECIPE}"
     if not is_tiny_model_dir(folder, seed):
         build_tiny_model(folder, seed)

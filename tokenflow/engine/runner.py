@@ -6,8 +6,6 @@ replace this class without the method changing.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..processors import StepState, TokenFlowUNet

@@ -28,7 +28,3 @@ class KeyframeStore:
     def clear(self) -> None:
         self.features.clear()
         self.outputs.clear()
-
-    def nbytes(self) -> int:
-        tensors = list(self.features.values()) + list(self.outputs.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
