@@ -1,11 +1,15 @@
 """Shared fixtures: a tiny SD-2.1-shaped model built in code, an isolated cache, synthetic clips.
 
 Nothing here downloads: HF_HUB_OFFLINE is set for the whole session and caches live in tmp.
+TRITON_INTERPRET=1 is set before anything imports a kernel module, so ``backend="triton"`` runs
+the real Triton kernels on CPU tensors (automatic dispatch still picks torch on CPU).
 """
 import os
 from pathlib import Path
 
-import pytest
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -35,7 +35,8 @@ def test_version_and_help_explain_every_flag():
     for flag in ["--model", "--frames", "--size", "--inversion-steps", "--steps", "--keyframe-spacing", "--pnp-attn-t",
                  "--pnp-f-t", "--guidance-scale", "--seed", "--inversion-prompt", "--prompt", "--negative-prompt",
                  "--device", "--dtype", "--save-latents", "--output", "--start", "--stride", "--method",
-                 "--propagation", "--config", "--quiet", "--log-json", "--save-frames", "--no-cache"]:
+                 "--propagation", "--config", "--quiet", "--log-json", "--save-frames", "--no-cache",
+                 "--attention-backend", "--nearest-backend"]:
         assert flag in help_text, flag
 
 
@@ -153,6 +154,10 @@ BAD = {
     "bad yaml value": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--config", _yaml(t, "H: abc")], 2,
                        "H="),
     "missing config": (lambda t, m, c: ["edit", "--config", t / "none.yaml"], 2, "none.yaml"),
+    "unknown backend": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--attention-backend", "flash"], 2,
+                        "flash"),
+    "backend that cannot run": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--attention-backend",
+                                                 "xformers"], 2, "xformers"),
 }
 
 
@@ -189,3 +194,27 @@ def test_frames_folder_with_foreign_files_fails_before_any_work(tmp_path, tiny_m
                     "-o", out, "--log-json")
     assert run.returncode == 5 and "png" in run.stderr and not out.exists()
     assert '"stage_start"' not in run.stdout  # nothing ran
+
+
+def test_doctor_lists_every_op_and_backend_with_reasons():
+    run = tokenflow("doctor", "--json", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["environment"]["packages"]["torch"]
+    rows = {(r["op"], r["backend"]): r for r in report["backends"]}
+    assert {op for op, _ in rows} == {"keyframe_attention", "cosine_nearest", "propagate"}
+    assert rows[("keyframe_attention", "torch")]["chosen"]
+    for r in rows.values():  # every backend not chosen says why
+        assert r["chosen"] or r["reasons"] or r["only_by_name"], r
+    text = tokenflow("doctor", "--device", "cpu").stdout
+    assert "keyframe_attention on cpu (float32)" in text and "CHOSEN" in text
+
+
+def test_doctor_check_runs_the_backends_against_the_reference():
+    pytest.importorskip("triton")
+    run = tokenflow("doctor", "--check", "--device", "cpu", "--json", env={"TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr
+    checks = json.loads(run.stdout)["checks"]
+    assert {(c["op"], c["backend"]) for c in checks} >= {("keyframe_attention", "triton"), ("cosine_nearest", "triton"),
+                                                         ("propagate", "triton")}
+    assert all(c["ok"] for c in checks)

@@ -83,6 +83,11 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--propagation", choices=["original", "paper"], help="original (default: the authors' "
                        "code) or paper (nearest keyframes before/after, linear weights, matched on attention outputs)")
         g.add_argument("--seed", type=int, help="seed of the keyframe draws (default 1)")
+        g = p.add_argument_group("kernels (see `tokenflow doctor` for what runs here)")
+        g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention: auto (default: triton "
+                       "on CUDA, else torch), triton, xformers (unverified) or torch (the reference)")
+        g.add_argument("--nearest-backend", metavar="NAME", help="nearest-neighbour search: auto (default: "
+                       "triton on CUDA, else torch), triton, faiss or torch (the reference)")
         g = p.add_argument_group("outputs")
         g.add_argument("-o", "--output", help="output .mp4 (H.264, source fps, source audio) or a folder "
                        "(default tokenflow-results/<video>-<method>.mp4)")
@@ -99,12 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(Geyer et al., ICLR 2024).", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tokenflow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,invert}", parser_class=_OneLineParser)
+    sub = parser.add_subparsers(dest="command", metavar="{edit,invert,doctor}", parser_class=_OneLineParser)
     edit = sub.add_parser("edit", help="invert (or reuse the cache) and edit a video",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(edit, edit=True)
     invert = sub.add_parser("invert", help="only DDIM-invert a video into the cache")
     _add_common(invert, edit=False)
+    doctor = sub.add_parser("doctor", help="environment, devices, and which kernel backends run here (and why not)")
+    doctor.add_argument("--device", help="only this device (default: cpu and cuda when present)")
+    doctor.add_argument("--dtype", help="dtype to check the backends for (default: the device's default)")
+    doctor.add_argument("--check", action="store_true", help="also compare every runnable backend with the "
+                        "torch reference on random inputs; exit code 1 if any check fails")
+    doctor.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -162,6 +173,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "doctor":
+        try:
+            from . import doctor
+
+            return doctor.main(args)
+        except TokenFlowError as exc:
+            print(f"tokenflow: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     reporter = Reporter(quiet=args.quiet, json_stream=sys.stdout if args.log_json else None)
     _one_line_warnings(reporter)
     try:

@@ -69,6 +69,10 @@ class EditConfig:
     propagation: str = "original"
     seed: int = 1
 
+    # kernels ("auto": the best backend that runs here; see `tokenflow doctor`)
+    attention_backend: str = "auto"     # auto, triton, xformers, torch
+    nearest_backend: str = "auto"       # auto, triton, faiss, torch (propagate follows when it can)
+
     # outputs and cache
     output: Optional[str] = None
     save_frames: Optional[str] = None   # folder for numbered PNGs
@@ -104,6 +108,10 @@ class EditConfig:
             raise ConfigError(f"guidance_scale={self.guidance_scale!r} must be a finite number >= 0 (default 7.5)")
         _choice("method", self.method, METHODS)
         _choice("propagation", self.propagation, PROPAGATIONS)
+        from .kernels.dispatch import check_names  # noqa: PLC0415 (keeps config import-light)
+
+        check_names("keyframe_attention", self.attention_backend, "attention_backend")
+        check_names("cosine_nearest", self.nearest_backend, "nearest_backend")
         if self.dtype is not None:
             _choice("dtype", self.dtype, DTYPES)
         if self.size is not None:

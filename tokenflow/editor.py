@@ -24,6 +24,7 @@ from .errors import ConfigError, ResourceError
 from .inversion import ddim_invert, noise_from_inversion
 from .keyframes import KeyframeSampler, groups, original_plan, paper_plan
 from .models import SDModel, encode_prompt, is_out_of_memory, load_model
+from .kernels import KernelChoice, check_backends
 from .processors import PassKind, StepState, TokenFlowUNet
 from .progress import Reporter
 from .video import Clip, read_video
@@ -188,6 +189,7 @@ class Editor:
         if isinstance(video, Inversion):  # its prompt and steps are what the source branch uses
             config = config.replace(inversion_prompt=video.prompt, inversion_steps=video.steps)
         config.validate()
+        check_backends(self.model.device, self.model.dtype, config.attention_backend, config.nearest_backend)
         if isinstance(video, Inversion):
             inversion = video
             missing = set(self._edit_timesteps(config)) - set(inversion.latents)
@@ -234,6 +236,7 @@ class Editor:
         frame_groups = groups(n, spacing)
         sampler = KeyframeSampler(n, spacing, config.seed)
         match_on = "input" if config.propagation == "original" else "output"
+        choice = KernelChoice(config.attention_backend, config.nearest_backend)
         store = KeyframeStore()
         x = self._initial_latents(inversion, timesteps[0], config, scheduler)
         record: dict = {"timesteps": timesteps, "keyframes": []}
@@ -247,7 +250,7 @@ class Editor:
                 kf_idx = keyframes.to(x.device)
                 store.clear()
                 kf_state = StepState(PassKind.KEYFRAMES, t, len(keyframes), store, inject_qk=t in qk_ts,
-                                     inject_conv=t in conv_ts, match_on=match_on)
+                                     inject_conv=t in conv_ts, match_on=match_on, kernels=choice)
                 self.runner.three_branch(source[kf_idx], x[kf_idx], t, texts, kf_state)  # result unused
                 stage.update(step=step, pass_="keyframes")
                 new_x = torch.empty_like(x)
@@ -259,7 +262,7 @@ class Editor:
                         on_nn = functools.partial(_record, record["correspondences"], step, g)
                     state = StepState(PassKind.PROPAGATE, t, b - a, store, inject_conv=t in conv_ts,
                                       pairs=plan.pairs, weights=plan.weights, match_on=match_on,
-                                      on_correspondences=on_nn)
+                                      on_correspondences=on_nn, kernels=choice)
                     eps = self.runner.three_branch(source[a:b], x[a:b], t, texts, state)
                     guided = eps[1] + config.guidance_scale * (eps[2] - eps[1])
                     new_x[a:b] = scheduler.step(guided, t, x[a:b]).prev_sample

@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 from .config import EditConfig
+from .device import resolve_device, resolve_dtype
 from .editor import Editor, EditResult, read_clip
 from .errors import InputError
+from .kernels import check_backends
 from .progress import Reporter
 from .video import check_frames_target, check_writable, write_frames, write_video
 
@@ -46,6 +48,8 @@ def run_edit(config: EditConfig, reporter: Reporter) -> EditResult:
         check_writable(config.save_latents)
     if config.save_frames:
         check_frames_target(config.save_frames)
+    device = resolve_device(config.device)
+    check_backends(device, resolve_dtype(config.dtype, device), config.attention_backend, config.nearest_backend)
     start = time.perf_counter()
     clip = read_clip(str(config.video), config, reporter)
     editor = Editor.from_pretrained(config.model, device=config.device, dtype=config.dtype,

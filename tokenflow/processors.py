@@ -24,6 +24,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from . import kernels
 from .engine.store import KeyframeStore
+from .kernels import KernelChoice
 from .errors import ModelError
 from .models import check_unet_layout
 
@@ -61,6 +62,7 @@ class StepState:
     weights: Optional[torch.Tensor] = None
     match_on: str = "input"    # "input": norm1(h) (original); "output": source attn output (paper)
     on_correspondences: Optional[Callable[[str, torch.Tensor], None]] = None
+    kernels: KernelChoice = KernelChoice()
 
 
 class TokenFlowControl:
@@ -109,7 +111,8 @@ class TokenFlowAttention:
         q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
         split = lambda t: t.view(3, n_kf, seq, t.shape[-1])  # noqa: E731
         inject = state.inject_qk and self.layer.pnp_qk
-        out = kernels.keyframe_attention(split(q), split(k), split(v), attn.heads, inject_qk=inject)
+        out = kernels.keyframe_attention(split(q), split(k), split(v), attn.heads, inject_qk=inject,
+                                         backend=state.kernels.attention)
         out = _project_out(attn, out.reshape(3 * n_kf, seq, -1), h)
         source_features = (h[:n_kf] if state.match_on == "input" else out[:n_kf]).clone()  # not a view of all 3 branches
         state.store.put(self.layer.name, source_features, out.view(3, n_kf, seq, -1))
@@ -122,11 +125,13 @@ class TokenFlowAttention:
             source = h[:m]
         else:  # the paper matches on the source branch's own self-attention output
             source = self.plain(attn, h[:m])
-        idx = kernels.cosine_nearest(source, state.store.features[self.layer.name], state.pairs.to(h.device))
+        pairs = state.pairs.to(h.device)
+        idx = kernels.cosine_nearest(source, state.store.features[self.layer.name], pairs,
+                                     backend=state.kernels.nearest)
         if state.on_correspondences is not None:
             state.on_correspondences(self.layer.name, idx)
-        out = kernels.propagate(state.store.outputs[self.layer.name], idx, state.pairs.to(h.device),
-                                state.weights.to(h.device))
+        out = kernels.propagate(state.store.outputs[self.layer.name], idx, pairs, state.weights.to(h.device),
+                                backend=state.kernels.propagate)
         if state.match_on == "output":  # the paper: the source video keeps its own tokens
             out[0] = source
         return out.reshape(3 * m, seq, -1)

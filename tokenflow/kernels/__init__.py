@@ -5,11 +5,15 @@
   of the propagation pass.
 
 Each op has a plain-PyTorch reference backend (``"torch"``) that runs on any device and is the
-specification faster backends are tested against. ``backend=None`` picks the best available one;
-today that is always ``"torch"`` (Triton / FAISS / xFormers backends come with the kernels work).
+specification the others are tested against, plus faster backends: ``triton`` (CUDA, or CPU
+under ``TRITON_INTERPRET=1``), ``faiss`` (nearest neighbours) and ``xformers`` (attention,
+unverified). ``backend=None`` picks the best one that runs the arguments; ``explain`` says why
+each backend was or was not picked (``tokenflow doctor`` prints it).
 """
 from .attention import keyframe_attention
+from .dispatch import AUTO, BackendUnavailable, KernelChoice, backend_names, backends, explain, ops
 from .nearest import cosine_nearest, propagate
-from .registry import available_backends
+from .probe import check_backends
 
-__all__ = ["keyframe_attention", "cosine_nearest", "propagate", "available_backends"]
+__all__ = ["keyframe_attention", "cosine_nearest", "propagate", "explain", "backends", "backend_names", "ops",
+           "check_backends", "KernelChoice", "BackendUnavailable", "AUTO"]

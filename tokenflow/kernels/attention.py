@@ -1,19 +1,24 @@
-"""Extended keyframe self-attention (the keyframe pass of TokenFlow).
+"""Extended keyframe self-attention (the keyframe pass of TokenFlow): API, reference, dispatch.
 
 Branch order is [source, uncond, cond]. The source branch attends within its own frame; the
 uncond and cond branches attend, for every keyframe's queries, to the keys/values of *all*
-keyframes of their branch (concatenated in keyframe order). Because every query of a branch
-sees the same key set, the reference flattens the keyframes into one sequence instead of tiling
-K/V per keyframe as the original does: same math, no K-fold copies.
+keyframes of their branch (concatenated in keyframe order). Every query of a branch sees the same
+key set, so no backend tiles K/V per keyframe as the original does: same math, no K-fold copies.
+
+Backends: ``triton`` (fused, one launch for all branches and heads; ``attention_triton.py``),
+``xformers`` (memory-efficient attention, unverified), ``torch`` (SDPA; the reference).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .registry import register, resolve
+from . import support
+from .dispatch import Backend, register, resolve
+
+OP = "keyframe_attention"
 
 
 def keyframe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *,
@@ -23,19 +28,25 @@ def keyframe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     Args:
         q, k, v: [3, K, S, heads*D], branches [source, uncond, cond], K keyframes, S tokens.
         heads: number of attention heads; scale is D**-0.5.
-        inject_qk: uncond and cond use the source branch's q and k (Plug-and-Play).
+        inject_qk: uncond and cond use the source branch's q and k (Plug-and-Play), without copies.
+        backend: None/"auto" (best available), "triton", "xformers" or "torch".
     Returns:
-        [3, K, S, heads*D], before the output projection.
+        [3, K, S, heads*D] in q's dtype, before the output projection.
     """
+    _check_shapes(q, k, v, heads)
+    return resolve(OP, backend, q, k, v, heads)(q, k, v, heads, inject_qk)
+
+
+def _check_shapes(q, k, v, heads) -> None:
     if q.shape != k.shape or q.shape != v.shape or q.dim() != 4 or q.shape[0] != 3:
         raise ValueError(f"keyframe_attention expects q, k, v of equal shape [3, K, S, C]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[-1] % heads:
+    if heads < 1 or q.shape[-1] % heads:
         raise ValueError(f"channels {q.shape[-1]} are not divisible by heads={heads}")
-    return resolve("keyframe_attention", backend)(q, k, v, heads, inject_qk=inject_qk)
 
 
-def _keyframe_attention_torch(q, k, v, heads, *, inject_qk=False):
+def keyframe_attention_torch(q, k, v, heads: int, inject_qk: bool = False) -> torch.Tensor:
+    """Reference: torch SDPA per frame (source) and on the joint K*S sequence (uncond, cond)."""
     _, n_kf, seq, channels = q.shape
     dim = channels // heads
 
@@ -55,4 +66,55 @@ def _keyframe_attention_torch(q, k, v, heads, *, inject_qk=False):
     return out
 
 
-register("keyframe_attention", "torch", _keyframe_attention_torch)
+def keyframe_attention_xformers(q, k, v, heads: int, inject_qk: bool = False) -> torch.Tensor:
+    """xFormers memory-efficient attention on [B, M, H, D] views (no copies of q, k, v).
+
+    UNVERIFIED: xFormers cannot be installed next to the CPU torch of our CI, and no GPU was
+    available while this was written; ``tokenflow doctor --check`` compares it to the reference.
+    """
+    import xformers.ops as xops
+
+    _, n_kf, seq, channels = q.shape
+    dim = channels // heads
+    out = torch.empty_like(q)
+    out[0] = xops.memory_efficient_attention(*(t[0].view(n_kf, seq, heads, dim) for t in (q, k, v))).view(n_kf, seq, channels)
+    for b in (1, 2):
+        qb, kb = (q[0], k[0]) if inject_qk else (q[b], k[b])
+        joint = [t.reshape(1, n_kf * seq, heads, dim) for t in (qb, kb, v[b])]
+        out[b] = xops.memory_efficient_attention(*joint).view(n_kf, seq, channels)
+    return out
+
+
+def _unsupported_common(q, k, v, heads) -> List[str]:
+    return support.same_device((q, k, v)) + support.float_dtype(q) + (
+        [] if q.dtype == k.dtype == v.dtype else ["q, k, v have different dtypes"])
+
+
+def _unsupported_triton(q, k, v, heads) -> List[str]:
+    reasons = _unsupported_common(q, k, v, heads) + support.triton_device((q,))
+    dim = q.shape[-1] // heads
+    if dim > 256:
+        reasons.append(f"head dim {dim} > 256")
+    if any(t.stride[-1] != 1 for t in (q, k, v)):
+        reasons.append("channels are not contiguous")
+    return reasons
+
+
+def _unsupported_xformers(q, k, v, heads) -> List[str]:
+    reasons = _unsupported_common(q, k, v, heads)
+    if q.device.type != "cuda":
+        reasons.append(f"{q.device.type} tensors are not supported (CUDA only)")
+    return reasons
+
+
+register(Backend(OP, "triton", 30, ".attention_triton:keyframe_attention_triton",
+                 requires=support.triton_missing, unsupported=_unsupported_triton,
+                 not_auto=lambda q, *a, **kw: support.triton_not_auto((q,)),
+                 verified="Triton interpreter on CPU (fp32, fp16, bf16); GPU compile owed"))
+register(Backend(OP, "xformers", 20, ".attention:keyframe_attention_xformers",
+                 requires=support.xformers_missing, unsupported=_unsupported_xformers,
+                 not_auto=lambda *a, **kw: "unverified (no GPU with xFormers was available to test it)",
+                 verified="unverified"))
+register(Backend(OP, "torch", 10, ".attention:keyframe_attention_torch",
+                 unsupported=lambda q, k, v, heads: _unsupported_common(q, k, v, heads),
+                 verified="reference; CPU float32 parity with the original implementation"))

@@ -1,13 +1,19 @@
-"""Cosine nearest-neighbour correspondences and the weighted gather (the propagation pass)."""
+"""Cosine nearest-neighbour correspondences and the weighted gather (the propagation pass).
+
+API, plain-PyTorch references and dispatch. Backends: ``triton`` (fused normalise + matmul +
+running argmax, and a fused gather; ``nearest_triton.py``), ``faiss`` (flat inner-product
+index on normalised keys; ``nearest_faiss.py``) and ``torch`` (the reference).
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
-from .registry import register, resolve
+from . import support
+from .dispatch import Backend, register, resolve
 
-# rows of the similarity matrix computed at once by the reference (bounds its memory)
+# elements of the similarity matrix the reference computes at once (bounds its memory)
 _SIM_ELEMENTS = 1 << 24
 
 
@@ -19,15 +25,16 @@ def cosine_nearest(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor, *,
         x: [F, N, C] frame features (the source branch's).
         keys: [K, M, C] keyframe features.
         pairs: int64 [F, P], which keyframes frame f is matched against; -1 = none.
+        backend: None/"auto", "triton", "faiss" or "torch".
     Returns:
         int64 [F, P, N]: argmax over the M tokens of keyframe ``pairs[f, p]`` (first maximum on
         ties, as torch.argmax); 0 where the pair is -1.
     """
     if x.dim() != 3 or keys.dim() != 3 or x.shape[-1] != keys.shape[-1]:
         raise ValueError(f"cosine_nearest expects x [F,N,C] and keys [K,M,C]; got {tuple(x.shape)}, {tuple(keys.shape)}")
-    if pairs.shape[0] != x.shape[0] or pairs.dim() != 2:
+    if pairs.dim() != 2 or pairs.shape[0] != x.shape[0]:
         raise ValueError(f"pairs must be [F, P] with F={x.shape[0]}; got {tuple(pairs.shape)}")
-    return resolve("cosine_nearest", backend)(x, keys, pairs)
+    return resolve("cosine_nearest", backend, x, keys, pairs)(x, keys, pairs)
 
 
 def propagate(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, *,
@@ -39,54 +46,109 @@ def propagate(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.Tensor, weig
         idx: int64 [F, P, N] from ``cosine_nearest``.
         pairs: int64 [F, P]; -1 = none (its weight must be 0).
         weights: float [F, P].
+        backend: None/"auto", "triton" or "torch".
     Returns:
         [B, F, N, C] = sum_p weights[f,p] * kf_out[b, pairs[f,p], idx[f,p,n]], in kf_out's dtype
         (accumulated in float32).
     """
-    if idx.shape[:2] != pairs.shape or weights.shape != pairs.shape:
-        raise ValueError(f"idx [F,P,N], pairs [F,P], weights [F,P] disagree: {tuple(idx.shape)}, "
-                         f"{tuple(pairs.shape)}, {tuple(weights.shape)}")
-    return resolve("propagate", backend)(kf_out, idx, pairs, weights)
+    if kf_out.dim() != 4 or idx.dim() != 3 or idx.shape[:2] != pairs.shape or weights.shape != pairs.shape:
+        raise ValueError(f"kf_out [B,K,M,C], idx [F,P,N], pairs [F,P], weights [F,P] disagree: "
+                         f"{tuple(kf_out.shape)}, {tuple(idx.shape)}, {tuple(pairs.shape)}, {tuple(weights.shape)}")
+    return resolve("propagate", backend, kf_out, idx, pairs, weights)(kf_out, idx, pairs, weights)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def _cosine_nearest_torch(x, keys, pairs):
-    n_frames, n_tokens, _ = x.shape
+def slot_groups(pairs: torch.Tensor):
+    """Yield (slot, frames [R], pair positions [R]) for each keyframe slot >= 0 used in ``pairs``."""
+    pairs_cpu = pairs.cpu()
+    for slot in pairs_cpu.unique().tolist():
+        if slot >= 0:
+            rows = (pairs_cpu == slot).nonzero()
+            yield slot, rows[:, 0], rows[:, 1]
+
+
+def cosine_nearest_torch(x, keys, pairs) -> torch.Tensor:
+    """Reference: normalise in float32, matmul, argmax; frames reading one keyframe share a matmul."""
+    n_frames, n_tokens, channels = x.shape
     idx = torch.zeros(n_frames, pairs.shape[1], n_tokens, dtype=torch.long, device=x.device)
     xn, kn = _normalize(x.float()), _normalize(keys.float())  # half precision ties too easily near cos = 1
-    pairs_cpu = pairs.cpu()
-    # frames that read the same keyframe share one matmul, as in the original
-    for slot in pairs_cpu.unique().tolist():
-        if slot < 0:
-            continue
-        rows = (pairs_cpu == slot).nonzero().tolist()  # [(f, p), ...]
-        frames = torch.tensor([f for f, _ in rows], device=x.device)
-        queries = xn[frames].reshape(-1, x.shape[-1])
-        step = max(1, _SIM_ELEMENTS // max(1, keys.shape[1]))
+    step = max(1, _SIM_ELEMENTS // max(1, keys.shape[1]))
+    for slot, frames, positions in slot_groups(pairs):
+        queries = xn[frames.to(x.device)].reshape(-1, channels)
         best = torch.cat([(queries[i:i + step] @ kn[slot].T).argmax(dim=-1)
                           for i in range(0, queries.shape[0], step)])
-        best = best.view(len(rows), n_tokens)
-        for j, (f, p) in enumerate(rows):
-            idx[f, p] = best[j]
+        idx[frames.to(x.device), positions.to(x.device)] = best.view(len(frames), n_tokens)
     return idx
 
 
-def _propagate_torch(kf_out, idx, pairs, weights):
+def propagate_torch(kf_out, idx, pairs, weights) -> torch.Tensor:
+    """Reference: one gather per pair position, float32 weighted sum."""
     n_branches, n_kf, n_tokens_kf, channels = kf_out.shape
     n_frames, n_pairs, n_tokens = idx.shape
     flat = kf_out.reshape(n_branches, n_kf * n_tokens_kf, channels)
     slots = pairs.clamp(min=0).to(idx.device)
     w = weights.to(device=kf_out.device, dtype=torch.float32)
-    out = None
+    out = torch.zeros(n_branches, n_frames, n_tokens, channels, device=kf_out.device, dtype=torch.float32)
     for p in range(n_pairs):
         sel = (slots[:, p, None] * n_tokens_kf + idx[:, p]).reshape(-1)
-        term = flat[:, sel].view(n_branches, n_frames, n_tokens, channels).float() * w[None, :, p, None, None]
-        out = term if out is None else out + term
+        out += flat[:, sel].view(n_branches, n_frames, n_tokens, channels).float() * w[None, :, p, None, None]
     return out.to(kf_out.dtype)
 
 
-register("cosine_nearest", "torch", _cosine_nearest_torch)
-register("propagate", "torch", _propagate_torch)
+def _unsupported_nearest(x, keys, pairs) -> List[str]:
+    reasons = support.same_device((x, keys, pairs)) + support.float_dtype(x)
+    if pairs.dtype not in (torch.int64, torch.int32):
+        reasons.append(f"pairs must be an integer tensor, got {pairs.dtype}")
+    return reasons
+
+
+def _unsupported_nearest_triton(x, keys, pairs) -> List[str]:
+    reasons = _unsupported_nearest(x, keys, pairs) + support.triton_device((x,))
+    if x.dtype != keys.dtype:
+        reasons.append("x and keys have different dtypes")
+    if x.stride[-1] != 1 or keys.stride[-1] != 1:
+        reasons.append("channels are not contiguous")
+    return reasons
+
+
+def _unsupported_nearest_faiss(x, keys, pairs) -> List[str]:
+    return _unsupported_nearest(x, keys, pairs)
+
+
+def _faiss_not_auto(x, keys, pairs) -> Optional[str]:
+    from .nearest_faiss import auto_reason
+
+    return auto_reason(x, keys, pairs)
+
+
+def _unsupported_propagate(kf_out, idx, pairs, weights) -> List[str]:
+    reasons = support.same_device((kf_out, idx, pairs, weights)) + support.float_dtype(kf_out)
+    if idx.dtype not in (torch.int64, torch.int32):
+        reasons.append(f"idx must be an integer tensor, got {idx.dtype}")
+    return reasons
+
+
+def _unsupported_propagate_triton(kf_out, idx, pairs, weights) -> List[str]:
+    reasons = _unsupported_propagate(kf_out, idx, pairs, weights) + support.triton_device((kf_out,))
+    if kf_out.stride[-1] != 1:
+        reasons.append("channels are not contiguous")
+    return reasons
+
+
+_TRITON_VERIFIED = "Triton interpreter on CPU (fp32, fp16, bf16); GPU compile owed"
+register(Backend("cosine_nearest", "triton", 30, ".nearest_triton:cosine_nearest_triton",
+                 requires=support.triton_missing, unsupported=_unsupported_nearest_triton,
+                 not_auto=lambda x, *a, **kw: support.triton_not_auto((x,)), verified=_TRITON_VERIFIED))
+register(Backend("cosine_nearest", "faiss", 20, ".nearest_faiss:cosine_nearest_faiss",
+                 requires=support.faiss_missing, unsupported=_unsupported_nearest_faiss,
+                 not_auto=_faiss_not_auto, verified="faiss-cpu on CPU; faiss-gpu indexes unverified"))
+register(Backend("cosine_nearest", "torch", 10, ".nearest:cosine_nearest_torch",
+                 unsupported=_unsupported_nearest, verified="reference; CPU float32 parity with the original"))
+register(Backend("propagate", "triton", 30, ".nearest_triton:propagate_triton",
+                 requires=support.triton_missing, unsupported=_unsupported_propagate_triton,
+                 not_auto=lambda kf_out, *a, **kw: support.triton_not_auto((kf_out,)), verified=_TRITON_VERIFIED))
+register(Backend("propagate", "torch", 10, ".nearest:propagate_torch",
+                 unsupported=_unsupported_propagate, verified="reference; CPU float32 parity with the original"))

@@ -1,0 +1,200 @@
+"""Which implementation of a kernel op runs, and why.
+
+Every backend declares what it supports; the dispatcher asks each one, in priority order, for
+the reasons it cannot run the given arguments (after xFormers' ``not_supported_reasons``).
+``backend=None`` (or ``"auto"``) picks the first backend with no reasons; a backend asked for by
+name must support the arguments or the call fails with those reasons. ``explain`` lists every
+backend with its reasons, which is what ``tokenflow doctor`` prints.
+
+Backends judge *specs* (device, dtype, shape, strides), never values, so a decision depends on
+metadata only; that is what lets ``torch.compile`` treat the choice as a trace-time constant
+(``_choose`` runs eagerly while tracing, and the op itself is a custom op).
+
+Two kinds of reasons exist:
+- *cannot run*: wrong device, dtype, shape, or the package is not installed (with the command
+  that installs it);
+- *not picked automatically*: the backend could run, but only runs when asked for by name
+  (the Triton interpreter on CPU, backends not yet verified on real hardware).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from ..errors import ConfigError
+
+AUTO = "auto"
+
+
+class BackendUnavailable(ConfigError):
+    """A backend asked for by name cannot run these arguments (exit code 2, like a bad flag)."""
+
+
+class TensorSpec(NamedTuple):
+    """What backends may look at to decide: a tensor's metadata."""
+
+    device: torch.device
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def spec_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(value.device, value.dtype, tuple(value.shape), tuple(value.stride()))
+    return value
+
+
+@dataclass
+class Backend:
+    """One implementation of one op.
+
+    op, name: e.g. ("keyframe_attention", "triton").
+    priority: higher is tried first by ``backend=None``.
+    target: "module:function" of the implementation, imported on first use (so a missing
+        optional package only matters when that backend is asked for).
+    requires: () -> reason the backend is missing entirely (None: importable).
+    unsupported: (*specs) -> reasons it cannot run arguments with these specs.
+    not_auto: (*specs) -> reason it is only used when asked for by name (None: it may be picked).
+    verified: where it has been checked against the torch reference.
+    """
+
+    op: str
+    name: str
+    priority: int
+    target: str
+    requires: Callable[[], Optional[str]] = lambda: None
+    unsupported: Callable[..., List[str]] = lambda *specs: []
+    not_auto: Callable[..., Optional[str]] = lambda *specs: None
+    verified: str = ""
+    _fn: Optional[Callable] = field(default=None, repr=False)
+
+    def load(self) -> Callable:
+        if self._fn is None:
+            module, name = self.target.split(":")
+            self._fn = getattr(importlib.import_module(module, package=__package__), name)
+        return self._fn
+
+    def reasons(self, *specs) -> List[str]:
+        missing = self.requires()
+        if missing:
+            return [missing]
+        return list(self.unsupported(*specs))
+
+
+_REGISTRY: Dict[str, Dict[str, Backend]] = {}
+
+
+def register(backend: Backend) -> Backend:
+    _REGISTRY.setdefault(backend.op, {})[backend.name] = backend
+    return backend
+
+
+def backends(op: str) -> List[Backend]:
+    """The op's backends, highest priority first."""
+    if op not in _REGISTRY:
+        raise KeyError(f"unknown kernel op {op!r}; ops: {', '.join(sorted(_REGISTRY))}")
+    return sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
+
+
+def backend_names(op: str) -> List[str]:
+    return [b.name for b in backends(op)]
+
+
+def ops() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+@dataclass
+class Verdict:
+    """One backend's answer for one call: ``runs`` is True when ``reasons`` is empty."""
+
+    name: str
+    reasons: List[str]
+    auto_reason: Optional[str]
+    chosen: bool = False
+
+    @property
+    def runs(self) -> bool:
+        return not self.reasons
+
+    def describe(self) -> str:
+        if self.chosen:
+            return f"{self.name}: chosen"
+        if self.reasons:
+            return f"{self.name}: cannot run: {'; '.join(self.reasons)}"
+        if self.auto_reason:
+            return f"{self.name}: runs, but only when asked for by name: {self.auto_reason}"
+        return f"{self.name}: runs (a higher-priority backend was chosen)"
+
+
+def explain(op: str, *args, backend: Optional[str] = None) -> List[Verdict]:
+    """Every backend of ``op`` with the reasons it cannot run (or is not picked for) these arguments.
+
+    Exactly one verdict is marked ``chosen`` when a backend would run.
+    """
+    specs = tuple(spec_of(a) for a in args)
+    verdicts = []
+    for b in backends(op):
+        reasons = b.reasons(*specs)
+        auto = None if reasons else b.not_auto(*specs)
+        verdicts.append(Verdict(b.name, reasons, auto))
+    wanted = None if backend in (None, AUTO) else backend
+    for v in verdicts:
+        if v.runs and (v.name == wanted if wanted else v.auto_reason is None):
+            v.chosen = True
+            break
+    return verdicts
+
+
+def resolve(op: str, backend: Optional[str], *args) -> Callable:
+    """The implementation of ``op`` that runs these arguments (see module docstring)."""
+    name = _choose(op, backend or AUTO, tuple(spec_of(a) for a in args))
+    return _REGISTRY[op][name].load()
+
+
+@torch.compiler.assume_constant_result
+def _choose(op: str, backend: str, specs: tuple) -> str:
+    """The backend name for these specs; also imports it, so tracing never meets an import."""
+    table = _REGISTRY.get(op, {})
+    if backend != AUTO:
+        if backend not in table:
+            raise BackendUnavailable(f"{op}: unknown backend {backend!r}; choose one of "
+                                     f"{', '.join([AUTO] + backend_names(op))}")
+        reasons = table[backend].reasons(*specs)
+        if reasons:
+            raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {'; '.join(reasons)} "
+                                     f"(use --attention-backend/--nearest-backend auto or torch)")
+        table[backend].load()
+        return backend
+    for b in backends(op):
+        if not b.reasons(*specs) and b.not_auto(*specs) is None:
+            b.load()
+            return b.name
+    details = "; ".join(v.describe() for v in explain(op, *specs))
+    raise BackendUnavailable(f"{op}: no backend can run these arguments: {details}")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Backends of the kernel ops for one edit (``"auto"``: the dispatcher's pick)."""
+
+    attention: str = AUTO
+    nearest: str = AUTO
+
+    @property
+    def propagate(self) -> str:
+        """The gather follows the nearest-neighbour backend where it has one (torch, triton)."""
+        return self.nearest if self.nearest in backend_names("propagate") else AUTO
+
+
+def check_names(op: str, name: Optional[str], what: str) -> None:
+    """Reject an unknown backend name early (config validation), naming the choices."""
+    if name not in (None, AUTO) and name not in backend_names(op):
+        raise ConfigError(f"{what}: unknown backend {name!r}; choose one of {', '.join([AUTO] + backend_names(op))}")

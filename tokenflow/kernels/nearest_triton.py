@@ -1,0 +1,193 @@
+"""Fused cosine nearest neighbour and fused weighted gather in Triton.
+
+``cosine_nearest``: each program owns BLOCK_N tokens of one (frame, pair) and streams the paired
+keyframe's M tokens in BLOCK_M tiles. Per tile it accumulates x·k over channel chunks and, in
+the same loop, the keys' squared norms; the tile's scores are x·k / |k| (dividing by |x| does not
+change the argmax over keys), reduced to a first-maximum argmax and merged into a running best
+with a strict ``>`` so earlier tiles win ties, as torch.argmax does. No similarity matrix is
+written; memory is O(F·P·N) for the indices.
+
+``propagate``: each program owns BLOCK_N tokens of one (frame, branch) and a channel chunk; it
+gathers the P paired keyframe rows through the indices and sums them with fp32 weights.
+
+Both are custom ops (``tokenflow::cosine_nearest``, ``tokenflow::propagate``) with fake
+implementations, so torch.compile traces through them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import support
+
+
+@triton.jit
+def _cosine_argmax_kernel(
+        X, Keys, Pairs, Idx,
+        sxf, sxn, skk, skm, spf, spp,
+        n_tokens, n_keys, channels, n_pairs,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid: (F * P, cdiv(N, BLOCK_N)). Writes Idx[f, p, n] (contiguous int64 [F, P, N])."""
+    pid_fp = tl.program_id(0)
+    frame = pid_fp // n_pairs
+    pair = pid_fp % n_pairs
+    slot = tl.load(Pairs + frame.to(tl.int64) * spf + pair * spp)
+    m_end = tl.where(slot >= 0, n_keys, 0)   # an unpaired (-1) slot scans nothing and writes 0
+    slot = tl.maximum(slot, 0)
+
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_tokens
+    offs_c = tl.arange(0, BLOCK_C)
+    x_base = X + frame.to(tl.int64) * sxf
+    k_base = Keys + slot.to(tl.int64) * skk
+
+    best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for m0 in range(0, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < n_keys
+        dots = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        key_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, channels, BLOCK_C):
+            c = c0 + offs_c
+            c_mask = c < channels
+            xc = tl.load(x_base + offs_n[:, None].to(tl.int64) * sxn + c[None, :],
+                         mask=n_mask[:, None] & c_mask[None, :], other=0.0)      # [BN, BC]
+            kc = tl.load(k_base + offs_m[:, None].to(tl.int64) * skm + c[None, :],
+                         mask=m_mask[:, None] & c_mask[None, :], other=0.0)      # [BM, BC]
+            if UPCAST:
+                xc = xc.to(tl.float32)
+                kc = kc.to(tl.float32)
+            dots = tl.dot(xc, tl.trans(kc), dots, input_precision=PRECISION)
+            kf = kc.to(tl.float32)
+            key_sq += tl.sum(kf * kf, 1)
+        scores = dots / tl.sqrt(tl.where(m_mask, key_sq, 1.0))[None, :]
+        scores = tl.where(m_mask[None, :], scores, float("-inf"))
+        tile_best = tl.max(scores, 1)
+        tile_idx = tl.argmax(scores, 1, tie_break_left=True).to(tl.int32) + m0
+        better = tile_best > best
+        best = tl.where(better, tile_best, best)
+        best_idx = tl.where(better, tile_idx, best_idx)
+    tl.store(Idx + pid_fp.to(tl.int64) * n_tokens + offs_n, best_idx.to(tl.int64), mask=n_mask)
+
+
+@triton.jit
+def _propagate_kernel(
+        KF, Idx, Pairs, W, Out,
+        skb, skk, skm, sif, sip, spf, spp, swf, swp, sob, sof, son,
+        n_tokens, channels, n_pairs,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid: (cdiv(N, BLOCK_N) * cdiv(C, BLOCK_C), F, B). Out[b, f, n, c] = sum_p w * KF[b, slot, idx, c]."""
+    n_cblocks = tl.cdiv(channels, BLOCK_C)
+    pid_n = tl.program_id(0) // n_cblocks
+    pid_c = tl.program_id(0) % n_cblocks
+    frame = tl.program_id(1).to(tl.int64)
+    branch = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_mask = offs_n < n_tokens
+    mask = n_mask[:, None] & (offs_c < channels)[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for p in range(0, n_pairs):
+        slot = tl.maximum(tl.load(Pairs + frame * spf + p * spp), 0).to(tl.int64)
+        w = tl.load(W + frame * swf + p * swp).to(tl.float32)
+        rows = tl.load(Idx + frame * sif + p * sip + offs_n, mask=n_mask, other=0).to(tl.int64)
+        vals = tl.load(KF + branch * skb + slot * skk + rows[:, None] * skm + offs_c[None, :], mask=mask, other=0.0)
+        acc += w * vals.to(tl.float32)
+    tl.store(Out + branch * sob + frame * sof + offs_n[:, None].to(tl.int64) * son + offs_c[None, :],
+             acc.to(Out.dtype.element_ty), mask=mask)
+
+
+def _nearest_configs():
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w, num_stages=s)
+            for bn, bm, bc, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                                     (128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (128, 256, 32, 8, 3)]]
+
+
+_cosine_argmax_tuned = triton.autotune(configs=_nearest_configs(), key=["n_tokens", "n_keys", "channels"])(
+    _cosine_argmax_kernel)
+
+# Under the interpreter autotuning does not run: explicit small tiles keep tests fast.
+INTERPRETER_NEAREST_BLOCKS = (32, 32, 32)   # BLOCK_N, BLOCK_M, BLOCK_C
+PROPAGATE_BLOCKS = (64, 64)                 # BLOCK_N, BLOCK_C (a gather: tile size barely matters)
+
+
+def launch_nearest(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor,
+                   blocks: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
+    """Run the cosine-argmax kernel; ``blocks`` = (BLOCK_N, BLOCK_M, BLOCK_C) skips autotuning."""
+    n_frames, n_tokens, channels = x.shape
+    n_pairs = pairs.shape[1]
+    idx = torch.zeros(n_frames, n_pairs, n_tokens, dtype=torch.long, device=x.device)
+    if idx.numel() == 0 or keys.shape[1] == 0:
+        return idx
+    args = (x, keys, pairs, idx, x.stride(0), x.stride(1), keys.stride(0), keys.stride(1),
+            pairs.stride(0), pairs.stride(1), n_tokens, keys.shape[1], channels, n_pairs)
+    common = dict(UPCAST=support.upcast_bf16(x.dtype), PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    if blocks is None and support.interpreting():
+        blocks = INTERPRETER_NEAREST_BLOCKS
+    if blocks is not None:
+        grid = (n_frames * n_pairs, triton.cdiv(n_tokens, blocks[0]))
+        _cosine_argmax_kernel[grid](*args, BLOCK_N=blocks[0], BLOCK_M=blocks[1], BLOCK_C=blocks[2], **common)
+    else:
+        grid = lambda meta: (n_frames * n_pairs, triton.cdiv(n_tokens, meta["BLOCK_N"]))  # noqa: E731
+        _cosine_argmax_tuned[grid](*args, **common)
+    return idx
+
+
+def launch_propagate(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor,
+                     blocks: Tuple[int, int] = PROPAGATE_BLOCKS) -> torch.Tensor:
+    n_branches, _, _, channels = kf_out.shape
+    n_frames, n_pairs, n_tokens = idx.shape
+    # the interpreter truncates fp32 -> bf16 on store; GPUs round to nearest: store fp32, round in torch
+    store_dtype = torch.float32 if support.upcast_bf16(kf_out.dtype) else kf_out.dtype
+    out = torch.zeros(n_branches, n_frames, n_tokens, channels, dtype=store_dtype, device=kf_out.device)
+    if out.numel() == 0 or n_pairs == 0:
+        return out.to(kf_out.dtype)
+    idx = idx.contiguous() if idx.stride(-1) != 1 else idx
+    block_n, block_c = blocks
+    grid = (triton.cdiv(n_tokens, block_n) * triton.cdiv(channels, block_c), n_frames, n_branches)
+    _propagate_kernel[grid](kf_out, idx, pairs, weights, out,
+                            kf_out.stride(0), kf_out.stride(1), kf_out.stride(2), idx.stride(0), idx.stride(1),
+                            pairs.stride(0), pairs.stride(1), weights.stride(0), weights.stride(1),
+                            out.stride(0), out.stride(1), out.stride(2), n_tokens, channels, n_pairs,
+                            BLOCK_N=block_n, BLOCK_C=block_c)
+    return out.to(kf_out.dtype)
+
+
+@torch.library.custom_op("tokenflow::cosine_nearest", mutates_args=())
+def cosine_nearest_op(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    return launch_nearest(x, keys, pairs)
+
+
+@cosine_nearest_op.register_fake
+def _(x, keys, pairs):
+    return x.new_empty((x.shape[0], pairs.shape[1], x.shape[1]), dtype=torch.long)
+
+
+@torch.library.custom_op("tokenflow::propagate", mutates_args=())
+def propagate_op(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return launch_propagate(kf_out, idx, pairs, weights)
+
+
+@propagate_op.register_fake
+def _(kf_out, idx, pairs, weights):
+    return kf_out.new_empty((kf_out.shape[0], idx.shape[0], idx.shape[2], kf_out.shape[3]))
+
+
+def cosine_nearest_triton(x, keys, pairs) -> torch.Tensor:
+    """Triton backend of ``tokenflow.kernels.cosine_nearest`` (same arguments and result)."""
+    return cosine_nearest_op(x, keys, pairs)
+
+
+def propagate_triton(kf_out, idx, pairs, weights) -> torch.Tensor:
+    """Triton backend of ``tokenflow.kernels.propagate`` (same arguments and result)."""
+    return propagate_op(kf_out, idx, pairs, weights)
+
+
+def nearest_flops(n_frames: int, n_pairs: int, n_tokens: int, n_keys: int, channels: int) -> float:
+    """Matmul FLOPs of one cosine_nearest call (2 per multiply-add)."""
+    return 2.0 * n_frames * n_pairs * n_tokens * n_keys * channels

@@ -1,0 +1,83 @@
+"""What a kernel backend needs from the environment: packages, devices, dtypes.
+
+Shared by the backends' ``unsupported`` checks so every op words its reasons the same way.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import List, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter.
+
+    Must be set before the first kernel module is imported (``triton.jit`` reads it then).
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _missing(module: str, install: str) -> Optional[str]:
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed ({install})"
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # a broken install: say what failed
+        return f"{module} fails to import: {type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_missing() -> Optional[str]:
+    return _missing("triton", "pip install triton; CUDA builds of torch on Linux bring it")
+
+
+def faiss_missing() -> Optional[str]:
+    return _missing("faiss", "pip install faiss-cpu, or faiss-gpu-cu12 for GPU indexes")
+
+
+def xformers_missing() -> Optional[str]:
+    return _missing("xformers", "pip install xformers matching your torch build")
+
+
+# The checks below take TensorSpecs (tokenflow.kernels.dispatch): metadata, not values.
+
+
+def same_device(tensors: Sequence) -> List[str]:
+    devices = {t.device for t in tensors}
+    return [] if len(devices) == 1 else [f"tensors are on different devices: {sorted(map(str, devices))}"]
+
+
+def triton_device(tensors: Sequence) -> List[str]:
+    """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    device = tensors[0].device.type
+    if device == "cuda":
+        return []
+    if device == "cpu" and interpreting():
+        return []
+    if device == "cpu":
+        return ["CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter, for testing)"]
+    return [f"{device} tensors are not supported (CUDA only)"]
+
+
+def triton_not_auto(tensors: Sequence) -> Optional[str]:
+    if tensors[0].device.type == "cpu":
+        return "the Triton interpreter is orders of magnitude slower than torch on CPU"
+    return None
+
+
+def float_dtype(t, allowed=FLOAT_DTYPES) -> List[str]:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        return [f"dtype {str(t.dtype).replace('torch.', '')} is not supported ({names})"]
+    return []
+
+
+def upcast_bf16(dtype: torch.dtype) -> bool:
+    """The interpreter computes bfloat16 arithmetic wrong: kernels upcast right after loading."""
+    return interpreting() and dtype == torch.bfloat16
