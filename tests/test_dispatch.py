@@ -99,3 +99,30 @@ def test_check_backends_fails_early_for_a_backend_that_cannot_run(monkeypatch):
         check_backends(CPU, torch.float32, attention="triton")
     with pytest.raises(BackendUnavailable, match="keyframe_attention: backend 'xformers'"):
         check_backends(CPU, torch.float32, attention="xformers")
+
+
+def _broken_attention(q, k, v, heads, inject_qk=False):
+    return torch.zeros_like(q)
+
+
+def test_self_check_replaces_a_failing_auto_backend_and_rejects_a_named_one():
+    """A backend that computes the wrong thing: auto falls back to torch loudly; by name it is an error."""
+    from tokenflow.kernels import dispatch
+
+    dispatch.register(dispatch.Backend("keyframe_attention", "broken", 99, "tests.test_dispatch:_broken_attention"))
+    try:
+        with pytest.warns(UserWarning, match="'broken' failed its self-check"):
+            choice = check_backends(CPU, torch.float32, self_check=True)
+        assert choice.attention == "torch" and choice.nearest == "auto"
+        with pytest.raises(BackendUnavailable, match="'broken' failed its self-check"):
+            check_backends(CPU, torch.float32, attention="broken", self_check=True)
+    finally:
+        dispatch._REGISTRY["keyframe_attention"].pop("broken")
+
+
+def test_self_check_passes_the_interpreted_triton_kernels():
+    pytest.importorskip("triton")
+    from tokenflow.kernels.probe import _self_check
+
+    for op in ("keyframe_attention", "cosine_nearest", "propagate"):
+        assert _self_check(op, "triton", CPU, torch.float16) is None

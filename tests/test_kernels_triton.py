@@ -96,15 +96,20 @@ def test_cosine_nearest_matches_float64_argmax(dtype, shape):
         assert torch.equal(cosine_nearest(x, keys, pairs, backend="triton"), cosine_nearest(x, keys, pairs, backend="torch"))
 
 
-def test_cosine_nearest_first_maximum_across_tiles():
-    """Duplicated keys in different 16-token tiles and inside one tile: the first wins, as torch.argmax."""
+@pytest.mark.parametrize("blocks", [None, (16, 16, 16)])
+def test_cosine_nearest_first_maximum_across_tiles(blocks):
+    """Exact ties (scaling by 2 or 0.5 is exact) inside one key tile and across tiles: the first
+    index wins, as torch.argmax. Keys 3 and 45 lie in different tiles for tiles of 16 and 32."""
+    from tokenflow.kernels.nearest_triton import launch_nearest
+
     g = torch.Generator().manual_seed(11)
-    keys = _rand(g, 1, 40, 6)
-    keys[0, 21] = keys[0, 3] * 2.0       # same direction, other tile
+    keys = _rand(g, 1, 80, 6)
+    keys[0, 45] = keys[0, 3] * 2.0       # same direction, another tile
     keys[0, 5] = keys[0, 4] * 0.5        # same direction, same tile
-    x = torch.stack([keys[0, 21], keys[0, 4], keys[0, 30]]).unsqueeze(0) * 3.0
-    idx = cosine_nearest(x, keys, torch.zeros(1, 1, dtype=torch.long), backend="triton")
-    assert idx.flatten().tolist() == [3, 4, 30]
+    x = torch.stack([keys[0, 45], keys[0, 4], keys[0, 70]]).unsqueeze(0) * 3.0
+    idx = launch_nearest(x, keys, torch.zeros(1, 1, dtype=torch.long), blocks=blocks)
+    assert idx.flatten().tolist() == [3, 4, 70]
+    assert torch.equal(idx, cosine_nearest(x, keys, torch.zeros(1, 1, dtype=torch.long), backend="torch"))
 
 
 def test_cosine_nearest_unpaired_slots_are_zero():
@@ -142,7 +147,8 @@ def test_propagate_matches_reference(dtype, n_pairs):
 
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementations and dispatch of the registered ops, as torch.compile needs."""
-    from tokenflow.kernels import attention_triton, nearest_triton  # noqa: F401 (registers the ops)
+    import tokenflow.kernels.attention_triton  # noqa: F401 (registers the ops)
+    import tokenflow.kernels.nearest_triton  # noqa: F401
 
     g = torch.Generator().manual_seed(15)
     q, k, v = (_rand(g, 3, 2, 9, 32) for _ in range(3))

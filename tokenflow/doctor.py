@@ -61,14 +61,21 @@ def backend_table(device: Optional[str] = None, dtype: Optional[str] = None) -> 
     return rows
 
 
+# (heads, head dim = channels of the nearest-neighbour inputs, keyframes, tokens): irregular sizes;
+# on GPUs several tiles per axis and every padded head-dim class (64, 128, 256) of SD 1.5/2.x
+CHECK_SHAPES = {"cpu": [(3, 40, 3, 37)],
+                "gpu": [(5, 64, 3, 300), (8, 40, 2, 257), (8, 80, 2, 129), (4, 160, 2, 100), (2, 200, 5, 77)]}
+
+
 def run_checks(device: Optional[str] = None, dtype: Optional[str] = None) -> List[verify.CheckResult]:
     """Every runnable non-reference backend against the reference, fp32 and the device's dtype."""
     results = []
     for dev, dt in _targets(device, dtype):
-        for dtype_ in dict.fromkeys([torch.float32, dt]):
+        for dtype_, (heads, dim, n_kf, seq) in [(d, s) for d in dict.fromkeys([torch.float32, dt])
+                                                 for s in CHECK_SHAPES["cpu" if dev.type == "cpu" else "gpu"]]:
             g = torch.Generator().manual_seed(1234)
             for op in kernels.ops():
-                args, _ = probe.sample_args(op, dev, dtype_, heads=3, dim=40, n_kf=3, seq=37, generator=g)
+                args, _ = probe.sample_args(op, dev, dtype_, heads=heads, dim=dim, n_kf=n_kf, seq=seq, generator=g)
                 for v in probe.verdicts(op, dev, dtype_):
                     if not v.runs or v.name == "torch":
                         continue

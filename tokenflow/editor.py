@@ -189,7 +189,7 @@ class Editor:
         if isinstance(video, Inversion):  # its prompt and steps are what the source branch uses
             config = config.replace(inversion_prompt=video.prompt, inversion_steps=video.steps)
         config.validate()
-        check_backends(self.model.device, self.model.dtype, config.attention_backend, config.nearest_backend)
+        choice = check_backends(self.model.device, self.model.dtype, config.attention_backend, config.nearest_backend)
         if isinstance(video, Inversion):
             inversion = video
             missing = set(self._edit_timesteps(config)) - set(inversion.latents)
@@ -198,7 +198,7 @@ class Editor:
                                   f"invert with steps={config.steps} (the edit's step count)")
         else:
             inversion = self._invert(self.load_clip(video, config), config)
-        latents, record = self._denoise(inversion, config, record_correspondences)
+        latents, record = self._denoise(inversion, config, record_correspondences, choice)
         with self.reporter.stage("decode"):
             frames = self.decode(latents)
         return EditResult(frames=frames, latents=latents.cpu(), clip=inversion.clip,
@@ -222,8 +222,8 @@ class Editor:
             eps = shared.expand_as(inversion.z0)
         return scheduler.add_noise(inversion.z0, eps, torch.tensor(t0))
 
-    def _denoise(self, inversion: Inversion, config: EditConfig,
-                 record_correspondences: bool) -> Tuple[torch.Tensor, dict]:
+    def _denoise(self, inversion: Inversion, config: EditConfig, record_correspondences: bool,
+                 choice: KernelChoice) -> Tuple[torch.Tensor, dict]:
         scheduler = schedule.make_scheduler(self.model.scheduler_config, config.steps)
         timesteps = self._edit_timesteps(config)
         all_timesteps = [int(t) for t in scheduler.timesteps]
@@ -236,7 +236,6 @@ class Editor:
         frame_groups = groups(n, spacing)
         sampler = KeyframeSampler(n, spacing, config.seed)
         match_on = "input" if config.propagation == "original" else "output"
-        choice = KernelChoice(config.attention_backend, config.nearest_backend)
         store = KeyframeStore()
         x = self._initial_latents(inversion, timesteps[0], config, scheduler)
         record: dict = {"timesteps": timesteps, "keyframes": []}

@@ -107,10 +107,17 @@ def _unsupported_xformers(q, k, v, heads) -> List[str]:
     return reasons
 
 
+def _triton_not_auto(q, *rest) -> Optional[str]:
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        # exact fp32 dots cannot use tensor cores and spill registers (sm_90 compile reports)
+        return "float32 runs without tensor cores in the kernel; torch SDPA is used instead"
+    return support.triton_not_auto((q,))
+
+
 register(Backend(OP, "triton", 30, ".attention_triton:keyframe_attention_triton",
                  requires=support.triton_missing, unsupported=_unsupported_triton,
-                 not_auto=lambda q, *a, **kw: support.triton_not_auto((q,)),
-                 verified="Triton interpreter on CPU (fp32, fp16, bf16); GPU compile owed"))
+                 not_auto=_triton_not_auto,
+                 verified="Triton interpreter on CPU (fp32, fp16, bf16); compiles for sm_90; never run on a GPU"))
 register(Backend(OP, "xformers", 20, ".attention:keyframe_attention_xformers",
                  requires=support.xformers_missing, unsupported=_unsupported_xformers,
                  not_auto=lambda *a, **kw: "unverified (no GPU with xFormers was available to test it)",

@@ -46,8 +46,10 @@ class TensorSpec(NamedTuple):
 
 
 def spec_of(value: Any) -> Any:
+    """Plain ints even under torch.compile with dynamic shapes (``int`` specialises a SymInt)."""
     if isinstance(value, torch.Tensor):
-        return TensorSpec(value.device, value.dtype, tuple(value.shape), tuple(value.stride()))
+        return TensorSpec(value.device, value.dtype, tuple(int(s) for s in value.shape),
+                          tuple(int(s) for s in value.stride()))
     return value
 
 
@@ -155,8 +157,12 @@ def explain(op: str, *args, backend: Optional[str] = None) -> List[Verdict]:
 
 def resolve(op: str, backend: Optional[str], *args) -> Callable:
     """The implementation of ``op`` that runs these arguments (see module docstring)."""
-    name = _choose(op, backend or AUTO, tuple(spec_of(a) for a in args))
-    return _REGISTRY[op][name].load()
+    return _REGISTRY[op][choose(op, backend, *args)].load()
+
+
+def choose(op: str, backend: Optional[str], *args) -> str:
+    """The name of the backend ``resolve`` would use."""
+    return _choose(op, backend or AUTO, tuple(spec_of(a) for a in args))
 
 
 @torch.compiler.assume_constant_result
@@ -170,7 +176,8 @@ def _choose(op: str, backend: str, specs: tuple) -> str:
         reasons = table[backend].reasons(*specs)
         if reasons:
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {'; '.join(reasons)} "
-                                     f"(use --attention-backend/--nearest-backend auto or torch)")
+                                     f"(choose 'auto' or 'torch': --attention-backend / --nearest-backend, "
+                                     f"or backend= in Python)")
         table[backend].load()
         return backend
     for b in backends(op):

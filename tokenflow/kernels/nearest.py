@@ -138,7 +138,7 @@ def _unsupported_propagate_triton(kf_out, idx, pairs, weights) -> List[str]:
     return reasons
 
 
-_TRITON_VERIFIED = "Triton interpreter on CPU (fp32, fp16, bf16); GPU compile owed"
+_TRITON_VERIFIED = "Triton interpreter on CPU (fp32, fp16, bf16); compiles for sm_90; never run on a GPU"
 register(Backend("cosine_nearest", "triton", 30, ".nearest_triton:cosine_nearest_triton",
                  requires=support.triton_missing, unsupported=_unsupported_nearest_triton,
                  not_auto=lambda x, *a, **kw: support.triton_not_auto((x,)), verified=_TRITON_VERIFIED))

@@ -15,10 +15,13 @@ import torch
 
 from .nearest import slot_groups
 
-# FAISS streams queries through its own blocked GEMM + top-1, keeping memory O(block); it is
-# auto-picked on CPU only for searches at least this large (F*P*N*M similarity entries),
-# where it beats the chunked torch reference (bench/bench_nearest.py).
-AUTO_MIN_ENTRIES = 1 << 40
+# FAISS streams queries through its own blocked GEMM + top-1, keeping memory O(block). Measured on
+# 2 CPU cores, float32, groups of 8 frames x 2 keyframes (bench/results/nearest_cpu_*.json):
+# 912 vs 2084 ms for the torch reference at S = 4096 (2.7e8 similarities), 104 vs 133 ms at
+# S = 1024 (1.7e7), 14.7 vs 17.0 ms at S = 256 (1.0e6; within run-to-run noise). It is picked
+# automatically on CPU only for searches of at least this many similarities (F*P*N*M); smaller
+# ones keep the reference, whose tie-breaking is the original's.
+AUTO_MIN_ENTRIES = 1 << 24
 
 
 def auto_reason(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor) -> Optional[str]:
@@ -56,5 +59,6 @@ def cosine_nearest_faiss(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tenso
         index.reset()
         index.add(_as_numpy(kn[slot]))
         _, found = index.search(_as_numpy(xn[frames.to(x.device)].reshape(-1, channels)), 1)
-        idx[frames, positions] = torch.from_numpy(found.reshape(len(frames), n_tokens))
+        found = torch.from_numpy(found.reshape(len(frames), n_tokens)).clamp_(min=0)  # -1: no finite score
+        idx[frames, positions] = found
     return idx.to(x.device)

@@ -79,7 +79,7 @@ def _cosine_argmax_kernel(
 def _propagate_kernel(
         KF, Idx, Pairs, W, Out,
         skb, skk, skm, sif, sip, spf, spp, swf, swp, sob, sof, son,
-        n_tokens, channels, n_pairs,
+        n_tokens, n_keys, channels, n_pairs,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """Grid: (cdiv(N, BLOCK_N) * cdiv(C, BLOCK_C), F, B). Out[b, f, n, c] = sum_p w * KF[b, slot, idx, c]."""
     n_cblocks = tl.cdiv(channels, BLOCK_C)
@@ -96,6 +96,7 @@ def _propagate_kernel(
         slot = tl.maximum(tl.load(Pairs + frame * spf + p * spp), 0).to(tl.int64)
         w = tl.load(W + frame * swf + p * swp).to(tl.float32)
         rows = tl.load(Idx + frame * sif + p * sip + offs_n, mask=n_mask, other=0).to(tl.int64)
+        rows = tl.minimum(tl.maximum(rows, 0), n_keys - 1)   # never read outside the keyframe
         vals = tl.load(KF + branch * skb + slot * skk + rows[:, None] * skm + offs_c[None, :], mask=mask, other=0.0)
         acc += w * vals.to(tl.float32)
     tl.store(Out + branch * sob + frame * sof + offs_n[:, None].to(tl.int64) * son + offs_c[None, :],
@@ -110,6 +111,8 @@ def _nearest_configs():
 
 _cosine_argmax_tuned = triton.autotune(configs=_nearest_configs(), key=["n_tokens", "n_keys", "channels"])(
     _cosine_argmax_kernel)
+
+KERNEL_FOR_MODE_CHECK = _cosine_argmax_kernel  # tells support whether this module was interpreted
 
 # Under the interpreter autotuning does not run: explicit small tiles keep tests fast.
 INTERPRETER_NEAREST_BLOCKS = (32, 32, 32)   # BLOCK_N, BLOCK_M, BLOCK_C
@@ -129,12 +132,13 @@ def launch_nearest(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor,
     common = dict(UPCAST=support.upcast_bf16(x.dtype), PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     if blocks is None and support.interpreting():
         blocks = INTERPRETER_NEAREST_BLOCKS
-    if blocks is not None:
-        grid = (n_frames * n_pairs, triton.cdiv(n_tokens, blocks[0]))
-        _cosine_argmax_kernel[grid](*args, BLOCK_N=blocks[0], BLOCK_M=blocks[1], BLOCK_C=blocks[2], **common)
-    else:
-        grid = lambda meta: (n_frames * n_pairs, triton.cdiv(n_tokens, meta["BLOCK_N"]))  # noqa: E731
-        _cosine_argmax_tuned[grid](*args, **common)
+    with support.on_device(x):
+        if blocks is not None:
+            grid = (n_frames * n_pairs, triton.cdiv(n_tokens, blocks[0]))
+            _cosine_argmax_kernel[grid](*args, BLOCK_N=blocks[0], BLOCK_M=blocks[1], BLOCK_C=blocks[2], **common)
+        else:
+            grid = lambda meta: (n_frames * n_pairs, triton.cdiv(n_tokens, meta["BLOCK_N"]))  # noqa: E731
+            _cosine_argmax_tuned[grid](*args, **common)
     return idx
 
 
@@ -150,11 +154,12 @@ def launch_propagate(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.Tenso
     idx = idx.contiguous() if idx.stride(-1) != 1 else idx
     block_n, block_c = blocks
     grid = (triton.cdiv(n_tokens, block_n) * triton.cdiv(channels, block_c), n_frames, n_branches)
-    _propagate_kernel[grid](kf_out, idx, pairs, weights, out,
-                            kf_out.stride(0), kf_out.stride(1), kf_out.stride(2), idx.stride(0), idx.stride(1),
-                            pairs.stride(0), pairs.stride(1), weights.stride(0), weights.stride(1),
-                            out.stride(0), out.stride(1), out.stride(2), n_tokens, channels, n_pairs,
-                            BLOCK_N=block_n, BLOCK_C=block_c)
+    with support.on_device(kf_out):
+        _propagate_kernel[grid](kf_out, idx, pairs, weights, out,
+                                kf_out.stride(0), kf_out.stride(1), kf_out.stride(2), idx.stride(0), idx.stride(1),
+                                pairs.stride(0), pairs.stride(1), weights.stride(0), weights.stride(1),
+                                out.stride(0), out.stride(1), out.stride(2), n_tokens, kf_out.shape[2], channels,
+                                n_pairs, BLOCK_N=block_n, BLOCK_C=block_c)
     return out.to(kf_out.dtype)
 
 

@@ -5,11 +5,13 @@ for the real ones (SD head dims 40..160 all pass the same checks as 64).
 """
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .dispatch import AUTO, KernelChoice, Verdict, explain, resolve
+from .dispatch import AUTO, BackendUnavailable, KernelChoice, Verdict, choose, explain
 
 
 def sample_args(op: str, device: torch.device, dtype: torch.dtype, *, heads: int = 2, dim: int = 40,
@@ -38,10 +40,61 @@ def verdicts(op: str, device: torch.device, dtype: torch.dtype, backend: Optiona
     return explain(op, *args, backend=backend)
 
 
-def check_backends(device: torch.device, dtype: torch.dtype, attention: str = AUTO, nearest: str = AUTO) -> None:
-    """Raise BackendUnavailable (exit code 2) now, before a model loads, if a requested backend cannot run."""
-    choice = KernelChoice(attention, nearest)
-    for op, name in (("keyframe_attention", choice.attention), ("cosine_nearest", choice.nearest),
-                     ("propagate", choice.propagate)):
+_SELF_CHECKED: Dict[tuple, KernelChoice] = {}
+
+
+def check_backends(device: torch.device, dtype: torch.dtype, attention: str = AUTO,
+                   nearest: str = AUTO, self_check: Optional[bool] = None) -> KernelChoice:
+    """The backends an edit will use, checked now, before a model loads.
+
+    A backend asked for by name that cannot run raises BackendUnavailable (exit code 2). On GPUs
+    the chosen non-reference backends also run once on small random inputs against the torch
+    reference (``verify``): a kernel that fails to compile or disagrees raises when it was asked
+    for by name, and is replaced by the torch reference, with a warning, when ``auto`` chose it.
+    Returns the choice to use (cached per device, dtype and request). ``self_check`` forces the
+    self-check on (or off); by default it runs on every device but the CPU.
+    """
+    request = KernelChoice(attention, nearest)
+    self_check = device.type != "cpu" if self_check is None else self_check
+    key = (str(device), dtype, request, self_check)
+    if key in _SELF_CHECKED:
+        return _SELF_CHECKED[key]
+    chosen = {}
+    for op, name in (("keyframe_attention", request.attention), ("cosine_nearest", request.nearest),
+                     ("propagate", request.propagate)):
         args, _ = sample_args(op, device, dtype)
-        resolve(op, name, *args)
+        chosen[op] = choose(op, name, *args)
+    result = request
+    if self_check:
+        for op, name in chosen.items():
+            if name == "torch":
+                continue
+            problem = _self_check(op, name, device, dtype)
+            if problem is None:
+                continue
+            asked = request.attention if op == "keyframe_attention" else request.nearest
+            if asked != AUTO:
+                raise BackendUnavailable(f"{op}: backend {name!r} failed its self-check on {device}: {problem} "
+                                         "(choose 'torch' and please report this)")
+            warnings.warn(f"{op}: backend {name!r} failed its self-check on {device} ({problem}); "
+                          "using the torch reference instead")
+            result = (dataclasses.replace(result, attention="torch") if op == "keyframe_attention"
+                      else dataclasses.replace(result, nearest="torch"))
+    _SELF_CHECKED[key] = result
+    return result
+
+
+def _self_check(op: str, name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    from . import verify
+
+    args, _ = sample_args(op, device, dtype, heads=2, dim=40, n_kf=2, seq=70)
+    try:
+        if op == "keyframe_attention":
+            result = verify.check_attention(name, *args, inject_qk=True)
+        elif op == "cosine_nearest":
+            result = verify.check_nearest(name, *args)
+        else:
+            result = verify.check_propagate(name, *args)
+    except Exception as exc:  # a compile or launch failure is exactly what this is for
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return None if result.ok else result.describe()

@@ -4,9 +4,11 @@ Shared by the backends' ``unsupported`` checks so every op words its reasons the
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+import sys
 from typing import List, Optional, Sequence
 
 import torch
@@ -34,7 +36,24 @@ def _missing(module: str, install: str) -> Optional[str]:
 
 
 def triton_missing() -> Optional[str]:
-    return _missing("triton", "pip install triton; CUDA builds of torch on Linux bring it")
+    missing = _missing("triton", "pip install triton; CUDA builds of torch on Linux bring it")
+    if missing:
+        return missing
+    if not hasattr(torch.library, "custom_op"):
+        return f"torch {torch.__version__} is too old for the Triton ops (torch >= 2.4 needed)"
+    import triton
+
+    if tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) < (3, 2):
+        return f"triton {triton.__version__} is too old (>= 3.2 needed: pip install -U triton)"
+    return None
+
+
+def _kernels_interpreted() -> Optional[bool]:
+    """How already-imported kernel modules were built (None: none imported yet)."""
+    module = sys.modules.get("tokenflow.kernels.attention_triton") or sys.modules.get("tokenflow.kernels.nearest_triton")
+    if module is None:
+        return None
+    return type(module.KERNEL_FOR_MODE_CHECK).__name__ == "InterpretedFunction"
 
 
 def faiss_missing() -> Optional[str]:
@@ -57,8 +76,14 @@ def triton_device(tensors: Sequence) -> List[str]:
     """Triton runs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     device = tensors[0].device.type
     if device == "cuda":
+        if any(t.dtype == torch.bfloat16 for t in tensors) and torch.cuda.get_device_capability(tensors[0].device) < (8, 0):
+            return ["bfloat16 needs a GPU of compute capability 8.0 or newer"]
+        if _kernels_interpreted():
+            return ["the kernels were imported under TRITON_INTERPRET=1 and cannot run on CUDA in this process"]
         return []
     if device == "cpu" and interpreting():
+        if _kernels_interpreted() is False:
+            return ["TRITON_INTERPRET=1 was set after the kernels were imported; set it before starting Python"]
         return []
     if device == "cpu":
         return ["CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter, for testing)"]
@@ -76,6 +101,11 @@ def float_dtype(t, allowed=FLOAT_DTYPES) -> List[str]:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         return [f"dtype {str(t.dtype).replace('torch.', '')} is not supported ({names})"]
     return []
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device: make it the tensors' one (cuda:1, ...)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def upcast_bf16(dtype: torch.dtype) -> bool:
