@@ -15,7 +15,6 @@ and each variant's speed relative to ``matmul-argmax``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, median_seconds, write_results  # noqa: E402
+from common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, median_seconds, parser, resolve_args,  # noqa: E402
+                    write_results)
 
 from tokenflow import kernels  # noqa: E402
 
@@ -97,19 +97,10 @@ def default_variants(device: torch.device):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="default float16 on CUDA, float32 on CPU")
+    p = parser(__doc__, "nearest")
     p.add_argument("--frames", type=int, default=N_FRAMES, help="frames per group (default 8)")
-    p.add_argument("--variants", default=None, help="comma-separated subset (default: all that exist here)")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per case (default 20 CUDA, 3 CPU)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("--out", help="JSON path (default bench/results/nearest_<device>_<date>.json)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
-    reps = args.reps or (20 if device.type == "cuda" else 3)
-    variants = args.variants.split(",") if args.variants else default_variants(device)
+    device, dtype, reps, variants = resolve_args(args, default_variants)
     rows = []
     print(f"{'variant':17s} {'F':>2s} {'S':>5s} {'C':>5s} {'ms':>9s} {'TFLOP/s':>8s} {'peak mem':>13s}")
     for seq, channels in SIZES:

@@ -9,6 +9,7 @@ buffers are not counted), so memory freed by earlier variants cannot hide it.
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import importlib.metadata
@@ -25,6 +26,27 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The flags every kernel benchmark has; ``resolve_args`` fills the device-dependent defaults."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default float16 on CUDA, float32 on CPU")
+    p.add_argument("--variants", default=None, help="comma-separated subset (default: all that exist here)")
+    p.add_argument("--reps", type=int, default=None, help="timed runs per case (default 20 CUDA, 3 CPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--out", help=f"JSON path (default bench/results/{name}_<device>_<date>.json)")
+    return p
+
+
+def resolve_args(args: argparse.Namespace, default_variants: Callable[[torch.device], List[str]]):
+    """(device, dtype name, reps, variants) with the defaults of the device."""
+    device = torch.device(args.device)
+    dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    reps = args.reps or (20 if device.type == "cuda" else 3)
+    variants = args.variants.split(",") if args.variants else default_variants(device)
+    return device, dtype, reps, variants
 
 
 def sync(device: torch.device) -> None:

@@ -36,7 +36,7 @@ def test_version_and_help_explain_every_flag():
                  "--pnp-f-t", "--guidance-scale", "--seed", "--inversion-prompt", "--prompt", "--negative-prompt",
                  "--device", "--dtype", "--save-latents", "--output", "--start", "--stride", "--method",
                  "--propagation", "--config", "--quiet", "--log-json", "--save-frames", "--no-cache",
-                 "--attention-backend", "--nearest-backend"]:
+                 "--attention-backend", "--nearest-backend", "--chunk-frames"]:
         assert flag in help_text, flag
 
 
@@ -154,6 +154,7 @@ BAD = {
     "bad yaml value": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--config", _yaml(t, "H: abc")], 2,
                        "H="),
     "missing config": (lambda t, m, c: ["edit", "--config", t / "none.yaml"], 2, "none.yaml"),
+    "chunk < 1": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--chunk-frames", "0"], 2, "chunk_frames"),
     "unknown backend": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--attention-backend", "flash"], 2,
                         "flash"),
     "backend that cannot run": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--attention-backend",

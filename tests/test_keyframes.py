@@ -83,3 +83,16 @@ def test_paper_plan_nearest_before_and_after_with_linear_weights():
     assert rows[5][0] == [0, 1] and rows[5][1] == pytest.approx([4 / 7, 3 / 7])
     assert rows[12][0] == [1, 2] and rows[12][1] == pytest.approx([1 / 4, 3 / 4])
     assert rows[14] == ([2, -1], [1.0, 0.0])         # after the last keyframe
+
+
+def test_plan_rows_cut_across_groups_and_pad_the_first_group():
+    from tokenflow.keyframes import original_plan, plan_rows
+
+    plans = [original_plan(g, 10, 4) for g in range(3)]   # groups 0-3, 4-7, 8-9
+    pairs, weights = plan_rows(plans, 2, 9)
+    assert pairs.shape == (7, 2) and weights.shape == (7, 2)
+    assert pairs[:2].tolist() == [[0, -1], [0, -1]] and weights[:2].tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    assert torch.equal(pairs[2:6], plans[1].pairs) and torch.equal(weights[2:6], plans[1].weights)
+    assert torch.equal(pairs[6:], plans[2].pairs[:1]) and torch.equal(weights[6:], plans[2].weights[:1])
+    one_group = plan_rows(plans, 4, 8)
+    assert torch.equal(one_group[0], plans[1].pairs) and torch.equal(one_group[1], plans[1].weights)

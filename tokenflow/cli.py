@@ -74,6 +74,8 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--guidance-scale", type=float, metavar="G", help="classifier-free guidance (default 7.5)")
         g.add_argument("--keyframe-spacing", type=int, metavar="B", help="frames per group, one random keyframe "
                        "each (the original's batch_size; default 8)")
+        g.add_argument("--chunk-frames", type=int, metavar="N", help="frames per UNet call of the propagation "
+                       "pass (default: the keyframe spacing); changes memory and speed, not the result")
         g.add_argument("--pnp-attn-t", type=float, metavar="F", help="fraction of steps with PnP Q/K injection (default 0.5)")
         g.add_argument("--pnp-f-t", type=float, metavar="F", help="fraction of steps with PnP ResNet feature injection (default 0.8)")
         g.add_argument("--sdedit-start", type=float, metavar="F", help="SDEdit: start fraction (the original's "

@@ -62,6 +62,7 @@ class EditConfig:
     steps: int = 50
     guidance_scale: float = 7.5
     keyframe_spacing: int = 8           # the original's batch_size
+    chunk_frames: Optional[int] = None  # frames per propagation UNet call (None: keyframe_spacing)
     pnp_attn_t: float = 0.5
     pnp_f_t: float = 0.8
     sdedit_start: float = 0.9           # the original's `start`
@@ -93,6 +94,7 @@ class EditConfig:
         _int_at_least("inversion_batch_size", self.inversion_batch_size, 1)
         _int_at_least("steps", self.steps, 1)
         _int_at_least("keyframe_spacing", self.keyframe_spacing, 1)
+        _int_at_least("chunk_frames", self.chunk_frames, 1, allow_none=True)
         _int_at_least("seed", self.seed, 0)
         if self.steps > self.inversion_steps:
             raise ConfigError(

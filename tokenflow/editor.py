@@ -22,7 +22,7 @@ from .device import resolve_device, resolve_dtype
 from .engine import KeyframeStore, UNetRunner
 from .errors import ConfigError, ResourceError
 from .inversion import ddim_invert, noise_from_inversion
-from .keyframes import KeyframeSampler, groups, original_plan, paper_plan
+from .keyframes import KeyframeSampler, groups, original_plan, paper_plan, plan_rows
 from .models import SDModel, encode_prompt, is_out_of_memory, load_model
 from .kernels import KernelChoice, check_backends
 from .processors import PassKind, StepState, TokenFlowUNet
@@ -234,6 +234,8 @@ class Editor:
         n = inversion.z0.shape[0]
         spacing = min(config.keyframe_spacing, n)
         frame_groups = groups(n, spacing)
+        # propagation chunks: frames per UNet call, independent of the groups (a resource choice)
+        chunks = groups(n, config.chunk_frames or spacing)
         sampler = KeyframeSampler(n, spacing, config.seed)
         match_on = "input" if config.propagation == "original" else "output"
         store = KeyframeStore()
@@ -241,7 +243,7 @@ class Editor:
         record: dict = {"timesteps": timesteps, "keyframes": []}
         if record_correspondences:
             record["correspondences"] = []
-        with self.reporter.stage("edit", total=len(timesteps) * (1 + len(frame_groups))) as stage:
+        with self.reporter.stage("edit", total=len(timesteps) * (1 + len(chunks))) as stage:
             for step, t in enumerate(timesteps):
                 keyframes = sampler.next()
                 record["keyframes"].append(keyframes.tolist())
@@ -252,20 +254,21 @@ class Editor:
                                      inject_conv=t in conv_ts, match_on=match_on, kernels=choice)
                 self.runner.three_branch(source[kf_idx], x[kf_idx], t, texts, kf_state)  # result unused
                 stage.update(step=step, pass_="keyframes")
+                plans = [original_plan(g, n, spacing) if match_on == "input" else
+                         paper_plan(g, n, spacing, keyframes) for g in range(len(frame_groups))]
                 new_x = torch.empty_like(x)
-                for g, (a, b) in enumerate(frame_groups):
-                    plan = original_plan(g, n, spacing) if match_on == "input" else \
-                        paper_plan(g, n, spacing, keyframes)
+                for c, (a, b) in enumerate(chunks):
+                    pairs, weights = plan_rows(plans, a, b)
                     on_nn = None
                     if record_correspondences:
-                        on_nn = functools.partial(_record, record["correspondences"], step, g)
+                        on_nn = functools.partial(_record, record["correspondences"], step, c)
                     state = StepState(PassKind.PROPAGATE, t, b - a, store, inject_conv=t in conv_ts,
-                                      pairs=plan.pairs, weights=plan.weights, match_on=match_on,
+                                      pairs=pairs, weights=weights, match_on=match_on,
                                       on_correspondences=on_nn, kernels=choice)
                     eps = self.runner.three_branch(source[a:b], x[a:b], t, texts, state)
                     guided = eps[1] + config.guidance_scale * (eps[2] - eps[1])
                     new_x[a:b] = scheduler.step(guided, t, x[a:b]).prev_sample
-                    stage.update(step=step, pass_="group", group=g)
+                    stage.update(step=step, pass_="chunk", chunk=c)
                 x = new_x
         store.clear()
         return x, record

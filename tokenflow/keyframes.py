@@ -99,3 +99,22 @@ def paper_plan(group: int, n_frames: int, spacing: int, keyframes: torch.Tensor)
             pairs.append([prev_slot, next_slot])
             weights.append([(kf[next_slot] - f) / span, (f - kf[prev_slot]) / span])
     return GroupPlan(start, stop, torch.tensor(pairs, dtype=torch.long), torch.tensor(weights, dtype=torch.float32))
+
+
+def plan_rows(plans: List[GroupPlan], start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pairs and weights [stop-start, P] of frames start..stop-1, whichever groups they belong to.
+
+    Lets the propagation pass run in chunks that ignore group boundaries (the chunk size is a
+    resource decision; groups are the method's). Rows of groups with fewer pairs (the original's
+    group 0 has one) are padded with slot -1 and weight 0, which adds exactly nothing.
+    """
+    rows_p, rows_w = [], []
+    for plan in plans:
+        a, b = max(start, plan.start), min(stop, plan.stop)
+        if a < b:
+            rows_p.append(plan.pairs[a - plan.start:b - plan.start])
+            rows_w.append(plan.weights[a - plan.start:b - plan.start])
+    width = max(p.shape[1] for p in rows_p)
+    pairs = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in rows_p])
+    weights = torch.cat([torch.nn.functional.pad(w, (0, width - w.shape[1]), value=0.0) for w in rows_w])
+    return pairs, weights
