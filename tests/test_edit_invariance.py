@@ -78,3 +78,35 @@ def test_chunk_size_does_not_change_the_paper_propagation(editor, inversion):
     assert (flat(other) == flat(base)).float().mean() >= 0.999
     rel = ((other.latents - base.latents).norm() / base.latents.norm()).item()
     assert rel < 1e-2, rel
+
+
+class _RunnerWithSmallMemory:
+    """Wraps the editor's runner (an engine object, not a diffusers module): propagation calls with
+    more than ``limit`` frames raise the out-of-memory error a GPU would."""
+
+    def __init__(self, runner, limit):
+        self.runner, self.limit, self.sizes = runner, limit, []
+
+    def three_branch(self, source, x, t, texts, state):
+        self.sizes.append(x.shape[0])
+        if state.kind.value == "propagate" and x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.runner.three_branch(source, x, t, texts, state)
+
+
+def test_out_of_memory_halves_the_chunk_once_then_fails_with_the_fix(editor, inversion, torch_edit):
+    from tokenflow.errors import ResourceError
+
+    plain = editor.runner
+    config = SMALL.replace(attention_backend="torch", nearest_backend="torch", chunk_frames=6)
+    try:
+        editor.runner = _RunnerWithSmallMemory(plain, limit=3)
+        with pytest.warns(UserWarning, match="retrying with 3"):
+            result = editor.edit(inversion, config=config)
+        assert 6 in editor.runner.sizes and 3 in editor.runner.sizes
+        _agree(result, torch_edit)
+        editor.runner = _RunnerWithSmallMemory(plain, limit=2)  # halving once is not enough: fail clearly
+        with pytest.raises(ResourceError, match="--chunk-frames"), pytest.warns(UserWarning):
+            editor.edit(inversion, config=config)
+    finally:
+        editor.runner = plain

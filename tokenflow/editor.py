@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -23,7 +24,7 @@ from .engine import KeyframeStore, UNetRunner
 from .errors import ConfigError, ResourceError
 from .inversion import ddim_invert, noise_from_inversion
 from .keyframes import KeyframeSampler, groups, original_plan, paper_plan, plan_rows
-from .models import SDModel, encode_prompt, is_out_of_memory, load_model
+from .models import SDModel, encode_prompt, is_out_of_memory, load_model, release_device_memory
 from .kernels import KernelChoice, check_backends
 from .processors import PassKind, StepState, TokenFlowUNet
 from .progress import Reporter
@@ -76,7 +77,8 @@ def _oom_as_resource_error(fn: Callable) -> Callable:
                 raise
             raise ResourceError(
                 f"out of memory on the device ({str(exc).splitlines()[0][:120]}): use fewer frames (--frames), "
-                "a smaller size (--size), --dtype float16, or a smaller --keyframe-spacing") from None
+                "a smaller size (--size), --dtype float16, fewer frames per call (--chunk-frames) or a smaller "
+                "--keyframe-spacing") from None
     return wrapper
 
 
@@ -257,7 +259,9 @@ class Editor:
                 plans = [original_plan(g, n, spacing) if match_on == "input" else
                          paper_plan(g, n, spacing, keyframes) for g in range(len(frame_groups))]
                 new_x = torch.empty_like(x)
-                for c, (a, b) in enumerate(chunks):
+
+                def propagate(c: int, a: int, b: int, may_split: bool) -> None:
+                    """new_x[a:b]; on out-of-memory, once, the two halves (results do not depend on chunking)."""
                     pairs, weights = plan_rows(plans, a, b)
                     on_nn = None
                     if record_correspondences:
@@ -265,9 +269,25 @@ class Editor:
                     state = StepState(PassKind.PROPAGATE, t, b - a, store, inject_conv=t in conv_ts,
                                       pairs=pairs, weights=weights, match_on=match_on,
                                       on_correspondences=on_nn, kernels=choice)
-                    eps = self.runner.three_branch(source[a:b], x[a:b], t, texts, state)
+                    eps = None
+                    try:
+                        eps = self.runner.three_branch(source[a:b], x[a:b], t, texts, state)
+                    except RuntimeError as exc:
+                        if not (may_split and b - a > 1 and is_out_of_memory(exc)):
+                            raise
+                    if eps is None:  # retried outside the except block, so the failed call's memory is freed
+                        release_device_memory(x.device)
+                        mid = (a + b) // 2
+                        warnings.warn(f"out of memory with {b - a} frames per UNet call; retrying with "
+                                      f"{mid - a} (set --chunk-frames {mid - a} to start there)")
+                        propagate(c, a, mid, False)
+                        propagate(c, mid, b, False)
+                        return
                     guided = eps[1] + config.guidance_scale * (eps[2] - eps[1])
                     new_x[a:b] = scheduler.step(guided, t, x[a:b]).prev_sample
+
+                for c, (a, b) in enumerate(chunks):
+                    propagate(c, a, b, may_split=True)
                     stage.update(step=step, pass_="chunk", chunk=c)
                 x = new_x
         store.clear()
