@@ -7,7 +7,9 @@ frames, P = 2), N = M = S tokens of C channels (SD at 512x512). Variants of ``co
   matmul-argmax   normalise + one matmul + argmax in the input dtype, matrix materialised
   original        the original's formulation: (F*N) x (P*M) similarity matrix, argmax per keyframe
   faiss           exact inner-product index on normalised keys (faiss-cpu; GPU index with faiss-gpu)
-and of ``propagate``: triton, torch. Reports median time, TFLOP/s (2*F*P*N*M*C), peak memory,
+and of ``propagate``: triton, torch. Reports median time, TFLOP/s (2*F*P*N*M*C), GB/s of the
+minimal traffic (search: read x and the paired keyframes once, write int64 indices; gather: read
+3*F*P*N*C gathered rows, write 3*F*N*C), peak memory,
 and each variant's speed relative to ``matmul-argmax``.
 
   python bench/bench_nearest.py                               # CPU, small sizes
@@ -102,11 +104,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device, dtype, reps, variants = resolve_args(args, default_variants)
     rows = []
-    print(f"{'variant':17s} {'F':>2s} {'S':>5s} {'C':>5s} {'ms':>9s} {'TFLOP/s':>8s} {'peak mem':>13s}")
+    esize = torch.finfo(getattr(torch, dtype)).bits // 8
+    print(f"{'variant':17s} {'F':>2s} {'S':>5s} {'C':>5s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'peak mem':>13s}")
     for seq, channels in SIZES:
         case = {"device": str(device), "dtype": dtype, "F": args.frames, "P": N_PAIRS, "K": N_KEYFRAMES,
                 "S": seq, "C": channels}
         flops = 2.0 * args.frames * N_PAIRS * seq * seq * channels
+        search_bytes = (args.frames + N_PAIRS) * seq * channels * esize + args.frames * N_PAIRS * seq * 8
+        gather_bytes = 3 * args.frames * (N_PAIRS + 1) * seq * channels * esize
         case_rows, reference = [], None
         for name in ["torch"] + [v for v in variants if v != "torch"]:
             row = dict(case, variant=name)
@@ -118,7 +123,8 @@ def main(argv=None) -> int:
                     # timed variants must compute the same thing (ties aside): share of equal indices
                     row["agree_with_reference"] = (fn() == reference).float().mean().item()
                 secs = median_seconds(fn, device, reps=reps, warmup=1 if device.type == "cpu" else 3)
-                row.update(ms=secs * 1e3)
+                row.update(ms=secs * 1e3, gbps=(gather_bytes if name.startswith("propagate") else search_bytes)
+                           / secs / 1e9)
                 if not name.startswith("propagate"):
                     row["tflops"] = flops / secs / 1e12
                 del fn
@@ -139,7 +145,8 @@ def main(argv=None) -> int:
             else:
                 speed = row.get("speedup_vs_matmul_argmax")
                 print(f"{row['variant']:17s} {args.frames:2d} {seq:5d} {channels:5d} {row['ms']:9.2f} "
-                      f"{row.get('tflops', float('nan')):8.3f} {fmt_bytes(row.get('peak_bytes', '-')):>13s}"
+                      f"{row.get('tflops', float('nan')):8.3f} {row['gbps']:7.2f} "
+                      f"{fmt_bytes(row.get('peak_bytes', '-')):>13s}"
                       + (f"  x{speed:.2f} vs matmul+argmax" if speed else "")
                       + (f"  agree {row['agree_with_reference']:.5f}" if "agree_with_reference" in row else ""))
         rows += case_rows
