@@ -117,7 +117,7 @@ def test_self_check_replaces_a_failing_auto_backend_and_rejects_a_named_one():
         with pytest.raises(BackendUnavailable, match="'broken' failed its self-check"):
             check_backends(CPU, torch.float32, attention="broken", self_check=True)
     finally:
-        dispatch._REGISTRY["keyframe_attention"].pop("broken")
+        dispatch.unregister("keyframe_attention", "broken")
 
 
 def test_self_check_passes_the_interpreted_triton_kernels():

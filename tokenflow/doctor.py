@@ -7,6 +7,7 @@ Triton, FAISS and xFormers paths on a machine CI has never seen.
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import json
 import platform
 import sys
@@ -15,8 +16,9 @@ from typing import Dict, List, Optional
 import torch
 
 from . import __version__, kernels
-from .device import resolve_device, resolve_dtype
+from .device import mps_available, resolve_device, resolve_dtype
 from .kernels import probe, support, verify
+from .models import one_line
 
 PACKAGES = ("torch", "diffusers", "transformers", "triton", "faiss-cpu", "faiss-gpu-cu12", "xformers", "av", "numpy")
 
@@ -34,8 +36,7 @@ def environment() -> Dict:
             p = torch.cuda.get_device_properties(i)
             devices.append({"device": f"cuda:{i}", "name": p.name, "capability": f"{p.major}.{p.minor}",
                             "memory_gib": round(p.total_memory / 2**30, 1)})
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
+    if mps_available():
         devices.append({"device": "mps"})
     return {"tokenflow": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "torch_cuda": torch.version.cuda, "triton_interpret": support.interpreting(),
@@ -71,8 +72,8 @@ def run_checks(device: Optional[str] = None, dtype: Optional[str] = None) -> Lis
     """Every runnable non-reference backend against the reference, fp32 and the device's dtype."""
     results = []
     for dev, dt in _targets(device, dtype):
-        for dtype_, (heads, dim, n_kf, seq) in [(d, s) for d in dict.fromkeys([torch.float32, dt])
-                                                 for s in CHECK_SHAPES["cpu" if dev.type == "cpu" else "gpu"]]:
+        shapes = CHECK_SHAPES["cpu" if dev.type == "cpu" else "gpu"]
+        for dtype_, (heads, dim, n_kf, seq) in itertools.product(dict.fromkeys([torch.float32, dt]), shapes):
             g = torch.Generator().manual_seed(1234)
             for op in kernels.ops():
                 args, _ = probe.sample_args(op, dev, dtype_, heads=heads, dim=dim, n_kf=n_kf, seq=seq, generator=g)
@@ -80,15 +81,10 @@ def run_checks(device: Optional[str] = None, dtype: Optional[str] = None) -> Lis
                     if not v.runs or v.name == "torch":
                         continue
                     try:
-                        if op == "keyframe_attention":
-                            results += [verify.check_attention(v.name, *args, inject_qk=i) for i in (False, True)]
-                        elif op == "cosine_nearest":
-                            results.append(verify.check_nearest(v.name, *args))
-                        else:
-                            results.append(verify.check_propagate(v.name, *args))
+                        results += verify.check(op, v.name, args)
                     except Exception as exc:  # a backend that crashes is a failed check, not a crashed doctor
                         results.append(verify.CheckResult(op, v.name, str(dtype_), "", float("inf"), 0.0,
-                                                          f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+                                                          f"raised {one_line(exc)}"))
     return results
 
 

@@ -238,6 +238,7 @@ class Editor:
         frame_groups = groups(n, spacing)
         # propagation chunks: frames per UNet call, independent of the groups (a resource choice)
         chunks = groups(n, config.chunk_frames or spacing)
+        limit = {"frames": config.chunk_frames or spacing, "halved": False}  # lowered once on out-of-memory
         sampler = KeyframeSampler(n, spacing, config.seed)
         match_on = "input" if config.propagation == "original" else "output"
         store = KeyframeStore()
@@ -260,9 +261,14 @@ class Editor:
                          paper_plan(g, n, spacing, keyframes) for g in range(len(frame_groups))]
                 new_x = torch.empty_like(x)
 
-                def propagate(c: int, a: int, b: int, may_split: bool) -> None:
-                    """new_x[a:b]; on out-of-memory, once, the two halves (results do not depend on chunking)."""
-                    pairs, weights = plan_rows(plans, a, b)
+                def propagate(c: int, a: int, b: int) -> None:
+                    """new_x[a:b]. The first out-of-memory halves the frames per call for the rest of the
+                    edit (results do not depend on chunking); a second one is raised."""
+                    if b - a > limit["frames"]:
+                        for s in range(a, b, limit["frames"]):
+                            propagate(c, s, min(s + limit["frames"], b))
+                        return
+                    pairs, weights = (t.to(x.device) for t in plan_rows(plans, a, b))
                     on_nn = None
                     if record_correspondences:
                         on_nn = functools.partial(_record, record["correspondences"], step, c)
@@ -273,21 +279,20 @@ class Editor:
                     try:
                         eps = self.runner.three_branch(source[a:b], x[a:b], t, texts, state)
                     except RuntimeError as exc:
-                        if not (may_split and b - a > 1 and is_out_of_memory(exc)):
+                        if limit["halved"] or b - a == 1 or not is_out_of_memory(exc):
                             raise
                     if eps is None:  # retried outside the except block, so the failed call's memory is freed
                         release_device_memory(x.device)
-                        mid = (a + b) // 2
+                        limit.update(frames=(b - a) // 2, halved=True)
                         warnings.warn(f"out of memory with {b - a} frames per UNet call; retrying with "
-                                      f"{mid - a} (set --chunk-frames {mid - a} to start there)")
-                        propagate(c, a, mid, False)
-                        propagate(c, mid, b, False)
+                                      f"{limit['frames']} for the rest of the edit (set --chunk-frames {limit['frames']} to start there)")
+                        propagate(c, a, b)
                         return
                     guided = eps[1] + config.guidance_scale * (eps[2] - eps[1])
                     new_x[a:b] = scheduler.step(guided, t, x[a:b]).prev_sample
 
                 for c, (a, b) in enumerate(chunks):
-                    propagate(c, a, b, may_split=True)
+                    propagate(c, a, b)
                     stage.update(step=step, pass_="chunk", chunk=c)
                 x = new_x
         store.clear()

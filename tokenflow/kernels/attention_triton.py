@@ -189,10 +189,3 @@ def _(q, k, v, heads, inject_qk):
 def keyframe_attention_triton(q, k, v, heads: int, inject_qk: bool = False) -> torch.Tensor:
     """Triton backend of ``tokenflow.kernels.keyframe_attention`` (same arguments and result)."""
     return keyframe_attention_op(q, k, v, heads, inject_qk)
-
-
-def flops(n_kf: int, seq: int, heads: int, dim: int) -> float:
-    """Matmul FLOPs of one call: 2 matmuls x 2 FLOP/MAC; source S*S per frame, others S*(K*S)."""
-    per_head = 2 * 2 * dim * (n_kf * seq * seq + 2 * n_kf * seq * n_kf * seq)
-    return float(per_head * heads)
-

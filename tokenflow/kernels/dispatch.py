@@ -41,9 +41,6 @@ class TensorSpec(NamedTuple):
     shape: Tuple[int, ...]
     stride: Tuple[int, ...]
 
-    def dim(self) -> int:
-        return len(self.shape)
-
 
 def spec_of(value: Any) -> Any:
     """Plain ints even under torch.compile with dynamic shapes (``int`` specialises a SymInt)."""
@@ -91,18 +88,26 @@ class Backend:
 
 
 _REGISTRY: Dict[str, Dict[str, Backend]] = {}
+_BY_PRIORITY: Dict[str, List[Backend]] = {}   # kept sorted by register: dispatch runs in every layer
 
 
 def register(backend: Backend) -> Backend:
-    _REGISTRY.setdefault(backend.op, {})[backend.name] = backend
+    table = _REGISTRY.setdefault(backend.op, {})
+    table[backend.name] = backend
+    _BY_PRIORITY[backend.op] = sorted(table.values(), key=lambda b: -b.priority)
     return backend
+
+
+def unregister(op: str, name: str) -> None:
+    del _REGISTRY[op][name]
+    _BY_PRIORITY[op] = sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
 
 
 def backends(op: str) -> List[Backend]:
     """The op's backends, highest priority first."""
-    if op not in _REGISTRY:
+    if op not in _BY_PRIORITY:
         raise KeyError(f"unknown kernel op {op!r}; ops: {', '.join(sorted(_REGISTRY))}")
-    return sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
+    return list(_BY_PRIORITY[op])
 
 
 def backend_names(op: str) -> List[str]:

@@ -114,10 +114,6 @@ def _unsupported_nearest_triton(x, keys, pairs) -> List[str]:
     return reasons
 
 
-def _unsupported_nearest_faiss(x, keys, pairs) -> List[str]:
-    return _unsupported_nearest(x, keys, pairs)
-
-
 def _faiss_not_auto(x, keys, pairs) -> Optional[str]:
     from .nearest_faiss import auto_reason
 
@@ -143,7 +139,7 @@ register(Backend("cosine_nearest", "triton", 30, ".nearest_triton:cosine_nearest
                  requires=support.triton_missing, unsupported=_unsupported_nearest_triton,
                  not_auto=lambda x, *a, **kw: support.triton_not_auto((x,)), verified=_TRITON_VERIFIED))
 register(Backend("cosine_nearest", "faiss", 20, ".nearest_faiss:cosine_nearest_faiss",
-                 requires=support.faiss_missing, unsupported=_unsupported_nearest_faiss,
+                 requires=support.faiss_missing, unsupported=_unsupported_nearest,
                  not_auto=_faiss_not_auto, verified="faiss-cpu on CPU; faiss-gpu indexes unverified"))
 register(Backend("cosine_nearest", "torch", 10, ".nearest:cosine_nearest_torch",
                  unsupported=_unsupported_nearest, verified="reference; CPU float32 parity with the original"))

@@ -191,8 +191,3 @@ def cosine_nearest_triton(x, keys, pairs) -> torch.Tensor:
 def propagate_triton(kf_out, idx, pairs, weights) -> torch.Tensor:
     """Triton backend of ``tokenflow.kernels.propagate`` (same arguments and result)."""
     return propagate_op(kf_out, idx, pairs, weights)
-
-
-def nearest_flops(n_frames: int, n_pairs: int, n_tokens: int, n_keys: int, channels: int) -> float:
-    """Matmul FLOPs of one cosine_nearest call (2 per multiply-add)."""
-    return 2.0 * n_frames * n_pairs * n_tokens * n_keys * channels

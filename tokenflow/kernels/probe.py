@@ -85,16 +85,12 @@ def check_backends(device: torch.device, dtype: torch.dtype, attention: str = AU
 
 
 def _self_check(op: str, name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    from ..models import one_line
     from . import verify
 
     args, _ = sample_args(op, device, dtype, heads=2, dim=40, n_kf=2, seq=70)
     try:
-        if op == "keyframe_attention":
-            result = verify.check_attention(name, *args, inject_qk=True)
-        elif op == "cosine_nearest":
-            result = verify.check_nearest(name, *args)
-        else:
-            result = verify.check_propagate(name, *args)
+        (result,) = verify.check(op, name, args, inject_qk=(True,))
     except Exception as exc:  # a compile or launch failure is exactly what this is for
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return one_line(exc)
     return None if result.ok else result.describe()

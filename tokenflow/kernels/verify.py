@@ -12,7 +12,7 @@ Rules (after flash-attention's tests):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -105,3 +105,13 @@ def check_nearest(backend: str, x, keys, pairs, impl=None) -> CheckResult:
     exact_equal = int((idx.cpu() == cosine_nearest_torch(x.cpu().double(), keys.cpu().double(), pairs.cpu())).sum())
     return CheckResult("cosine_nearest", backend, _name(x.dtype), f"x{tuple(x.shape)} keys{tuple(keys.shape)}",
                        float(bad), 0.0, f"({exact_equal}/{idx.numel()} equal to float64 argmax)")
+
+
+def check(op: str, backend: str, args: tuple, inject_qk=(False, True)) -> List[CheckResult]:
+    """Check ``backend`` of ``op`` on ``args`` (the op's positional arguments); attention once per
+    ``inject_qk`` value."""
+    if op == "keyframe_attention":
+        return [check_attention(backend, *args, inject_qk=i) for i in inject_qk]
+    if op == "cosine_nearest":
+        return [check_nearest(backend, *args)]
+    return [check_propagate(backend, *args)]
