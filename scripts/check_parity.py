@@ -33,6 +33,7 @@ def compare(reference: str, model: str, video: str, threads: int = 1) -> dict:
                         dtype="float32", inversion_prompt=a["inversion_prompt"], inversion_steps=a["inversion_steps"],
                         inversion_batch_size=a.get("inv_batch_size") or a["batch_size"], prompt=a["prompt"],
                         negative_prompt=a["negative_prompt"], steps=a["edit_steps"], keyframe_spacing=a["batch_size"],
+                        chunk_frames=a["batch_size"],  # correspondences are compared per group; results do not depend on it
                         pnp_attn_t=a["pnp_attn_t"], pnp_f_t=a["pnp_f_t"],
                         guidance_scale=a.get("guidance_scale", 7.5), seed=a["seed"])
     editor = Editor.from_pretrained(model, device="cpu", dtype="float32")

@@ -36,7 +36,8 @@ def test_version_and_help_explain_every_flag():
                  "--pnp-f-t", "--guidance-scale", "--seed", "--inversion-prompt", "--prompt", "--negative-prompt",
                  "--device", "--dtype", "--save-latents", "--output", "--start", "--stride", "--method",
                  "--propagation", "--config", "--quiet", "--log-json", "--save-frames", "--no-cache",
-                 "--attention-backend", "--nearest-backend", "--chunk-frames"]:
+                 "--attention-backend", "--nearest-backend", "--chunk-frames", "--memory-budget", "--plan",
+                 "--keyframe-window", "--keyframe-store", "--inverted-latents"]:
         assert flag in help_text, flag
 
 
@@ -74,6 +75,29 @@ def test_any_frame_count_no_truncation_and_sdedit_and_paper(tmp_path, tiny_model
         assert run.returncode == 0, run.stderr
         assert run.stderr == ""  # quiet
         assert frames_in(out)[0] == 7  # 7 frames with spacing 4: a short last group, nothing dropped
+
+
+def test_several_prompts_one_run_one_output_each(tmp_path, tiny_model_dir, sample_clip):
+    out = tmp_path / "edit.mp4"
+    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "glass", "--prompt", "a marble statue",
+                    "--frames", "5", *FAST, "-o", out, "--save-latents", tmp_path / "lat.npy", "--log-json")
+    assert run.returncode == 0, run.stderr
+    done = [e for e in map(json.loads, run.stdout.splitlines()) if e["event"] == "done"][0]
+    expected = [str(tmp_path / "edit-1-glass.mp4"), str(tmp_path / "edit-2-a-marble-statue.mp4")]
+    assert done["outputs"] == expected and done["prompts"] == ["glass", "a marble statue"]
+    assert all(frames_in(p)[0] == 5 for p in expected)
+    a, b = np.load(tmp_path / "lat-1-glass.npy"), np.load(tmp_path / "lat-2-a-marble-statue.npy")
+    assert a.shape == b.shape == (5, 4, 8, 8) and not np.allclose(a, b)
+
+
+def test_plan_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model_dir, sample_clip):
+    out = tmp_path / "edit.mp4"
+    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "glass", "--frames", "9", *FAST,
+                    "--memory-budget", "2GiB", "--plan", "-o", out, env={"TOKENFLOW_CACHE": str(tmp_path / "c")})
+    assert run.returncode == 0, run.stderr
+    assert "budget 2.00 GiB (--memory-budget)" in run.stdout and "propagation:" in run.stdout
+    assert "keyframe store" in run.stdout and "predicted peak" in run.stdout
+    assert not out.exists() and not (tmp_path / "c" / "inversions").exists()
 
 
 def test_invert_command_fills_the_cache(tmp_path, tiny_model_dir, sample_clip):
@@ -155,6 +179,14 @@ BAD = {
                        "H="),
     "missing config": (lambda t, m, c: ["edit", "--config", t / "none.yaml"], 2, "none.yaml"),
     "chunk < 1": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--chunk-frames", "0"], 2, "chunk_frames"),
+    "bad memory budget": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--memory-budget", "lots"], 2,
+                          "memory_budget"),
+    "budget below the weights": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--memory-budget",
+                                                  "1MB"], 6, "--memory-budget"),
+    "window < 1": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--keyframe-window", "0"], 2,
+                   "keyframe_window"),
+    "one empty prompt of two": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--prompt", " "], 2,
+                                "prompt"),
     "unknown backend": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--attention-backend", "flash"], 2,
                         "flash"),
     "backend that cannot run": (lambda t, m, c: ["edit", c, "--model", m, "--prompt", "x", "--attention-backend",

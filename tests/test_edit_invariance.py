@@ -64,11 +64,12 @@ def test_chunk_size_does_not_change_the_edit(editor, inversion, torch_edit, chun
 def test_chunk_size_does_not_change_the_paper_propagation(editor, inversion):
     """The paper matches on attention *outputs*, whose float32 rounding depends on the batch size
     (GEMM blocking): near-ties can flip. Here 1 of 18,432 indices flips, which moves the latents
-    by ~1e-3; indices must agree to 99.9 % and the latents to 1e-2. Chunks equal to the groups
-    reproduce the edit exactly."""
-    paper = SMALL.replace(propagation="paper", attention_backend="torch", nearest_backend="torch")
+    by ~1e-3; indices must agree to 99.9 % and the latents to 1e-2. The same chunks reproduce the
+    edit exactly."""
+    paper = SMALL.replace(propagation="paper", attention_backend="torch", nearest_backend="torch",
+                          chunk_frames=SMALL.keyframe_spacing)
     base = editor.edit(inversion, config=paper, record_correspondences=True)
-    same = editor.edit(inversion, config=paper.replace(chunk_frames=SMALL.keyframe_spacing))
+    same = editor.edit(inversion, config=paper)
     assert torch.equal(same.latents, base.latents)
     other = editor.edit(inversion, config=paper.replace(chunk_frames=5), record_correspondences=True)
 
@@ -87,11 +88,14 @@ class _RunnerWithSmallMemory:
     def __init__(self, runner, limit):
         self.runner, self.limit, self.sizes = runner, limit, []
 
-    def three_branch(self, source, x, t, texts, state):
-        self.sizes.append(x.shape[0])
-        if state.kind.value == "propagate" and x.shape[0] > self.limit:
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def branches(self, source, xs, t, texts, state):
+        self.sizes.append(source.shape[0])
+        if state.kind.value == "propagate" and source.shape[0] > self.limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return self.runner.three_branch(source, x, t, texts, state)
+        return self.runner.branches(source, xs, t, texts, state)
 
 
 def test_out_of_memory_halves_the_chunk_once_then_fails_with_the_fix(editor, inversion, torch_edit):
@@ -106,7 +110,7 @@ def test_out_of_memory_halves_the_chunk_once_then_fails_with_the_fix(editor, inv
         assert 6 in editor.runner.sizes and 3 in editor.runner.sizes
         _agree(result, torch_edit)
         editor.runner = _RunnerWithSmallMemory(plain, limit=2)  # halving once is not enough: fail clearly
-        with pytest.raises(ResourceError, match="--chunk-frames"), pytest.warns(UserWarning):
+        with pytest.raises(ResourceError, match="--memory-budget [0-9.]+GiB"), pytest.warns(UserWarning):
             editor.edit(inversion, config=config)
     finally:
         editor.runner = plain

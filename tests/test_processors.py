@@ -42,11 +42,15 @@ def test_plain_state_leaves_the_unet_unchanged(tiny_sd):
     assert torch.allclose(before, during, atol=1e-6)
 
 
+def _store(sd, keyframes: int) -> KeyframeStore:
+    return KeyframeStore.for_unet(sd.unet, (8, 8), keyframes)
+
+
 def test_one_keyframe_extended_attention_is_plain_attention(tiny_sd, tokenflow_unet):
     source, x, texts = _inputs(tiny_sd, 1)
     runner = UNetRunner(tiny_sd.unet, tokenflow_unet)
     plain = runner.eps(torch.cat([source, x, x]), 301, texts)
-    state = StepState(PassKind.KEYFRAMES, 301, 1, KeyframeStore())
+    state = StepState(PassKind.KEYFRAMES, 301, 1, _store(tiny_sd, 1))
     extended = runner.three_branch(source, x, 301, texts, state).reshape(3, 4, 8, 8)
     assert torch.allclose(plain, extended, atol=1e-5)
     assert len(state.store.outputs) == 16
@@ -66,7 +70,7 @@ def test_keyframe_pass_extended_attention_and_qk_injection(tiny_sd, tokenflow_un
     pnp_layer, other_layer = ORIGINAL_PNP_QK_BLOCKS[0], "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     seen, handles = _capture_attn_inputs(tiny_sd.unet, [pnp_layer, other_layer])
     source, x, texts = _inputs(tiny_sd, 3, seed=1)
-    state = StepState(PassKind.KEYFRAMES, 901, 3, KeyframeStore(), inject_qk=inject)
+    state = StepState(PassKind.KEYFRAMES, 901, 3, _store(tiny_sd, 3), inject_qk=inject)
     try:
         UNetRunner(tiny_sd.unet, tokenflow_unet).three_branch(source, x, 901, texts, state)
     finally:
@@ -98,7 +102,7 @@ def test_conv_injection_replaces_uncond_and_cond_residual_features(tiny_sd, toke
     conv2 = tiny_sd.unet.get_submodule(PNP_FEATURE_RESNET).conv2
     handle = conv2.register_forward_hook(lambda m, a, out: captured.setdefault("out", out.clone()))
     source, x, texts = _inputs(tiny_sd, 2, seed=2)
-    state = StepState(PassKind.KEYFRAMES, 801, 2, KeyframeStore(), inject_conv=inject)
+    state = StepState(PassKind.KEYFRAMES, 801, 2, _store(tiny_sd, 2), inject_conv=inject)
     try:
         UNetRunner(tiny_sd.unet, tokenflow_unet).three_branch(source, x, 801, texts, state)
     finally:
@@ -111,7 +115,7 @@ def test_propagating_the_keyframe_onto_itself_reproduces_the_keyframe_pass(tiny_
     """Group = the keyframe itself: every token's nearest neighbour is itself, so the propagated
     self-attention equals the stored one and the UNet output equals the keyframe pass's."""
     source, x, texts = _inputs(tiny_sd, 1, seed=3)
-    runner, store = UNetRunner(tiny_sd.unet, tokenflow_unet), KeyframeStore()
+    runner, store = UNetRunner(tiny_sd.unet, tokenflow_unet), _store(tiny_sd, 1)
     kf = runner.three_branch(source, x, 501, texts, StepState(PassKind.KEYFRAMES, 501, 1, store, inject_conv=True))
     fields = []
     state = StepState(PassKind.PROPAGATE, 501, 1, store, inject_conv=True, pairs=torch.zeros(1, 1, dtype=torch.long),
@@ -125,7 +129,7 @@ def test_propagating_the_keyframe_onto_itself_reproduces_the_keyframe_pass(tiny_
 def test_propagation_blends_two_keyframes(tiny_sd, tokenflow_unet):
     """With weights (1, 0) the output equals propagating from the first keyframe alone."""
     source, x, texts = _inputs(tiny_sd, 2, seed=4)
-    runner, store = UNetRunner(tiny_sd.unet, tokenflow_unet), KeyframeStore()
+    runner, store = UNetRunner(tiny_sd.unet, tokenflow_unet), _store(tiny_sd, 2)
     runner.three_branch(source, x, 501, texts, StepState(PassKind.KEYFRAMES, 501, 2, store))
     s2, x2, _ = _inputs(tiny_sd, 1, seed=5)
 

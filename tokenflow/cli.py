@@ -56,12 +56,14 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
     g = p.add_argument_group("inversion")
     g.add_argument("--inversion-prompt", help="text describing the source video (default empty)")
     g.add_argument("--inversion-steps", type=int, metavar="N", help="DDIM inversion steps (default 500)")
-    g.add_argument("--inversion-batch-size", type=int, metavar="B", help="frames per UNet call while inverting (default 8)")
+    g.add_argument("--inversion-batch-size", type=int, metavar="B", help="frames per UNet call while inverting "
+                   "(default: the memory plan's)")
     g.add_argument("--cache-dir", help="inversion cache folder (default $TOKENFLOW_CACHE or ~/.cache/tokenflow)")
     g.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the inversion cache")
     if edit:
         g = p.add_argument_group("editing")
-        g.add_argument("--prompt", help="what the video should become (required)")
+        g.add_argument("--prompt", action="append", help="what the video should become (required); repeat it "
+                       "for several edits of the same video in one run (shared inversion, one output each)")
         g.add_argument("--negative-prompt", help=f"default: {DEFAULT_NEGATIVE_PROMPT!r}")
         g.add_argument("--method", choices=["pnp", "sdedit"], help="pnp (default, TokenFlow + Plug-and-Play) or "
                        "sdedit (TokenFlow + SDEdit, the original's run_tokenflow_sdedit.py)")
@@ -74,8 +76,6 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--guidance-scale", type=float, metavar="G", help="classifier-free guidance (default 7.5)")
         g.add_argument("--keyframe-spacing", type=int, metavar="B", help="frames per group, one random keyframe "
                        "each (the original's batch_size; default 8)")
-        g.add_argument("--chunk-frames", type=int, metavar="N", help="frames per UNet call of the propagation "
-                       "pass (default: the keyframe spacing); changes memory and speed, not the result")
         g.add_argument("--pnp-attn-t", type=float, metavar="F", help="fraction of steps with PnP Q/K injection (default 0.5)")
         g.add_argument("--pnp-f-t", type=float, metavar="F", help="fraction of steps with PnP ResNet feature injection (default 0.8)")
         g.add_argument("--sdedit-start", type=float, metavar="F", help="SDEdit: start fraction (the original's "
@@ -85,6 +85,20 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--propagation", choices=["original", "paper"], help="original (default: the authors' "
                        "code) or paper (nearest keyframes before/after, linear weights, matched on attention outputs)")
         g.add_argument("--seed", type=int, help="seed of the keyframe draws (default 1)")
+        g = p.add_argument_group("memory (see --plan)")
+        g.add_argument("--memory-budget", metavar="SIZE", help="device memory the edit may use, e.g. 12GB or "
+                       "16GiB (default: what the device has free, minus a margin); sets the chunk sizes")
+        g.add_argument("--plan", action="store_true", help="print the memory plan (chunk sizes, predicted peak, "
+                       "keyframe store size) and exit without editing")
+        g.add_argument("--chunk-frames", type=int, metavar="N", help="frames per UNet call of the propagation "
+                       "pass (default: the memory plan's); changes memory and speed, not the result")
+        g.add_argument("--keyframe-window", type=int, metavar="W", help="each keyframe attends to the keyframes "
+                       "of its window of W (shifted by W/2 every other step), so long videos cost linear time "
+                       "and memory (default: all keyframes, the original)")
+        g.add_argument("--keyframe-store", choices=["auto", "device", "host"], help="where the keyframe "
+                       "features live (default auto: on the device unless the plan needs the room)")
+        g.add_argument("--inverted-latents", choices=["auto", "device", "host", "disk"], help="where the "
+                       "inverted latents live (default auto); disk reloads them per call, as the original does")
         g = p.add_argument_group("kernels (see `tokenflow doctor` for what runs here)")
         g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention: auto (default: triton "
                        "on CUDA, else torch), triton, xformers (unverified) or torch (the reference)")
@@ -123,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # flag -> config field where the names differ
 _RENAMES = {"start": "start_frame", "no_cache": "use_cache", "no_ddim_noise": "use_ddim_noise"}
-_NOT_CONFIG = {"command", "config", "preset", "quiet", "log_json"}
+_NOT_CONFIG = {"command", "config", "preset", "quiet", "log_json", "plan"}
 
 
 def config_from_args(args: argparse.Namespace) -> EditConfig:
@@ -138,6 +152,8 @@ def config_from_args(args: argparse.Namespace) -> EditConfig:
             name, value = _parse_start(value, args)
         elif name in ("no_cache", "no_ddim_noise"):
             value = not value
+        elif name == "prompt":
+            value = value[0] if len(value) == 1 else tuple(value)
         changes[_RENAMES.get(name, name)] = value
     if changes.get("frames") == 0:
         changes["frames"] = None
@@ -189,7 +205,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = config_from_args(args)
         from . import jobs
 
-        if args.command == "edit":
+        if args.command == "edit" and args.plan:
+            jobs.run_plan(config, reporter)
+        elif args.command == "edit":
             jobs.run_edit(config, reporter)
         else:
             jobs.run_invert(config, reporter)

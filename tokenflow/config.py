@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 from .errors import ConfigError
 
@@ -25,6 +25,7 @@ SD_VERSIONS = {
 }
 
 METHODS = ("pnp", "sdedit")
+PLACES = ("auto", "device", "host")
 PROPAGATIONS = ("original", "paper")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -53,16 +54,17 @@ class EditConfig:
     # inversion (the original's preprocess.py)
     inversion_prompt: str = ""
     inversion_steps: int = 500
-    inversion_batch_size: int = 8
+    inversion_batch_size: Optional[int] = None   # frames per inversion call (None: the memory plan)
 
     # editing
     method: str = "pnp"
-    prompt: str = ""
+    prompt: Union[str, Tuple[str, ...]] = ""    # several prompts: one edit each, sharing the inversion
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     steps: int = 50
     guidance_scale: float = 7.5
     keyframe_spacing: int = 8           # the original's batch_size
-    chunk_frames: Optional[int] = None  # frames per propagation UNet call (None: keyframe_spacing)
+    chunk_frames: Optional[int] = None  # frames per propagation UNet call (None: the memory plan)
+    keyframe_window: Optional[int] = None  # keyframes per extended attention (None: all, the original)
     pnp_attn_t: float = 0.5
     pnp_f_t: float = 0.8
     sdedit_start: float = 0.9           # the original's `start`
@@ -74,6 +76,11 @@ class EditConfig:
     attention_backend: str = "auto"     # auto, triton, xformers, torch
     nearest_backend: str = "auto"       # auto, triton, faiss, torch (propagate follows when it can)
 
+    # memory (see `tokenflow edit --plan`)
+    memory_budget: Optional[Union[int, str]] = None  # bytes or "12GB"/"16GiB"; None: free device memory - margin
+    keyframe_store: str = "auto"        # auto, device, host (pinned; chunks stage their keyframes)
+    inverted_latents: str = "auto"      # auto, device, host, disk (disk: the original's per-group reloads)
+
     # outputs and cache
     output: Optional[str] = None
     save_frames: Optional[str] = None   # folder for numbered PNGs
@@ -81,6 +88,13 @@ class EditConfig:
     fps: Optional[float] = None         # None = the source frame rate
     cache_dir: Optional[str] = None     # None = $TOKENFLOW_CACHE or ~/.cache/tokenflow
     use_cache: bool = True
+
+    @property
+    def prompts(self) -> Tuple[str, ...]:
+        """The edit prompts: one per output (``prompt`` may be a string or a list of strings)."""
+        if isinstance(self.prompt, str):
+            return (self.prompt,) if self.prompt else ()
+        return tuple(self.prompt)
 
     def replace(self, **changes: Any) -> "EditConfig":
         return dataclasses.replace(self, **changes)
@@ -91,10 +105,17 @@ class EditConfig:
         _int_at_least("start_frame", self.start_frame, 0)
         _int_at_least("stride", self.stride, 1)
         _int_at_least("inversion_steps", self.inversion_steps, 1)
-        _int_at_least("inversion_batch_size", self.inversion_batch_size, 1)
+        _int_at_least("inversion_batch_size", self.inversion_batch_size, 1, allow_none=True)
         _int_at_least("steps", self.steps, 1)
         _int_at_least("keyframe_spacing", self.keyframe_spacing, 1)
         _int_at_least("chunk_frames", self.chunk_frames, 1, allow_none=True)
+        _int_at_least("keyframe_window", self.keyframe_window, 1, allow_none=True)
+        _choice("keyframe_store", self.keyframe_store, PLACES)
+        _choice("inverted_latents", self.inverted_latents, PLACES + ("disk",))
+        if self.memory_budget is not None:
+            from .engine.memory import parse_bytes  # noqa: PLC0415
+
+            parse_bytes(self.memory_budget)
         _int_at_least("seed", self.seed, 0)
         if self.steps > self.inversion_steps:
             raise ConfigError(
@@ -125,8 +146,11 @@ class EditConfig:
                         "(Stable Diffusion works on 8x downsampled latents), e.g. 512x512 or 672x384")
         if self.fps is not None and (not isinstance(self.fps, (int, float)) or not self.fps > 0):
             raise ConfigError(f"fps={self.fps!r} must be a positive number")
-        if need_prompt and not str(self.prompt).strip():
-            raise ConfigError("the edit prompt is empty: pass --prompt \"what the video should become\"")
+        if not isinstance(self.prompt, (str, tuple, list)) or not all(isinstance(p, str) for p in self.prompts):
+            raise ConfigError(f"prompt={self.prompt!r} must be a string or a list of strings")
+        if need_prompt and (not self.prompts or not all(p.strip() for p in self.prompts)):
+            raise ConfigError("the edit prompt is empty: pass --prompt \"what the video should become\" "
+                              "(repeat --prompt for several edits of the same video)")
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError("model is empty: pass --model with a Hub id, a local diffusers folder or 'tiny'")
         return self
@@ -210,6 +234,8 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
             value = _size_value(value, source)
         if name == "device" and value is not None:
             value = str(value)
+        if name == "prompt" and isinstance(value, list):
+            value = tuple(value)
         if name not in fields:
             allowed = ", ".join(sorted(fields | set(ORIGINAL_KEYS)))
             raise ConfigError(f"{source}: unknown key {key!r}; allowed keys: {allowed}")

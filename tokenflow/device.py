@@ -6,7 +6,7 @@ This is the only place that decides a default device.
 from __future__ import annotations
 
 import re
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -86,3 +86,13 @@ def resolve_dtype(name: Union[str, torch.dtype, None], device: torch.device) -> 
         raise ConfigError(f"dtype 'bfloat16' is not supported by this GPU ({device}); "
                           "use --dtype float16")
     return dtype
+
+
+def synchronizer(device: torch.device) -> Optional[Callable[[], None]]:
+    """A function that waits for the device's queued work (None where work is synchronous)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return None

@@ -1,15 +1,17 @@
 """DDIM inversion of the source video (the original's ``preprocess.py``), and the edit's start point."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from diffusers import DDIMScheduler
 
+from .engine.latents import InvertedLatents
+
 
 def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor,
                 scheduler: DDIMScheduler, save: Iterable[int], batch_size: int,
-                on_step: Optional[Callable[[int], None]] = None) -> Dict[int, torch.Tensor]:
+                on_step: Optional[Callable[[int], None]] = None, place: str = "device") -> InvertedLatents:
     """Deterministic DDIM inversion, conditioned on one prompt (no guidance).
 
     Walks the timesteps upwards (1, 21, ..., 981 for 50 steps). At step i the noise is predicted
@@ -21,14 +23,15 @@ def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
         eps_fn: (latents [b,4,h,w], t) -> noise prediction [b,4,h,w] float32.
         z0: [N,4,h,w] float32 clean latents.
         save: timesteps whose latents to return; the noisiest one is always returned.
+        place: where the saved latents live: "device" (z0's) or "host" (pinned when z0 is on CUDA).
     Returns:
-        {t: [N,4,h,w] float32}.
+        {t: [N,4,h,w] float32}, one tensor [T,N,4,h,w] underneath.
     """
     alphas = scheduler.alphas_cumprod
     timesteps = [int(t) for t in reversed(scheduler.timesteps)]
-    save = set(int(t) for t in save)
+    save = (set(int(t) for t in save) & set(timesteps)) | {timesteps[-1]}
     x = z0.clone(memory_format=torch.contiguous_format)
-    saved: Dict[int, torch.Tensor] = {}
+    saved = InvertedLatents.empty(sorted(save), x.shape, z0.device, place)
     for i, t in enumerate(timesteps):
         alpha_t = alphas[t]
         alpha_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
@@ -40,10 +43,9 @@ def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
             pred_x0 = (xb - sigma_prev.to(xb.device) * eps) / mu_prev.to(xb.device)
             x[b:b + batch_size] = mu.to(xb.device) * pred_x0 + sigma.to(xb.device) * eps
         if t in save:
-            saved[t] = x.clone()
+            saved[t].copy_(x)
         if on_step is not None:
             on_step(i)
-    saved[timesteps[-1]] = x.clone()
     return saved
 
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ import torch
 from .config import EditConfig
 from .device import resolve_device, resolve_dtype
 from .editor import Editor, EditResult, read_clip
+from .engine.planner import MemoryPlan
 from .errors import InputError
 from .kernels import check_backends
 from .progress import Reporter
@@ -37,40 +39,78 @@ def resolve_output(config: EditConfig) -> str:
     return str(p)
 
 
-def run_edit(config: EditConfig, reporter: Reporter) -> EditResult:
+def prompt_outputs(path: str, prompts) -> list:
+    """One output path per prompt: the path itself for one prompt, else ``stem-K-slug.ext``."""
+    if len(prompts) == 1:
+        return [path]
+    p = Path(path)
+    return [str(p.with_name(f"{p.stem}-{k}-{_slug(text)}{p.suffix}")) for k, text in enumerate(prompts, 1)]
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return words[:limit].rstrip("-") or "prompt"
+
+
+def run_edit(config: EditConfig, reporter: Reporter) -> List[EditResult]:
     config.validate()
     if not config.video:
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow edit VIDEO ...)")
-    output = resolve_output(config)
+    prompts = config.prompts
+    outputs = prompt_outputs(resolve_output(config), prompts)
+    latents_out = prompt_outputs(config.save_latents, prompts) if config.save_latents else [None] * len(prompts)
+    frames_out = ([str(Path(config.save_frames) / f"{k}-{_slug(t)}") for k, t in enumerate(prompts, 1)]
+                  if config.save_frames and len(prompts) > 1 else [config.save_frames] * len(prompts))
     # every output target and the input are checked before any expensive work
-    check_writable(output)
-    if config.save_latents:
-        check_writable(config.save_latents)
-    if config.save_frames:
-        check_frames_target(config.save_frames)
+    for target in outputs + [p for p in latents_out if p]:
+        check_writable(target)
+    for target in frames_out:
+        if target:
+            check_frames_target(target)
     device = resolve_device(config.device)
     check_backends(device, resolve_dtype(config.dtype, device), config.attention_backend, config.nearest_backend)
     start = time.perf_counter()
     clip = read_clip(str(config.video), config, reporter)
+    editor = _load_editor(config, reporter)
+    results = editor.edit_many(clip, config=config)
+    with reporter.stage("write"):
+        for result, output, frames_dir, latents_path in zip(results, outputs, frames_out, latents_out):
+            metadata = {"comment": f"tokenflow edit: {result.prompt}" + (f" [{TINY_NOTE}]" if result.model_is_tiny else "")}
+            result.output = write_video(result.frames, output, config.fps or result.clip.fps,
+                                        audio_from=result.clip, metadata=metadata)
+            if frames_dir:
+                write_frames(result.frames, frames_dir)
+            if latents_path:
+                save_npy(result.latents.numpy(), latents_path)
+    for result in results:
+        result.timings = dict(reporter.timings)
+    summary = _summary(results, config, time.perf_counter() - start, editor)
+    reporter.event("done", **summary)
+    if not reporter.quiet and reporter.json_stream is None:
+        print(format_summary(summary), file=sys.stderr)
+    return results
+
+
+def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
+    """``tokenflow edit --plan``: load the model, read the clip, print the memory plan; no edit."""
+    config.validate(need_prompt=False)
+    if not config.video:
+        raise InputError("no input video: --plan needs the video whose edit it plans (tokenflow edit VIDEO --plan)")
+    clip = read_clip(str(config.video), config, reporter)
+    editor = _load_editor(config, reporter)
+    plan = editor.plan(clip, config.replace(prompt=config.prompts or ("plan",)))
+    reporter.event("plan", **plan.as_dict())
+    if reporter.json_stream is None:
+        print(plan.describe())
+    return plan
+
+
+def _load_editor(config: EditConfig, reporter: Reporter) -> Editor:
     editor = Editor.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                     cache_dir=config.cache_dir, use_cache=config.use_cache, reporter=reporter)
     if editor.model.is_tiny:
         reporter.info(f"NOTE: {TINY_NOTE}")
-    result = editor.edit(clip, config=config)
-    with reporter.stage("write"):
-        metadata = {"comment": f"tokenflow edit: {config.prompt}" + (f" [{TINY_NOTE}]" if result.model_is_tiny else "")}
-        result.output = write_video(result.frames, output, config.fps or result.clip.fps,
-                                    audio_from=result.clip, metadata=metadata)
-        if config.save_frames:
-            write_frames(result.frames, config.save_frames)
-        if config.save_latents:
-            save_npy(result.latents.numpy(), config.save_latents)
-    result.timings = dict(reporter.timings)
-    summary = _summary(result, config, time.perf_counter() - start, editor)
-    reporter.event("done", **summary)
-    if not reporter.quiet and reporter.json_stream is None:
-        print(format_summary(summary), file=sys.stderr)
-    return result
+    return editor
 
 
 def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
@@ -79,10 +119,7 @@ def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow invert VIDEO ...)")
     start = time.perf_counter()
     clip = read_clip(str(config.video), config, reporter)
-    editor = Editor.from_pretrained(config.model, device=config.device, dtype=config.dtype,
-                                    cache_dir=config.cache_dir, use_cache=config.use_cache, reporter=reporter)
-    if editor.model.is_tiny:
-        reporter.info(f"NOTE: {TINY_NOTE}")
+    editor = _load_editor(config, reporter)
     inversion = editor.invert(clip, config=config)
     summary = {"frames": int(inversion.z0.shape[0]), "timesteps": sorted(inversion.latents),
                "tiny_model": editor.model.is_tiny,
@@ -114,15 +151,20 @@ def save_npy(array: np.ndarray, path: str) -> str:
     return str(target)
 
 
-def _summary(result: EditResult, config: EditConfig, seconds: float, editor: Editor) -> Dict:
-    n = int(result.frames.shape[0])
+def _summary(results: List[EditResult], config: EditConfig, seconds: float, editor: Editor) -> Dict:
+    first = results[0]
+    n = int(first.frames.shape[0])
     summary = {
-        "output": result.output, "frames": n, "size": list(result.frames.shape[-1:-3:-1]),
-        "steps": len(result.timesteps), "method": config.method, "model": config.model,
+        "output": first.output, "outputs": [r.output for r in results], "prompts": [r.prompt for r in results],
+        "frames": n, "size": list(first.frames.shape[-1:-3:-1]),
+        "steps": len(first.timesteps), "method": config.method, "model": config.model,
         "device": str(editor.model.device), "dtype": str(editor.model.dtype).replace("torch.", ""),
-        "seconds": round(seconds, 3), "frames_per_second": round(n / seconds, 4) if seconds else None,
-        "stages": {k: round(v, 3) for k, v in result.timings.items()},
-        "peak_memory_bytes": _peak_memory(editor.model.device), "tiny_model": result.model_is_tiny,
+        "seconds": round(seconds, 3), "frames_per_second": round(n * len(results) / seconds, 4) if seconds else None,
+        "stages": {k: round(v, 3) for k, v in first.timings.items()},
+        "peak_memory_bytes": _peak_memory(editor.model.device), "tiny_model": first.model_is_tiny,
+        "plan": {k: first.plan.as_dict()[k] for k in ("budget", "chunk_frames", "keyframe_call", "inversion_frames",
+                                                      "vae_frames", "store_on", "latents_on", "peak")}
+        if first.plan else None,
     }
     return summary
 
@@ -138,8 +180,10 @@ def format_summary(s: Dict) -> str:
     lines = [f"done: {s['frames']} frames {s['size'][0]}x{s['size'][1]}, {s['steps']} steps ({s['method']}) "
              f"in {s['seconds']:.1f} s ({s['frames_per_second']:.2f} frames/s) on {s['device']} {s['dtype']}",
              f"  stages: {stages}",
-             f"  peak memory: {s['peak_memory_bytes'] / 2**30:.2f} GiB",
-             f"  output: {s['output']}"]
+             f"  peak memory: {s['peak_memory_bytes'] / 2**30:.2f} GiB"
+             + (f" (plan predicted {s['plan']['peak'] / 2**30:.2f} GiB)" if s.get("plan") else "")]
+    lines += [f"  output: {out}" + (f"  <- {prompt!r}" if len(s["outputs"]) > 1 else "")
+              for out, prompt in zip(s["outputs"], s["prompts"])]
     if s["tiny_model"]:
         lines.append(f"  NOTE: {TINY_NOTE}")
     return "\n".join(lines)

@@ -8,7 +8,7 @@ keyframes (*pairs*, given as keyframe slots = group numbers) and blended with *w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -118,3 +118,19 @@ def plan_rows(plans: List[GroupPlan], start: int, stop: int) -> Tuple[torch.Tens
     pairs = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=-1) for p in rows_p])
     weights = torch.cat([torch.nn.functional.pad(w, (0, width - w.shape[1]), value=0.0) for w in rows_w])
     return pairs, weights
+
+
+def keyframe_windows(n_keyframes: int, window: Optional[int], step: int) -> List[Tuple[int, int]]:
+    """Keyframe slots [(start, stop), ...] that attend to each other in the keyframe pass of ``step``.
+
+    ``window`` None (or >= K): one window of all K keyframes, the original's extended attention.
+    Otherwise consecutive windows of ``window`` keyframes, shifted by ``window // 2`` on odd steps
+    (as Swin's shifted windows) so no boundary between windows stays fixed across steps. Each window
+    is one UNet call, so compute and memory grow linearly with the video's length, and the result
+    does not depend on how the work is chunked.
+    """
+    if not window or window >= n_keyframes:
+        return [(0, n_keyframes)]
+    shift = window // 2 if step % 2 else 0
+    starts = ([0] if shift else []) + list(range(shift, n_keyframes, window))
+    return [(a, min(b, n_keyframes)) for a, b in zip(starts, starts[1:] + [n_keyframes])]

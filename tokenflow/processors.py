@@ -10,7 +10,8 @@ Per-call state (pass kind, timestep, injection switches, keyframe store, pairs a
 lives in one ``StepState`` object that the engine hands to ``TokenFlowControl.active``; the
 processors and the hook read it from there. Nothing is set on the UNet's modules.
 
-UNet batches are laid out as three equal branches [source, uncond, cond] of ``m`` frames each.
+UNet batches are laid out as B equal branches of ``m`` frames each: [source, uncond, cond] for one
+prompt, [source, uncond_1, cond_1, uncond_2, cond_2, ...] for several (one shared source branch).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from . import kernels
-from .engine.store import KeyframeStore
+from .engine.store import StoreView
 from .kernels import KernelChoice
 from .errors import ModelError
 from .models import check_unet_layout
@@ -47,7 +48,9 @@ class PassKind(enum.Enum):
 class StepState:
     """Everything the processors need for one UNet call.
 
-    n_frames: frames per branch in the call (K keyframes or a group's m frames).
+    n_frames: frames per branch in the call (keyframes of a keyframe-pass call, or a chunk's m frames).
+    n_branches: B = 1 + 2 * prompts.
+    keyframe_offset: store slot of the call's first keyframe (keyframe windows write at an offset).
     pairs / weights: [m, P] keyframe slots and blend weights (propagation passes).
     on_correspondences: optional callback(layer, idx [m, P, S]) for inspection/parity checks.
     """
@@ -55,7 +58,9 @@ class StepState:
     kind: PassKind
     timestep: int
     n_frames: int
-    store: Optional[KeyframeStore] = None
+    store: Optional[StoreView] = None
+    n_branches: int = 3
+    keyframe_offset: int = 0
     inject_qk: bool = False
     inject_conv: bool = False
     pairs: Optional[torch.Tensor] = None
@@ -98,28 +103,28 @@ class TokenFlowAttention:
         state = self.control.state
         if state is None or state.kind is PassKind.PLAIN:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if hidden_states.dim() != 3 or hidden_states.shape[0] != 3 * state.n_frames:
-            raise RuntimeError(f"{self.layer.name}: expected [3*{state.n_frames}, S, C] hidden states, "
+        if hidden_states.dim() != 3 or hidden_states.shape[0] != state.n_branches * state.n_frames:
+            raise RuntimeError(f"{self.layer.name}: expected [{state.n_branches}*{state.n_frames}, S, C] hidden states, "
                                f"got {tuple(hidden_states.shape)}")
         if state.kind is PassKind.KEYFRAMES:
             return self._keyframes(attn, hidden_states, state)
         return self._propagate(attn, hidden_states, state)
 
     def _keyframes(self, attn, h, state: StepState) -> torch.Tensor:
-        """h: [3K, S, C] = norm1 output of [source, uncond, cond] keyframes -> [3K, S, C]."""
-        n_kf, seq = state.n_frames, h.shape[1]
+        """h: [B*K, S, C] = norm1 output of the branches' keyframes -> [B*K, S, C]."""
+        n_kf, seq, n_br = state.n_frames, h.shape[1], state.n_branches
         q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
-        split = lambda t: t.view(3, n_kf, seq, t.shape[-1])  # noqa: E731
+        split = lambda t: t.view(n_br, n_kf, seq, t.shape[-1])  # noqa: E731
         inject = state.inject_qk and self.layer.pnp_qk
         out = kernels.keyframe_attention(split(q), split(k), split(v), attn.heads, inject_qk=inject,
                                          backend=state.kernels.attention)
-        out = _project_out(attn, out.reshape(3 * n_kf, seq, -1), h)
-        source_features = (h[:n_kf] if state.match_on == "input" else out[:n_kf]).clone()  # not a view of all 3 branches
-        state.store.put(self.layer.name, source_features, out.view(3, n_kf, seq, -1))
+        out = _project_out(attn, out.reshape(n_br * n_kf, seq, -1), h)
+        source_features = h[:n_kf] if state.match_on == "input" else out[:n_kf]
+        state.store.write(self.layer.name, state.keyframe_offset, source_features, out.view(n_br, n_kf, seq, -1))
         return out
 
     def _propagate(self, attn, h, state: StepState) -> torch.Tensor:
-        """h: [3m, S, C] -> [3m, S, C], gathered from the stored keyframe outputs."""
+        """h: [B*m, S, C] -> [B*m, S, C], gathered from the stored keyframe outputs."""
         m, seq = state.n_frames, h.shape[1]
         if state.match_on == "input":
             source = h[:m]
@@ -134,7 +139,7 @@ class TokenFlowAttention:
                                 backend=state.kernels.propagate)
         if state.match_on == "output":  # the paper: the source video keeps its own tokens
             out[0] = source
-        return out.reshape(3 * m, seq, -1)
+        return out.reshape(state.n_branches * m, seq, -1)
 
 
 def _project_out(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -183,8 +188,8 @@ class TokenFlowUNet:
         state = self.control.state
         if state is None or not state.inject_conv:
             return None
-        source = output[: output.shape[0] // 3]
-        return torch.cat([source, source, source])
+        source = output[: output.shape[0] // state.n_branches]
+        return torch.cat([source] * state.n_branches)
 
     def remove(self) -> None:
         """Restore the UNet's own processors and drop the hook."""

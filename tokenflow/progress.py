@@ -48,6 +48,21 @@ class Reporter:
             print(message, file=self.stream)
 
     @contextlib.contextmanager
+    def timed(self, name: str, synchronize=None) -> Iterator[None]:
+        """Add the time of the block to ``timings[name]`` (no events; for sub-stages such as the
+        keyframe and propagation passes). ``synchronize`` (e.g. torch.cuda.synchronize) is called
+        before and after so asynchronous device work is counted where it happens."""
+        if synchronize is not None:
+            synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if synchronize is not None:
+                synchronize()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    @contextlib.contextmanager
     def stage(self, name: str, total: Optional[int] = None) -> Iterator[Stage]:
         self.event("stage_start", stage=name, total=total)
         stage = Stage(self, name, total)

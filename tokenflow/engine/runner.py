@@ -23,29 +23,37 @@ class UNetRunner:
         self.tokenflow = tokenflow
         self.dtype = next(unet.parameters()).dtype
         self.calls = 0
+        self.samples = 0   # UNet batch rows evaluated (one per frame per branch)
 
     def eps(self, latents: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
         """Plain UNet noise prediction. latents [B,4,h,w], text [B,77,D] -> [B,4,h,w] float32."""
         self.calls += 1
+        self.samples += latents.shape[0]
         out = self.unet(latents.to(self.dtype).contiguous(), _timestep(t, latents.device), encoder_hidden_states=text.to(self.dtype))
         return out.sample.float()
 
-    def three_branch(self, source: torch.Tensor, x: torch.Tensor, t: int, texts: torch.Tensor,
-                     state: StepState) -> torch.Tensor:
-        """One TokenFlow pass.
+    def branches(self, source: torch.Tensor, xs: torch.Tensor, t: int, texts: torch.Tensor,
+                 state: StepState) -> torch.Tensor:
+        """One TokenFlow pass over B = 1 + 2P branches.
 
         Args:
-            source: [m,4,h,w] inverted source latents at t; x: [m,4,h,w] current edit latents.
-            texts: [3, 77, D] embeddings of [inversion prompt, negative prompt, prompt].
-            state: what the processors do in this call.
+            source: [m,4,h,w] inverted source latents at t; xs: [P,m,4,h,w] edit latents per prompt.
+            texts: [B, 77, D] embeddings of [inversion prompt, negative, prompt_1, negative, prompt_2, ...].
+            state: what the processors do in this call (``state.n_branches`` = B).
         Returns:
-            [3, m, 4, h, w] float32 noise predictions of [source, uncond, cond].
+            [B, m, 4, h, w] float32 noise predictions of [source, uncond_1, cond_1, ...].
         """
-        m = x.shape[0]
-        latents = torch.cat([source, x, x])
+        m = source.shape[0]
+        n_branches = 1 + 2 * xs.shape[0]
+        latents = torch.cat([source] + [x for x in xs for _ in range(2)])
         text = texts.repeat_interleave(m, dim=0)
         with self.tokenflow.control.active(state):
-            return self.eps(latents, t, text).view(3, m, *x.shape[1:])
+            return self.eps(latents, t, text).view(n_branches, m, *source.shape[1:])
+
+    def three_branch(self, source: torch.Tensor, x: torch.Tensor, t: int, texts: torch.Tensor,
+                     state: StepState) -> torch.Tensor:
+        """[source, uncond, cond] of one prompt: x [m,4,h,w] -> [3, m, 4, h, w]."""
+        return self.branches(source, x[None], t, texts, state)
 
 
 def _timestep(t: int, device: torch.device) -> torch.Tensor:

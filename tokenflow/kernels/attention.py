@@ -1,7 +1,7 @@
 """Extended keyframe self-attention (the keyframe pass of TokenFlow): API, reference, dispatch.
 
-Branch order is [source, uncond, cond]. The source branch attends within its own frame; the
-uncond and cond branches attend, for every keyframe's queries, to the keys/values of *all*
+Branch order is [source, uncond, cond] (several prompts: [source, uncond_1, cond_1, uncond_2, ...]).
+The source branch attends within its own frame; every other branch attends, for every keyframe's queries, to the keys/values of *all*
 keyframes of their branch (concatenated in keyframe order). Every query of a branch sees the same
 key set, so no backend tiles K/V per keyframe as the original does: same math, no K-fold copies.
 
@@ -26,20 +26,20 @@ def keyframe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads:
     """Extended attention over keyframes.
 
     Args:
-        q, k, v: [3, K, S, heads*D], branches [source, uncond, cond], K keyframes, S tokens.
+        q, k, v: [B, K, S, heads*D], branches [source, uncond, cond, ...], K keyframes, S tokens.
         heads: number of attention heads; scale is D**-0.5.
-        inject_qk: uncond and cond use the source branch's q and k (Plug-and-Play), without copies.
+        inject_qk: branches 1.. use the source branch's q and k (Plug-and-Play), without copies.
         backend: None/"auto" (best available), "triton", "xformers" or "torch".
     Returns:
-        [3, K, S, heads*D] in q's dtype, before the output projection.
+        [B, K, S, heads*D] in q's dtype, before the output projection.
     """
     _check_shapes(q, k, v, heads)
     return resolve(OP, backend, q, k, v, heads)(q, k, v, heads, inject_qk)
 
 
 def _check_shapes(q, k, v, heads) -> None:
-    if q.shape != k.shape or q.shape != v.shape or q.dim() != 4 or q.shape[0] != 3:
-        raise ValueError(f"keyframe_attention expects q, k, v of equal shape [3, K, S, C]; got "
+    if q.shape != k.shape or q.shape != v.shape or q.dim() != 4 or q.shape[0] < 2:
+        raise ValueError(f"keyframe_attention expects q, k, v of equal shape [B>=2, K, S, C]; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if heads < 1 or q.shape[-1] % heads:
         raise ValueError(f"channels {q.shape[-1]} are not divisible by heads={heads}")
@@ -59,7 +59,7 @@ def keyframe_attention_torch(q, k, v, heads: int, inject_qk: bool = False) -> to
     out = torch.empty_like(q)
     src = F.scaled_dot_product_attention(per_frame(q[0]), per_frame(k[0]), per_frame(v[0]))
     out[0] = src.transpose(1, 2).reshape(n_kf, seq, channels)
-    for b in (1, 2):
+    for b in range(1, q.shape[0]):
         qb, kb = (q[0], k[0]) if inject_qk else (q[b], k[b])
         ob = F.scaled_dot_product_attention(joint(qb), joint(kb), joint(v[b]))
         out[b] = ob.transpose(1, 2).reshape(n_kf, seq, channels)
@@ -78,7 +78,7 @@ def keyframe_attention_xformers(q, k, v, heads: int, inject_qk: bool = False) ->
     dim = channels // heads
     out = torch.empty_like(q)
     out[0] = xops.memory_efficient_attention(*(t[0].view(n_kf, seq, heads, dim) for t in (q, k, v))).view(n_kf, seq, channels)
-    for b in (1, 2):
+    for b in range(1, q.shape[0]):
         qb, kb = (q[0], k[0]) if inject_qk else (q[b], k[b])
         joint = [t.reshape(1, n_kf * seq, heads, dim) for t in (qb, kb, v[b])]
         out[b] = xops.memory_efficient_attention(*joint).view(n_kf, seq, channels)

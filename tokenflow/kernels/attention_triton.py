@@ -3,7 +3,7 @@
 Flash-attention style forward: each program owns BLOCK_M queries of one (branch, keyframe, head)
 and streams keys/values block by block with an online softmax (exp2, fp32 accumulators), so no
 score matrix and no repeated K/V exist in memory. The source branch streams its own frame's S
-keys; uncond and cond stream all K*S keys of their branch, frame by frame (the inner function).
+keys; the other branches (uncond/cond per prompt) stream all K*S keys of their branch, frame by frame (the inner function).
 With ``inject_qk`` the uncond/cond programs read q and k from the source branch's memory.
 
 Head dims that are not a power of two (40, 80, 160 in SD 1.5) are padded to BLOCK_D with masks.
@@ -59,7 +59,7 @@ def _keyframe_attention_kernel(
         HEAD_DIM: tl.constexpr, INJECT_QK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: (cdiv(S, BLOCK_M), heads * K, 3). Program -> (query block, head, keyframe, branch)."""
+    """Grid: (cdiv(S, BLOCK_M), heads * K, B branches). Program -> (query block, head, keyframe, branch)."""
     pid_m = tl.program_id(0)
     head = tl.program_id(1) // n_kf        # head-major: neighbouring programs share a head's K/V
     frame = tl.program_id(1) % n_kf
@@ -167,10 +167,10 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, inject
         blocks = INTERPRETER_BLOCKS
     with support.on_device(q):
         if blocks is not None:
-            grid = (triton.cdiv(seq, blocks[0]), heads * n_kf, 3)
+            grid = (triton.cdiv(seq, blocks[0]), heads * n_kf, q.shape[0])
             _keyframe_attention_kernel[grid](*args, BLOCK_M=blocks[0], BLOCK_N=blocks[1], **common)
         else:
-            grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), heads * n_kf, 3)  # noqa: E731
+            grid = lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), heads * n_kf, q.shape[0])  # noqa: E731
             _keyframe_attention_tuned[grid](*args, **common)
     return out.to(q.dtype)
 

@@ -1,0 +1,285 @@
+"""Memory accounting: analytic activation sizes of the UNet and VAE, a measured calibration probe
+(cached per device), byte-size parsing and the device's free memory.
+
+Analytic model (elements per batch row, in the compute dtype), for latents h x w and a UNet with
+``block_out_channels`` C_l at levels l = 0..L-1 (tokens S_l = ceil(h / 2^l) * ceil(w / 2^l)):
+
+    skips    = C_0 S_0 + sum_l [layers_per_block * C_l S_l + C_l S_{l+1} (downsampling, l < L-1)]
+               (every down-block output is held until the decoder consumes it)
+    working  = max_l 20 C_l S_l
+               (the widest moment of a transformer block: its input and residual, and the GEGLU
+               feed-forward's 8C projection, 4C gate and 4C product alive at once)
+    unet row = skips + working
+
+    vae decode row = 10 * C_top * H * W    (C_top: the decoder's last-level width at full resolution
+                                            H x W; a ResNet's input, norm, activation and conv out)
+
+Extended attention and the cosine search are computed without score matrices by every backend we
+use (SDPA, Triton, FAISS, the chunked torch search), so they add O(S C) per row, inside ``working``; the torch search's similarity tile (at most 2^24
+float32) is added to the propagation peak.
+
+The analytic numbers are multiplied by a factor measured once per device: a probe runs the UNet at
+batch 1 and 2 (and the VAE decoder at 1 and 2) at 32 x 32 latents and takes the growth of the peak
+per row (the factor) and its intercept (a fixed cost per call)
+(``torch.cuda.max_memory_allocated`` on CUDA; on CPU/MPS a dispatch-mode tracker of live tensor
+storages). Factors are cached in ``<cache root>/memory-calibration.json`` keyed by device name,
+dtype, model architecture and torch version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from ..cache import default_cache_root
+from ..errors import ConfigError
+
+PROBE_LATENT = 32
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text, name: str = "memory_budget") -> int:
+    """'12GB' (10^9), '12GiB' (2^30), '800MB', '1.5e9', or an int -> bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ConfigError(f"{name}={text!r} is not a size: use e.g. 12GB, 16GiB or 800MB")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{name}={text!r} must be positive")
+    return size
+
+
+def gib(n: float) -> str:
+    """Bytes as GiB (MiB below 1 GiB, so small plans do not print 0.00)."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# --------------------------------------------------------------------------- analytic sizes
+
+
+def level_tokens(h: int, w: int, levels: int) -> list:
+    """Tokens per UNet level: stride-2 convs with padding 1 give ceil(h / 2) per level."""
+    out = []
+    for _ in range(levels):
+        out.append(h * w)
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return out
+
+
+def unet_row_elements(unet_config, h: int, w: int) -> int:
+    """Analytic activation elements of one UNet batch row at latents h x w (see module doc)."""
+    channels = list(unet_config["block_out_channels"])
+    tokens = level_tokens(h, w, len(channels))
+    per_block = int(unet_config["layers_per_block"])
+    skips = channels[0] * tokens[0]
+    for level, (c, s) in enumerate(zip(channels, tokens)):
+        skips += per_block * c * s
+        if level + 1 < len(channels):
+            skips += c * tokens[level + 1]
+    working = max(20 * c * s for c, s in zip(channels, tokens))
+    return skips + working
+
+
+def vae_decode_row_elements(vae_config, height: int, width: int) -> int:
+    return 10 * int(list(vae_config["block_out_channels"])[0]) * height * width
+
+
+def attention_layer_shapes(unet, h: int, w: int) -> Dict[str, Tuple[int, int]]:
+    """{attn1 module name: (tokens S, channels C)} for latents h x w, from the UNet's structure."""
+    channels = list(unet.config["block_out_channels"])
+    tokens = level_tokens(h, w, len(channels))
+    last = len(channels) - 1
+    shapes = {}
+    for name, module in unet.named_modules():
+        if not (name.endswith(".attn1") and type(module).__name__ == "Attention"):
+            continue
+        if name.startswith("down_blocks."):
+            level = int(name.split(".")[1])
+        elif name.startswith("up_blocks."):
+            level = last - int(name.split(".")[1])
+        else:  # mid block
+            level = last
+        shapes[name] = (tokens[level], module.inner_dim)
+    return shapes
+
+
+def module_bytes(*modules) -> int:
+    return sum(t.numel() * t.element_size() for m in modules if m is not None
+               for t in list(m.parameters()) + list(m.buffers()))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the block (any device, including CPU).
+
+    Storages are counted once when an op first returns them and released when their Python storage
+    object is collected. Kernel workspaces outside tensors are not seen; the CUDA probe uses the
+    allocator's own statistics instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in self._seen:
+                    self._seen.add(key)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._release, key, size)
+        return out
+
+    def _release(self, key: int, size: int) -> None:
+        self._seen.discard(key)
+        self.live -= size
+
+
+def measure_peak(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by ``fn`` above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    tracker = LiveTensorTracker()
+    with tracker:
+        fn()
+    return tracker.peak
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """measured / analytic bytes per batch row, for the UNet and the VAE decoder."""
+
+    unet: float = 1.0
+    vae: float = 1.0
+    unet_fixed: int = 0       # bytes per UNet call whatever the batch (timestep and text projections, ...)
+    measured: bool = False
+    source: str = "analytic only"
+
+
+def calibration_key(model, device: torch.device) -> str:
+    arch = json.dumps([dict(model.unet.config), dict(model.vae.config)], sort_keys=True, default=str)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{name}|{str(model.dtype).replace('torch.', '')}|{torch.__version__}|" \
+           f"{hashlib.sha256(arch.encode()).hexdigest()[:16]}"
+
+
+def calibrate(model, cache_root: Optional[Path] = None, use_cache: bool = True) -> Calibration:
+    """The device's calibration for ``model`` (cached per device; measured on first use)."""
+    device, dtype = model.device, model.dtype
+    path = (cache_root or default_cache_root()) / "memory-calibration.json"
+    key = calibration_key(model, device)
+    table = _read_json(path) if use_cache else {}
+    if key in table:
+        entry = table[key]
+        return Calibration(entry["unet"], entry["vae"], int(entry.get("unet_fixed", 0)), True, f"cached probe ({path})")
+    unet_factor, vae_factor, fixed = _probe(model, device, dtype)
+    if use_cache:
+        table[key] = {"unet": unet_factor, "vae": vae_factor, "unet_fixed": fixed}
+        _write_json(path, table)
+    return Calibration(unet_factor, vae_factor, fixed, True, "probe measured now")
+
+
+@torch.no_grad()
+def _probe(model, device: torch.device, dtype: torch.dtype) -> Tuple[float, float, int]:
+    side = PROBE_LATENT
+    cross = int(model.unet.config["cross_attention_dim"])
+    channels = int(model.unet.config["in_channels"])
+
+    def unet(b: int):
+        x = torch.zeros(b, channels, side, side, device=device, dtype=dtype)
+        text = torch.zeros(b, 77, cross, device=device, dtype=dtype)
+        return lambda: model.unet(x, torch.tensor(1, device=device), encoder_hidden_states=text)
+
+    def vae(b: int):
+        z = torch.zeros(b, int(model.vae.config["latent_channels"]), side, side, device=device, dtype=dtype)
+        return lambda: model.vae.decode(z)
+
+    size = torch.empty((), dtype=dtype).element_size()
+    unet_rows = [measure_peak(unet(b), device) for b in (1, 2)]
+    vae_rows = [measure_peak(vae(b), device) for b in (1, 2)]
+    pixels = side * model.vae_scale_factor
+    unet_factor = (unet_rows[1] - unet_rows[0]) / (unet_row_elements(model.unet.config, side, side) * size)
+    vae_factor = (vae_rows[1] - vae_rows[0]) / (vae_decode_row_elements(model.vae.config, pixels, pixels) * size)
+    fixed = max(0, 2 * unet_rows[0] - unet_rows[1])   # the intercept of peak = fixed + rows * per_row
+    return max(unet_factor, 0.1), max(vae_factor, 0.1), int(fixed)
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def default_budget(device: torch.device) -> Tuple[int, str]:
+    """What this process may use on the device: free + what torch already holds, minus a margin."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        usable = free + torch.cuda.memory_reserved(device)
+        margin = max(512 * 2**20, int(0.05 * total))
+        return max(usable - margin, 0), f"free on {torch.cuda.get_device_name(device)} minus {gib(margin)}"
+    available = _meminfo("MemAvailable") + _rss()
+    margin = max(512 * 2**20, int(0.10 * available))
+    return max(available - margin, 0), f"available host memory minus {gib(margin)}"
+
+
+def _meminfo(field: str) -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30  # unknown platform: assume a modest machine
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".calibration.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs a probe next time
