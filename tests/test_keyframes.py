@@ -96,3 +96,19 @@ def test_plan_rows_cut_across_groups_and_pad_the_first_group():
     assert torch.equal(pairs[6:], plans[2].pairs[:1]) and torch.equal(weights[6:], plans[2].weights[:1])
     one_group = plan_rows(plans, 4, 8)
     assert torch.equal(one_group[0], plans[1].pairs) and torch.equal(one_group[1], plans[1].weights)
+
+
+def test_keyframe_windows_cover_every_slot_once_and_shift_on_odd_steps():
+    from tokenflow.keyframes import keyframe_windows
+
+    assert keyframe_windows(5, None, 0) == [(0, 5)] == keyframe_windows(5, 5, 1) == keyframe_windows(5, 9, 0)
+    assert keyframe_windows(10, 4, 0) == [(0, 4), (4, 8), (8, 10)]
+    assert keyframe_windows(10, 4, 1) == [(0, 2), (2, 6), (6, 10)]
+    for k in (1, 7, 25, 125):
+        for w in (1, 2, 3, 8):
+            for step in (0, 1, 2):
+                windows = keyframe_windows(k, w, step)
+                slots = [s for a, b in windows for s in range(a, b)]
+                assert slots == list(range(k)) and all(0 < b - a <= w for a, b in windows)
+    even, odd = keyframe_windows(40, 8, 0), keyframe_windows(40, 8, 1)
+    assert not {b for _, b in even[:-1]} & {b for _, b in odd[:-1]}  # no boundary is shared by both
