@@ -137,7 +137,7 @@ class Editor:
             budget, source = default_budget(self.model.device)
         cache_root = Path(config.cache_dir) if config.cache_dir else None
         with self.reporter.stage("plan"):
-            calibration = calibrate(self.model, cache_root, use_cache=config.use_cache)
+            calibration = calibrate(self.model, cache_root)  # its own small cache, also with --no-cache
             return make_plan(self.model, frames=n, latent_size=(height // scale, width // scale),
                              branches=1 + 2 * max(1, len(config.prompts)), keyframes=math.ceil(n / spacing),
                              window=config.keyframe_window or 0, steps=len(saved), budget=budget,

@@ -185,7 +185,10 @@ class Calibration:
 
 
 def calibration_key(model, device: torch.device) -> str:
-    arch = json.dumps([dict(model.unet.config), dict(model.vae.config)], sort_keys=True, default=str)
+    def shape_only(config) -> dict:  # not the paths and bookkeeping fields ("_name_or_path", ...)
+        return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+    arch = json.dumps([shape_only(model.unet.config), shape_only(model.vae.config)], sort_keys=True, default=str)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return f"{name}|{str(model.dtype).replace('torch.', '')}|{torch.__version__}|" \
            f"{hashlib.sha256(arch.encode()).hexdigest()[:16]}"
@@ -223,6 +226,7 @@ def _probe(model, device: torch.device, dtype: torch.dtype) -> Tuple[float, floa
         return lambda: model.vae.decode(z)
 
     size = torch.empty((), dtype=dtype).element_size()
+    unet(1)(), vae(1)()  # warm-up: lazy one-time allocations are not a per-call cost
     unet_rows = [measure_peak(unet(b), device) for b in (1, 2)]
     vae_rows = [measure_peak(vae(b), device) for b in (1, 2)]
     pixels = side * model.vae_scale_factor
