@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(Geyer et al., ICLR 2024).", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tokenflow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,invert,doctor}", parser_class=_OneLineParser)
+    sub = parser.add_subparsers(dest="command", metavar="{edit,invert,doctor,bench}", parser_class=_OneLineParser)
     edit = sub.add_parser("edit", help="invert (or reuse the cache) and edit a video",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(edit, edit=True)
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--check", action="store_true", help="also compare every runnable backend with the "
                         "torch reference on random inputs; exit code 1 if any check fails")
     doctor.add_argument("--json", action="store_true", help="print JSON")
+    from .benchmark import cli as bench_cli  # noqa: PLC0415
+
+    bench_cli.add_parser(sub)
     return parser
 
 
@@ -191,6 +194,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "bench":
+        from .benchmark import cli as bench_cli  # noqa: PLC0415
+
+        return bench_cli.main(args)
     if args.command == "doctor":
         try:
             from . import doctor

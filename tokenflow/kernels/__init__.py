@@ -14,6 +14,7 @@ from .attention import keyframe_attention
 from .dispatch import AUTO, BackendUnavailable, KernelChoice, backend_names, backends, explain, ops
 from .nearest import cosine_nearest, propagate
 from .probe import check_backends
+from . import original_pattern  # noqa: F401,E402  registers the "original" backends (by name only)
 
 __all__ = ["keyframe_attention", "cosine_nearest", "propagate", "explain", "backends", "backend_names", "ops",
            "check_backends", "KernelChoice", "BackendUnavailable", "AUTO"]

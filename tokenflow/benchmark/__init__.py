@@ -1,0 +1,18 @@
+"""``tokenflow bench``: throughput of whole edits, per stage, for comparable variants.
+
+Modules (each usable on its own):
+    config         BenchConfig (typed settings), PRESETS, the variants of ``--compare``
+    architectures  SD 1.5 / 2.1-base UNet + VAE with random weights, built on the device
+    flops          analytic FLOPs of every stage of an edit (formula in its docstring)
+    peak           measured dense matmul TFLOP/s of the device (the "% of peak" yardstick)
+    system         device sync, idle-machine guard, per-stage peak memory, versions, git
+    run            the runner: warm-up, repeats, medians, rates -> one JSON document
+    report         printed tables, atomic JSON, PNG plot (matplotlib, optional)
+    cli            ``add_parser(subparsers)`` and ``main(args) -> int``
+
+Model weights never matter here; the FLOP model and the "original" kernel backends
+(``tokenflow.kernels.original_pattern``) are tested in ``tests/test_benchmark.py``.
+"""
+from .config import PRESETS, BenchConfig
+
+__all__ = ["BenchConfig", "PRESETS"]

@@ -1,0 +1,187 @@
+"""Stable Diffusion 1.5 / 2.1-base architectures with random weights, built in memory.
+
+A throughput benchmark needs the real layer shapes, not the real weights: the cost of a UNet
+call depends on channels, tokens and batch, never on the values. ``build_model("sd21", ...)``
+returns a ``tokenflow.models.SDModel`` with
+
+* the UNet of SD 2.1-base (``block_out_channels`` 320/640/1280/1280, head counts 5/10/20/20
+  i.e. head dim 64, cross-attention dim 1024, linear projections) or SD 1.5 (8 heads,
+  cross-attention dim 768, 1x1 convolution projections): latents ``[N, 4, H/8, W/8]``;
+* the SD VAE (``AutoencoderKL``, 128/256/512/512 channels, 4 latent channels, scale 0.18215);
+* a CLIP text encoder of the right width (768 / 1024) but one layer: prompts give
+  ``[1, 77, 768]`` / ``[1, 77, 1024]``; its cost is negligible next to the UNet's in any case;
+* the byte-level tokenizer of ``tokenflow.tiny`` and SD's DDIM scheduler config.
+
+UNet and VAE are constructed on the ``meta`` device, materialised with ``to_empty`` directly on
+the target device in the target dtype (no multi-GB host copy), then filled deterministically:
+norm weights 1, biases 0, every other weight ``N(0, 1 / fan_in)`` drawn on the device from a
+generator seeded by the parameter's name. That keeps activations O(1) through the residual
+stacks, so float16 runs stay finite. Outputs are noise: these models time edits, nothing else.
+
+``"tiny"`` is ``tokenflow.models.load_model("tiny")``; any other string (a folder, a Hub id, an
+SD version) is loaded with ``load_model`` as well, i.e. real weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+from pathlib import Path
+from typing import Dict
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import SDModel, load_model, move_to_device, quiet_hf_libraries
+
+_SD_UNET_COMMON = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    only_cross_attention=False,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    upcast_attention=False,
+    resnet_time_scale_shift="default",
+)
+
+# diffusers' legacy ``attention_head_dim`` holds the number of heads for SD 1.x / 2.x
+SD15_UNET = dict(_SD_UNET_COMMON, attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False)
+SD21_UNET = dict(_SD_UNET_COMMON, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                 use_linear_projection=True)
+
+SD_VAE = dict(
+    sample_size=512,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    scaling_factor=0.18215,
+)
+
+# (UNet config, text hidden size, text heads, text activation)
+ARCHITECTURES: Dict[str, tuple] = {
+    "sd15": (SD15_UNET, 768, 12, "quick_gelu"),
+    "sd21": (SD21_UNET, 1024, 16, "gelu"),
+}
+ARCH_CHOICES = ("sd15", "sd21", "tiny")
+TEXT_LAYERS = 1
+
+
+def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> SDModel:
+    """``"sd15"`` / ``"sd21"``: random-weight SD model on ``device`` in ``dtype``;
+    ``"tiny"``: the tiny offline model."""
+    device = torch.device(device)
+    if arch == "tiny":
+        return load_model("tiny", device, dtype)
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
+    unet_config, hidden, heads, act = ARCHITECTURES[arch]
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with quiet_hf_libraries():
+        unet = materialise(lambda: UNet2DConditionModel(**unet_config), device, dtype, f"{arch}/unet")
+        vae = materialise(lambda: AutoencoderKL(**SD_VAE), device, dtype, f"{arch}/vae")
+        tokenizer = build_tokenizer()
+        text_encoder = build_text_encoder(hidden, heads, act)
+    (text_encoder,) = move_to_device([text_encoder.to(dtype)], device, dtype, f"bench-random:{arch}")
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                   scheduler_config=sd_scheduler_config(), name=f"bench-random:{arch}",
+                   identity=f"bench-random:{arch}", is_tiny=False, device=device, dtype=dtype,
+                   vae_scale_factor=2 ** (len(SD_VAE["block_out_channels"]) - 1),
+                   scaling_factor=float(SD_VAE["scaling_factor"]))
+
+
+def load(model: str, device: torch.device, dtype: torch.dtype) -> SDModel:
+    """A real model (``--model``): whatever ``tokenflow.models.load_model`` accepts."""
+    return load_model(model, torch.device(device), dtype)
+
+
+def materialise(factory, device: torch.device, dtype: torch.dtype, tag: str) -> nn.Module:
+    """Construct on ``meta``, allocate on ``device`` in ``dtype``, fill with ``init_weights_``."""
+    with torch.device("meta"):
+        module = factory()
+    module = module.to(dtype=dtype).to_empty(device=device)
+    if any(True for _ in module.buffers()):  # none in diffusers' UNet / VAE; to_empty would leave garbage
+        raise RuntimeError(f"{tag}: modules with buffers cannot be built on meta")
+    init_weights_(module, tag)
+    return module
+
+
+def parameter_seed(tag: str, name: str) -> int:
+    digest = hashlib.sha256(f"{tag}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_weights_(module: nn.Module, tag: str) -> None:
+    """Norm weights 1, biases 0, other weights N(0, 1/fan_in); one seeded generator per parameter."""
+    owners = dict(module.named_modules())
+    for name, param in module.named_parameters():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = owners[owner_name]
+        if leaf == "bias":
+            param.zero_()
+        elif isinstance(owner, (nn.GroupNorm, nn.LayerNorm)):
+            param.fill_(1.0)
+        else:
+            fan_in = max(1, param[0].numel()) if param.dim() >= 2 else max(1, param.numel())
+            generator = torch.Generator(device=param.device).manual_seed(parameter_seed(tag, name))
+            param.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
+
+
+def build_tokenizer():
+    """The byte-level CLIP tokenizer of the tiny model (77 tokens), loaded from a temp folder."""
+    from transformers import CLIPTokenizer
+
+    from ..tiny import write_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="tokenflow-bench-tokenizer-") as folder:
+        write_tokenizer(Path(folder))
+        return CLIPTokenizer.from_pretrained(folder)
+
+
+def build_text_encoder(hidden: int, heads: int, act: str):
+    """A CLIP text encoder of width ``hidden`` with ``TEXT_LAYERS`` layer(s), seeded init (CPU)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ..tiny import BOS_TOKEN, EOS_TOKEN, MAX_TOKENS, PAD_TOKEN, tokenizer_vocab
+
+    vocab = tokenizer_vocab()
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden,
+                            projection_dim=hidden, num_hidden_layers=TEXT_LAYERS, num_attention_heads=heads,
+                            max_position_embeddings=MAX_TOKENS, hidden_act=act, layer_norm_eps=1e-5,
+                            pad_token_id=vocab[PAD_TOKEN], bos_token_id=vocab[BOS_TOKEN],
+                            eos_token_id=vocab[EOS_TOKEN])
+    fork = torch.random.fork_rng(devices=[])
+    with fork:  # default init, but without touching the caller's global RNG state
+        torch.manual_seed(0)
+        return CLIPTextModel(config)
+
+
+def sd_scheduler_config() -> dict:
+    """Stable Diffusion's DDIM config (as ``tokenflow.tiny`` writes it), all fields filled in."""
+    from diffusers import DDIMScheduler
+
+    from ..tiny import SCHEDULER_CONFIG
+
+    return dict(DDIMScheduler(**SCHEDULER_CONFIG).config)

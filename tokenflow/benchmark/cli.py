@@ -1,0 +1,161 @@
+"""``tokenflow bench``: flags -> BenchConfig -> run -> tables, JSON, plot.
+
+Wire-up (``tokenflow/cli.py``)::
+
+    from .benchmark import cli as bench_cli
+    bench_cli.add_parser(sub)                      # adds the "bench" subcommand
+    ...
+    if args.command == "bench":
+        return bench_cli.main(args)
+
+Stand-alone: ``python -m tokenflow.benchmark --preset smoke --compare torch,original``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import ConfigError, OutputError, ResourceError, TokenFlowError
+from .config import PRESETS, BenchConfig, parse_variants
+
+EPILOG = """examples:
+  tokenflow bench --device cuda --compare torch,triton,original --json bench.json --plot bench.png
+  tokenflow bench --preset smoke --compare torch,original          # tiny model, seconds on a CPU
+  tokenflow bench --arch sd15 --frames 40 --size 672x384 --compare chunk4,chunk8,chunk16
+variants for --compare (join parts with '+', e.g. triton+chunk4):
+  default, auto, torch, triton, faiss, xformers, original (the original implementation's compute
+  pattern), chunkN, attn=NAME, nearest=NAME, latents={auto,device,host,disk}, window=W"""
+
+# flag dest -> BenchConfig field where they differ
+_FIELDS = {"compare": "variants", "idle_wait": "idle_wait_s"}
+_NOT_CONFIG = {"command", "preset", "json", "plot"}
+
+
+def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset (default 'default': "
+                   "sd21, 16 frames 512x512, 20 inversion / 10 edit steps); flags override it")
+    g = p.add_argument_group("model and clip")
+    g.add_argument("--arch", choices=["sd15", "sd21", "tiny"], help="architecture with random weights, built "
+                   "in memory (default sd21); tiny = the tiny offline model")
+    g.add_argument("--model", help="time a real model instead (Hub id, local diffusers folder, 1.5/2.1)")
+    g.add_argument("--video", help="time this video instead of a synthetic clip")
+    g.add_argument("--frames", type=int, metavar="N", help="frames (default 16)")
+    g.add_argument("--size", metavar="WxH", help="frame size, multiples of 8 (default 512x512)")
+    g = p.add_argument_group("edit")
+    g.add_argument("--inversion-steps", type=int, metavar="N", help="DDIM inversion steps (default 20)")
+    g.add_argument("--steps", type=int, metavar="N", help="edit steps (default 10)")
+    g.add_argument("--keyframe-spacing", type=int, metavar="B", help="frames per keyframe group (default 8)")
+    g.add_argument("--chunk-frames", type=int, metavar="N", help="frames per propagation call (default: the "
+                   "memory plan's)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    g.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
+    g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention backend (default auto)")
+    g.add_argument("--nearest-backend", metavar="NAME", help="nearest-neighbour backend (default auto)")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--compare", metavar="A,B,...", help="variants to run, the first is the baseline of "
+                   "the ratios (default: one run of the settings as given)")
+    g.add_argument("--repeats", type=int, metavar="R", help="timed edits per variant, median reported (default 3)")
+    g.add_argument("--warmup", type=int, metavar="W", help="untimed edits first (default 1)")
+    g.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's)")
+    g.add_argument("--idle-wait", type=float, metavar="S", help="CPU: wait at most S seconds for an idle "
+                   "machine before timing (default 60)")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", metavar="PATH", help="write every number, the settings and the environment")
+    g.add_argument("--plot", metavar="PNG", help="bar chart of stage times per variant (needs matplotlib)")
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    p = subparsers.add_parser("bench", help="throughput of whole edits per stage (random-weight SD "
+                              "architectures by default)", epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _configure(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser with the same flags (``python -m tokenflow.benchmark``)."""
+    return _configure(argparse.ArgumentParser(prog="tokenflow bench", epilog=EPILOG,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """BenchConfig from the preset and the flags given (None = not given)."""
+    from ..config import parse_size
+
+    config = PRESETS[getattr(args, "preset", None) or "default"]
+    fields = set(BenchConfig.__dataclass_fields__)
+    changes = {}
+    for name, value in vars(args).items():
+        if name in _NOT_CONFIG or value is None or _FIELDS.get(name, name) not in fields:
+            continue   # also whatever a surrounding parser put in the namespace
+        if name == "size":
+            value = parse_size(value)
+        elif name == "compare":
+            value = parse_variants(value)
+        changes[_FIELDS.get(name, name)] = value
+    if "model" in changes and "arch" in changes:
+        raise ConfigError("--arch and --model exclude each other: --arch builds random weights, "
+                          "--model loads real ones")
+    if changes.get("idle_wait_s", 0) < 0:
+        raise ConfigError(f"--idle-wait {changes['idle_wait_s']} must be >= 0 seconds")
+    return config.replace(**changes).validate()
+
+
+def _check_output(path: Optional[str], flag: str) -> None:
+    if path is None:
+        return
+    folder = Path(path).expanduser().resolve().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"{flag} {path}: cannot write into '{folder}'")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark the parsed flags describe; returns the exit code (0 ok)."""
+    from . import report, run
+
+    try:
+        config = config_from_args(args)
+        if getattr(args, "plot", None):
+            report.check_plot_support()
+        _check_output(getattr(args, "json", None), "--json")
+        _check_output(getattr(args, "plot", None), "--plot")
+        doc = run.run(config)
+        doc["command"] = shlex.join(sys.argv)
+        report.print_tables(doc)
+        if getattr(args, "json", None):
+            run.log(f"wrote {report.write_json(doc, args.json)}")
+        if getattr(args, "plot", None):
+            run.log(f"wrote {report.write_plot(doc, args.plot)}")
+        failed = [e["name"] for e in doc["variants"] if e.get("error")]
+        if failed:
+            return _fail(f"variant(s) {', '.join(failed)} did not finish (see above)", ResourceError.exit_code)
+        return 0
+    except TokenFlowError as exc:
+        return _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except MemoryError:
+        return _fail(str(ResourceError("out of host memory: fewer --frames or a smaller --size")),
+                     ResourceError.exit_code)
+    except Exception as exc:  # a bug: one line unless asked for the traceback
+        if os.environ.get("TOKENFLOW_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return _fail(f"internal error: {type(exc).__name__}: {first} (TOKENFLOW_DEBUG=1 for a traceback)", 1)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"tokenflow: error: {message}", file=sys.stderr)
+    return code
+
+
+def run_cli(argv: Optional[List[str]] = None) -> int:
+    """Parse ``argv`` with the stand-alone parser and run (``python -m tokenflow.benchmark``)."""
+    return main(build_parser().parse_args(argv))
