@@ -181,7 +181,8 @@ def format_summary(s: Dict) -> str:
              f"in {s['seconds']:.1f} s ({s['frames_per_second']:.2f} frames/s) on {s['device']} {s['dtype']}",
              f"  stages: {stages}",
              f"  peak memory: {s['peak_memory_bytes'] / 2**30:.2f} GiB"
-             + (f" (plan predicted {s['plan']['peak'] / 2**30:.2f} GiB)" if s.get("plan") else "")]
+             + ((" (allocated; plan predicted " if s["device"].startswith("cuda") else " (process RSS; plan's tensor peak ")
+                + f"{s['plan']['peak'] / 2**30:.2f} GiB)" if s.get("plan") else "")]
     lines += [f"  output: {out}" + (f"  <- {prompt!r}" if len(s["outputs"]) > 1 else "")
               for out, prompt in zip(s["outputs"], s["prompts"])]
     if s["tiny_model"]:
