@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from .system import synchronizer
+from ..device import synchronizer
 
 
 @dataclass

@@ -27,21 +27,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
+from ..device import synchronizer
+from ..engine.memory import proc_bytes
 from ..progress import Reporter
-
-
-def synchronizer(device: torch.device) -> Optional[Callable[[], None]]:
-    """A function waiting for the device's queued work (None where work is synchronous)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    if device.type == "mps":
-        return torch.mps.synchronize
-    return None
 
 
 def sync(device: torch.device) -> None:
@@ -128,14 +120,7 @@ def wait_until_idle(max_wait_s: float = 60.0, threshold: Optional[float] = None)
 
 
 def _status_bytes(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/self/status", field)
 
 
 class MemoryTracker:

@@ -251,15 +251,21 @@ def default_budget(device: torch.device) -> Tuple[int, str]:
     return max(available - margin, 0), f"available host memory minus {gib(margin)}"
 
 
-def _meminfo(field: str) -> int:
+def proc_bytes(path: str, field: str) -> Optional[int]:
+    """A "Field:  N kB" line of a Linux /proc file, in bytes (None where there is none)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 8 * 2**30  # unknown platform: assume a modest machine
+    return None
+
+
+def _meminfo(field: str) -> int:
+    found = proc_bytes("/proc/meminfo", field)
+    return 8 * 2**30 if found is None else found  # unknown platform: assume a modest machine
 
 
 def _rss() -> int:
