@@ -10,6 +10,11 @@ Per-call state (pass kind, timestep, injection switches, keyframe store, pairs a
 lives in one ``StepState`` object that the engine hands to ``TokenFlowControl.active``; the
 processors and the hook read it from there. Nothing is set on the UNet's modules.
 
+Graph mode (``engine.passes``, for torch.compile and ONNX export): the injection switches are
+0-dim bool tensors (selected with ``torch.where``, so one graph serves every step), the frame
+count comes from the batch shape (``n_frames=None``), and the store is a ``FeatureSink`` whose
+tensors become the graph's outputs.
+
 UNet batches are laid out as B equal branches of ``m`` frames each: [source, uncond, cond] for one
 prompt, [source, uncond_1, cond_1, uncond_2, cond_2, ...] for several (one shared source branch).
 """
@@ -18,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -48,8 +53,10 @@ class PassKind(enum.Enum):
 class StepState:
     """Everything the processors need for one UNet call.
 
-    n_frames: frames per branch in the call (keyframes of a keyframe-pass call, or a chunk's m frames).
+    n_frames: frames per branch in the call (keyframes of a keyframe-pass call, or a chunk's m
+        frames); None in graph mode (taken from the batch: rows // n_branches).
     n_branches: B = 1 + 2 * prompts.
+    inject_qk / inject_conv: Python bools, or 0-dim bool tensors in graph mode.
     keyframe_offset: store slot of the call's first keyframe (keyframe windows write at an offset).
     pairs / weights: [m, P] keyframe slots and blend weights (propagation passes).
     on_correspondences: optional callback(layer, idx [m, P, S]) for inspection/parity checks.
@@ -57,12 +64,12 @@ class StepState:
 
     kind: PassKind
     timestep: int
-    n_frames: int
+    n_frames: Optional[int]
     store: Optional[StoreView] = None
     n_branches: int = 3
     keyframe_offset: int = 0
-    inject_qk: bool = False
-    inject_conv: bool = False
+    inject_qk: Union[bool, torch.Tensor] = False
+    inject_conv: Union[bool, torch.Tensor] = False
     pairs: Optional[torch.Tensor] = None
     weights: Optional[torch.Tensor] = None
     match_on: str = "input"    # "input": norm1(h) (original); "output": source attn output (paper)
@@ -103,7 +110,8 @@ class TokenFlowAttention:
         state = self.control.state
         if state is None or state.kind is PassKind.PLAIN:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if hidden_states.dim() != 3 or hidden_states.shape[0] != state.n_branches * state.n_frames:
+        if state.n_frames is not None and (hidden_states.dim() != 3 or
+                                           hidden_states.shape[0] != state.n_branches * state.n_frames):
             raise RuntimeError(f"{self.layer.name}: expected [{state.n_branches}*{state.n_frames}, S, C] hidden states, "
                                f"got {tuple(hidden_states.shape)}")
         if state.kind is PassKind.KEYFRAMES:
@@ -112,12 +120,17 @@ class TokenFlowAttention:
 
     def _keyframes(self, attn, h, state: StepState) -> torch.Tensor:
         """h: [B*K, S, C] = norm1 output of the branches' keyframes -> [B*K, S, C]."""
-        n_kf, seq, n_br = state.n_frames, h.shape[1], state.n_branches
+        n_br, seq = state.n_branches, h.shape[1]
+        n_kf = h.shape[0] // n_br
         q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
         split = lambda t: t.view(n_br, n_kf, seq, t.shape[-1])  # noqa: E731
-        inject = state.inject_qk and self.layer.pnp_qk
-        out = kernels.keyframe_attention(split(q), split(k), split(v), attn.heads, inject_qk=inject,
-                                         backend=state.kernels.attention)
+        q, k, v = split(q), split(k), split(v)
+        inject = state.inject_qk if self.layer.pnp_qk else False
+        if isinstance(inject, torch.Tensor):  # graph mode: the switch is an input, both ways in one graph
+            q = torch.where(inject, q[:1].expand_as(q), q)
+            k = torch.where(inject, k[:1].expand_as(k), k)
+            inject = False
+        out = kernels.keyframe_attention(q, k, v, attn.heads, inject_qk=inject, backend=state.kernels.attention)
         out = _project_out(attn, out.reshape(n_br * n_kf, seq, -1), h)
         source_features = h[:n_kf] if state.match_on == "input" else out[:n_kf]
         state.store.write(self.layer.name, state.keyframe_offset, source_features, out.view(n_br, n_kf, seq, -1))
@@ -125,7 +138,7 @@ class TokenFlowAttention:
 
     def _propagate(self, attn, h, state: StepState) -> torch.Tensor:
         """h: [B*m, S, C] -> [B*m, S, C], gathered from the stored keyframe outputs."""
-        m, seq = state.n_frames, h.shape[1]
+        m, seq = h.shape[0] // state.n_branches, h.shape[1]
         if state.match_on == "input":
             source = h[:m]
         else:  # the paper matches on the source branch's own self-attention output
@@ -186,7 +199,13 @@ class TokenFlowUNet:
 
     def _inject_residual_features(self, module, inputs, output):
         state = self.control.state
-        if state is None or not state.inject_conv:
+        if state is None or state.kind is PassKind.PLAIN:
+            return None
+        inject = state.inject_conv
+        if isinstance(inject, torch.Tensor):  # graph mode
+            source = output[: output.shape[0] // state.n_branches]
+            return torch.where(inject, torch.cat([source] * state.n_branches), output)
+        if not inject:
             return None
         source = output[: output.shape[0] // state.n_branches]
         return torch.cat([source] * state.n_branches)

@@ -2,7 +2,8 @@
 
 API, plain-PyTorch references and dispatch. Backends: ``triton`` (fused normalise + matmul +
 running argmax, and a fused gather; ``nearest_triton.py``), ``faiss`` (flat inner-product
-index on normalised keys; ``nearest_faiss.py``) and ``torch`` (the reference).
+index on normalised keys; ``nearest_faiss.py``), ``torch`` (the reference) and ``static``
+(the same math without data-dependent control flow, for traced graphs: torch.compile, ONNX).
 """
 from __future__ import annotations
 
@@ -98,6 +99,39 @@ def propagate_torch(kf_out, idx, pairs, weights) -> torch.Tensor:
     return out.to(kf_out.dtype)
 
 
+# query tokens per block of the static search: P * block * M similarities per frame stay <= 2**22
+_STATIC_SIM_PER_FRAME = 1 << 22
+
+
+def cosine_nearest_static(x, keys, pairs) -> torch.Tensor:
+    """Static-shape reference: every frame's paired keys gathered, batched matmul, argmax.
+
+    No host syncs and no shape that depends on values, so torch.compile and torch.export trace
+    it into one graph. Query tokens go in blocks (a static loop over the layer's N) so a frame's
+    similarities stay below 2**22 elements; memory still grows with the frame count F.
+    """
+    n_frames, n_tokens, channels = x.shape
+    n_pairs, n_keys = pairs.shape[1], keys.shape[1]
+    xn, kn = _normalize(x.float()), _normalize(keys.float())
+    paired_t = kn[pairs.clamp(min=0)].transpose(-1, -2)                  # [F, P, C, M]
+    block = max(1, min(n_tokens, _STATIC_SIM_PER_FRAME // max(1, n_pairs * n_keys)))
+    best = [torch.matmul(xn[:, None, i:i + block], paired_t).argmax(dim=-1)   # [F, P, block]
+            for i in range(0, n_tokens, block)]
+    idx = best[0] if len(best) == 1 else torch.cat(best, dim=-1)
+    return torch.where(pairs[..., None] >= 0, idx, torch.zeros_like(idx))
+
+
+def propagate_static(kf_out, idx, pairs, weights) -> torch.Tensor:
+    """Static-shape reference: one gather of all pair positions, float32 weighted sum over P."""
+    n_branches, n_kf, n_tokens_kf, channels = kf_out.shape
+    n_frames, n_pairs, n_tokens = idx.shape
+    flat = kf_out.reshape(n_branches, n_kf * n_tokens_kf, channels)
+    sel = (pairs.clamp(min=0)[:, :, None] * n_tokens_kf + idx).reshape(-1)
+    gathered = flat.index_select(1, sel).view(n_branches, n_frames, n_pairs, n_tokens, channels).float()
+    w = weights.to(device=kf_out.device, dtype=torch.float32)
+    return (gathered * w[None, :, :, None, None]).sum(dim=2).to(kf_out.dtype)
+
+
 def _unsupported_nearest(x, keys, pairs) -> List[str]:
     reasons = support.same_device((x, keys, pairs)) + support.float_dtype(x)
     if pairs.dtype not in (torch.int64, torch.int32):
@@ -143,6 +177,13 @@ register(Backend("cosine_nearest", "faiss", 20, ".nearest_faiss:cosine_nearest_f
                  not_auto=_faiss_not_auto, verified="faiss-cpu on CPU; faiss-gpu indexes unverified"))
 register(Backend("cosine_nearest", "torch", 10, ".nearest:cosine_nearest_torch",
                  unsupported=_unsupported_nearest, verified="reference; CPU float32 parity with the original"))
+_STATIC_NOT_AUTO = "for traced graphs (--backend compile/onnx); in eager the torch reference is as exact and lighter"
+register(Backend("cosine_nearest", "static", 5, ".nearest:cosine_nearest_static",
+                 unsupported=_unsupported_nearest, not_auto=lambda *a: _STATIC_NOT_AUTO,
+                 verified="CPU float32/fp16/bf16 against the torch reference (tests)"))
+register(Backend("propagate", "static", 5, ".nearest:propagate_static",
+                 unsupported=_unsupported_propagate, not_auto=lambda *a: _STATIC_NOT_AUTO,
+                 verified="CPU float32/fp16/bf16 against the torch reference (tests)"))
 register(Backend("propagate", "triton", 30, ".nearest_triton:propagate_triton",
                  requires=support.triton_missing, unsupported=_unsupported_propagate_triton,
                  not_auto=lambda kf_out, *a, **kw: support.triton_not_auto((kf_out,)), verified=_TRITON_VERIFIED))
