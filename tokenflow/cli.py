@@ -99,6 +99,10 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
                        "features live (default auto: on the device unless the plan needs the room)")
         g.add_argument("--inverted-latents", choices=["auto", "device", "host", "disk"], help="where the "
                        "inverted latents live (default auto); disk reloads them per call, as the original does")
+        g.add_argument("--backend", choices=["eager", "compile", "onnx", "tensorrt"], help="how the UNet runs: "
+                       "eager (default), compile (torch.compile; CUDA graphs on GPU), onnx (exported graphs in "
+                       "ONNX Runtime; `tokenflow export`), tensorrt (engines built from those graphs; never run "
+                       "in our CI, see README)")
         g = p.add_argument_group("kernels (see `tokenflow doctor` for what runs here)")
         g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention: auto (default: triton "
                        "on CUDA, else torch), triton, xformers (unverified) or torch (the reference)")
@@ -120,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(Geyer et al., ICLR 2024).", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tokenflow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,invert,doctor,bench}", parser_class=_OneLineParser)
+    sub = parser.add_subparsers(dest="command", metavar="{edit,invert,doctor,bench,export}", parser_class=_OneLineParser)
     edit = sub.add_parser("edit", help="invert (or reuse the cache) and edit a video",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(edit, edit=True)
@@ -133,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch reference on random inputs; exit code 1 if any check fails")
     doctor.add_argument("--json", action="store_true", help="print JSON")
     from .benchmark import cli as bench_cli  # noqa: PLC0415
+    from .engine.backends import export_cli  # noqa: PLC0415
 
     bench_cli.add_parser(sub)
+    export_cli.add_parser(sub)
     return parser
 
 
@@ -198,6 +204,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .benchmark import cli as bench_cli  # noqa: PLC0415
 
         return bench_cli.main(args)
+    if args.command == "export":
+        try:
+            from .engine.backends import export_cli
+
+            return export_cli.main(args)
+        except TokenFlowError as exc:
+            print(f"tokenflow: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     if args.command == "doctor":
         try:
             from . import doctor

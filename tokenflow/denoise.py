@@ -112,7 +112,8 @@ class Denoiser:
                           **state_args)
         eps = None
         try:
-            eps = self.runner.branches(source.rows(t, slice(a, b), device), xs[:, a:b], t, texts, state)
+            eps = self.runner.branches(source.rows(t, slice(a, b), device), xs[:, a:b], t, texts, state,
+                                       pad_to=self.frames_per_call)
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise

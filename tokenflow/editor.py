@@ -104,6 +104,24 @@ class Editor:
         self.reporter = reporter or Reporter(quiet=True)
         self.tokenflow = TokenFlowUNet(model.unet)
         self.runner = UNetRunner(model.unet, self.tokenflow)
+        self._backends: Dict[tuple, object] = {}   # compiled graphs / sessions, reused across calls
+
+    def use_backend(self, config: EditConfig) -> str:
+        """Run the UNet through ``config.backend`` (built once per backend and kernel choice)."""
+        if config.backend == "eager":
+            self.runner.backend = None
+            return "eager"
+        key = (config.backend, config.attention_backend, config.nearest_backend)
+        if key not in self._backends:
+            from .engine.backends import make_backend  # noqa: PLC0415
+
+            kernels = KernelChoice(config.attention_backend, config.nearest_backend)
+            self._backends[key] = make_backend(config.backend, self.tokenflow, kernels,
+                                               model_identity=self.model.identity,
+                                               cache_root=config.cache_dir or str(self.cache.root))
+            self.reporter.info(f"UNet backend: {self._backends[key].describe()}")
+        self.runner.backend = self._backends[key]
+        return config.backend
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, device: Union[str, torch.device, None] = None,
@@ -196,9 +214,10 @@ class Editor:
             return Inversion(clip, z0, latents, config.inversion_prompt, config.inversion_steps, from_cache=True)
         cond = encode_prompt(self.model, config.inversion_prompt)
         scheduler = schedule.make_scheduler(sched_cfg, config.inversion_steps)
+        self.use_backend(config)
 
         def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-            return self.runner.eps(x, t, cond.expand(x.shape[0], -1, -1))
+            return self.runner.eps(x, t, cond.expand(x.shape[0], -1, -1), pad_to=plan.inversion_frames)
 
         with self.reporter.stage("invert", total=len(inv_ts)) as stage:
             latents = ddim_invert(eps_fn, z0, scheduler, needed, plan.inversion_frames,
@@ -276,6 +295,7 @@ class Editor:
             source = DiskLatents(source)
         elif not isinstance(source, InvertedLatents):
             source = InvertedLatents.stack(source, x0.device, plan.latents_on)
+        self.use_backend(config)
         try:
             denoiser = Denoiser(self.runner, self.reporter, plan, choice, synchronizer(x0.device))
             return denoiser.run(x0, source, texts, config, scheduler, timesteps, record_correspondences)

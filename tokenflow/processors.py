@@ -23,16 +23,18 @@ from __future__ import annotations
 import contextlib
 import enum
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from . import kernels
-from .engine.store import StoreView
 from .kernels import KernelChoice
 from .errors import ModelError
 from .models import check_unet_layout
+
+if TYPE_CHECKING:  # the store imports nothing from here; engine/__init__ imports the runner, which imports us
+    from .engine.store import StoreView
 
 # Plug-and-Play (Tumanyan et al.) injects Q/K in the decoder's self-attention layers "4-11": all
 # decoder self-attention layers except the first one at the lowest resolution. For SD 1.x/2.x
@@ -65,7 +67,7 @@ class StepState:
     kind: PassKind
     timestep: int
     n_frames: Optional[int]
-    store: Optional[StoreView] = None
+    store: Optional["StoreView"] = None
     n_branches: int = 3
     keyframe_offset: int = 0
     inject_qk: Union[bool, torch.Tensor] = False
@@ -75,6 +77,11 @@ class StepState:
     match_on: str = "input"    # "input": norm1(h) (original); "output": source attn output (paper)
     on_correspondences: Optional[Callable[[str, torch.Tensor], None]] = None
     kernels: KernelChoice = KernelChoice()
+
+    @property
+    def graph_mode(self) -> bool:
+        """A traced pass (``engine.passes``): kernels by name, no shape checks, no callbacks."""
+        return self.n_frames is None
 
 
 class TokenFlowControl:
@@ -130,7 +137,10 @@ class TokenFlowAttention:
             q = torch.where(inject, q[:1].expand_as(q), q)
             k = torch.where(inject, k[:1].expand_as(k), k)
             inject = False
-        out = kernels.keyframe_attention(q, k, v, attn.heads, inject_qk=inject, backend=state.kernels.attention)
+        if state.graph_mode:
+            out = kernels.implementation("keyframe_attention", state.kernels.attention)(q, k, v, attn.heads, inject)
+        else:
+            out = kernels.keyframe_attention(q, k, v, attn.heads, inject_qk=inject, backend=state.kernels.attention)
         out = _project_out(attn, out.reshape(n_br * n_kf, seq, -1), h)
         source_features = h[:n_kf] if state.match_on == "input" else out[:n_kf]
         state.store.write(self.layer.name, state.keyframe_offset, source_features, out.view(n_br, n_kf, seq, -1))
@@ -144,12 +154,18 @@ class TokenFlowAttention:
         else:  # the paper matches on the source branch's own self-attention output
             source = self.plain(attn, h[:m])
         pairs = state.pairs.to(h.device)
-        idx = kernels.cosine_nearest(source, state.store.features[self.layer.name], pairs,
-                                     backend=state.kernels.nearest)
+        keys, kf_out, weights = (state.store.features[self.layer.name], state.store.outputs[self.layer.name],
+                                 state.weights.to(h.device))
+        if state.graph_mode:
+            idx = kernels.implementation("cosine_nearest", state.kernels.nearest)(source, keys, pairs)
+            out = kernels.implementation("propagate", state.kernels.propagate)(kf_out, idx, pairs, weights)
+            if state.match_on == "output":
+                out[0] = source
+            return out.reshape(state.n_branches * m, seq, -1)
+        idx = kernels.cosine_nearest(source, keys, pairs, backend=state.kernels.nearest)
         if state.on_correspondences is not None:
             state.on_correspondences(self.layer.name, idx)
-        out = kernels.propagate(state.store.outputs[self.layer.name], idx, pairs, state.weights.to(h.device),
-                                backend=state.kernels.propagate)
+        out = kernels.propagate(kf_out, idx, pairs, weights, backend=state.kernels.propagate)
         if state.match_on == "output":  # the paper: the source video keeps its own tokens
             out[0] = source
         return out.reshape(state.n_branches * m, seq, -1)

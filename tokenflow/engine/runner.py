@@ -1,14 +1,24 @@
 """Runs the UNet for TokenFlow's passes: builds the [source, uncond, cond] batches.
 
 The method (``tokenflow.editor``) decides *what* each pass is (a ``StepState``); the runner
-decides *how* the UNet runs it (device, dtype, batching). Later backends (chunked, compiled)
-replace this class without the method changing.
+decides *how* the UNet runs it: eagerly with the processors writing into the keyframe store
+(``backend=None``), or through a graph backend (``engine.backends``: compile, onnx, tensorrt)
+whose passes take and return tensors, with the runner moving keyframe features into the store
+and padding calls to the planned size for static-shape backends.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ..processors import StepState, TokenFlowUNet
+from ..errors import ConfigError
+from ..processors import PassKind, StepState, TokenFlowUNet
+from .backends.base import UNetBackend
+from .passes import store_tensors
+
+
+GRAPH_PAIRS = 2   # keyframes a frame blends (previous and next, or own and previous group's)
 
 
 class UNetRunner:
@@ -18,28 +28,41 @@ class UNetRunner:
     noise predictions come back as float32.
     """
 
-    def __init__(self, unet: torch.nn.Module, tokenflow: TokenFlowUNet):
+    def __init__(self, unet: torch.nn.Module, tokenflow: TokenFlowUNet, backend: Optional[UNetBackend] = None):
         self.unet = unet
         self.tokenflow = tokenflow
+        self.backend = backend
         self.dtype = next(unet.parameters()).dtype
         self.calls = 0
-        self.samples = 0   # UNet batch rows evaluated (one per frame per branch)
+        self.samples = 0   # UNet batch rows evaluated (one per frame per branch), padding excluded
 
-    def eps(self, latents: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
-        """Plain UNet noise prediction. latents [B,4,h,w], text [B,77,D] -> [B,4,h,w] float32."""
+    @property
+    def backend_name(self) -> str:
+        return "eager" if self.backend is None else self.backend.name
+
+    def eps(self, latents: torch.Tensor, t: int, text: torch.Tensor, pad_to: Optional[int] = None) -> torch.Tensor:
+        """Plain UNet noise prediction. latents [R,4,h,w], text [R,77,D] -> [R,4,h,w] float32.
+
+        pad_to: rows a static-shape backend is padded to (the plan's inversion batch)."""
         self.calls += 1
-        self.samples += latents.shape[0]
-        out = self.unet(latents.to(self.dtype).contiguous(), _timestep(t, latents.device), encoder_hidden_states=text.to(self.dtype))
-        return out.sample.float()
+        rows = latents.shape[0]
+        self.samples += rows
+        x, text = latents.to(self.dtype).contiguous(), text.to(self.dtype)
+        if self.backend is None:
+            return self.unet(x, _timestep(t, latents.device), encoder_hidden_states=text).sample.float()
+        if self.backend.pads_calls and pad_to and rows < pad_to:
+            x, text = _pad_rows(x, pad_to), _pad_rows(text, pad_to)
+        return self.backend.plain(x, t, text)[:rows].float()
 
     def branches(self, source: torch.Tensor, xs: torch.Tensor, t: int, texts: torch.Tensor,
-                 state: StepState) -> torch.Tensor:
+                 state: StepState, pad_to: Optional[int] = None) -> torch.Tensor:
         """One TokenFlow pass over B = 1 + 2P branches.
 
         Args:
             source: [m,4,h,w] inverted source latents at t; xs: [P,m,4,h,w] edit latents per prompt.
             texts: [B, 77, D] embeddings of [inversion prompt, negative, prompt_1, negative, prompt_2, ...].
             state: what the processors do in this call (``state.n_branches`` = B).
+            pad_to: frames per branch a static-shape backend pads propagation calls to.
         Returns:
             [B, m, 4, h, w] float32 noise predictions of [source, uncond_1, cond_1, ...].
         """
@@ -47,8 +70,31 @@ class UNetRunner:
         n_branches = 1 + 2 * xs.shape[0]
         latents = torch.cat([source] + [x for x in xs for _ in range(2)])
         text = texts.repeat_interleave(m, dim=0)
-        with self.tokenflow.control.active(state):
-            return self.eps(latents, t, text).view(n_branches, m, *source.shape[1:])
+        if self.backend is None or state.kind is PassKind.PLAIN:
+            with self.tokenflow.control.active(state):
+                return self.eps(latents, t, text).view(n_branches, m, *source.shape[1:])
+        self.calls += 1
+        self.samples += n_branches * m
+        x, text = latents.to(self.dtype).contiguous(), text.to(self.dtype)
+        names = [layer.name for layer in self.tokenflow.layers]
+        if state.kind is PassKind.KEYFRAMES:
+            eps, features, outputs = self.backend.keyframes(x, t, text, state.inject_qk, state.inject_conv,
+                                                            n_branches, state.match_on)
+            for name, f, o in zip(names, features, outputs):
+                state.store.write(name, state.keyframe_offset, f, o.unflatten(0, (n_branches, -1)))
+            return eps.float().view(n_branches, m, *source.shape[1:])
+        if state.on_correspondences is not None:
+            raise ConfigError(f"recording correspondences needs --backend eager (this run uses {self.backend.name})")
+        pairs, weights, frames = state.pairs, state.weights.float(), m
+        if pairs.shape[1] < GRAPH_PAIRS:  # one graph for every chunk: pad with "no pair" (slot -1, weight 0)
+            pairs = torch.nn.functional.pad(pairs, (0, GRAPH_PAIRS - pairs.shape[1]), value=-1)
+            weights = torch.nn.functional.pad(weights, (0, GRAPH_PAIRS - weights.shape[1]), value=0.0)
+        if self.backend.pads_calls and pad_to and m < pad_to:
+            x, text = _pad_branches(x, n_branches, pad_to), _pad_branches(text, n_branches, pad_to)
+            pairs, weights, frames = _pad_rows(pairs, pad_to), _pad_rows(weights, pad_to), pad_to
+        eps = self.backend.propagate(x, t, text, state.inject_conv, pairs, weights,
+                                     store_tensors(state.store, names), n_branches, state.match_on)
+        return eps.float().view(n_branches, frames, *source.shape[1:])[:, :m]
 
     def three_branch(self, source: torch.Tensor, x: torch.Tensor, t: int, texts: torch.Tensor,
                      state: StepState) -> torch.Tensor:
@@ -58,3 +104,13 @@ class UNetRunner:
 
 def _timestep(t: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(int(t), dtype=torch.long, device=device)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """[n, ...] -> [rows, ...] repeating the last row."""
+    return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])
+
+
+def _pad_branches(x: torch.Tensor, n_branches: int, frames: int) -> torch.Tensor:
+    """[B*m, ...] -> [B*frames, ...], each branch padded with its last frame."""
+    return _pad_rows(x.unflatten(0, (n_branches, -1)).transpose(0, 1), frames).transpose(0, 1).flatten(0, 1)

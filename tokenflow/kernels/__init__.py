@@ -11,10 +11,10 @@ unverified). ``backend=None`` picks the best one that runs the arguments; ``expl
 each backend was or was not picked (``tokenflow doctor`` prints it).
 """
 from .attention import keyframe_attention
-from .dispatch import AUTO, BackendUnavailable, KernelChoice, backend_names, backends, explain, ops
+from .dispatch import AUTO, BackendUnavailable, KernelChoice, backend_names, backends, explain, implementation, ops
 from .nearest import cosine_nearest, propagate
 from .probe import check_backends
 from . import original_pattern  # noqa: F401,E402  registers the "original" backends (by name only)
 
 __all__ = ["keyframe_attention", "cosine_nearest", "propagate", "explain", "backends", "backend_names", "ops",
-           "check_backends", "KernelChoice", "BackendUnavailable", "AUTO"]
+           "check_backends", "implementation", "KernelChoice", "BackendUnavailable", "AUTO"]

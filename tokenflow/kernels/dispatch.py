@@ -160,6 +160,15 @@ def explain(op: str, *args, backend: Optional[str] = None) -> List[Verdict]:
     return verdicts
 
 
+def implementation(op: str, name: str) -> Callable:
+    """Backend ``name`` of ``op`` without looking at arguments (traced graphs: looking at shapes
+    would specialise symbolic sizes; the graph backends check their kernels by name up front)."""
+    try:
+        return _REGISTRY[op][name].load()
+    except KeyError:
+        raise BackendUnavailable(f"{op}: unknown backend {name!r}; choose one of {', '.join(backend_names(op))}") from None
+
+
 def resolve(op: str, backend: Optional[str], *args) -> Callable:
     """The implementation of ``op`` that runs these arguments (see module docstring)."""
     return _REGISTRY[op][choose(op, backend, *args)].load()

@@ -1,0 +1,72 @@
+"""UNet backends: eager (diffusers + processors), compile (torch.compile), onnx (ONNX Runtime),
+tensorrt (TensorRT engines). Each says what it needs (``not_supported_reasons``, after xFormers'
+dispatch) and ``make_backend`` builds the one asked for or explains why it cannot run."""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+
+from ...errors import ConfigError
+from .base import UNetBackend, optional_import_reason
+
+NAMES = ("eager", "compile", "onnx", "tensorrt")
+
+VERIFIED = {
+    "eager": "reference; CPU float32 parity with the original implementation",
+    "compile": "CPU float32 (inductor) against eager in tests; CUDA graphs / fp16 on GPU unverified",
+    "onnx": "ONNX Runtime CPU float32 against eager in tests; CUDA/TensorRT execution providers unverified",
+    "tensorrt": "NOT RUN ANYWHERE: written against the TensorRT Python API, never executed (no TensorRT here)",
+}
+
+
+def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype) -> List[str]:
+    """Why backend ``name`` cannot run on this device/dtype here (empty: it can)."""
+    if name not in NAMES:
+        return [f"unknown backend {name!r}; choose one of {', '.join(NAMES)}"]
+    reasons: List[str] = []
+    if name == "compile" and not hasattr(torch, "compile"):
+        reasons.append("torch.compile needs torch >= 2.0")
+    if name == "onnx":
+        for module, install in (("onnx", "pip install 'tokenflow[onnx]'"), ("onnxscript", "pip install 'tokenflow[onnx]'"),
+                                ("onnxruntime", "pip install 'tokenflow[onnx]' (onnxruntime-gpu for CUDA)")):
+            reason = optional_import_reason(module, install)
+            if reason:
+                reasons.append(reason)
+    if name == "tensorrt":
+        if device.type != "cuda":
+            reasons.append(f"TensorRT runs on CUDA devices only (device is {device.type})")
+        reason = optional_import_reason("tensorrt", "pip install tensorrt --extra-index-url https://pypi.nvidia.com")
+        if reason:
+            reasons.append(reason)
+        reason = optional_import_reason("onnx", "pip install 'tokenflow[onnx]'")
+        if reason:
+            reasons.append(reason)
+    return reasons
+
+
+def make_backend(name: str, tokenflow, kernels, *, model_identity: str = "", cache_root: Optional[str] = None,
+                 compiler: Optional[str] = None) -> Optional[UNetBackend]:
+    """The backend object (None for eager), or ConfigError naming what is missing.
+
+    compiler: torch.compile's backend for ``compile`` (default ``$TOKENFLOW_COMPILER`` or inductor;
+    ``aot_eager`` traces and checks the graphs without generating code, for debugging)."""
+    compiler = compiler or os.environ.get("TOKENFLOW_COMPILER", "inductor")
+    param = next(tokenflow.unet.parameters())
+    reasons = not_supported_reasons(name, param.device, param.dtype)
+    if reasons:
+        raise ConfigError(f"--backend {name} cannot run here: {'; '.join(reasons)}")
+    if name == "eager":
+        return None
+    if name == "compile":
+        from .compiled import CompiledBackend
+
+        return CompiledBackend(tokenflow, kernels, compiler=compiler, cache_root=cache_root)
+    if name == "onnx":
+        from .onnx import OnnxBackend
+
+        return OnnxBackend(tokenflow, kernels, model_identity=model_identity, cache_root=cache_root)
+    from .tensorrt import TensorRTBackend
+
+    return TensorRTBackend(tokenflow, kernels, model_identity=model_identity, cache_root=cache_root)

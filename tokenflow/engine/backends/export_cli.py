@@ -1,0 +1,69 @@
+"""``tokenflow export``: write (or reuse) the ONNX graphs of the three TokenFlow passes.
+
+    tokenflow export --model stabilityai/stable-diffusion-2-1-base --size 512x512 --device cuda
+    tokenflow export --model tiny --size 64x64 --out graphs/ --json
+
+Graphs go to ``--out`` or to the cache folder ``--backend onnx`` reads (``<cache>/onnx``), each
+with its manifest; a graph whose manifest matches is reused, not exported again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export the UNet passes to ONNX (for --backend onnx / tensorrt)")
+    p.add_argument("--model", default=None, help="Hub id, local diffusers folder, SD version or 'tiny' "
+                   "(default stabilityai/stable-diffusion-2-1-base)")
+    p.add_argument("--size", default="512x512", metavar="WxH", help="frame size the graphs are for (default 512x512)")
+    p.add_argument("--prompts", type=int, default=1, metavar="P", help="prompts per edit: B = 1 + 2P branches (default 1)")
+    p.add_argument("--propagation", choices=["original", "paper"], default="original",
+                   help="which features correspondences use (default original)")
+    p.add_argument("--device", help="cpu or cuda (default: the best available)")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
+    p.add_argument("--out", metavar="DIR", help="folder for the graphs (default: the cache folder --backend onnx uses)")
+    p.add_argument("--cache-dir", metavar="DIR", help="tokenflow cache root (default $TOKENFLOW_CACHE or ~/.cache/tokenflow)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from ...cache import default_cache_root
+    from ...config import DEFAULT_MODEL, parse_size
+    from ...device import resolve_device, resolve_dtype
+    from ...models import load_model
+    from ...processors import TokenFlowUNet
+    from . import not_supported_reasons
+    from ...errors import ConfigError
+    from .onnx import export_all
+
+    width, height = parse_size(args.size)
+    if args.prompts < 1:
+        raise ConfigError(f"--prompts must be at least 1, got {args.prompts}")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    reasons = not_supported_reasons("onnx", device, dtype)
+    if reasons:
+        raise ConfigError(f"tokenflow export needs the ONNX packages: {'; '.join(reasons)}")
+    sd = load_model(args.model or DEFAULT_MODEL, device, dtype)
+    scale = sd.vae_scale_factor
+    folder = Path(args.out) if args.out else Path(args.cache_dir or default_cache_root()) / "onnx"
+    tokenflow = TokenFlowUNet(sd.unet)
+    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr))
+    try:
+        with torch.no_grad():
+            records = export_all(tokenflow, latent_size=(height // scale, width // scale), n_branches=1 + 2 * args.prompts,
+                                 match_on="input" if args.propagation == "original" else "output",
+                                 model_identity=sd.identity, folder=folder, log=log)
+    finally:
+        tokenflow.remove()
+    if args.json:
+        print(json.dumps({"model": sd.identity, "folder": str(folder), "graphs": records}, indent=1))
+    else:
+        for r in records:
+            print(f"{r['pass']:10s} {'reused  ' if r['reused'] else 'exported'} {r['path']}")
+    return 0

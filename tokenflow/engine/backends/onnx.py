@@ -1,0 +1,288 @@
+"""``--backend onnx``: the three TokenFlow passes exported to ONNX and run in ONNX Runtime.
+
+Export (``export_pass``, also ``tokenflow export``): ``torch.onnx.export(dynamo=True)`` of the
+graph-mode pass modules (``engine.passes``) with a dynamic batch axis (rows = B * frames;
+keyframe features [K', S, C], store outputs [B*K', S, C], pairs/weights [m, P]); spatial size,
+branch count and dtype are fixed per graph. Injection switches are inputs. Weights go to an
+external-data file next to the graph (SD UNets exceed protobuf's 2 GB limit in float32).
+
+Every graph is written with a ``manifest.json`` (model identity, pass, shapes, dtype, opset,
+input/output names, torch/onnx versions, sha256 of the graph) into
+``<dir>/<pass>-<key>/``; a graph whose manifest matches what is asked for is reused, not
+re-exported. The default folder is ``<tokenflow cache>/onnx``.
+
+Runtime: one ``InferenceSession`` per graph. CPU: numpy views of the torch tensors (no copies).
+CUDA: ``CUDAExecutionProvider`` with IO binding to torch tensors. UNVERIFIED on a GPU: only the
+CPU provider has been run here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ...errors import ConfigError
+from ...kernels import KernelChoice
+from ...processors import TokenFlowUNet
+from ..memory import attention_layer_shapes
+from ..passes import KeyframePass, PlainPass, PropagatePass, input_names, output_names
+from .base import UNetBackend, switch, timestep_tensor
+from .compiled import graph_kernels
+
+OPSET = 18
+MANIFEST_FORMAT = 1
+MAX_ROWS = 4096   # upper bound of the dynamic batch axis (rows per call)
+
+
+def graph_spec(tokenflow: TokenFlowUNet, kind: str, *, latent_size: Tuple[int, int], n_branches: int,
+               match_on: str, model_identity: str, kernels: KernelChoice) -> dict:
+    """What a graph is: everything that must match for an exported graph to be reused."""
+    param = next(tokenflow.unet.parameters())
+    layers = [layer.name for layer in tokenflow.layers]
+    shapes = attention_layer_shapes(tokenflow.unet, *latent_size)
+    return {
+        "format": MANIFEST_FORMAT, "pass": kind, "model": model_identity, "latent_size": list(latent_size),
+        "n_branches": n_branches if kind != "plain" else None, "match_on": match_on if kind != "plain" else None,
+        "dtype": str(param.dtype).replace("torch.", ""), "text_dim": int(tokenflow.unet.config.cross_attention_dim),
+        "layers": [[n, *shapes[n]] for n in layers], "opset": OPSET,
+        "kernels": {"attention": kernels.attention, "nearest": kernels.nearest} if kind != "plain" else None,
+        "inputs": input_names(kind, layers), "outputs": output_names(kind, layers),
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict:
+    import onnx
+
+    from ... import __version__
+
+    return {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__, "tokenflow": __version__,
+            "graph_code": graph_code_fingerprint()}
+
+
+def graph_code_fingerprint() -> str:
+    """sha256 (16 hex) of the sources that define what a pass graph computes: a code change
+    invalidates exported graphs even when the version number did not move."""
+    from ... import processors
+    from ...kernels import attention, nearest
+    from .. import passes
+
+    digest = hashlib.sha256()
+    for module in (passes, processors, attention, nearest):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def spec_key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _example(tokenflow: TokenFlowUNet, spec: dict, frames: int = 2):
+    """Example inputs (device/dtype of the UNet) and dynamic shapes for torch.export."""
+    from torch.export import Dim
+
+    param = next(tokenflow.unet.parameters())
+    dev, dt = param.device, param.dtype
+    h, w = spec["latent_size"]
+    b = spec["n_branches"] or 1
+    m = Dim("frames", min=1, max=MAX_ROWS // b)
+    rows = b * frames
+    base = (torch.randn(rows, 4, h, w, device=dev, dtype=dt), timestep_tensor(501, dev),
+            torch.randn(rows, 77, spec["text_dim"], device=dev, dtype=dt))
+    dyn = {"sample": {0: b * m}, "timestep": None, "text": {0: b * m}}
+    if spec["pass"] == "plain":
+        return base, dyn
+    if spec["pass"] == "keyframes":
+        return base + (switch(True, dev), switch(True, dev)), {**dyn, "inject_qk": None, "inject_conv": None}
+    k = Dim("keyframes", min=1, max=MAX_ROWS // b)
+    n_kf = 2
+    pairs = torch.zeros(frames, 2, dtype=torch.long, device=dev)
+    pairs[:, 1] = 1
+    weights = torch.full((frames, 2), 0.5, device=dev)
+    feats = [torch.randn(n_kf, s, c, device=dev, dtype=dt) for _, s, c in spec["layers"]]
+    outs = [torch.randn(b * n_kf, s, c, device=dev, dtype=dt) for _, s, c in spec["layers"]]
+    # PropagatePass takes the store as *args: torch.export wants their shapes as one tuple entry
+    dyn = {**dyn, "inject_conv": None, "pairs": {0: m}, "weights": {0: m},
+           "store": tuple([{0: k}] * len(feats) + [{0: b * k}] * len(outs))}
+    return base + (switch(True, dev), pairs, weights, *feats, *outs), dyn
+
+
+def _module(tokenflow: TokenFlowUNet, spec: dict, kernels: KernelChoice) -> torch.nn.Module:
+    if spec["pass"] == "plain":
+        return PlainPass(tokenflow)
+    cls = KeyframePass if spec["pass"] == "keyframes" else PropagatePass
+    return cls(tokenflow, spec["n_branches"], spec["match_on"], kernels)
+
+
+def export_pass(tokenflow: TokenFlowUNet, spec: dict, kernels: KernelChoice, folder: Path,
+                log=None) -> Tuple[Path, bool]:
+    """(path of the graph for ``spec`` under ``folder``, whether it was reused). Atomic: the graph
+    and its manifest are written in a temp folder that is renamed into place."""
+    target = folder / f"{spec['pass']}-{spec_key(spec)}"
+    graph = target / "unet.onnx"
+    if _manifest_matches(target, spec):
+        return graph, True
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=folder))
+    try:
+        if log:
+            log(f"exporting the {spec['pass']} pass to ONNX (once per model, size and dtype): {target}")
+        args, dynamic = _example(tokenflow, spec)
+        module = _module(tokenflow, spec, kernels).eval()
+        with torch.no_grad():
+            program = torch.onnx.export(module, args, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET,
+                                        input_names=spec["inputs"], output_names=spec["outputs"],
+                                        external_data=True, verbose=False)
+        program.save(str(tmp / "unet.onnx"), external_data=True)
+        manifest = {**spec, "sha256": _sha256(tmp / "unet.onnx")}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return graph, False
+
+
+def _manifest_matches(target: Path, spec: dict) -> bool:
+    try:
+        manifest = json.loads((target / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    sha = manifest.pop("sha256", None)
+    return manifest == spec and sha == _sha256(target / "unet.onnx")
+
+
+def _sha256(path: Path) -> Optional[str]:
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class OnnxSession:
+    """One exported pass in ONNX Runtime, called with torch tensors, returning torch tensors."""
+
+    def __init__(self, path: Path, device: torch.device, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        available = ort.get_available_providers()
+        if device.type == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise ConfigError("--backend onnx on CUDA needs onnxruntime-gpu (pip install onnxruntime-gpu); "
+                                  f"this onnxruntime has {', '.join(available)}")
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.device = device
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, *args: torch.Tensor) -> List[torch.Tensor]:
+        if len(args) != len(self.inputs):
+            raise ValueError(f"expected {len(self.inputs)} inputs ({', '.join(self.inputs[:6])}, ...), got {len(args)}")
+        if self.device.type != "cuda":
+            feeds = {name: a.detach().contiguous().numpy() for name, a in zip(self.inputs, args)}
+            return [torch.from_numpy(o) for o in self.session.run(self.outputs, feeds)]
+        return self._run_cuda(args)
+
+    def _run_cuda(self, args: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """IO binding: inputs read from torch's memory, outputs allocated by ORT on the device. UNVERIFIED."""
+        binding = self.session.io_binding()
+        keep = [a.contiguous() for a in args]
+        for name, a in zip(self.inputs, keep):
+            binding.bind_input(name, "cuda", self.device.index or 0, _numpy_dtype(a.dtype), tuple(a.shape), a.data_ptr())
+        for name in self.outputs:
+            binding.bind_output(name, "cuda", self.device.index or 0)
+        self.session.run_with_iobinding(binding)
+        return [torch.from_dlpack(o.to_dlpack()) if hasattr(o, "to_dlpack") else torch.from_numpy(o.numpy()).to(self.device)
+                for o in binding.get_outputs()]
+
+
+def _numpy_dtype(dtype: torch.dtype):
+    import numpy as np
+
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}[dtype]
+
+
+class OnnxBackend(UNetBackend):
+    name = "onnx"
+
+    def __init__(self, tokenflow: TokenFlowUNet, kernels: KernelChoice = KernelChoice(), *, model_identity: str = "",
+                 cache_root: Optional[str] = None, folder: Optional[str] = None, log=None):
+        param = next(tokenflow.unet.parameters())
+        self.tokenflow, self.device, self.dtype = tokenflow, param.device, param.dtype
+        # inside an exported graph only the torch/static kernels exist (no custom ops in ONNX)
+        self.kernels = graph_kernels(KernelChoice("torch" if kernels.attention == "auto" else kernels.attention,
+                                                  "static" if kernels.nearest == "auto" else kernels.nearest),
+                                     torch.device("cpu"), self.dtype)
+        if "triton" in (self.kernels.attention, self.kernels.nearest):
+            raise ConfigError("--backend onnx cannot contain Triton kernels; use --attention-backend/--nearest-backend "
+                              "auto or torch")
+        self.model_identity = model_identity
+        root = folder or (os.path.join(cache_root, "onnx") if cache_root else os.path.join(tempfile.gettempdir(), "tokenflow-onnx"))
+        self.folder = Path(root)
+        self.log = log
+        self.exported = self.reused = 0
+        self._sessions: Dict[Tuple, OnnxSession] = {}
+
+    def describe(self) -> str:
+        return f"onnx (ONNX Runtime, graphs in {self.folder})"
+
+    def stats(self) -> dict:
+        return {"graphs_exported": self.exported, "graphs_reused": self.reused, "folder": str(self.folder)}
+
+    def session(self, kind: str, latent_size: Tuple[int, int], n_branches: int = 0, match_on: str = "input") -> OnnxSession:
+        key = (kind, latent_size, n_branches, match_on)
+        if key not in self._sessions:
+            spec = graph_spec(self.tokenflow, kind, latent_size=latent_size, n_branches=n_branches, match_on=match_on,
+                              model_identity=self.model_identity, kernels=self.kernels)
+            path, reused = export_pass(self.tokenflow, spec, self.kernels, self.folder, self.log)
+            self.reused += reused
+            self.exported += not reused
+            self._sessions[key] = OnnxSession(path, self.device, max(1, torch.get_num_threads()))
+        return self._sessions[key]
+
+    def plain(self, sample, t, text):
+        (eps,) = self.session("plain", tuple(sample.shape[-2:]))(sample, timestep_tensor(t, self.device), text)
+        return eps.to(self.device)
+
+    def keyframes(self, sample, t, text, inject_qk, inject_conv, n_branches, match_on):
+        out = self.session("keyframes", tuple(sample.shape[-2:]), n_branches, match_on)(
+            sample, timestep_tensor(t, self.device), text, switch(inject_qk, self.device), switch(inject_conv, self.device))
+        out = [o.to(self.device) for o in out]
+        n = len(self.tokenflow.layers)
+        return out[0], out[1:1 + n], out[1 + n:]
+
+    def propagate(self, sample, t, text, inject_conv, pairs, weights, store, n_branches, match_on):
+        (eps,) = self.session("propagate", tuple(sample.shape[-2:]), n_branches, match_on)(
+            sample, timestep_tensor(t, self.device), text, switch(inject_conv, self.device), pairs.long(),
+            weights.float(), *store)
+        return eps.to(self.device)
+
+
+def export_all(tokenflow: TokenFlowUNet, *, latent_size: Tuple[int, int], n_branches: int, match_on: str,
+               model_identity: str, folder: Path, kernels: KernelChoice = KernelChoice("torch", "static"),
+               log=None) -> List[dict]:
+    """Export (or reuse) the plain, keyframe and propagation graphs; one record per graph."""
+    records = []
+    for kind in ("plain", "keyframes", "propagate"):
+        spec = graph_spec(tokenflow, kind, latent_size=latent_size, n_branches=n_branches, match_on=match_on,
+                          model_identity=model_identity, kernels=kernels)
+        path, reused = export_pass(tokenflow, spec, kernels, folder, log)
+        records.append({"pass": kind, "path": str(path), "reused": reused, "key": spec_key(spec)})
+    return records
