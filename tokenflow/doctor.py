@@ -20,7 +20,8 @@ from .device import mps_available, resolve_device, resolve_dtype
 from .kernels import probe, support, verify
 from .models import one_line
 
-PACKAGES = ("torch", "diffusers", "transformers", "triton", "faiss-cpu", "faiss-gpu-cu12", "xformers", "av", "numpy")
+PACKAGES = ("torch", "diffusers", "transformers", "triton", "faiss-cpu", "faiss-gpu-cu12", "xformers", "av", "numpy",
+            "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
 def environment() -> Dict:
@@ -62,6 +63,15 @@ def backend_table(device: Optional[str] = None, dtype: Optional[str] = None) -> 
     return rows
 
 
+def unet_backend_table(device: Optional[str] = None, dtype: Optional[str] = None) -> List[Dict]:
+    """--backend choices per device: whether each can run here, why not, and where it was verified."""
+    from .engine.backends import NAMES, VERIFIED, not_supported_reasons
+
+    return [{"device": str(dev), "dtype": str(dt).replace("torch.", ""), "backend": name,
+             "reasons": not_supported_reasons(name, dev, dt), "verified": VERIFIED[name]}
+            for dev, dt in _targets(device, dtype) for name in NAMES]
+
+
 # (heads, head dim = channels of the nearest-neighbour inputs, keyframes, tokens): irregular sizes;
 # on GPUs several tiles per axis and every padded head-dim class (64, 128, 256) of SD 1.5/2.x
 CHECK_SHAPES = {"cpu": [(3, 40, 3, 37)],
@@ -89,7 +99,8 @@ def run_checks(device: Optional[str] = None, dtype: Optional[str] = None) -> Lis
 
 
 def report(device: Optional[str] = None, dtype: Optional[str] = None, check: bool = False) -> Dict:
-    out = {"environment": environment(), "backends": backend_table(device, dtype)}
+    out = {"environment": environment(), "backends": backend_table(device, dtype),
+           "unet_backends": unet_backend_table(device, dtype)}
     if check:
         out["checks"] = [dict(vars(r), ok=r.ok) for r in run_checks(device, dtype)]
     return out
@@ -115,6 +126,13 @@ def format_report(rep: Dict) -> str:
             state = "by name only: " + row["only_by_name"]
         else:
             state = "runs (lower priority)"
+        lines.append(f"  {row['backend']:9s} {state}   [verified: {row['verified']}]")
+    current = None
+    for row in rep.get("unet_backends", []):
+        if row["device"] != current:
+            current = row["device"]
+            lines.append(f"\nUNet backends (--backend) on {row['device']} ({row['dtype']}):")
+        state = "runs" if not row["reasons"] else "no: " + "; ".join(row["reasons"])
         lines.append(f"  {row['backend']:9s} {state}   [verified: {row['verified']}]")
     if "checks" in rep:
         lines.append("\nchecks against the torch reference:")

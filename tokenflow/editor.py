@@ -106,8 +106,9 @@ class Editor:
         self.runner = UNetRunner(model.unet, self.tokenflow)
         self._backends: Dict[tuple, object] = {}   # compiled graphs / sessions, reused across calls
 
-    def use_backend(self, config: EditConfig) -> str:
-        """Run the UNet through ``config.backend`` (built once per backend and kernel choice)."""
+    def use_backend(self, config: EditConfig, plan: Optional[MemoryPlan] = None) -> str:
+        """Run the UNet through ``config.backend`` (built once per backend and kernel choice); a
+        backend with fixed shape ranges (TensorRT profiles) is told the plan's call sizes."""
         if config.backend == "eager":
             self.runner.backend = None
             return "eager"
@@ -121,6 +122,8 @@ class Editor:
                                                cache_root=config.cache_dir or str(self.cache.root))
             self.reporter.info(f"UNet backend: {self._backends[key].describe()}")
         self.runner.backend = self._backends[key]
+        if plan is not None and hasattr(self.runner.backend, "use_plan"):
+            self.runner.backend.use_plan(plan)
         return config.backend
 
     @classmethod
@@ -214,7 +217,7 @@ class Editor:
             return Inversion(clip, z0, latents, config.inversion_prompt, config.inversion_steps, from_cache=True)
         cond = encode_prompt(self.model, config.inversion_prompt)
         scheduler = schedule.make_scheduler(sched_cfg, config.inversion_steps)
-        self.use_backend(config)
+        self.use_backend(config, plan)
 
         def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
             return self.runner.eps(x, t, cond.expand(x.shape[0], -1, -1), pad_to=plan.inversion_frames)
@@ -295,7 +298,7 @@ class Editor:
             source = DiskLatents(source)
         elif not isinstance(source, InvertedLatents):
             source = InvertedLatents.stack(source, x0.device, plan.latents_on)
-        self.use_backend(config)
+        self.use_backend(config, plan)
         try:
             denoiser = Denoiser(self.runner, self.reporter, plan, choice, synchronizer(x0.device))
             return denoiser.run(x0, source, texts, config, scheduler, timesteps, record_correspondences)

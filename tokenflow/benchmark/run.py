@@ -164,10 +164,11 @@ def run_variant(model, clip: Clip, config: BenchConfig, variant: Variant, device
 
     cfg = edit_config(config, variant, device, dtype, model_name)
     editor = Editor(model, cache=InversionCache(enabled=False), reporter=Reporter(quiet=True))
+    warmup_s = []
     try:
         for i in range(config.warmup):
             log(f"{variant.name}: warm-up {i + 1}/{config.warmup}")
-            timed_edit(editor, clip, cfg, device)
+            warmup_s.append(timed_edit(editor, clip, cfg, device)["timings"]["total"])
         cpu = device.type == "cpu"
         budget = config.idle_wait_s           # seconds of waiting for an idle CPU, for all repeats
         waited = []
@@ -208,6 +209,7 @@ def run_variant(model, clip: Clip, config: BenchConfig, variant: Variant, device
         variant.notes.append("the edit produced NaN/inf values (random weights overflowing this dtype?)")
     plan = getattr(last, "plan", None)
     extra = sorted(set(runs[-1]["timings"]) - set(STAGES))
+    backend = getattr(getattr(editor, "runner", None), "backend", None)
     return {
         "name": variant.name, "overrides": {k: v for k, v in variant.overrides.items() if not k.startswith("_")},
         "edit_config": _jsonable(asdict(cfg)), "notes": variant.notes,
@@ -216,6 +218,10 @@ def run_variant(model, clip: Clip, config: BenchConfig, variant: Variant, device
         "unet_samples_counted": counted, "memory_method": runs[-1]["memory_method"], "finite": finite,
         "other_timings_s": {k: statistics.median(r["timings"][k] for r in runs) for k in extra},
         "plan": _jsonable(plan.as_dict()) if hasattr(plan, "as_dict") else None,
+        # compiled backends pay compilation/export in the warm-up: its wall time is that cost + one edit
+        "warmup_seconds": warmup_s,
+        "unet_backend": {"name": getattr(backend, "name", "eager"),
+                         "stats": _jsonable(backend.stats()) if backend is not None else {}},
         "stages": summarise(runs, work, peak_tflops),
         "_latents": last.latents,
     }

@@ -50,6 +50,7 @@ class UNetRunner:
         x, text = latents.to(self.dtype).contiguous(), text.to(self.dtype)
         if self.backend is None:
             return self.unet(x, _timestep(t, latents.device), encoder_hidden_states=text).sample.float()
+        text = text.contiguous()   # static-shape graphs guard on strides (an expanded text has stride 0)
         if self.backend.pads_calls and pad_to and rows < pad_to:
             x, text = _pad_rows(x, pad_to), _pad_rows(text, pad_to)
         return self.backend.plain(x, t, text)[:rows].float()

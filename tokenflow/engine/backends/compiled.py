@@ -42,7 +42,13 @@ def graph_kernels(choice: KernelChoice, device: torch.device, dtype: torch.dtype
         raise ConfigError(f"kernel backends attention={choice.attention!r}, nearest={choice.nearest!r} cannot run "
                           f"inside a compiled graph; use auto, torch, static or triton (faiss and xformers run "
                           f"only with --backend eager)")
-    return KernelChoice(attention=attention, nearest=nearest)
+    chosen = KernelChoice(attention=attention, nearest=nearest)
+    from ...kernels import implementation
+
+    for op, name in (("keyframe_attention", chosen.attention), ("cosine_nearest", chosen.nearest),
+                     ("propagate", chosen.propagate)):
+        implementation(op, name)   # imported now: tracing must never meet an import
+    return chosen
 
 
 def default_cache_dir(cache_root: Optional[str]) -> Optional[str]:
