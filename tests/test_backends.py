@@ -118,6 +118,32 @@ def test_compile_with_inductor_matches_eager(tiny_model_dir, sample_clip, eager_
     assert rel < 1e-4
 
 
+def test_aot_packages_match_eager_and_later_editors_load_them_without_compiling(tiny_model_dir, sample_clip,
+                                                                              eager_edit, tmp_path):
+    """AOTInductor: three packages built once (static shapes, padded calls), reused by a new Editor.
+
+    One UNet call differs from eager by float32 rounding (the inversion, plain passes only, within
+    1e-5); the 5-step edit with guidance 7.5 amplifies that, hence 1e-3 on the final latents."""
+    config = _config(sample_clip, backend="aot", cache_dir=str(tmp_path))
+    eager = Editor.from_pretrained(str(tiny_model_dir), device="cpu", use_cache=False)
+    editor = Editor.from_pretrained(str(tiny_model_dir), device="cpu", use_cache=False)
+    inv_eager = eager.invert(sample_clip, config=config.replace(backend="eager"))
+    inv_aot = editor.invert(sample_clip, config=config)
+    top = max(inv_eager.latents)
+    assert _rel(inv_aot.latents[top], inv_eager.latents[top]) < 1e-5
+    result = editor.edit(sample_clip, config=config)
+    stats = editor.runner.backend.stats()
+    assert stats["packages_built"] == 3 and stats["packages_reused"] == 0, stats
+    rel = _rel(result.latents, eager_edit.latents)
+    print(f"aot vs eager: relative L2 of the final latents {rel:.2e}")
+    assert rel < 1e-3
+    again = Editor.from_pretrained(str(tiny_model_dir), device="cpu", use_cache=False)
+    second = again.edit(sample_clip, config=config)
+    stats = again.runner.backend.stats()
+    assert stats["packages_built"] == 0 and stats["packages_reused"] == 3, stats
+    assert torch.equal(second.latents, result.latents)
+
+
 # --- ONNX -------------------------------------------------------------------------------------
 
 onnx_needed = pytest.mark.skipif(
@@ -213,6 +239,7 @@ def test_backend_errors_name_what_to_install(tiny_sd, tokenflow_unet):
     from tokenflow.engine.backends import make_backend, not_supported_reasons
 
     assert not_supported_reasons("compile", torch.device("cpu"), torch.float32) == []
+    assert not_supported_reasons("aot", torch.device("cpu"), torch.float32) == []
     with pytest.raises(ConfigError, match="CUDA"):
         make_backend("tensorrt", tokenflow_unet, KernelChoice())
     with pytest.raises(ConfigError, match="unknown backend"):

@@ -99,8 +99,9 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
                        "features live (default auto: on the device unless the plan needs the room)")
         g.add_argument("--inverted-latents", choices=["auto", "device", "host", "disk"], help="where the "
                        "inverted latents live (default auto); disk reloads them per call, as the original does")
-        g.add_argument("--backend", choices=["eager", "compile", "onnx", "tensorrt"], help="how the UNet runs: "
-                       "eager (default), compile (torch.compile; CUDA graphs on GPU), onnx (exported graphs in "
+        g.add_argument("--backend", choices=["eager", "compile", "aot", "onnx", "tensorrt"], help="how the UNet runs: "
+                       "eager (default), compile (torch.compile; CUDA graphs on GPU), aot (AOTInductor packages: compiled once per "
+                       "model/shape/machine, loaded without tracing in later runs), onnx (exported graphs in "
                        "ONNX Runtime; `tokenflow export`), tensorrt (engines built from those graphs; never run "
                        "in our CI, see README)")
         g = p.add_argument_group("kernels (see `tokenflow doctor` for what runs here)")

@@ -72,8 +72,8 @@ class EditConfig:
     propagation: str = "original"
     seed: int = 1
 
-    # how the UNet runs: eager (diffusers + processors), compile (torch.compile), onnx (ONNX Runtime),
-    # tensorrt (TensorRT engines from the ONNX graphs; never run here)
+    # how the UNet runs: eager (diffusers + processors), compile (torch.compile), aot (AOTInductor
+    # packages), onnx (ONNX Runtime), tensorrt (engines from the ONNX graphs; never run here)
     backend: str = "eager"
 
     # kernels ("auto": the best backend that runs here; see `tokenflow doctor`)
@@ -115,7 +115,7 @@ class EditConfig:
         _int_at_least("chunk_frames", self.chunk_frames, 1, allow_none=True)
         _int_at_least("keyframe_window", self.keyframe_window, 1, allow_none=True)
         _choice("keyframe_store", self.keyframe_store, PLACES)
-        _choice("backend", self.backend, ("eager", "compile", "onnx", "tensorrt"))
+        _choice("backend", self.backend, ("eager", "compile", "aot", "onnx", "tensorrt"))
         _choice("inverted_latents", self.inverted_latents, PLACES + ("disk",))
         if self.memory_budget is not None:
             from .engine.memory import parse_bytes  # noqa: PLC0415

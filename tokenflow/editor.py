@@ -120,6 +120,8 @@ class Editor:
             self._backends[key] = make_backend(config.backend, self.tokenflow, kernels,
                                                model_identity=self.model.identity,
                                                cache_root=config.cache_dir or str(self.cache.root))
+            if hasattr(self._backends[key], "log"):   # builds that take minutes say so
+                self._backends[key].log = self.reporter.info
             self.reporter.info(f"UNet backend: {self._backends[key].describe()}")
         self.runner.backend = self._backends[key]
         if plan is not None and hasattr(self.runner.backend, "use_plan"):

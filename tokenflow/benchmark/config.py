@@ -111,7 +111,7 @@ _BACKENDS = {"torch": ("torch", "torch"), "triton": ("triton", "triton"), "faiss
              "xformers": ("xformers", None), "auto": ("auto", "auto"), "default": (None, None)}
 _CHUNK = re.compile(r"^chunk(?:=)?(\d+)$")
 LATENT_PLACES = ("auto", "device", "host", "disk")
-UNET_BACKENDS = ("eager", "compile", "onnx", "tensorrt")   # --backend; compile/export time falls in the warm-up
+UNET_BACKENDS = ("eager", "compile", "aot", "onnx", "tensorrt")   # --backend; compile/export time falls in the warm-up
 
 
 def variant_overrides(name: str) -> dict:
@@ -148,7 +148,7 @@ def variant_overrides(name: str) -> dict:
             overrides["inverted_latents"] = part[8:]
         else:
             raise ConfigError(f"unknown variant {part!r} in --compare; use names from: default, auto, torch, "
-                              "triton, faiss, xformers, original, eager, compile, onnx, tensorrt, chunkN (or chunk=N), attn=NAME, nearest=NAME, "
+                              "triton, faiss, xformers, original, eager, compile, aot, onnx, tensorrt, chunkN (or chunk=N), attn=NAME, nearest=NAME, "
                               f"latents={{{','.join(LATENT_PLACES)}}}, window=W; join with '+' (e.g. triton+chunk4)")
     return overrides
 

@@ -1,4 +1,5 @@
-"""UNet backends: eager (diffusers + processors), compile (torch.compile), onnx (ONNX Runtime),
+"""UNet backends: eager (diffusers + processors), compile (torch.compile), aot (AOTInductor
+packages, compiled once and loaded without tracing), onnx (ONNX Runtime),
 tensorrt (TensorRT engines). Each says what it needs (``not_supported_reasons``, after xFormers'
 dispatch) and ``make_backend`` builds the one asked for or explains why it cannot run."""
 from __future__ import annotations
@@ -11,11 +12,12 @@ import torch
 from ...errors import ConfigError
 from .base import UNetBackend, optional_import_reason
 
-NAMES = ("eager", "compile", "onnx", "tensorrt")
+NAMES = ("eager", "compile", "aot", "onnx", "tensorrt")
 
 VERIFIED = {
     "eager": "reference; CPU float32 parity with the original implementation",
     "compile": "CPU float32 (inductor) against eager in tests; CUDA graphs / fp16 on GPU unverified",
+    "aot": "CPU float32 (AOTInductor packages) against eager in tests; CUDA unverified",
     "onnx": "ONNX Runtime CPU float32 against eager in tests; CUDA/TensorRT execution providers unverified",
     "tensorrt": "NOT RUN ANYWHERE: written against the TensorRT Python API, never executed (no TensorRT here)",
 }
@@ -28,6 +30,8 @@ def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype) -
     reasons: List[str] = []
     if name == "compile" and not hasattr(torch, "compile"):
         reasons.append("torch.compile needs torch >= 2.0")
+    if name == "aot" and not hasattr(getattr(torch, "_inductor", None), "aoti_load_package"):
+        reasons.append("AOTInductor packages need torch >= 2.6")
     if name == "onnx":
         for module, install in (("onnx", "pip install 'tokenflow[onnx]'"), ("onnxscript", "pip install 'tokenflow[onnx]'"),
                                 ("onnxruntime", "pip install 'tokenflow[onnx]' (onnxruntime-gpu for CUDA)")):
@@ -63,6 +67,10 @@ def make_backend(name: str, tokenflow, kernels, *, model_identity: str = "", cac
         from .compiled import CompiledBackend
 
         return CompiledBackend(tokenflow, kernels, compiler=compiler, cache_root=cache_root)
+    if name == "aot":
+        from .aot import AotBackend
+
+        return AotBackend(tokenflow, kernels, model_identity=model_identity, cache_root=cache_root)
     if name == "onnx":
         from .onnx import OnnxBackend
 
