@@ -5,6 +5,7 @@ reference; graph backends must match it within float32 tolerance (their kernels 
 torch backends, whose results equal the eager references up to summation order).
 """
 import json
+import os
 
 import pytest
 import torch
@@ -111,8 +112,8 @@ def test_compile_with_inductor_matches_eager(tiny_model_dir, sample_clip, eager_
     editor = Editor.from_pretrained(str(tiny_model_dir), device="cpu", use_cache=False)
     result = editor.edit(sample_clip, config=_config(sample_clip, backend="compile", cache_dir=str(tmp_path)))
     assert editor.runner.backend.compilations == 3
-    assert editor.runner.backend.cache_dir.startswith(str(tmp_path)) or "TORCHINDUCTOR_CACHE_DIR" in str(
-        editor.runner.backend.cache_dir)
+    # inductor's kernels were cached on disk (under this test's cache unless an earlier test set the folder)
+    assert os.path.isdir(editor.runner.backend.cache_dir) and os.listdir(editor.runner.backend.cache_dir)
     rel = _rel(result.latents, eager_edit.latents)
     print(f"compile (inductor) vs eager: relative L2 of the final latents {rel:.2e}")
     assert rel < 1e-4

@@ -91,11 +91,11 @@ class _RunnerWithSmallMemory:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def branches(self, source, xs, t, texts, state):
+    def branches(self, source, xs, t, texts, state, **kwargs):
         self.sizes.append(source.shape[0])
         if state.kind.value == "propagate" and source.shape[0] > self.limit:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return self.runner.branches(source, xs, t, texts, state)
+        return self.runner.branches(source, xs, t, texts, state, **kwargs)
 
 
 def test_out_of_memory_halves_the_chunk_once_then_fails_with_the_fix(editor, inversion, torch_edit):

@@ -181,9 +181,9 @@ class _Recorder:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def branches(self, source, xs, t, texts, state):
+    def branches(self, source, xs, t, texts, state, **kwargs):
         self.calls.append((state.kind, source.shape[0], state.keyframe_offset, xs.shape[0]))
-        return self.runner.branches(source, xs, t, texts, state)
+        return self.runner.branches(source, xs, t, texts, state, **kwargs)
 
 
 def test_keyframe_window_runs_windows_and_is_chunk_invariant(editor, inversion, base):

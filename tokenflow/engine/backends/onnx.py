@@ -12,8 +12,9 @@ input/output names, torch/onnx versions, sha256 of the graph) into
 re-exported. The default folder is ``<tokenflow cache>/onnx``.
 
 Runtime: one ``InferenceSession`` per graph. CPU: numpy views of the torch tensors (no copies).
-CUDA: ``CUDAExecutionProvider`` with IO binding to torch tensors. UNVERIFIED on a GPU: only the
-CPU provider has been run here.
+CUDA: ``CUDAExecutionProvider`` with IO binding to torch tensors; ``TOKENFLOW_ORT_PROVIDERS``
+(comma-separated, e.g. ``TensorrtExecutionProvider,CUDAExecutionProvider``) overrides the list.
+UNVERIFIED on a GPU: only the CPU provider has been run here.
 """
 from __future__ import annotations
 
@@ -180,7 +181,14 @@ class OnnxSession:
         options.intra_op_num_threads = threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         available = ort.get_available_providers()
-        if device.type == "cuda":
+        wanted = [p.strip() for p in os.environ.get("TOKENFLOW_ORT_PROVIDERS", "").split(",") if p.strip()]
+        if wanted:   # e.g. TensorrtExecutionProvider,CUDAExecutionProvider (UNVERIFIED: never run here)
+            missing = [p for p in wanted if p not in available]
+            if missing:
+                raise ConfigError(f"TOKENFLOW_ORT_PROVIDERS asks for {', '.join(missing)}; this onnxruntime has "
+                                  f"{', '.join(available)}")
+            providers = wanted
+        elif device.type == "cuda":
             if "CUDAExecutionProvider" not in available:
                 raise ConfigError("--backend onnx on CUDA needs onnxruntime-gpu (pip install onnxruntime-gpu); "
                                   f"this onnxruntime has {', '.join(available)}")
