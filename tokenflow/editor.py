@@ -267,6 +267,7 @@ class Editor:
         clip = video.clip if isinstance(video, Inversion) else self.load_clip(video, config)
         plan = self._plan(clip, config)
         self.reporter.event("plan", **plan.as_dict())
+        self.use_backend(config, plan)   # an unavailable --backend fails here, before any inversion
         if isinstance(video, Inversion):
             inversion = video
             missing = set(self._edit_timesteps(config)) - set(inversion.latents)
