@@ -27,8 +27,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from ...errors import ConfigError
 from ...kernels import KernelChoice
 from ...processors import TokenFlowUNet
+from ..passes import KeyframePass, PlainPass, PropagatePass
+from .base import switch, timestep_tensor
 from .compiled import CompiledBackend
 
 FORMAT = 1
@@ -52,8 +55,6 @@ class AotBackend(CompiledBackend):
                                    "static" if kernels.nearest == "auto" else kernels.nearest)
         super().__init__(tokenflow, auto_static, compiler="inductor", mode="default", cache_root=cache_root)
         if "triton" in (self.kernels.attention, self.kernels.nearest):
-            from ...errors import ConfigError
-
             raise ConfigError("--backend aot cannot embed the Triton custom ops; use --backend compile for them, "
                               "or --attention-backend/--nearest-backend auto or torch")
         self.mode = None   # plain generated code: no CUDA graphs
@@ -122,8 +123,6 @@ class AotBackend(CompiledBackend):
         self.seconds["build"] += time.perf_counter() - start
 
     def _eager_module(self, kind, n_branches, match_on):
-        from ..passes import KeyframePass, PlainPass, PropagatePass
-
         if kind == "plain":
             return PlainPass(self.tokenflow)
         cls = KeyframePass if kind == "keyframes" else PropagatePass
@@ -134,22 +133,16 @@ class AotBackend(CompiledBackend):
         return tuple(out) if isinstance(out, (list, tuple)) else out
 
     def plain(self, sample, t, text):
-        from .base import timestep_tensor
-
         out = self._run("plain", 0, "input", sample, timestep_tensor(t, self.device), text)
         return out[0] if isinstance(out, tuple) else out
 
     def keyframes(self, sample, t, text, inject_qk, inject_conv, n_branches, match_on):
-        from .base import switch, timestep_tensor
-
         out = self._run("keyframes", n_branches, match_on, sample, timestep_tensor(t, self.device), text,
                         switch(inject_qk, self.device), switch(inject_conv, self.device))
         n = len(self.tokenflow.layers)
         return out[0], list(out[1:1 + n]), list(out[1 + n:])
 
     def propagate(self, sample, t, text, inject_conv, pairs, weights, store, n_branches, match_on):
-        from .base import switch, timestep_tensor
-
         out = self._run("propagate", n_branches, match_on, sample, timestep_tensor(t, self.device), text,
                         switch(inject_conv, self.device), pairs, weights.float(), *store)
         return out[0] if isinstance(out, tuple) else out
