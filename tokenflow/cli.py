@@ -205,19 +205,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .benchmark import cli as bench_cli  # noqa: PLC0415
 
         return bench_cli.main(args)
-    if args.command == "export":
+    if args.command in ("export", "doctor"):   # no progress reporter: one error line on failure
         try:
-            from .engine.backends import export_cli
-
-            return export_cli.main(args)
-        except TokenFlowError as exc:
-            print(f"tokenflow: error: {exc}", file=sys.stderr)
-            return exc.exit_code
-    if args.command == "doctor":
-        try:
-            from . import doctor
-
-            return doctor.main(args)
+            if args.command == "export":
+                from .engine.backends import export_cli as command
+            else:
+                from . import doctor as command
+            return command.main(args)
         except TokenFlowError as exc:
             print(f"tokenflow: error: {exc}", file=sys.stderr)
             return exc.exit_code

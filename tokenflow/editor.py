@@ -301,8 +301,7 @@ class Editor:
             source = DiskLatents(source)
         elif not isinstance(source, InvertedLatents):
             source = InvertedLatents.stack(source, x0.device, plan.latents_on)
-        self.use_backend(config, plan)
-        try:
+        try:   # edit_many chose the backend (use_backend) before inverting
             denoiser = Denoiser(self.runner, self.reporter, plan, choice, synchronizer(x0.device))
             return denoiser.run(x0, source, texts, config, scheduler, timesteps, record_correspondences)
         finally:

@@ -27,12 +27,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ...errors import ConfigError
 from ...kernels import KernelChoice
 from ...processors import TokenFlowUNet
 from ..passes import KeyframePass, PlainPass, PropagatePass
 from .base import switch, timestep_tensor
-from .compiled import CompiledBackend
+from .compiled import CompiledBackend, exported_kernels
 
 FORMAT = 1
 
@@ -51,12 +50,8 @@ class AotBackend(CompiledBackend):
 
     def __init__(self, tokenflow: TokenFlowUNet, kernels: KernelChoice = KernelChoice(), *,
                  model_identity: str = "", cache_root: Optional[str] = None, log=None):
-        auto_static = KernelChoice("torch" if kernels.attention == "auto" else kernels.attention,
-                                   "static" if kernels.nearest == "auto" else kernels.nearest)
-        super().__init__(tokenflow, auto_static, compiler="inductor", mode="default", cache_root=cache_root)
-        if "triton" in (self.kernels.attention, self.kernels.nearest):
-            raise ConfigError("--backend aot cannot embed the Triton custom ops; use --backend compile for them, "
-                              "or --attention-backend/--nearest-backend auto or torch")
+        super().__init__(tokenflow, kernels, compiler="inductor", mode="default", cache_root=cache_root)
+        self.kernels = exported_kernels(kernels, "aot", self.dtype)
         self.mode = None   # plain generated code: no CUDA graphs
         self.model_identity = model_identity
         root = cache_root or os.path.join(tempfile.gettempdir(), "tokenflow")

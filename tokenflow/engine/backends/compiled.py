@@ -51,6 +51,20 @@ def graph_kernels(choice: KernelChoice, device: torch.device, dtype: torch.dtype
     return chosen
 
 
+def exported_kernels(choice: KernelChoice, backend: str, dtype: torch.dtype) -> KernelChoice:
+    """Kernels for graphs that leave Python (ONNX, TensorRT, AOTInductor): only torch/static ops
+    exist there, so ``auto`` means torch attention and the static search, and Triton is refused."""
+    from ...errors import ConfigError
+
+    chosen = graph_kernels(KernelChoice("torch" if choice.attention == "auto" else choice.attention,
+                                        "static" if choice.nearest == "auto" else choice.nearest),
+                           torch.device("cpu"), dtype)
+    if "triton" in (chosen.attention, chosen.nearest):
+        raise ConfigError(f"--backend {backend} cannot contain the Triton custom ops (use --backend compile for "
+                          f"them), or choose --attention-backend/--nearest-backend auto or torch")
+    return chosen
+
+
 def default_cache_dir(cache_root: Optional[str]) -> Optional[str]:
     """Point inductor's on-disk caches at ``<cache_root>/torch-compile`` unless the user chose one.
 

@@ -34,7 +34,7 @@ from ...processors import TokenFlowUNet
 from ..memory import attention_layer_shapes
 from ..passes import KeyframePass, PlainPass, PropagatePass, input_names, output_names
 from .base import UNetBackend, switch, timestep_tensor
-from .compiled import graph_kernels
+from .compiled import exported_kernels
 
 OPSET = 18
 MANIFEST_FORMAT = 1
@@ -234,13 +234,7 @@ class OnnxBackend(UNetBackend):
                  cache_root: Optional[str] = None, folder: Optional[str] = None, log=None):
         param = next(tokenflow.unet.parameters())
         self.tokenflow, self.device, self.dtype = tokenflow, param.device, param.dtype
-        # inside an exported graph only the torch/static kernels exist (no custom ops in ONNX)
-        self.kernels = graph_kernels(KernelChoice("torch" if kernels.attention == "auto" else kernels.attention,
-                                                  "static" if kernels.nearest == "auto" else kernels.nearest),
-                                     torch.device("cpu"), self.dtype)
-        if "triton" in (self.kernels.attention, self.kernels.nearest):
-            raise ConfigError("--backend onnx cannot contain Triton kernels; use --attention-backend/--nearest-backend "
-                              "auto or torch")
+        self.kernels = exported_kernels(kernels, "onnx", self.dtype)
         self.model_identity = model_identity
         root = folder or (os.path.join(cache_root, "onnx") if cache_root else os.path.join(tempfile.gettempdir(), "tokenflow-onnx"))
         self.folder = Path(root)

@@ -42,7 +42,7 @@ from ...processors import TokenFlowUNet
 from ..passes import input_names, output_names
 from ..runner import GRAPH_PAIRS
 from .base import UNetBackend, switch, timestep_tensor
-from .compiled import graph_kernels
+from .compiled import exported_kernels
 from .onnx import MAX_ROWS, export_pass, graph_spec, spec_key
 
 INSTALL = "pip install tensorrt --extra-index-url https://pypi.nvidia.com"
@@ -443,13 +443,7 @@ class TensorRTBackend(UNetBackend):
             raise ConfigError(f"--backend tensorrt: TensorRT runs on CUDA devices only (the UNet is on "
                               f"{self.device.type}); on a CUDA machine: {INSTALL}")
         self.trt = _tensorrt()
-        # inside an exported graph only the torch/static kernels exist (no custom ops in ONNX)
-        self.kernels = graph_kernels(KernelChoice("torch" if kernels.attention == "auto" else kernels.attention,
-                                                  "static" if kernels.nearest == "auto" else kernels.nearest),
-                                     torch.device("cpu"), self.dtype)
-        if "triton" in (self.kernels.attention, self.kernels.nearest):
-            raise ConfigError("--backend tensorrt cannot contain Triton kernels; use --attention-backend/"
-                              "--nearest-backend auto or torch")
+        self.kernels = exported_kernels(kernels, "tensorrt", self.dtype)
         root = Path(cache_root) if cache_root else Path(tempfile.gettempdir())
         self.onnx_folder = root / "onnx" if cache_root else root / "tokenflow-onnx"
         self.folder = root / "tensorrt" if cache_root else root / "tokenflow-tensorrt"
