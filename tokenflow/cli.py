@@ -17,6 +17,8 @@ EPILOG = """examples:
   tokenflow edit --config config_pnp.yaml
   tokenflow edit clip.mp4 --method sdedit --sdedit-start 0.9 --prompt "..."
   tokenflow edit clip.mp4 --model tiny --preset tiny --prompt "anything"   # offline demo, random weights
+  tokenflow edit clip.mp4 --prompt "..." -o out.mp4 --report out-report/   # + HTML report with metrics
+  tokenflow metrics clip.mp4 out.mp4 --json metrics.json                  # warp error, flicker (+ CLIP)
 exit codes: 0 ok, 2 bad flag/config, 3 bad input video, 4 model, 5 output, 6 out of memory, 130 interrupted"""
 
 
@@ -115,6 +117,11 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--save-frames", metavar="DIR", help="also write numbered PNGs into DIR")
         g.add_argument("--save-latents", metavar="PATH", help="also write the final latents [N,4,h,w] as .npy")
         g.add_argument("--fps", type=float, help="output frame rate (default: the source's)")
+        g.add_argument("--report", metavar="DIR", help="also write an HTML report into DIR: frames side by side, "
+                       "a side-by-side video, warp error / flicker per frame, stage timings, settings "
+                       "(needs opencv-python-headless and matplotlib)")
+        g.add_argument("--clip-model", metavar="MODEL", help="CLIP model (Hub id or folder) for the report's CLIP "
+                       "text alignment and frame consistency (default: skipped)")
     g = p.add_argument_group("logging")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     g.add_argument("--log-json", action="store_true", help="JSON-lines events on stdout instead of progress bars")
@@ -125,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(Geyer et al., ICLR 2024).", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tokenflow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,invert,doctor,bench,export}", parser_class=_OneLineParser)
+    sub = parser.add_subparsers(dest="command", metavar="{edit,invert,metrics,report,doctor,bench,export}", parser_class=_OneLineParser)
     edit = sub.add_parser("edit", help="invert (or reuse the cache) and edit a video",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(edit, edit=True)
@@ -140,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmark import cli as bench_cli  # noqa: PLC0415
     from .engine.backends import export_cli  # noqa: PLC0415
 
+    from .quality import cli as quality_cli  # noqa: PLC0415
+
+    quality_cli.add_parsers(sub)
     bench_cli.add_parser(sub)
     export_cli.add_parser(sub)
     return parser
@@ -205,10 +215,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .benchmark import cli as bench_cli  # noqa: PLC0415
 
         return bench_cli.main(args)
-    if args.command in ("export", "doctor"):   # no progress reporter: one error line on failure
+    if args.command in ("export", "doctor", "metrics", "report"):   # no progress reporter: one error line on failure
         try:
             if args.command == "export":
                 from .engine.backends import export_cli as command
+            elif args.command in ("metrics", "report"):
+                from .quality import cli as command
             else:
                 from . import doctor as command
             return command.main(args)

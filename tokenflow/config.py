@@ -89,6 +89,8 @@ class EditConfig:
     output: Optional[str] = None
     save_frames: Optional[str] = None   # folder for numbered PNGs
     save_latents: Optional[str] = None  # .npy of the final latents [N,4,h,w]
+    report: Optional[str] = None        # folder for an HTML report (frames, side by side, metrics)
+    clip_model: Optional[str] = None    # CLIP model (Hub id or folder) for the report's CLIP scores
     fps: Optional[float] = None         # None = the source frame rate
     cache_dir: Optional[str] = None     # None = $TOKENFLOW_CACHE or ~/.cache/tokenflow
     use_cache: bool = True

@@ -17,7 +17,7 @@ from .config import EditConfig
 from .device import resolve_device, resolve_dtype
 from .editor import Editor, EditResult, read_clip
 from .engine.planner import MemoryPlan
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .kernels import check_backends
 from .progress import Reporter
 from .video import check_frames_target, check_writable, write_frames, write_video
@@ -59,14 +59,29 @@ def run_edit(config: EditConfig, reporter: Reporter) -> List[EditResult]:
     prompts = config.prompts
     outputs = prompt_outputs(resolve_output(config), prompts)
     latents_out = prompt_outputs(config.save_latents, prompts) if config.save_latents else [None] * len(prompts)
-    frames_out = ([str(Path(config.save_frames) / f"{k}-{_slug(t)}") for k, t in enumerate(prompts, 1)]
-                  if config.save_frames and len(prompts) > 1 else [config.save_frames] * len(prompts))
+    frames_out = per_prompt_folders(config.save_frames, prompts)
+    reports_out = per_prompt_folders(config.report, prompts)
     # every output target and the input are checked before any expensive work
     for target in outputs + [p for p in latents_out if p]:
         check_writable(target)
     for target in frames_out:
         if target:
             check_frames_target(target)
+    if config.clip_model and not config.report:
+        raise ConfigError("--clip-model scores the report's frames; add --report DIR (or use `tokenflow metrics`)")
+    if config.report:
+        from .quality.flow import require_cv2
+        from .quality.report import check_report_support, check_report_target
+
+        require_cv2()
+        check_report_support()
+        for target in reports_out:
+            check_report_target(target)
+    scorer = None
+    if config.clip_model:
+        from .quality.cli import load_scorer
+
+        scorer = load_scorer(config.clip_model, config.device)   # a missing model fails before any work
     device = resolve_device(config.device)
     check_backends(device, resolve_dtype(config.dtype, device), config.attention_backend, config.nearest_backend)
     start = time.perf_counter()
@@ -84,11 +99,41 @@ def run_edit(config: EditConfig, reporter: Reporter) -> List[EditResult]:
                 save_npy(result.latents.numpy(), latents_path)
     for result in results:
         result.timings = dict(reporter.timings)
+    if config.report:
+        with reporter.stage("report"):
+            for result, folder in zip(results, reports_out):
+                write_edit_report(result, folder, config, scorer)
     summary = _summary(results, config, time.perf_counter() - start, editor)
     reporter.event("done", **summary)
     if not reporter.quiet and reporter.json_stream is None:
         print(format_summary(summary), file=sys.stderr)
     return results
+
+
+def per_prompt_folders(folder, prompts) -> list:
+    """One folder per prompt: ``folder`` itself for one prompt, else ``folder/K-slug``."""
+    if not folder:
+        return [None] * len(prompts)
+    if len(prompts) == 1:
+        return [str(folder)]
+    return [str(Path(folder) / f"{k}-{_slug(t)}") for k, t in enumerate(prompts, 1)]
+
+
+def write_edit_report(result: EditResult, folder: str, config: EditConfig, scorer=None) -> None:
+    """Metrics of the in-memory edited frames against the source frames, then the report folder."""
+    import dataclasses
+
+    from .benchmark.system import versions
+    from .quality.cli import evaluate
+    from .quality.report import write_report
+
+    metrics = evaluate(result.clip.frames, result.frames, prompt=result.prompt, scorer=scorer)
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if v is not None and k != "prompt"}
+    write_report(folder, source=result.clip.frames, edited=result.frames, fps=config.fps or result.clip.fps,
+                 metrics=metrics, prompt=result.prompt, title=f"tokenflow edit: {Path(result.output).name}",
+                 settings=settings, timings={k: v for k, v in result.timings.items()}, versions=versions(),
+                 inputs={"source": str(config.video), "output": str(result.output), "model": str(config.model)},
+                 notes=[TINY_NOTE] if result.model_is_tiny else [])
 
 
 def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:

@@ -367,14 +367,14 @@ def write_video(frames, path, fps, *, audio_from: Optional[Clip] = None, crf: in
     Returns ``path``.
     """
     path = os.fspath(path)
-    images = _to_uint8_images(frames)
+    images = to_uint8_images(frames)
     if images.shape[1] % 2 or images.shape[2] % 2:
         raise ValueError(f"frames of {images.shape[2]}x{images.shape[1]} cannot be written as "
                          "H.264 (yuv420p): width and height must be even.")
     rate = _fps_fraction(fps)
     check_writable(path)
     audio_span = _audio_span(audio_from, rate, len(images))
-    temp_path = _temp_sibling(path, ".mp4")
+    temp_path = temp_sibling(path, ".mp4")
     try:
         _encode_mp4(temp_path, images, rate, crf, audio_span, metadata or {})
         os.replace(temp_path, path)
@@ -382,7 +382,7 @@ def write_video(frames, path, fps, *, audio_from: Optional[Clip] = None, crf: in
         raise OutputError(f"could not write video '{path}': {error}. "
                           "Check free disk space and permissions.") from error
     finally:
-        _remove_if_present(temp_path)
+        remove_path(temp_path)
     return path
 
 
@@ -394,24 +394,24 @@ def write_frames(frames, folder) -> str:
     OutputError (we never delete files we did not write). Returns ``folder``.
     """
     folder = os.fspath(folder)
-    images = _to_uint8_images(frames)
+    images = to_uint8_images(frames)
     check_frames_target(folder)
-    temp_folder = _temp_sibling(folder, "")
+    temp_folder = temp_sibling(folder, "")
     try:
-        _remove_if_present(temp_folder)  # left by a crashed run with the same pid
+        remove_path(temp_folder)  # left by a crashed run with the same pid
         os.mkdir(temp_folder)
         for index, image in enumerate(images):
             Image.fromarray(image).save(os.path.join(temp_folder, f"{index:05d}.png"))
-        _swap_into_place(temp_folder, folder)
+        swap_folder_into_place(temp_folder, folder)
     except OSError as error:
         raise OutputError(f"could not write frames to '{folder}': {error}. "
                           "Check free disk space and permissions.") from error
     finally:
-        _remove_if_present(temp_folder)
+        remove_path(temp_folder)
     return folder
 
 
-def _to_uint8_images(frames) -> np.ndarray:
+def to_uint8_images(frames) -> np.ndarray:
     """float [N, 3, H, W] in [0, 1] (clamped, then truncated like the original's
     ``(x * 255).to(torch.uint8)``) or uint8 [N, 3, H, W] -> uint8 numpy [N, H, W, 3]."""
     frames = torch.as_tensor(frames).detach().cpu()
@@ -429,12 +429,12 @@ def _fps_fraction(fps) -> Fraction:
     return rate
 
 
-def _temp_sibling(path: str, suffix: str) -> str:
+def temp_sibling(path: str, suffix: str) -> str:
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f".{name}.tmp-{os.getpid()}{suffix}")
 
 
-def _remove_if_present(path: str) -> None:
+def remove_path(path: str) -> None:
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
@@ -454,11 +454,11 @@ def _holds_only_our_frames(folder: str) -> bool:
     return all(re.fullmatch(r"\d{5,}\.png", name) for name in os.listdir(folder))
 
 
-def _swap_into_place(new_folder: str, folder: str) -> None:
+def swap_folder_into_place(new_folder: str, folder: str) -> None:
     if not os.path.isdir(folder):
         os.rename(new_folder, folder)
         return
-    old_folder = _temp_sibling(folder, ".old")
+    old_folder = temp_sibling(folder, ".old")
     os.rename(folder, old_folder)
     try:
         os.rename(new_folder, folder)

@@ -65,7 +65,7 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "machine before timing (default 60)")
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="PATH", help="write every number, the settings and the environment")
-    g.add_argument("--plot", metavar="PNG", help="bar chart of stage times per variant (needs matplotlib)")
+    g.add_argument("--plot", metavar="PNG", help="PNG per variant: stage times, UNet samples/s, frames/s, peak memory (needs matplotlib)")
     return p
 
 

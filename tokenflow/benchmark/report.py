@@ -1,4 +1,4 @@
-"""Output of a benchmark: the printed tables, the JSON file (atomic), the PNG plot (optional).
+"""Output of a benchmark: the printed tables, the JSON file (atomic), the PNG plot (optional, ``plots``).
 
 JSON layout (``run.run`` builds it): ``device``, ``versions``, ``git``, ``command``, ``argv``,
 ``settings``, ``model``, ``clip``, ``load`` (start / end snapshots), ``matmul_peak`` per dtype,
@@ -8,12 +8,13 @@ JSON layout (``run.run`` builds it): ``device``, ``versions``, ``git``, ``comman
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Optional, TextIO
+from typing import Optional, TextIO
 
 from ..errors import ConfigError, OutputError
 from .config import STAGE_LABELS, STAGES
@@ -112,48 +113,14 @@ def _finite(value):
 def check_plot_support() -> None:
     """ConfigError (before anything runs) when --plot is asked for without matplotlib."""
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         raise ConfigError(f"--plot needs matplotlib, which is not installed: {MATPLOTLIB_HINT}") from None
 
 
 def write_plot(doc: dict, path: str) -> Path:
-    """Grouped horizontal bars: median seconds of each stage, one bar per variant (PNG)."""
+    """One PNG (written atomically) of stage times, throughput and peak memory per variant (``plots``)."""
     check_plot_support()
-    import matplotlib
+    from . import plots
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    stages = [s for s in STAGES if any(e["stages"][s].get("seconds") for e in doc["variants"])]
-    variants: List[dict] = doc["variants"]
-    height = 0.8 / max(1, len(variants))
-    fig, ax = plt.subplots(figsize=(9, 0.6 + 0.45 * len(stages) * max(1, len(variants)) ** 0.5 + 1))
-    for v, entry in enumerate(variants):
-        ys = [i + v * height for i in range(len(stages))]
-        secs = [entry["stages"][s].get("seconds") or 0.0 for s in stages]
-        bars = ax.barh(ys, secs, height=height, label=entry["name"])
-        for bar, sec in zip(bars, secs):
-            if sec:
-                ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {sec:.3g}s",
-                        va="center", fontsize=7)
-    ax.set_yticks([i + height * (len(variants) - 1) / 2 for i in range(len(stages))])
-    ax.set_yticklabels([STAGE_LABELS[s] for s in stages])
-    ax.invert_yaxis()
-    ax.set_xlabel("median seconds")
-    clip, settings = doc["clip"], doc["settings"]
-    ax.set_title(f"tokenflow bench: {doc['model']['name']} on {doc['device']['name'][:40]}\n"
-                 f"{clip['frames']} frames {clip['size'][0]}x{clip['size'][1]}, "
-                 f"{settings['inversion_steps']} inversion / {settings['steps']} edit steps, {settings['dtype']}",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    target = Path(path).expanduser()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target, dpi=120, format="png")
-    except OSError as exc:
-        raise OutputError(f"cannot write the plot to '{path}' ({exc.strerror or exc})") from None
-    finally:
-        plt.close(fig)
-    return target
+    return plots.write(doc, path)

@@ -1,0 +1,1 @@
+"""Quality of an edit: temporal-consistency metrics, CLIP scores, visual reports."""

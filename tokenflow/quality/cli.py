@@ -1,0 +1,165 @@
+"""``tokenflow metrics`` and ``tokenflow report``: judge an edited video against its source.
+
+    tokenflow metrics wolf.mp4 wolf-edit.mp4 --json metrics.json
+    tokenflow metrics wolf.mp4 wolf-edit.mp4 --prompt "a marble wolf" --clip-model openai/clip-vit-base-patch32
+    tokenflow report wolf.mp4 wolf-edit.mp4 -o report/ --prompt "a marble wolf"
+
+The edited video sets the size and the frame count; the source is read at that size from
+``--start`` every ``--stride`` frames (pass the values the edit used) and resized the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..errors import InputError, OutputError
+
+
+def add_parsers(sub) -> None:
+    metrics = sub.add_parser("metrics", help="temporal-consistency (and CLIP) metrics of an edited video vs its source")
+    _add_inputs(metrics)
+    metrics.add_argument("--json", metavar="PATH", help="also write the metrics as JSON (written atomically)")
+    report = sub.add_parser("report", help="HTML report (frames, side-by-side video, metric plots) of an edit")
+    _add_inputs(report)
+    report.add_argument("-o", "--out", required=True, metavar="DIR", help="report folder (index.html + PNGs)")
+    report.add_argument("--title", help="page title (default: the edited file's name)")
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="the source video (file or folder of numbered images)")
+    p.add_argument("edited", help="the edited video")
+    p.add_argument("--prompt", help="the edit prompt (for CLIP text alignment)")
+    p.add_argument("--clip-model", metavar="MODEL", help="CLIP model (Hub id or folder) for the CLIP metrics; "
+                   "without it they are skipped")
+    p.add_argument("--start", type=int, default=0, metavar="I", help="first source frame the edit used (default 0)")
+    p.add_argument("--stride", type=int, default=1, metavar="S", help="source frame stride the edit used (default 1)")
+    p.add_argument("--crop", action="store_true", help="the edit centre-cropped the source (tokenflow edit --crop)")
+    p.add_argument("--size", metavar="WxH", help="compare at this size (default: the edited video's, rounded to 8)")
+    p.add_argument("--flow-preset", default="medium", choices=["ultrafast", "fast", "medium"],
+                   help="OpenCV DIS optical-flow preset (default medium)")
+    p.add_argument("--device", help="device for the CLIP model (default: the best available)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .flow import require_cv2
+
+    require_cv2()
+    if args.command == "report":
+        from .report import check_report_support, check_report_target
+
+        check_report_support()
+        check_report_target(args.out)
+    elif args.json:
+        _check_json_target(args.json)
+    scorer = load_scorer(args.clip_model, args.device)   # a missing model fails before any work
+    source, edited, fps = load_pair(args.source, args.edited, start=args.start, stride=args.stride,
+                                    crop=args.crop, size=args.size)
+    metrics = evaluate(source, edited, prompt=args.prompt, scorer=scorer, preset=args.flow_preset)
+    if args.command == "report":
+        from ..benchmark.system import versions
+        from .report import write_report
+
+        path = write_report(args.out, source=source, edited=edited, fps=fps, metrics=metrics, prompt=args.prompt,
+                            title=args.title or Path(args.edited).name, versions=versions(),
+                            inputs={"source": args.source, "edited": args.edited})
+        print(path / "index.html")
+        return 0
+    if args.json:
+        write_json_atomic(metrics, args.json)
+    print(format_metrics(metrics))
+    return 0
+
+
+def load_pair(source: str, edited: str, *, start: int = 0, stride: int = 1, crop: bool = False,
+              size: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """(source [N,3,H,W], edited [N,3,H,W], edited fps): both in [0, 1] at the edited video's size."""
+    from ..config import parse_size
+    from ..video import probe, read_video
+
+    if size:
+        width, height = parse_size(size)
+    else:
+        info = probe(edited)
+        width, height = (max(64, (v + 4) // 8 * 8) for v in (info["width"], info["height"]))
+    edit_clip = read_video(edited, size=(width, height))
+    n = int(edit_clip.frames.shape[0])
+    if n < 2:
+        raise InputError(f"edited video '{edited}' has {n} frame; temporal metrics need at least 2.")
+    source_clip = read_video(source, frames=n, start=start, stride=stride, size=(width, height), crop=crop)
+    if source_clip.frames.shape[0] != n:
+        raise InputError(f"source '{source}' has only {source_clip.frames.shape[0]} frames from --start {start} "
+                         f"--stride {stride}, but edited '{edited}' has {n}; pass the --start/--stride the edit used.")
+    return source_clip.frames, edit_clip.frames, edit_clip.fps
+
+
+def load_scorer(clip_model: Optional[str], device=None):
+    """The CLIP scorer for ``--clip-model`` on ``device`` (float32), or None without one."""
+    if not clip_model:
+        return None
+    from ..device import resolve_device
+    from .clip_metrics import load_clip_scorer
+
+    return load_clip_scorer(clip_model, resolve_device(device))
+
+
+def evaluate(source: torch.Tensor, edited: torch.Tensor, *, prompt: Optional[str] = None, scorer=None,
+             preset: str = "medium") -> Dict:
+    """Temporal metrics plus a ``clip`` entry (scores, or why they were skipped: no ``scorer``)."""
+    from .clip_metrics import CLIP_SKIPPED, clip_metrics
+    from .metrics import temporal_metrics
+
+    metrics = temporal_metrics(source, edited, preset=preset)
+    metrics["clip"] = clip_metrics(scorer, edited, prompt) if scorer is not None else {"skipped": CLIP_SKIPPED}
+    return metrics
+
+
+def format_metrics(m: Dict) -> str:
+    """The printed table: edited vs source, the ratio, CLIP scores or why they are missing."""
+    def f(v):
+        return "–" if v is None else f"{v:.5f}"
+
+    lines = [f"{m['frames']} frames, {m['size'][0]}x{m['size'][1]}; optical flow: {m['flow']['method']} "
+             f"({m['flow']['preset']}) on the source",
+             f"{'metric':<28}{'edited':>12}{'source':>12}"]
+    for key, label in (("warp_error", "warp error (source flow)"), ("flicker", "flicker (own flow)"),
+                       ("temporal_difference", "temporal difference")):
+        lines.append(f"{label:<28}{f(m['edited'][key]):>12}{f(m['source'][key]):>12}")
+    ratio = m.get("warp_error_ratio")
+    lines.append(f"warp error ratio edited/source: {'–' if ratio is None else f'{ratio:.3f}'}; "
+                 f"visible pixels: {f(m['visible_fraction'])}")
+    clip = m.get("clip") or {}
+    if clip.get("skipped"):
+        lines.append(clip["skipped"])
+    elif clip:
+        lines.append(f"CLIP ({clip['model']}): text alignment {f(clip.get('text_alignment'))}, "
+                     f"frame consistency {f(clip.get('frame_consistency'))}")
+    return "\n".join(lines)
+
+
+def _check_json_target(path: str) -> None:
+    folder = Path(path).expanduser().resolve().parent
+    if Path(path).is_dir():
+        raise OutputError(f"--json '{path}' is a folder; give a file path.")
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write --json '{path}': folder '{folder}' does not exist or is not writable.")
+
+
+def write_json_atomic(doc: Dict, path: str) -> Path:
+    target = Path(path).expanduser()
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(temp, target)
+    except OSError as error:
+        raise OutputError(f"could not write '{path}': {error.strerror or error}") from None
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return target
