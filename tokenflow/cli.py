@@ -19,7 +19,9 @@ EPILOG = """examples:
   tokenflow edit clip.mp4 --model tiny --preset tiny --prompt "anything"   # offline demo, random weights
   tokenflow edit clip.mp4 --prompt "..." -o out.mp4 --report out-report/   # + HTML report with metrics
   tokenflow metrics clip.mp4 out.mp4 --json metrics.json                  # warp error, flicker (+ CLIP)
-exit codes: 0 ok, 2 bad flag/config, 3 bad input video, 4 model, 5 output, 6 out of memory, 130 interrupted"""
+exit codes: 0 ok (or skipped: outputs exist), 1 internal error, 2 bad flag/config/job file, 3 bad input video,
+  4 model, 5 output, 6 out of memory, 7 output locked by another worker, 75 interrupted with a checkpoint
+  (rerun with --resume), 130 interrupted (nothing saved)"""
 
 
 def _size(text: str):
@@ -55,6 +57,8 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
                    "(random weights, offline). Default stabilityai/stable-diffusion-2-1-base")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
+    g.add_argument("--allow-pickle", action="store_true", default=None, help="also load pickle weights (.bin/.ckpt); "
+                   "default: safetensors only (pickle can run code: only for weights you trust)")
     g = p.add_argument_group("inversion")
     g.add_argument("--inversion-prompt", help="text describing the source video (default empty)")
     g.add_argument("--inversion-steps", type=int, metavar="N", help="DDIM inversion steps (default 500)")
@@ -120,6 +124,14 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--report", metavar="DIR", help="also write an HTML report into DIR: frames side by side, "
                        "a side-by-side video, warp error / flicker per frame, stage timings, settings "
                        "(needs opencv-python-headless and matplotlib)")
+        g.add_argument("--overwrite", action="store_true", default=None,
+                       help="replace existing outputs (default: a job whose outputs all exist is skipped, exit 0)")
+        g = p.add_argument_group("unattended runs (docs/farm.md)")
+        g.add_argument("--checkpoint-dir", metavar="DIR", help="save resumable state (latents, step, RNG) into DIR")
+        g.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (default 5)")
+        g.add_argument("--resume", action="store_true", default=None,
+                       help="continue from the checkpoint in --checkpoint-dir (refused if it was made with other settings)")
+        g = p.add_argument_group("outputs")
         g.add_argument("--clip-model", metavar="MODEL", help="CLIP model (Hub id or folder) for the report's CLIP "
                        "text alignment and frame consistency (default: skipped)")
     g = p.add_argument_group("logging")
@@ -132,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(Geyer et al., ICLR 2024).", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"tokenflow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{edit,invert,metrics,report,doctor,bench,export}", parser_class=_OneLineParser)
+    sub = parser.add_subparsers(dest="command", metavar="{edit,invert,run,schema,farm,metrics,report,doctor,bench,export}", parser_class=_OneLineParser)
     edit = sub.add_parser("edit", help="invert (or reuse the cache) and edit a video",
                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(edit, edit=True)
@@ -147,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmark import cli as bench_cli  # noqa: PLC0415
     from .engine.backends import export_cli  # noqa: PLC0415
 
+    from . import farm, jobfile  # noqa: PLC0415
     from .quality import cli as quality_cli  # noqa: PLC0415
 
+    jobfile.add_parsers(sub)
+    farm.add_parser(sub)
     quality_cli.add_parsers(sub)
     bench_cli.add_parser(sub)
     export_cli.add_parser(sub)
@@ -215,12 +230,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .benchmark import cli as bench_cli  # noqa: PLC0415
 
         return bench_cli.main(args)
-    if args.command in ("export", "doctor", "metrics", "report"):   # no progress reporter: one error line on failure
+    if args.command in ("export", "doctor", "metrics", "report", "run", "schema", "farm"):   # own reporting
         try:
             if args.command == "export":
                 from .engine.backends import export_cli as command
             elif args.command in ("metrics", "report"):
                 from .quality import cli as command
+            elif args.command in ("run", "schema"):
+                from . import jobfile as command
+            elif args.command == "farm":
+                from . import farm as command
             else:
                 from . import doctor as command
             return command.main(args)

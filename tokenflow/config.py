@@ -94,6 +94,13 @@ class EditConfig:
     fps: Optional[float] = None         # None = the source frame rate
     cache_dir: Optional[str] = None     # None = $TOKENFLOW_CACHE or ~/.cache/tokenflow
     use_cache: bool = True
+    overwrite: bool = False             # False: a job whose outputs all exist is skipped
+
+    # unattended runs (see docs/farm.md)
+    checkpoint_dir: Optional[str] = None  # save resumable state here
+    checkpoint_every: int = 5             # steps (inversion and edit) between checkpoints
+    resume: bool = False                  # continue from the checkpoint in checkpoint_dir
+    allow_pickle: bool = False            # load .bin/.ckpt (pickle) weights; default safetensors only
 
     @property
     def prompts(self) -> Tuple[str, ...]:
@@ -116,6 +123,9 @@ class EditConfig:
         _int_at_least("keyframe_spacing", self.keyframe_spacing, 1)
         _int_at_least("chunk_frames", self.chunk_frames, 1, allow_none=True)
         _int_at_least("keyframe_window", self.keyframe_window, 1, allow_none=True)
+        _int_at_least("checkpoint_every", self.checkpoint_every, 1)
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("resume needs checkpoint_dir: pass --checkpoint-dir DIR (the folder the killed run used)")
         _choice("keyframe_store", self.keyframe_store, PLACES)
         _choice("backend", self.backend, ("eager", "compile", "aot", "onnx", "tensorrt"))
         _choice("inverted_latents", self.inverted_latents, PLACES + ("disk",))

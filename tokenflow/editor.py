@@ -131,13 +131,15 @@ class Editor:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, device: Union[str, torch.device, None] = None,
                         dtype: Union[str, torch.dtype, None] = None, cache_dir: Optional[str] = None,
-                        use_cache: bool = True, reporter: Optional[Reporter] = None) -> "Editor":
-        """Load a Hub id, a local diffusers folder, an SD version ('1.5', '2.0', '2.1') or 'tiny'."""
+                        use_cache: bool = True, reporter: Optional[Reporter] = None,
+                        allow_pickle: bool = False) -> "Editor":
+        """Load a Hub id, a local diffusers folder, an SD version ('1.5', '2.0', '2.1') or 'tiny'
+        (safetensors weights only unless ``allow_pickle``)."""
         dev = resolve_device(None if device is None else str(device))
         dt = resolve_dtype(dtype, dev)
         reporter = reporter or Reporter(quiet=True)
         with reporter.stage("load"):
-            sd = load_model(model, dev, dt)
+            sd = load_model(model, dev, dt, allow_pickle=allow_pickle)
         cache = InversionCache(Path(cache_dir) if cache_dir else None, enabled=use_cache)
         return cls(sd, cache=cache, reporter=reporter)
 

@@ -44,3 +44,35 @@ class ResourceError(TokenFlowError):
     """The device ran out of memory (or another resource)."""
 
     exit_code = 6
+
+
+class LockedError(TokenFlowError):
+    """Another live worker holds the lock of this job's output; nothing was done."""
+
+    exit_code = 7
+
+
+class InterruptedWithCheckpoint(TokenFlowError):
+    """SIGTERM/SIGINT: the current step finished and a checkpoint was saved; ``--resume`` continues."""
+
+    exit_code = 75
+
+
+class Interrupted(TokenFlowError):
+    """SIGTERM/SIGINT without a checkpoint directory: stopped, nothing written."""
+
+    exit_code = 130
+
+
+EXIT_CODES = {
+    0: "success (also: every output already existed and was skipped)",
+    1: "internal error (a bug: please report it; TOKENFLOW_DEBUG=1 prints the traceback)",
+    ConfigError.exit_code: "bad flag, config value or job file",
+    InputError.exit_code: "bad input video",
+    ModelError.exit_code: "model unavailable or unsupported",
+    OutputError.exit_code: "output cannot be written",
+    ResourceError.exit_code: "out of memory (after one retry with smaller chunks)",
+    LockedError.exit_code: "output locked by another live worker",
+    InterruptedWithCheckpoint.exit_code: "interrupted; a checkpoint was saved (run again with --resume)",
+    Interrupted.exit_code: "interrupted; nothing was saved",
+}

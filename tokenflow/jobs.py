@@ -152,7 +152,8 @@ def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
 
 def _load_editor(config: EditConfig, reporter: Reporter) -> Editor:
     editor = Editor.from_pretrained(config.model, device=config.device, dtype=config.dtype,
-                                    cache_dir=config.cache_dir, use_cache=config.use_cache, reporter=reporter)
+                                    cache_dir=config.cache_dir, use_cache=config.use_cache, reporter=reporter,
+                                    allow_pickle=config.allow_pickle)
     if editor.model.is_tiny:
         reporter.info(f"NOTE: {TINY_NOTE}")
     return editor

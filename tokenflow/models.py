@@ -76,16 +76,19 @@ class ModelSource:
 # ----------------------------------------------------------------------------- public API
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype) -> SDModel:
-    """Load ``model`` (tiny[:SEED], 1.5/2.0/2.1, local folder or Hub id) onto ``device``."""
+def load_model(model: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False) -> SDModel:
+    """Load ``model`` (tiny[:SEED], 1.5/2.0/2.1, local folder or Hub id) onto ``device``.
+
+    Weights load from safetensors only unless ``allow_pickle`` (pickle files can run code when
+    loaded); remote code is never trusted."""
     device = torch.device(device)
     with quiet_hf_libraries():
         source = resolve_source(model)
         scheduler_config = load_scheduler_config(source)
-        unet = load_component(source, "unet", dtype)
+        unet = load_component(source, "unet", dtype, allow_pickle)
         check_unet_layout(unet, source.name)
-        vae = load_component(source, "vae", dtype)
-        text_encoder = load_component(source, "text_encoder", dtype)
+        vae = load_component(source, "vae", dtype, allow_pickle)
+        text_encoder = load_component(source, "text_encoder", dtype, allow_pickle)
         tokenizer = load_component(source, "tokenizer", dtype)
     modules = move_to_device([unet, vae, text_encoder], device, dtype, source.name)
     for module in modules:
@@ -259,15 +262,29 @@ def load_scheduler_config(source: ModelSource) -> dict:
     return config
 
 
-def load_component(source: ModelSource, component: str, dtype: torch.dtype):
-    """``from_pretrained`` of one pipeline component (on CPU, in ``dtype``)."""
+def load_component(source: ModelSource, component: str, dtype: torch.dtype, allow_pickle: bool = False):
+    """``from_pretrained`` of one pipeline component (on CPU, in ``dtype``); safetensors only
+    unless ``allow_pickle``."""
     loader, dtype_kwarg = component_loader(component)
-    kwargs = {} if component == "tokenizer" else {dtype_kwarg: dtype}
+    if component == "tokenizer":
+        kwargs = {}
+    else:
+        kwargs = {dtype_kwarg: dtype, "use_safetensors": None if allow_pickle else True}
+        if not allow_pickle and not any((source.path / component).glob("*.safetensors")):
+            pickled = sorted(p.name for p in (source.path / component).glob("*") if p.suffix in PICKLE_SUFFIXES)
+            if pickled:
+                raise ModelError(f"the {component} of model '{source.name}' has only pickle weights ({pickled[0]}); "
+                                 "tokenflow loads safetensors only, because pickle files can run code. Convert "
+                                 "them (diffusers: from_pretrained(DIR).save_pretrained(DIR)) or, for weights "
+                                 "you trust, pass --allow-pickle")
     try:
         return loader.from_pretrained(source.path, subfolder=component, **kwargs)
     except Exception as error:
         raise ModelError(f"could not load the {component} of model '{source.name}' "
                          f"({one_line(error)})") from None
+
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 def component_loader(component: str):
