@@ -248,6 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return exc.exit_code
     reporter = Reporter(quiet=args.quiet, json_stream=sys.stdout if args.log_json else None)
     _one_line_warnings(reporter)
+    _start_event(reporter, args.command, argv)
     try:
         config = config_from_args(args)
         from . import jobs
@@ -255,7 +256,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "edit" and args.plan:
             jobs.run_plan(config, reporter)
         elif args.command == "edit":
-            jobs.run_edit(config, reporter)
+            results = jobs.run_edit(config, reporter)
+            if reporter.json_stream is None:   # stdout carries results only: the written paths
+                for result in results or []:
+                    print(result.output)
         else:
             jobs.run_invert(config, reporter)
         return 0
@@ -273,8 +277,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "(set TOKENFLOW_DEBUG=1 for a traceback and please report it)", 1)
 
 
+def _start_event(reporter, command: str, argv: Optional[List[str]]) -> None:
+    import platform
+
+    from .progress import EVENT_SCHEMA_VERSION
+
+    reporter.event("start", command=command, version=__version__, schema=EVENT_SCHEMA_VERSION, pid=os.getpid(),
+                   host=platform.node(), argv=list(sys.argv[1:] if argv is None else argv))
+
+
 def _fail(reporter, message: str, code: int) -> int:
-    reporter.event("error", message=message, exit_code=code)
+    from .errors import EXIT_NAMES
+
+    reporter.event("error", code=EXIT_NAMES.get(code, "internal_error"), exit_code=code, message=message)
     print(f"tokenflow: error: {message}", file=sys.stderr)
     return code
 

@@ -76,3 +76,17 @@ EXIT_CODES = {
     InterruptedWithCheckpoint.exit_code: "interrupted; a checkpoint was saved (run again with --resume)",
     Interrupted.exit_code: "interrupted; nothing was saved",
 }
+
+
+# the "code" of an error event (--log-json): a stable name per exit code
+EXIT_NAMES = {
+    1: "internal_error",
+    ConfigError.exit_code: "config_error",
+    InputError.exit_code: "input_error",
+    ModelError.exit_code: "model_error",
+    OutputError.exit_code: "output_error",
+    ResourceError.exit_code: "out_of_memory",
+    LockedError.exit_code: "locked",
+    InterruptedWithCheckpoint.exit_code: "interrupted_checkpointed",
+    Interrupted.exit_code: "interrupted",
+}

@@ -8,9 +8,28 @@ import time
 from typing import Dict, Iterator, Optional, TextIO
 
 
+# Every JSON-lines event (``--log-json``): its kind and the fields it always carries, besides
+# "event" (the kind) and "time" (Unix seconds). Documented in docs/events.md; EVENT_SCHEMA_VERSION
+# changes when a field is removed or changes meaning (new fields or kinds may be added).
+EVENT_SCHEMA_VERSION = 1
+EVENT_FIELDS: Dict[str, tuple] = {
+    "start": ("command", "version", "schema", "pid", "host"),
+    "stage_start": ("stage", "total"),
+    "progress": ("stage", "done", "total", "elapsed", "eta_seconds"),
+    "stage_end": ("stage", "seconds"),
+    "plan": ("chunk_frames",),
+    "info": ("message",),
+    "warning": ("message",),
+    "skipped": ("reason", "outputs"),
+    "done": ("outputs", "seconds", "stages"),
+    "error": ("code", "exit_code", "message"),
+}
+
+
 class Stage:
     def __init__(self, reporter: "Reporter", name: str, total: Optional[int]):
         self.reporter, self.name, self.total, self.done = reporter, name, total, 0
+        self.start = time.perf_counter()
         self.bar = None
         if reporter.bars and total is not None:  # untimed stages show up in the summary only
             from tqdm import tqdm
@@ -22,7 +41,11 @@ class Stage:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
-        self.reporter.event("progress", stage=self.name, done=self.done, total=self.total, **info)
+        elapsed = time.perf_counter() - self.start
+        eta = (elapsed / self.done * (self.total - self.done)
+               if self.total is not None and self.done > 0 else None)
+        self.reporter.event("progress", stage=self.name, done=self.done, total=self.total,
+                            elapsed=round(elapsed, 3), eta_seconds=None if eta is None else round(eta, 3), **info)
 
 
 class Reporter:

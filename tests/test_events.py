@@ -1,0 +1,67 @@
+"""The machine contract: every --log-json event matches tokenflow.progress.EVENT_FIELDS, errors carry
+stable codes, and stdout holds results only."""
+import json
+import os
+import subprocess
+import sys
+
+from tokenflow.errors import EXIT_CODES, EXIT_NAMES
+from tokenflow.progress import EVENT_FIELDS
+
+FAST = ["--inversion-steps", "10", "--steps", "5", "--size", "64x64", "--device", "cpu", "--keyframe-spacing", "4",
+        "--frames", "5", "--no-cache"]
+
+
+def tokenflow(*args):
+    return subprocess.run([sys.executable, "-m", "tokenflow", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ})
+
+
+def check_event(event):
+    kind = event["event"]
+    assert kind in EVENT_FIELDS, f"undocumented event kind {kind!r}"
+    assert isinstance(event["time"], float)
+    missing = [f for f in EVENT_FIELDS[kind] if f not in event]
+    assert not missing, f"{kind} event lacks {missing}: {event}"
+
+
+def test_every_event_of_an_edit_follows_the_schema(tmp_path, tiny_model_dir, sample_clip):
+    out = tmp_path / "o.mp4"
+    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "p", *FAST, "-o", out, "--log-json")
+    assert run.returncode == 0, run.stderr
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    for event in events:
+        check_event(event)
+    assert events[0]["event"] == "start" and events[0]["command"] == "edit"
+    assert events[-1]["event"] == "done" and events[-1]["outputs"] == [str(out)]
+    edit_progress = [e for e in events if e["event"] == "progress" and e["stage"] == "edit"]
+    assert edit_progress[-1]["done"] == edit_progress[-1]["total"] and edit_progress[-1]["eta_seconds"] == 0
+    assert all(e["eta_seconds"] >= 0 for e in edit_progress)
+
+
+def test_error_events_carry_a_stable_code(tmp_path, sample_clip):
+    run = tokenflow("edit", tmp_path / "missing.mp4", "--prompt", "p", *FAST, "-o", tmp_path / "o.mp4", "--log-json")
+    assert run.returncode == 3
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    for event in events:
+        check_event(event)
+    error = events[-1]
+    assert error["event"] == "error" and error["code"] == "input_error" and error["exit_code"] == 3
+    assert "missing.mp4" in error["message"]
+
+
+def test_exit_codes_and_names_are_the_documented_ones():
+    assert sorted(EXIT_CODES) == [0, 1, 2, 3, 4, 5, 6, 7, 75, 130]
+    assert set(EXIT_NAMES) == set(EXIT_CODES) - {0}
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "events.md")).read()
+    for code, name in EXIT_NAMES.items():
+        assert f"| {code} | `{name}` |" in doc
+    for kind in EVENT_FIELDS:
+        assert f"| `{kind}` |" in doc
+
+
+def test_stdout_holds_only_the_written_paths(tmp_path, tiny_model_dir, sample_clip):
+    out = tmp_path / "o.mp4"
+    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "p", *FAST, "-o", out, "-q")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [str(out)] and run.stderr == ""
