@@ -23,6 +23,11 @@ EVENT_FIELDS: Dict[str, tuple] = {
     "skipped": ("reason", "outputs"),
     "done": ("outputs", "seconds", "stages"),
     "error": ("code", "exit_code", "message"),
+    # tokenflow run (every event of a run also has "job")
+    "checked": ("jobs",),
+    "job_start": ("job", "file", "index", "total"),
+    "job_end": ("job", "status", "exit_code", "seconds", "outputs"),
+    "run_done": ("exit_code", "jobs"),
 }
 
 
