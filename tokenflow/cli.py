@@ -126,7 +126,7 @@ def _add_common(p: argparse.ArgumentParser, edit: bool) -> None:
                        "(needs opencv-python-headless and matplotlib)")
         g.add_argument("--overwrite", action="store_true", default=None,
                        help="replace existing outputs (default: a job whose outputs all exist is skipped, exit 0)")
-        g = p.add_argument_group("unattended runs (docs/farm.md)")
+        g = p.add_argument_group("unattended runs (docs/checkpoints.md, docs/farm.md)")
         g.add_argument("--checkpoint-dir", metavar="DIR", help="save resumable state (latents, step, RNG) into DIR")
         g.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (default 5)")
         g.add_argument("--resume", action="store_true", default=None,

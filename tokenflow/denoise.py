@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from . import schedule
 from .engine import KeyframeStore, UNetRunner
 from .engine.memory import attention_layer_shapes, gib
-from .errors import ResourceError
+from .errors import ConfigError, ResourceError
 from .engine.planner import MemoryPlan
 from .keyframes import KeyframeSampler, groups, keyframe_windows, original_plan, paper_plan, plan_rows
 from .kernels import KernelChoice
@@ -43,9 +43,15 @@ class Denoiser:
 
     @torch.no_grad()
     def run(self, x0: torch.Tensor, source: Mapping, texts: torch.Tensor, config, scheduler,
-            timesteps: List[int], record_correspondences: bool = False) -> Tuple[torch.Tensor, dict]:
+            timesteps: List[int], record_correspondences: bool = False, *, start: Optional[Mapping] = None,
+            checkpoint=None) -> Tuple[torch.Tensor, dict]:
         """x0: [N,4,h,w] start latents; source: {t: [N,4,h,w]} with ``rows(t, index, device)``;
-        texts: [B,77,D]. Returns (xs [P,N,4,h,w], record of keyframes / correspondences)."""
+        texts: [B,77,D]. Returns (xs [P,N,4,h,w], record of keyframes / correspondences).
+
+        start: a checkpointed state (what ``resume_state`` gives) to continue from instead of x0,
+        bit-identically;
+        checkpoint: a ``checkpoint.Checkpointer`` told about every step boundary (it saves every few
+        steps and after the last, and saves and raises when a stop was requested)."""
         n, device = x0.shape[0], x0.device
         n_prompts = (texts.shape[0] - 1) // 2
         all_timesteps = [int(t) for t in scheduler.timesteps]
@@ -65,9 +71,32 @@ class Denoiser:
         record: dict = {"timesteps": timesteps, "keyframes": []}
         if record_correspondences:
             record["correspondences"] = []
+        first = 0
+        if start is not None:
+            if tuple(start["xs"].shape) != tuple(xs.shape) or list(start["timesteps"]) != list(timesteps):
+                raise ConfigError("the edit checkpoint does not fit this run (latents of another shape or other "
+                                  "timesteps); start over without --resume")
+            first = int(start["step"])
+            xs = start["xs"].to(device)
+            sampler.generator.set_state(start["rng"])
+            record["keyframes"] = [list(k) for k in start["keyframes"]]
+            if record_correspondences:
+                record["correspondences"] = list(start.get("correspondences") or [])
+            # chunks (the plan's grid) stay; calls within them keep a halving that happened before the stop
+            self.frames_per_call, self.halved = int(start["frames_per_call"]), bool(start["halved"])
         common = dict(n_branches=texts.shape[0], match_on=match_on, kernels=self.kernels)
-        with self.reporter.stage("edit", total=len(timesteps) * (1 + len(chunks))) as stage:
-            for step, t in enumerate(timesteps):
+
+        def resume_state() -> dict:   # what continuing at the next step needs
+            return {"xs": xs, "rng": sampler.generator.get_state(), "keyframes": record["keyframes"],
+                    "correspondences": record.get("correspondences"), "frames_per_call": self.frames_per_call,
+                    "halved": self.halved, "timesteps": list(timesteps)}
+
+        # the stage counts this process's work: a resumed edit's `step` fields go on from `first`
+        with self.reporter.stage("edit", total=(len(timesteps) - first) * (1 + len(chunks))) as stage:
+            for step in range(first, len(timesteps)):
+                if checkpoint is not None:
+                    checkpoint.between_steps("edit", step, len(timesteps), resume_state)
+                t = timesteps[step]
                 keyframes = sampler.next()
                 record["keyframes"].append(keyframes.tolist())
                 kf_idx = keyframes.to(device)
@@ -92,6 +121,8 @@ class Denoiser:
                         call(c, a, b)
                         stage.update(step=step, pass_="chunk", chunk=c)
                 xs = new_xs
+            if checkpoint is not None:
+                checkpoint.between_steps("edit", len(timesteps), len(timesteps), resume_state, final=True)
         return xs, record
 
     def _propagate(self, c: int, a: int, b: int, *, xs, new_xs, source, texts, t, plans, store, scheduler,

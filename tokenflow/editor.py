@@ -20,6 +20,7 @@ import torch
 
 from . import schedule
 from .cache import InversionCache, InversionKey
+from .checkpoint import Checkpointer, fingerprint_fields
 from .config import DEFAULT_MODEL, EditConfig
 from .device import resolve_device, resolve_dtype
 from .denoise import Denoiser, text_branches
@@ -29,6 +30,7 @@ from .engine.latents import DiskLatents, InvertedLatents
 from .engine.memory import calibrate, default_budget, parse_bytes
 from .engine.planner import MemoryPlan, make_plan
 from .errors import ConfigError, ResourceError
+from .interrupt import StopFlag
 from .inversion import ddim_invert, noise_from_inversion
 from .models import SDModel, encode_prompt, is_out_of_memory, load_model
 from .kernels import KernelChoice, check_backends
@@ -205,7 +207,11 @@ class Editor:
         clip = self.load_clip(video, config)
         return self._invert(clip, config, self._plan(clip, config))
 
-    def _invert(self, clip: Clip, config: EditConfig, plan: MemoryPlan) -> Inversion:
+    def _invert(self, clip: Clip, config: EditConfig, plan: MemoryPlan,
+                checkpoint: Optional[Checkpointer] = None) -> Inversion:
+        """The inversion from the cache, else computed (continuing a checkpointed one when
+        ``checkpoint`` restored one) and stored in the cache, or in the checkpoint folder when the
+        cache cannot hold it, so a resumed edit does not invert again."""
         sched_cfg = self.model.scheduler_config
         inv_ts = schedule.timesteps_of(sched_cfg, config.inversion_steps)
         needed = schedule.inversion_save_timesteps(inv_ts, self._edit_timesteps(config))
@@ -219,17 +225,33 @@ class Editor:
             self.reporter.info(f"inversion: reusing cached latents ({len(cached)} timesteps)")
             latents = InvertedLatents.stack(cached, z0.device, plan.latents_on)
             return Inversion(clip, z0, latents, config.inversion_prompt, config.inversion_steps, from_cache=True)
-        cond = encode_prompt(self.model, config.inversion_prompt)
-        scheduler = schedule.make_scheduler(sched_cfg, config.inversion_steps)
-        self.use_backend(config, plan)
+        start = checkpoint.restored("invert") if checkpoint is not None else None
+        if start is not None:   # the interrupted run's z0: the same start, whatever this encode gave
+            z0 = start["z0"].to(z0.device)
+        if start is not None and start["step"] >= start["total"]:
+            latents = InvertedLatents.stack(start["latents"], z0.device, plan.latents_on)
+        else:
+            if checkpoint is not None and checkpoint.restored("edit") is not None:
+                self.reporter.info("inversion: neither the cache nor the checkpoint holds it; inverting again")
+            cond = encode_prompt(self.model, config.inversion_prompt)
+            scheduler = schedule.make_scheduler(sched_cfg, config.inversion_steps)
+            self.use_backend(config, plan)
 
-        def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-            return self.runner.eps(x, t, cond.expand(x.shape[0], -1, -1), pad_to=plan.inversion_frames)
+            def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+                return self.runner.eps(x, t, cond.expand(x.shape[0], -1, -1), pad_to=plan.inversion_frames)
 
-        with self.reporter.stage("invert", total=len(inv_ts)) as stage:
-            latents = ddim_invert(eps_fn, z0, scheduler, needed, plan.inversion_frames,
-                                  on_step=lambda i: stage.update(), place=plan.latents_on)
-        self.cache.save(key, latents)
+            first = int(start["step"]) if start is not None else 0
+            with self.reporter.stage("invert", total=len(inv_ts) - first) as stage:
+                latents = ddim_invert(eps_fn, z0, scheduler, needed, plan.inversion_frames,
+                                      on_step=lambda i: stage.update(step=i), place=plan.latents_on,
+                                      start=start, checkpoint=checkpoint)
+        stored = self.cache.save(key, latents)
+        if checkpoint is not None and checkpoint.folder is not None:
+            if stored is None:   # --no-cache (or an unwritable cache): the checkpoint keeps the inversion
+                if start is None or start["step"] < start["total"]:
+                    checkpoint.save("invert", len(inv_ts), len(inv_ts), {"z0": z0, "latents": dict(latents)})
+            else:
+                checkpoint.discard("invert")
         return Inversion(clip, z0, latents, config.inversion_prompt, config.inversion_steps)
 
     def _edit_timesteps(self, config: EditConfig) -> List[int]:
@@ -242,7 +264,7 @@ class Editor:
 
     def edit(self, video: Union[str, Clip, Inversion], prompt: Optional[str] = None, *,
              config: Optional[EditConfig] = None, record_correspondences: bool = False,
-             **overrides) -> EditResult:
+             interrupt: Optional[StopFlag] = None, **overrides) -> EditResult:
         """Edit a video (path, Clip or a previous Inversion) towards ``prompt``. Returns frames and latents."""
         config = (config or EditConfig()).replace(**overrides)
         if prompt is not None:
@@ -250,15 +272,22 @@ class Editor:
         if len(config.prompts) > 1:
             raise ConfigError(f"{len(config.prompts)} prompts given to Editor.edit: use Editor.edit_many, "
                               "which returns one result per prompt")
-        return self.edit_many(video, config=config, record_correspondences=record_correspondences)[0]
+        return self.edit_many(video, config=config, record_correspondences=record_correspondences,
+                              interrupt=interrupt)[0]
 
     @_oom_as_resource_error
     @torch.no_grad()
     def edit_many(self, video: Union[str, Clip, Inversion], prompts: Optional[List[str]] = None, *,
                   config: Optional[EditConfig] = None, record_correspondences: bool = False,
-                  **overrides) -> List[EditResult]:
+                  interrupt: Optional[StopFlag] = None, **overrides) -> List[EditResult]:
         """Edit one video towards each prompt, sharing the inversion and the source branch of every
-        UNet call (B = 1 + 2 * prompts branches). Returns one EditResult per prompt, in order."""
+        UNet call (B = 1 + 2 * prompts branches). Returns one EditResult per prompt, in order.
+
+        ``config.checkpoint_dir``: save resumable state every ``checkpoint_every`` steps (and
+        continue from it with ``resume``; docs/checkpoints.md); the caller removes it once the
+        results are stored (``checkpoint.remove_checkpoint``). ``interrupt``: a
+        ``interrupt.StopFlag``; once it is set the edit stops after the current step, saves a
+        checkpoint when it has a folder and raises InterruptedWithCheckpoint (else Interrupted)."""
         config = (config or EditConfig()).replace(**overrides)
         if prompts is not None:
             config = config.replace(prompt=tuple(prompts))
@@ -268,6 +297,9 @@ class Editor:
         choice = check_backends(self.model.device, self.model.dtype, config.attention_backend, config.nearest_backend)
         clip = video.clip if isinstance(video, Inversion) else self.load_clip(video, config)
         plan = self._plan(clip, config)
+        checkpoint = self._checkpointer(clip, config, interrupt)   # a mismatching checkpoint fails here
+        if checkpoint is not None:
+            plan = checkpoint.keep_plan(plan)
         self.reporter.event("plan", **plan.as_dict())
         self.use_backend(config, plan)   # an unavailable --backend fails here, before any inversion
         if isinstance(video, Inversion):
@@ -277,8 +309,8 @@ class Editor:
                 raise ConfigError(f"the given Inversion lacks the latents of timesteps {sorted(missing)[:5]}; "
                                   f"invert with steps={config.steps} (the edit's step count)")
         else:
-            inversion = self._invert(clip, config, plan)
-        xs, record = self._denoise(inversion, config, plan, record_correspondences, choice)
+            inversion = self._invert(clip, config, plan, checkpoint)
+        xs, record = self._denoise(inversion, config, plan, record_correspondences, choice, checkpoint)
         results = []
         for prompt, latents in zip(config.prompts, xs):
             with self.reporter.stage("decode"):
@@ -287,10 +319,23 @@ class Editor:
                                       timesteps=record["timesteps"], keyframes=record["keyframes"],
                                       timings=dict(self.reporter.timings), model_is_tiny=self.model.is_tiny,
                                       correspondences=record.get("correspondences"), prompt=prompt, plan=plan))
+        if checkpoint is not None:   # stopped while decoding: the checkpoint after the last step stays
+            checkpoint.check_stop("edit", len(record["timesteps"]), len(record["timesteps"]))
         return results
 
+    def _checkpointer(self, clip: Clip, config: EditConfig, interrupt: Optional[StopFlag]) -> Optional[Checkpointer]:
+        """The edit's Checkpointer (opened: with ``resume``, a checkpoint made with other settings
+        raises ConfigError here), or None without a checkpoint folder and a stop flag."""
+        if not config.checkpoint_dir:
+            return None if interrupt is None else Checkpointer(None, stop=interrupt, reporter=self.reporter)
+        fields = fingerprint_fields(config, model_identity=self.model.identity,
+                                    dtype=str(self.model.dtype).replace("torch.", ""),
+                                    device_type=self.model.device.type, frames_sha256=_pixels_sha256(clip.frames))
+        return Checkpointer(config.checkpoint_dir, every=config.checkpoint_every, fields=fields, resume=config.resume,
+                            stop=interrupt, reporter=self.reporter).open()
+
     def _denoise(self, inversion: Inversion, config: EditConfig, plan: MemoryPlan, record_correspondences: bool,
-                 choice: KernelChoice):
+                 choice: KernelChoice, checkpoint: Optional[Checkpointer] = None):
         """-> (final latents [P,N,4,h,w] float32, record of keyframes and correspondences)."""
         scheduler = schedule.make_scheduler(self.model.scheduler_config, config.steps)
         timesteps = self._edit_timesteps(config)
@@ -305,7 +350,9 @@ class Editor:
             source = InvertedLatents.stack(source, x0.device, plan.latents_on)
         try:   # edit_many chose the backend (use_backend) before inverting
             denoiser = Denoiser(self.runner, self.reporter, plan, choice, synchronizer(x0.device))
-            return denoiser.run(x0, source, texts, config, scheduler, timesteps, record_correspondences)
+            start = checkpoint.restored("edit") if checkpoint is not None else None
+            return denoiser.run(x0, source, texts, config, scheduler, timesteps, record_correspondences,
+                                start=start, checkpoint=checkpoint)
         finally:
             if isinstance(source, DiskLatents):
                 source.close()

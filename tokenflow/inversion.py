@@ -1,17 +1,20 @@
 """DDIM inversion of the source video (the original's ``preprocess.py``), and the edit's start point."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import functools
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 from diffusers import DDIMScheduler
 
 from .engine.latents import InvertedLatents
+from .errors import ConfigError
 
 
 def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor,
                 scheduler: DDIMScheduler, save: Iterable[int], batch_size: int,
-                on_step: Optional[Callable[[int], None]] = None, place: str = "device") -> InvertedLatents:
+                on_step: Optional[Callable[[int], None]] = None, place: str = "device",
+                start: Optional[Mapping] = None, checkpoint=None) -> InvertedLatents:
     """Deterministic DDIM inversion, conditioned on one prompt (no guidance).
 
     Walks the timesteps upwards (1, 21, ..., 981 for 50 steps). At step i the noise is predicted
@@ -24,6 +27,10 @@ def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
         z0: [N,4,h,w] float32 clean latents.
         save: timesteps whose latents to return; the noisiest one is always returned.
         place: where the saved latents live: "device" (z0's) or "host" (pinned when z0 is on CUDA).
+        start: a checkpointed state to continue from ({"step": next step, "x": [N,4,h,w],
+            "latents": {t: [N,4,h,w]} saved so far}); the result is bit-identical to not stopping.
+        checkpoint: a ``checkpoint.Checkpointer`` told about every step boundary (it saves the
+            state every few steps, and saves and raises when a stop was requested).
     Returns:
         {t: [N,4,h,w] float32}, one tensor [T,N,4,h,w] underneath.
     """
@@ -32,7 +39,23 @@ def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
     save = (set(int(t) for t in save) & set(timesteps)) | {timesteps[-1]}
     x = z0.clone(memory_format=torch.contiguous_format)
     saved = InvertedLatents.empty(sorted(save), x.shape, z0.device, place)
-    for i, t in enumerate(timesteps):
+    first = 0
+    if start is not None:
+        first = int(start["step"])
+        if tuple(start["x"].shape) != tuple(x.shape) or not set(start["latents"]) <= set(save):
+            raise ConfigError("the inversion checkpoint does not fit this run (latents of another shape or "
+                              "timesteps); start over without --resume")
+        x.copy_(start["x"])
+        for t, latent in start["latents"].items():
+            saved[t].copy_(latent)
+
+    def state(i: int) -> dict:   # what continuing at step i needs
+        return {"x": x, "z0": z0, "latents": {t: saved[t] for t in timesteps[:i] if t in save}}
+
+    for i in range(first, len(timesteps)):
+        if checkpoint is not None:
+            checkpoint.between_steps("invert", i, len(timesteps), functools.partial(state, i))
+        t = timesteps[i]
         alpha_t = alphas[t]
         alpha_prev = alphas[timesteps[i - 1]] if i > 0 else scheduler.final_alpha_cumprod
         mu, mu_prev = alpha_t ** 0.5, alpha_prev ** 0.5

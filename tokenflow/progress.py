@@ -21,6 +21,7 @@ EVENT_FIELDS: Dict[str, tuple] = {
     "info": ("message",),
     "warning": ("message",),
     "skipped": ("reason", "outputs"),
+    "checkpoint": ("phase", "step", "total", "path"),
     "done": ("outputs", "seconds", "stages"),
     "error": ("code", "exit_code", "message"),
     # tokenflow run (every event of a run also has "job")

@@ -1,0 +1,310 @@
+"""Resumable runs (docs/checkpoints.md).
+
+A run killed with SIGKILL at a random step (of the edit, or of the inversion) and resumed with
+--resume gives bit-identical latents and frames to an uninterrupted run (CPU, float32); SIGTERM
+finishes the step, checkpoints and exits 75; a checkpoint made with other settings is refused
+(exit 2, naming the settings); an unreadable one is set aside with a warning and its phase starts
+over; --resume with an empty folder starts from scratch.
+
+Runs whose results are compared are subprocesses (`python -m tokenflow edit`), each with one
+torch thread: steady timings on a loaded machine, and the same arithmetic in every run.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from tokenflow.checkpoint import STATE_FILES, Checkpointer, fingerprint_fields, remove_checkpoint
+from tokenflow.cli import main
+from tokenflow.config import EditConfig
+from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint
+from tokenflow.interrupt import stop_on_signals
+
+STEPS, INVERSION_STEPS = 6, 12
+SETTINGS = {"--prompt": "glass", "--inversion-prompt": "shapes", "--inversion-steps": str(INVERSION_STEPS),
+            "--steps": str(STEPS), "--size": "64x64", "--frames": "6", "--keyframe-spacing": "3", "--device": "cpu"}
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PICK = random.Random(20240607)   # the steps at which runs are killed: random, but the same in every test run
+
+
+def edit_args(clip, model, out, *extra, **changes):
+    """`tokenflow edit` arguments writing out/edit.mp4 and out/latents.npy; changes: {"--steps": "4"}."""
+    settings = {**SETTINGS, **{k.replace("_", "-"): v for k, v in changes.items()}}
+    flags = [str(x) for kv in settings.items() for x in kv]
+    return ["edit", str(clip), "--model", str(model), *flags, "-o", str(out / "edit.mp4"),
+            "--save-latents", str(out / "latents.npy"), "--log-json", *map(str, extra)]
+
+
+def run(args):
+    proc = subprocess.run([sys.executable, "-m", "tokenflow", *args], capture_output=True, text=True,
+                          env={**os.environ, **ENV}, timeout=600)
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+def run_until(args, when, sig, tmp_path):
+    """Run, sending ``sig`` once an event satisfies ``when``; -> (exit status, events, stderr)."""
+    errors = open(tmp_path / "stderr.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "tokenflow", *args], stdout=subprocess.PIPE, stderr=errors,
+                            text=True, env={**os.environ, **ENV})
+    watchdog = threading.Timer(600, proc.kill)
+    watchdog.start()
+    events, sent = [], False
+    try:
+        for line in proc.stdout:
+            events.append(json.loads(line))
+            if not sent and when(events[-1]):
+                proc.send_signal(sig)
+                sent = True
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    errors.seek(0)
+    assert sent, f"the run ended before the signal was sent:\n{errors.read()[-2000:]}"
+    return proc.returncode, events, errors.read()
+
+
+def at_step(stage, step):
+    return lambda e: e["event"] == "progress" and e["stage"] == stage and e.get("step") == step
+
+
+def messages(events, kind="info"):
+    return [e["message"] for e in events if e["event"] == kind]
+
+
+def resumed_at(events, phase):
+    """The step a resumed run continued ``phase`` ("inversion"/"edit") from."""
+    found = [m for m in messages(events) if m.startswith(f"resuming the {phase} at step ")]
+    assert len(found) == 1, messages(events)
+    return int(found[0].split(" at step ")[1].split()[0])
+
+
+def video_frames(path):
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def assert_same_as(reference, out):
+    assert np.array_equal(np.load(out / "latents.npy"), reference["latents"])   # bit-identical
+    assert np.array_equal(video_frames(out / "edit.mp4"), reference["frames"])
+
+
+def state_files(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name in STATE_FILES.values())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, sample_clip):
+    """An uninterrupted run without checkpoints."""
+    out = tmp_path_factory.mktemp("reference")
+    code, _, err = run(edit_args(sample_clip, tiny_model_dir, out, "--no-cache"))
+    assert code == 0, err
+    return {"latents": np.load(out / "latents.npy"), "frames": video_frames(out / "edit.mp4")}
+
+
+@pytest.fixture(scope="module")
+def terminated(tmp_path_factory, tiny_model_dir, sample_clip):
+    """A run stopped with SIGTERM during a random edit step; ``pristine`` is a copy of its checkpoint."""
+    tmp = tmp_path_factory.mktemp("terminated")
+    out, folder = tmp / "out", tmp / "ckpt"
+    out.mkdir()
+    step = PICK.randrange(1, STEPS - 1)
+    code, events, err = run_until(edit_args(sample_clip, tiny_model_dir, out, "--no-cache", "--checkpoint-dir",
+                                            folder, "--checkpoint-every", "3"),
+                                  at_step("edit", step), signal.SIGTERM, tmp)
+    shutil.copytree(folder, tmp / "pristine")
+    return {"code": code, "events": events, "stderr": err, "out": out, "folder": folder, "step": step,
+            "pristine": tmp / "pristine"}
+
+
+def test_sigkill_during_the_edit_then_resume_is_bit_identical(tmp_path, reference, tiny_model_dir, sample_clip):
+    out, folder = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    args = edit_args(sample_clip, tiny_model_dir, out, "--no-cache", "--checkpoint-dir", folder,
+                     "--checkpoint-every", "1")
+    step = PICK.randrange(1, STEPS - 1)   # killed during this step (after its keyframe pass started)
+    code, events, _ = run_until(args, at_step("edit", step), signal.SIGKILL, tmp_path)
+    assert code == -signal.SIGKILL
+    assert not (out / "edit.mp4").exists() and not (out / "latents.npy").exists()
+    assert state_files(folder) == ["edit.pt", "inversion.pt"]   # --no-cache: the inversion is kept here
+    saved = [e for e in events if e["event"] == "checkpoint" and e["phase"] == "edit"]
+    assert saved and set(saved[-1]) >= {"phase", "step", "total", "path"} and saved[-1]["total"] == STEPS
+
+    code, events, err = run(args + ["--resume"])
+    assert code == 0, err
+    assert step <= resumed_at(events, "edit") <= step + 1   # from the checkpoint, not from scratch
+    assert not [e for e in events if e["event"] == "stage_start" and e["stage"] == "invert"]
+    assert min(e["step"] for e in events if e["event"] == "progress" and e["stage"] == "edit") >= step
+    assert_same_as(reference, out)
+    assert state_files(folder) == []   # a finished run leaves no state behind
+
+
+def test_sigkill_during_the_inversion_then_resume_continues_it(tmp_path, reference, tiny_model_dir, sample_clip):
+    out, folder, cache = tmp_path / "out", tmp_path / "ckpt", tmp_path / "cache"
+    out.mkdir()
+    args = edit_args(sample_clip, tiny_model_dir, out, "--cache-dir", cache, "--checkpoint-dir", folder,
+                     "--checkpoint-every", "1")
+    step = PICK.randrange(1, INVERSION_STEPS - 2)
+    code, _, _ = run_until(args, at_step("invert", step), signal.SIGKILL, tmp_path)
+    assert code == -signal.SIGKILL
+    assert state_files(folder) == ["inversion.pt"] and not (cache / "inversions").exists()
+
+    code, events, err = run(args + ["--resume"])
+    assert code == 0, err
+    assert 1 <= resumed_at(events, "inversion") <= step + 1
+    inverted = [e["step"] for e in events if e["event"] == "progress" and e["stage"] == "invert"]
+    assert inverted and min(inverted) >= 1 and max(inverted) == INVERSION_STEPS - 1
+    assert len(list((cache / "inversions").glob("*/latents.safetensors"))) == 1   # the cache still gets it
+    assert_same_as(reference, out)
+    assert state_files(folder) == []
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_75(tmp_path, reference, terminated, tiny_model_dir,
+                                                            sample_clip):
+    out, folder = terminated["out"], terminated["folder"]
+    assert terminated["code"] == 75, terminated["stderr"]
+    error = [e for e in terminated["events"] if e["event"] == "error"][-1]
+    assert error["exit_code"] == 75 and "--resume" in error["message"] and str(folder) in error["message"]
+    assert "SIGTERM" in error["message"]
+    saved = [e for e in terminated["events"] if e["event"] == "checkpoint" and e["phase"] == "edit"][-1]
+    assert saved["step"] > terminated["step"]   # the step that was running finished first
+    assert f"edit step {saved['step']} of {STEPS}" in error["message"]
+    assert state_files(folder) == ["edit.pt", "inversion.pt"]
+    assert not (out / "edit.mp4").exists() and not (out / "latents.npy").exists()
+
+    code, events, err = run(edit_args(sample_clip, tiny_model_dir, out, "--no-cache", "--checkpoint-dir", folder,
+                                      "--checkpoint-every", "3", "--resume"))
+    assert code == 0, err
+    assert resumed_at(events, "edit") == saved["step"]
+    assert_same_as(reference, out)
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs: one torch thread, as the subprocesses (fast on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("flag,value", [("--steps", "12"), ("--prompt", "a marble statue"), ("--seed", "7")])
+def test_resume_refuses_a_checkpoint_made_with_other_settings(tmp_path, terminated, tiny_model_dir, sample_clip,
+                                                              capsys, flag, value):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(terminated["pristine"], folder)
+    before = {name: (folder / name).read_bytes() for name in state_files(folder)}
+    code = main(edit_args(sample_clip, tiny_model_dir, tmp_path, "--no-cache", "--checkpoint-dir", folder,
+                          "--resume", **{flag: value}))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    name = flag.lstrip("-")
+    assert f"{name}: checkpoint" in err and "now" in err and str(folder) in err and "--resume" in err
+    assert {name: (folder / name).read_bytes() for name in state_files(folder)} == before   # left alone
+    assert not (tmp_path / "edit.mp4").exists()
+
+
+def test_an_unreadable_checkpoint_is_set_aside_and_its_phase_starts_over(tmp_path, terminated, tiny_model_dir,
+                                                                         sample_clip, capsys, one_thread):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(terminated["pristine"], folder)
+    data = (folder / "edit.pt").read_bytes()
+    (folder / "edit.pt").write_bytes(data[:len(data) // 2])   # truncated
+    code = main(edit_args(sample_clip, tiny_model_dir, tmp_path, "--no-cache", "--checkpoint-dir", folder, "--resume"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    events = [json.loads(line) for line in captured.out.splitlines()]
+    assert any("edit.pt is unreadable" in m and "edit.pt.corrupt" in m for m in messages(events, "warning"))
+    assert (folder / "edit.pt.corrupt").exists() and state_files(folder) == []
+    assert min(e["step"] for e in events if e["event"] == "progress" and e["stage"] == "edit") == 0
+    assert not [e for e in events if e["event"] == "stage_start" and e["stage"] == "invert"]   # that one was fine
+    assert (tmp_path / "edit.mp4").exists()
+
+
+def test_resume_with_an_empty_folder_starts_from_scratch(tmp_path, tiny_model_dir, sample_clip, capsys, one_thread):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    code = main(edit_args(sample_clip, tiny_model_dir, tmp_path, "--no-cache", "--checkpoint-dir", folder,
+                          "--resume", "--steps", "2", "--inversion-steps", "2"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    events = [json.loads(line) for line in captured.out.splitlines()]
+    assert any("no checkpoint in" in m and "starting from scratch" in m for m in messages(events))
+    assert (tmp_path / "edit.mp4").exists() and state_files(folder) == []
+
+
+# --- the pieces, in process ------------------------------------------------------------------
+
+def test_a_stop_request_without_a_folder_raises_interrupted(tiny_sd, sample_clip, tmp_path, one_thread):
+    from tokenflow.cache import InversionCache
+    from tokenflow.editor import Editor
+    from tokenflow.interrupt import StopFlag
+
+    editor = Editor(tiny_sd, cache=InversionCache(enabled=False))
+    config = EditConfig(prompt="glass", frames=3, size=(64, 64), inversion_steps=2, steps=2, device="cpu")
+    flag = StopFlag()
+    flag.request("a test")
+    try:
+        with pytest.raises(Interrupted, match="no output was written") as raised:
+            editor.edit(sample_clip, config=config, interrupt=flag)
+        assert raised.value.exit_code == 130
+        with pytest.raises(InterruptedWithCheckpoint, match="--resume") as raised:
+            editor.edit(sample_clip, config=config.replace(checkpoint_dir=str(tmp_path)), interrupt=flag)
+        assert raised.value.exit_code == 75 and state_files(tmp_path) == ["inversion.pt"]
+    finally:
+        editor.tokenflow.remove()
+
+
+def test_signal_handlers_set_a_flag_and_a_second_sigint_interrupts_at_once():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with stop_on_signals() as flag:
+        assert flag.installed and not flag.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):   # the handler runs between bytecodes
+            pass
+        assert flag.requested and flag.reason == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):   # the handler runs between bytecodes
+                pass
+    assert {s: signal.getsignal(s) for s in before} == before
+
+    seen = {}
+
+    def worker():   # handlers cannot be installed off the main thread: the flag still works by request()
+        with stop_on_signals() as flag:
+            seen["installed"] = flag.installed
+            flag.request("worker")
+            seen["requested"] = flag.requested
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == {"installed": False, "requested": True}
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_checkpoint_files_are_atomic_and_name_the_settings_that_differ(tmp_path):
+    fields = fingerprint_fields(EditConfig(prompt="glass", steps=6), model_identity="m", dtype="float32",
+                                device_type="cpu", frames_sha256="abc")
+    assert "output" not in fields and "checkpoint_dir" not in fields and "chunk_frames" not in fields
+    assert fields["prompt"] == ["glass"] and fields["tokenflow_version"] and fields["frames_sha256"] == "abc"
+    writer = Checkpointer(str(tmp_path), fields=fields).open()
+    writer.save("edit", 3, 6, {"xs": torch.arange(4.0).view(2, 2)[0]})   # a view: saved as its own tensor
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit.pt"]   # no temp file left
+    again = Checkpointer(str(tmp_path), fields=fields, resume=True).open()
+    assert again.restored("edit")["step"] == 3 and torch.equal(again.restored("edit")["xs"], torch.tensor([0., 1.]))
+    other = dict(fields, steps=8, seed=2)
+    with pytest.raises(ConfigError, match=r"seed: checkpoint 1, now 2; steps: checkpoint 6, now 8"):
+        Checkpointer(str(tmp_path), fields=other, resume=True).open()
+    with pytest.warns(UserWarning, match="replacing the checkpoint"):
+        Checkpointer(str(tmp_path), fields=other).open()   # without --resume: starts over
+    assert state_files(tmp_path) == []
+    remove_checkpoint(str(tmp_path))
