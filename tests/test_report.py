@@ -88,7 +88,7 @@ def test_report_replaces_an_old_report_but_never_a_foreign_folder(videos, tmp_pa
 def test_edit_with_report_for_each_prompt(tmp_path, tiny_model_dir, sample_clip):
     out = tmp_path / "edit.mp4"
     run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "glass", "--prompt", "marble",
-                    "--frames", "5", *FAST, "-o", out, "--report", tmp_path / "rep", "--log-json")
+                    "--frames", "5", *FAST, "-o", out, "--report", tmp_path / "rep", "--log-json", "--no-cache")
     assert run.returncode == 0, run.stderr
     for folder in ("1-glass", "2-marble"):
         record = json.loads((tmp_path / "rep" / folder / "report.json").read_text())

@@ -1,27 +1,43 @@
 """On-disk cache of DDIM inversions, keyed by everything that changes the result.
 
 Layout: ``<root>/inversions/<key>/latents.safetensors`` + ``meta.json`` (the key's fields, the
-saved timesteps and the sha256 of the latents file). Entries are written into a temp folder and
-renamed into place; on read the checksum is verified, and a corrupt or incomplete entry is
-reported and recomputed, never used.
+saved timesteps and the sha256 of the latents file).
+
+Several processes may use one cache at once (docs/farm.md):
+- A writer builds the entry in a hidden temp folder next to it (``.<key>.tmp-*``), fsyncs both
+  files and the folder, and renames it into place. Over an existing entry the two folders are
+  swapped atomically (``renameat2(RENAME_EXCHANGE)`` on Linux); where that is unsupported the old
+  entry is first renamed aside. Two writers of one key: the last rename wins, and either entry is
+  complete.
+- A reader opens the entry folder once and reads both files through that handle, so it gets one
+  writer's entry even while another replaces it; it checks the bytes it read against the sha256
+  and decodes those same bytes. A corrupt entry is a miss with a warning (the recomputed entry
+  replaces it); an entry replaced mid-read is read again.
+- Temp folders of killed writers are removed by the next save once they are an hour old.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
-import tempfile
+import sys
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 FORMAT_VERSION = 1
+DATA, META = "latents.safetensors", "meta.json"
+TEMP_MAX_AGE_S = 3600.0     # a writer's temp folder older than this belongs to a dead writer
 
 
 def default_cache_root() -> Path:
@@ -51,6 +67,10 @@ class InversionKey:
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+class _Replaced(Exception):
+    """The entry changed under a reader (a writer swapped it): read it again."""
+
+
 class InversionCache:
     def __init__(self, root: Optional[Path] = None, enabled: bool = True):
         self.root = Path(root) if root is not None else default_cache_root()
@@ -60,27 +80,26 @@ class InversionCache:
         return self.root / "inversions" / key.digest()
 
     def load(self, key: InversionKey, needed: Iterable[int]) -> Optional[Dict[int, torch.Tensor]]:
-        """{t: [N,4,h,w]} if a valid entry holds every needed timestep, else None."""
+        """{t: [N,4,h,w]} if a valid entry holds every needed timestep, else None (never raises)."""
         if not self.enabled:
             return None
         entry = self._entry(key)
-        meta_path, data_path = entry / "meta.json", entry / "latents.safetensors"
-        if not meta_path.exists():
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("key") != json.loads(json.dumps(asdict(key))):
-                raise ValueError("key fields differ")
-            if not set(int(t) for t in needed) <= set(meta.get("timesteps", [])):
-                return None  # valid but incomplete: recomputed and replaced by the caller
-            if _sha256(data_path) != meta["sha256"]:
-                raise ValueError("checksum mismatch")
-            tensors = load_file(str(data_path))
-        except (ValueError, KeyError, TypeError, OSError) as exc:  # damaged (or being replaced): not used
-            # not deleted here: a writer may be swapping the entry in; the recomputed one replaces it
-            warnings.warn(f"inversion cache entry {entry} is corrupt ({exc}); recomputing it")
-            return None
-        return {int(name[2:]): tensor for name, tensor in tensors.items()}
+        needed = {int(t) for t in needed}
+        for attempt in range(4):
+            try:
+                return _read_entry(entry, key, needed)
+            except _Replaced:
+                time.sleep(0.005 * (attempt + 1))      # a writer is swapping the entry: read the new one
+            except FileNotFoundError:
+                if attempt:
+                    return None                         # no entry
+                time.sleep(0.01)                        # or one being moved aside for a new one: look again
+            except Exception as exc:  # noqa: BLE001 - damaged in any way: not used, never fatal
+                # not deleted here: the recomputed entry replaces it (a delete could race that writer)
+                warnings.warn(f"inversion cache entry {entry} is corrupt ({type(exc).__name__}: {exc}); "
+                              "recomputing it")
+                return None
+        return None
 
     def save(self, key: InversionKey, latents: Dict[int, torch.Tensor]) -> Optional[Path]:
         """Write (or replace) the entry atomically; returns its folder (None if disabled/unwritable)."""
@@ -90,38 +109,150 @@ class InversionCache:
         tmp = None
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-            data_path = tmp / "latents.safetensors"
-            save_file({f"t_{t}": v.detach().float().cpu().contiguous() for t, v in latents.items()}, str(data_path))
-            meta = {"format": FORMAT_VERSION, "key": asdict(key), "timesteps": sorted(latents),
-                    "sha256": _sha256(data_path)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if entry.exists():
-                shutil.rmtree(entry, ignore_errors=True)
-            os.replace(tmp, entry)
+            tmp = entry.with_name(f".{entry.name}.tmp-{uuid.uuid4().hex[:12]}")
+            os.mkdir(tmp)                               # mode 0777 less the umask: entries are shareable
+            data = save_safetensors({f"t_{t}": v.detach().float().cpu().contiguous() for t, v in latents.items()})
+            meta = {"format": FORMAT_VERSION, "key": asdict(key), "timesteps": sorted(int(t) for t in latents),
+                    "sha256": hashlib.sha256(data).hexdigest()}
+            _write_synced(tmp / DATA, data)
+            _write_synced(tmp / META, json.dumps(meta, indent=1).encode())
+            _fsync_dir(tmp)
+            installed = _install(tmp, entry)
+            tmp = None if installed else tmp            # swapped out old entries are already removed
+            _fsync_dir(entry.parent)
             _sweep_stale_temps(entry.parent)
             return entry
         except OSError as exc:
             warnings.warn(f"could not write the inversion cache under {self.root} ({exc}); continuing without it")
+            return None
+        finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-            return None
 
 
-def _sweep_stale_temps(folder: Path, max_age_s: float = 24 * 3600) -> None:
-    """Remove temp folders that crashed writers left behind (older than a day)."""
+def _read_entry(entry: Path, key: InversionKey, needed: set) -> Optional[Dict[int, torch.Tensor]]:
+    """Both files through one handle on the entry folder: one writer's entry, whatever renames happen."""
+    folder = os.open(entry, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))   # FileNotFoundError: no entry
+    try:
+        meta = json.loads(_read_at(folder, entry, META))
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+        if meta.get("key") != json.loads(json.dumps(asdict(key))):
+            raise ValueError("key fields differ")
+        timesteps = [int(t) for t in meta["timesteps"]]
+        if not needed <= set(timesteps):
+            return None  # valid but incomplete: recomputed and replaced by the caller
+        data = _read_at(folder, entry, DATA)
+    finally:
+        os.close(folder)
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise ValueError("checksum mismatch")
+    tensors = load_safetensors(data)     # the very bytes that were checked
+    if set(tensors) != {f"t_{t}" for t in timesteps}:
+        raise ValueError("its tensors are not the timesteps meta.json lists")
+    return {int(name[2:]): tensor for name, tensor in tensors.items()}
+
+
+def _read_at(folder_fd: int, entry: Path, name: str) -> bytes:
+    try:
+        if os.open in os.supports_dir_fd:
+            fd = os.open(name, os.O_RDONLY, dir_fd=folder_fd)
+        else:  # pragma: no cover - no openat here: by path (the checksum still catches a mix)
+            fd = os.open(entry / name, os.O_RDONLY)
+    except FileNotFoundError:
+        if not _still_linked(folder_fd, entry):
+            raise _Replaced() from None
+        raise ValueError(f"{name} is missing") from None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _still_linked(folder_fd: int, entry: Path) -> bool:
+    """Whether the folder we opened is still the entry (not swapped out and being deleted)."""
+    try:
+        here, now = os.fstat(folder_fd), os.stat(entry)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a folder
+    finally:
+        os.close(fd)
+
+
+def _install(tmp: Path, entry: Path) -> bool:
+    """Rename the complete folder ``tmp`` to ``entry``, replacing an existing entry. False if other
+    writers' entries kept the place (they are complete too)."""
+    asides = []
+    try:
+        for _ in range(8):
+            try:
+                os.rename(tmp, entry)          # no entry yet (or an empty folder): atomic
+                return True
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            if _rename_exchange(tmp, entry):   # both exist: swap them in one step; tmp now holds the old one
+                asides.append(tmp)
+                return True
+            aside = entry.with_name(f".{entry.name}.old-{uuid.uuid4().hex[:12]}")
+            try:
+                os.rename(entry, aside)        # no exchange here: move the old entry aside, then rename again
+                asides.append(aside)
+            except FileNotFoundError:
+                pass
+        return False
+    finally:
+        for folder in asides:                  # after the new entry is in place: readers see no gap
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+_renameat2 = None
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        if sys.platform.startswith("linux"):
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                _renameat2 = fn
+            except (OSError, AttributeError):
+                pass
+    if not _renameat2:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _sweep_stale_temps(folder: Path, max_age_s: float = TEMP_MAX_AGE_S) -> None:
+    """Remove temp folders that killed writers left behind (``.<key>.tmp-*``, ``.<key>.old-*``)."""
     now = time.time()
     for tmp in folder.glob(".*"):
+        if ".tmp-" not in tmp.name and ".old-" not in tmp.name:
+            continue
         try:
             if tmp.is_dir() and now - tmp.stat().st_mtime > max_age_s:
                 shutil.rmtree(tmp, ignore_errors=True)
         except OSError:
             pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

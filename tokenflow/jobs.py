@@ -1,6 +1,7 @@
 """Whole jobs as the CLI runs them: load, invert/edit, write every output atomically, summarise."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -13,14 +14,18 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from .checkpoint import remove_checkpoint
 from .config import EditConfig
 from .device import resolve_device, resolve_dtype
 from .editor import Editor, EditResult, read_clip
 from .engine.planner import MemoryPlan
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, OutputError
+from .interrupt import stop_on_signals
 from .kernels import check_backends
+from .locks import OutputLocks
 from .progress import Reporter
-from .video import check_frames_target, check_writable, write_frames, write_video
+from .video import (check_frames_target, check_writable, remove_path, swap_folder_into_place, temp_sibling,
+                    write_frames, write_video)
 
 TINY_NOTE = "made with --model tiny: random weights, the output is NOT a real edit (offline demo/test model)"
 
@@ -61,6 +66,9 @@ def run_edit(config: EditConfig, reporter: Reporter) -> List[EditResult]:
     latents_out = prompt_outputs(config.save_latents, prompts) if config.save_latents else [None] * len(prompts)
     frames_out = per_prompt_folders(config.save_frames, prompts)
     reports_out = per_prompt_folders(config.report, prompts)
+    targets = job_outputs(outputs, latents_out, frames_out, reports_out)
+    if _skip_if_done(targets, config, reporter):   # every output exists (docs/farm.md): nothing to do
+        return []
     # every output target and the input are checked before any expensive work
     for target in outputs + [p for p in latents_out if p]:
         check_writable(target)
@@ -77,6 +85,17 @@ def run_edit(config: EditConfig, reporter: Reporter) -> List[EditResult]:
         check_report_support()
         for target in reports_out:
             check_report_target(target)
+    with OutputLocks(path for path, _ in targets) as locks:   # LockedError (exit 7) if a live worker has one
+        for message in locks.broken:
+            reporter.info(message)
+        if _skip_if_done(targets, config, reporter, final=True):   # done by another worker meanwhile?
+            return []
+        return _edit_locked(config, reporter, locks, outputs, latents_out, frames_out, reports_out)
+
+
+def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, outputs: list, latents_out: list,
+                 frames_out: list, reports_out: list) -> List[EditResult]:
+    """run_edit's work, while this worker holds the lock of every output."""
     scorer = None
     if config.clip_model:
         from .quality.cli import load_scorer
@@ -87,22 +106,27 @@ def run_edit(config: EditConfig, reporter: Reporter) -> List[EditResult]:
     start = time.perf_counter()
     clip = read_clip(str(config.video), config, reporter)
     editor = _load_editor(config, reporter)
-    results = editor.edit_many(clip, config=config)
-    with reporter.stage("write"):
+    with stop_on_signals() as stop:   # SIGTERM/SIGINT: finish the step, checkpoint, exit 75 (130 without a folder)
+        results = editor.edit_many(clip, config=config, interrupt=stop)
+    with reporter.stage("write"), _staging() as staged:   # all to temp names, then the locks, then renames
         for result, output, frames_dir, latents_path in zip(results, outputs, frames_out, latents_out):
             metadata = {"comment": f"tokenflow edit: {result.prompt}" + (f" [{TINY_NOTE}]" if result.model_is_tiny else "")}
-            result.output = write_video(result.frames, output, config.fps or result.clip.fps,
-                                        audio_from=result.clip, metadata=metadata)
+            staged.append((write_video(result.frames, temp_sibling(output, ".new.mp4"), config.fps or result.clip.fps,
+                                       audio_from=result.clip, metadata=metadata), output))
+            result.output = output
             if frames_dir:
-                write_frames(result.frames, frames_dir)
+                staged.append((write_frames(result.frames, temp_sibling(frames_dir, ".new")), frames_dir))
             if latents_path:
-                save_npy(result.latents.numpy(), latents_path)
+                staged.append((save_npy(result.latents.numpy(), temp_sibling(latents_path, ".new.npy")), latents_path))
+        commit_outputs(staged, locks)
+    remove_checkpoint(config.checkpoint_dir)   # the outputs hold the result now (docs/checkpoints.md)
     for result in results:
         result.timings = dict(reporter.timings)
     if config.report:
-        with reporter.stage("report"):
+        with reporter.stage("report"), _staging() as staged:
             for result, folder in zip(results, reports_out):
-                write_edit_report(result, folder, config, scorer)
+                staged.append((write_edit_report(result, temp_sibling(folder, ".new"), config, scorer), folder))
+            commit_outputs(staged, locks)
     summary = _summary(results, config, time.perf_counter() - start, editor)
     reporter.event("done", **summary)
     if not reporter.quiet and reporter.json_stream is None:
@@ -119,7 +143,72 @@ def per_prompt_folders(folder, prompts) -> list:
     return [str(Path(folder) / f"{k}-{_slug(t)}") for k, t in enumerate(prompts, 1)]
 
 
-def write_edit_report(result: EditResult, folder: str, config: EditConfig, scorer=None) -> None:
+def job_outputs(outputs, latents_out, frames_out, reports_out) -> list:
+    """Every output of a job as (path, kind): kind "file" (videos, latents), "frames" or "report" (folders)."""
+    return ([(p, "file") for p in outputs] + [(p, "file") for p in latents_out if p]
+            + [(p, "frames") for p in frames_out if p] + [(p, "report") for p in reports_out if p])
+
+
+def output_exists(path: str, kind: str) -> bool:
+    """A finished output: a file; a folder with frames in it; a folder with a report.json."""
+    if kind == "file":
+        return os.path.isfile(path)
+    if kind == "report":
+        return os.path.isfile(os.path.join(path, "report.json"))
+    try:
+        with os.scandir(path) as entries:
+            return any(entries)
+    except OSError:   # not a folder (yet)
+        return False
+
+
+def _skip_if_done(targets: list, config: EditConfig, reporter: Reporter, final: bool = False) -> bool:
+    """The skip rule (docs/farm.md). Without --overwrite: every output exists -> True (a ``skipped``
+    event and one line); some exist but not all -> OutputError once ``final`` (under the locks)."""
+    if config.overwrite:
+        return False
+    existing = [path for path, kind in targets if output_exists(path, kind)]
+    if existing and len(existing) == len(targets):
+        reporter.event("skipped", reason="outputs exist", outputs=existing)
+        if not reporter.quiet and reporter.json_stream is None:
+            print(f"tokenflow: skipped: every output already exists ({', '.join(existing)}); "
+                  "--overwrite redoes the job", file=sys.stderr)
+        return True
+    if existing and final:
+        missing = [path for path, kind in targets if path not in existing]
+        raise OutputError(f"some outputs of this job exist and some do not (existing: {', '.join(existing)}; "
+                          f"missing: {', '.join(missing)}), as after an interrupted run or a changed job: pass "
+                          "--overwrite to redo the job and replace them, or remove them")
+    return False
+
+
+@contextlib.contextmanager
+def _staging():
+    """A list of (temp, final) outputs; the temps left over when the block ends (failed, or not
+    committed) are removed."""
+    staged: list = []
+    try:
+        yield staged
+    finally:
+        for temp, _ in staged:
+            remove_path(temp)
+
+
+def commit_outputs(staged: list, locks: OutputLocks) -> None:
+    """Check that every lock is still ours, then rename each staged output into place."""
+    locks.verify()
+    for temp, final in staged:
+        try:
+            if os.path.isdir(temp):
+                swap_folder_into_place(temp, final)
+            else:
+                os.replace(temp, final)
+        except OSError as error:
+            raise OutputError(f"could not move the finished output into place at '{final}': "
+                              f"{error.strerror or error}. Check free disk space and permissions.") from None
+
+
+def write_edit_report(result: EditResult, folder: str, config: EditConfig, scorer=None) -> str:
     """Metrics of the in-memory edited frames against the source frames, then the report folder."""
     import dataclasses
 
@@ -129,11 +218,13 @@ def write_edit_report(result: EditResult, folder: str, config: EditConfig, score
 
     metrics = evaluate(result.clip.frames, result.frames, prompt=result.prompt, scorer=scorer)
     settings = {k: v for k, v in dataclasses.asdict(config).items() if v is not None and k != "prompt"}
-    write_report(folder, source=result.clip.frames, edited=result.frames, fps=config.fps or result.clip.fps,
-                 metrics=metrics, prompt=result.prompt, title=f"tokenflow edit: {Path(result.output).name}",
-                 settings=settings, timings={k: v for k, v in result.timings.items()}, versions=versions(),
-                 inputs={"source": str(config.video), "output": str(result.output), "model": str(config.model)},
-                 notes=[TINY_NOTE] if result.model_is_tiny else [])
+    folder = write_report(folder, source=result.clip.frames, edited=result.frames, fps=config.fps or result.clip.fps,
+                          metrics=metrics, prompt=result.prompt, title=f"tokenflow edit: {Path(result.output).name}",
+                          settings=settings, timings={k: v for k, v in result.timings.items()}, versions=versions(),
+                          inputs={"source": str(config.video), "output": str(result.output),
+                                  "model": str(config.model)},
+                          notes=[TINY_NOTE] if result.model_is_tiny else [])
+    return str(folder)
 
 
 def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:

@@ -1,0 +1,399 @@
+"""Outputs and caches under concurrency (docs/farm.md): the inversion cache hammered by several
+processes, output locks (live, dead, killed, other hosts, racing breakers), and the skip rule."""
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokenflow.cache import InversionCache, InversionKey
+from tokenflow.config import EditConfig
+from tokenflow.errors import LockedError, OutputError
+from tokenflow.locks import OutputLock, OutputLocks, lock_path, read_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--inversion-steps", "10", "--steps", "5", "--size", "64x64", "--frames", "5", "--keyframe-spacing", "4",
+        "--device", "cpu"]
+KEY = InversionKey("abc", (64, 64), "model-x", "a wolf", 10, "float32", "cpu")
+DEAD_PID = 99_999_999   # above any pid_max: os.kill says "no such process"
+
+
+def python(code, *args, **popen):
+    """A helper process running ``code`` (stdout piped)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def tokenflow(*args):
+    return subprocess.run([sys.executable, "-m", "tokenflow", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+
+
+def write_lock(target, **record):
+    path = Path(lock_path(target))
+    path.write_text(json.dumps(record))
+    return path
+
+
+def _latents(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {t: torch.randn(3, 4, 8, 8, generator=g) for t in (1, 101, 981)}
+
+
+# ----------------------------------------------------------------------------- the inversion cache
+
+HAMMER = r"""
+import json, os, sys, time, warnings
+import torch
+from tokenflow.cache import InversionCache, InversionKey
+
+root, me, go, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+KEY = InversionKey("same", (64, 64), "m", "p", 10, "float32", "cpu")
+TS = (1, 201, 401, 601, 801)
+
+def entry(writer, round_):
+    # every tensor of an entry says who wrote it, in which round; the rest follows from those two
+    g = torch.Generator().manual_seed(writer * 1_000_003 + round_)
+    out = {t: torch.randn(2, 4, 48, 48, generator=g) for t in TS}
+    for t in TS:
+        out[t][0, 0, 0, 0], out[t][0, 0, 0, 1] = writer, round_
+    return out
+
+def check(loaded):
+    writer, round_ = int(loaded[TS[0]][0, 0, 0, 0]), int(loaded[TS[0]][0, 0, 0, 1])
+    want = entry(writer, round_)
+    if set(loaded) != set(TS) or not all(torch.equal(loaded[t], want[t]) for t in TS):
+        raise AssertionError(f"mixed or partial entry (claims writer {writer}, round {round_})")
+    return writer
+
+cache = InversionCache(root)
+open(f"{go}.ready-{me}", "w").close()
+deadline = time.time() + 120
+while not os.path.exists(go) and time.time() < deadline:
+    time.sleep(0.005)
+stats = {"saves": 0, "hits": 0, "misses_after_hit": 0, "writers_seen": set(), "warnings": []}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    end, round_ = time.time() + seconds, 0
+    while time.time() < end:
+        round_ += 1
+        if me < 2 or round_ % 4 == 0:      # two busy writers, two mostly readers
+            cache.save(KEY, entry(me, round_))
+            stats["saves"] += 1
+        loaded = cache.load(KEY, TS[:2])
+        if loaded is None:
+            stats["misses_after_hit"] += bool(stats["hits"])
+        else:
+            stats["writers_seen"].add(check(loaded))
+            stats["hits"] += 1
+    stats["warnings"] = [str(w.message) for w in caught]
+stats["writers_seen"] = sorted(stats["writers_seen"])
+print(json.dumps(stats))
+"""
+
+
+def test_concurrent_processes_never_read_a_partial_or_mixed_entry(tmp_path):
+    go = tmp_path / "go"
+    workers = [python(HAMMER, tmp_path / "cache", me, go, 4.0) for me in range(4)]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("go.ready-*"))) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()   # all imported: they start together
+    results = []
+    for w in workers:
+        out, err = w.communicate(timeout=180)
+        assert w.returncode == 0, err[-3000:]   # no exception escaped, no inconsistent entry was read
+        results.append(json.loads(out))
+    assert all(r["warnings"] == [] for r in results), [r["warnings"] for r in results]   # nothing looked corrupt
+    assert sum(r["saves"] for r in results) >= 20 and all(r["hits"] for r in results)
+    assert len({w for r in results for w in r["writers_seen"]}) >= 2     # they really did overwrite each other
+    loads = sum(r["hits"] + r["misses_after_hit"] for r in results)
+    assert sum(r["misses_after_hit"] for r in results) <= 0.02 * loads   # a replaced entry never vanishes for long
+    folder = tmp_path / "cache" / "inversions"
+    same = InversionKey("same", (64, 64), "m", "p", 10, "float32", "cpu")
+    assert [p.name for p in folder.iterdir()] == [same.digest()]   # no temp folder left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate data", "truncate meta", "delete data", "tensors unlike meta"])
+def test_a_damaged_entry_is_a_miss_with_a_warning_and_a_save_repairs_it(tmp_path, damage):
+    cache = InversionCache(tmp_path)
+    entry = cache.save(KEY, _latents())
+    data, meta = entry / "latents.safetensors", entry / "meta.json"
+    if damage == "truncate data":
+        os.truncate(data, data.stat().st_size // 2)
+    elif damage == "truncate meta":
+        os.truncate(meta, meta.stat().st_size // 2)
+    elif damage == "delete data":
+        data.unlink()
+    else:  # a valid file with a matching checksum, but not the timesteps meta.json lists
+        import hashlib
+
+        from safetensors.torch import save
+
+        raw = save({"t_1": torch.zeros(1)})
+        data.write_bytes(raw)
+        record = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**record, "sha256": hashlib.sha256(raw).hexdigest()}))
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert cache.load(KEY, {1}) is None
+    cache.save(KEY, _latents())
+    loaded = cache.load(KEY, {1, 101})
+    assert loaded is not None and all(torch.equal(loaded[t], v) for t, v in _latents().items())
+
+
+def test_replacing_an_entry_without_an_atomic_exchange(tmp_path, monkeypatch):
+    import tokenflow.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_rename_exchange", lambda a, b: False)   # e.g. NFS: move aside, rename
+    cache = InversionCache(tmp_path)
+    cache.save(KEY, _latents(0))
+    cache.save(KEY, _latents(1))
+    loaded = cache.load(KEY, {1})
+    assert all(torch.equal(loaded[t], v) for t, v in _latents(1).items())
+    assert [p.name for p in (tmp_path / "inversions").iterdir()] == [KEY.digest()]
+
+
+def test_temp_folders_of_killed_writers_are_swept_once_old(tmp_path):
+    cache = InversionCache(tmp_path)
+    folder = tmp_path / "inversions"
+    dead, live = folder / f".{KEY.digest()}.tmp-dead", folder / f".{KEY.digest()}.tmp-live"
+    for temp in (dead, live):
+        temp.mkdir(parents=True)
+        (temp / "latents.safetensors").write_bytes(b"half")
+    old = time.time() - 2 * 3600
+    os.utime(dead, (old, old))
+    cache.save(KEY, _latents())
+    assert not dead.exists() and live.exists()   # a writer may still be filling the young one
+
+
+# ----------------------------------------------------------------------------- locks
+
+HOLD = r"""
+import sys
+from tokenflow.locks import OutputLocks
+with OutputLocks([sys.argv[1]], heartbeat_s=0.2):
+    print("held", flush=True)
+    sys.stdin.read()     # until the test closes our stdin (or kills us)
+"""
+
+
+def hold(target):
+    holder = python(HOLD, target, stdin=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+    return holder
+
+
+def test_a_lock_held_by_a_live_process_is_respected_and_released_at_exit(tmp_path):
+    out = tmp_path / "o.mp4"
+    holder = hold(out)
+    with pytest.raises(LockedError, match=f"pid {holder.pid} on host '{socket.gethostname()}'"):
+        OutputLock(out).acquire()
+    holder.stdin.close()
+    assert holder.wait(timeout=30) == 0
+    assert not Path(lock_path(out)).exists()
+    OutputLock(out).acquire().release()
+
+
+def test_the_lock_of_a_killed_process_is_broken(tmp_path):
+    out = tmp_path / "o.mp4"
+    holder = hold(out)
+    holder.send_signal(signal.SIGKILL)   # no finally runs: the lock file stays
+    deadline, lock = time.time() + 10, OutputLock(out)
+    while True:   # not reaped yet (a zombie) counts as dead too
+        try:
+            lock.acquire()
+            break
+        except LockedError:
+            assert time.time() < deadline, "the lock of a killed process was never broken"
+            time.sleep(0.05)
+    holder.wait()
+    assert lock.broken and f"pid {holder.pid}" in lock.broken[0]
+    assert read_lock(lock_path(out)).record["pid"] == os.getpid()
+    lock.release()
+
+
+def test_locks_from_other_hosts_expire_by_heartbeat(tmp_path, monkeypatch):
+    out = tmp_path / "o.mp4"
+    now = time.time()
+    write_lock(out, pid=1, host="render-node-9", started=now - 3600, heartbeat=now - 1)
+    with pytest.raises(LockedError, match="pid 1 on host 'render-node-9'"):
+        OutputLock(out).acquire()
+    path = write_lock(out, pid=1, host="render-node-9", started=now - 3600, heartbeat=now - 30)
+    os.utime(path, (now - 30, now - 30))
+    with pytest.raises(LockedError):
+        OutputLock(out).acquire()             # 30 s < the default TTL of 120 s
+    monkeypatch.setenv("TOKENFLOW_LOCK_TTL", "10")
+    lock = OutputLock(out).acquire()          # 30 s > 10 s: that worker is presumed dead
+    assert "render-node-9" in lock.broken[0]
+    lock.release()
+
+
+@pytest.mark.parametrize("case", ["dead pid", "reused pid", "unreadable and old"])
+def test_stale_locks_on_this_host_are_broken(tmp_path, case):
+    out = tmp_path / "o.mp4"
+    now = time.time()
+    if case == "dead pid":
+        write_lock(out, pid=DEAD_PID, host=socket.gethostname(), started=now, heartbeat=now)
+    elif case == "reused pid":   # our pid is alive, but it is not the process that took the lock
+        write_lock(out, pid=os.getpid(), host=socket.gethostname(), started=now, heartbeat=now, pid_start="1")
+    else:
+        path = Path(lock_path(out))
+        path.write_text("")
+        os.utime(path, (now - 600, now - 600))
+    OutputLock(out).acquire().release()
+    assert not Path(lock_path(out)).exists()
+
+
+def test_an_unreadable_fresh_lock_is_respected(tmp_path):
+    out = tmp_path / "o.mp4"
+    Path(lock_path(out)).write_text("")    # a worker between creating and filling its lock
+    with pytest.raises(LockedError, match="unreadable"):
+        OutputLock(out).acquire()
+
+
+def test_heartbeat_keeps_the_lock_fresh_and_a_lost_lock_is_noticed(tmp_path):
+    out = tmp_path / "o.mp4"
+    with OutputLocks([out], ttl=0.4) as locks:   # heartbeat every 0.1 s
+        time.sleep(0.6)
+        record = read_lock(lock_path(out)).record
+        assert record["heartbeat"] - record["started"] > 0.3 and time.time() - record["heartbeat"] < 0.35
+        locks.verify()
+        # another worker breaks it (it looked dead to them) and takes it
+        os.rename(lock_path(out), tmp_path / "moved")
+        write_lock(out, pid=DEAD_PID + 1, host="other", started=time.time(), heartbeat=time.time())
+        with pytest.raises(LockedError, match="lost the lock"):
+            locks.verify()
+    assert read_lock(lock_path(out)).record["host"] == "other"   # released: theirs was left alone
+
+
+RACE = r"""
+import json, os, sys, time
+from tokenflow.errors import LockedError
+from tokenflow.locks import OutputLock
+
+target, go, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+while not os.path.exists(go):
+    time.sleep(0.005)
+held, end, n = [], time.time() + seconds, 0
+while time.time() < end:
+    lock = OutputLock(target, ttl=60)
+    try:
+        lock.acquire()
+    except LockedError:
+        time.sleep(0.001)
+        continue
+    start = time.time()
+    time.sleep(0.01)
+    try:
+        lock.verify()
+        ok = True
+    except LockedError:
+        ok = False
+    held.append([start, time.time(), ok, len(lock.broken)])
+    n += 1
+    if n % 2:
+        lock.release()
+    else:                  # "die" holding it: the record names a dead pid, the file stays
+        lock.record["pid"] = 99_999_999
+        lock._write()
+        os.close(lock.fd)
+        lock.fd = None
+print(json.dumps(held))
+"""
+
+
+def test_racing_workers_break_stale_locks_without_ever_sharing_one(tmp_path):
+    out, go = tmp_path / "o.mp4", tmp_path / "go"
+    workers = [python(RACE, out, go, 3.0) for _ in range(4)]
+    time.sleep(0.3)
+    go.touch()
+    held = []
+    for w in workers:
+        stdout, err = w.communicate(timeout=60)
+        assert w.returncode == 0, err[-3000:]
+        held += json.loads(stdout)
+    assert all(ok for _, _, ok, _ in held), "a holder lost its lock to another worker"
+    held.sort()
+    for (_, end, _, _), (start, _, _, _) in zip(held, held[1:]):
+        assert start >= end, "two workers held the same lock at once"
+    assert len(held) >= 10 and sum(b for *_, b in held) >= 3   # many rounds, and stale locks were broken
+
+
+# ----------------------------------------------------------------------------- the skip rule
+
+
+def _config(tmp_path, **kw):
+    return EditConfig(video=str(tmp_path / "in.mp4"), prompt="glass", output=str(tmp_path / "o.mp4"), **kw)
+
+
+def test_skip_when_every_output_exists_else_refuse_a_partial_job(tmp_path, capsys):
+    from tokenflow.jobs import run_edit
+    from tokenflow.progress import Reporter
+
+    (tmp_path / "o.mp4").write_bytes(b"done")
+    (tmp_path / "l.npy").write_bytes(b"done")
+    events = io.StringIO()
+    assert run_edit(_config(tmp_path, save_latents=str(tmp_path / "l.npy")), Reporter(json_stream=events)) == []
+    skipped = [json.loads(line) for line in events.getvalue().splitlines()]
+    assert skipped[-1]["event"] == "skipped" and skipped[-1]["reason"] == "outputs exist"
+    assert skipped[-1]["outputs"] == [str(tmp_path / "o.mp4"), str(tmp_path / "l.npy")]
+    assert run_edit(_config(tmp_path), Reporter()) == []
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "skipped" in lines[0] and "--overwrite" in lines[0]
+    assert run_edit(_config(tmp_path), Reporter(quiet=True)) == [] and capsys.readouterr().err == ""
+    # one output there, one not: refused (before any work), naming both and --overwrite
+    with pytest.raises(OutputError, match=r"existing: .*o\.mp4.*missing: .*png.*--overwrite"):
+        run_edit(_config(tmp_path, save_frames=str(tmp_path / "png")), Reporter(quiet=True))
+    assert not list(tmp_path.glob("*.lock"))
+
+
+def test_edit_cli_breaks_a_dead_lock_refuses_a_live_one_skips_and_overwrites(tmp_path, tiny_model_dir, sample_clip):
+    out = tmp_path / "out.mp4"
+    args = ["edit", sample_clip, "--model", tiny_model_dir, "--prompt", "glass", *FAST, "-o", out]
+    killed = hold(out)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert Path(lock_path(out)).exists()
+    # 1. the killed worker's lock is broken and the job runs, holding the lock while it works
+    first = subprocess.Popen([sys.executable, "-m", "tokenflow", *map(str, args), "--log-json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    events = []
+    for line in first.stdout:
+        events.append(json.loads(line))
+        if events[-1]["event"] == "stage_start":
+            break
+    assert read_lock(lock_path(out)).record["pid"] == first.pid
+    rest, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    events += [json.loads(line) for line in rest.splitlines()]
+    assert any(f"pid {killed.pid} on this machine has exited" in e.get("message", "") for e in events)
+    assert out.stat().st_size > 0 and not Path(lock_path(out)).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp or aside file left
+    mtime = out.stat().st_mtime_ns
+    # 2. the same job again: skipped at once, the output untouched
+    again = tokenflow(*args, "--log-json")
+    assert again.returncode == 0, again.stderr
+    kinds = [json.loads(line)["event"] for line in again.stdout.splitlines()]
+    assert "skipped" in kinds and "stage_start" not in kinds and "done" not in kinds
+    assert out.stat().st_mtime_ns == mtime
+    # 3. a second worker on an output a live worker holds: exit 7, one line naming the holder
+    holder = hold(out)
+    locked = tokenflow(*args, "--overwrite", "-q")
+    holder.stdin.close()
+    holder.wait(timeout=30)
+    lines = [line for line in locked.stderr.splitlines() if line.strip()]
+    assert locked.returncode == 7 and len(lines) == 1, locked.stderr
+    assert f"pid {holder.pid} on host '{socket.gethostname()}'" in lines[0] and str(out) in lines[0]
+    assert out.stat().st_mtime_ns == mtime
+    # 4. --overwrite redoes it
+    over = tokenflow(*args, "--overwrite", "-q")
+    assert over.returncode == 0, over.stderr
+    assert out.stat().st_mtime_ns != mtime and not Path(lock_path(out)).exists()
