@@ -246,6 +246,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         except TokenFlowError as exc:
             print(f"tokenflow: error: {exc}", file=sys.stderr)
             return exc.exit_code
+        except KeyboardInterrupt:
+            print("tokenflow: error: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
+            if os.environ.get("TOKENFLOW_DEBUG"):
+                raise
+            print(f"tokenflow: error: {_internal_error(exc)}", file=sys.stderr)
+            return 1
     reporter = Reporter(quiet=args.quiet, json_stream=sys.stdout if args.log_json else None)
     _one_line_warnings(reporter)
     _start_event(reporter, args.command, argv)
@@ -273,8 +281,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("TOKENFLOW_DEBUG"):
             raise
-        return _fail(reporter, f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                     "(set TOKENFLOW_DEBUG=1 for a traceback and please report it)", 1)
+        return _fail(reporter, _internal_error(exc), 1)
+
+
+def _internal_error(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0][:500] if str(exc) else ""
+    return f"internal error: {type(exc).__name__}: {first} (set TOKENFLOW_DEBUG=1 for a traceback and please report it)"
 
 
 def _start_event(reporter, command: str, argv: Optional[List[str]]) -> None:

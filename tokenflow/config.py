@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, short_repr
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
@@ -145,7 +145,7 @@ class EditConfig:
         _fraction("sdedit_start", self.sdedit_start, low_open=True)
         if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale) \
                 or self.guidance_scale < 0:
-            raise ConfigError(f"guidance_scale={self.guidance_scale!r} must be a finite number >= 0 (default 7.5)")
+            raise ConfigError(f"guidance_scale={short_repr(self.guidance_scale)} must be a finite number >= 0 (default 7.5)")
         _choice("method", self.method, METHODS)
         _choice("propagation", self.propagation, PROPAGATIONS)
         from .kernels.dispatch import check_names  # noqa: PLC0415 (keeps config import-light)
@@ -162,9 +162,9 @@ class EditConfig:
                         f"size {w}x{h}: {name} must be a multiple of 8 and at least 64 "
                         "(Stable Diffusion works on 8x downsampled latents), e.g. 512x512 or 672x384")
         if self.fps is not None and (not isinstance(self.fps, (int, float)) or not self.fps > 0):
-            raise ConfigError(f"fps={self.fps!r} must be a positive number")
+            raise ConfigError(f"fps={short_repr(self.fps)} must be a positive number")
         if not isinstance(self.prompt, (str, tuple, list)) or not all(isinstance(p, str) for p in self.prompts):
-            raise ConfigError(f"prompt={self.prompt!r} must be a string or a list of strings")
+            raise ConfigError(f"prompt={short_repr(self.prompt)} must be a string or a list of strings")
         if need_prompt and (not self.prompts or not all(p.strip() for p in self.prompts)):
             raise ConfigError("the edit prompt is empty: pass --prompt \"what the video should become\" "
                               "(repeat --prompt for several edits of the same video)")
@@ -177,7 +177,7 @@ def _int_at_least(name: str, value: Any, low: int, allow_none: bool = False) -> 
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name}={value!r} must be an integer >= {low}")
+        raise ConfigError(f"{name}={short_repr(value)} must be an integer >= {low}")
 
 
 def _fraction(name: str, value: Any, low_open: bool) -> None:
@@ -185,12 +185,12 @@ def _fraction(name: str, value: Any, low_open: bool) -> None:
     ok = ok and (0 < value <= 1 if low_open else 0 <= value <= 1)
     if not ok:
         interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ConfigError(f"{name}={value!r} must be a number in {interval}")
+        raise ConfigError(f"{name}={short_repr(value)} must be a number in {interval}")
 
 
 def _choice(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
+        raise ConfigError(f"{name}={short_repr(value)} is not one of: {', '.join(allowed)}")
 
 
 # --- presets ------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
         try:
             changes["size"] = (int(w if w is not None else h), int(h if h is not None else w))
         except (TypeError, ValueError):
-            raise ConfigError(f"{source}: H={h!r}, W={w!r} must be whole numbers of pixels") from None
+            raise ConfigError(f"{source}: H={short_repr(h)}, W={short_repr(w)} must be whole numbers of pixels") from None
     # the original's sdedit config is recognised by its keys
     if ("start" in data or "use_ddim_noise" in data) and "method" not in data:
         changes["method"] = "sdedit"
@@ -267,7 +267,7 @@ def _size_value(value: Any, source: str) -> Tuple[int, int]:
     if not isinstance(value, (list, tuple)):
         return parse_size(str(value))
     if len(value) != 2 or not all(isinstance(v, int) for v in value):
-        raise ConfigError(f"{source}: size={value!r} must be [width, height] or 'WIDTHxHEIGHT'")
+        raise ConfigError(f"{source}: size={short_repr(value)} must be [width, height] or 'WIDTHxHEIGHT'")
     return tuple(value)
 
 
@@ -275,7 +275,7 @@ def _model_from_sd_version(value: Any, source: str) -> str:
     key = str(value)
     if key not in SD_VERSIONS:
         raise ConfigError(
-            f"{source}: sd_version={value!r} is not supported; use one of {', '.join(SD_VERSIONS)} "
+            f"{source}: sd_version={short_repr(value)} is not supported; use one of {', '.join(SD_VERSIONS)} "
             "or set `model` to a Hub id / local diffusers folder")
     return SD_VERSIONS[key]
 
@@ -292,6 +292,8 @@ def load_yaml(path: str, base: EditConfig = EditConfig()) -> EditConfig:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"config file {path!r} is not valid YAML ({first}); fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path!r} is nested too deeply to be a config; fix the file") from None
     return from_mapping(data, base, source=f"config {path!r}")
 
 

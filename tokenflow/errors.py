@@ -6,6 +6,19 @@ Every message names the offending input and says how to fix it.
 from __future__ import annotations
 
 
+import reprlib
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+
+
+def short_repr(value) -> str:
+    """``repr`` bounded in depth and length, for quoting user values in messages (a YAML alias
+    bomb or a 1000-deep list must not become a megabyte error line)."""
+    return _SHORT.repr(value)
+
+
 class TokenFlowError(Exception):
     """Base class: a problem the user can fix. ``exit_code`` is stable across releases."""
 

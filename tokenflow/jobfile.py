@@ -26,7 +26,7 @@ import yaml
 
 from .config import DTYPES, METHODS, PLACES, PRESETS, PROPAGATIONS, EditConfig, parse_size
 from .errors import (ConfigError, Interrupted, InterruptedWithCheckpoint, LockedError, ResourceError,
-                     TokenFlowError)
+                     TokenFlowError, short_repr)
 
 REQUIRED = ("video", "prompt", "output")
 PATH_FIELDS = ("video", "output", "save_frames", "save_latents", "report", "checkpoint_dir", "cache_dir")
@@ -135,7 +135,7 @@ def _kind_name(value: Any) -> str:
 
 
 def _got(value: Any) -> str:
-    return f"got {value!r} ({_kind_name(value)})"
+    return f"got {short_repr(value)} ({_kind_name(value)})"
 
 
 def _check_generic(spec: Spec, value: Any, path: str) -> Tuple[Any, List[Problem]]:
@@ -339,6 +339,9 @@ def read_job_file(path: str) -> Tuple[Any, List[Problem]]:
             return None, [Problem("", f"{where}YAML tag {name!r} is refused: job files are plain data "
                                       "(mappings, lists, strings, numbers, booleans), nothing is executed", path)]
         return None, [Problem("", f"is not valid YAML ({where}{problem})", path)]
+    except RecursionError:
+        return None, [Problem("", "is nested too deeply to be a job file (lists or mappings hundreds of levels deep)",
+                              path)]
     if data is None:
         return None, [Problem("", "is empty: a job needs at least video, prompt and output", path)]
     if not isinstance(data, dict):

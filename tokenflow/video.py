@@ -520,7 +520,9 @@ def _encoder_opens(name: str) -> bool:
 
 def _encode_frames(stream, images: np.ndarray) -> Iterator:
     for index, image in enumerate(images):
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        # converted to the stream's pixel format here, not inside encode(): that implicit conversion
+        # gave different bytes for identical frames on a loaded machine (tests/test_fault_corpus.py)
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=stream.pix_fmt)
         frame.pts = index
         yield from stream.encode(frame)
     yield from stream.encode(None)
