@@ -111,13 +111,19 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, out
     with reporter.stage("write"), _staging() as staged:   # all to temp names, then the locks, then renames
         for result, output, frames_dir, latents_path in zip(results, outputs, frames_out, latents_out):
             metadata = {"comment": f"tokenflow edit: {result.prompt}" + (f" [{TINY_NOTE}]" if result.model_is_tiny else "")}
-            staged.append((write_video(result.frames, temp_sibling(output, ".new.mp4"), config.fps or result.clip.fps,
-                                       audio_from=result.clip, metadata=metadata), output))
+            temp = temp_sibling(output, ".new.mp4")
+            with _naming(output, temp):
+                staged.append((write_video(result.frames, temp, config.fps or result.clip.fps,
+                                           audio_from=result.clip, metadata=metadata), output))
             result.output = output
             if frames_dir:
-                staged.append((write_frames(result.frames, temp_sibling(frames_dir, ".new")), frames_dir))
+                temp = temp_sibling(frames_dir, ".new")
+                with _naming(frames_dir, temp):
+                    staged.append((write_frames(result.frames, temp), frames_dir))
             if latents_path:
-                staged.append((save_npy(result.latents.numpy(), temp_sibling(latents_path, ".new.npy")), latents_path))
+                temp = temp_sibling(latents_path, ".new.npy")
+                with _naming(latents_path, temp):
+                    staged.append((save_npy(result.latents.numpy(), temp), latents_path))
         commit_outputs(staged, locks)
     remove_checkpoint(config.checkpoint_dir)   # the outputs hold the result now (docs/checkpoints.md)
     for result in results:
@@ -192,6 +198,18 @@ def _staging():
     finally:
         for temp, _ in staged:
             remove_path(temp)
+
+
+@contextlib.contextmanager
+def _naming(final: str, temp: str):
+    """An OutputError about the staged ``temp`` path names the user's ``final`` path instead."""
+    try:
+        yield
+    except OutputError as exc:
+        message = re.sub(r"\.*" + re.escape(os.path.basename(temp).lstrip(".")) + r"[^'\s]*", os.path.basename(final),
+                         str(exc))
+        raise OutputError(message.replace(os.path.dirname(os.path.abspath(temp)) + os.sep + os.path.basename(final),
+                                          str(final))) from None
 
 
 def commit_outputs(staged: list, locks: OutputLocks) -> None:
