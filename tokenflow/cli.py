@@ -249,6 +249,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         except KeyboardInterrupt:
             print("tokenflow: error: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:   # e.g. `tokenflow schema | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except Exception as exc:  # a bug, not bad input: one line unless asked for the traceback
             if os.environ.get("TOKENFLOW_DEBUG"):
                 raise
