@@ -41,7 +41,7 @@ PY
     fi
     "$VENV/bin/tokenflow" edit "$clip" "${preset[@]}" --model "$model" \
         --prompt "a colourful stained glass window" --inversion-prompt "coloured shapes moving" \
-        -o tokenflow-results/sample-edit.mp4 --report tokenflow-results/sample-report "$@"
+        -o tokenflow-results/sample-edit.mp4 --report tokenflow-results/sample-report --overwrite "$@"
 }
 
 cmd="${1:-demo}"
