@@ -20,9 +20,12 @@ def short_repr(value) -> str:
 
 
 class TokenFlowError(Exception):
-    """Base class: a problem the user can fix. ``exit_code`` is stable across releases."""
+    """Base class: a problem the user can fix. ``exit_code`` is stable across releases; ``code`` is
+    its name in the ``error`` event of ``--log-json``; ``meaning`` is what the exit code says."""
 
     exit_code = 1
+    code = "internal_error"
+    meaning = "internal error (a bug: please report it; TOKENFLOW_DEBUG=1 prints the traceback)"
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -32,74 +35,61 @@ class TokenFlowError(Exception):
 class ConfigError(TokenFlowError):
     """A flag or config value is out of range, of the wrong type or unknown."""
 
-    exit_code = 2
+    exit_code, code = 2, "config_error"
+    meaning = "bad flag, config value or job file"
 
 
 class InputError(TokenFlowError):
     """The input video (or image folder) is missing, unreadable, corrupt, empty or of an unsupported size."""
 
-    exit_code = 3
+    exit_code, code = 3, "input_error"
+    meaning = "bad input video"
 
 
 class ModelError(TokenFlowError):
     """The model cannot be found, loaded, or is not a supported Stable Diffusion layout."""
 
-    exit_code = 4
+    exit_code, code = 4, "model_error"
+    meaning = "model unavailable or unsupported"
 
 
 class OutputError(TokenFlowError):
     """The output path cannot be written."""
 
-    exit_code = 5
+    exit_code, code = 5, "output_error"
+    meaning = "output cannot be written"
 
 
 class ResourceError(TokenFlowError):
     """The device ran out of memory (or another resource)."""
 
-    exit_code = 6
+    exit_code, code = 6, "out_of_memory"
+    meaning = "out of memory (after one retry with smaller chunks)"
 
 
 class LockedError(TokenFlowError):
     """Another live worker holds the lock of this job's output; nothing was done."""
 
-    exit_code = 7
+    exit_code, code = 7, "locked"
+    meaning = "output locked by another live worker"
 
 
 class InterruptedWithCheckpoint(TokenFlowError):
     """SIGTERM/SIGINT: the current step finished and a checkpoint was saved; ``--resume`` continues."""
 
-    exit_code = 75
+    exit_code, code = 75, "interrupted_checkpointed"
+    meaning = "interrupted; a checkpoint was saved (run again with --resume)"
 
 
 class Interrupted(TokenFlowError):
     """SIGTERM/SIGINT without a checkpoint directory: stopped, nothing written."""
 
-    exit_code = 130
+    exit_code, code = 130, "interrupted"
+    meaning = "interrupted; nothing was saved"
 
 
-EXIT_CODES = {
-    0: "success (also: every output already existed and was skipped)",
-    1: "internal error (a bug: please report it; TOKENFLOW_DEBUG=1 prints the traceback)",
-    ConfigError.exit_code: "bad flag, config value or job file",
-    InputError.exit_code: "bad input video",
-    ModelError.exit_code: "model unavailable or unsupported",
-    OutputError.exit_code: "output cannot be written",
-    ResourceError.exit_code: "out of memory (after one retry with smaller chunks)",
-    LockedError.exit_code: "output locked by another live worker",
-    InterruptedWithCheckpoint.exit_code: "interrupted; a checkpoint was saved (run again with --resume)",
-    Interrupted.exit_code: "interrupted; nothing was saved",
-}
-
-
-# the "code" of an error event (--log-json): a stable name per exit code
-EXIT_NAMES = {
-    1: "internal_error",
-    ConfigError.exit_code: "config_error",
-    InputError.exit_code: "input_error",
-    ModelError.exit_code: "model_error",
-    OutputError.exit_code: "output_error",
-    ResourceError.exit_code: "out_of_memory",
-    LockedError.exit_code: "locked",
-    InterruptedWithCheckpoint.exit_code: "interrupted_checkpointed",
-    Interrupted.exit_code: "interrupted",
-}
+_FAMILY = [TokenFlowError, *TokenFlowError.__subclasses__()]
+# exit code -> meaning (0 included), and exit code -> the "code" of an error event
+EXIT_CODES = {0: "success (also: every output already existed and was skipped)",
+              **{cls.exit_code: cls.meaning for cls in _FAMILY}}
+EXIT_NAMES = {cls.exit_code: cls.code for cls in _FAMILY}

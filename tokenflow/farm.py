@@ -46,6 +46,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .atomic import atomic_file
 from .errors import ConfigError, Interrupted, OutputError
 
 REPORT_SCHEMA_VERSION = 1
@@ -759,20 +760,7 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def _write_json_atomic(path: str, data: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path, durable=True, make_parents=True) as f:
+        json.dump(data, f, indent=1, default=str)
+        f.write("\n")
 

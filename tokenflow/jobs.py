@@ -6,7 +6,6 @@ import os
 import re
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -14,6 +13,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from .atomic import atomic_file
 from .checkpoint import remove_checkpoint
 from .config import EditConfig
 from .device import resolve_device, resolve_dtype
@@ -291,19 +291,9 @@ def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
 
 def save_npy(array: np.ndarray, path: str) -> str:
     """np.save through a temp file + rename (no partial file on failure)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".npy", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return str(target)
+    with atomic_file(path, "wb") as f:
+        np.save(f, array)
+    return str(path)
 
 
 def _summary(results: List[EditResult], config: EditConfig, seconds: float, editor: Editor) -> Dict:

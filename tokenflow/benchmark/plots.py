@@ -17,12 +17,11 @@ keyframe spacing), so runs with different step counts are never compared by time
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..atomic import atomic_file
 from ..errors import OutputError
 from .config import STAGE_LABELS, STAGES
 
@@ -254,25 +253,11 @@ def save(fig, path) -> Path:
     """Write ``fig`` as a PNG atomically: a temp file in the target's folder, then ``os.replace``."""
     target = Path(path).expanduser()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png", dpi=DPI)
-            os.chmod(tmp, 0o666 & ~_umask())   # mkstemp's 0600 is not what a plain file write gives
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(target, "wb", make_parents=True) as f:
+            fig.savefig(f, format="png", dpi=DPI)
     except OSError as exc:
         raise OutputError(f"cannot write the plot to '{path}' ({exc.strerror or exc})") from None
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write(doc: dict, path) -> Path:

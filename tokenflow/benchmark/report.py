@@ -11,11 +11,10 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, TextIO
 
+from ..atomic import atomic_file
 from ..errors import ConfigError, OutputError
 from .config import STAGE_LABELS, STAGES
 
@@ -84,16 +83,9 @@ def write_json(doc: dict, path: str) -> Path:
     """Write ``doc`` to ``path`` atomically (a temp file in the same folder, then ``os.replace``)."""
     target = Path(path).expanduser()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(_finite(doc), f, indent=2, allow_nan=False)
-                f.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(target, make_parents=True) as f:
+            json.dump(_finite(doc), f, indent=2, allow_nan=False)
+            f.write("\n")
     except OSError as exc:
         raise OutputError(f"cannot write the benchmark JSON to '{path}' ({exc.strerror or exc})") from None
     return target

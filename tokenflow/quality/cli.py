@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..atomic import atomic_file
 from ..errors import InputError, OutputError
 
 
@@ -152,14 +152,9 @@ def _check_json_target(path: str) -> None:
 
 def write_json_atomic(doc: Dict, path: str) -> Path:
     target = Path(path).expanduser()
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with atomic_file(target) as f:
             json.dump(doc, f, indent=1)
-        os.replace(temp, target)
     except OSError as error:
         raise OutputError(f"could not write '{path}': {error.strerror or error}") from None
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
     return target
