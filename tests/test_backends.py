@@ -6,6 +6,7 @@ torch backends, whose results equal the eager references up to summation order).
 """
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,6 +215,32 @@ def test_onnx_edit_matches_eager_and_reuses_the_exported_graphs(tiny_model_dir, 
     rel = _rel(result.latents, eager_edit.latents)
     print(f"onnx vs eager: relative L2 of the final latents {rel:.2e}")
     assert rel < 1e-4
+
+
+@onnx_needed
+def test_onnx_sessions_reuse_the_optimised_graph_bit_for_bit_and_ignore_a_damaged_one(onnx_cache):
+    from tokenflow.engine.backends.onnx import OnnxSession
+
+    _, records = onnx_cache
+    path = Path(next(r for r in records if r["pass"] == "plain")["path"])
+    for old in path.parent.glob("*.ort*"):
+        old.unlink()
+    g = torch.Generator().manual_seed(5)
+    args = (torch.randn(5, 4, 8, 8, generator=g), torch.tensor(401), torch.randn(5, 77, 32, generator=g))
+    first = OnnxSession(path, torch.device("cpu"), 1)
+    assert first.source == path
+    optimised = list(path.parent.glob("*.ort"))
+    assert len(optimised) == 1 and (path.parent / (optimised[0].name + ".sha256")).is_file()
+    assert not list(path.parent.glob(".*tmp*"))
+    expected = first(*args)[0]
+    second = OnnxSession(path, torch.device("cpu"), 1)
+    assert second.source == optimised[0]
+    assert torch.equal(second(*args)[0], expected)
+    with open(optimised[0], "ab") as f:    # no longer matches its sha256: optimise the ONNX graph again
+        f.write(b"\0")
+    third = OnnxSession(path, torch.device("cpu"), 1)
+    assert third.source == path and torch.equal(third(*args)[0], expected)
+    assert OnnxSession(path, torch.device("cpu"), 1).source == optimised[0]
 
 
 @onnx_needed

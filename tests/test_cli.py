@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import av
 import numpy as np
@@ -169,3 +170,26 @@ def test_doctor_check_runs_the_backends_against_the_reference():
     assert {(c["op"], c["backend"]) for c in checks} >= {("keyframe_attention", "triton"), ("cosine_nearest", "triton"),
                                                          ("propagate", "triton")}
     assert all(c["ok"] for c in checks)
+
+
+@pytest.mark.parametrize("with_thread", [False, True])
+def test_quick_exit_flushes_output_runs_exit_handlers_and_waits_for_threads(with_thread, tmp_path):
+    """exit_now skips the interpreter's teardown but not what a program's end must still do."""
+    marker = tmp_path / "thread-done"
+    code = textwrap.dedent(f"""
+        import atexit, sys, threading, time
+        from tokenflow.cli import exit_now
+        atexit.register(lambda: print("handler ran", flush=True))
+        if {with_thread}:
+            def work():
+                time.sleep(0.5)
+                open({str(marker)!r}, "w").write("done")
+            threading.Thread(target=work).start()
+        print("buffered", end="")
+        sys.stderr.write("err-buffered")
+        exit_now(3)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    assert done.stdout == "bufferedhandler ran\n" and done.stderr == "err-buffered"
+    assert marker.exists() == with_thread
