@@ -25,6 +25,10 @@ from .memory import Calibration, attention_layer_shapes, gib, module_bytes, unet
 
 PLACES = ("auto", "device", "host")
 CPU_VAE_FRAMES = 8      # frames per VAE call on CPU (tiny model, 1 thread: 12 ms/frame at 8 vs 22 at 40)
+# rows (branches x frames) per propagation call on CPU: 40-frame edits of the tiny model at 128^2,
+# 1 thread, ONNX Runtime, 3 rounds interleaved: propagation 4.12 s median at 30 rows, 4.41 s at 60,
+# 4.90 s at 120 (bigger calls touch more fresh memory: the first call alone took 1.2 s at 120 rows)
+CPU_PROPAGATE_ROWS = 32
 SEARCH_TILE = 1 << 24   # similarities per tile of the torch nearest-neighbour search (kernels/nearest.py)
 STAGE_NAMES = {"keyframes": "the keyframe pass", "propagate": "a propagation call",
                "invert": "an inversion call", "vae": "a VAE call"}
@@ -128,6 +132,8 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     # after; original: own and previous), bounded by K
     staging_per_frame = 2 * per_kf if store_on == "host" else 0
     chunk = chunk_frames or max(1, fits(resident, branches, row, staging_per_frame))
+    if chunk_frames is None and torch.device(model.device).type == "cpu":
+        chunk = min(chunk, max(1, CPU_PROPAGATE_ROWS // branches))
     staging = min(2 * chunk, keyframes) * per_kf if store_on == "host" else 0
     inv = inversion_frames or max(1, fits(latents if latents_on == "device" else 0, 1, row))
     vae = max(1, fits(0, 1, vae_row))
