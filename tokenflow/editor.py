@@ -191,8 +191,7 @@ class Editor:
         vae, out = self.model.vae, []
         for i in range(0, len(latents), frames_per_call):
             z = (latents[i:i + frames_per_call] / self.model.scaling_factor).to(self.model.device, vae.dtype)
-            z = z.contiguous(memory_format=_decoder_memory_format(vae))
-            out.append((vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).cpu().contiguous())
+            out.append((vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).cpu())
         return torch.cat(out)
 
     # --- inversion -------------------------------------------------------------------------
@@ -369,13 +368,6 @@ class Editor:
             shared = torch.randn(z0[:1].shape, generator=generator).to(eps.device)
             eps = shared.expand_as(z0)
         return scheduler.add_noise(z0, eps, torch.tensor(t0))
-
-
-def _decoder_memory_format(vae) -> torch.memory_format:
-    """The memory format of the VAE decoder's weights (channels-last on CPU, see ``models.load_model``)."""
-    weight = vae.decoder.conv_in.weight
-    return torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and weight.shape[-1] > 1 \
-        else torch.contiguous_format
 
 
 def _pixels_sha256(frames: torch.Tensor) -> str:
