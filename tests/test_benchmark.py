@@ -392,3 +392,31 @@ def test_a_variant_out_of_memory_is_recorded_and_the_rest_still_runs(monkeypatch
     assert [bool(v.get("error")) for v in doc["variants"]] == [False, True, False]
     assert doc["ratios"]["chunk1"]["total"] is None and doc["ratios"]["chunk2"]["total"] > 0
     assert "chunk1 did not finish" in capsys.readouterr().err
+
+
+def test_end_to_end_comparison_runs_both_sides_on_the_same_settings(tmp_path):
+    """bench/e2e_vs_original.py: our command, parsed by our CLI, asks for what the original's does."""
+    import importlib.util
+    from pathlib import Path
+
+    from tokenflow.cli import build_parser, config_from_args
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "e2e_vs_original.py"
+    spec = importlib.util.spec_from_file_location("e2e_vs_original", script)
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    args = argparse.Namespace(video="clip.mp4", model="tiny-folder", reference_python="py", reference_script="ref.py")
+    ours = e2e.ours_command("onnx", args, tmp_path)
+    theirs = e2e.original_command(args, tmp_path)
+    config = config_from_args(build_parser().parse_args(ours[3:]))
+    flag = lambda name: theirs[theirs.index(name) + 1]  # noqa: E731
+    assert config.frames == int(flag("--n_frames")) == 40
+    assert config.size == (int(flag("--W")), int(flag("--H"))) == (128, 128)
+    assert config.inversion_steps == int(flag("--inversion_steps")) == 50
+    assert config.steps == int(flag("--edit_steps")) == int(flag("--save_steps")) == 10
+    assert config.keyframe_spacing == int(flag("--batch_size")) == 8
+    assert config.seed == int(flag("--seed"))
+    assert (config.pnp_attn_t, config.pnp_f_t) == (float(flag("--pnp_attn_t")), float(flag("--pnp_f_t")))
+    assert config.prompt == flag("--prompt") and config.inversion_prompt == flag("--inversion_prompt")
+    assert config.negative_prompt == flag("--negative_prompt")
+    assert config.backend == "onnx" and config.device == "cpu" and flag("--threads") == "1"
