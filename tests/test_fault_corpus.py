@@ -602,6 +602,8 @@ def _partly_decodable(ctx: Ctx, res: Result) -> None:
     expected = decodable_frames(source)
     assert 0 < expected < 24
     assert frames_of(res.out).shape[:3] == (expected, 64, 64)
+    assert any(e["event"] == "warning" and f"ended after {expected} of the 24 frames" in e["message"]
+               for e in res.events()), res.stdout[-2000:]
 
 
 def _irregular_source(ctx: Ctx, res: Result) -> None:
@@ -703,8 +705,9 @@ VIDEO = [
          _edit(lambda x: truncated(x, 12, "truncated.mp4"))),
     Case("truncated-partly-decodable", "video", "a valid MP4 cut to half its size, the first frames decodable",
          "the 24-frame sample truncated to 50% (6 frames decode), `--frames 24`", 0, "",
-         _edit(lambda x: truncated(x, 24, "half.mp4"), "--frames", "24"),
-         answer="succeeds with the frames that decode (fewer than asked), no warning", check=_partly_decodable,
+         _edit(lambda x: truncated(x, 24, "half.mp4"), "--frames", "24", "--log-json"),
+         answer="succeeds with the frames that decode (fewer than asked) and a warning that the file ended "
+                "early", check=_partly_decodable,
          slow=True),
     Case("audio-only", "video", "a file with no video stream", "an AAC tone in an MP4", 3, "has no video stream",
          _edit(audio_only)),

@@ -164,16 +164,20 @@ def _read_video_file(path: str, selection: _Selection, size: Optional[Size], cro
             stream.thread_type = "AUTO"
             fps = _stream_fps(stream)
             has_audio = bool(container.streams.audio)
+            listed = int(stream.frames or 0)   # what the header says; 0 when the container does not say
             decoded = _decode_selected(container, stream, selection, size, crop, fps)
     except InputError:
         raise
     except _DECODE_ERRORS as error:
         raise _decode_error(path, error) from error
-    images, indices, times, source_size, total = decoded
+    images, indices, times, source_size, total, exhausted = decoded
     if total == 0:
         raise InputError(f"no frames could be decoded from '{path}'. Is the video empty or damaged?")
     if not images:
         raise InputError(f"--start {selection.start} is past the end of '{path}' ({total} frames).")
+    if exhausted and listed > total and (selection.count is None or len(images) < selection.count):
+        warnings.warn(f"'{path}' ended after {total} of the {listed} frames its header lists (truncated or "
+                      f"damaged?); editing the {len(images)} selected frames that decoded.")
     return Clip(frames=_to_tensor(images), fps=fps, source=path, source_size=source_size,
                 indices=indices, content_hash=_hash_file(path), audio=has_audio,
                 start_time=times[0], end_time=times[-1] + 1.0 / fps)
@@ -195,14 +199,16 @@ def _decode_selected(container, stream, selection: _Selection, size: Optional[Si
     """Decode up to the last selected frame; resize selected ones as they come (saves memory).
 
     Returns (uint8 [H, W, 3] images, kept indices, kept times in s, displayed source (W, H),
-    number of frames decoded).
+    number of frames decoded, whether decoding reached the end of the stream).
     """
     images, indices, times = [], [], []
     source_size = None
     decoded = 0
+    exhausted = True
     for frame in container.decode(stream):
         index, decoded = decoded, decoded + 1
         if selection.is_done(index):
+            exhausted = False
             break
         if not selection.keeps(index):
             continue
@@ -212,7 +218,7 @@ def _decode_selected(container, stream, selection: _Selection, size: Optional[Si
         images.append(_resize(Image.fromarray(rgb), target, crop))
         indices.append(index)
         times.append(float(frame.time) if frame.time is not None else index / fps)
-    return images, indices, times, source_size, decoded
+    return images, indices, times, source_size, decoded, exhausted
 
 
 def _upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
