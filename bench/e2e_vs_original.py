@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shutil
@@ -70,9 +71,9 @@ def timed(command: List[str], cwd: Path, env_extra: Dict[str, str]) -> Dict[str,
     err = child.stderr.read()
     _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:4])} ... failed with exit {child.returncode}:\n"
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(command[:4])} ... failed with exit {code}:\n"
                          f"{err.decode(errors='replace')[-2000:]}")
     return {"wall": round(wall, 3), "user": round(usage.ru_utime, 3), "sys": round(usage.ru_stime, 3)}
 
@@ -125,8 +126,6 @@ def main() -> int:
     }
     path = Path(args.json or ROOT / "bench" / "results" / f"e2e_cpu_vs_original_{doc['date']}.json")
     with atomic_file(path, "w") as f:
-        import json
-
         json.dump(doc, f, indent=1)
     print("summary:", summary)
     print(path)

@@ -326,10 +326,6 @@ def exit_now(code: int) -> None:
     import atexit
     import threading
 
-    try:
-        sys.stdout.flush()
-    except (BrokenPipeError, ValueError, OSError):   # reader gone, or stdout closed
-        pass
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
     if others or run_exit_handlers is None or os.environ.get("TOKENFLOW_NORMAL_EXIT"):
@@ -338,7 +334,7 @@ def exit_now(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (BrokenPipeError, ValueError, OSError):
+        except (BrokenPipeError, ValueError, OSError):   # reader gone, or the stream closed
             pass
     os._exit(code if isinstance(code, int) else 1)
 

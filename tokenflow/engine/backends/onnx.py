@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ...atomic import atomic_file
 from ...errors import ConfigError
 from ...kernels import KernelChoice
 from ...processors import TokenFlowUNet
@@ -293,19 +294,13 @@ def _keep_optimized(staged: Path, target: Path) -> None:
     the graph without a matching hash ignores it). A read-only cache folder only costs the reuse."""
     try:
         if staged.exists():
-            digest = target.with_name(target.name + ".sha256")
-            staged_digest = staged.with_name(staged.name + ".sha256")
-            staged_digest.write_text(_sha256(staged) + "\n")
-            os.replace(staged_digest, digest)
+            with atomic_file(target.with_name(target.name + ".sha256"), "w") as f:
+                f.write(_sha256(staged) + "\n")
             os.replace(staged, target)
     except OSError:
         pass
     finally:
-        for leftover in (staged, staged.with_name(staged.name + ".sha256")):
-            try:
-                leftover.unlink()
-            except OSError:
-                pass
+        staged.unlink(missing_ok=True)
 
 
 def _numpy_dtype(dtype: torch.dtype):
