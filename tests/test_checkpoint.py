@@ -187,6 +187,50 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_75(tmp_path, reference,
     assert_same_as(reference, out)
 
 
+# The CLI, with one of tokenflow.jobs' steps wrapped to send this process a signal first: the
+# signal then arrives at a known point of the job (a farm stopping its worker at that moment).
+SIGNAL_AT = """
+import os, signal, sys
+from tokenflow import cli, jobs
+name, argv = sys.argv[1], sys.argv[2:]
+real = getattr(jobs, name)
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+setattr(jobs, name, signalled)
+sys.exit(cli.main(argv))
+"""
+
+
+def run_signalled_at(name, args):
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, name, *args], capture_output=True, text=True,
+                          env={**os.environ, **ENV}, timeout=600)
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+
+def test_sigterm_while_the_outputs_are_written_lets_them_finish(tmp_path, reference, tiny_model_dir, sample_clip):
+    out, folder = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    code, events, err = run_signalled_at("write_video", edit_args(sample_clip, tiny_model_dir, out, "--no-cache",
+                                                                  "--checkpoint-dir", folder))
+    assert code == 0, err   # before: killed by the signal half-way through the write (exit -15)
+    assert_same_as(reference, out)
+    assert sorted(p.name for p in out.iterdir()) == ["edit.mp4", "latents.npy"]   # no temp file left
+    assert state_files(folder) == []
+    assert [e["event"] for e in events if e["event"] in ("done", "error")] == ["done"]
+
+
+def test_sigterm_before_the_edit_began_writes_nothing_and_exits_130(tmp_path, tiny_model_dir, sample_clip):
+    out = tmp_path / "out"
+    out.mkdir()
+    code, events, err = run_signalled_at("read_clip", edit_args(sample_clip, tiny_model_dir, out, "--no-cache"))
+    assert code == 130, err
+    error = [e for e in events if e["event"] == "error"][-1]
+    assert "SIGTERM" in error["message"] and "before the edit began" in error["message"]
+    assert list(out.iterdir()) == []
+    assert not any(e["event"] == "stage_start" and e["stage"] == "invert" for e in events)
+
+
 @pytest.fixture
 def one_thread():
     """In-process runs: one torch thread, as the subprocesses (fast on a loaded machine)."""

@@ -180,9 +180,21 @@ def test_task_after_a_lost_worker(tmp_path):
 
 # ------------------------------------------------------------------------------------ on Ray
 
+def _still_editing(events_file: Path, offset: int) -> bool:
+    """Whether the attempt whose events start at ``offset`` has not finished its edit (no decode yet)."""
+    with open(events_file, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    return not any('"stage_start"' in line and '"decode"' in line for line in lines)
+
+
 def _kill_when_checkpointed(root: Path, targets: dict, farm_proc, deadline: float) -> dict:
     """SIGKILL each job's Ray worker (``targets[job] == "worker"``) or its ``tokenflow run`` child
-    ("child") once the job's first checkpoint is on disk; the attempts killed, by job."""
+    ("child") once the job's first checkpoint is on disk; the attempts killed, by job.
+
+    The child is frozen (SIGSTOP) while the test checks that its edit is still running, so the kill
+    lands mid-edit however late this loop noticed the checkpoint on a loaded machine; a child whose
+    worker was killed gets its parent-death SIGTERM when it is let go (SIGCONT)."""
     killed = {}
     while len(killed) < len(targets):
         assert time.time() < deadline, f"no checkpoint in time from {sorted(set(targets) - set(killed))}"
@@ -194,11 +206,24 @@ def _kill_when_checkpointed(root: Path, targets: dict, farm_proc, deadline: floa
             if job in killed or not glob.glob(str(root / job / "*.pt")) or not status.exists():
                 continue
             attempt = json.loads(status.read_text())["attempts"][-1]
-            if attempt["outcome"] == "running" and attempt["child_pid"]:
-                assert farm._same_process(attempt["child_pid"], attempt["child_start"]), \
-                    f"job {job} finished before it could be killed"
-                os.kill(attempt["worker_pid" if which == "worker" else "child_pid"], signal.SIGKILL)
+            if attempt["outcome"] != "running" or not attempt["child_pid"]:
+                continue
+            child = attempt["child_pid"]
+            assert farm._same_process(child, attempt["child_start"]), f"job {job} finished before it could be killed"
+            os.kill(child, signal.SIGSTOP)
+            try:
+                events = root / farm.FARM_DIR / f"{job}.events.jsonl"
+                assert _still_editing(events, attempt["events_offset"]), \
+                    f"job {job} finished its edit before this test could stop it (machine too loaded?)"
+                victim = attempt["worker_pid" if which == "worker" else "child_pid"]
+                os.kill(victim, signal.SIGKILL)
                 killed[job] = attempt
+                gone_by = time.time() + 30   # the worker's exit sends the frozen child its SIGTERM
+                while farm._same_process(victim, None) and time.time() < gone_by:
+                    time.sleep(0.01)
+            finally:
+                if which == "worker" or job not in killed:
+                    os.kill(child, signal.SIGCONT)
         time.sleep(0.02)
     return killed
 

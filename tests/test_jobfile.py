@@ -52,7 +52,7 @@ def calls(monkeypatch):
     """Replace the edit with a recorder."""
     seen = Calls()
 
-    def fake_run_edit(config, reporter):
+    def fake_run_edit(config, reporter, stop=None):
         seen.append(config)
         with reporter.stage("edit", total=1) as stage:
             stage.update()
@@ -240,6 +240,27 @@ def test_an_interrupt_stops_the_run_even_with_keep_going(folder, calls, capsys):
     calls.clear()
     calls.fail = {1: KeyboardInterrupt()}
     assert run_cli(capsys, "run", folder, "--keep-going", "-q")[0] == 130 and len(calls) == 1
+
+
+def test_a_stop_after_a_job_finished_keeps_its_outputs_and_starts_no_other(folder, calls, capsys, monkeypatch):
+    """SIGTERM while job a wrote its outputs: a is done, b is not started, the exit code says to rerun."""
+    for name in "ab":
+        write(folder / f"{name}.yaml", good(name))
+
+    def stopped_while_writing(config, reporter, stop=None):
+        calls.append(config)
+        stop.request("SIGTERM")   # what the run's signal handler does
+        return [types.SimpleNamespace(output=config.output)]
+
+    monkeypatch.setattr(runner, "run_edit", stopped_while_writing)
+    code, out, err = run_cli(capsys, "run", folder, "--log-json")
+    events = [json.loads(line) for line in out.splitlines()]
+    done = events[-1]
+    assert code == 130 and len(calls) == 1
+    assert done["event"] == "run_done" and done["exit_code"] == 130
+    assert [(j["job"], j["status"]) for j in done["jobs"]] == [("a", "done"), ("b", "not run")]
+    error = next(e for e in events if e["event"] == "error")
+    assert "stopped by SIGTERM: 1 job(s) not run" in error["message"] and "again" in error["message"]
 
 
 def test_a_job_locked_by_another_worker_does_not_stop_the_run(folder, calls, capsys):

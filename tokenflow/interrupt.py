@@ -1,6 +1,6 @@
 """SIGTERM / SIGINT as a request to stop after the current step (see docs/checkpoints.md).
 
-    with stop_on_signals() as stop:            # the CLI's edit (jobs.run_edit)
+    with stop_on_signals() as stop:            # the CLI: the whole job (jobs.run_edit) or run
         editor.edit_many(clip, config=config, interrupt=stop)
 
 While the block runs, SIGTERM and the first SIGINT only set ``stop`` (a ``StopFlag``); the

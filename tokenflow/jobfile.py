@@ -27,6 +27,7 @@ import yaml
 from .config import DTYPES, METHODS, PLACES, PRESETS, PROPAGATIONS, EditConfig, parse_size
 from .errors import (ConfigError, Interrupted, InterruptedWithCheckpoint, LockedError, ResourceError,
                      TokenFlowError, short_repr)
+from .interrupt import StopFlag, stop_on_signals
 
 REQUIRED = ("video", "prompt", "output")
 PATH_FIELDS = ("video", "output", "save_frames", "save_latents", "report", "checkpoint_dir", "cache_dir")
@@ -565,39 +566,53 @@ def run_jobs(args: argparse.Namespace, reporter) -> int:
         return 0
     from . import jobs as runner
 
-    records: List[Dict[str, Any]] = []
-    for index, job in enumerate(jobs, 1):
-        reporter.job, reporter.skipped, reporter.timings = job.name, None, {}
-        reporter.event("job_start", file=job.file, index=index, total=len(jobs))
-        if reporter.bars:
-            print(f"tokenflow run: [{index}/{len(jobs)}] {job.name} ({job.file})", file=sys.stderr)
-        record = _run_one(job, runner, reporter)
-        records.append(record)
-        reporter.event("job_end", **{k: v for k, v in record.items() if k != "job"})
-        if record["status"] in ("failed", "interrupted", "locked"):
-            _error(reporter, f"{job.file}: {record['message']}", record["exit_code"])
-            if record["status"] == "interrupted" or (record["status"] == "failed" and not args.keep_going):
-                break
-        elif reporter.json_stream is None and record["status"] == "done":   # stdout: the written paths
-            for output in record["outputs"]:
-                print(output)
+    with stop_on_signals() as stop:   # one stop request for the whole run: no job starts after it
+        records = _run_in_order(jobs, runner, reporter, stop, keep_going=args.keep_going)
     reporter.job = None
     records += [{"job": j.name, "file": j.file, "status": "not run", "exit_code": None, "seconds": 0.0,
                  "outputs": [], "message": ""} for j in jobs[len(records):]]
     first = {status: next((r for r in records if r["status"] == status), None)
              for status in ("interrupted", "failed", "locked")}
     code = next((r["exit_code"] for r in first.values() if r is not None), 0)
+    if stop.requested and code == 0 and len(records) > sum(r["status"] != "not run" for r in records):
+        code = Interrupted.exit_code   # stopped between jobs: the rest did not run; rerunning skips the done ones
+        _error(reporter, f"stopped by {stop.reason}: {sum(r['status'] == 'not run' for r in records)} job(s) "
+                         "not run; run the same command again to do them (finished outputs are skipped)", code)
     reporter.event("run_done", exit_code=code, jobs=records)
     if not args.quiet:
         print(format_run_summary(records), file=sys.stderr)
     return code
 
 
-def _run_one(job: Job, runner, reporter) -> Dict[str, Any]:
+def _run_in_order(jobs: List[Job], runner, reporter, stop: StopFlag, keep_going: bool) -> List[Dict[str, Any]]:
+    """Run jobs in order until one is interrupted, one fails (unless ``keep_going``) or a stop was
+    requested; the records of those that ran."""
+    records: List[Dict[str, Any]] = []
+    for index, job in enumerate(jobs, 1):
+        if stop.requested:
+            break
+        reporter.job, reporter.skipped, reporter.timings = job.name, None, {}
+        reporter.event("job_start", file=job.file, index=index, total=len(jobs))
+        if reporter.bars:
+            print(f"tokenflow run: [{index}/{len(jobs)}] {job.name} ({job.file})", file=sys.stderr)
+        record = _run_one(job, runner, reporter, stop)
+        records.append(record)
+        reporter.event("job_end", **{k: v for k, v in record.items() if k != "job"})
+        if record["status"] in ("failed", "interrupted", "locked"):
+            _error(reporter, f"{job.file}: {record['message']}", record["exit_code"])
+            if record["status"] == "interrupted" or (record["status"] == "failed" and not keep_going):
+                break
+        elif reporter.json_stream is None and record["status"] == "done":   # stdout: the written paths
+            for output in record["outputs"]:
+                print(output)
+    return records
+
+
+def _run_one(job: Job, runner, reporter, stop: StopFlag) -> Dict[str, Any]:
     """Run one valid job; its status, exit code, outputs and seconds (never raises for a job's failure)."""
     start, outputs, message = time.perf_counter(), [], ""
     try:
-        results = runner.run_edit(job.config, reporter)
+        results = runner.run_edit(job.config, reporter, stop)
         outputs = [str(r.output) for r in results or []]
         status, code = "done", 0
         if reporter.skipped is not None:

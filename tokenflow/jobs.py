@@ -8,7 +8,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -19,8 +19,8 @@ from .config import EditConfig
 from .device import resolve_device, resolve_dtype
 from .editor import Editor, EditResult, read_clip
 from .engine.planner import MemoryPlan
-from .errors import ConfigError, InputError, OutputError
-from .interrupt import stop_on_signals
+from .errors import ConfigError, InputError, Interrupted, OutputError
+from .interrupt import StopFlag, stop_on_signals
 from .kernels import check_backends
 from .locks import OutputLocks
 from .progress import Reporter
@@ -57,7 +57,14 @@ def _slug(text: str, limit: int = 40) -> str:
     return words[:limit].rstrip("-") or "prompt"
 
 
-def run_edit(config: EditConfig, reporter: Reporter) -> List[EditResult]:
+def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = None) -> List[EditResult]:
+    """Edit ``config.video`` and write every output atomically; the results (``[]`` when skipped).
+
+    ``stop``: the caller's stop request (``tokenflow run`` keeps one across its jobs). Without one,
+    SIGTERM/SIGINT are handled for the whole job here. A stop before or during the edit ends it
+    after the current step (exit 75 with a checkpoint folder, else 130); once the edit is done,
+    the outputs are still written, so a signal never leaves a half-written file behind.
+    """
     config.validate()
     if not config.video:
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow edit VIDEO ...)")
@@ -85,16 +92,17 @@ def run_edit(config: EditConfig, reporter: Reporter) -> List[EditResult]:
         check_report_support()
         for target in reports_out:
             check_report_target(target)
-    with OutputLocks(path for path, _ in targets) as locks:   # LockedError (exit 7) if a live worker has one
+    signals = contextlib.nullcontext(stop) if stop is not None else stop_on_signals()
+    with signals as stop, OutputLocks(path for path, _ in targets) as locks:   # LockedError (7): a live worker has one
         for message in locks.broken:
             reporter.info(message)
         if _skip_if_done(targets, config, reporter, final=True):   # done by another worker meanwhile?
             return []
-        return _edit_locked(config, reporter, locks, outputs, latents_out, frames_out, reports_out)
+        return _edit_locked(config, reporter, locks, stop, outputs, latents_out, frames_out, reports_out)
 
 
-def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, outputs: list, latents_out: list,
-                 frames_out: list, reports_out: list) -> List[EditResult]:
+def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, stop: StopFlag, outputs: list,
+                 latents_out: list, frames_out: list, reports_out: list) -> List[EditResult]:
     """run_edit's work, while this worker holds the lock of every output."""
     scorer = None
     if config.clip_model:
@@ -106,8 +114,9 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, out
     start = time.perf_counter()
     clip = read_clip(str(config.video), config, reporter)
     editor = _load_editor(config, reporter)
-    with stop_on_signals() as stop:   # SIGTERM/SIGINT: finish the step, checkpoint, exit 75 (130 without a folder)
-        results = editor.edit_many(clip, config=config, interrupt=stop)
+    if stop.requested:   # during the read or the model load: no step has run, nothing new to save
+        raise Interrupted(f"stopped by {stop.reason} before the edit began; nothing was written")
+    results = editor.edit_many(clip, config=config, interrupt=stop)   # a stop: step, checkpoint, exit 75 (130)
     with reporter.stage("write"), _staging() as staged:   # all to temp names, then the locks, then renames
         for result, output, frames_dir, latents_path in zip(results, outputs, frames_out, latents_out):
             metadata = {"comment": f"tokenflow edit: {result.prompt}" + (f" [{TINY_NOTE}]" if result.model_is_tiny else "")}
