@@ -50,26 +50,40 @@ def run(args):
     return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
 
 
-def run_until(args, when, sig, tmp_path):
-    """Run, sending ``sig`` once an event satisfies ``when``; -> (exit status, events, stderr)."""
-    errors = open(tmp_path / "stderr.txt", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "tokenflow", *args], stdout=subprocess.PIPE, stderr=errors,
-                            text=True, env={**os.environ, **ENV})
-    watchdog = threading.Timer(600, proc.kill)
-    watchdog.start()
-    events, sent = [], False
-    try:
-        for line in proc.stdout:
-            events.append(json.loads(line))
-            if not sent and when(events[-1]):
-                proc.send_signal(sig)
-                sent = True
-        proc.wait()
-    finally:
-        watchdog.cancel()
-    errors.seek(0)
-    assert sent, f"the run ended before the signal was sent:\n{errors.read()[-2000:]}"
-    return proc.returncode, events, errors.read()
+# The CLI in a child process that sends itself a signal at a known point of the job, as a farm or
+# a user would at that moment, without the race of a watching process that notices it late on a
+# loaded machine. ["call", NAME]: just before tokenflow.jobs.NAME runs; ["progress", STAGE, STEP]:
+# just after the progress event of that step is written.
+SIGNAL_AT = """
+import json, os, signal, sys
+from tokenflow import cli, jobs, progress
+point, sig, argv = json.loads(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3:]
+if point[0] == "call":
+    real = getattr(jobs, point[1])
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+    setattr(jobs, point[1], signalled)
+else:
+    real_event, sent = progress.Reporter.event, []
+    def event(self, kind, **fields):
+        real_event(self, kind, **fields)
+        if not sent and kind == "progress" and [fields.get("stage"), fields.get("step")] == point[1:]:
+            sent.append(True)
+            os.kill(os.getpid(), sig)
+    progress.Reporter.event = event
+sys.exit(cli.main(argv))
+"""
+
+
+def run_signalled(point, sig, args):
+    """Run with ``sig`` sent at ``point`` (see SIGNAL_AT); -> (exit status, events, stderr)."""
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, json.dumps(point), sig.name, *args],
+                          capture_output=True, text=True, env={**os.environ, **ENV}, timeout=600)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    if point[0] == "progress":
+        assert any(at_step(*point[1:])(e) for e in events), f"the run never reached {point}:\n{proc.stderr[-2000:]}"
+    return proc.returncode, events, proc.stderr
 
 
 def at_step(stage, step):
@@ -117,9 +131,9 @@ def terminated(tmp_path_factory, tiny_model_dir, sample_clip):
     out, folder = tmp / "out", tmp / "ckpt"
     out.mkdir()
     step = PICK.randrange(1, STEPS - 1)
-    code, events, err = run_until(edit_args(sample_clip, tiny_model_dir, out, "--no-cache", "--checkpoint-dir",
-                                            folder, "--checkpoint-every", "3"),
-                                  at_step("edit", step), signal.SIGTERM, tmp)
+    code, events, err = run_signalled(["progress", "edit", step], signal.SIGTERM,
+                                      edit_args(sample_clip, tiny_model_dir, out, "--no-cache", "--checkpoint-dir",
+                                                folder, "--checkpoint-every", "3"))
     shutil.copytree(folder, tmp / "pristine")
     return {"code": code, "events": events, "stderr": err, "out": out, "folder": folder, "step": step,
             "pristine": tmp / "pristine"}
@@ -131,7 +145,7 @@ def test_sigkill_during_the_edit_then_resume_is_bit_identical(tmp_path, referenc
     args = edit_args(sample_clip, tiny_model_dir, out, "--no-cache", "--checkpoint-dir", folder,
                      "--checkpoint-every", "1")
     step = PICK.randrange(1, STEPS - 1)   # killed during this step (after its keyframe pass started)
-    code, events, _ = run_until(args, at_step("edit", step), signal.SIGKILL, tmp_path)
+    code, events, _ = run_signalled(["progress", "edit", step], signal.SIGKILL, args)
     assert code == -signal.SIGKILL
     assert not (out / "edit.mp4").exists() and not (out / "latents.npy").exists()
     assert state_files(folder) == ["edit.pt", "inversion.pt"]   # --no-cache: the inversion is kept here
@@ -153,7 +167,7 @@ def test_sigkill_during_the_inversion_then_resume_continues_it(tmp_path, referen
     args = edit_args(sample_clip, tiny_model_dir, out, "--cache-dir", cache, "--checkpoint-dir", folder,
                      "--checkpoint-every", "1")
     step = PICK.randrange(1, INVERSION_STEPS - 2)
-    code, _, _ = run_until(args, at_step("invert", step), signal.SIGKILL, tmp_path)
+    code, _, _ = run_signalled(["progress", "invert", step], signal.SIGKILL, args)
     assert code == -signal.SIGKILL
     assert state_files(folder) == ["inversion.pt"] and not (cache / "inversions").exists()
 
@@ -187,32 +201,11 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_75(tmp_path, reference,
     assert_same_as(reference, out)
 
 
-# The CLI, with one of tokenflow.jobs' steps wrapped to send this process a signal first: the
-# signal then arrives at a known point of the job (a farm stopping its worker at that moment).
-SIGNAL_AT = """
-import os, signal, sys
-from tokenflow import cli, jobs
-name, argv = sys.argv[1], sys.argv[2:]
-real = getattr(jobs, name)
-def signalled(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGTERM)
-    return real(*args, **kwargs)
-setattr(jobs, name, signalled)
-sys.exit(cli.main(argv))
-"""
-
-
-def run_signalled_at(name, args):
-    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, name, *args], capture_output=True, text=True,
-                          env={**os.environ, **ENV}, timeout=600)
-    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
-
-
 def test_sigterm_while_the_outputs_are_written_lets_them_finish(tmp_path, reference, tiny_model_dir, sample_clip):
     out, folder = tmp_path / "out", tmp_path / "ckpt"
     out.mkdir()
-    code, events, err = run_signalled_at("write_video", edit_args(sample_clip, tiny_model_dir, out, "--no-cache",
-                                                                  "--checkpoint-dir", folder))
+    args = edit_args(sample_clip, tiny_model_dir, out, "--no-cache", "--checkpoint-dir", folder)
+    code, events, err = run_signalled(["call", "write_video"], signal.SIGTERM, args)
     assert code == 0, err   # before: killed by the signal half-way through the write (exit -15)
     assert_same_as(reference, out)
     assert sorted(p.name for p in out.iterdir()) == ["edit.mp4", "latents.npy"]   # no temp file left
@@ -223,7 +216,8 @@ def test_sigterm_while_the_outputs_are_written_lets_them_finish(tmp_path, refere
 def test_sigterm_before_the_edit_began_writes_nothing_and_exits_130(tmp_path, tiny_model_dir, sample_clip):
     out = tmp_path / "out"
     out.mkdir()
-    code, events, err = run_signalled_at("read_clip", edit_args(sample_clip, tiny_model_dir, out, "--no-cache"))
+    args = edit_args(sample_clip, tiny_model_dir, out, "--no-cache")
+    code, events, err = run_signalled(["call", "read_clip"], signal.SIGTERM, args)
     assert code == 130, err
     error = [e for e in events if e["event"] == "error"][-1]
     assert "SIGTERM" in error["message"] and "before the edit began" in error["message"]

@@ -21,7 +21,7 @@ import pytest
 
 from tokenflow import farm
 
-TINY = {"inversion_steps": 10, "steps": 5, "size": "64x64", "frames": 5, "keyframe_spacing": 4, "device": "cpu",
+TINY = {"inversion_steps": 40, "steps": 5, "size": "64x64", "frames": 5, "keyframe_spacing": 4, "device": "cpu",
         "checkpoint_every": 1}
 
 
