@@ -569,15 +569,16 @@ def run_jobs(args: argparse.Namespace, reporter) -> int:
     with stop_on_signals() as stop:   # one stop request for the whole run: no job starts after it
         records = _run_in_order(jobs, runner, reporter, stop, keep_going=args.keep_going)
     reporter.job = None
+    left = jobs[len(records):]
     records += [{"job": j.name, "file": j.file, "status": "not run", "exit_code": None, "seconds": 0.0,
-                 "outputs": [], "message": ""} for j in jobs[len(records):]]
+                 "outputs": [], "message": ""} for j in left]
     first = {status: next((r for r in records if r["status"] == status), None)
              for status in ("interrupted", "failed", "locked")}
     code = next((r["exit_code"] for r in first.values() if r is not None), 0)
-    if stop.requested and code == 0 and len(records) > sum(r["status"] != "not run" for r in records):
+    if stop.requested and code == 0 and left:
         code = Interrupted.exit_code   # stopped between jobs: the rest did not run; rerunning skips the done ones
-        _error(reporter, f"stopped by {stop.reason}: {sum(r['status'] == 'not run' for r in records)} job(s) "
-                         "not run; run the same command again to do them (finished outputs are skipped)", code)
+        _error(reporter, f"stopped by {stop.reason}: {len(left)} job(s) not run; run the same command again to "
+                         "do them (finished outputs are skipped)", code)
     reporter.event("run_done", exit_code=code, jobs=records)
     if not args.quiet:
         print(format_run_summary(records), file=sys.stderr)
