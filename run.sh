@@ -2,6 +2,7 @@
 # One entry point that sets everything up on a fresh machine (Python >= 3.10 with venv):
 #   ./run.sh demo   edit a generated sample clip (default model if it loads, else --model tiny offline)
 #   ./run.sh test   run the test suite
+#   ./run.sh lint   the import-layer contracts (lint-imports) and ruff, as CI runs them
 #   ./run.sh setup  only create .venv and install the package
 # Extra arguments after `demo` go to `tokenflow edit`; after `test`, to pytest.
 set -euo pipefail
@@ -27,12 +28,12 @@ setup() {
 demo() {
     local clip=tokenflow-results/sample.mp4
     mkdir -p tokenflow-results
-    "$VENV/bin/python" -c "from tokenflow.samples import make_sample_clip; make_sample_clip('$clip', n_frames=24, size=(256, 256), fps=12)"
+    "$VENV/bin/python" -c "from tokenflow.io.samples import make_sample_clip; make_sample_clip('$clip', n_frames=24, size=(256, 256), fps=12)"
     local model="${TOKENFLOW_MODEL:-stabilityai/stable-diffusion-2-1-base}"
     local preset=()
     if ! "$VENV/bin/python" - "$model" <<'PY' 2>/dev/null; then
 import sys
-from tokenflow.models import resolve_source
+from tokenflow.models.load import resolve_source
 resolve_source(sys.argv[1])
 PY
         echo "run.sh: model '$model' cannot be loaded here (offline or not downloaded); using --model tiny (random weights: the output is NOT a real edit)" >&2
@@ -50,5 +51,6 @@ case "$cmd" in
     setup) setup ;;
     demo) setup; demo "$@" ;;
     test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
-    *) echo "usage: ./run.sh [demo|test|setup] [args...]" >&2; exit 2 ;;
+    lint) setup; "$VENV/bin/lint-imports" --no-cache; exec "$VENV/bin/ruff" check . ;;
+    *) echo "usage: ./run.sh [demo|test|lint|setup] [args...]" >&2; exit 2 ;;
 esac

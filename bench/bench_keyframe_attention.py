@@ -23,11 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, median_seconds, parser, resolve_args,  # noqa: E402
-                    write_results)
+from common import cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, median_seconds, parser, resolve_args, write_results  # noqa: E402
 
 from tokenflow import kernels  # noqa: E402
-from tokenflow.kernels.attention import keyframe_attention_torch  # noqa: E402
+from tokenflow.kernels.keyframe_attention import keyframe_attention_torch  # noqa: E402
 
 # (tokens S, heads, head dim): SD 2.1 at 512x512 has D = 64 at every resolution; SD 1.5 has 8 heads
 SD21 = [(4096, 5, 64), (1024, 10, 64), (256, 20, 64)]

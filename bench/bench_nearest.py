@@ -25,8 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, median_seconds, parser, resolve_args,  # noqa: E402
-                    write_results)
+from common import cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, median_seconds, parser, resolve_args, write_results  # noqa: E402
 
 from tokenflow import kernels  # noqa: E402
 

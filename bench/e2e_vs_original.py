@@ -34,8 +34,8 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenflow.atomic import atomic_file  # noqa: E402
 from tokenflow.benchmark.system import load_snapshot, wait_until_idle  # noqa: E402
+from tokenflow.io.outputs import atomic_file  # noqa: E402
 
 SETTINGS = {"frames": 40, "size": 128, "inversion_steps": 50, "steps": 10, "spacing": 8, "seed": 1,
             "inversion_prompt": "a wolf", "prompt": "a marble sculpture of a wolf",

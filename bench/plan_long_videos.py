@@ -17,12 +17,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 
-from tokenflow.benchmark.architectures import SD21_UNET, SD_VAE, build_text_encoder, build_tokenizer, \
-    sd_scheduler_config  # noqa: E402
+from tokenflow.benchmark.architectures import (
+    SD21_UNET,
+    SD_VAE,
+    build_text_encoder,
+    build_tokenizer,
+    sd_scheduler_config,  # noqa: E402
+)
 from tokenflow.engine.memory import Calibration, gib  # noqa: E402
 from tokenflow.engine.planner import make_plan  # noqa: E402
 from tokenflow.errors import ResourceError  # noqa: E402
-from tokenflow.models import SDModel, quiet_hf_libraries  # noqa: E402
+from tokenflow.models.hf import quiet_hf_libraries
+from tokenflow.models.load import SDModel  # noqa: E402
 
 CASES = [  # (frames, keyframe window, budget bytes)
     (200, None, 16 * 10**9),

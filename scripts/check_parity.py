@@ -23,8 +23,8 @@ import torch
 
 def compare(reference: str, model: str, video: str, threads: int = 1) -> dict:
     from tokenflow import Editor
-    from tokenflow.cache import InversionCache
     from tokenflow.config import EditConfig
+    from tokenflow.io.cache import InversionCache
 
     torch.set_num_threads(threads)
     result_json = json.load(open(f"{reference}/result.json"))

@@ -30,7 +30,7 @@ def _offline_and_isolated(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from tokenflow.tiny import build_tiny_model
+    from tokenflow.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
 
@@ -40,14 +40,14 @@ def tiny_sd(tiny_model_dir):
     """The tiny model loaded on CPU in float32 (shared: tests must not keep processors installed)."""
     import torch
 
-    from tokenflow.models import load_model
+    from tokenflow.models.load import load_model
 
     return load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
 
 
 @pytest.fixture(scope="session")
 def sample_clip(tmp_path_factory):
-    from tokenflow.samples import make_sample_clip
+    from tokenflow.io.samples import make_sample_clip
 
     path = tmp_path_factory.mktemp("clips") / "sample.mp4"
     return make_sample_clip(str(path), n_frames=12, size=(96, 64), fps=12)

@@ -14,12 +14,19 @@ import pytest
 import torch
 
 from tokenflow.engine.backends import tensorrt as trt_backend
-from tokenflow.engine.backends.tensorrt import (INSTALL, CallSizes, call_limits, engine_key, profile_for_spec,
-                                                profile_shapes, profile_violation)
+from tokenflow.engine.backends.tensorrt import (
+    INSTALL,
+    CallSizes,
+    call_limits,
+    engine_key,
+    profile_for_spec,
+    profile_shapes,
+    profile_violation,
+)
 from tokenflow.engine.passes import input_names
+from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.errors import ConfigError
 from tokenflow.kernels import KernelChoice
-from tokenflow.processors import TokenFlowUNet
 
 LAYERS = [["down.attn1", 64, 32], ["mid.attn1", 16, 64], ["up.attn1", 64, 32]]
 STATIC_INPUTS = {"timestep", "inject_qk", "inject_conv"}
@@ -384,7 +391,7 @@ def cuda_sd(tiny_model_dir):
     pytest.importorskip("onnx")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    from tokenflow.models import load_model
+    from tokenflow.models.load import load_model
 
     return load_model(str(tiny_model_dir), torch.device("cuda"), torch.float16)
 
@@ -460,7 +467,7 @@ def test_engines_match_the_eager_passes_and_are_reused(cuda_sd, tmp_path, cuda_g
 
 def test_tensorrt_edit_matches_eager(tiny_model_dir, sample_clip, cuda_sd, tmp_path):
     from tokenflow.config import EditConfig
-    from tokenflow.editor import Editor
+    from tokenflow.method.editor import Editor
 
     base = dict(video=sample_clip, frames=10, size=(64, 64), inversion_steps=10, steps=5, keyframe_spacing=4,
                 inversion_prompt="a clip", prompt="a new clip", chunk_frames=4, inversion_batch_size=4,

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from tokenflow.config import EditConfig
-from tokenflow.editor import Editor
 from tokenflow.engine import KeyframeStore, UNetRunner
 from tokenflow.engine.backends.compiled import graph_kernels
 from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass, store_tensors
+from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.engine.state import PassKind, StepState
 from tokenflow.errors import ConfigError
 from tokenflow.kernels import KernelChoice
-from tokenflow.processors import PassKind, StepState, TokenFlowUNet
+from tokenflow.method.editor import Editor
 
 STATIC = KernelChoice("torch", "static")
 
@@ -157,7 +158,7 @@ onnx_needed = pytest.mark.skipif(
 def onnx_cache(tiny_model_dir, tmp_path_factory):
     """Graphs of the tiny model at 64x64 (latents 8x8), B = 3, exported once for this module."""
     from tokenflow.engine.backends.onnx import export_all
-    from tokenflow.models import load_model
+    from tokenflow.models.load import load_model
 
     root = tmp_path_factory.mktemp("onnx-cache")
     sd = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
@@ -245,7 +246,7 @@ def test_onnx_sessions_reuse_the_optimised_graph_bit_for_bit_and_ignore_a_damage
 
 @onnx_needed
 def test_export_cli_reuses_matching_graphs_and_redoes_a_damaged_one(tiny_model_dir, onnx_cache, capsys):
-    from tokenflow.cli import main
+    from tokenflow.app.cli import main
 
     root, records = onnx_cache
     argv = ["export", "--model", str(tiny_model_dir), "--size", "64x64", "--device", "cpu", "--out",

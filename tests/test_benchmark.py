@@ -17,15 +17,19 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tokenflow import kernels
-from tokenflow.benchmark import architectures, cli, config as bench_config, flops, peak, run, system
-from tokenflow.cache import InversionCache
+from tokenflow.benchmark import architectures, cli, flops, peak, run, system
+from tokenflow.benchmark import config as bench_config
+from tokenflow.benchmark.original_kernels import (
+    cosine_nearest_original,
+    keyframe_attention_original,
+    propagate_original,
+)
 from tokenflow.config import EditConfig
+from tokenflow.io.cache import InversionCache
+from tokenflow.io.progress import Reporter
 from tokenflow.kernels import explain, verify
-from tokenflow.kernels.attention import keyframe_attention_torch
+from tokenflow.kernels.keyframe_attention import keyframe_attention_torch
 from tokenflow.kernels.nearest import cosine_nearest_torch, propagate_torch
-from tokenflow.kernels.original_pattern import (cosine_nearest_original, keyframe_attention_original,
-                                                propagate_original)
-from tokenflow.progress import Reporter
 
 REL = 1e-9
 CPU = torch.device("cpu")
@@ -119,7 +123,7 @@ def _edit_cases():
 def test_every_stage_of_an_edit_matches_flop_counter(tiny_sd, overrides, one_thread):
     """Whole tiny edit (5 frames, 3 groups: pairs 1 and 2, K=3): each stage's counted FLOPs equal
     the analytic ones computed from the edit's own keyframes and plans."""
-    from tokenflow.editor import Editor
+    from tokenflow.method.editor import Editor
 
     clip = run.synthetic_clip(5, (96, 80))
     cfg = EditConfig(frames=5, inversion_steps=2, steps=2, keyframe_spacing=2, prompt="p", inversion_prompt="q",
@@ -206,7 +210,7 @@ def test_original_backends_pass_the_backend_checks(op, dtype):
 def test_original_nearest_cuda_scoring_passes_the_checks(monkeypatch, dtype):
     """The CUDA path for half inputs (raw dot products, then division by float32 norms), run on the
     CPU: products of half-precision numbers are exact in float32 either way."""
-    from tokenflow.kernels import original_pattern
+    from tokenflow.benchmark import original_kernels as original_pattern
     from tokenflow.kernels.probe import sample_args
 
     monkeypatch.setattr(original_pattern, "_divide_after", lambda t: True)
@@ -399,7 +403,7 @@ def test_end_to_end_comparison_runs_both_sides_on_the_same_settings(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from tokenflow.cli import build_parser, config_from_args
+    from tokenflow.app.cli import build_parser, config_from_args
 
     script = Path(__file__).resolve().parents[1] / "bench" / "e2e_vs_original.py"
     spec = importlib.util.spec_from_file_location("e2e_vs_original", script)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tokenflow.cache import InversionCache, InversionKey
+from tokenflow.io.cache import InversionCache, InversionKey
 
 KEY = InversionKey("abc", (64, 64), "model-x", "a wolf", 50, "float32", "cpu")
 

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-from tokenflow.checkpoint import STATE_FILES, Checkpointer, fingerprint_fields, remove_checkpoint
-from tokenflow.cli import main
+from tokenflow.app.cli import main
 from tokenflow.config import EditConfig
 from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint
 from tokenflow.interrupt import stop_on_signals
+from tokenflow.io.checkpoint import STATE_FILES, Checkpointer, fingerprint_fields, remove_checkpoint
 
 STEPS, INVERSION_STEPS = 6, 12
 SETTINGS = {"--prompt": "glass", "--inversion-prompt": "shapes", "--inversion-steps": str(INVERSION_STEPS),
@@ -52,11 +52,12 @@ def run(args):
 
 # The CLI in a child process that sends itself a signal at a known point of the job, as a farm or
 # a user would at that moment, without the race of a watching process that notices it late on a
-# loaded machine. ["call", NAME]: just before tokenflow.jobs.NAME runs; ["progress", STAGE, STEP]:
+# loaded machine. ["call", NAME]: just before tokenflow.app.jobs.NAME runs; ["progress", STAGE, STEP]:
 # just after the progress event of that step is written.
 SIGNAL_AT = """
 import json, os, signal, sys
-from tokenflow import cli, jobs, progress
+from tokenflow.app import cli, jobs
+from tokenflow.io import progress
 point, sig, argv = json.loads(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3:]
 if point[0] == "call":
     real = getattr(jobs, point[1])
@@ -282,9 +283,9 @@ def test_resume_with_an_empty_folder_starts_from_scratch(tmp_path, tiny_model_di
 # --- the pieces, in process ------------------------------------------------------------------
 
 def test_a_stop_request_without_a_folder_raises_interrupted(tiny_sd, sample_clip, tmp_path, one_thread):
-    from tokenflow.cache import InversionCache
-    from tokenflow.editor import Editor
     from tokenflow.interrupt import StopFlag
+    from tokenflow.io.cache import InversionCache
+    from tokenflow.method.editor import Editor
 
     editor = Editor(tiny_sd, cache=InversionCache(enabled=False))
     config = EditConfig(prompt="glass", frames=3, size=(64, 64), inversion_steps=2, steps=2, device="cpu")

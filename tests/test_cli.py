@@ -154,7 +154,7 @@ def test_doctor_lists_every_op_and_backend_with_reasons():
     report = json.loads(run.stdout)
     assert report["environment"]["packages"]["torch"]
     rows = {(r["op"], r["backend"]): r for r in report["backends"]}
-    assert {op for op, _ in rows} == {"keyframe_attention", "cosine_nearest", "propagate"}
+    assert {op for op, _ in rows} == {"keyframe_attention", "cosine_nearest", "gather"}
     assert rows[("keyframe_attention", "torch")]["chosen"]
     for r in rows.values():  # every backend not chosen says why
         assert r["chosen"] or r["reasons"] or r["only_by_name"], r
@@ -168,7 +168,7 @@ def test_doctor_check_runs_the_backends_against_the_reference():
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr
     checks = json.loads(run.stdout)["checks"]
     assert {(c["op"], c["backend"]) for c in checks} >= {("keyframe_attention", "triton"), ("cosine_nearest", "triton"),
-                                                         ("propagate", "triton")}
+                                                         ("gather", "triton")}
     assert all(c["ok"] for c in checks)
 
 
@@ -178,7 +178,7 @@ def test_quick_exit_flushes_output_runs_exit_handlers_and_waits_for_threads(with
     marker = tmp_path / "thread-done"
     code = textwrap.dedent(f"""
         import atexit, sys, threading, time
-        from tokenflow.cli import exit_now
+        from tokenflow.app.cli import exit_now
         atexit.register(lambda: print("handler ran", flush=True))
         if {with_thread}:
             def work():

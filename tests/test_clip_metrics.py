@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from tokenflow.errors import ModelError
-from tokenflow.models import quiet_hf_libraries
+from tokenflow.models.hf import quiet_hf_libraries
+from tokenflow.models.tiny import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, tokenizer_vocab, write_tokenizer
 from tokenflow.quality.clip_metrics import CLIP_SKIPPED, clip_metrics, load_clip_scorer
-from tokenflow.tiny import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, tokenizer_vocab, write_tokenizer
 
 PROMPT = "a shiny silver robotic wolf"
 
@@ -203,7 +203,7 @@ def test_metrics_and_report_commands_use_the_clip_model(clip_dir, scorer, tmp_pa
     import sys
 
     pytest.importorskip("cv2")
-    from tokenflow.video import read_video, write_video
+    from tokenflow.io.video import read_video, write_video
 
     frames = smooth_frames(6, height=64, width=96)
     write_video(frames, str(tmp_path / "src.mp4"), 8)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenflow.cache import InversionCache, InversionKey
+from tokenflow.app.locks import OutputLock, OutputLocks, lock_path, read_lock
 from tokenflow.config import EditConfig
 from tokenflow.errors import LockedError, OutputError
-from tokenflow.locks import OutputLock, OutputLocks, lock_path, read_lock
+from tokenflow.io.cache import InversionCache, InversionKey
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--inversion-steps", "10", "--steps", "5", "--size", "64x64", "--frames", "5", "--keyframe-spacing", "4",
@@ -53,7 +53,7 @@ def _latents(seed=0):
 HAMMER = r"""
 import json, os, sys, time, warnings
 import torch
-from tokenflow.cache import InversionCache, InversionKey
+from tokenflow.io.cache import InversionCache, InversionKey
 
 root, me, go, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 KEY = InversionKey("same", (64, 64), "m", "p", 10, "float32", "cpu")
@@ -150,7 +150,7 @@ def test_a_damaged_entry_is_a_miss_with_a_warning_and_a_save_repairs_it(tmp_path
 
 
 def test_replacing_an_entry_without_an_atomic_exchange(tmp_path, monkeypatch):
-    import tokenflow.cache as cache_module
+    import tokenflow.io.cache as cache_module
 
     monkeypatch.setattr(cache_module, "_rename_exchange", lambda a, b: False)   # e.g. NFS: move aside, rename
     cache = InversionCache(tmp_path)
@@ -178,7 +178,7 @@ def test_temp_folders_of_killed_writers_are_swept_once_old(tmp_path):
 
 HOLD = r"""
 import sys
-from tokenflow.locks import OutputLocks
+from tokenflow.app.locks import OutputLocks
 with OutputLocks([sys.argv[1]], heartbeat_s=0.2):
     print("held", flush=True)
     sys.stdin.read()     # until the test closes our stdin (or kills us)
@@ -279,7 +279,7 @@ def test_heartbeat_keeps_the_lock_fresh_and_a_lost_lock_is_noticed(tmp_path):
 RACE = r"""
 import json, os, sys, time
 from tokenflow.errors import LockedError
-from tokenflow.locks import OutputLock
+from tokenflow.app.locks import OutputLock
 
 target, go, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 while not os.path.exists(go):
@@ -337,8 +337,8 @@ def _config(tmp_path, **kw):
 
 
 def test_skip_when_every_output_exists_else_refuse_a_partial_job(tmp_path, capsys):
-    from tokenflow.jobs import run_edit
-    from tokenflow.progress import Reporter
+    from tokenflow.app.jobs import run_edit
+    from tokenflow.io.progress import Reporter
 
     (tmp_path / "o.mp4").write_bytes(b"done")
     (tmp_path / "l.npy").write_bytes(b"done")

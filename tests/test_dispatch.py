@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from tokenflow import kernels
 from tokenflow.config import EditConfig
 from tokenflow.errors import ConfigError
 from tokenflow.kernels import BackendUnavailable, KernelChoice, check_backends, explain
+from tokenflow.kernels.keyframe_attention import keyframe_attention
+from tokenflow.kernels.nearest import cosine_nearest
 from tokenflow.kernels.probe import sample_args, verdicts
 
 CPU = torch.device("cpu")
@@ -15,7 +16,7 @@ def _chosen(op, device=CPU, dtype=torch.float32, backend=None):
     return [v.name for v in verdicts(op, device, dtype, backend) if v.chosen]
 
 
-@pytest.mark.parametrize("op", ["keyframe_attention", "cosine_nearest", "propagate"])
+@pytest.mark.parametrize("op", ["keyframe_attention", "cosine_nearest", "gather"])
 def test_auto_on_cpu_is_the_torch_reference(op):
     assert _chosen(op) == ["torch"]
 
@@ -32,13 +33,13 @@ def test_triton_on_cpu_without_interpreter_is_refused_with_the_fix(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     args, _ = sample_args("keyframe_attention", CPU, torch.float32)
     with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
-        kernels.keyframe_attention(*args, backend="triton")
+        keyframe_attention(*args, backend="triton")
 
 
 def test_unknown_backend_lists_the_choices():
     args, _ = sample_args("cosine_nearest", CPU, torch.float32)
     with pytest.raises(BackendUnavailable, match="auto, triton, faiss, torch"):
-        kernels.cosine_nearest(*args, backend="cuvs")
+        cosine_nearest(*args, backend="cuvs")
 
 
 def test_every_backend_explains_integer_inputs():
@@ -47,7 +48,7 @@ def test_every_backend_explains_integer_inputs():
     assert all(v.reasons for v in verdict) and not any(v.chosen for v in verdict)
     assert all("dtype int32" in " ".join(v.reasons) or "not installed" in " ".join(v.reasons) for v in verdict)
     with pytest.raises(BackendUnavailable, match="no backend can run"):
-        kernels.keyframe_attention(q, q, q, 2)
+        keyframe_attention(q, q, q, 2)
 
 
 def test_missing_package_names_the_install_command():
@@ -75,14 +76,14 @@ def test_faiss_matches_reference_on_cpu():
     g = torch.Generator().manual_seed(3)
     x, keys = torch.randn(5, 30, 12, generator=g), torch.randn(3, 41, 12, generator=g)
     pairs = torch.tensor([[0, 1], [1, -1], [2, 2], [0, 0], [-1, -1]])
-    assert torch.equal(kernels.cosine_nearest(x, keys, pairs, backend="faiss"),
-                       kernels.cosine_nearest(x, keys, pairs, backend="torch"))
+    assert torch.equal(cosine_nearest(x, keys, pairs, backend="faiss"),
+                       cosine_nearest(x, keys, pairs, backend="torch"))
 
 
-def test_propagate_follows_the_nearest_backend_where_it_exists():
-    assert KernelChoice(nearest="triton").propagate == "triton"
-    assert KernelChoice(nearest="torch").propagate == "torch"
-    assert KernelChoice(nearest="faiss").propagate == "auto"
+def test_gather_follows_the_nearest_backend_where_it_exists():
+    assert KernelChoice(nearest="triton").gather == "triton"
+    assert KernelChoice(nearest="torch").gather == "torch"
+    assert KernelChoice(nearest="faiss").gather == "auto"
 
 
 def test_config_rejects_unknown_backend_names():
@@ -124,5 +125,5 @@ def test_self_check_passes_the_interpreted_triton_kernels():
     pytest.importorskip("triton")
     from tokenflow.kernels.probe import _self_check
 
-    for op in ("keyframe_attention", "cosine_nearest", "propagate"):
+    for op in ("keyframe_attention", "cosine_nearest", "gather"):
         assert _self_check(op, "triton", CPU, torch.float16) is None

@@ -10,9 +10,9 @@
 import pytest
 import torch
 
-from tokenflow.cache import InversionCache
 from tokenflow.config import EditConfig
-from tokenflow.editor import Editor
+from tokenflow.io.cache import InversionCache
+from tokenflow.method.editor import Editor
 
 SMALL = EditConfig(prompt="glass", inversion_prompt="shapes", frames=6, size=(64, 64), inversion_steps=4, steps=2,
                    keyframe_spacing=3, device="cpu", use_cache=False)

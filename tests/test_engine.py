@@ -3,14 +3,14 @@ latents placement, keyframe windows and multi-prompt edits (tiny model, CPU, flo
 import pytest
 import torch
 
-from tokenflow.cache import InversionCache
-from tokenflow.config import EditConfig
-from tokenflow.editor import Editor
+from tokenflow.config import EditConfig, parse_bytes
 from tokenflow.engine import memory
-from tokenflow.engine.memory import Calibration, LiveTensorTracker, parse_bytes
+from tokenflow.engine.memory import Calibration, LiveTensorTracker
 from tokenflow.engine.planner import CPU_PROPAGATE_ROWS, make_plan
+from tokenflow.engine.state import PassKind, StepState
 from tokenflow.errors import ConfigError, ResourceError
-from tokenflow.processors import PassKind, StepState
+from tokenflow.io.cache import InversionCache
+from tokenflow.method.editor import Editor
 
 SMALL = EditConfig(prompt="glass", inversion_prompt="shapes", frames=6, size=(64, 64), inversion_steps=4, steps=2,
                    keyframe_spacing=2, device="cpu", use_cache=False, attention_backend="torch",

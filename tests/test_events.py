@@ -1,4 +1,4 @@
-"""The machine contract: every --log-json event matches tokenflow.progress.EVENT_FIELDS, errors carry
+"""The machine contract: every --log-json event matches tokenflow.io.progress.EVENT_FIELDS, errors carry
 stable codes, and stdout holds results only."""
 import json
 import os
@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from tokenflow.errors import EXIT_CODES, EXIT_NAMES
-from tokenflow.progress import EVENT_FIELDS
+from tokenflow.io.progress import EVENT_FIELDS
 
 FAST = ["--inversion-steps", "10", "--steps", "5", "--size", "64x64", "--device", "cpu", "--keyframe-spacing", "4",
         "--frames", "5", "--no-cache"]

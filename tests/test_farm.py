@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenflow import farm
+from tokenflow.app import farm
 
 TINY = {"inversion_steps": 40, "steps": 5, "size": "64x64", "frames": 5, "keyframe_spacing": 4, "device": "cpu",
         "checkpoint_every": 1}
@@ -48,7 +48,7 @@ def _decode(path) -> np.ndarray:
 # --------------------------------------------------------------------------------- no Ray needed
 
 def test_bad_jobs_are_refused_before_anything_is_submitted(tmp_path, sample_clip, monkeypatch, capsys):
-    from tokenflow.cli import main
+    from tokenflow.app.cli import main
 
     jobs = tmp_path / "jobs"
     jobs.mkdir()
@@ -70,7 +70,7 @@ def test_missing_ray_gives_the_install_hint(tmp_path, sample_clip):
     job = _write_job(tmp_path, "job", video=str(sample_clip), output=str(tmp_path / "out.mp4"), prompt="x",
                      model="tiny")
     code = ("import sys; sys.modules['ray'] = None\n"
-            "from tokenflow.cli import main\n"
+            "from tokenflow.app.cli import main\n"
             f"sys.exit(main(['farm', {str(job)!r}, '--ray', 'local', '--report', {str(tmp_path / 'r.json')!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -79,7 +79,7 @@ def test_missing_ray_gives_the_install_hint(tmp_path, sample_clip):
 
 
 def test_bad_flags_are_config_errors(tmp_path, sample_clip):
-    from tokenflow.cli import main
+    from tokenflow.app.cli import main
 
     job = _write_job(tmp_path, "job", video=str(sample_clip), output=str(tmp_path / "out.mp4"), prompt="x",
                      model="tiny")

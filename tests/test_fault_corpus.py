@@ -103,13 +103,13 @@ def cli(argv, env=None, timeout=600) -> subprocess.CompletedProcess:
 # Every CLI process spends ~5 s of CPU importing torch, diffusers and torch._dynamo before it looks
 # at its input. The corpus therefore runs the CLI in forks of one warm process that imported those
 # modules once (a multiprocessing forkserver, started clean with fork+exec): each fork runs
-# ``tokenflow.cli.main()`` exactly as ``python -m tokenflow`` does (sys.argv, environment, working
+# ``tokenflow.app.cli.main()`` exactly as ``python -m tokenflow`` does (sys.argv, environment, working
 # folder, stdout/stderr into files, an uncaught exception printed as a traceback and exit 1, atexit
 # handlers run). TOKENFLOW_FAULT_CORPUS_COLD=1 runs every case in a fresh interpreter instead.
 COLD = os.environ.get("TOKENFLOW_FAULT_CORPUS_COLD") == "1"
-WARM_MODULES = ["tokenflow.cli", "tokenflow.jobs", "tokenflow.jobfile", "tokenflow.farm", "tokenflow.editor",
-                "tokenflow.models", "tokenflow.video", "tokenflow.locks", "tokenflow.checkpoint",
-                "tokenflow.engine.backends.export_cli", "tokenflow.benchmark.cli", "tokenflow.quality.cli",
+WARM_MODULES = ["tokenflow.app.cli", "tokenflow.app.jobs", "tokenflow.app.jobfile", "tokenflow.app.farm", "tokenflow.method.editor",
+                "tokenflow.models.load", "tokenflow.io.video", "tokenflow.app.locks", "tokenflow.io.checkpoint",
+                "tokenflow.app.export", "tokenflow.benchmark.cli", "tokenflow.quality.cli",
                 "tests.test_fault_corpus"]
 _warm_context = None
 _warm_lock = threading.Lock()
@@ -154,7 +154,7 @@ def _forked_cli(argv, env, out_path, err_path, fsize) -> None:   # pragma: no co
         _limit_file_size()
     sys.argv = ["tokenflow", *argv]
     try:
-        from tokenflow.cli import main
+        from tokenflow.app.cli import main
 
         code = main()
     except SystemExit as exc:
@@ -250,7 +250,7 @@ def _sigterm_during_inversion(ctx: Ctx, argv: List[str], env: dict) -> subproces
 
 def _while_locked(ctx: Ctx, argv: List[str], env: dict) -> subprocess.CompletedProcess:
     """The CLI while this (live) process holds the output's lock, as another worker would."""
-    from tokenflow.locks import OutputLocks
+    from tokenflow.app.locks import OutputLocks
 
     with OutputLocks([ctx.out]):
         return run_cli(argv, env)
@@ -372,7 +372,7 @@ def encode(path, frames: np.ndarray, *, codec="libx264", container_format=None, 
 
 
 def render(n: int, size) -> np.ndarray:
-    from tokenflow.samples import render_frames
+    from tokenflow.io.samples import render_frames
 
     return render_frames(n, size)
 
@@ -392,7 +392,7 @@ def empty_avi(ctx: Ctx) -> Path:
 
 def truncated(ctx: Ctx, n_frames: int, name: str) -> Path:
     """The sample clip's encoding of ``n_frames`` frames, cut to half its bytes."""
-    from tokenflow.samples import make_sample_clip
+    from tokenflow.io.samples import make_sample_clip
 
     full = make_sample_clip(ctx.work / f"full-{name}", n_frames=n_frames, size=(96, 64), fps=12)
     data = Path(full).read_bytes()
@@ -424,7 +424,7 @@ def unknown_codec(ctx: Ctx) -> Path:
 
 
 def audio_only(ctx: Ctx) -> Path:
-    from tokenflow.samples import _write_tone
+    from tokenflow.io.samples import _write_tone
 
     path = ctx.work / "tone.mp4"
     _write_tone(str(path), 0.5)
@@ -548,7 +548,7 @@ def _sha256(path: Path) -> str:
 
 
 def _cache_root() -> Path:
-    from tokenflow.cache import default_cache_root
+    from tokenflow.io.cache import default_cache_root
 
     return default_cache_root()   # tests/conftest.py points $TOKENFLOW_CACHE at a session folder
 
@@ -884,7 +884,7 @@ ENVIRONMENT = [
          answer="one line naming `--resume`; a checkpoint (*.pt) saved; no output, the older output intact",
          older=True, runner=_sigterm_during_inversion, check=_checkpoint_saved, slow=True),
     Case("locked-output", "environment", "another live worker holds the output's lock",
-         "this test process holds `result.mp4.lock` (tokenflow.locks.OutputLocks)", 7, "is locked by pid",
+         "this test process holds `result.mp4.lock` (tokenflow.app.locks.OutputLocks)", 7, "is locked by pid",
          _flags(), older=True, runner=_while_locked, check=_lock_intact),
     Case("budget-below-the-weights", "environment", "`--memory-budget 1MB`", "flag", 6, "--memory-budget",
          _flags("--memory-budget", "1MB")),

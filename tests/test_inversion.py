@@ -1,8 +1,8 @@
 """DDIM inversion against the DDIM formula written out independently (float64)."""
 import torch
 
-from tokenflow.inversion import ddim_invert, noise_from_inversion
-from tokenflow.schedule import make_scheduler
+from tokenflow.method.inversion import ddim_invert, noise_from_inversion
+from tokenflow.method.schedule import make_scheduler
 
 from .test_schedule import SD_SCHEDULER
 

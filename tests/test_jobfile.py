@@ -16,8 +16,8 @@ import warnings
 
 import pytest
 
-from tokenflow import cli, jobfile
-from tokenflow import jobs as runner
+from tokenflow.app import cli, jobfile
+from tokenflow.app import jobs as runner
 from tokenflow.config import EditConfig
 from tokenflow.errors import InputError, InterruptedWithCheckpoint, LockedError, ModelError
 

@@ -17,8 +17,9 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from tokenflow.kernels import attention_triton as at  # noqa: E402
-from tokenflow.kernels import nearest_triton as nt  # noqa: E402
+from tokenflow.kernels.gather import triton as gt  # noqa: E402
+from tokenflow.kernels.keyframe_attention import triton as at  # noqa: E402
+from tokenflow.kernels.nearest import triton as nt  # noqa: E402
 from tokenflow.kernels.support import interpreting  # noqa: E402
 
 INTERPRETED = interpreting()
@@ -117,7 +118,7 @@ def test_attention_compiles_for_sm90_with_tensor_cores(dtype, head_dim, inject):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
-def test_cosine_nearest_and_propagate_compile_for_sm90(dtype):
+def test_cosine_nearest_and_gather_compile_for_sm90(dtype):
     ints = ["sxf", "sxn", "skk", "skm", "spf", "spp", "n_tokens", "n_keys", "channels", "n_pairs"]
     types = {"X": f"*{dtype}", "Keys": f"*{dtype}", "Pairs": "*i64", "Idx": "*i64", **{n: "i32" for n in ints}}
     for config in nt._nearest_configs():
@@ -129,6 +130,6 @@ def test_cosine_nearest_and_propagate_compile_for_sm90(dtype):
             "n_pairs"]
     types = {"KF": f"*{dtype}", "Idx": "*i64", "Pairs": "*i64", "W": "*fp32", "Out": f"*{dtype}",
              **{n: "i32" for n in ints}}
-    kernel = _compile(nt._propagate_kernel, types, dict(BLOCK_N=nt.PROPAGATE_BLOCKS[0], BLOCK_C=nt.PROPAGATE_BLOCKS[1]),
+    kernel = _compile(gt._gather_blend_kernel, types, dict(BLOCK_N=gt.GATHER_BLOCKS[0], BLOCK_C=gt.GATHER_BLOCKS[1]),
                       4, 3, ["KF", "Idx", "Pairs", "W", "Out"])
     assert kernel.metadata.shared <= SM90_SMEM_LIMIT

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from tokenflow.kernels import cosine_nearest, keyframe_attention, propagate
+from tokenflow.kernels.gather import gather_blend
+from tokenflow.kernels.keyframe_attention import keyframe_attention
+from tokenflow.kernels.nearest import cosine_nearest
 
 
 def _attention_bruteforce(q, k, v, heads, inject):
@@ -79,7 +81,7 @@ def test_cosine_nearest_first_maximum_on_ties():
     assert cosine_nearest(x, keys, torch.zeros(1, 1, dtype=torch.long)).item() == 0
 
 
-def test_propagate_matches_loops():
+def test_gather_matches_loops():
     g = torch.Generator().manual_seed(3)
     B, K, M, C, F, P, N = 3, 4, 10, 6, 5, 2, 7
     kf = torch.randn(B, K, M, C, generator=g)
@@ -88,7 +90,7 @@ def test_propagate_matches_loops():
     idx = torch.randint(M, (F, P, N), generator=g)
     w = torch.rand(F, P, generator=g)
     w[1, 1] = 0.0
-    out = propagate(kf, idx, pairs, w)
+    out = gather_blend(kf, idx, pairs, w)
     expected = torch.zeros(B, F, N, C)
     for b in range(B):
         for f in range(F):

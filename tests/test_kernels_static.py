@@ -7,7 +7,9 @@ error in the same dtype. The token-block loop is exercised by shrinking the bloc
 import pytest
 import torch
 
-from tokenflow.kernels import cosine_nearest, nearest, propagate, verify
+from tokenflow.kernels import nearest, verify
+from tokenflow.kernels.gather import gather_blend
+from tokenflow.kernels.nearest import cosine_nearest
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -45,7 +47,7 @@ def test_static_nearest_check_can_fail():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n_pairs", [1, 2])
-def test_static_propagate_matches_reference(dtype, n_pairs):
+def test_static_gather_matches_reference(dtype, n_pairs):
     g = torch.Generator().manual_seed(20 + n_pairs)
     kf = torch.randn(5, 3, 23, 19, generator=g).to(dtype)
     idx = torch.randint(23, (6, n_pairs, 31), generator=g)
@@ -53,11 +55,11 @@ def test_static_propagate_matches_reference(dtype, n_pairs):
     weights = torch.rand(6, n_pairs, generator=g)
     if n_pairs == 2:
         pairs[2, 1], weights[2, 1] = -1, 0.0
-    result = verify.check_propagate("static", kf, idx, pairs, weights)
+    result = verify.check_gather("static", kf, idx, pairs, weights)
     assert result.ok, result.describe()
     if dtype == torch.float32:
-        assert torch.allclose(propagate(kf, idx, pairs, weights, backend="static"),
-                              propagate(kf, idx, pairs, weights, backend="torch"), atol=1e-6)
+        assert torch.allclose(gather_blend(kf, idx, pairs, weights, backend="static"),
+                              gather_blend(kf, idx, pairs, weights, backend="torch"), atol=1e-6)
 
 
 def test_static_backends_are_never_picked_automatically():

@@ -11,7 +11,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from tokenflow.kernels import cosine_nearest, keyframe_attention, propagate, verify  # noqa: E402
+from tokenflow.kernels import verify  # noqa: E402
+from tokenflow.kernels.gather import gather_blend  # noqa: E402
+from tokenflow.kernels.keyframe_attention import keyframe_attention  # noqa: E402
+from tokenflow.kernels.nearest import cosine_nearest  # noqa: E402
 from tokenflow.kernels.support import interpreting  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1 before import (conftest sets it)")
@@ -36,7 +39,7 @@ def test_attention_matches_reference(dtype, n_kf, seq, heads, dim, inject):
 
 @pytest.mark.parametrize("blocks", [(16, 32), (32, 16), (64, 64)])
 def test_attention_tile_sizes(blocks):
-    from tokenflow.kernels.attention_triton import launch
+    from tokenflow.kernels.keyframe_attention.triton import launch
 
     g = torch.Generator().manual_seed(7)
     q, k, v = (_rand(g, 3, 3, 45, 2 * 24) for _ in range(3))
@@ -68,7 +71,7 @@ def test_attention_source_branch_sees_only_its_frame():
 
 def test_attention_rejects_wrong_implementation():
     """The check itself can fail: a backend that ignores inject_qk is caught."""
-    from tokenflow.kernels.attention_triton import launch
+    from tokenflow.kernels.keyframe_attention.triton import launch
 
     g = torch.Generator().manual_seed(10)
     q, k, v = (_rand(g, 3, 2, 9, 16) for _ in range(3))
@@ -100,7 +103,7 @@ def test_cosine_nearest_matches_float64_argmax(dtype, shape):
 def test_cosine_nearest_first_maximum_across_tiles(blocks):
     """Exact ties (scaling by 2 or 0.5 is exact) inside one key tile and across tiles: the first
     index wins, as torch.argmax. Keys 3 and 45 lie in different tiles for tiles of 16 and 32."""
-    from tokenflow.kernels.nearest_triton import launch_nearest
+    from tokenflow.kernels.nearest.triton import launch_nearest
 
     g = torch.Generator().manual_seed(11)
     keys = _rand(g, 1, 80, 6)
@@ -130,7 +133,7 @@ def test_cosine_nearest_check_can_fail():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n_pairs", [1, 2])
-def test_propagate_matches_reference(dtype, n_pairs):
+def test_gather_matches_reference(dtype, n_pairs):
     g = torch.Generator().manual_seed(14 + n_pairs)
     kf = _rand(g, 3, 3, 23, 72, dtype=dtype)          # C = 72: two channel tiles, the second partial
     idx = torch.randint(23, (5, n_pairs, 70), generator=g)
@@ -138,17 +141,17 @@ def test_propagate_matches_reference(dtype, n_pairs):
     weights = torch.rand(5, n_pairs, generator=g)
     if n_pairs == 2:
         pairs[2, 1], weights[2, 1] = -1, 0.0
-    result = verify.check_propagate("triton", kf, idx, pairs, weights)
+    result = verify.check_gather("triton", kf, idx, pairs, weights)
     assert result.ok, result.describe()
     if dtype == torch.float32:
-        assert torch.allclose(propagate(kf, idx, pairs, weights, backend="triton"),
-                              propagate(kf, idx, pairs, weights, backend="torch"), atol=1e-6)
+        assert torch.allclose(gather_blend(kf, idx, pairs, weights, backend="triton"),
+                              gather_blend(kf, idx, pairs, weights, backend="torch"), atol=1e-6)
 
 
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementations and dispatch of the registered ops, as torch.compile needs."""
-    import tokenflow.kernels.attention_triton  # noqa: F401 (registers the ops)
-    import tokenflow.kernels.nearest_triton  # noqa: F401
+    import tokenflow.kernels.keyframe_attention.triton  # noqa: F401 (registers the ops)
+    import tokenflow.kernels.nearest.triton  # noqa: F401
 
     g = torch.Generator().manual_seed(15)
     q, k, v = (_rand(g, 3, 2, 9, 32) for _ in range(3))
@@ -158,7 +161,7 @@ def test_custom_ops_pass_opcheck():
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.tokenflow.keyframe_attention.default, (q, k, v, 2, True), test_utils=tests)
     torch.library.opcheck(torch.ops.tokenflow.cosine_nearest.default, (x, keys, pairs), test_utils=tests)
-    torch.library.opcheck(torch.ops.tokenflow.propagate.default, (kf, idx, pairs, torch.rand(3, 2, generator=g)),
+    torch.library.opcheck(torch.ops.tokenflow.gather_blend.default, (kf, idx, pairs, torch.rand(3, 2, generator=g)),
                           test_utils=tests)
 
 
@@ -168,7 +171,7 @@ def test_torch_compile_traces_through_the_public_api():
     def block(q, k, v, x, keys, pairs, weights):
         out = keyframe_attention(q, k, v, 2, backend="triton")
         idx = cosine_nearest(x, keys, pairs, backend="triton")
-        return out * 2, propagate(out[:, :, :10], idx, pairs, weights, backend="triton")
+        return out * 2, gather_blend(out[:, :, :10], idx, pairs, weights, backend="triton")
 
     g = torch.Generator().manual_seed(16)
     q, k, v = (_rand(g, 3, 2, 12, 32) for _ in range(3))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from tokenflow.keyframes import KeyframeSampler, groups, original_plan, paper_plan
+from tokenflow.method.keyframes import KeyframeSampler, groups, original_plan, paper_plan
 
 # recorded from the original implementation (seed 1, 16 frames, batch_size 8, 10 steps)
 ORIGINAL_SEED1_16 = [[5, 11], [4, 8], [7, 9], [3, 13], [7, 8], [0, 9], [4, 15], [5, 12], [6, 9], [2, 12]]
@@ -86,7 +86,7 @@ def test_paper_plan_nearest_before_and_after_with_linear_weights():
 
 
 def test_plan_rows_cut_across_groups_and_pad_the_first_group():
-    from tokenflow.keyframes import original_plan, plan_rows
+    from tokenflow.method.keyframes import original_plan, plan_rows
 
     plans = [original_plan(g, 10, 4) for g in range(3)]   # groups 0-3, 4-7, 8-9
     pairs, weights = plan_rows(plans, 2, 9)
@@ -99,7 +99,7 @@ def test_plan_rows_cut_across_groups_and_pad_the_first_group():
 
 
 def test_keyframe_windows_cover_every_slot_once_and_shift_on_odd_steps():
-    from tokenflow.keyframes import keyframe_windows
+    from tokenflow.method.keyframes import keyframe_windows
 
     assert keyframe_windows(5, None, 0) == [(0, 5)] == keyframe_windows(5, 5, 1) == keyframe_windows(5, 9, 0)
     assert keyframe_windows(10, 4, 0) == [(0, 4), (4, 8), (8, 10)]

@@ -12,12 +12,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tokenflow import device as device_module
-from tokenflow import tiny
 from tokenflow.device import resolve_device, resolve_dtype
 from tokenflow.errors import ConfigError, ModelError, ResourceError
-from tokenflow.schedule import make_scheduler
-from tokenflow.models import (SDModel, check_unet_layout, encode_prompt, folder_fingerprint,
-                              load_model, looks_like_path, move_to_device)
+from tokenflow.method.schedule import make_scheduler
+from tokenflow.models import tiny
+from tokenflow.models.load import (
+    SDModel,
+    check_unet_layout,
+    encode_prompt,
+    folder_fingerprint,
+    load_model,
+    looks_like_path,
+    move_to_device,
+)
 
 CPU = torch.device("cpu")
 WEIGHT_FILES = {

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from tokenflow.engine import KeyframeStore, UNetRunner
-from tokenflow.processors import (PNP_FEATURE_RESNET, PassKind, StepState, TokenFlowUNet,
-                                  self_attention_layers)
+from tokenflow.engine.processors import PNP_FEATURE_RESNET, TokenFlowUNet, self_attention_layers
+from tokenflow.engine.state import PassKind, StepState
 
 ORIGINAL_PNP_QK_BLOCKS = [f"up_blocks.{r}.attentions.{b}.transformer_blocks.0.attn1"
                           for r, bs in {1: [1, 2], 2: [0, 1, 2], 3: [0, 1, 2]}.items() for b in bs]

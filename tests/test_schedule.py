@@ -1,8 +1,8 @@
 """Timesteps, injection schedules and the inversion-save rule."""
 import pytest
 
-from tokenflow import schedule
 from tokenflow.errors import ConfigError
+from tokenflow.method import schedule
 
 SD_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,

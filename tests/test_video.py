@@ -1,4 +1,4 @@
-"""Tests of tokenflow.video (reading, writing, audio, atomicity, errors) and tokenflow.samples."""
+"""Tests of tokenflow.io.video (reading, writing, audio, atomicity, errors) and tokenflow.io.samples."""
 from __future__ import annotations
 
 import os
@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenflow import video
 from tokenflow.errors import ConfigError, InputError, OutputError
-from tokenflow.samples import _write_tone, make_sample_clip, render_frames
-from tokenflow.video import check_writable, probe, read_video, write_frames, write_video
+from tokenflow.io import video
+from tokenflow.io.samples import _write_tone, make_sample_clip, render_frames
+from tokenflow.io.video import check_writable, probe, read_video, write_frames, write_video
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -8,14 +8,14 @@
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Editor": ("tokenflow.editor", "Editor"),
-    "EditResult": ("tokenflow.editor", "EditResult"),
-    "Inversion": ("tokenflow.editor", "Inversion"),
+    "Editor": ("tokenflow.method.editor", "Editor"),
+    "EditResult": ("tokenflow.method.editor", "EditResult"),
+    "Inversion": ("tokenflow.method.editor", "Inversion"),
     "EditConfig": ("tokenflow.config", "EditConfig"),
     "PRESETS": ("tokenflow.config", "PRESETS"),
     "TokenFlowError": ("tokenflow.errors", "TokenFlowError"),
-    "read_video": ("tokenflow.video", "read_video"),
-    "write_video": ("tokenflow.video", "write_video"),
+    "read_video": ("tokenflow.io.video", "read_video"),
+    "write_video": ("tokenflow.io.video", "write_video"),
 }
 
 __all__ = ["__version__", *_LAZY]

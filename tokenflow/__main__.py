@@ -1,3 +1,3 @@
-from .cli import run
+from tokenflow.app.cli import run
 
 run()

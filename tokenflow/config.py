@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
 
-from .errors import ConfigError, short_repr
+from tokenflow.errors import ConfigError, short_repr
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
@@ -130,8 +131,6 @@ class EditConfig:
         _choice("backend", self.backend, ("eager", "compile", "aot", "onnx", "tensorrt"))
         _choice("inverted_latents", self.inverted_latents, PLACES + ("disk",))
         if self.memory_budget is not None:
-            from .engine.memory import parse_bytes  # noqa: PLC0415
-
             parse_bytes(self.memory_budget)
         _int_at_least("seed", self.seed, 0)
         if self.steps > self.inversion_steps:
@@ -148,7 +147,7 @@ class EditConfig:
             raise ConfigError(f"guidance_scale={short_repr(self.guidance_scale)} must be a finite number >= 0 (default 7.5)")
         _choice("method", self.method, METHODS)
         _choice("propagation", self.propagation, PROPAGATIONS)
-        from .kernels.dispatch import check_names  # noqa: PLC0415 (keeps config import-light)
+        from tokenflow.kernels.dispatch import check_names  # noqa: PLC0415 (keeps config import-light)
 
         check_names("keyframe_attention", self.attention_backend, "attention_backend")
         check_names("cosine_nearest", self.nearest_backend, "nearest_backend")
@@ -310,3 +309,22 @@ def default_size(width: int, height: int) -> Tuple[int, int]:
     if width == height:
         return 512, 512
     return (672, 384) if width > height else (384, 672)
+
+
+def parse_bytes(text, name: str = "memory_budget") -> int:
+    """'12GB' (10^9), '12GiB' (2^30), '800MB', '1.5e9', or an int -> bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ConfigError(f"{name}={text!r} is not a size: use e.g. 12GB, 16GiB or 800MB")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{name}={text!r} must be positive")
+    return size
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

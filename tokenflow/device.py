@@ -5,12 +5,16 @@ This is the only place that decides a default device.
 """
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import platform
 import re
-from typing import Callable, Optional, Union
+import sys
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from .errors import ConfigError
+from tokenflow.errors import ConfigError
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N (N = GPU index) or mps"
 
@@ -96,3 +100,37 @@ def synchronizer(device: torch.device) -> Optional[Callable[[], None]]:
     if device.type == "mps":
         return torch.mps.synchronize
     return None
+
+
+def sync(device: torch.device) -> None:
+    fn = synchronizer(device)
+    if fn is not None:
+        fn()
+
+
+def versions() -> Dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("torch", "diffusers", "transformers", "triton", "faiss-cpu", "faiss-gpu-cu12", "xformers",
+                 "numpy", "tokenflow"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    out["cuda"] = torch.version.cuda or "none"
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"

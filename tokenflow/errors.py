@@ -5,7 +5,6 @@ Every message names the offending input and says how to fix it.
 """
 from __future__ import annotations
 
-
 import reprlib
 
 _SHORT = reprlib.Repr()
@@ -93,3 +92,10 @@ _FAMILY = [TokenFlowError, *TokenFlowError.__subclasses__()]
 EXIT_CODES = {0: "success (also: every output already existed and was skipped)",
               **{cls.exit_code: cls.meaning for cls in _FAMILY}}
 EXIT_NAMES = {cls.exit_code: cls.code for cls in _FAMILY}
+
+
+def one_line(error: BaseException, limit: int = 200) -> str:
+    """``TypeName: first line of the message``, shortened to ``limit`` characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -9,10 +9,13 @@ Modules (each usable on its own):
     run            the runner: warm-up, repeats, medians, rates -> one JSON document
     report         printed tables, atomic JSON, PNG plot (matplotlib, optional)
     cli            ``add_parser(subparsers)`` and ``main(args) -> int``
+    original_kernels  the original implementation's compute pattern as by-name kernel backends
+                   (``original``), registered when this package is imported: only benchmarks see them
 
 Model weights never matter here; the FLOP model and the "original" kernel backends
-(``tokenflow.kernels.original_pattern``) are tested in ``tests/test_benchmark.py``.
+(``tokenflow.benchmark.original_kernels``) are tested in ``tests/test_benchmark.py``.
 """
-from .config import PRESETS, BenchConfig
+from tokenflow.benchmark import original_kernels  # noqa: F401  registers the by-name "original" kernel backends
+from tokenflow.benchmark.config import PRESETS, BenchConfig
 
 __all__ = ["BenchConfig", "PRESETS"]

@@ -2,7 +2,7 @@
 
 A throughput benchmark needs the real layer shapes, not the real weights: the cost of a UNet
 call depends on channels, tokens and batch, never on the values. ``build_model("sd21", ...)``
-returns a ``tokenflow.models.SDModel`` with
+returns a ``tokenflow.models.load.SDModel`` with
 
 * the UNet of SD 2.1-base (``block_out_channels`` 320/640/1280/1280, head counts 5/10/20/20
   i.e. head dim 64, cross-attention dim 1024, linear projections) or SD 1.5 (8 heads,
@@ -10,7 +10,7 @@ returns a ``tokenflow.models.SDModel`` with
 * the SD VAE (``AutoencoderKL``, 128/256/512/512 channels, 4 latent channels, scale 0.18215);
 * a CLIP text encoder of the right width (768 / 1024) but one layer: prompts give
   ``[1, 77, 768]`` / ``[1, 77, 1024]``; its cost is negligible next to the UNet's in any case;
-* the byte-level tokenizer of ``tokenflow.tiny`` and SD's DDIM scheduler config.
+* the byte-level tokenizer of ``tokenflow.models.tiny`` and SD's DDIM scheduler config.
 
 UNet and VAE are constructed on the ``meta`` device, materialised with ``to_empty`` directly on
 the target device in the target dtype (no multi-GB host copy), then filled deterministically:
@@ -18,7 +18,7 @@ norm weights 1, biases 0, every other weight ``N(0, 1 / fan_in)`` drawn on the d
 generator seeded by the parameter's name. That keeps activations O(1) through the residual
 stacks, so float16 runs stay finite. Outputs are noise: these models time edits, nothing else.
 
-``"tiny"`` is ``tokenflow.models.load_model("tiny")``; any other string (a folder, a Hub id, an
+``"tiny"`` is ``tokenflow.models.load.load_model("tiny")``; any other string (a folder, a Hub id, an
 SD version) is loaded with ``load_model`` as well, i.e. real weights.
 """
 from __future__ import annotations
@@ -32,8 +32,9 @@ from typing import Dict
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..models import SDModel, load_model, move_to_device, quiet_hf_libraries
+from tokenflow.errors import ConfigError
+from tokenflow.models.hf import quiet_hf_libraries
+from tokenflow.models.load import SDModel, load_model, move_to_device
 
 _SD_UNET_COMMON = dict(
     sample_size=64,
@@ -112,7 +113,7 @@ def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> SDModel:
 
 
 def load(model: str, device: torch.device, dtype: torch.dtype) -> SDModel:
-    """A real model (``--model``): whatever ``tokenflow.models.load_model`` accepts."""
+    """A real model (``--model``): whatever ``tokenflow.models.load.load_model`` accepts."""
     return load_model(model, torch.device(device), dtype)
 
 
@@ -153,7 +154,7 @@ def build_tokenizer():
     """The byte-level CLIP tokenizer of the tiny model (77 tokens), loaded from a temp folder."""
     from transformers import CLIPTokenizer
 
-    from ..tiny import write_tokenizer
+    from tokenflow.models.tiny import write_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="tokenflow-bench-tokenizer-") as folder:
         write_tokenizer(Path(folder))
@@ -164,7 +165,7 @@ def build_text_encoder(hidden: int, heads: int, act: str):
     """A CLIP text encoder of width ``hidden`` with ``TEXT_LAYERS`` layer(s), seeded init (CPU)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..tiny import BOS_TOKEN, EOS_TOKEN, MAX_TOKENS, PAD_TOKEN, tokenizer_vocab
+    from tokenflow.models.tiny import BOS_TOKEN, EOS_TOKEN, MAX_TOKENS, PAD_TOKEN, tokenizer_vocab
 
     vocab = tokenizer_vocab()
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden,
@@ -179,9 +180,9 @@ def build_text_encoder(hidden: int, heads: int, act: str):
 
 
 def sd_scheduler_config() -> dict:
-    """Stable Diffusion's DDIM config (as ``tokenflow.tiny`` writes it), all fields filled in."""
+    """Stable Diffusion's DDIM config (as ``tokenflow.models.tiny`` writes it), all fields filled in."""
     from diffusers import DDIMScheduler
 
-    from ..tiny import SCHEDULER_CONFIG
+    from tokenflow.models.tiny import SCHEDULER_CONFIG
 
     return dict(DDIMScheduler(**SCHEDULER_CONFIG).config)

@@ -2,7 +2,7 @@
 
 Wire-up (``tokenflow/cli.py``)::
 
-    from .benchmark import cli as bench_cli
+    from tokenflow.benchmark.benchmark import cli as bench_cli
     bench_cli.add_parser(sub)                      # adds the "bench" subcommand
     ...
     if args.command == "bench":
@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import ConfigError, OutputError, ResourceError, TokenFlowError
-from .config import PRESETS, BenchConfig, parse_variants
+from tokenflow.benchmark.config import PRESETS, BenchConfig, parse_variants
+from tokenflow.errors import ConfigError, OutputError, ResourceError, TokenFlowError
 
 EPILOG = """examples:
   tokenflow bench --device cuda --compare torch,triton,original --json bench.json --plot bench.png
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """BenchConfig from the preset and the flags given (None = not given)."""
-    from ..config import parse_size
+    from tokenflow.config import parse_size
 
     config = PRESETS[getattr(args, "preset", None) or "default"]
     fields = set(BenchConfig.__dataclass_fields__)
@@ -118,7 +118,7 @@ def _check_output(path: Optional[str], flag: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed flags describe; returns the exit code (0 ok)."""
-    from . import report, run
+    from tokenflow.benchmark import report, run
 
     try:
         config = config_from_args(args)

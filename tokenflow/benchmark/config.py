@@ -12,7 +12,7 @@ settings; names combine with ``+`` (``triton+chunk4``):
     latents=PLACE      where inverted latents live: auto, device, host, disk
     window=W   keyframe windows of W keyframes (extended attention within each window)
     original   the original implementation's compute pattern: "original" kernel backends
-               (tokenflow/kernels/original_pattern.py), one propagation call per keyframe group
+               (tokenflow/benchmark/original_kernels.py), one propagation call per keyframe group
                (chunk = keyframe spacing), inverted latents re-read from disk for every group
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ..errors import ConfigError
+from tokenflow.errors import ConfigError
 
 STAGES = ("encode", "invert", "keyframes", "propagate", "edit", "decode", "total")
 STAGE_LABELS = {"encode": "encode", "invert": "inversion", "keyframes": "keyframe pass",

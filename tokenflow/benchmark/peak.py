@@ -17,7 +17,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from ..device import synchronizer
+from tokenflow.device import synchronizer
 
 
 @dataclass

@@ -21,9 +21,9 @@ import textwrap
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..atomic import atomic_file
-from ..errors import OutputError
-from .config import STAGE_LABELS, STAGES
+from tokenflow.benchmark.config import STAGE_LABELS, STAGES
+from tokenflow.errors import OutputError
+from tokenflow.io.outputs import atomic_file
 
 BENCHMARK = "tokenflow bench"
 DPI = 120

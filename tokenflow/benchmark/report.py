@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 from typing import Optional, TextIO
 
-from ..atomic import atomic_file
-from ..errors import ConfigError, OutputError
-from .config import STAGE_LABELS, STAGES
+from tokenflow.benchmark.config import STAGE_LABELS, STAGES
+from tokenflow.errors import ConfigError, OutputError
+from tokenflow.io.outputs import atomic_file
 
 MATPLOTLIB_HINT = "pip install matplotlib (the plot's only dependency)"
 
@@ -113,6 +113,6 @@ def check_plot_support() -> None:
 def write_plot(doc: dict, path: str) -> Path:
     """One PNG (written atomically) of stage times, throughput and peak memory per variant (``plots``)."""
     check_plot_support()
-    from . import plots
+    from tokenflow.benchmark import plots
 
     return plots.write(doc, path)

@@ -1,6 +1,6 @@
 """The benchmark runner: whole edits, timed per stage, for each variant.
 
-For every variant: one ``tokenflow.editor.Editor`` on the shared model (inversion cache off),
+For every variant: one ``tokenflow.method.editor.Editor`` on the shared model (inversion cache off),
 ``warmup`` untimed edits, a bounded wait for an idle CPU (CPU devices), then ``repeats`` timed
 edits of the same clip. A stage's time is ``EditResult.timings[stage]`` (the editor's own stage
 timers: "encode", "invert", "edit", "decode", and the device-synchronised sub-stages "keyframes"
@@ -23,15 +23,15 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .. import schedule
-from ..cache import InversionCache
-from ..config import EditConfig
-from ..device import resolve_device, resolve_dtype
-from ..errors import ConfigError, ResourceError
-from ..keyframes import groups, original_plan, paper_plan
-from ..video import Clip
-from . import architectures, flops, peak, system
-from .config import STAGES, BenchConfig, Variant, variant_overrides
+from tokenflow.benchmark import architectures, flops, peak, system
+from tokenflow.benchmark.config import STAGES, BenchConfig, Variant, variant_overrides
+from tokenflow.config import EditConfig
+from tokenflow.device import resolve_device, resolve_dtype
+from tokenflow.errors import ConfigError, ResourceError
+from tokenflow.io.cache import InversionCache
+from tokenflow.io.video import Clip
+from tokenflow.method import schedule
+from tokenflow.method.keyframes import groups, original_plan, paper_plan
 
 PROMPT = "a benchmark edit of a synthetic clip"
 INVERSION_PROMPT = "coloured shapes moving over a gradient"
@@ -43,8 +43,8 @@ def log(message: str) -> None:
 
 
 def synthetic_clip(n_frames: int, size, seed: int = 0) -> Clip:
-    """``n_frames`` frames of ``tokenflow.samples.render_frames`` as a Clip: [N, 3, H, W] in [0, 1]."""
-    from ..samples import render_frames
+    """``n_frames`` frames of ``tokenflow.io.samples.render_frames`` as a Clip: [N, 3, H, W] in [0, 1]."""
+    from tokenflow.io.samples import render_frames
 
     pixels = torch.from_numpy(render_frames(n_frames, tuple(size), seed))
     frames = pixels.permute(0, 3, 1, 2).float() / 255.0
@@ -56,7 +56,7 @@ def synthetic_clip(n_frames: int, size, seed: int = 0) -> Clip:
 def load_clip(config: BenchConfig) -> Clip:
     if config.video is None:
         return synthetic_clip(config.frames, config.size)
-    from ..video import read_video
+    from tokenflow.io.video import read_video
 
     return read_video(config.video, frames=config.frames, size=config.size)
 
@@ -96,7 +96,7 @@ def work_of(model, result, cfg: EditConfig, n_frames: int, latent_hw) -> flops.E
     n_groups = len(groups(n_frames, spacing))
     window = getattr(cfg, "keyframe_window", None)
     try:
-        from ..keyframes import keyframe_windows
+        from tokenflow.method.keyframes import keyframe_windows
     except ImportError:  # older tokenflow: one call with every keyframe
         keyframe_windows = None
     calls, pairs = [], []
@@ -159,8 +159,8 @@ def summarise(runs: List[dict], work: flops.EditWork, peak_tflops: Optional[floa
 
 def run_variant(model, clip: Clip, config: BenchConfig, variant: Variant, device, dtype,
                 peak_tflops: Optional[float], model_name: str) -> dict:
-    from ..editor import Editor
-    from ..progress import Reporter
+    from tokenflow.io.progress import Reporter
+    from tokenflow.method.editor import Editor
 
     cfg = edit_config(config, variant, device, dtype, model_name)
     editor = Editor(model, cache=InversionCache(enabled=False), reporter=Reporter(quiet=True))
@@ -258,7 +258,7 @@ def run(config: BenchConfig, *, on_variant: Optional[Callable[[dict], None]] = N
 def _run(config: BenchConfig, device: torch.device, dtype: torch.dtype,
          on_variant: Optional[Callable[[dict], None]]) -> dict:
     variants = [Variant(name, variant_overrides(name)) for name in config.variants]
-    from ..kernels import check_backends
+    from tokenflow.kernels import check_backends
 
     for variant in variants:  # bad or unavailable backends etc. fail now, before the model is built
         cfg = edit_config(config, Variant(variant.name, dict(variant.overrides)), device, dtype, "check")

@@ -19,9 +19,7 @@ inner stages'.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,16 +29,8 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from ..device import synchronizer
-from ..engine.memory import proc_bytes
-from ..progress import Reporter
-
-
-def sync(device: torch.device) -> None:
-    fn = synchronizer(device)
-    if fn is not None:
-        fn()
-
+from tokenflow.engine.memory import proc_bytes
+from tokenflow.io.progress import Reporter
 
 # ----------------------------------------------------------------------------- machine load
 
@@ -199,34 +189,6 @@ class MeasuringReporter(Reporter):
 
 
 # ----------------------------------------------------------------------------- environment
-
-
-def versions() -> Dict[str, str]:
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in ("torch", "diffusers", "transformers", "triton", "faiss-cpu", "faiss-gpu-cu12", "xformers",
-                 "numpy", "tokenflow"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    out["cuda"] = torch.version.cuda or "none"
-    return out
-
-
-def device_name(device: torch.device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)"
 
 
 def git_revision() -> Dict[str, Optional[object]]:

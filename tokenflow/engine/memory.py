@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -42,27 +41,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..cache import default_cache_root
-from ..errors import ConfigError
+from tokenflow.io.cache import default_cache_root
 
 PROBE_LATENT = 32
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text, name: str = "memory_budget") -> int:
-    """'12GB' (10^9), '12GiB' (2^30), '800MB', '1.5e9', or an int -> bytes."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(f"{name}={text!r} is not a size: use e.g. 12GB, 16GiB or 800MB")
-        value, unit = float(match.group(1)), match.group(2).lower()
-    size = int(value * _UNITS[unit])
-    if size <= 0:
-        raise ConfigError(f"{name}={text!r} must be positive")
-    return size
 
 
 def gib(n: float) -> str:

@@ -20,9 +20,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ..kernels import KernelChoice
-from ..processors import PassKind, StepState, TokenFlowUNet
-from .store import StoreView
+from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.engine.state import PassKind, StepState
+from tokenflow.engine.store import StoreView
+from tokenflow.kernels import KernelChoice
 
 
 class FeatureSink:

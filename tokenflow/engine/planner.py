@@ -19,9 +19,15 @@ from typing import Dict, Optional
 
 import torch
 
-from ..errors import ResourceError
-from .memory import Calibration, attention_layer_shapes, gib, module_bytes, unet_row_elements, \
-    vae_decode_row_elements
+from tokenflow.engine.memory import (
+    Calibration,
+    attention_layer_shapes,
+    gib,
+    module_bytes,
+    unet_row_elements,
+    vae_decode_row_elements,
+)
+from tokenflow.errors import ResourceError
 
 PLACES = ("auto", "device", "host")
 CPU_VAE_FRAMES = 8      # frames per VAE call on CPU (tiny model, 1 thread: 12 ms/frame at 8 vs 22 at 40)

@@ -1,6 +1,6 @@
 """Runs the UNet for TokenFlow's passes: builds the [source, uncond, cond] batches.
 
-The method (``tokenflow.editor``) decides *what* each pass is (a ``StepState``); the runner
+The method (``tokenflow.method.editor``) decides *what* each pass is (a ``StepState``); the runner
 decides *how* the UNet runs it: eagerly with the processors writing into the keyframe store
 (``backend=None``), or through a graph backend (``engine.backends``: compile, onnx, tensorrt)
 whose passes take and return tensors, with the runner moving keyframe features into the store
@@ -12,11 +12,11 @@ from typing import Optional
 
 import torch
 
-from ..errors import ConfigError
-from ..processors import PassKind, StepState, TokenFlowUNet
-from .backends.base import UNetBackend
-from .passes import store_tensors
-
+from tokenflow.engine.backends.base import UNetBackend
+from tokenflow.engine.passes import store_tensors
+from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.engine.state import PassKind, StepState
+from tokenflow.errors import ConfigError
 
 GRAPH_PAIRS = 2   # keyframes a frame blends (previous and next, or own and previous group's)
 

@@ -53,7 +53,7 @@ class KeyframeStore(StoreView):
     def for_unet(cls, unet: torch.nn.Module, latent_size: Tuple[int, int], keyframes: int, branches: int = 3,
                  **kwargs) -> "KeyframeStore":
         """A device store for ``unet`` at latents (h, w), in the UNet's dtype and device."""
-        from .memory import attention_layer_shapes  # noqa: PLC0415
+        from tokenflow.engine.memory import attention_layer_shapes  # noqa: PLC0415
 
         p = next(unet.parameters())
         kwargs.setdefault("dtype", p.dtype)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..errors import ConfigError
+from tokenflow.errors import ConfigError
 
 AUTO = "auto"
 
@@ -211,9 +211,9 @@ class KernelChoice:
     nearest: str = AUTO
 
     @property
-    def propagate(self) -> str:
+    def gather(self) -> str:
         """The gather follows the nearest-neighbour backend where it has one (torch, triton)."""
-        return self.nearest if self.nearest in backend_names("propagate") else AUTO
+        return self.nearest if self.nearest in backend_names("gather") else AUTO
 
 
 def check_names(op: str, name: Optional[str], what: str) -> None:

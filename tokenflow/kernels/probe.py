@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .dispatch import AUTO, BackendUnavailable, KernelChoice, Verdict, choose, explain
+from tokenflow.kernels.dispatch import AUTO, BackendUnavailable, KernelChoice, Verdict, choose, explain
 
 
 def sample_args(op: str, device: torch.device, dtype: torch.dtype, *, heads: int = 2, dim: int = 40,
@@ -28,7 +28,7 @@ def sample_args(op: str, device: torch.device, dtype: torch.dtype, *, heads: int
     pairs = torch.tensor([[0, -1], [1, 0], [0, 1]], device=device)
     if op == "cosine_nearest":
         return (rand(3, seq, dim), rand(n_kf, seq + 5, dim), pairs), {}
-    if op == "propagate":
+    if op == "gather":
         idx = torch.randint(seq + 5, (3, 2, seq), generator=g).to(device)
         weights = torch.tensor([[1.0, 0.0], [0.25, 0.75], [0.5, 0.5]], device=device)
         return (rand(3, n_kf, seq + 5, dim), idx, pairs, weights), {}
@@ -61,7 +61,7 @@ def check_backends(device: torch.device, dtype: torch.dtype, attention: str = AU
         return _SELF_CHECKED[key]
     chosen = {}
     for op, name in (("keyframe_attention", request.attention), ("cosine_nearest", request.nearest),
-                     ("propagate", request.propagate)):
+                     ("gather", request.gather)):
         args, _ = sample_args(op, device, dtype)
         chosen[op] = choose(op, name, *args)
     result = request
@@ -85,8 +85,8 @@ def check_backends(device: torch.device, dtype: torch.dtype, attention: str = AU
 
 
 def _self_check(op: str, name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    from ..models import one_line
-    from . import verify
+    from tokenflow.errors import one_line
+    from tokenflow.kernels import verify
 
     args, _ = sample_args(op, device, dtype, heads=2, dim=40, n_kf=2, seq=70)
     try:

@@ -50,7 +50,7 @@ def triton_missing() -> Optional[str]:
 
 def _kernels_interpreted() -> Optional[bool]:
     """How already-imported kernel modules were built (None: none imported yet)."""
-    module = sys.modules.get("tokenflow.kernels.attention_triton") or sys.modules.get("tokenflow.kernels.nearest_triton")
+    module = sys.modules.get("tokenflow.kernels.keyframe_attention.triton") or sys.modules.get("tokenflow.kernels.nearest.triton")
     if module is None:
         return None
     return type(module.KERNEL_FOR_MODE_CHECK).__name__ == "InterpretedFunction"

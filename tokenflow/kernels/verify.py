@@ -16,9 +16,10 @@ from typing import List, Optional
 
 import torch
 
-from .attention import keyframe_attention_torch
-from .dispatch import resolve
-from .nearest import cosine_nearest_torch, propagate_torch
+from tokenflow.kernels.dispatch import resolve
+from tokenflow.kernels.gather import gather_blend_torch
+from tokenflow.kernels.keyframe_attention import keyframe_attention_torch
+from tokenflow.kernels.nearest import cosine_nearest_torch
 
 FLOAT32_FLOOR = 1e-5
 TIE_TOL = 1e-5
@@ -30,7 +31,7 @@ class CheckResult:
     backend: str
     dtype: str
     shape: str
-    error: float        # max abs error (attention, propagate) or number of non-tie index mismatches
+    error: float        # max abs error (attention, gather) or number of non-tie index mismatches
     bound: float        # what the error must not exceed
     detail: str = ""
 
@@ -63,12 +64,12 @@ def check_attention(backend: str, q, k, v, heads: int, inject_qk: bool = False, 
                        _float_bound(ref_err, q.dtype), f"(torch {ref_err:.3g}, inject_qk={inject_qk})")
 
 
-def check_propagate(backend: str, kf_out, idx, pairs, weights, impl=None) -> CheckResult:
-    fn = impl or resolve("propagate", backend, kf_out, idx, pairs, weights)
-    exact = propagate_torch(kf_out.double(), idx, pairs, weights.double())
-    ref_err = (propagate_torch(kf_out, idx, pairs, weights).double() - exact).abs().max().item()
+def check_gather(backend: str, kf_out, idx, pairs, weights, impl=None) -> CheckResult:
+    fn = impl or resolve("gather", backend, kf_out, idx, pairs, weights)
+    exact = gather_blend_torch(kf_out.double(), idx, pairs, weights.double())
+    ref_err = (gather_blend_torch(kf_out, idx, pairs, weights).double() - exact).abs().max().item()
     err = (fn(kf_out, idx, pairs, weights).double() - exact).abs().max().item()
-    return CheckResult("propagate", backend, _name(kf_out.dtype), str(tuple(kf_out.shape)), err,
+    return CheckResult("gather", backend, _name(kf_out.dtype), str(tuple(kf_out.shape)), err,
                        _float_bound(ref_err, kf_out.dtype), f"(torch {ref_err:.3g})")
 
 
@@ -114,4 +115,4 @@ def check(op: str, backend: str, args: tuple, inject_qk=(False, True)) -> List[C
         return [check_attention(backend, *args, inject_qk=i) for i in inject_qk]
     if op == "cosine_nearest":
         return [check_nearest(backend, *args)]
-    return [check_propagate(backend, *args)]
+    return [check_gather(backend, *args)]

@@ -17,8 +17,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..atomic import atomic_file
-from ..errors import InputError, OutputError
+from tokenflow.errors import InputError, OutputError
+from tokenflow.io.outputs import atomic_file
 
 
 def add_parsers(sub) -> None:
@@ -47,11 +47,11 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .flow import require_cv2
+    from tokenflow.quality.flow import require_cv2
 
     require_cv2()
     if args.command == "report":
-        from .report import check_report_support, check_report_target
+        from tokenflow.quality.report import check_report_support, check_report_target
 
         check_report_support()
         check_report_target(args.out)
@@ -62,8 +62,8 @@ def main(args: argparse.Namespace) -> int:
                                     crop=args.crop, size=args.size)
     metrics = evaluate(source, edited, prompt=args.prompt, scorer=scorer, preset=args.flow_preset)
     if args.command == "report":
-        from ..benchmark.system import versions
-        from .report import write_report
+        from tokenflow.device import versions
+        from tokenflow.quality.report import write_report
 
         path = write_report(args.out, source=source, edited=edited, fps=fps, metrics=metrics, prompt=args.prompt,
                             title=args.title or Path(args.edited).name, versions=versions(),
@@ -79,8 +79,8 @@ def main(args: argparse.Namespace) -> int:
 def load_pair(source: str, edited: str, *, start: int = 0, stride: int = 1, crop: bool = False,
               size: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """(source [N,3,H,W], edited [N,3,H,W], edited fps): both in [0, 1] at the edited video's size."""
-    from ..config import parse_size
-    from ..video import probe, read_video
+    from tokenflow.config import parse_size
+    from tokenflow.io.video import probe, read_video
 
     if size:
         width, height = parse_size(size)
@@ -102,8 +102,8 @@ def load_scorer(clip_model: Optional[str], device=None):
     """The CLIP scorer for ``--clip-model`` on ``device`` (float32), or None without one."""
     if not clip_model:
         return None
-    from ..device import resolve_device
-    from .clip_metrics import load_clip_scorer
+    from tokenflow.device import resolve_device
+    from tokenflow.quality.clip_metrics import load_clip_scorer
 
     return load_clip_scorer(clip_model, resolve_device(device))
 
@@ -111,8 +111,8 @@ def load_scorer(clip_model: Optional[str], device=None):
 def evaluate(source: torch.Tensor, edited: torch.Tensor, *, prompt: Optional[str] = None, scorer=None,
              preset: str = "medium") -> Dict:
     """Temporal metrics plus a ``clip`` entry (scores, or why they were skipped: no ``scorer``)."""
-    from .clip_metrics import CLIP_SKIPPED, clip_metrics
-    from .metrics import temporal_metrics
+    from tokenflow.quality.clip_metrics import CLIP_SKIPPED, clip_metrics
+    from tokenflow.quality.metrics import temporal_metrics
 
     metrics = temporal_metrics(source, edited, preset=preset)
     metrics["clip"] = clip_metrics(scorer, edited, prompt) if scorer is not None else {"skipped": CLIP_SKIPPED}

@@ -30,10 +30,16 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..device import resolve_device
-from ..errors import ModelError
-from ..models import (hub_error_reason, hub_offline, looks_like_path, move_to_device, one_line,
-                      quiet_hf_libraries, transformers_major_minor)
+from tokenflow.device import resolve_device
+from tokenflow.errors import ModelError, one_line
+from tokenflow.models.hf import quiet_hf_libraries
+from tokenflow.models.load import (
+    hub_error_reason,
+    hub_offline,
+    looks_like_path,
+    move_to_device,
+    transformers_major_minor,
+)
 
 CLIP_SKIPPED = ("CLIP metrics skipped: no CLIP model given; enable them with --clip-model "
                 "HUB_ID_OR_FOLDER (e.g. --clip-model openai/clip-vit-base-patch32)")

@@ -20,7 +20,7 @@ from typing import List
 
 import numpy as np
 
-from ..errors import ConfigError
+from tokenflow.errors import ConfigError
 
 OPENCV_HINT = "pip install opencv-python-headless (or: pip install 'tokenflow[quality]')"
 PRESETS = ("ultrafast", "fast", "medium")

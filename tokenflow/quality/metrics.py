@@ -28,8 +28,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..video import to_uint8_images
-from .flow import PairFlow, pair_flows, require_cv2, sample
+from tokenflow.io.video import to_uint8_images
+from tokenflow.quality.flow import PairFlow, pair_flows, require_cv2, sample
 
 DEFINITIONS = {
     "warp_error": "mean over consecutive pairs of the squared RGB L2 error (values in [0,1]) between "

@@ -25,8 +25,8 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import ConfigError, OutputError
-from ..video import remove_path, swap_folder_into_place, temp_sibling, write_video
+from tokenflow.errors import ConfigError, OutputError
+from tokenflow.io.video import remove_path, swap_folder_into_place, temp_sibling, write_video
 
 KIND = "tokenflow-report"
 MATPLOTLIB_HINT = "pip install matplotlib (or: pip install 'tokenflow[quality]')"

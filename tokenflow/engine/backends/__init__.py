@@ -9,8 +9,8 @@ from typing import List, Optional
 
 import torch
 
-from ...errors import ConfigError
-from .base import UNetBackend, optional_import_reason
+from tokenflow.engine.backends.base import UNetBackend, optional_import_reason
+from tokenflow.errors import ConfigError
 
 NAMES = ("eager", "compile", "aot", "onnx", "tensorrt")
 
@@ -64,17 +64,17 @@ def make_backend(name: str, tokenflow, kernels, *, model_identity: str = "", cac
     if name == "eager":
         return None
     if name == "compile":
-        from .compiled import CompiledBackend
+        from tokenflow.engine.backends.compiled import CompiledBackend
 
         return CompiledBackend(tokenflow, kernels, compiler=compiler, cache_root=cache_root)
     if name == "aot":
-        from .aot import AotBackend
+        from tokenflow.engine.backends.aot import AotBackend
 
         return AotBackend(tokenflow, kernels, model_identity=model_identity, cache_root=cache_root)
     if name == "onnx":
-        from .onnx import OnnxBackend
+        from tokenflow.engine.backends.onnx import OnnxBackend
 
         return OnnxBackend(tokenflow, kernels, model_identity=model_identity, cache_root=cache_root)
-    from .tensorrt import TensorRTBackend
+    from tokenflow.engine.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend(tokenflow, kernels, model_identity=model_identity, cache_root=cache_root)

@@ -27,11 +27,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ...kernels import KernelChoice
-from ...processors import TokenFlowUNet
-from ..passes import KeyframePass, PlainPass, PropagatePass
-from .base import switch, timestep_tensor
-from .compiled import CompiledBackend, exported_kernels
+from tokenflow.engine.backends.base import switch, timestep_tensor
+from tokenflow.engine.backends.compiled import CompiledBackend, exported_kernels
+from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass
+from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.kernels import KernelChoice
 
 FORMAT = 1
 
@@ -70,8 +70,8 @@ class AotBackend(CompiledBackend):
                 **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()}}
 
     def _spec(self, kind: str, n_branches: int, match_on: str, args) -> dict:
-        from ... import __version__
-        from .onnx import graph_code_fingerprint
+        from tokenflow import __version__
+        from tokenflow.engine.backends.onnx import graph_code_fingerprint
 
         return {"format": FORMAT, "pass": kind, "model": self.model_identity, "n_branches": n_branches,
                 "match_on": match_on, "kernels": [self.kernels.attention, self.kernels.nearest],

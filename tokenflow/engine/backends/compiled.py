@@ -19,19 +19,19 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ...kernels import KernelChoice
-from ...processors import TokenFlowUNet
-from ..passes import KeyframePass, PlainPass, PropagatePass
-from .base import UNetBackend, switch, timestep_tensor
+from tokenflow.engine.backends.base import UNetBackend, switch, timestep_tensor
+from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass
+from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.kernels import KernelChoice
 
 GRAPH_SAFE = {"keyframe_attention": ("torch", "triton"), "cosine_nearest": ("static", "triton"),
-              "propagate": ("static", "triton")}
+              "gather": ("static", "triton")}
 
 
 def graph_kernels(choice: KernelChoice, device: torch.device, dtype: torch.dtype) -> KernelChoice:
     """Kernel backends that trace into one graph: Triton custom ops on CUDA in fp16/bf16, else torch."""
-    from ...errors import ConfigError
-    from ...kernels.support import triton_missing
+    from tokenflow.errors import ConfigError
+    from tokenflow.kernels.support import triton_missing
 
     fast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and triton_missing() is None
     attention = choice.attention if choice.attention != "auto" else ("triton" if fast else "torch")
@@ -43,10 +43,10 @@ def graph_kernels(choice: KernelChoice, device: torch.device, dtype: torch.dtype
                           f"inside a compiled graph; use auto, torch, static or triton (faiss and xformers run "
                           f"only with --backend eager)")
     chosen = KernelChoice(attention=attention, nearest=nearest)
-    from ...kernels import implementation
+    from tokenflow.kernels import implementation
 
     for op, name in (("keyframe_attention", chosen.attention), ("cosine_nearest", chosen.nearest),
-                     ("propagate", chosen.propagate)):
+                     ("gather", chosen.gather)):
         implementation(op, name)   # imported now: tracing must never meet an import
     return chosen
 
@@ -54,7 +54,7 @@ def graph_kernels(choice: KernelChoice, device: torch.device, dtype: torch.dtype
 def exported_kernels(choice: KernelChoice, backend: str, dtype: torch.dtype) -> KernelChoice:
     """Kernels for graphs that leave Python (ONNX, TensorRT, AOTInductor): only torch/static ops
     exist there, so ``auto`` means torch attention and the static search, and Triton is refused."""
-    from ...errors import ConfigError
+    from tokenflow.errors import ConfigError
 
     chosen = graph_kernels(KernelChoice("torch" if choice.attention == "auto" else choice.attention,
                                         "static" if choice.nearest == "auto" else choice.nearest),

@@ -28,14 +28,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ...atomic import atomic_file
-from ...errors import ConfigError
-from ...kernels import KernelChoice
-from ...processors import TokenFlowUNet
-from ..memory import attention_layer_shapes
-from ..passes import KeyframePass, PlainPass, PropagatePass, input_names, output_names
-from .base import UNetBackend, switch, timestep_tensor
-from .compiled import exported_kernels
+from tokenflow.engine.backends.base import UNetBackend, switch, timestep_tensor
+from tokenflow.engine.backends.compiled import exported_kernels
+from tokenflow.engine.memory import attention_layer_shapes
+from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass, input_names, output_names
+from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.errors import ConfigError
+from tokenflow.io.outputs import atomic_file
+from tokenflow.kernels import KernelChoice
 
 # 20: GELU exports as ONNX's Gelu op, which ORT runs as one kernel; opset 18's erf decomposition
 # (0.5 * (1 + erf(x / sqrt 2)) * x) was left unfused: the tiny UNet's plain pass measured
@@ -65,7 +65,7 @@ def graph_spec(tokenflow: TokenFlowUNet, kind: str, *, latent_size: Tuple[int, i
 def _versions() -> dict:
     import onnx
 
-    from ... import __version__
+    from tokenflow import __version__
 
     return {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__, "tokenflow": __version__,
             "graph_code": graph_code_fingerprint()}
@@ -74,9 +74,8 @@ def _versions() -> dict:
 def graph_code_fingerprint() -> str:
     """sha256 (16 hex) of the sources that define what a pass graph computes: a code change
     invalidates exported graphs even when the version number did not move."""
-    from ... import processors
-    from ...kernels import attention, nearest
-    from .. import passes
+    from tokenflow.engine import passes, processors
+    from tokenflow.kernels import attention, nearest
 
     digest = hashlib.sha256()
     for module in (passes, processors, attention, nearest):

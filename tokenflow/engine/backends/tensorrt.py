@@ -36,14 +36,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ...errors import ConfigError, ModelError
-from ...kernels import KernelChoice
-from ...processors import TokenFlowUNet
-from ..passes import input_names, output_names
-from ..runner import GRAPH_PAIRS
-from .base import UNetBackend, switch, timestep_tensor
-from .compiled import exported_kernels
-from .onnx import MAX_ROWS, export_pass, graph_spec, spec_key
+from tokenflow.engine.backends.base import UNetBackend, switch, timestep_tensor
+from tokenflow.engine.backends.compiled import exported_kernels
+from tokenflow.engine.backends.onnx import MAX_ROWS, export_pass, graph_spec, spec_key
+from tokenflow.engine.passes import input_names, output_names
+from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.engine.runner import GRAPH_PAIRS
+from tokenflow.errors import ConfigError, ModelError
+from tokenflow.kernels import KernelChoice
 
 INSTALL = "pip install tensorrt --extra-index-url https://pypi.nvidia.com"
 UNVERIFIED = ("NEVER RUN: written against the TensorRT 10 Python API documentation without TensorRT or a GPU; "

@@ -10,7 +10,7 @@ from typing import Iterable, List, Sequence, Set
 
 from diffusers import DDIMScheduler
 
-from .errors import ConfigError
+from tokenflow.errors import ConfigError
 
 
 def make_scheduler(scheduler_config: dict, n_steps: int) -> DDIMScheduler:

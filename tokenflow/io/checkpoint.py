@@ -31,8 +31,8 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 
-from . import __version__
-from .errors import ConfigError, Interrupted, InterruptedWithCheckpoint, OutputError
+from tokenflow import __version__
+from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint, OutputError
 
 FORMAT_VERSION = 1
 MAGIC = "tokenflow-checkpoint"

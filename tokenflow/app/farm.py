@@ -6,7 +6,7 @@ Ray task per job and writes a JSON report of every job's status, attempts, times
 
 Each task runs its job in a child process::
 
-    python -c "from tokenflow.farm import child_main; child_main()" \\
+    python -c "from tokenflow.app.farm import child_main; child_main()" \\
         run JOB --checkpoint-root ROOT --resume --log-json [--overwrite]
 
 that is ``tokenflow run`` with one job; the child dies with its Ray worker (Linux: the parent-death
@@ -46,8 +46,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .atomic import atomic_file
-from .errors import ConfigError, Interrupted, OutputError
+from tokenflow.errors import ConfigError, Interrupted, OutputError
+from tokenflow.io.outputs import atomic_file
 
 REPORT_SCHEMA_VERSION = 1
 FARM_DIR = "_farm"            # under the checkpoint root; job names cannot start with "_"
@@ -58,7 +58,7 @@ INSTALL_HINT = "tokenflow farm needs Ray: pip install 'tokenflow[farm]' (or pip 
 # environment variables the workers get from the driver (Ray workers on other machines do not inherit it)
 ENV_PREFIXES = ("TOKENFLOW_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TRITON_", "PYTORCH_",
                 "TORCHINDUCTOR_")
-CHILD_CODE = "from tokenflow.farm import child_main; child_main()"
+CHILD_CODE = "from tokenflow.app.farm import child_main; child_main()"
 _PARENT_ENV = "TOKENFLOW_FARM_PARENT"
 
 
@@ -116,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
 
 def validate_jobs(patterns, root: str, overwrite: bool = False) -> list:
     """Every job of the farm, as ``tokenflow run`` would run it; ConfigError with every problem if any."""
-    from .jobfile import load_jobs
+    from tokenflow.app.jobfile import load_jobs
 
     overrides = {"resume": True, **({"overwrite": True} if overwrite else {})}
     jobs, problems = load_jobs(patterns, overrides=overrides, checkpoint_root=root, check_files=True)
@@ -138,7 +138,7 @@ def import_ray():
 
 
 def job_outputs(config) -> List[str]:
-    from .jobs import prompt_outputs, resolve_output
+    from tokenflow.app.jobs import prompt_outputs, resolve_output
 
     return [os.path.abspath(p) for p in prompt_outputs(resolve_output(config), config.prompts)]
 
@@ -346,7 +346,7 @@ class Farm:
                 "seconds": round(time.time() - self.started, 3)}
 
     def write_report(self, final: bool, exit_code: Optional[int] = None) -> None:
-        from . import __version__
+        from tokenflow import __version__
 
         report = {"kind": "tokenflow-farm-report", "schema": REPORT_SCHEMA_VERSION, "tokenflow_version": __version__,
                   "run_id": self.run_id, "state": "finished" if final else "running", "exit_code": exit_code,
@@ -484,7 +484,7 @@ class JobAttempts:
             self.wait_for_locks(previous)
 
     def wait_for_locks(self, previous: Dict[str, Any]) -> None:
-        from .locks import lock_path, lock_ttl, read_lock, stale_reason
+        from tokenflow.app.locks import lock_path, lock_ttl, read_lock, stale_reason
 
         try:
             ttl = lock_ttl()
@@ -649,7 +649,7 @@ def child_main() -> None:
     parent = os.environ.pop(_PARENT_ENV, None)
     if parent and parent.isdigit() and os.getppid() != int(parent):
         sys.exit(130)   # the worker died while this process started: nothing was done
-    from .cli import main
+    from tokenflow.app.cli import main
 
     sys.exit(main(sys.argv[1:]))
 
@@ -732,7 +732,7 @@ def _signal_name(number: int) -> str:
 
 
 def _describe_exit(code: Optional[int]) -> str:
-    from .errors import EXIT_CODES
+    from tokenflow.errors import EXIT_CODES
 
     if code is None:
         return "the child's exit status is unknown"

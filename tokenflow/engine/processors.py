@@ -20,21 +20,19 @@ prompt, [source, uncond_1, cond_1, uncond_2, cond_2, ...] for several (one share
 """
 from __future__ import annotations
 
-import contextlib
-import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Union
+from typing import Dict, List
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from . import kernels
-from .kernels import KernelChoice
-from .errors import ModelError
-from .models import check_unet_layout
-
-if TYPE_CHECKING:  # the store imports nothing from here; engine/__init__ imports the runner, which imports us
-    from .engine.store import StoreView
+from tokenflow import kernels
+from tokenflow.engine.state import PassKind, StepState, TokenFlowControl
+from tokenflow.errors import ModelError
+from tokenflow.kernels.gather import gather_blend
+from tokenflow.kernels.keyframe_attention import keyframe_attention
+from tokenflow.kernels.nearest import cosine_nearest
+from tokenflow.models.load import check_unet_layout
 
 # Plug-and-Play (Tumanyan et al.) injects Q/K in the decoder's self-attention layers "4-11": all
 # decoder self-attention layers except the first one at the lowest resolution. For SD 1.x/2.x
@@ -43,60 +41,6 @@ PNP_QK_SKIP_FIRST_DECODER_LAYERS = 1
 # ... and the residual features of the second ResNet of the first attention decoder block
 # (1/16 resolution; up_blocks[0] has no attention in SD).
 PNP_FEATURE_RESNET = "up_blocks.1.resnets.1"
-
-
-class PassKind(enum.Enum):
-    PLAIN = "plain"            # ordinary UNet (inversion, decoding helpers)
-    KEYFRAMES = "keyframes"    # extended attention over keyframes; fills the store
-    PROPAGATE = "propagate"    # self-attention replaced by gathered keyframe outputs
-
-
-@dataclass
-class StepState:
-    """Everything the processors need for one UNet call.
-
-    n_frames: frames per branch in the call (keyframes of a keyframe-pass call, or a chunk's m
-        frames); None in graph mode (taken from the batch: rows // n_branches).
-    n_branches: B = 1 + 2 * prompts.
-    inject_qk / inject_conv: Python bools, or 0-dim bool tensors in graph mode.
-    keyframe_offset: store slot of the call's first keyframe (keyframe windows write at an offset).
-    pairs / weights: [m, P] keyframe slots and blend weights (propagation passes).
-    on_correspondences: optional callback(layer, idx [m, P, S]) for inspection/parity checks.
-    """
-
-    kind: PassKind
-    timestep: int
-    n_frames: Optional[int]
-    store: Optional["StoreView"] = None
-    n_branches: int = 3
-    keyframe_offset: int = 0
-    inject_qk: Union[bool, torch.Tensor] = False
-    inject_conv: Union[bool, torch.Tensor] = False
-    pairs: Optional[torch.Tensor] = None
-    weights: Optional[torch.Tensor] = None
-    match_on: str = "input"    # "input": norm1(h) (original); "output": source attn output (paper)
-    on_correspondences: Optional[Callable[[str, torch.Tensor], None]] = None
-    kernels: KernelChoice = KernelChoice()
-
-    @property
-    def graph_mode(self) -> bool:
-        """A traced pass (``engine.passes``): kernels by name, no shape checks, no callbacks."""
-        return self.n_frames is None
-
-
-class TokenFlowControl:
-    """Holds the StepState of the UNet call in progress (None outside TokenFlow passes)."""
-
-    def __init__(self) -> None:
-        self.state: Optional[StepState] = None
-
-    @contextlib.contextmanager
-    def active(self, state: StepState) -> Iterator[StepState]:
-        previous, self.state = self.state, state
-        try:
-            yield state
-        finally:
-            self.state = previous
 
 
 @dataclass(frozen=True)
@@ -140,7 +84,7 @@ class TokenFlowAttention:
         if state.graph_mode:
             out = kernels.implementation("keyframe_attention", state.kernels.attention)(q, k, v, attn.heads, inject)
         else:
-            out = kernels.keyframe_attention(q, k, v, attn.heads, inject_qk=inject, backend=state.kernels.attention)
+            out = keyframe_attention(q, k, v, attn.heads, inject_qk=inject, backend=state.kernels.attention)
         out = _project_out(attn, out.reshape(n_br * n_kf, seq, -1), h)
         source_features = h[:n_kf] if state.match_on == "input" else out[:n_kf]
         state.store.write(self.layer.name, state.keyframe_offset, source_features, out.view(n_br, n_kf, seq, -1))
@@ -158,14 +102,14 @@ class TokenFlowAttention:
                                  state.weights.to(h.device))
         if state.graph_mode:
             idx = kernels.implementation("cosine_nearest", state.kernels.nearest)(source, keys, pairs)
-            out = kernels.implementation("propagate", state.kernels.propagate)(kf_out, idx, pairs, weights)
+            out = kernels.implementation("gather", state.kernels.gather)(kf_out, idx, pairs, weights)
             if state.match_on == "output":
                 out[0] = source
             return out.reshape(state.n_branches * m, seq, -1)
-        idx = kernels.cosine_nearest(source, keys, pairs, backend=state.kernels.nearest)
+        idx = cosine_nearest(source, keys, pairs, backend=state.kernels.nearest)
         if state.on_correspondences is not None:
             state.on_correspondences(self.layer.name, idx)
-        out = kernels.propagate(kf_out, idx, pairs, weights, backend=state.kernels.propagate)
+        out = gather_blend(kf_out, idx, pairs, weights, backend=state.kernels.gather)
         if state.match_on == "output":  # the paper: the source video keeps its own tokens
             out[0] = source
         return out.reshape(state.n_branches * m, seq, -1)

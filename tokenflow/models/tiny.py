@@ -28,7 +28,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .cache import default_cache_root
+from tokenflow.io.cache import default_cache_root
+from tokenflow.models.hf import quiet_hf_libraries
 
 # Bump whenever the architecture, the weight recipe or the folder layout changes:
 # cached folders carry it in their name and marker, so stale ones are rebuilt.
@@ -281,7 +282,7 @@ def build_tiny_model(folder: Union[str, os.PathLike], seed: int = 0) -> Path:
     folder = Path(folder).expanduser().absolute()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
-    from .models import quiet_hf_libraries  # lazy: models imports this module
+
 
     try:
         with quiet_hf_libraries():

@@ -15,10 +15,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import __version__, kernels
-from .device import mps_available, resolve_device, resolve_dtype
-from .kernels import probe, support, verify
-from .models import one_line
+from tokenflow import __version__, kernels
+from tokenflow.device import mps_available, resolve_device, resolve_dtype
+from tokenflow.errors import one_line
+from tokenflow.kernels import probe, support, verify
 
 PACKAGES = ("torch", "diffusers", "transformers", "triton", "faiss-cpu", "faiss-gpu-cu12", "xformers", "av", "numpy",
             "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "tensorrt")
@@ -65,7 +65,7 @@ def backend_table(device: Optional[str] = None, dtype: Optional[str] = None) -> 
 
 def unet_backend_table(device: Optional[str] = None, dtype: Optional[str] = None) -> List[Dict]:
     """--backend choices per device: whether each can run here, why not, and where it was verified."""
-    from .engine.backends import NAMES, VERIFIED, not_supported_reasons
+    from tokenflow.engine.backends import NAMES, VERIFIED, not_supported_reasons
 
     return [{"device": str(dev), "dtype": str(dt).replace("torch.", ""), "backend": name,
              "reasons": not_supported_reasons(name, dev, dt), "verified": VERIFIED[name]}

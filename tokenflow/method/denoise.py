@@ -19,16 +19,16 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from . import schedule
-from .engine import KeyframeStore, UNetRunner
-from .engine.memory import attention_layer_shapes, gib
-from .errors import ConfigError, ResourceError
-from .engine.planner import MemoryPlan
-from .keyframes import KeyframeSampler, groups, keyframe_windows, original_plan, paper_plan, plan_rows
-from .kernels import KernelChoice
-from .models import is_out_of_memory, release_device_memory
-from .processors import PassKind, StepState
-from .progress import Reporter
+from tokenflow.engine import KeyframeStore, UNetRunner
+from tokenflow.engine.memory import attention_layer_shapes, gib
+from tokenflow.engine.planner import MemoryPlan
+from tokenflow.engine.state import PassKind, StepState
+from tokenflow.errors import ConfigError, ResourceError
+from tokenflow.io.progress import Reporter
+from tokenflow.kernels import KernelChoice
+from tokenflow.method import schedule
+from tokenflow.method.keyframes import KeyframeSampler, groups, keyframe_windows, original_plan, paper_plan, plan_rows
+from tokenflow.models.load import is_out_of_memory, release_device_memory
 
 
 class Denoiser:

@@ -32,14 +32,14 @@ def add_parser(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from ...cache import default_cache_root
-    from ...config import DEFAULT_MODEL, parse_size
-    from ...device import resolve_device, resolve_dtype
-    from ...models import load_model
-    from ...processors import TokenFlowUNet
-    from . import not_supported_reasons
-    from ...errors import ConfigError
-    from .onnx import export_all
+    from tokenflow.config import DEFAULT_MODEL, parse_size
+    from tokenflow.device import resolve_device, resolve_dtype
+    from tokenflow.engine.backends import not_supported_reasons
+    from tokenflow.engine.backends.onnx import export_all
+    from tokenflow.engine.processors import TokenFlowUNet
+    from tokenflow.errors import ConfigError
+    from tokenflow.io.cache import default_cache_root
+    from tokenflow.models.load import load_model
 
     width, height = parse_size(args.size)
     if args.prompts < 1:

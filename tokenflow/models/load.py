@@ -1,7 +1,7 @@
 """Load a Stable Diffusion model (UNet, VAE, CLIP text encoder, tokenizer, DDIM config).
 
 ``load_model`` accepts ``"tiny"`` / ``"tiny:SEED"`` (a random-weight offline model, see
-``tokenflow.tiny``), a short SD version (``"1.5"``, ``"2.0"``, ``"2.1"``), a local diffusers
+``tokenflow.models.tiny``), a short SD version (``"1.5"``, ``"2.0"``, ``"2.1"``), a local diffusers
 folder or a Hugging Face Hub id. Every problem surfaces as a one-line ``ModelError`` (or
 ``ResourceError`` when the device runs out of memory).
 """
@@ -11,16 +11,16 @@ import hashlib
 import os
 import re
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
-from . import tiny
-from .config import SD_VERSIONS
-from .errors import ModelError, ResourceError
+from tokenflow.config import SD_VERSIONS
+from tokenflow.errors import ModelError, ResourceError, one_line
+from tokenflow.models import tiny
+from tokenflow.models.hf import quiet_hf_libraries
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx")
@@ -373,33 +373,3 @@ def release_device_memory(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def quiet_hf_libraries() -> Iterator[None]:
-    """Silence diffusers / transformers logging, progress bars and warnings; restore after."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
-             for lib in (diffusers_logging, transformers_logging)]
-    for lib, _, _ in saved:
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            for module in ("diffusers", "transformers", "huggingface_hub", "torch"):
-                warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
-            yield
-    finally:
-        for lib, verbosity, progress_bar in saved:
-            lib.set_verbosity(verbosity)
-            if progress_bar:
-                lib.enable_progress_bar()
-
-
-def one_line(error: BaseException, limit: int = 200) -> str:
-    """``TypeName: first line of the message``, shortened to ``limit`` characters."""
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -18,25 +18,24 @@ from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
-from . import schedule
-from .cache import InversionCache, InversionKey
-from .checkpoint import Checkpointer, fingerprint_fields
-from .config import DEFAULT_MODEL, EditConfig
-from .device import resolve_device, resolve_dtype
-from .denoise import Denoiser, text_branches
-from .device import synchronizer
-from .engine import UNetRunner
-from .engine.latents import DiskLatents, InvertedLatents
-from .engine.memory import calibrate, default_budget, parse_bytes
-from .engine.planner import MemoryPlan, make_plan
-from .errors import ConfigError, ResourceError
-from .interrupt import StopFlag
-from .inversion import ddim_invert, noise_from_inversion
-from .models import SDModel, encode_prompt, is_out_of_memory, load_model
-from .kernels import KernelChoice, check_backends
-from .processors import TokenFlowUNet
-from .progress import Reporter
-from .video import Clip, read_video
+from tokenflow.config import DEFAULT_MODEL, EditConfig, parse_bytes
+from tokenflow.device import resolve_device, resolve_dtype, synchronizer
+from tokenflow.engine import UNetRunner
+from tokenflow.engine.latents import DiskLatents, InvertedLatents
+from tokenflow.engine.memory import calibrate, default_budget
+from tokenflow.engine.planner import MemoryPlan, make_plan
+from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.errors import ConfigError, ResourceError
+from tokenflow.interrupt import StopFlag
+from tokenflow.io.cache import InversionCache, InversionKey
+from tokenflow.io.checkpoint import Checkpointer, fingerprint_fields
+from tokenflow.io.progress import Reporter
+from tokenflow.io.video import Clip, read_video
+from tokenflow.kernels import KernelChoice, check_backends
+from tokenflow.method import schedule
+from tokenflow.method.denoise import Denoiser, text_branches
+from tokenflow.method.inversion import ddim_invert, noise_from_inversion
+from tokenflow.models.load import SDModel, encode_prompt, is_out_of_memory, load_model
 
 
 @dataclass
@@ -116,7 +115,7 @@ class Editor:
             return "eager"
         key = (config.backend, config.attention_backend, config.nearest_backend)
         if key not in self._backends:
-            from .engine.backends import make_backend  # noqa: PLC0415
+            from tokenflow.engine.backends import make_backend  # noqa: PLC0415
 
             kernels = KernelChoice(config.attention_backend, config.nearest_backend)
             self._backends[key] = make_backend(config.backend, self.tokenflow, kernels,

@@ -1,10 +1,10 @@
 """The original TokenFlow implementation's compute pattern, as kernel backends named "original".
 
-Registered for ``keyframe_attention``, ``cosine_nearest`` and ``propagate`` but never picked
+Registered for ``keyframe_attention``, ``cosine_nearest`` and ``gather`` but never picked
 automatically: they exist so ``tokenflow bench --compare torch,original`` can measure what the
 original way of computing the same results costs. Same semantics as the torch references
 (``attention.keyframe_attention_torch``, ``nearest.cosine_nearest_torch``,
-``nearest.propagate_torch``); only the work pattern differs:
+``gather.gather_blend_torch``); only the work pattern differs:
 
 * attention: for branches 1.. the keys and values of all K keyframes are concatenated and
   *repeated for every query frame* (``[K, K*S, C]`` copies), then each head is computed on its
@@ -14,7 +14,7 @@ original way of computing the same results costs. Same semantics as the torch re
   concatenated paired keyframes' features ``[P*M, C]`` are scored against all frames' tokens
   at once: the full ``[(F*N), (P*M)]`` cosine matrix is materialised, then argmax per keyframe
   (no fused search, no chunking).
-* propagate: per pair position, the paired keyframe's outputs are first copied out for every
+* gather: per pair position, the paired keyframe's outputs are first copied out for every
   frame (``[B, F, M, C]``), then gathered along the tokens and blended.
 
 Numerics (so these pass the same checks as every other backend, ``kernels.verify``): attention
@@ -31,8 +31,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import support
-from .dispatch import Backend, register
+from tokenflow.kernels import support
+from tokenflow.kernels.dispatch import Backend, register
 
 HALF = (torch.float16, torch.bfloat16)
 NOT_AUTO = "reproduces the original implementation's compute pattern (for benchmarks); only by name"
@@ -114,9 +114,9 @@ def cosine_nearest_original(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Te
     return idx
 
 
-def propagate_original(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.Tensor,
+def gather_blend_original(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
-    """kf_out [B, K, M, C], idx [F, P, N] -> [B, F, N, C] (see ``kernels.propagate``)."""
+    """kf_out [B, K, M, C], idx [F, P, N] -> [B, F, N, C] (see ``kernels.gather.gather_blend``)."""
     n_branches, _, _, channels = kf_out.shape
     n_frames, n_pairs, n_tokens = idx.shape
     slots = pairs.clamp(min=0).to(kf_out.device)
@@ -144,7 +144,7 @@ def _unsupported_nearest(x, keys, pairs) -> List[str]:
     return reasons
 
 
-def _unsupported_propagate(kf_out, idx, pairs, weights) -> List[str]:
+def _unsupported_gather(kf_out, idx, pairs, weights) -> List[str]:
     reasons = support.same_device((kf_out, idx, pairs, weights)) + support.float_dtype(kf_out)
     if idx.dtype not in (torch.int64, torch.int32):
         reasons.append(f"idx must be an integer tensor, got {idx.dtype}")
@@ -152,9 +152,9 @@ def _unsupported_propagate(kf_out, idx, pairs, weights) -> List[str]:
 
 
 _VERIFIED = "CPU float32/float16/bfloat16 against the torch reference (tests/test_benchmark.py)"
-register(Backend("keyframe_attention", "original", 0, ".original_pattern:keyframe_attention_original",
+register(Backend("keyframe_attention", "original", 0, "tokenflow.benchmark.original_kernels:keyframe_attention_original",
                  unsupported=_unsupported_attention, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED))
-register(Backend("cosine_nearest", "original", 0, ".original_pattern:cosine_nearest_original",
+register(Backend("cosine_nearest", "original", 0, "tokenflow.benchmark.original_kernels:cosine_nearest_original",
                  unsupported=_unsupported_nearest, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED))
-register(Backend("propagate", "original", 0, ".original_pattern:propagate_original",
-                 unsupported=_unsupported_propagate, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED))
+register(Backend("gather", "original", 0, "tokenflow.benchmark.original_kernels:gather_blend_original",
+                 unsupported=_unsupported_gather, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED))

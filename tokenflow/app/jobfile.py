@@ -24,10 +24,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import DTYPES, METHODS, PLACES, PRESETS, PROPAGATIONS, EditConfig, parse_size
-from .errors import (ConfigError, Interrupted, InterruptedWithCheckpoint, LockedError, ResourceError,
-                     TokenFlowError, short_repr)
-from .interrupt import StopFlag, stop_on_signals
+from tokenflow.config import DTYPES, METHODS, PLACES, PRESETS, PROPAGATIONS, EditConfig, parse_size
+from tokenflow.errors import (
+    ConfigError,
+    Interrupted,
+    InterruptedWithCheckpoint,
+    LockedError,
+    ResourceError,
+    TokenFlowError,
+    short_repr,
+)
+from tokenflow.interrupt import StopFlag, stop_on_signals
 
 REQUIRED = ("video", "prompt", "output")
 PATH_FIELDS = ("video", "output", "save_frames", "save_latents", "report", "checkpoint_dir", "cache_dir")
@@ -188,7 +195,7 @@ def _check_prompt(value: Any, path: str) -> Tuple[Any, List[Problem]]:
 
 
 def _check_bytes(value: Any, path: str) -> Tuple[Any, List[Problem]]:
-    from .engine.memory import parse_bytes
+    from tokenflow.config import parse_bytes
 
     if value is None:
         return None, []
@@ -218,8 +225,8 @@ _SPECIAL = {
 
 def choices() -> Dict[str, Tuple[str, ...]]:
     """The allowed values of every choice field, from the same constants config.validate() uses."""
-    from .engine.backends import NAMES
-    from .kernels.dispatch import AUTO, backend_names
+    from tokenflow.engine.backends import NAMES
+    from tokenflow.kernels.dispatch import AUTO, backend_names
 
     return {"method": METHODS, "propagation": PROPAGATIONS, "backend": NAMES, "keyframe_store": PLACES,
             "inverted_latents": PLACES + ("disk",), "dtype": DTYPES,
@@ -248,7 +255,7 @@ def specs() -> Dict[str, Spec]:
 
 
 def _cli_help() -> Dict[str, str]:
-    from .cli import _RENAMES, _add_common
+    from tokenflow.app.cli import _RENAMES, _add_common
 
     parser = argparse.ArgumentParser(add_help=False)
     _add_common(parser, edit=True)
@@ -478,7 +485,7 @@ def load_jobs(patterns: Sequence[str], **options: Any) -> Tuple[List[Job], List[
     for job in jobs:
         claims = [("name", job.name)]
         if job.config is not None:
-            from .jobs import prompt_outputs, resolve_output
+            from tokenflow.app.jobs import prompt_outputs, resolve_output
 
             claims += [("output", p) for p in prompt_outputs(resolve_output(job.config), job.config.prompts)]
             claims += [("checkpoint_dir", job.config.checkpoint_dir)] if job.config.checkpoint_dir else []
@@ -515,7 +522,7 @@ def main(args: argparse.Namespace) -> int:
     if args.command == "schema":
         print(json.dumps(job_schema(), indent=2))
         return 0
-    from .progress import Reporter
+    from tokenflow.io.progress import Reporter
 
     class RunReporter(Reporter):
         """The run's one Reporter: every event names its job; notices a skipped job."""
@@ -529,7 +536,7 @@ def main(args: argparse.Namespace) -> int:
             super().event(kind, **({"job": self.job, **fields} if self.job is not None else fields))
 
     reporter = RunReporter(quiet=args.quiet, json_stream=sys.stdout if args.log_json else None)
-    from .cli import _one_line_warnings, _start_event
+    from tokenflow.app.cli import _one_line_warnings, _start_event
 
     _one_line_warnings(reporter)
     _start_event(reporter, "run", None)
@@ -540,7 +547,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _error(reporter, message: str, code: int) -> int:
-    from .errors import EXIT_NAMES
+    from tokenflow.errors import EXIT_NAMES
 
     reporter.event("error", code=EXIT_NAMES.get(code, "internal_error"), exit_code=code, message=message)
     print(f"tokenflow: error: {message}", file=sys.stderr)
@@ -564,7 +571,7 @@ def run_jobs(args: argparse.Namespace, reporter) -> int:
         if not args.quiet:
             print(f"{len(jobs)} job(s) valid: {', '.join(j.name for j in jobs)}", file=sys.stderr)
         return 0
-    from . import jobs as runner
+    from tokenflow.app import jobs as runner
 
     with stop_on_signals() as stop:   # one stop request for the whole run: no job starts after it
         records = _run_in_order(jobs, runner, reporter, stop, keep_going=args.keep_going)

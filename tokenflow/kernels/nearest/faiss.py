@@ -8,29 +8,10 @@ torch.argmax (the similarity is the same).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 
-from .nearest import slot_groups
-
-# FAISS streams queries through its own blocked GEMM + top-1, keeping memory O(block). Measured on
-# 2 CPU cores, float32, groups of 8 frames x 2 keyframes (bench/results/nearest_cpu_*.json):
-# 912 vs 2084 ms for the torch reference at S = 4096 (2.7e8 similarities), 104 vs 133 ms at
-# S = 1024 (1.7e7), 14.7 vs 17.0 ms at S = 256 (1.0e6; within run-to-run noise). It is picked
-# automatically on CPU only for searches of at least this many similarities (F*P*N*M); smaller
-# ones keep the reference, whose tie-breaking is the original's.
-AUTO_MIN_ENTRIES = 1 << 24
-
-
-def auto_reason(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor) -> Optional[str]:
-    if x.device.type != "cpu":
-        return "GPU indexes are unverified; on CUDA the Triton kernel is used"
-    entries = x.shape[0] * pairs.shape[1] * x.shape[1] * keys.shape[1]
-    if entries < AUTO_MIN_ENTRIES:
-        return f"picked automatically only for searches of at least {AUTO_MIN_ENTRIES:.0e} similarities ({entries:.0e} here)"
-    return None
+from tokenflow.kernels.nearest import slot_groups
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:

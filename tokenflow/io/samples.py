@@ -12,7 +12,7 @@ import av
 import numpy as np
 import torch
 
-from .video import Clip, check_writable, write_video
+from tokenflow.io.video import Clip, check_writable, write_video
 
 TONE_HZ = 440.0
 TONE_SAMPLE_RATE = 44100

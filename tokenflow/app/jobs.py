@@ -13,19 +13,26 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .atomic import atomic_file
-from .checkpoint import remove_checkpoint
-from .config import EditConfig
-from .device import resolve_device, resolve_dtype
-from .editor import Editor, EditResult, read_clip
-from .engine.planner import MemoryPlan
-from .errors import ConfigError, InputError, Interrupted, OutputError
-from .interrupt import StopFlag, stop_on_signals
-from .kernels import check_backends
-from .locks import OutputLocks
-from .progress import Reporter
-from .video import (check_frames_target, check_writable, remove_path, swap_folder_into_place, temp_sibling,
-                    write_frames, write_video)
+from tokenflow.app.locks import OutputLocks
+from tokenflow.config import EditConfig
+from tokenflow.device import resolve_device, resolve_dtype
+from tokenflow.engine.planner import MemoryPlan
+from tokenflow.errors import ConfigError, InputError, Interrupted, OutputError
+from tokenflow.interrupt import StopFlag, stop_on_signals
+from tokenflow.io.checkpoint import remove_checkpoint
+from tokenflow.io.outputs import atomic_file
+from tokenflow.io.progress import Reporter
+from tokenflow.io.video import (
+    check_frames_target,
+    check_writable,
+    remove_path,
+    swap_folder_into_place,
+    temp_sibling,
+    write_frames,
+    write_video,
+)
+from tokenflow.kernels import check_backends
+from tokenflow.method.editor import Editor, EditResult, read_clip
 
 TINY_NOTE = "made with --model tiny: random weights, the output is NOT a real edit (offline demo/test model)"
 
@@ -85,8 +92,8 @@ def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = 
     if config.clip_model and not config.report:
         raise ConfigError("--clip-model scores the report's frames; add --report DIR (or use `tokenflow metrics`)")
     if config.report:
-        from .quality.flow import require_cv2
-        from .quality.report import check_report_support, check_report_target
+        from tokenflow.quality.flow import require_cv2
+        from tokenflow.quality.report import check_report_support, check_report_target
 
         require_cv2()
         check_report_support()
@@ -106,7 +113,7 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
     """run_edit's work, while this worker holds the lock of every output."""
     scorer = None
     if config.clip_model:
-        from .quality.cli import load_scorer
+        from tokenflow.quality.cli import load_scorer
 
         scorer = load_scorer(config.clip_model, config.device)   # a missing model fails before any work
     device = resolve_device(config.device)
@@ -239,9 +246,9 @@ def write_edit_report(result: EditResult, folder: str, config: EditConfig, score
     """Metrics of the in-memory edited frames against the source frames, then the report folder."""
     import dataclasses
 
-    from .benchmark.system import versions
-    from .quality.cli import evaluate
-    from .quality.report import write_report
+    from tokenflow.device import versions
+    from tokenflow.quality.cli import evaluate
+    from tokenflow.quality.report import write_report
 
     metrics = evaluate(result.clip.frames, result.frames, prompt=result.prompt, scorer=scorer)
     settings = {k: v for k, v in dataclasses.asdict(config).items() if v is not None and k != "prompt"}

@@ -7,8 +7,8 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 from diffusers import DDIMScheduler
 
-from .engine.latents import InvertedLatents
-from .errors import ConfigError
+from tokenflow.engine.latents import InvertedLatents
+from tokenflow.errors import ConfigError
 
 
 def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor,

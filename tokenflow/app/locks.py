@@ -42,7 +42,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Tuple
 
-from .errors import ConfigError, LockedError, OutputError
+from tokenflow.errors import ConfigError, LockedError, OutputError
 
 DEFAULT_TTL_S = 120.0
 HEARTBEAT_S = 10.0

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import support
+from tokenflow.kernels import support
 
 LOG2E = 1.0 / math.log(2.0)
 

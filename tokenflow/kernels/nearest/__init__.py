@@ -1,8 +1,8 @@
-"""Cosine nearest-neighbour correspondences and the weighted gather (the propagation pass).
+"""Cosine nearest-neighbour correspondences between frames and keyframes (the propagation pass).
 
 API, plain-PyTorch references and dispatch. Backends: ``triton`` (fused normalise + matmul +
-running argmax, and a fused gather; ``nearest_triton.py``), ``faiss`` (flat inner-product
-index on normalised keys; ``nearest_faiss.py``), ``torch`` (the reference) and ``static``
+running argmax; ``triton.py``), ``faiss`` (flat inner-product index on normalised keys;
+``faiss.py``), ``torch`` (the reference) and ``static``
 (the same math without data-dependent control flow, for traced graphs: torch.compile, ONNX).
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import List, Optional
 
 import torch
 
-from . import support
-from .dispatch import Backend, register, resolve
+from tokenflow.kernels import support
+from tokenflow.kernels.dispatch import Backend, register, resolve
 
 # elements of the similarity matrix the reference computes at once (bounds its memory)
 _SIM_ELEMENTS = 1 << 24
@@ -36,26 +36,6 @@ def cosine_nearest(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor, *,
     if pairs.dim() != 2 or pairs.shape[0] != x.shape[0]:
         raise ValueError(f"pairs must be [F, P] with F={x.shape[0]}; got {tuple(pairs.shape)}")
     return resolve("cosine_nearest", backend, x, keys, pairs)(x, keys, pairs)
-
-
-def propagate(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor, *,
-              backend: Optional[str] = None) -> torch.Tensor:
-    """Blend keyframe outputs gathered through correspondences.
-
-    Args:
-        kf_out: [B, K, M, C] stored keyframe self-attention outputs per branch.
-        idx: int64 [F, P, N] from ``cosine_nearest``.
-        pairs: int64 [F, P]; -1 = none (its weight must be 0).
-        weights: float [F, P].
-        backend: None/"auto", "triton" or "torch".
-    Returns:
-        [B, F, N, C] = sum_p weights[f,p] * kf_out[b, pairs[f,p], idx[f,p,n]], in kf_out's dtype
-        (accumulated in float32).
-    """
-    if kf_out.dim() != 4 or idx.dim() != 3 or idx.shape[:2] != pairs.shape or weights.shape != pairs.shape:
-        raise ValueError(f"kf_out [B,K,M,C], idx [F,P,N], pairs [F,P], weights [F,P] disagree: "
-                         f"{tuple(kf_out.shape)}, {tuple(idx.shape)}, {tuple(pairs.shape)}, {tuple(weights.shape)}")
-    return resolve("propagate", backend, kf_out, idx, pairs, weights)(kf_out, idx, pairs, weights)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -85,20 +65,6 @@ def cosine_nearest_torch(x, keys, pairs) -> torch.Tensor:
     return idx
 
 
-def propagate_torch(kf_out, idx, pairs, weights) -> torch.Tensor:
-    """Reference: one gather per pair position, float32 weighted sum."""
-    n_branches, n_kf, n_tokens_kf, channels = kf_out.shape
-    n_frames, n_pairs, n_tokens = idx.shape
-    flat = kf_out.reshape(n_branches, n_kf * n_tokens_kf, channels)
-    slots = pairs.clamp(min=0).to(idx.device)
-    w = weights.to(device=kf_out.device, dtype=torch.float32)
-    out = torch.zeros(n_branches, n_frames, n_tokens, channels, device=kf_out.device, dtype=torch.float32)
-    for p in range(n_pairs):
-        sel = (slots[:, p, None] * n_tokens_kf + idx[:, p]).reshape(-1)
-        out += flat[:, sel].view(n_branches, n_frames, n_tokens, channels).float() * w[None, :, p, None, None]
-    return out.to(kf_out.dtype)
-
-
 # query tokens per block of the static search: P * block * M similarities per frame stay <= 2**22
 _STATIC_SIM_PER_FRAME = 1 << 22
 
@@ -121,17 +87,6 @@ def cosine_nearest_static(x, keys, pairs) -> torch.Tensor:
     return torch.where(pairs[..., None] >= 0, idx, torch.zeros_like(idx))
 
 
-def propagate_static(kf_out, idx, pairs, weights) -> torch.Tensor:
-    """Static-shape reference: one gather of all pair positions, float32 weighted sum over P."""
-    n_branches, n_kf, n_tokens_kf, channels = kf_out.shape
-    n_frames, n_pairs, n_tokens = idx.shape
-    flat = kf_out.reshape(n_branches, n_kf * n_tokens_kf, channels)
-    sel = (pairs.clamp(min=0)[:, :, None] * n_tokens_kf + idx).reshape(-1)
-    gathered = flat.index_select(1, sel).view(n_branches, n_frames, n_pairs, n_tokens, channels).float()
-    w = weights.to(device=kf_out.device, dtype=torch.float32)
-    return (gathered * w[None, :, :, None, None]).sum(dim=2).to(kf_out.dtype)
-
-
 def _unsupported_nearest(x, keys, pairs) -> List[str]:
     reasons = support.same_device((x, keys, pairs)) + support.float_dtype(x)
     if pairs.dtype not in (torch.int64, torch.int32):
@@ -148,44 +103,34 @@ def _unsupported_nearest_triton(x, keys, pairs) -> List[str]:
     return reasons
 
 
-def _faiss_not_auto(x, keys, pairs) -> Optional[str]:
-    from .nearest_faiss import auto_reason
-
-    return auto_reason(x, keys, pairs)
-
-
-def _unsupported_propagate(kf_out, idx, pairs, weights) -> List[str]:
-    reasons = support.same_device((kf_out, idx, pairs, weights)) + support.float_dtype(kf_out)
-    if idx.dtype not in (torch.int64, torch.int32):
-        reasons.append(f"idx must be an integer tensor, got {idx.dtype}")
-    return reasons
+# FAISS streams queries through its own blocked GEMM + top-1, keeping memory O(block). Measured on
+# 2 CPU cores, float32, groups of 8 frames x 2 keyframes (bench/results/nearest_cpu_*.json):
+# 912 vs 2084 ms for the torch reference at S = 4096 (2.7e8 similarities), 104 vs 133 ms at
+# S = 1024 (1.7e7), 14.7 vs 17.0 ms at S = 256 (1.0e6; within run-to-run noise). It is picked
+# automatically on CPU only for searches of at least this many similarities (F*P*N*M); smaller
+# ones keep the reference, whose tie-breaking is the original's.
+AUTO_MIN_ENTRIES = 1 << 24
 
 
-def _unsupported_propagate_triton(kf_out, idx, pairs, weights) -> List[str]:
-    reasons = _unsupported_propagate(kf_out, idx, pairs, weights) + support.triton_device((kf_out,))
-    if kf_out.stride[-1] != 1:
-        reasons.append("channels are not contiguous")
-    return reasons
+def _faiss_not_auto(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor) -> Optional[str]:
+    if x.device.type != "cpu":
+        return "GPU indexes are unverified; on CUDA the Triton kernel is used"
+    entries = x.shape[0] * pairs.shape[1] * x.shape[1] * keys.shape[1]
+    if entries < AUTO_MIN_ENTRIES:
+        return f"picked automatically only for searches of at least {AUTO_MIN_ENTRIES:.0e} similarities ({entries:.0e} here)"
+    return None
 
 
 _TRITON_VERIFIED = "Triton interpreter on CPU (fp32, fp16, bf16); compiles for sm_90; never run on a GPU"
-register(Backend("cosine_nearest", "triton", 30, ".nearest_triton:cosine_nearest_triton",
+register(Backend("cosine_nearest", "triton", 30, "tokenflow.kernels.nearest.triton:cosine_nearest_triton",
                  requires=support.triton_missing, unsupported=_unsupported_nearest_triton,
                  not_auto=lambda x, *a, **kw: support.triton_not_auto((x,)), verified=_TRITON_VERIFIED))
-register(Backend("cosine_nearest", "faiss", 20, ".nearest_faiss:cosine_nearest_faiss",
+register(Backend("cosine_nearest", "faiss", 20, "tokenflow.kernels.nearest.faiss:cosine_nearest_faiss",
                  requires=support.faiss_missing, unsupported=_unsupported_nearest,
                  not_auto=_faiss_not_auto, verified="faiss-cpu on CPU; faiss-gpu indexes unverified"))
-register(Backend("cosine_nearest", "torch", 10, ".nearest:cosine_nearest_torch",
+register(Backend("cosine_nearest", "torch", 10, "tokenflow.kernels.nearest:cosine_nearest_torch",
                  unsupported=_unsupported_nearest, verified="reference; CPU float32 parity with the original"))
 _STATIC_NOT_AUTO = "for traced graphs (--backend compile/onnx); in eager the torch reference is as exact and lighter"
-register(Backend("cosine_nearest", "static", 5, ".nearest:cosine_nearest_static",
+register(Backend("cosine_nearest", "static", 5, "tokenflow.kernels.nearest:cosine_nearest_static",
                  unsupported=_unsupported_nearest, not_auto=lambda *a: _STATIC_NOT_AUTO,
                  verified="CPU float32/fp16/bf16 against the torch reference (tests)"))
-register(Backend("propagate", "static", 5, ".nearest:propagate_static",
-                 unsupported=_unsupported_propagate, not_auto=lambda *a: _STATIC_NOT_AUTO,
-                 verified="CPU float32/fp16/bf16 against the torch reference (tests)"))
-register(Backend("propagate", "triton", 30, ".nearest_triton:propagate_triton",
-                 requires=support.triton_missing, unsupported=_unsupported_propagate_triton,
-                 not_auto=lambda kf_out, *a, **kw: support.triton_not_auto((kf_out,)), verified=_TRITON_VERIFIED))
-register(Backend("propagate", "torch", 10, ".nearest:propagate_torch",
-                 unsupported=_unsupported_propagate, verified="reference; CPU float32 parity with the original"))

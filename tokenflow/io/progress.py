@@ -7,7 +7,6 @@ import sys
 import time
 from typing import Dict, Iterator, Optional, TextIO
 
-
 # Every JSON-lines event (``--log-json``): its kind and the fields it always carries, besides
 # "event" (the kind) and "time" (Unix seconds). Documented in docs/events.md; EVENT_SCHEMA_VERSION
 # changes when a field is removed or changes meaning (new fields or kinds may be added).

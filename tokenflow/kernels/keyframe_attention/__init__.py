@@ -15,8 +15,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import support
-from .dispatch import Backend, register, resolve
+from tokenflow.kernels import support
+from tokenflow.kernels.dispatch import Backend, register, resolve
 
 OP = "keyframe_attention"
 
@@ -114,14 +114,14 @@ def _triton_not_auto(q, *rest) -> Optional[str]:
     return support.triton_not_auto((q,))
 
 
-register(Backend(OP, "triton", 30, ".attention_triton:keyframe_attention_triton",
+register(Backend(OP, "triton", 30, "tokenflow.kernels.keyframe_attention.triton:keyframe_attention_triton",
                  requires=support.triton_missing, unsupported=_unsupported_triton,
                  not_auto=_triton_not_auto,
                  verified="Triton interpreter on CPU (fp32, fp16, bf16); compiles for sm_90; never run on a GPU"))
-register(Backend(OP, "xformers", 20, ".attention:keyframe_attention_xformers",
+register(Backend(OP, "xformers", 20, "tokenflow.kernels.keyframe_attention:keyframe_attention_xformers",
                  requires=support.xformers_missing, unsupported=_unsupported_xformers,
                  not_auto=lambda *a, **kw: "unverified (no GPU with xFormers was available to test it)",
                  verified="unverified"))
-register(Backend(OP, "torch", 10, ".attention:keyframe_attention_torch",
+register(Backend(OP, "torch", 10, "tokenflow.kernels.keyframe_attention:keyframe_attention_torch",
                  unsupported=lambda q, k, v, heads: _unsupported_common(q, k, v, heads),
                  verified="reference; CPU float32 parity with the original implementation"))

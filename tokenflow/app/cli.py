@@ -7,9 +7,9 @@ import sys
 import warnings
 from typing import List, Optional
 
-from . import __version__
-from .config import DEFAULT_NEGATIVE_PROMPT, PRESETS, EditConfig, from_mapping, load_yaml, parse_size
-from .errors import ConfigError, ResourceError, TokenFlowError
+from tokenflow import __version__
+from tokenflow.config import DEFAULT_NEGATIVE_PROMPT, PRESETS, EditConfig, from_mapping, load_yaml, parse_size
+from tokenflow.errors import ConfigError, ResourceError, TokenFlowError
 
 EPILOG = """examples:
   tokenflow edit clip.mp4 --prompt "a shiny silver robotic wolf" --inversion-prompt "a wolf" -o wolf.mp4
@@ -156,11 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--check", action="store_true", help="also compare every runnable backend with the "
                         "torch reference on random inputs; exit code 1 if any check fails")
     doctor.add_argument("--json", action="store_true", help="print JSON")
-    from .benchmark import cli as bench_cli  # noqa: PLC0415
-    from .engine.backends import export_cli  # noqa: PLC0415
-
-    from . import farm, jobfile  # noqa: PLC0415
-    from .quality import cli as quality_cli  # noqa: PLC0415
+    from tokenflow.app import export as export_cli  # noqa: PLC0415
+    from tokenflow.app import farm, jobfile  # noqa: PLC0415
+    from tokenflow.benchmark import cli as bench_cli  # noqa: PLC0415
+    from tokenflow.quality import cli as quality_cli  # noqa: PLC0415
 
     jobfile.add_parsers(sub)
     farm.add_parser(sub)
@@ -219,7 +218,7 @@ def _one_line_warnings(reporter) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .progress import Reporter
+    from tokenflow.io.progress import Reporter
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -227,21 +226,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     if args.command == "bench":
-        from .benchmark import cli as bench_cli  # noqa: PLC0415
+        from tokenflow.benchmark import cli as bench_cli  # noqa: PLC0415
 
         return bench_cli.main(args)
     if args.command in ("export", "doctor", "metrics", "report", "run", "schema", "farm"):   # own reporting
         try:
             if args.command == "export":
-                from .engine.backends import export_cli as command
+                from tokenflow.app import export as command
             elif args.command in ("metrics", "report"):
-                from .quality import cli as command
+                from tokenflow.quality import cli as command
             elif args.command in ("run", "schema"):
-                from . import jobfile as command
+                from tokenflow.app import jobfile as command
             elif args.command == "farm":
-                from . import farm as command
+                from tokenflow.app import farm as command
             else:
-                from . import doctor as command
+                from tokenflow.app import doctor as command
             return command.main(args)
         except TokenFlowError as exc:
             print(f"tokenflow: error: {exc}", file=sys.stderr)
@@ -262,7 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _start_event(reporter, args.command, argv)
     try:
         config = config_from_args(args)
-        from . import jobs
+        from tokenflow.app import jobs
 
         if args.command == "edit" and args.plan:
             jobs.run_plan(config, reporter)
@@ -295,14 +294,14 @@ def _internal_error(exc: BaseException) -> str:
 def _start_event(reporter, command: str, argv: Optional[List[str]]) -> None:
     import platform
 
-    from .progress import EVENT_SCHEMA_VERSION
+    from tokenflow.io.progress import EVENT_SCHEMA_VERSION
 
     reporter.event("start", command=command, version=__version__, schema=EVENT_SCHEMA_VERSION, pid=os.getpid(),
                    host=platform.node(), argv=list(sys.argv[1:] if argv is None else argv))
 
 
 def _fail(reporter, message: str, code: int) -> int:
-    from .errors import EXIT_NAMES
+    from tokenflow.errors import EXIT_NAMES
 
     reporter.event("error", code=EXIT_NAMES.get(code, "internal_error"), exit_code=code, message=message)
     print(f"tokenflow: error: {message}", file=sys.stderr)

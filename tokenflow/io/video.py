@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import default_size
-from .errors import ConfigError, InputError, OutputError
+from tokenflow.config import default_size
+from tokenflow.errors import ConfigError, InputError, OutputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FOLDER_FPS = 10.0  # image folders carry no frame rate

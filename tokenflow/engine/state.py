@@ -1,0 +1,71 @@
+"""Per-call state of the TokenFlow passes: what kind of UNet call runs and everything the
+processors and the PnP hook read during it (``StepState``), held by ``TokenFlowControl`` while
+the call runs. The runner builds a ``StepState`` for each call; nothing is set on modules.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
+
+import torch
+
+from tokenflow.kernels import KernelChoice
+
+if TYPE_CHECKING:
+    from tokenflow.engine.store import StoreView
+
+
+class PassKind(enum.Enum):
+    PLAIN = "plain"            # ordinary UNet (inversion, decoding helpers)
+    KEYFRAMES = "keyframes"    # extended attention over keyframes; fills the store
+    PROPAGATE = "propagate"    # self-attention replaced by gathered keyframe outputs
+
+
+@dataclass
+class StepState:
+    """Everything the processors need for one UNet call.
+
+    n_frames: frames per branch in the call (keyframes of a keyframe-pass call, or a chunk's m
+        frames); None in graph mode (taken from the batch: rows // n_branches).
+    n_branches: B = 1 + 2 * prompts.
+    inject_qk / inject_conv: Python bools, or 0-dim bool tensors in graph mode.
+    keyframe_offset: store slot of the call's first keyframe (keyframe windows write at an offset).
+    pairs / weights: [m, P] keyframe slots and blend weights (propagation passes).
+    on_correspondences: optional callback(layer, idx [m, P, S]) for inspection/parity checks.
+    """
+
+    kind: PassKind
+    timestep: int
+    n_frames: Optional[int]
+    store: Optional["StoreView"] = None
+    n_branches: int = 3
+    keyframe_offset: int = 0
+    inject_qk: Union[bool, torch.Tensor] = False
+    inject_conv: Union[bool, torch.Tensor] = False
+    pairs: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+    match_on: str = "input"    # "input": norm1(h) (original); "output": source attn output (paper)
+    on_correspondences: Optional[Callable[[str, torch.Tensor], None]] = None
+    kernels: KernelChoice = KernelChoice()
+
+    @property
+    def graph_mode(self) -> bool:
+        """A traced pass (``engine.passes``): kernels by name, no shape checks, no callbacks."""
+        return self.n_frames is None
+
+
+class TokenFlowControl:
+    """Holds the StepState of the UNet call in progress (None outside TokenFlow passes)."""
+
+    def __init__(self) -> None:
+        self.state: Optional[StepState] = None
+
+    @contextlib.contextmanager
+    def active(self, state: StepState) -> Iterator[StepState]:
+        previous, self.state = self.state, state
+        try:
+            yield state
+        finally:
+            self.state = previous

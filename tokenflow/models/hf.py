@@ -1,0 +1,29 @@
+"""Plumbing around the Hugging Face libraries that loading needs in more than one place."""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def quiet_hf_libraries() -> Iterator[None]:
+    """Silence diffusers / transformers logging, progress bars and warnings; restore after."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
+             for lib in (diffusers_logging, transformers_logging)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for module in ("diffusers", "transformers", "huggingface_hub", "torch"):
+                warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+            yield
+    finally:
+        for lib, verbosity, progress_bar in saved:
+            lib.set_verbosity(verbosity)
+            if progress_bar:
+                lib.enable_progress_bar()
