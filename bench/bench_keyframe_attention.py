@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, median_seconds, parser, resolve_args, write_results  # noqa: E402
 
-from tokenflow import kernels  # noqa: E402
-from tokenflow.kernels.keyframe_attention import keyframe_attention_torch  # noqa: E402
+
+from tokenflow.kernels.keyframe_attention import keyframe_attention, keyframe_attention_torch  # noqa: E402
 
 # (tokens S, heads, head dim): SD 2.1 at 512x512 has D = 64 at every resolution; SD 1.5 has 8 heads
 SD21 = [(4096, 5, 64), (1024, 10, 64), (256, 20, 64)]
@@ -68,9 +68,9 @@ def build(name: str, case: dict):
     q, k, v = make_inputs(case)
     heads = case["heads"]
     if name == "triton":
-        return lambda: kernels.keyframe_attention(q, k, v, heads, backend="triton")
+        return lambda: keyframe_attention(q, k, v, heads, backend="triton")
     if name == "xformers":
-        return lambda: kernels.keyframe_attention(q, k, v, heads, backend="xformers")
+        return lambda: keyframe_attention(q, k, v, heads, backend="xformers")
     if name == "original":
         return lambda: original_formulation(q, k, v, heads)
     if name.startswith("sdpa-"):

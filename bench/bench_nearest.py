@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, median_seconds, parser, resolve_args, write_results  # noqa: E402
 
-from tokenflow import kernels  # noqa: E402
+from tokenflow.kernels.gather import gather_blend  # noqa: E402
+from tokenflow.kernels.nearest import cosine_nearest  # noqa: E402
 
 # (tokens S, channels C): SD 2.1 / 1.5 at 512x512, the three resolutions with self-attention
 SIZES = [(4096, 320), (1024, 640), (256, 1280)]
@@ -73,14 +74,14 @@ def original_formulation(x, keys, pairs):
 def build(name: str, case: dict):
     x, keys, pairs, kf_out, idx, weights = make_inputs(case)
     if name in ("triton", "torch", "faiss"):
-        return lambda: kernels.cosine_nearest(x, keys, pairs, backend=name)
+        return lambda: cosine_nearest(x, keys, pairs, backend=name)
     if name == "matmul-argmax":
         return lambda: matmul_argmax(x, keys, pairs)
     if name == "original":
         return lambda: original_formulation(x, keys, pairs)
     if name.startswith("propagate-"):
         backend = name.split("-", 1)[1]
-        return lambda: kernels.propagate(kf_out, idx, pairs, weights, backend=backend)
+        return lambda: gather_blend(kf_out, idx, pairs, weights, backend=backend)
     raise KeyError(name)
 
 

@@ -21,15 +21,16 @@ from tokenflow.benchmark import architectures, cli, flops, peak, run, system
 from tokenflow.benchmark import config as bench_config
 from tokenflow.benchmark.original_kernels import (
     cosine_nearest_original,
+    gather_blend_original,
     keyframe_attention_original,
-    propagate_original,
 )
 from tokenflow.config import EditConfig
 from tokenflow.io.cache import InversionCache
 from tokenflow.io.progress import Reporter
 from tokenflow.kernels import explain, verify
+from tokenflow.kernels.gather import gather_blend_torch
 from tokenflow.kernels.keyframe_attention import keyframe_attention_torch
-from tokenflow.kernels.nearest import cosine_nearest_torch, propagate_torch
+from tokenflow.kernels.nearest import cosine_nearest_torch
 
 REL = 1e-9
 CPU = torch.device("cpu")
@@ -175,7 +176,7 @@ def test_original_attention_matches_reference_fp32(branches, n_kf, seq, heads, d
 
 @pytest.mark.parametrize("F,N,K,M,C,P", [(3, 9, 2, 11, 5, 2), (1, 4, 1, 4, 3, 1), (6, 17, 3, 23, 8, 2),
                                          (4, 6, 5, 7, 33, 3)])
-def test_original_nearest_and_propagate_match_reference_fp32(F, N, K, M, C, P):
+def test_original_nearest_and_gather_match_reference_fp32(F, N, K, M, C, P):
     g = torch.Generator().manual_seed(F * N + M)
     x, keys = _rand(g, F, N, C), _rand(g, K, M, C)
     pairs = torch.randint(K, (F, P), generator=g)
@@ -187,14 +188,14 @@ def test_original_nearest_and_propagate_match_reference_fp32(F, N, K, M, C, P):
     assert (idx == cosine_nearest_torch(x, keys, pairs)).float().mean() > 0.99   # ties aside, identical
     kf_out = _rand(g, 3, K, M, C)
     weights = torch.rand(F, P, generator=g) * (pairs >= 0)
-    ours = propagate_original(kf_out, idx, pairs, weights)
-    assert torch.allclose(ours, propagate_torch(kf_out, idx, pairs, weights), atol=1e-6, rtol=0)
+    ours = gather_blend_original(kf_out, idx, pairs, weights)
+    assert torch.allclose(ours, gather_blend_torch(kf_out, idx, pairs, weights), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("op", ["keyframe_attention", "cosine_nearest", "propagate"])
+@pytest.mark.parametrize("op", ["keyframe_attention", "cosine_nearest", "gather"])
 def test_original_backends_pass_the_backend_checks(op, dtype):
-    """``kernels.verify``'s rules: attention/propagate error at most twice the torch backend's own
+    """``kernels.verify``'s rules: attention/gather error at most twice the torch backend's own
     error in the same dtype against float64 (+1e-5 in float32); nearest indices equal to the float64
     argmax on the same rounded inputs except for ties within 1e-5. Irregular shapes."""
     from tokenflow.kernels.probe import sample_args
@@ -231,12 +232,12 @@ def test_the_backend_checks_catch_a_wrong_original_kernel():
     args, _ = sample_args("cosine_nearest", CPU, torch.bfloat16)
     off = lambda x, keys, pairs: (cosine_nearest_original(x, keys, pairs) + 1) % keys.shape[1]  # noqa: E731
     assert not verify.check_nearest("original", *args, impl=off).ok
-    args, _ = sample_args("propagate", CPU, torch.float32)
-    half = lambda kf, idx, pairs, w: propagate_original(kf, idx, pairs, w * 0.999)  # noqa: E731
-    assert not verify.check_propagate("original", *args, impl=half).ok
+    args, _ = sample_args("gather", CPU, torch.float32)
+    half = lambda kf, idx, pairs, w: gather_blend_original(kf, idx, pairs, w * 0.999)  # noqa: E731
+    assert not verify.check_gather("original", *args, impl=half).ok
 
 
-@pytest.mark.parametrize("op", ["keyframe_attention", "cosine_nearest", "propagate"])
+@pytest.mark.parametrize("op", ["keyframe_attention", "cosine_nearest", "gather"])
 def test_original_backends_are_only_used_by_name(op):
     from tokenflow.kernels.probe import sample_args
 
