@@ -203,7 +203,8 @@ def test_metrics_and_report_commands_use_the_clip_model(clip_dir, scorer, tmp_pa
     import sys
 
     pytest.importorskip("cv2")
-    from tokenflow.io.video import read_video, write_video
+    from tokenflow.io.read import read_video
+    from tokenflow.io.write import write_video
 
     frames = smooth_frames(6, height=64, width=96)
     write_video(frames, str(tmp_path / "src.mp4"), 8)

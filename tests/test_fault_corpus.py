@@ -108,7 +108,7 @@ def cli(argv, env=None, timeout=600) -> subprocess.CompletedProcess:
 # handlers run). TOKENFLOW_FAULT_CORPUS_COLD=1 runs every case in a fresh interpreter instead.
 COLD = os.environ.get("TOKENFLOW_FAULT_CORPUS_COLD") == "1"
 WARM_MODULES = ["tokenflow.app.cli", "tokenflow.app.jobs", "tokenflow.app.jobfile", "tokenflow.app.farm", "tokenflow.method.editor",
-                "tokenflow.models.load", "tokenflow.io.video", "tokenflow.app.locks", "tokenflow.io.checkpoint",
+                "tokenflow.models.load", "tokenflow.io.read", "tokenflow.io.write", "tokenflow.app.locks", "tokenflow.io.checkpoint",
                 "tokenflow.app.export", "tokenflow.benchmark.cli", "tokenflow.quality.cli",
                 "tests.test_fault_corpus"]
 _warm_context = None

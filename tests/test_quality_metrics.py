@@ -11,7 +11,7 @@ import torch
 
 cv2 = pytest.importorskip("cv2")
 
-from tokenflow.io.video import write_video  # noqa: E402
+from tokenflow.io.write import write_video  # noqa: E402
 from tokenflow.quality.flow import consistent, pair_flows  # noqa: E402
 from tokenflow.quality.metrics import temporal_metrics, to_uint8  # noqa: E402
 
@@ -105,7 +105,7 @@ def test_bad_shapes_are_refused():
 
 @pytest.mark.skipif(not (SHARED_DATA / "wolf.mp4").exists(), reason="shared/data/wolf.mp4 not present")
 def test_real_video_source_floor_is_small_and_shuffling_is_not():
-    from tokenflow.io.video import read_video
+    from tokenflow.io.read import read_video
 
     clip = read_video(str(SHARED_DATA / "wolf.mp4"), frames=12, size=(256, 256))
     same = temporal_metrics(clip.frames, clip.frames.clone(), preset="fast")

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("cv2")
 pytest.importorskip("matplotlib")
 
-from tokenflow.io.video import write_video  # noqa: E402
+from tokenflow.io.write import write_video  # noqa: E402
 
 from .test_quality_metrics import translating_video  # noqa: E402
 

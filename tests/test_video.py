@@ -1,4 +1,4 @@
-"""Tests of tokenflow.io.video (reading, writing, audio, atomicity, errors) and tokenflow.io.samples."""
+"""Tests of tokenflow.io.read and tokenflow.io.write (reading, writing, audio, atomicity, errors) and tokenflow.io.samples."""
 from __future__ import annotations
 
 import os
@@ -13,9 +13,12 @@ import torch
 from PIL import Image
 
 from tokenflow.errors import ConfigError, InputError, OutputError
-from tokenflow.io import video
+from tokenflow.io import outputs, write
+from tokenflow.io import read as video_read
 from tokenflow.io.samples import _write_tone, make_sample_clip, render_frames
-from tokenflow.io.video import check_writable, probe, read_video, write_frames, write_video
+from tokenflow.io.read import probe, read_video
+from tokenflow.io.write import write_frames, write_video
+from tokenflow.io.outputs import check_writable
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -215,7 +218,7 @@ def test_decoding_stops_after_the_last_selected_frame(sample, monkeypatch):
                 decoded.append(frame)
                 yield frame
 
-    monkeypatch.setattr(video.av, "open", lambda *a, **k: CountingContainer(real_open(*a, **k)))
+    monkeypatch.setattr(video_read.av, "open", lambda *a, **k: CountingContainer(real_open(*a, **k)))
     assert read_video(sample, start=2, frames=3, size=(80, 64)).indices == [2, 3, 4]
     assert len(decoded) <= 6
 
@@ -354,7 +357,7 @@ def test_invalid_frames_leave_nothing_behind(tmp_path):
 def test_failure_mid_encode_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "out.mp4"
     target.write_bytes(b"previous result")
-    real_encode = video._encode_frames
+    real_encode = write._encode_frames
 
     def failing_encode(stream, images):
         for count, packet in enumerate(real_encode(stream, images)):
@@ -362,7 +365,7 @@ def test_failure_mid_encode_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch
                 raise OSError(28, "No space left on device")
             yield packet
 
-    monkeypatch.setattr(video, "_encode_frames", failing_encode)
+    monkeypatch.setattr(write, "_encode_frames", failing_encode)
     frames = torch.from_numpy(render_frames(12, (64, 64))).permute(0, 3, 1, 2)
     with pytest.raises(OutputError, match="No space left") as error:
         write_video(frames, target, 10)
@@ -407,7 +410,7 @@ def test_write_frames_failure_keeps_the_old_folder(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return Image.fromarray(array)
 
-    monkeypatch.setattr(video.Image, "fromarray", failing_fromarray, raising=True)
+    monkeypatch.setattr(write.Image, "fromarray", failing_fromarray, raising=True)
     with pytest.raises(OutputError):
         write_frames(frames, folder)
     monkeypatch.undo()
@@ -419,13 +422,13 @@ def test_write_frames_failure_keeps_the_old_folder(tmp_path, monkeypatch):
 
 
 def test_falls_back_to_mpeg4_without_h264(tmp_path, monkeypatch):
-    monkeypatch.setattr(video, "H264_ENCODERS", ())
-    video.video_encoder.cache_clear()
+    monkeypatch.setattr(write, "H264_ENCODERS", ())
+    write.video_encoder.cache_clear()
     try:
         with pytest.warns(UserWarning, match="MPEG-4"):
             out = write_video(expected_frames(4, (64, 64)), tmp_path / "fallback.mp4", 10)
     finally:
-        video.video_encoder.cache_clear()
+        write.video_encoder.cache_clear()
     with av.open(out) as container:
         assert container.streams.video[0].codec_context.name == "mpeg4"
     assert (read_video(out, size=(64, 64)).frames - expected_frames(4, (64, 64))).abs().mean() < 0.05
@@ -525,7 +528,7 @@ def test_unwritable_folder_is_reported_even_for_root(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(video.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", refuse)
     with pytest.raises(OutputError, match="cannot write output .*Permission denied") as error:
         write_video(torch.zeros(1, 3, 64, 64), tmp_path / "out.mp4", 10)
     assert str(tmp_path / "out.mp4") in str(error.value)

@@ -14,8 +14,8 @@ _LAZY = {
     "EditConfig": ("tokenflow.config", "EditConfig"),
     "PRESETS": ("tokenflow.config", "PRESETS"),
     "TokenFlowError": ("tokenflow.errors", "TokenFlowError"),
-    "read_video": ("tokenflow.io.video", "read_video"),
-    "write_video": ("tokenflow.io.video", "write_video"),
+    "read_video": ("tokenflow.io.read", "read_video"),
+    "write_video": ("tokenflow.io.write", "write_video"),
 }
 
 __all__ = ["__version__", *_LAZY]

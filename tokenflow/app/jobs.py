@@ -22,15 +22,8 @@ from tokenflow.interrupt import StopFlag, stop_on_signals
 from tokenflow.io.checkpoint import remove_checkpoint
 from tokenflow.io.outputs import atomic_file
 from tokenflow.io.progress import Reporter
-from tokenflow.io.video import (
-    check_frames_target,
-    check_writable,
-    remove_path,
-    swap_folder_into_place,
-    temp_sibling,
-    write_frames,
-    write_video,
-)
+from tokenflow.io.write import write_frames, write_video
+from tokenflow.io.outputs import check_frames_target, check_writable, remove_path, swap_folder_into_place, temp_sibling
 from tokenflow.kernels import check_backends
 from tokenflow.method.editor import Editor, EditResult, read_clip
 

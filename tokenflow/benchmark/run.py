@@ -29,7 +29,7 @@ from tokenflow.config import EditConfig
 from tokenflow.device import resolve_device, resolve_dtype
 from tokenflow.errors import ConfigError, ResourceError
 from tokenflow.io.cache import InversionCache
-from tokenflow.io.video import Clip
+from tokenflow.io.read import Clip
 from tokenflow.method import schedule
 from tokenflow.method.keyframes import groups, original_plan, paper_plan
 
@@ -56,7 +56,7 @@ def synthetic_clip(n_frames: int, size, seed: int = 0) -> Clip:
 def load_clip(config: BenchConfig) -> Clip:
     if config.video is None:
         return synthetic_clip(config.frames, config.size)
-    from tokenflow.io.video import read_video
+    from tokenflow.io.read import read_video
 
     return read_video(config.video, frames=config.frames, size=config.size)
 

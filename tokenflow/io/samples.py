@@ -12,7 +12,11 @@ import av
 import numpy as np
 import torch
 
-from tokenflow.io.video import Clip, check_writable, write_video
+from tokenflow.io.read import Clip
+
+from tokenflow.io.write import write_video
+
+from tokenflow.io.outputs import check_writable
 
 TONE_HZ = 440.0
 TONE_SAMPLE_RATE = 44100

@@ -30,7 +30,7 @@ from tokenflow.interrupt import StopFlag
 from tokenflow.io.cache import InversionCache, InversionKey
 from tokenflow.io.checkpoint import Checkpointer, fingerprint_fields
 from tokenflow.io.progress import Reporter
-from tokenflow.io.video import Clip, read_video
+from tokenflow.io.read import Clip, read_video
 from tokenflow.kernels import KernelChoice, check_backends
 from tokenflow.method import schedule
 from tokenflow.method.denoise import Denoiser, text_branches

@@ -80,7 +80,7 @@ def load_pair(source: str, edited: str, *, start: int = 0, stride: int = 1, crop
               size: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """(source [N,3,H,W], edited [N,3,H,W], edited fps): both in [0, 1] at the edited video's size."""
     from tokenflow.config import parse_size
-    from tokenflow.io.video import probe, read_video
+    from tokenflow.io.read import probe, read_video
 
     if size:
         width, height = parse_size(size)

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from tokenflow.io.video import to_uint8_images
+from tokenflow.io.write import to_uint8_images
 from tokenflow.quality.flow import PairFlow, pair_flows, require_cv2, sample
 
 DEFINITIONS = {

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from tokenflow.errors import ConfigError, OutputError
-from tokenflow.io.video import remove_path, swap_folder_into_place, temp_sibling, write_video
+from tokenflow.io.write import write_video
+from tokenflow.io.outputs import remove_path, swap_folder_into_place, temp_sibling
 
 KIND = "tokenflow-report"
 MATPLOTLIB_HINT = "pip install matplotlib (or: pip install 'tokenflow[quality]')"

@@ -1,0 +1,323 @@
+"""Reading clips from videos or image folders.
+
+Decoding follows the original TokenFlow (torchvision's PyAV reader + ``save_video_frames``):
+frames of the first video stream in presentation order, ``frame.to_rgb().to_ndarray()``
+(rgb24), a PIL Lanczos resize to (W, H), then ``ToTensor`` (uint8 / 255).
+
+Tensors are float32 [N, 3, H, W] in [0, 1] unless stated otherwise. Sizes are (W, H).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import av
+import av.error
+import numpy as np
+import torch
+from PIL import Image
+
+from tokenflow.config import default_size
+from tokenflow.errors import ConfigError, InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FOLDER_FPS = 10.0  # image folders carry no frame rate
+
+_DECODE_ERRORS = (av.error.FFmpegError, OSError, EOFError, ValueError)
+
+Size = Tuple[int, int]
+
+
+@dataclass
+class Clip:
+    """A selection of frames from one source, ready for the model.
+
+    ``frames``: float32 [N, 3, H, W] in [0, 1]. ``source_size``: (W, H) of the source frames as
+    displayed. ``indices``: source frame numbers kept. ``start_time`` / ``end_time``: seconds on
+    the source's timeline covered by the selection (end = last kept frame + one frame period).
+    """
+
+    frames: torch.Tensor
+    fps: float
+    source: str
+    source_size: tuple[int, int]
+    indices: list[int]
+    content_hash: str
+    audio: bool
+    start_time: float
+    end_time: float
+
+    @property
+    def size(self) -> Size:
+        """(W, H) of ``frames``."""
+        return int(self.frames.shape[-1]), int(self.frames.shape[-2])
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_video(path, *, frames: Optional[int] = None, start: int = 0, stride: int = 1,
+               size: Optional[Size] = None, crop: bool = False) -> Clip:
+    """Decode source frames ``start, start + stride, ...`` (at most ``frames`` of them) into a Clip.
+
+    ``path`` is a video file FFmpeg can decode or a folder of numbered images. ``frames=None``
+    keeps every selected frame; if fewer exist than asked, the ones that exist are kept.
+    ``size`` (W, H) must be multiples of 8 and at least 64; None picks ``default_size``.
+    ``crop=True`` centre-crops each frame to the aspect ratio of ``size`` before resizing, so
+    nothing is stretched; otherwise the whole frame is resized (possibly changing its aspect).
+    Videos whose container asks for a display rotation (phone footage) are rotated upright.
+    Decoding stops at the last selected frame. Returns frames float32 [N, 3, H, W] in [0, 1].
+    """
+    path = os.fspath(path)
+    _check_selection(frames, start, stride)
+    if size is not None:
+        size = _checked_size(size)
+    if not os.path.exists(path):
+        raise InputError(f"input video '{path}' does not exist. Check the path.")
+    selection = _Selection(start, stride, frames)
+    if os.path.isdir(path):
+        return _read_image_folder(path, selection, size, crop)
+    return _read_video_file(path, selection, size, crop)
+
+
+def probe(path) -> dict:
+    """Cheap facts about a source, read from headers only: ``frames`` (None if the container
+    does not say), ``fps``, ``width``, ``height`` (as stored, before any display rotation),
+    ``audio`` and ``duration`` in seconds (or None)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"input video '{path}' does not exist. Check the path.")
+    if os.path.isdir(path):
+        images = _list_images(path)
+        width, height = _image_size(images[0])
+        return {"frames": len(images), "fps": FOLDER_FPS, "width": width, "height": height,
+                "audio": False, "duration": len(images) / FOLDER_FPS}
+    try:
+        with av.open(path) as container:
+            stream = _first_video_stream(container, path)
+            width, height = stream.codec_context.width, stream.codec_context.height
+            duration = float(container.duration / av.time_base) if container.duration else None
+            return {"frames": stream.frames or None, "fps": _stream_fps(stream), "width": width,
+                    "height": height, "audio": bool(container.streams.audio), "duration": duration}
+    except _DECODE_ERRORS as error:
+        raise _decode_error(path, error) from error
+
+
+class _Selection:
+    """Which source frame numbers to keep: start, start + stride, ... (``count`` of them or all)."""
+
+    def __init__(self, start: int, stride: int, count: Optional[int]):
+        self.start, self.stride, self.count = start, stride, count
+        self.last = None if count is None else start + stride * (count - 1)
+
+    def keeps(self, index: int) -> bool:
+        return index >= self.start and (index - self.start) % self.stride == 0
+
+    def is_done(self, index: int) -> bool:
+        """True once ``index`` is past the last frame to keep."""
+        return self.last is not None and index > self.last
+
+
+def _check_selection(frames: Optional[int], start: int, stride: int) -> None:
+    if frames is not None and frames < 1:
+        raise ConfigError(f"--frames {frames} must be at least 1 (or omitted for every frame).")
+    if start < 0:
+        raise ConfigError(f"--start {start} must be 0 or more.")
+    if stride < 1:
+        raise ConfigError(f"--stride {stride} must be at least 1.")
+
+
+def _checked_size(size: Sequence[int]) -> Size:
+    try:
+        width, height = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise InputError(f"size {size!r} must be two integers (width, height), e.g. 512x512.") from None
+    if width % 8 or height % 8 or width < 64 or height < 64:
+        raise InputError(f"size {width}x{height} is not supported: width and height must be "
+                         f"multiples of 8 and at least 64 (e.g. {_round8(width)}x{_round8(height)}).")
+    return width, height
+
+
+def _round8(value: int) -> int:
+    return max(64, (value + 4) // 8 * 8)
+
+
+def _read_video_file(path: str, selection: _Selection, size: Optional[Size], crop: bool) -> Clip:
+    try:
+        with av.open(path) as container:
+            stream = _first_video_stream(container, path)
+            stream.thread_type = "AUTO"
+            fps = _stream_fps(stream)
+            has_audio = bool(container.streams.audio)
+            listed = int(stream.frames or 0)   # what the header says; 0 when the container does not say
+            decoded = _decode_selected(container, stream, selection, size, crop, fps)
+    except InputError:
+        raise
+    except _DECODE_ERRORS as error:
+        raise _decode_error(path, error) from error
+    images, indices, times, source_size, total, exhausted = decoded
+    if total == 0:
+        raise InputError(f"no frames could be decoded from '{path}'. Is the video empty or damaged?")
+    if not images:
+        raise InputError(f"--start {selection.start} is past the end of '{path}' ({total} frames).")
+    if exhausted and listed > total and (selection.count is None or len(images) < selection.count):
+        warnings.warn(f"'{path}' ended after {total} of the {listed} frames its header lists (truncated or "
+                      f"damaged?); editing the {len(images)} selected frames that decoded.")
+    return Clip(frames=_to_tensor(images), fps=fps, source=path, source_size=source_size,
+                indices=indices, content_hash=_hash_file(path), audio=has_audio,
+                start_time=times[0], end_time=times[-1] + 1.0 / fps)
+
+
+def _first_video_stream(container, path: str):
+    if not container.streams.video:
+        raise InputError(f"'{path}' has no video stream. Give a video file or a folder of images.")
+    return container.streams.video[0]
+
+
+def _stream_fps(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else FOLDER_FPS
+
+
+def _decode_selected(container, stream, selection: _Selection, size: Optional[Size], crop: bool,
+                     fps: float):
+    """Decode up to the last selected frame; resize selected ones as they come (saves memory).
+
+    Returns (uint8 [H, W, 3] images, kept indices, kept times in s, displayed source (W, H),
+    number of frames decoded, whether decoding reached the end of the stream).
+    """
+    images, indices, times = [], [], []
+    source_size = None
+    decoded = 0
+    exhausted = True
+    for frame in container.decode(stream):
+        index, decoded = decoded, decoded + 1
+        if selection.is_done(index):
+            exhausted = False
+            break
+        if not selection.keeps(index):
+            continue
+        rgb = _upright(frame.to_rgb().to_ndarray(), frame.rotation)
+        source_size = source_size or (rgb.shape[1], rgb.shape[0])
+        target = size or default_size(*source_size)
+        images.append(_resize(Image.fromarray(rgb), target, crop))
+        indices.append(index)
+        times.append(float(frame.time) if frame.time is not None else index / fps)
+    return images, indices, times, source_size, decoded, exhausted
+
+
+def _upright(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    """Apply the container's display rotation (degrees counter-clockwise) to [H, W, 3]."""
+    quarter_turns = round(rotation / 90) % 4 if rotation else 0
+    return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+
+
+def _resize(image: Image.Image, size: Size, crop: bool) -> np.ndarray:
+    """PIL Lanczos resize to (W, H), optionally after a centre crop to that aspect ratio.
+    Returns uint8 [H, W, 3]."""
+    if crop:
+        image = image.crop(_centre_crop_box(image.size, size))
+    return np.asarray(image.resize(size, resample=Image.Resampling.LANCZOS))
+
+
+def _centre_crop_box(source: Size, target: Size) -> Tuple[int, int, int, int]:
+    """The largest centred (left, top, right, bottom) box of ``source`` with ``target``'s aspect."""
+    src_w, src_h = source
+    dst_w, dst_h = target
+    if src_w * dst_h > src_h * dst_w:  # source is wider: trim the sides
+        width = max(1, round(src_h * dst_w / dst_h))
+        left = (src_w - width) // 2
+        return left, 0, left + width, src_h
+    height = max(1, round(src_w * dst_h / dst_w))
+    top = (src_h - height) // 2
+    return 0, top, src_w, top + height
+
+
+def _to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 [H, W, 3] images -> float32 [N, 3, H, W] in [0, 1], exactly as ToTensor does."""
+    stacked = torch.from_numpy(np.stack(images))
+    return (stacked.permute(0, 3, 1, 2).float() / 255).contiguous()
+
+
+def _decode_error(path: str, error: BaseException) -> InputError:
+    reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return InputError(f"could not decode video '{path}': {reason}. "
+                      "Is it a video file FFmpeg can read?")
+
+
+def _hash_file(path: str) -> str:
+    digest = hashlib.sha256()
+    _hash_into(digest, path)
+    return digest.hexdigest()
+
+
+def _hash_into(digest, path: str) -> None:
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _read_image_folder(folder: str, selection: _Selection, size: Optional[Size], crop: bool) -> Clip:
+    paths = _list_images(folder)
+    chosen = list(range(selection.start, len(paths), selection.stride))[: selection.count]
+    if not chosen:
+        raise InputError(f"--start {selection.start} is past the end of '{folder}' ({len(paths)} frames).")
+    pictures = [_open_rgb(paths[i]) for i in chosen]
+    source_size = pictures[0].size
+    for index, picture in zip(chosen, pictures):
+        if picture.size != source_size:
+            raise InputError(
+                f"images in '{folder}' differ in size: '{os.path.basename(paths[chosen[0]])}' is "
+                f"{source_size[0]}x{source_size[1]} but '{os.path.basename(paths[index])}' is "
+                f"{picture.size[0]}x{picture.size[1]}. Resize them to one size first.")
+    target = size or default_size(*source_size)
+    images = [_resize(picture, target, crop) for picture in pictures]
+    return Clip(frames=_to_tensor(images), fps=FOLDER_FPS, source=folder, source_size=source_size,
+                indices=chosen, content_hash=_hash_folder(paths), audio=False,
+                start_time=chosen[0] / FOLDER_FPS, end_time=(chosen[-1] + 1) / FOLDER_FPS)
+
+
+def _list_images(folder: str) -> list:
+    """Image files of ``folder`` in natural order (frame2.png before frame10.png)."""
+    names = [name for name in os.listdir(folder)
+             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+    if not names:
+        raise InputError(f"folder '{folder}' contains no images ({', '.join(IMAGE_EXTENSIONS)}). "
+                         "Give a video file or a folder of numbered frames.")
+    return [os.path.join(folder, name) for name in sorted(names, key=_natural_key)]
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+            for part in re.split(r"(\d+)", name) if part]
+
+
+def _open_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as picture:
+            return picture.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise InputError(f"could not read image '{path}': {error}. Is it a valid image file?") from error
+
+
+def _image_size(path: str) -> Size:
+    try:
+        with Image.open(path) as picture:
+            return picture.size
+    except (OSError, ValueError) as error:
+        raise InputError(f"could not read image '{path}': {error}. Is it a valid image file?") from error
+
+
+def _hash_folder(paths: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(os.path.basename(path).encode() + b"\0")
+        _hash_into(digest, path)
+    return digest.hexdigest()
