@@ -1,0 +1,4 @@
+"""Files in and out: ``read`` (PyAV decode, image folders), ``write`` (H.264 + audio, PNG frames),
+``outputs`` (atomic writes, staging, folder swap: every write goes through it), ``cache`` (the
+inversion cache), ``checkpoint`` (resumable state), ``progress`` (stage timings, JSON-lines events),
+``samples`` (synthetic clips)."""
