@@ -75,10 +75,10 @@ def graph_code_fingerprint() -> str:
     """sha256 (16 hex) of the sources that define what a pass graph computes: a code change
     invalidates exported graphs even when the version number did not move."""
     from tokenflow.engine import passes, processors
-    from tokenflow.kernels import attention, nearest
+    from tokenflow.kernels import gather, keyframe_attention, nearest
 
     digest = hashlib.sha256()
-    for module in (passes, processors, attention, nearest):
+    for module in (passes, processors, keyframe_attention, nearest, gather):   # the ops' torch references
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
