@@ -16,7 +16,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tokenflow import kernels
 from tokenflow.benchmark import architectures, cli, flops, peak, run, system
 from tokenflow.benchmark import config as bench_config
 from tokenflow.benchmark.original_kernels import (
@@ -29,7 +28,7 @@ from tokenflow.io.cache import InversionCache
 from tokenflow.io.progress import Reporter
 from tokenflow.kernels import explain, verify
 from tokenflow.kernels.gather import gather_blend_torch
-from tokenflow.kernels.keyframe_attention import keyframe_attention_torch
+from tokenflow.kernels.keyframe_attention import keyframe_attention, keyframe_attention_torch
 from tokenflow.kernels.nearest import cosine_nearest_torch
 
 REL = 1e-9
@@ -171,7 +170,7 @@ def test_original_attention_matches_reference_fp32(branches, n_kf, seq, heads, d
     ours = keyframe_attention_original(q, k, v, heads, inject)
     ref = keyframe_attention_torch(q.double(), k.double(), v.double(), heads, inject)
     assert torch.allclose(ours.double(), ref, atol=2e-6, rtol=0)
-    assert torch.allclose(ours, kernels.keyframe_attention(q, k, v, heads, inject_qk=inject, backend="original"))
+    assert torch.allclose(ours, keyframe_attention(q, k, v, heads, inject_qk=inject, backend="original"))
 
 
 @pytest.mark.parametrize("F,N,K,M,C,P", [(3, 9, 2, 11, 5, 2), (1, 4, 1, 4, 3, 1), (6, 17, 3, 23, 8, 2),

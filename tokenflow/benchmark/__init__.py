@@ -10,12 +10,11 @@ Modules (each usable on its own):
     report         printed tables, atomic JSON, PNG plot (matplotlib, optional)
     cli            ``add_parser(subparsers)`` and ``main(args) -> int``
     original_kernels  the original implementation's compute pattern as by-name kernel backends
-                   (``original``), registered when this package is imported: only benchmarks see them
+                   (``original``), registered when ``run`` is imported: only benchmark runs see them
 
 Model weights never matter here; the FLOP model and the "original" kernel backends
 (``tokenflow.benchmark.original_kernels``) are tested in ``tests/test_benchmark.py``.
 """
-from tokenflow.benchmark import original_kernels  # noqa: F401  registers the by-name "original" kernel backends
 from tokenflow.benchmark.config import PRESETS, BenchConfig
 
 __all__ = ["BenchConfig", "PRESETS"]

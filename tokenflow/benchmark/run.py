@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from tokenflow.benchmark import architectures, flops, peak, system
+from tokenflow.benchmark import architectures, flops, original_kernels, peak, system  # noqa: F401  original: registers its backends
 from tokenflow.benchmark.config import STAGES, BenchConfig, Variant, variant_overrides
 from tokenflow.config import EditConfig
 from tokenflow.device import resolve_device, resolve_dtype
