@@ -1,15 +1,28 @@
-"""Backend dispatch: what is picked, what is refused, and that every refusal says why."""
+"""Backend dispatch: what is picked, what is refused, and that every refusal says why.
+
+The backends themselves are checked against the reference in ``test_kernel_<op>.py``.
+"""
+import warnings
+
 import pytest
 import torch
 
 from tokenflow.config import EditConfig
 from tokenflow.errors import ConfigError
-from tokenflow.kernels import BackendUnavailable, KernelChoice, check_backends, explain
+from tokenflow.kernels import BackendUnavailable, KernelChoice, check_backends, explain, probe, support
+from tokenflow.kernels.dispatch import TensorSpec
 from tokenflow.kernels.keyframe_attention import keyframe_attention
 from tokenflow.kernels.nearest import cosine_nearest
 from tokenflow.kernels.probe import sample_args, verdicts
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_self_check_cache(monkeypatch):
+    """check_backends caches its answers per process: every test here starts from an empty cache
+    and leaves the process's cache as it found it (no test sees another's, in any order)."""
+    monkeypatch.setattr(probe, "_SELF_CHECKED", {})
 
 
 def _chosen(op, device=CPU, dtype=torch.float32, backend=None):
@@ -24,6 +37,7 @@ def test_auto_on_cpu_is_the_torch_reference(op):
 def test_interpreted_triton_only_by_name(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(support, "_kernels_interpreted", lambda: True)   # however this process built them
     v = {x.name: x for x in verdicts("keyframe_attention", CPU, torch.float32)}
     assert v["triton"].runs and "interpreter" in v["triton"].auto_reason and not v["triton"].chosen
     assert _chosen("keyframe_attention", backend="triton") == ["triton"]
@@ -34,6 +48,22 @@ def test_triton_on_cpu_without_interpreter_is_refused_with_the_fix(monkeypatch):
     args, _ = sample_args("keyframe_attention", CPU, torch.float32)
     with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
         keyframe_attention(*args, backend="triton")
+
+
+def test_kernels_built_the_other_way_are_refused_with_the_fix(monkeypatch):
+    """Triton fixes compile-or-interpret when the kernel modules are imported: a process whose
+    kernels were built one way cannot run them the other way, and says so (specs only: no GPU needed)."""
+    pytest.importorskip("triton")
+    cpu, cuda = (TensorSpec(torch.device(d), torch.float32, (3, 1, 4, 8), (32, 32, 8, 1)) for d in ("cpu", "cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(support, "_kernels_interpreted", lambda: False)
+    assert support.triton_device((cpu,)) == ["TRITON_INTERPRET=1 was set after the kernels were imported; "
+                                             "set it before starting Python"]
+    monkeypatch.setattr(support, "_kernels_interpreted", lambda: True)
+    assert support.triton_device((cpu,)) == []
+    assert "imported under TRITON_INTERPRET=1" in support.triton_device((cuda,))[0]
+    monkeypatch.setattr(support, "_kernels_interpreted", lambda: None)   # not imported yet: either way is open
+    assert support.triton_device((cpu,)) == [] and support.triton_device((cuda,)) == []
 
 
 def test_unknown_backend_lists_the_choices():
@@ -71,13 +101,12 @@ def test_mixed_devices_are_refused():
     assert all(v_.reasons for v_ in v)
 
 
-def test_faiss_matches_reference_on_cpu():
-    pytest.importorskip("faiss")
-    g = torch.Generator().manual_seed(3)
-    x, keys = torch.randn(5, 30, 12, generator=g), torch.randn(3, 41, 12, generator=g)
-    pairs = torch.tensor([[0, 1], [1, -1], [2, 2], [0, 0], [-1, -1]])
-    assert torch.equal(cosine_nearest(x, keys, pairs, backend="faiss"),
-                       cosine_nearest(x, keys, pairs, backend="torch"))
+@pytest.mark.parametrize("op", ["cosine_nearest", "gather"])
+def test_static_backends_are_only_used_by_name(op):
+    """For traced graphs (--backend compile/onnx): never the eager pick, but runnable when asked for."""
+    v = {x.name: x for x in verdicts(op, CPU, torch.float32)}
+    assert v["static"].runs and "traced graphs" in v["static"].auto_reason and not v["static"].chosen
+    assert _chosen(op, backend="static") == ["static"]
 
 
 def test_gather_follows_the_nearest_backend_where_it_exists():
@@ -115,15 +144,17 @@ def test_self_check_replaces_a_failing_auto_backend_and_rejects_a_named_one():
         with pytest.warns(UserWarning, match="'broken' failed its self-check"):
             choice = check_backends(CPU, torch.float32, self_check=True)
         assert choice.attention == "torch" and choice.nearest == "auto"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")      # the answer is cached: no second check, no second warning
+            assert check_backends(CPU, torch.float32, self_check=True) is choice
         with pytest.raises(BackendUnavailable, match="'broken' failed its self-check"):
             check_backends(CPU, torch.float32, attention="broken", self_check=True)
     finally:
         dispatch.unregister("keyframe_attention", "broken")
 
 
-def test_self_check_passes_the_interpreted_triton_kernels():
-    pytest.importorskip("triton")
+def test_self_check_passes_the_triton_kernels(triton_device):
     from tokenflow.kernels.probe import _self_check
 
     for op in ("keyframe_attention", "cosine_nearest", "gather"):
-        assert _self_check(op, "triton", CPU, torch.float16) is None
+        assert _self_check(op, "triton", triton_device, torch.float16) is None
