@@ -2,9 +2,12 @@
 is skipped without them (and, at the time of writing, has never run anywhere).
 
 Here: optimization profiles of the three pass graphs, engine cache keys, call sizes from a memory
-plan, the profile check's message, the import guard and the errors on a CPU model. On a CUDA
-machine with TensorRT: engines of the tiny model (fp16) against the eager graph passes, engine
-reuse from the cache, CUDA graphs on and off, and a call outside the profile.
+plan, the profile check's message, the import guard and the errors on a CPU model. The Engine
+lifecycle (build, load, activate, infer, build failures) is checked against a *stand-in* `tensorrt`
+module (marker ``fake_tensorrt``, tests named ``test_fake_tensorrt_*``): that checks our reading of
+the TensorRT 10 API, not TensorRT. On a CUDA machine with TensorRT: engines of the tiny model
+(fp16) against the eager graph passes, engine reuse from the cache, CUDA graphs on and off, and a
+call outside the profile.
 """
 import importlib.util
 import sys
@@ -127,19 +130,29 @@ def test_shapes_outside_the_profile_are_named():
     assert "--chunk-frames" in call_limits("propagate", (1, 6, 6), (1, 5, 5))
 
 
-def test_the_module_says_it_never_ran_and_imports_without_tensorrt():
-    assert "NEVER BEEN RUN" in trt_backend.__doc__ and "TensorRT 10" in trt_backend.__doc__
-    assert "NEVER RUN" in trt_backend.UNVERIFIED and "do not assume it works" in trt_backend.UNVERIFIED
-    if importlib.util.find_spec("tensorrt") is None:
-        assert "tensorrt" not in sys.modules
+def test_the_module_imports_without_tensorrt(monkeypatch):
+    """A fresh import of the backend succeeds where `import tensorrt` fails (installed here or not):
+    TensorRT is imported only when an engine is built or loaded. The modules of this process are
+    put back afterwards."""
+    import tokenflow.engine.backends as backends
+
+    name = trt_backend.__name__
+    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    monkeypatch.setattr(backends, "tensorrt", trt_backend)      # the fresh import rebinds it; undone after
+    monkeypatch.setitem(sys.modules, "tensorrt", None)          # makes `import tensorrt` raise ImportError
+    fresh = importlib.import_module(name)
+    assert fresh is not trt_backend
+    assert fresh.profile_shapes("plain", 1, LAYERS, latent_size=(8, 8), text_dim=32, frames=(1, 4, 6),
+                                keyframes=(1, 3, 5)) == _profile("plain", 1)
 
 
 def test_the_import_guard_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)     # makes `import tensorrt` raise ImportError
     with pytest.raises(ConfigError) as info:
         trt_backend._tensorrt()
-    assert INSTALL in str(info.value)
-    assert INSTALL == "pip install tensorrt --extra-index-url https://pypi.nvidia.com"
+    assert "--backend tensorrt needs TensorRT (pip install tensorrt --extra-index-url https://pypi.nvidia.com)" \
+        in str(info.value)
 
 
 def test_a_cpu_model_is_refused_with_what_tensorrt_needs(tiny_sd):
@@ -163,7 +176,8 @@ def test_a_cpu_model_is_refused_with_what_tensorrt_needs(tiny_sd):
 
 # --- the Engine lifecycle against a stand-in `tensorrt` module ------------------------------------
 # These check tokenflow's own logic (which calls, in which order, with which shapes, which errors)
-# against the TensorRT 10 API as documented; they cannot show that the real TensorRT agrees.
+# against the TensorRT 10 API as we read its documentation, by way of a fake module written from
+# that reading; they cannot show that the real TensorRT agrees (marker: fake_tensorrt).
 
 class _Enum:
     def __init__(self, *names):
@@ -337,7 +351,10 @@ def fake_trt(monkeypatch):
     return install
 
 
-def test_engine_build_load_activate_infer_with_a_stand_in(fake_trt, tmp_path):
+@pytest.mark.fake_tensorrt
+def test_fake_tensorrt_engine_build_load_activate_infer(fake_trt, tmp_path):
+    """Our Engine against the stand-in: which TensorRT calls it makes, in which order, with which
+    shapes and flags (our reading of the TensorRT 10 API; not TensorRT itself)."""
     calls = fake_trt()
     profile = _profile("plain", 1)                       # 1..6 frames
     engine = trt_backend.Engine("plain pass", profile, torch.device("cpu"), cuda_graphs=False,
@@ -367,7 +384,10 @@ def test_engine_build_load_activate_infer_with_a_stand_in(fake_trt, tmp_path):
     assert "1..6 frames per inversion call" in str(info.value) and calls["executed"] == 1
 
 
-def test_engine_build_failures_name_the_graph_and_the_reason(fake_trt, tmp_path):
+@pytest.mark.fake_tensorrt
+def test_fake_tensorrt_build_failures_name_the_graph_and_the_reason(fake_trt, tmp_path):
+    """Parser and builder failures reported the way the stand-in reports them (our reading of the
+    TensorRT 10 API: OnnxParser.get_error, a logger ERROR and a None plan), turned into one message."""
     from tokenflow.errors import ModelError
 
     profile = _profile("plain", 1)

@@ -155,8 +155,18 @@ def test_single_frame_and_batching(scorer):
                           scorer.image_embeddings(frames), atol=1e-6)
 
 
-def test_skipped_message_says_how_to_enable():
-    assert "skipped" in CLIP_SKIPPED and "--clip-model" in CLIP_SKIPPED
+def test_without_a_clip_model_the_metrics_say_how_to_enable_clip():
+    """No --clip-model (even with a prompt): no scores, and the entry and the printed table say
+    why and which flag adds them."""
+    pytest.importorskip("cv2")
+    from tokenflow.quality.cli import evaluate, format_metrics, load_scorer
+
+    assert load_scorer(None) is None and load_scorer("") is None
+    frames = smooth_frames(3, height=32, width=32).float() / 255
+    metrics = evaluate(frames, frames.flip(0), prompt=PROMPT, scorer=load_scorer(None))
+    assert metrics["clip"] == {"skipped": CLIP_SKIPPED}
+    assert "skipped" in metrics["clip"]["skipped"] and "--clip-model" in metrics["clip"]["skipped"]
+    assert format_metrics(metrics).splitlines()[-1] == CLIP_SKIPPED
 
 
 def test_missing_folder(tmp_path):

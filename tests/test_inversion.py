@@ -1,4 +1,5 @@
 """DDIM inversion against the DDIM formula written out independently (float64)."""
+import pytest
 import torch
 
 from tokenflow.method.inversion import ddim_invert, noise_from_inversion
@@ -38,18 +39,30 @@ def test_batching_does_not_change_the_result():
     assert torch.equal(a[901], b[901])
 
 
-def test_constant_noise_round_trip_and_recovered_eps():
-    """With a noise prediction that ignores x, inversion lands on add_noise(z0, eps, T) and the
-    recovered eps is that noise."""
-    scheduler = make_scheduler(SD_SCHEDULER, 50)
-    z0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(2))
-    noise = torch.randn_like(z0)
+@pytest.mark.parametrize("alpha_to_one", [False, True])
+def test_constant_noise_round_trip_and_recovered_eps(alpha_to_one):
+    """With a noise prediction that ignores x, DDIM inversion is closed-form: the first step moves
+    z0 to x0_hat = (z0 - sqrt(1 - a_f) eps) / sqrt(a_f) (a_f = final_alpha_cumprod: alpha_bar[0]
+    for SD, 1 with set_alpha_to_one), every later step keeps that x0, and
+        x_T = sqrt(a_T) x0_hat + sqrt(1 - a_T) eps.
+    The noise the edit starts from, recovered from (z0, x_T), must reproduce x_T from z0 and equal
+    eps + sqrt(a_T / (1 - a_T)) (x0_hat - z0): eps itself when a_f = 1."""
+    scheduler = make_scheduler({**SD_SCHEDULER, "set_alpha_to_one": alpha_to_one}, 50)
+    g = torch.Generator().manual_seed(2)
+    z0 = torch.randn(2, 4, 3, 3, generator=g)
+    noise = torch.randn(z0.shape, generator=g)
     saved = ddim_invert(lambda x, t: noise, z0, scheduler, save=set(), batch_size=2)
     z_t = saved[981]
     eps = noise_from_inversion(z0, z_t, scheduler.alphas_cumprod[981])
-    # DDIM with constant eps: x_t = sqrt(a_t) * x0_hat + sqrt(1-a_t) * eps with x0_hat drifting only by
-    # final_alpha_cumprod != 1 at the first step
-    x0_hat = (z0 - (1 - scheduler.final_alpha_cumprod).sqrt() * noise) / scheduler.final_alpha_cumprod.sqrt()
-    expected = noise_from_inversion(x0_hat, z_t, scheduler.alphas_cumprod[981])
-    assert torch.allclose(expected, noise, atol=1e-4)
-    assert eps.shape == z0.shape
+
+    a_t, a_f = scheduler.alphas_cumprod[981].double(), torch.as_tensor(scheduler.final_alpha_cumprod).double()
+    z0_, noise_ = z0.double(), noise.double()
+    x0_hat = (z0_ - (1 - a_f).sqrt() * noise_) / a_f.sqrt()
+    assert torch.allclose(z_t.double(), a_t.sqrt() * x0_hat + (1 - a_t).sqrt() * noise_, atol=1e-5)  # the inversion
+    assert torch.allclose(a_t.sqrt() * z0_ + (1 - a_t).sqrt() * eps.double(), z_t.double(), atol=1e-5)  # x_T from z0
+    expected = noise_ + (a_t / (1 - a_t)).sqrt() * (x0_hat - z0_)
+    assert torch.allclose(eps.double(), expected, atol=1e-5)
+    if alpha_to_one:
+        assert torch.allclose(eps, noise, atol=1e-5)
+    else:   # the drift is real, and larger than the tolerance: the test tells the two apart
+        assert (expected - noise_).abs().max() > 1e-3
