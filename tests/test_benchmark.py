@@ -353,11 +353,20 @@ def test_variant_names():
 # ----------------------------------------------------------------------------- helpers
 
 
-def test_matmul_peak_and_load_guard_report_numbers():
+def test_matmul_peak_and_load_guard_report_numbers(monkeypatch):
     result = peak.measure(CPU, torch.float32, size=64, repeats=2, warmup=0)
     assert result.tflops > 0 and len(result.all_s) == 2
-    waited = system.wait_until_idle(max_wait_s=0)
-    assert waited["waited_s"] < 5 and "busy_cpus" in waited
+    waited = system.wait_until_idle(max_wait_s=0)        # one real /proc/stat sample
+    assert set(waited) == {"waited_s", "idle", "busy_cpus", "threshold"} and waited["waited_s"] >= 0
+    # the guard waits for the machine, sample by sample, not for the clock: scripted samples
+    samples = iter([3.0, 2.0, 0.25])
+    monkeypatch.setattr(system, "busy_cpus", lambda *a: next(samples))
+    waited = system.wait_until_idle(max_wait_s=3600, threshold=0.5)
+    assert waited["idle"] and waited["busy_cpus"] == 0.25 and next(samples, None) is None   # three samples
+    calls = []
+    monkeypatch.setattr(system, "busy_cpus", lambda *a: calls.append(a) or 3.0)
+    waited = system.wait_until_idle(max_wait_s=0, threshold=0.5)   # no time to wait: one sample, not idle
+    assert not waited["idle"] and waited["busy_cpus"] == 3.0 and len(calls) == 1
 
 
 def test_memory_tracker_nests_stages():

@@ -133,7 +133,7 @@ def test_real_video(tmp_path, tiny_model_dir):
 def test_usage_errors_are_one_line(tmp_path, sample_clip):
     for args in (["edit", sample_clip, "--size", "12y"], ["edit", sample_clip, "--steps", "many"], ["frobnicate"]):
         run = tokenflow(*args)
-        lines = [l for l in run.stderr.splitlines() if l.strip()]
+        lines = [line for line in run.stderr.splitlines() if line.strip()]
         assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("tokenflow: error:"), run.stderr
 
 
@@ -176,13 +176,23 @@ def test_doctor_check_runs_the_backends_against_the_reference():
 def test_quick_exit_flushes_output_runs_exit_handlers_and_waits_for_threads(with_thread, tmp_path):
     """exit_now skips the interpreter's teardown but not what a program's end must still do."""
     marker = tmp_path / "thread-done"
+    # The thread is alive when exit_now looks (it waits until exit_now has listed the threads), so
+    # the outcome does not depend on how fast either runs; its 0.2 s of work after that only gives
+    # an exit that does not wait (os._exit) the time to cut it off.
     code = textwrap.dedent(f"""
         import atexit, sys, threading, time
         from tokenflow.app.cli import exit_now
         atexit.register(lambda: print("handler ran", flush=True))
         if {with_thread}:
+            listed, threads_listed = threading.enumerate, threading.Event()
+            def enumerate_then_signal():
+                threads = listed()
+                threads_listed.set()
+                return threads
+            threading.enumerate = enumerate_then_signal
             def work():
-                time.sleep(0.5)
+                threads_listed.wait()
+                time.sleep(0.2)
                 open({str(marker)!r}, "w").write("done")
             threading.Thread(target=work).start()
         print("buffered", end="")
