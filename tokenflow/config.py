@@ -3,17 +3,27 @@
 ``EditConfig`` holds everything one run needs; ``PRESETS`` names a few useful variants;
 ``load_yaml`` reads our own keys and the original repository's (``configs/config_pnp.yaml``,
 ``configs/config_sdedit.yaml`` and the ``preprocess.py`` flags).
+
+What a field accepts is declared once, on the field: its type by its annotation, its limits,
+choices and pattern by the ``Rule`` in its metadata. ``EditConfig.validate()`` (and ``errors()``,
+every problem at once) checks exactly that, and ``tokenflow schema`` publishes it as the job
+files' JSON Schema (``field_specs()``).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from tokenflow.errors import ConfigError, short_repr
+import yaml
+
+from tokenflow.errors import ConfigError, first_line, short_repr
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
@@ -29,6 +39,69 @@ METHODS = ("pnp", "sdedit")
 PLACES = ("auto", "device", "host")
 PROPAGATIONS = ("original", "paper")
 DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("eager", "compile", "aot", "onnx", "tensorrt")
+
+# Patterns are JSON Schema (ECMA-262) regular expressions too: `tokenflow schema` uses them as they are.
+NONEMPTY_PATTERN = r"\S"
+SIZE_PATTERN = r"^\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*$"      # WIDTHxHEIGHT
+BYTES_PATTERN = r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([bB]|[kKmMgGtT](?:[iI]?[bB])?)?\s*$"   # 12GB, 16GiB, 1.5e9
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.upper()}{c}]" for c in word)
+
+
+# cpu, mps, cuda or cuda:N in any case, as tokenflow.device.resolve_device reads a device name
+DEVICE_PATTERN = rf"^\s*({_any_case('cpu')}|{_any_case('mps')}|{_any_case('cuda')}(:[0-9]+)?)\s*$"
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """'672x384' -> (672, 384) as (width, height)."""
+    match = re.match(SIZE_PATTERN, str(text))
+    if not match:
+        raise ConfigError(f"size {text!r} must look like WIDTHxHEIGHT, e.g. 512x512 or 672x384")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_bytes(text, name: str = "memory_budget") -> int:
+    """'12GB' (10^9), '12GiB' (2^30), '800MB', '1.5e9', or an int -> bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.match(BYTES_PATTERN, str(text))
+        if not match:
+            raise ConfigError(f"{name}={text!r} is not a size: use e.g. 12GB, 16GiB or 800MB")
+        value, unit = float(match.group(1)), (match.group(2) or "").lower()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"{name}={text!r} must be positive")
+    return size
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What an EditConfig field accepts besides its annotated type (the field's ``metadata["rule"]``)."""
+
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    above: Optional[float] = None            # exclusive minimum
+    multiple_of: Optional[int] = None        # of a number, or of each item of a list (size)
+    choices: Tuple[str, ...] = ()
+    kernel_op: Optional[str] = None          # choices: "auto" or a backend registered for this kernel op
+    pattern: Optional[str] = None            # for strings
+    means: str = ""                          # what the field accepts, in words (else derived from the above)
+    spelled: Optional[str] = None            # a string spelling that coerce() turns into the value (size: "WxH")
+    check: Optional[Callable[[Any], Any]] = None   # a parser whose ConfigError refuses the value
+    path: bool = False                       # a file or folder: os.PathLike is accepted as a string
+    description: str = ""                    # when the CLI flag's help does not describe the field
+
+
+def _field(default: Any, **rule: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"rule": Rule(**rule)})
 
 
 @dataclass(frozen=True)
@@ -40,66 +113,74 @@ class EditConfig:
     """
 
     # input video and frame selection
-    video: Optional[str] = None
-    frames: Optional[int] = 40          # None = every selected frame
-    start_frame: int = 0
-    stride: int = 1
-    size: Optional[Tuple[int, int]] = None
+    video: Optional[str] = _field(None, path=True)
+    frames: Optional[int] = _field(40, minimum=1)          # None = every selected frame
+    start_frame: int = _field(0, minimum=0)
+    stride: int = _field(1, minimum=1)
+    size: Optional[Tuple[int, int]] = _field(
+        None, minimum=64, multiple_of=8, spelled=SIZE_PATTERN,
+        means="WIDTHxHEIGHT or [width, height], each side a multiple of 8 and at least 64 (Stable Diffusion "
+              "works on 8x downsampled latents), e.g. 512x512 or 672x384")
     crop: bool = False                  # centre-crop to the target aspect before resizing
 
     # model and device
-    model: str = DEFAULT_MODEL
-    device: Optional[str] = None        # None: cuda if available, else mps, else cpu
-    dtype: Optional[str] = None         # None: float16 on accelerators, float32 on cpu
+    model: str = _field(DEFAULT_MODEL, pattern=NONEMPTY_PATTERN, path=True,
+                        means="a Hub id, a local diffusers folder or 'tiny' (not empty)")
+    device: Optional[str] = _field(None, pattern=DEVICE_PATTERN, means="cpu, mps, cuda or cuda:N")   # None: the best
+    dtype: Optional[str] = _field(None, choices=DTYPES)   # None: float16 on accelerators, float32 on cpu
 
     # inversion (the original's preprocess.py)
     inversion_prompt: str = ""
-    inversion_steps: int = 500
-    inversion_batch_size: Optional[int] = None   # frames per inversion call (None: the memory plan)
+    inversion_steps: int = _field(500, minimum=1, maximum=1000)
+    inversion_batch_size: Optional[int] = _field(None, minimum=1)   # frames per inversion call (None: the memory plan)
 
     # editing
-    method: str = "pnp"
-    prompt: Union[str, Tuple[str, ...]] = ""    # several prompts: one edit each, sharing the inversion
+    method: str = _field("pnp", choices=METHODS)
+    prompt: Union[str, Tuple[str, ...]] = _field(   # several prompts: one edit each, sharing the inversion
+        "", description="what the video should become; a list gives one edit (and output) per prompt")
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    steps: int = 50
-    guidance_scale: float = 7.5
-    keyframe_spacing: int = 8           # the original's batch_size
-    chunk_frames: Optional[int] = None  # frames per propagation UNet call (None: the memory plan)
-    keyframe_window: Optional[int] = None  # keyframes per extended attention (None: all, the original)
-    pnp_attn_t: float = 0.5
-    pnp_f_t: float = 0.8
-    sdedit_start: float = 0.9           # the original's `start`
-    use_ddim_noise: bool = True
-    propagation: str = "original"
-    seed: int = 1
+    steps: int = _field(50, minimum=1)
+    guidance_scale: float = _field(7.5, minimum=0)
+    keyframe_spacing: int = _field(8, minimum=1)           # the original's batch_size
+    chunk_frames: Optional[int] = _field(None, minimum=1)  # frames per propagation UNet call (None: the memory plan)
+    keyframe_window: Optional[int] = _field(None, minimum=1)   # keyframes per extended attention (None: all)
+    pnp_attn_t: float = _field(0.5, minimum=0, maximum=1)
+    pnp_f_t: float = _field(0.8, minimum=0, maximum=1)
+    sdedit_start: float = _field(0.9, above=0, maximum=1)  # the original's `start`
+    use_ddim_noise: bool = _field(
+        True, description="SDEdit: noise with the inversion's noise (default true) instead of one random draw")
+    propagation: str = _field("original", choices=PROPAGATIONS)
+    seed: int = _field(1, minimum=0)
 
     # how the UNet runs: eager (diffusers + processors), compile (torch.compile), aot (AOTInductor
     # packages), onnx (ONNX Runtime), tensorrt (engines from the ONNX graphs; never run here)
-    backend: str = "eager"
+    backend: str = _field("eager", choices=BACKENDS)
 
     # kernels ("auto": the best backend that runs here; see `tokenflow doctor`)
-    attention_backend: str = "auto"     # auto, triton, xformers, torch
-    nearest_backend: str = "auto"       # auto, triton, faiss, torch (propagate follows when it can)
+    attention_backend: str = _field("auto", kernel_op="keyframe_attention")   # auto, triton, xformers, torch
+    nearest_backend: str = _field("auto", kernel_op="cosine_nearest")   # auto, triton, faiss, torch
 
     # memory (see `tokenflow edit --plan`)
-    memory_budget: Optional[Union[int, str]] = None  # bytes or "12GB"/"16GiB"; None: free device memory - margin
-    keyframe_store: str = "auto"        # auto, device, host (pinned; chunks stage their keyframes)
-    inverted_latents: str = "auto"      # auto, device, host, disk (disk: the original's per-group reloads)
+    memory_budget: Optional[Union[int, str]] = _field(   # bytes or "12GB"/"16GiB"; None: free device memory - margin
+        None, minimum=1, pattern=BYTES_PATTERN, check=parse_bytes,
+        means="a size like '12GB', '16GiB' or '800MB', or a positive number of bytes")
+    keyframe_store: str = _field("auto", choices=PLACES)   # auto, device, host (pinned; chunks stage their keyframes)
+    inverted_latents: str = _field("auto", choices=PLACES + ("disk",))   # disk: the original's per-group reloads
 
     # outputs and cache
-    output: Optional[str] = None
-    save_frames: Optional[str] = None   # folder for numbered PNGs
-    save_latents: Optional[str] = None  # .npy of the final latents [N,4,h,w]
-    report: Optional[str] = None        # folder for an HTML report (frames, side by side, metrics)
-    clip_model: Optional[str] = None    # CLIP model (Hub id or folder) for the report's CLIP scores
-    fps: Optional[float] = None         # None = the source frame rate
-    cache_dir: Optional[str] = None     # None = $TOKENFLOW_CACHE or ~/.cache/tokenflow
-    use_cache: bool = True
+    output: Optional[str] = _field(None, path=True)
+    save_frames: Optional[str] = _field(None, path=True)   # folder for numbered PNGs
+    save_latents: Optional[str] = _field(None, path=True)  # .npy of the final latents [N,4,h,w]
+    report: Optional[str] = _field(None, path=True)        # folder for an HTML report (frames, side by side, metrics)
+    clip_model: Optional[str] = _field(None, path=True)    # CLIP model (Hub id or folder) for the report's CLIP scores
+    fps: Optional[float] = _field(None, above=0)           # None = the source frame rate
+    cache_dir: Optional[str] = _field(None, path=True)     # None = $TOKENFLOW_CACHE or ~/.cache/tokenflow
+    use_cache: bool = _field(True, description="read and write the inversion cache (default true)")
     overwrite: bool = False             # False: a job whose outputs all exist is skipped
 
     # unattended runs (see docs/farm.md)
-    checkpoint_dir: Optional[str] = None  # save resumable state here
-    checkpoint_every: int = 5             # steps (inversion and edit) between checkpoints
+    checkpoint_dir: Optional[str] = _field(None, path=True)   # save resumable state here
+    checkpoint_every: int = _field(5, minimum=1)              # steps (inversion and edit) between checkpoints
     resume: bool = False                  # continue from the checkpoint in checkpoint_dir
     allow_pickle: bool = False            # load .bin/.ckpt (pickle) weights; default safetensors only
 
@@ -114,82 +195,189 @@ class EditConfig:
         return dataclasses.replace(self, **changes)
 
     def validate(self, *, need_prompt: bool = True) -> "EditConfig":
-        """Raise ConfigError naming the first bad field and its allowed values; return self."""
-        _int_at_least("frames", self.frames, 1, allow_none=True)
-        _int_at_least("start_frame", self.start_frame, 0)
-        _int_at_least("stride", self.stride, 1)
-        _int_at_least("inversion_steps", self.inversion_steps, 1)
-        _int_at_least("inversion_batch_size", self.inversion_batch_size, 1, allow_none=True)
-        _int_at_least("steps", self.steps, 1)
-        _int_at_least("keyframe_spacing", self.keyframe_spacing, 1)
-        _int_at_least("chunk_frames", self.chunk_frames, 1, allow_none=True)
-        _int_at_least("keyframe_window", self.keyframe_window, 1, allow_none=True)
-        _int_at_least("checkpoint_every", self.checkpoint_every, 1)
-        if self.resume and not self.checkpoint_dir:
-            raise ConfigError("resume needs checkpoint_dir: pass --checkpoint-dir DIR (the folder the killed run used)")
-        _choice("keyframe_store", self.keyframe_store, PLACES)
-        _choice("backend", self.backend, ("eager", "compile", "aot", "onnx", "tensorrt"))
-        _choice("inverted_latents", self.inverted_latents, PLACES + ("disk",))
-        if self.memory_budget is not None:
-            parse_bytes(self.memory_budget)
-        _int_at_least("seed", self.seed, 0)
-        if self.steps > self.inversion_steps:
-            raise ConfigError(
-                f"steps={self.steps} exceeds inversion_steps={self.inversion_steps}: every edit "
-                "timestep must be an inversion timestep; raise --inversion-steps or lower --steps")
-        if self.inversion_steps > 1000:
-            raise ConfigError(f"inversion_steps={self.inversion_steps} must be at most 1000")
-        for name in ("pnp_attn_t", "pnp_f_t"):
-            _fraction(name, getattr(self, name), low_open=False)
-        _fraction("sdedit_start", self.sdedit_start, low_open=True)
-        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale) \
-                or self.guidance_scale < 0:
-            raise ConfigError(f"guidance_scale={short_repr(self.guidance_scale)} must be a finite number >= 0 (default 7.5)")
-        _choice("method", self.method, METHODS)
-        _choice("propagation", self.propagation, PROPAGATIONS)
-        from tokenflow.kernels.dispatch import check_names  # noqa: PLC0415 (keeps config import-light)
-
-        check_names("keyframe_attention", self.attention_backend, "attention_backend")
-        check_names("cosine_nearest", self.nearest_backend, "nearest_backend")
-        if self.dtype is not None:
-            _choice("dtype", self.dtype, DTYPES)
-        if self.size is not None:
-            w, h = self.size
-            for name, v in (("width", w), ("height", h)):
-                if not isinstance(v, int) or v < 64 or v % 8:
-                    raise ConfigError(
-                        f"size {w}x{h}: {name} must be a multiple of 8 and at least 64 "
-                        "(Stable Diffusion works on 8x downsampled latents), e.g. 512x512 or 672x384")
-        if self.fps is not None and (not isinstance(self.fps, (int, float)) or not self.fps > 0):
-            raise ConfigError(f"fps={short_repr(self.fps)} must be a positive number")
-        if not isinstance(self.prompt, (str, tuple, list)) or not all(isinstance(p, str) for p in self.prompts):
-            raise ConfigError(f"prompt={short_repr(self.prompt)} must be a string or a list of strings")
-        if need_prompt and (not self.prompts or not all(p.strip() for p in self.prompts)):
-            raise ConfigError("the edit prompt is empty: pass --prompt \"what the video should become\" "
-                              "(repeat --prompt for several edits of the same video)")
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError("model is empty: pass --model with a Hub id, a local diffusers folder or 'tiny'")
+        """Raise the first of ``errors()`` (a ConfigError naming the field and what it accepts); return self."""
+        found = self.errors(need_prompt=need_prompt)
+        if found:
+            raise found[0]
         return self
 
+    def errors(self, *, need_prompt: bool = True) -> List[ConfigError]:
+        """Every problem of this config, field by field (type, limits, choices: each field's Rule),
+        then the rules between fields; empty when it is valid."""
+        found = []
+        for name, spec in field_specs().items():
+            reason = spec.problem(getattr(self, name))
+            if reason:
+                found.append(ConfigError.of_field(name, reason))
+        bad = {error.field for error in found}
+        if not bad & {"steps", "inversion_steps"} and self.steps > self.inversion_steps:
+            found.append(ConfigError.of_field(
+                "steps", f"{self.steps} exceeds inversion_steps={self.inversion_steps}: every edit timestep must be "
+                         "an inversion timestep; raise inversion_steps or lower steps"))
+        if self.resume and not self.checkpoint_dir and not bad & {"resume", "checkpoint_dir"}:
+            found.append(ConfigError.of_field(
+                "resume", "needs checkpoint_dir, the folder the interrupted run used (--checkpoint-dir DIR; "
+                          "with job files also `tokenflow run --checkpoint-root DIR`)"))
+        if need_prompt and "prompt" not in bad:
+            prompts = self.prompts
+            empty = [k for k, text in enumerate(prompts, 1) if not text.strip()]
+            if not prompts or (len(prompts) == 1 and empty):
+                found.append(ConfigError.of_field(
+                    "prompt", "the edit prompt is empty: say what the video should become (--prompt TEXT; repeat "
+                              "--prompt, or give a list, for several edits of the same video)"))
+            elif empty:
+                found.append(ConfigError.of_field(
+                    "prompt", f"prompt {empty[0]} of {len(prompts)} is empty: say what each edit should become"))
+        return found
 
-def _int_at_least(name: str, value: Any, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name}={short_repr(value)} must be an integer >= {low}")
+
+# --- what each field accepts ----------------------------------------------------------------
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+_KIND_WORDS = {"integer": "an integer", "number": "a number", "boolean": "true or false", "string": "a string"}
 
 
-def _fraction(name: str, value: Any, low_open: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (0 < value <= 1 if low_open else 0 <= value <= 1)
-    if not ok:
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ConfigError(f"{name}={short_repr(value)} must be a number in {interval}")
+@dataclass(frozen=True)
+class FieldSpec:
+    """One EditConfig field as validation and the job-file schema see it: JSON types from its
+    annotation (``array`` for tuples, of ``items``, ``length`` long when fixed) and its Rule."""
+
+    name: str
+    kinds: Tuple[str, ...]
+    nullable: bool
+    items: Optional[str]
+    length: Optional[int]
+    rule: Rule
+    default: Any
+
+    @property
+    def choices(self) -> Tuple[str, ...]:
+        """The allowed values of a choice field (kernel backends: "auto" and the registered ones)."""
+        if self.rule.kernel_op:
+            from tokenflow.kernels.dispatch import AUTO, backend_names  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
+
+            return (AUTO, *backend_names(self.rule.kernel_op))
+        return self.rule.choices
+
+    def expect(self) -> str:
+        """What the field accepts, in words."""
+        rule = self.rule
+        if rule.means:
+            text = rule.means
+        elif rule.choices or rule.kernel_op:
+            text = "one of: " + ", ".join(self.choices)
+        else:
+            text = " or ".join(f"a list of {self.items}s" if k == "array" else _KIND_WORDS[k] for k in self.kinds)
+            if rule.above is not None:
+                text += f" > {_num(rule.above)}" + (f" and <= {_num(rule.maximum)}" if rule.maximum is not None else "")
+            elif rule.minimum is not None and rule.maximum is not None:
+                text += f" in [{_num(rule.minimum)}, {_num(rule.maximum)}]"
+            elif rule.minimum is not None:
+                text += f" >= {_num(rule.minimum)}"
+        return text + (" (or null)" if self.nullable else "")
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Why ``value`` is refused (``must be ..., got ...``), or None when it is accepted."""
+        if value is None:
+            return None if self.nullable else f"must be {self.expect()}, got null"
+        kinds = [k for k in self.kinds if _is_kind(value, k, self)]
+        if not kinds:
+            hint = " (quote it in YAML)" if self.kinds == ("string",) and isinstance(value, (bool, int, float)) else ""
+            return f"must be {self.expect()}, {self.got(value)}{hint}"
+        rule = self.rule
+        numbers = value if kinds[0] == "array" else [value] if kinds[0] in ("integer", "number") else []
+        if not all(_in_limits(x, rule) for x in numbers) \
+                or (rule.choices and value not in rule.choices) \
+                or (rule.pattern and kinds[0] == "string" and not re.search(rule.pattern, os.fspath(value))):
+            return f"must be {self.expect()}, {self.got(value)}"
+        try:
+            if rule.check:
+                rule.check(value)
+            if rule.kernel_op:
+                from tokenflow.kernels.dispatch import check_names  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
+
+                check_names(rule.kernel_op, value, self.name)
+        except ConfigError as error:
+            text = str(error)
+            return text[len(self.name) + 2:] if text.startswith(f"{self.name}: ") else \
+                f"must be {self.expect()}, {self.got(value)}"
+        return None
+
+    def got(self, value: Any) -> str:
+        if self.length and isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            return "got " + "x".join(map(str, value))
+        return f"got {short_repr(value)} ({kind_name(value)})"
 
 
-def _choice(name: str, value: Any, allowed: Tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={short_repr(value)} is not one of: {', '.join(allowed)}")
+def _is_kind(value: Any, kind: str, spec: FieldSpec) -> bool:
+    """Python values of a JSON type: a boolean is no number; floats must be finite."""
+    if isinstance(value, bool):
+        return kind == "boolean"
+    if kind == "integer":
+        return isinstance(value, int)
+    if kind == "number":
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    if kind == "string":
+        return isinstance(value, str) or (spec.rule.path and isinstance(value, os.PathLike))
+    if kind == "array":
+        return isinstance(value, (list, tuple)) and len(value) == (spec.length or len(value)) and all(
+            _is_kind(v, spec.items, spec) for v in value)
+    return False
+
+
+def _in_limits(x: Any, rule: Rule) -> bool:
+    return not ((rule.minimum is not None and x < rule.minimum) or (rule.maximum is not None and x > rule.maximum)
+                or (rule.above is not None and x <= rule.above) or (rule.multiple_of and x % rule.multiple_of))
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def kind_name(value: Any) -> str:
+    """A value's JSON type in words, for messages."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not a finite number"
+    return "null" if value is None else {bool: "boolean", int: "integer", float: "number", str: "string",
+                                         list: "list", tuple: "list", dict: "mapping"}.get(type(value), type(value).__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def field_specs() -> Dict[str, FieldSpec]:
+    """Every EditConfig field's FieldSpec, in field order."""
+    hints, out = typing.get_type_hints(EditConfig), {}
+    for f in dataclasses.fields(EditConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+        kinds, items, length = [], None, None
+        for arg in args:
+            if typing.get_origin(arg) is tuple:
+                members = typing.get_args(arg)
+                kinds.append("array")
+                items = _JSON_TYPES[members[0]]
+                length = None if members[-1] is Ellipsis else len(members)
+            elif arg in _JSON_TYPES:
+                kinds.append(_JSON_TYPES[arg])
+        out[f.name] = FieldSpec(f.name, tuple(kinds), type(None) in args, items, length,
+                                f.metadata.get("rule", Rule()), f.default)
+    return out
+
+
+def coerce(name: str, value: Any) -> Any:
+    """A value as YAML or JSON gives it -> the field's Python value: lists become tuples, whole
+    floats of integer fields ints (JSON does not tell 64.0 from 64), a spelled size a pair.
+    Anything else is returned as it is, for ``validate()`` to judge."""
+    spec = field_specs()[name]
+    if isinstance(value, str) and spec.rule.spelled and re.match(spec.rule.spelled, value):
+        return parse_size(value)
+    whole = "integer" in spec.kinds or spec.items == "integer"
+    if isinstance(value, list):
+        return tuple(int(v) if whole and _whole(v) else v for v in value)
+    return int(value) if whole and _whole(value) else value
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, float) and value.is_integer()
 
 
 # --- presets ------------------------------------------------------------------------------
@@ -281,27 +469,16 @@ def _model_from_sd_version(value: Any, source: str) -> str:
 
 def load_yaml(path: str, base: EditConfig = EditConfig()) -> EditConfig:
     """Read a YAML config (ours or the original repository's) on top of ``base``."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist; pass the path of a YAML file to --config")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"config file {path!r} is not valid YAML ({first}); fix the syntax") from None
+        raise ConfigError(f"config file {path!r} is not valid YAML ({first_line(exc)}); fix the syntax") from None
     except RecursionError:
         raise ConfigError(f"config file {path!r} is nested too deeply to be a config; fix the file") from None
     return from_mapping(data, base, source=f"config {path!r}")
-
-
-def parse_size(text: str) -> Tuple[int, int]:
-    """'672x384' -> (672, 384) as (width, height)."""
-    parts = text.lower().replace("×", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError(f"size {text!r} must look like WIDTHxHEIGHT, e.g. 512x512 or 672x384")
-    return int(parts[0]), int(parts[1])
 
 
 def default_size(width: int, height: int) -> Tuple[int, int]:
@@ -309,22 +486,3 @@ def default_size(width: int, height: int) -> Tuple[int, int]:
     if width == height:
         return 512, 512
     return (672, 384) if width > height else (384, 672)
-
-
-def parse_bytes(text, name: str = "memory_budget") -> int:
-    """'12GB' (10^9), '12GiB' (2^30), '800MB', '1.5e9', or an int -> bytes."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(f"{name}={text!r} is not a size: use e.g. 12GB, 16GiB or 800MB")
-        value, unit = float(match.group(1)), match.group(2).lower()
-    size = int(value * _UNITS[unit])
-    if size <= 0:
-        raise ConfigError(f"{name}={text!r} must be positive")
-    return size
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

@@ -6,6 +6,7 @@ Every message names the offending input and says how to fix it.
 from __future__ import annotations
 
 import reprlib
+from typing import Optional
 
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
@@ -32,10 +33,22 @@ class TokenFlowError(Exception):
 
 
 class ConfigError(TokenFlowError):
-    """A flag or config value is out of range, of the wrong type or unknown."""
+    """A flag or config value is out of range, of the wrong type or unknown.
+
+    ``field`` and ``reason`` are set when one EditConfig field is at fault (``of_field``): the
+    message is then ``"<field>: <reason>"``, and job files report ``reason`` under the key the
+    file used for that field."""
 
     exit_code, code = 2, "config_error"
     meaning = "bad flag, config value or job file"
+
+    def __init__(self, message: str, *, field: Optional[str] = None, reason: Optional[str] = None):
+        super().__init__(message)
+        self.field, self.reason = field, reason
+
+    @classmethod
+    def of_field(cls, field: str, reason: str) -> "ConfigError":
+        return cls(f"{field}: {reason}", field=field, reason=reason)
 
 
 class InputError(TokenFlowError):
@@ -92,6 +105,12 @@ _FAMILY = [TokenFlowError, *TokenFlowError.__subclasses__()]
 EXIT_CODES = {0: "success (also: every output already existed and was skipped)",
               **{cls.exit_code: cls.meaning for cls in _FAMILY}}
 EXIT_NAMES = {cls.exit_code: cls.code for cls in _FAMILY}
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of the message, or the type name when the message is empty."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def one_line(error: BaseException, limit: int = 200) -> str:
