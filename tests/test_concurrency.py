@@ -172,9 +172,9 @@ def test_a_damaged_entry_is_a_miss_with_a_warning_and_a_save_repairs_it(tmp_path
 
 
 def test_replacing_an_entry_without_an_atomic_exchange(tmp_path, monkeypatch):
-    import tokenflow.io.cache as cache_module
+    import tokenflow.io.outputs as outputs_module  # the folder swap the cache uses
 
-    monkeypatch.setattr(cache_module, "_rename_exchange", lambda a, b: False)   # e.g. NFS: move aside, rename
+    monkeypatch.setattr(outputs_module, "_rename_exchange", lambda a, b: False)   # e.g. NFS: move aside, rename
     cache = InversionCache(tmp_path)
     cache.save(KEY, _latents(0))
     cache.save(KEY, _latents(1))

@@ -114,6 +114,29 @@ def test_calibration_is_measured_once_then_cached(tiny_sd, tmp_path):
     assert 0.2 < first.vae < 5.0, first
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), TypeError("not JSON serializable")])
+def test_a_calibration_write_that_fails_leaves_no_temp_file(tmp_path, monkeypatch, error):
+    """The calibration table goes through io.outputs.atomic_file: when json.dump fails half-way the
+    temp file is removed and the previous table is untouched (a full disk only costs a probe next
+    time; any other error is raised)."""
+    path = tmp_path / "memory-calibration.json"
+    memory._write_json(path, {"old": {"unet": 1.0}})
+
+    def dump(data, f, **kwargs):
+        f.write('{"half": ')
+        raise error
+
+    monkeypatch.setattr(memory.json, "dump", dump)
+    if isinstance(error, OSError):
+        memory._write_json(path, {"new": {"unet": 2.0}})
+    else:
+        with pytest.raises(TypeError):
+            memory._write_json(path, {"new": {"unet": 2.0}})
+    assert [p.name for p in tmp_path.iterdir()] == ["memory-calibration.json"], "no temp file left"
+    monkeypatch.undo()
+    assert memory._read_json(path) == {"old": {"unet": 1.0}}
+
+
 @pytest.mark.parametrize("chunk", [2, 5])
 def test_predicted_propagation_activations_match_the_measured_ones(editor, tiny_sd, tmp_path, chunk):
     """The plan's rows x bytes-per-row against the live tensor bytes of a real propagation call

@@ -15,10 +15,10 @@ from PIL import Image
 from tokenflow.errors import ConfigError, InputError, OutputError
 from tokenflow.io import outputs, write
 from tokenflow.io import read as video_read
-from tokenflow.io.samples import _write_tone, make_sample_clip, render_frames
-from tokenflow.io.read import probe, read_video
-from tokenflow.io.write import write_frames, write_video
 from tokenflow.io.outputs import check_writable
+from tokenflow.io.read import probe, read_video
+from tokenflow.io.samples import _write_tone, make_sample_clip, render_frames
+from tokenflow.io.write import write_frames, write_video
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -416,6 +416,78 @@ def test_write_frames_failure_keeps_the_old_folder(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert os.listdir(folder) == ["00000.png"]
     assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- io.outputs helpers
+
+
+def test_atomic_file_and_atomic_path_replace_the_target_or_leave_it_untouched(tmp_path):
+    target = tmp_path / "state.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with outputs.atomic_file(target, "wb", durable=True) as f:
+            f.write(b"half")
+            raise RuntimeError("writer failed")
+    with pytest.raises(RuntimeError):
+        with outputs.atomic_path(target, suffix=".bin") as tmp:   # a library that writes to a path
+            assert tmp.name.endswith(".bin") and tmp.parent == tmp_path and not tmp.exists()
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["state.bin"]
+    with outputs.atomic_path(target, durable=True) as tmp:
+        torch.save({"x": 1}, tmp)
+    assert torch.load(target) == {"x": 1} and os.listdir(tmp_path) == ["state.bin"]
+    with pytest.raises(FileNotFoundError):    # nothing written: an error, not an empty target
+        with outputs.atomic_path(tmp_path / "never"):
+            pass
+    assert os.listdir(tmp_path) == ["state.bin"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "move-aside"])
+def test_atomic_path_swaps_folders_with_and_without_an_atomic_exchange(tmp_path, monkeypatch, exchange):
+    if not exchange:   # e.g. NFS or macOS: the old folder is renamed aside first
+        monkeypatch.setattr(outputs, "_rename_exchange", lambda a, b: False)
+    folder = tmp_path / "model"
+    for version in ("one", "two"):
+        with outputs.atomic_path(folder, make_parents=True) as tmp:
+            tmp.mkdir()
+            (tmp / "weights").write_text(version)
+        assert (folder / "weights").read_text() == version
+    with pytest.raises(OSError):
+        with outputs.atomic_path(folder) as tmp:
+            tmp.mkdir()
+            raise OSError(28, "No space left on device")
+    assert (folder / "weights").read_text() == "two" and os.listdir(tmp_path) == ["model"]
+
+
+def test_a_failed_folder_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "_rename_exchange", lambda a, b: False)
+    folder, new = tmp_path / "frames", tmp_path / "new"
+    folder.mkdir()
+    (folder / "00000.png").write_text("old")
+    new.mkdir()
+    (new / "00000.png").write_text("new")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.fspath(src) == str(new) and not os.path.exists(dst):
+            raise PermissionError(13, "Permission denied")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(outputs.os, "rename", rename)
+    with pytest.raises(PermissionError):
+        outputs.swap_folder_into_place(new, folder)
+    monkeypatch.undo()
+    assert (folder / "00000.png").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["frames", "new"]
+
+
+def test_temp_siblings_are_unique_and_found_again(tmp_path):
+    names = {outputs.temp_sibling(tmp_path / "edit.pt") for _ in range(50)}
+    assert len(names) == 50 and all(os.path.basename(n).startswith(".edit.pt.tmp-") for n in names)
+    for name in list(names)[:3]:
+        Path(name).write_bytes(b"")
+    (tmp_path / ".other.pt.tmp-1").write_bytes(b"")
+    assert len(outputs.temp_siblings(tmp_path / "edit.pt")) == 3
 
 
 # ----------------------------------------------------------------------------- encoder choice

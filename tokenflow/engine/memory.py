@@ -15,8 +15,9 @@ Analytic model (elements per batch row, in the compute dtype), for latents h x w
                                             H x W; a ResNet's input, norm, activation and conv out)
 
 Extended attention and the cosine search are computed without score matrices by every backend we
-use (SDPA, Triton, FAISS, the chunked torch search), so they add O(S C) per row, inside ``working``; the torch search's similarity tile (at most 2^24
-float32) is added to the propagation peak.
+use (SDPA, Triton, FAISS, the chunked torch search), so they add O(S C) per row, inside
+``working``; the torch search's similarity tile (at most 2^24 float32) is added to the
+propagation peak.
 
 The analytic numbers are multiplied by a factor measured once per device: a probe runs the UNet at
 batch 1 and 2 (and the VAE decoder at 1 and 2) at 32 x 32 latents and takes the growth of the peak
@@ -31,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tokenflow.io.cache import default_cache_root
+from tokenflow.io.outputs import atomic_file
 
 PROBE_LATENT = 32
 
@@ -267,10 +268,7 @@ def _read_json(path: Path) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".calibration.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
+        with atomic_file(path, make_parents=True) as f:
             json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
     except OSError:
         pass  # an unwritable cache only costs a probe next time

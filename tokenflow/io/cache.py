@@ -4,11 +4,11 @@ Layout: ``<root>/inversions/<key>/latents.safetensors`` + ``meta.json`` (the key
 saved timesteps and the sha256 of the latents file).
 
 Several processes may use one cache at once (docs/farm.md):
-- A writer builds the entry in a hidden temp folder next to it (``.<key>.tmp-*``), fsyncs both
-  files and the folder, and renames it into place. Over an existing entry the two folders are
-  swapped atomically (``renameat2(RENAME_EXCHANGE)`` on Linux); where that is unsupported the old
-  entry is first renamed aside. Two writers of one key: the last rename wins, and either entry is
-  complete.
+- A writer builds the entry in a hidden temp folder next to it (``.<key>.tmp-*``) and renames it
+  into place with ``io.outputs.atomic_path(durable=True)``: both files and the folders are fsynced,
+  and over an existing entry the two folders are swapped atomically (``renameat2(RENAME_EXCHANGE)``
+  on Linux; where that is unsupported the old entry is first renamed aside). Two writers of one
+  key: the last rename wins, and either entry is complete.
 - A reader opens the entry folder once and reads both files through that handle, so it gets one
   writer's entry even while another replaces it; it checks the bytes it read against the sha256
   and decodes those same bytes. A corrupt entry is a miss with a warning (the recomputed entry
@@ -17,15 +17,10 @@ Several processes may use one cache at once (docs/farm.md):
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import os
-import shutil
-import sys
 import time
-import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +29,8 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from tokenflow.io.outputs import TEMP_MARK, atomic_path, remove_path
 
 FORMAT_VERSION = 1
 DATA, META = "latents.safetensors", "meta.json"
@@ -106,28 +103,19 @@ class InversionCache:
         if not self.enabled:
             return None
         entry = self._entry(key)
-        tmp = None
         try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.name}.tmp-{uuid.uuid4().hex[:12]}")
-            os.mkdir(tmp)                               # mode 0777 less the umask: entries are shareable
             data = save_safetensors({f"t_{t}": v.detach().float().cpu().contiguous() for t, v in latents.items()})
             meta = {"format": FORMAT_VERSION, "key": asdict(key), "timesteps": sorted(int(t) for t in latents),
                     "sha256": hashlib.sha256(data).hexdigest()}
-            _write_synced(tmp / DATA, data)
-            _write_synced(tmp / META, json.dumps(meta, indent=1).encode())
-            _fsync_dir(tmp)
-            installed = _install(tmp, entry)
-            tmp = None if installed else tmp            # swapped out old entries are already removed
-            _fsync_dir(entry.parent)
+            with atomic_path(entry, durable=True, make_parents=True) as tmp:
+                os.mkdir(tmp)                           # mode 0777 less the umask: entries are shareable
+                (tmp / DATA).write_bytes(data)
+                (tmp / META).write_bytes(json.dumps(meta, indent=1).encode())
             _sweep_stale_temps(entry.parent)
             return entry
         except OSError as exc:
             warnings.warn(f"could not write the inversion cache under {self.root} ({exc}); continuing without it")
             return None
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_entry(entry: Path, key: InversionKey, needed: set) -> Optional[Dict[int, torch.Tensor]]:
@@ -176,83 +164,15 @@ def _still_linked(folder_fd: int, entry: Path) -> bool:
     return (here.st_dev, here.st_ino) == (now.st_dev, now.st_ino)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a folder
-    finally:
-        os.close(fd)
-
-
-def _install(tmp: Path, entry: Path) -> bool:
-    """Rename the complete folder ``tmp`` to ``entry``, replacing an existing entry. False if other
-    writers' entries kept the place (they are complete too)."""
-    asides = []
-    try:
-        for _ in range(8):
-            try:
-                os.rename(tmp, entry)          # no entry yet (or an empty folder): atomic
-                return True
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-            if _rename_exchange(tmp, entry):   # both exist: swap them in one step; tmp now holds the old one
-                asides.append(tmp)
-                return True
-            aside = entry.with_name(f".{entry.name}.old-{uuid.uuid4().hex[:12]}")
-            try:
-                os.rename(entry, aside)        # no exchange here: move the old entry aside, then rename again
-                asides.append(aside)
-            except FileNotFoundError:
-                pass
-        return False
-    finally:
-        for folder in asides:                  # after the new entry is in place: readers see no gap
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-_renameat2 = None
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    global _renameat2
-    if _renameat2 is None:
-        _renameat2 = False
-        if sys.platform.startswith("linux"):
-            try:
-                fn = ctypes.CDLL(None, use_errno=True).renameat2
-                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                _renameat2 = fn
-            except (OSError, AttributeError):
-                pass
-    if not _renameat2:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
 def _sweep_stale_temps(folder: Path, max_age_s: float = TEMP_MAX_AGE_S) -> None:
-    """Remove temp folders that killed writers left behind (``.<key>.tmp-*``, ``.<key>.old-*``)."""
+    """Remove temp folders that killed writers left behind (``.<key>.tmp-*``; ``.<key>.old-*`` from
+    older versions)."""
     now = time.time()
     for tmp in folder.glob(".*"):
-        if ".tmp-" not in tmp.name and ".old-" not in tmp.name:
+        if TEMP_MARK not in tmp.name and ".old-" not in tmp.name:
             continue
         try:
             if tmp.is_dir() and now - tmp.stat().st_mtime > max_age_s:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_path(tmp)
         except OSError:
             pass

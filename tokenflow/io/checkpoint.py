@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from tokenflow import __version__
 from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint, OutputError
+from tokenflow.io.outputs import atomic_file, remove_path, temp_siblings
 
 FORMAT_VERSION = 1
 MAGIC = "tokenflow-checkpoint"
@@ -240,17 +240,8 @@ class Checkpointer:
                  "phase": phase, "step": int(step), "total": int(total), "plan": dict(self.plan_sizes),
                  "saved_at": time.time(), **{k: _to_cpu(v) for k, v in payload.items()}}
         target = self.path(phase)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_folder(self.folder)
+        with atomic_file(target, "wb", durable=True) as f:
+            torch.save(state, f)
         self._last_step[phase] = int(step)
         if self.reporter is not None:
             self.reporter.event("checkpoint", phase=phase, step=int(step), total=int(total), path=str(target))
@@ -278,25 +269,11 @@ def _to_cpu(value):
     return value
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sweep_temps(folder: Path) -> None:
     """Temp files of a writer killed mid-save (one folder is one run, so none is being written now)."""
     for name in STATE_FILES.values():
-        for tmp in folder.glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for tmp in temp_siblings(folder / name):
+            remove_path(tmp)
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -12,11 +12,9 @@ import av
 import numpy as np
 import torch
 
+from tokenflow.io.outputs import check_writable, remove_path, temp_sibling
 from tokenflow.io.read import Clip
-
 from tokenflow.io.write import write_video
-
-from tokenflow.io.outputs import check_writable
 
 TONE_HZ = 440.0
 TONE_SAMPLE_RATE = 44100
@@ -36,8 +34,7 @@ def make_sample_clip(path, *, n_frames: int = 24, size: Tuple[int, int] = (256, 
         return write_video(frames, path, fps)
     check_writable(path)
     duration = n_frames / float(fps)
-    folder, name = os.path.split(os.path.abspath(path))
-    tone_path = os.path.join(folder, f".{name}.tone-{os.getpid()}.m4a")
+    tone_path = temp_sibling(path, ".tone.m4a")   # a scratch file beside the output, removed below
     try:
         _write_tone(tone_path, duration)
         # write_video copies audio from a Clip's source; this one describes the tone file.
@@ -46,8 +43,7 @@ def make_sample_clip(path, *, n_frames: int = 24, size: Tuple[int, int] = (256, 
                     start_time=0.0, end_time=duration)
         return write_video(frames, path, fps, audio_from=tone)
     finally:
-        if os.path.exists(tone_path):
-            os.remove(tone_path)
+        remove_path(tone_path)
 
 
 def render_frames(n_frames: int, size: Tuple[int, int], seed: int = 0) -> np.ndarray:

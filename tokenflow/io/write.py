@@ -19,9 +19,8 @@ import torch
 from PIL import Image
 
 from tokenflow.errors import OutputError
-from tokenflow.io.outputs import check_frames_target, check_writable, remove_path, swap_folder_into_place, temp_sibling
+from tokenflow.io.outputs import atomic_path, check_frames_target, check_writable
 from tokenflow.io.read import Clip
-
 
 H264_ENCODERS = ("libx264", "libopenh264", "h264_videotoolbox", "h264_nvenc", "h264_qsv",
                  "h264_amf", "h264_mf", "h264_vaapi", "h264_v4l2m2m")
@@ -54,15 +53,12 @@ def write_video(frames, path, fps, *, audio_from: Optional[Clip] = None, crf: in
     rate = _fps_fraction(fps)
     check_writable(path)
     audio_span = _audio_span(audio_from, rate, len(images))
-    temp_path = temp_sibling(path, ".mp4")
     try:
-        _encode_mp4(temp_path, images, rate, crf, audio_span, metadata or {})
-        os.replace(temp_path, path)
+        with atomic_path(path, suffix=".mp4") as temp_path:
+            _encode_mp4(str(temp_path), images, rate, crf, audio_span, metadata or {})
     except _WRITE_ERRORS as error:
         raise OutputError(f"could not write video '{path}': {error}. "
                           "Check free disk space and permissions.") from error
-    finally:
-        remove_path(temp_path)
     return path
 
 
@@ -76,18 +72,14 @@ def write_frames(frames, folder) -> str:
     folder = os.fspath(folder)
     images = to_uint8_images(frames)
     check_frames_target(folder)
-    temp_folder = temp_sibling(folder, "")
     try:
-        remove_path(temp_folder)  # left by a crashed run with the same pid
-        os.mkdir(temp_folder)
-        for index, image in enumerate(images):
-            Image.fromarray(image).save(os.path.join(temp_folder, f"{index:05d}.png"))
-        swap_folder_into_place(temp_folder, folder)
+        with atomic_path(folder) as temp_folder:
+            os.mkdir(temp_folder)
+            for index, image in enumerate(images):
+                Image.fromarray(image).save(temp_folder / f"{index:05d}.png")
     except OSError as error:
         raise OutputError(f"could not write frames to '{folder}': {error}. "
                           "Check free disk space and permissions.") from error
-    finally:
-        remove_path(temp_folder)
     return folder
 
 

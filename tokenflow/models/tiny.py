@@ -20,8 +20,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 
 from tokenflow.io.cache import default_cache_root
+from tokenflow.io.outputs import atomic_path
 from tokenflow.models.hf import quiet_hf_libraries
 
 # Bump whenever the architecture, the weight recipe or the folder layout changes:
@@ -276,20 +275,15 @@ def write_pipeline(folder: Path, seed: int) -> None:
 def build_tiny_model(folder: Union[str, os.PathLike], seed: int = 0) -> Path:
     """Build the tiny pipeline into ``folder`` (replacing it) and return its path.
 
-    The folder is written to a temporary sibling and moved into place with ``os.replace``, so
-    readers never see a half-written model: if the marker is there, the folder is complete.
+    The folder is written under a temporary sibling name and swapped into place
+    (``io.outputs.atomic_path``), so readers never see a half-written model: if the marker is
+    there, the folder is complete. Two processes building it at once both leave a complete one.
     """
     folder = Path(folder).expanduser().absolute()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
-
-
-    try:
+    with atomic_path(folder, make_parents=True) as staging:
+        staging.mkdir()
         with quiet_hf_libraries():
             write_pipeline(staging, seed)
-        _move_into_place(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
@@ -323,22 +317,3 @@ def tiny_identity(seed: int) -> str:
 def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
-
-def _move_into_place(staging: Path, folder: Path) -> None:
-    """Atomically rename ``staging`` to ``folder``; an existing ``folder`` is moved aside first.
-
-    If another process finished the same build in between (the rename then fails because
-    ``folder`` is a non-empty directory again), its complete result is kept.
-    """
-    if folder.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        try:
-            os.replace(folder, retired / folder.name)
-        except FileNotFoundError:
-            pass  # someone else moved it away already
-        shutil.rmtree(retired, ignore_errors=True)
-    try:
-        os.replace(staging, folder)
-    except OSError:
-        if read_marker(folder) is None:
-            raise

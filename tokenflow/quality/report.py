@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from tokenflow.errors import ConfigError, OutputError
+from tokenflow.io.outputs import atomic_path
 from tokenflow.io.write import write_video
-from tokenflow.io.outputs import remove_path, swap_folder_into_place, temp_sibling
 
 KIND = "tokenflow-report"
 MATPLOTLIB_HINT = "pip install matplotlib (or: pip install 'tokenflow[quality]')"
@@ -75,28 +75,24 @@ def write_report(folder: str, *, source: torch.Tensor, edited: torch.Tensor, fps
     """
     check_report_support()
     check_report_target(folder)
-    temp = temp_sibling(folder, "")
     try:
-        remove_path(temp)
-        os.makedirs(temp)
-        files = {"frames": "frames.png", "video": "side_by_side.mp4", "warp_error": "warp_error.png"}
-        frame_grid(source, edited, Path(temp) / files["frames"])
-        write_video(torch.cat([source, edited], dim=-1), str(Path(temp) / files["video"]), fps)
-        warp_plot(metrics, Path(temp) / files["warp_error"])
-        if timings:
-            files["timings"] = "timings.png"
-            timings_plot(timings, Path(temp) / files["timings"])
-        record = {"kind": KIND, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "title": title, "prompt": prompt,
-                  "inputs": inputs or {}, "notes": list(notes), "metrics": metrics, "settings": settings or {}, "timings": timings or {},
-                  "versions": versions or {}, "files": files}
-        (Path(temp) / "report.json").write_text(json.dumps(record, indent=1, default=str))
-        (Path(temp) / "index.html").write_text(render_html(record), encoding="utf-8")
-        swap_folder_into_place(temp, folder)
+        with atomic_path(folder) as temp:
+            os.makedirs(temp)
+            files = {"frames": "frames.png", "video": "side_by_side.mp4", "warp_error": "warp_error.png"}
+            frame_grid(source, edited, temp / files["frames"])
+            write_video(torch.cat([source, edited], dim=-1), str(temp / files["video"]), fps)
+            warp_plot(metrics, temp / files["warp_error"])
+            if timings:
+                files["timings"] = "timings.png"
+                timings_plot(timings, temp / files["timings"])
+            record = {"kind": KIND, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "title": title, "prompt": prompt,
+                      "inputs": inputs or {}, "notes": list(notes), "metrics": metrics, "settings": settings or {},
+                      "timings": timings or {}, "versions": versions or {}, "files": files}
+            (temp / "report.json").write_text(json.dumps(record, indent=1, default=str))
+            (temp / "index.html").write_text(render_html(record), encoding="utf-8")
     except OSError as error:
         raise OutputError(f"could not write report '{folder}': {error.strerror or error}. "
                           "Check free disk space and permissions.") from None
-    finally:
-        remove_path(temp)
     return Path(folder)
 
 

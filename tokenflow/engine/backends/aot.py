@@ -9,7 +9,7 @@ shape, dtype, machine and code version, not once per process.
 
 Package key: pass, model identity, branch count, propagation mode, kernels, every input's shape
 and dtype, device type and CPU ISA / GPU name, torch version and a fingerprint of the code that
-defines the graph. Packages are written to a temp name and renamed.
+defines the graph. Packages are written to a temp name and renamed (``io.outputs.atomic_path``).
 
 Kernels: the static torch backends (AOTInductor cannot embed the Python-registered Triton
 custom ops). CUDA: UNVERIFIED (no GPU was available while this was written).
@@ -31,6 +31,7 @@ from tokenflow.engine.backends.base import switch, timestep_tensor
 from tokenflow.engine.backends.compiled import CompiledBackend, exported_kernels
 from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass
 from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.io.outputs import atomic_file, atomic_path
 from tokenflow.kernels import KernelChoice
 
 FORMAT = 1
@@ -101,18 +102,10 @@ class AotBackend(CompiledBackend):
         module = self._eager_module(kind, n_branches, match_on).eval()
         with torch.no_grad():
             program = torch.export.export(module, tuple(args), strict=False)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".pt2", dir=self.folder)
-        os.close(fd)
-        try:
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-            Path(tmp).with_suffix(".json").write_text(json.dumps(spec, indent=1))
-            os.replace(Path(tmp).with_suffix(".json"), path.with_suffix(".json"))
-            os.replace(tmp, path)
-        finally:
-            for leftover in (Path(tmp), Path(tmp).with_suffix(".json")):
-                if leftover.exists():
-                    leftover.unlink()
+        with atomic_path(path, suffix=".pt2", make_parents=True) as tmp:   # AOTInductor wants the extension
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+            with atomic_file(path.with_suffix(".json")) as f:   # the spec beside it, once the package built
+                f.write(json.dumps(spec, indent=1))
         self.built += 1
         self.compilations += 1
         self.seconds["build"] += time.perf_counter() - start

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -34,7 +33,7 @@ from tokenflow.engine.memory import attention_layer_shapes
 from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass, input_names, output_names
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.errors import ConfigError
-from tokenflow.io.outputs import atomic_file
+from tokenflow.io.outputs import atomic_file, atomic_path
 from tokenflow.kernels import KernelChoice
 
 # 20: GELU exports as ONNX's Gelu op, which ORT runs as one kernel; opset 18's erf decomposition
@@ -132,26 +131,19 @@ def export_pass(tokenflow: TokenFlowUNet, spec: dict, kernels: KernelChoice, fol
     graph = target / "unet.onnx"
     if _manifest_matches(target, spec):
         return graph, True
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=folder))
-    try:
-        if log:
-            log(f"exporting the {spec['pass']} pass to ONNX (once per model, size and dtype): {target}")
-        args, dynamic = _example(tokenflow, spec)
-        module = _module(tokenflow, spec, kernels).eval()
-        with torch.no_grad():
-            program = torch.onnx.export(module, args, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET,
-                                        input_names=spec["inputs"], output_names=spec["outputs"],
-                                        external_data=True, verbose=False)
+    if log:
+        log(f"exporting the {spec['pass']} pass to ONNX (once per model, size and dtype): {target}")
+    args, dynamic = _example(tokenflow, spec)
+    module = _module(tokenflow, spec, kernels).eval()
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET,
+                                    input_names=spec["inputs"], output_names=spec["outputs"],
+                                    external_data=True, verbose=False)
+    with atomic_path(target, make_parents=True) as tmp:
+        tmp.mkdir()
         program.save(str(tmp / "unet.onnx"), external_data=True)
         manifest = {**spec, "sha256": _sha256(tmp / "unet.onnx")}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return graph, False
 
 
@@ -200,17 +192,12 @@ class OnnxSession:
             except Exception:   # written by another ORT build, or damaged: optimise the ONNX graph again
                 self.session = None
         if self.session is None:
-            options = _options(ort, device, threads)
-            staged = None
-            if optimized is not None:
-                staged = optimized.with_name(f".{optimized.name}.tmp-{os.getpid()}")
-                options.optimized_model_filepath = str(staged)
-                options.add_session_config_entry("session.save_model_format", "ORT")
-                options.log_severity_level = 3   # ORT warns that NCHWc graphs are hardware specific: we key on the CPU
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
             self.source = path
-            if staged is not None:
-                _keep_optimized(staged, optimized)
+            if optimized is None:
+                self.session = ort.InferenceSession(str(path), _options(ort, device, threads), providers=providers)
+            else:
+                self.session = _session_keeping_optimized(ort, path, _options(ort, device, threads), providers,
+                                                          optimized)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -288,18 +275,26 @@ def _read_text(path: Path) -> Optional[str]:
         return None
 
 
-def _keep_optimized(staged: Path, target: Path) -> None:
-    """Rename the optimised graph ORT just wrote into place, its sha256 first (a reader that finds
-    the graph without a matching hash ignores it). A read-only cache folder only costs the reuse."""
+def _session_keeping_optimized(ort, path: Path, options, providers, optimized: Path):
+    """A session of the ONNX graph ``path`` whose ORT-optimised graph is kept as ``optimized``:
+    ORT writes it to a temp name, its sha256 goes beside the target first (a reader that finds the
+    graph without a matching hash ignores it), then it is renamed into place. A read-only cache
+    folder only costs the reuse."""
+    session = None
     try:
-        if staged.exists():
-            with atomic_file(target.with_name(target.name + ".sha256"), "w") as f:
-                f.write(_sha256(staged) + "\n")
-            os.replace(staged, target)
+        with atomic_path(optimized) as staged:
+            options.optimized_model_filepath = str(staged)
+            options.add_session_config_entry("session.save_model_format", "ORT")
+            options.log_severity_level = 3   # ORT warns that NCHWc graphs are hardware specific: we key on the CPU
+            session = ort.InferenceSession(str(path), options, providers=providers)
+            digest = _sha256(staged)
+            if digest is not None:   # else ORT wrote nothing: the rename fails, the session stays
+                with atomic_file(optimized.with_name(optimized.name + ".sha256"), "w") as f:
+                    f.write(digest + "\n")
     except OSError:
-        pass
-    finally:
-        staged.unlink(missing_ok=True)
+        if session is None:
+            raise
+    return session
 
 
 def _numpy_dtype(dtype: torch.dtype):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -43,6 +42,7 @@ from tokenflow.engine.passes import input_names, output_names
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.engine.runner import GRAPH_PAIRS
 from tokenflow.errors import ConfigError, ModelError
+from tokenflow.io.outputs import atomic_file
 from tokenflow.kernels import KernelChoice
 
 INSTALL = "pip install tensorrt --extra-index-url https://pypi.nvidia.com"
@@ -215,15 +215,8 @@ def _torch_dtype(trt, dtype) -> torch.dtype:
 
 
 def _atomic_write(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, "wb", make_parents=True) as f:
+        f.write(data)
 
 
 @dataclass
