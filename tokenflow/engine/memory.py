@@ -41,6 +41,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from tokenflow.engine.processors import self_attention_layers
+from tokenflow.engine.state import timestep_tensor
 from tokenflow.io.cache import default_cache_root
 from tokenflow.io.outputs import atomic_file
 
@@ -88,16 +90,15 @@ def attention_layer_shapes(unet, h: int, w: int) -> Dict[str, Tuple[int, int]]:
     tokens = level_tokens(h, w, len(channels))
     last = len(channels) - 1
     shapes = {}
-    for name, module in unet.named_modules():
-        if not (name.endswith(".attn1") and type(module).__name__ == "Attention"):
-            continue
+    for layer in self_attention_layers(unet):
+        name = layer.name
         if name.startswith("down_blocks."):
             level = int(name.split(".")[1])
         elif name.startswith("up_blocks."):
             level = last - int(name.split(".")[1])
         else:  # mid block
             level = last
-        shapes[name] = (tokens[level], module.inner_dim)
+        shapes[name] = (tokens[level], unet.get_submodule(name).inner_dim)
     return shapes
 
 
@@ -201,7 +202,7 @@ def _probe(model, device: torch.device, dtype: torch.dtype) -> Tuple[float, floa
     def unet(b: int):
         x = torch.zeros(b, channels, side, side, device=device, dtype=dtype)
         text = torch.zeros(b, 77, cross, device=device, dtype=dtype)
-        return lambda: model.unet(x, torch.tensor(1, device=device), encoder_hidden_states=text)
+        return lambda: model.unet(x, timestep_tensor(1, device), encoder_hidden_states=text)
 
     def vae(b: int):
         z = torch.zeros(b, int(model.vae.config["latent_channels"]), side, side, device=device, dtype=dtype)

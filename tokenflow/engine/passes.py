@@ -25,6 +25,8 @@ from tokenflow.engine.state import PassKind, StepState
 from tokenflow.engine.store import StoreView
 from tokenflow.kernels import KernelChoice
 
+GRAPH_PAIRS = 2   # P: keyframes a frame blends (previous and next, or own and previous group's)
+
 
 class FeatureSink:
     """Graph-mode stand-in for the keyframe store: keeps what the keyframe pass writes."""

@@ -125,7 +125,9 @@ def _project_out(attn, out: torch.Tensor, residual: torch.Tensor) -> torch.Tenso
 
 
 def self_attention_layers(unet: torch.nn.Module) -> List[LayerInfo]:
-    """The UNet's transformer self-attention layers in module order, with their PnP role."""
+    """The UNet's transformer self-attention layers (every ``attn1`` diffusers ``Attention``) in
+    module order, with their PnP role. The one place that finds them: the processors, the memory
+    model (``engine.memory.attention_layer_shapes``) and the graph specs all go through here."""
     names = [name for name, module in unet.named_modules()
              if name.endswith(".attn1") and type(module).__name__ == "Attention"]
     decoder = [n for n in names if n.startswith("up_blocks.")]
@@ -151,11 +153,11 @@ class TokenFlowUNet:
 
     def _check_layout(self) -> None:
         check_unet_layout(self.unet, "the UNet")
-        for name, module in self.unet.named_modules():
-            if name.endswith(".attn1") and type(module).__name__ == "Attention":
-                dim = module.inner_dim // module.heads
-                if abs(module.scale - dim ** -0.5) > 1e-6 or module.norm_q is not None or module.spatial_norm is not None:
-                    raise ModelError(f"{name}: unsupported attention variant (custom scale or q/k norms)")
+        for layer in self.layers:
+            module = self.unet.get_submodule(layer.name)
+            dim = module.inner_dim // module.heads
+            if abs(module.scale - dim ** -0.5) > 1e-6 or module.norm_q is not None or module.spatial_norm is not None:
+                raise ModelError(f"{layer.name}: unsupported attention variant (custom scale or q/k norms)")
 
     def _inject_residual_features(self, module, inputs, output):
         state = self.control.state

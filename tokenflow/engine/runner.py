@@ -13,12 +13,10 @@ from typing import Optional
 import torch
 
 from tokenflow.engine.backends.base import UNetBackend
-from tokenflow.engine.passes import store_tensors
+from tokenflow.engine.passes import GRAPH_PAIRS, store_tensors
 from tokenflow.engine.processors import TokenFlowUNet
-from tokenflow.engine.state import PassKind, StepState
+from tokenflow.engine.state import PassKind, StepState, timestep_tensor
 from tokenflow.errors import ConfigError
-
-GRAPH_PAIRS = 2   # keyframes a frame blends (previous and next, or own and previous group's)
 
 
 class UNetRunner:
@@ -49,7 +47,7 @@ class UNetRunner:
         self.samples += rows
         x, text = latents.to(self.dtype).contiguous(), text.to(self.dtype)
         if self.backend is None:
-            return self.unet(x, _timestep(t, latents.device), encoder_hidden_states=text).sample.float()
+            return self.unet(x, timestep_tensor(t, latents.device), encoder_hidden_states=text).sample.float()
         text = text.contiguous()   # static-shape graphs guard on strides (an expanded text has stride 0)
         if self.backend.pads_calls and pad_to and rows < pad_to:
             x, text = _pad_rows(x, pad_to), _pad_rows(text, pad_to)
@@ -101,10 +99,6 @@ class UNetRunner:
                      state: StepState) -> torch.Tensor:
         """[source, uncond, cond] of one prompt: x [m,4,h,w] -> [3, m, 4, h, w]."""
         return self.branches(source, x[None], t, texts, state)
-
-
-def _timestep(t: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(int(t), dtype=torch.long, device=device)
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

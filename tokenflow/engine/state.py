@@ -1,20 +1,35 @@
 """Per-call state of the TokenFlow passes: what kind of UNet call runs and everything the
 processors and the PnP hook read during it (``StepState``), held by ``TokenFlowControl`` while
 the call runs. The runner builds a ``StepState`` for each call; nothing is set on modules.
+Also the UNet's timestep input (``timestep_tensor``), the same for eager calls and every backend.
 """
 from __future__ import annotations
 
 import contextlib
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Union
+from typing import Callable, Dict, Iterator, Optional, Protocol, Union
 
 import torch
 
 from tokenflow.kernels import KernelChoice
 
-if TYPE_CHECKING:
-    from tokenflow.engine.store import StoreView
+
+def timestep_tensor(t: int, device: torch.device) -> torch.Tensor:
+    """The UNet's timestep argument: a 0-dim int64 tensor on the UNet's device."""
+    return torch.tensor(int(t), dtype=torch.long, device=device)
+
+
+class FeatureStore(Protocol):
+    """Where a pass finds keyframe features (``features`` / ``outputs`` per layer) and, in a
+    keyframe pass, writes them (``write``): ``engine.store.KeyframeStore`` or a ``StoreView`` of it,
+    or in graph mode ``engine.passes.FeatureSink``. A protocol, so this module imports neither (the
+    store's module depends on the memory model, which depends on this one)."""
+
+    features: Dict[str, torch.Tensor]
+    outputs: Dict[str, torch.Tensor]
+
+    def write(self, layer: str, start: int, features: torch.Tensor, outputs: torch.Tensor) -> None: ...
 
 
 class PassKind(enum.Enum):
@@ -39,7 +54,7 @@ class StepState:
     kind: PassKind
     timestep: int
     n_frames: Optional[int]
-    store: Optional["StoreView"] = None
+    store: Optional[FeatureStore] = None
     n_branches: int = 3
     keyframe_offset: int = 0
     inject_qk: Union[bool, torch.Tensor] = False

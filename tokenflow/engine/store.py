@@ -19,6 +19,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from tokenflow.engine.memory import attention_layer_shapes
+
 
 class StoreView:
     """features / outputs dicts of device tensors, indexed by keyframe slot (see module doc)."""
@@ -53,8 +55,6 @@ class KeyframeStore(StoreView):
     def for_unet(cls, unet: torch.nn.Module, latent_size: Tuple[int, int], keyframes: int, branches: int = 3,
                  **kwargs) -> "KeyframeStore":
         """A device store for ``unet`` at latents (h, w), in the UNet's dtype and device."""
-        from tokenflow.engine.memory import attention_layer_shapes  # noqa: PLC0415
-
         p = next(unet.parameters())
         kwargs.setdefault("dtype", p.dtype)
         kwargs.setdefault("device", p.device)

@@ -27,10 +27,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from tokenflow.engine.backends.base import switch, timestep_tensor
+from tokenflow.engine.backends.base import switch
 from tokenflow.engine.backends.compiled import CompiledBackend, exported_kernels
 from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass
 from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.engine.state import timestep_tensor
 from tokenflow.io.outputs import atomic_file, atomic_path
 from tokenflow.kernels import KernelChoice
 

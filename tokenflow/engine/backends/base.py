@@ -44,10 +44,6 @@ class UNetBackend:
         return {}
 
 
-def timestep_tensor(t: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(int(t), dtype=torch.long, device=device)
-
-
 def switch(value: bool, device: torch.device) -> torch.Tensor:
     return torch.tensor(bool(value), device=device)
 

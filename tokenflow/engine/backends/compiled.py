@@ -19,9 +19,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from tokenflow.engine.backends.base import UNetBackend, switch, timestep_tensor
+from tokenflow.engine.backends.base import UNetBackend, switch
 from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass
 from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.engine.state import timestep_tensor
 from tokenflow.kernels import KernelChoice
 
 GRAPH_SAFE = {"keyframe_attention": ("torch", "triton"), "cosine_nearest": ("static", "triton"),

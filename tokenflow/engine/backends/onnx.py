@@ -27,11 +27,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from tokenflow.engine.backends.base import UNetBackend, switch, timestep_tensor
+from tokenflow.engine.backends.base import UNetBackend, switch
 from tokenflow.engine.backends.compiled import exported_kernels
 from tokenflow.engine.memory import attention_layer_shapes
 from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass, input_names, output_names
 from tokenflow.engine.processors import TokenFlowUNet
+from tokenflow.engine.state import timestep_tensor
 from tokenflow.errors import ConfigError
 from tokenflow.io.outputs import atomic_file, atomic_path
 from tokenflow.kernels import KernelChoice

@@ -35,12 +35,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from tokenflow.engine.backends.base import UNetBackend, switch, timestep_tensor
+from tokenflow.engine.backends.base import UNetBackend, switch
 from tokenflow.engine.backends.compiled import exported_kernels
 from tokenflow.engine.backends.onnx import MAX_ROWS, export_pass, graph_spec, spec_key
-from tokenflow.engine.passes import input_names, output_names
+from tokenflow.engine.passes import GRAPH_PAIRS, input_names, output_names
 from tokenflow.engine.processors import TokenFlowUNet
-from tokenflow.engine.runner import GRAPH_PAIRS
+from tokenflow.engine.state import timestep_tensor
 from tokenflow.errors import ConfigError, ModelError
 from tokenflow.io.outputs import atomic_file
 from tokenflow.kernels import KernelChoice
