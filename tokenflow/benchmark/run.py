@@ -26,7 +26,7 @@ import torch
 from tokenflow.benchmark import architectures, flops, original_kernels, peak, system  # noqa: F401  original: registers its backends
 from tokenflow.benchmark.config import STAGES, BenchConfig, Variant, variant_overrides
 from tokenflow.config import EditConfig
-from tokenflow.device import resolve_device, resolve_dtype
+from tokenflow.device import device_name, resolve_device, resolve_dtype, sync, versions
 from tokenflow.errors import ConfigError, ResourceError
 from tokenflow.io.cache import InversionCache
 from tokenflow.io.read import Clip
@@ -118,11 +118,11 @@ def timed_edit(editor, clip: Clip, cfg: EditConfig, device: torch.device) -> dic
     editor.reporter = system.MeasuringReporter(tracker)
     runner = getattr(editor, "runner", None)
     samples_before = getattr(runner, "samples", None)
-    system.sync(device)
+    sync(device)
     with tracker.stage("total"):
         start = time.perf_counter()
         result = editor.edit(clip, config=cfg)
-        system.sync(device)
+        sync(device)
         total = time.perf_counter() - start
     samples_after = getattr(runner, "samples", None)
     timings = {k: float(v) for k, v in result.timings.items()}
@@ -294,8 +294,8 @@ def _run(config: BenchConfig, device: torch.device, dtype: torch.dtype,
     return {
         "benchmark": "tokenflow bench", "schema": SCHEMA,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"name": system.device_name(device), "type": device.type, "torch_threads": torch.get_num_threads()},
-        "versions": system.versions(), "git": system.git_revision(),
+        "device": {"name": device_name(device), "type": device.type, "torch_threads": torch.get_num_threads()},
+        "versions": versions(), "git": system.git_revision(),
         "command": None, "argv": list(sys.argv),
         "settings": _jsonable({**asdict(config), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}),
         "model": {"name": model.name, "identity": model.identity, "arch": None if config.model else config.arch,

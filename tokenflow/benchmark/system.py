@@ -1,4 +1,5 @@
-"""What surrounds a measurement: device sync, machine load, per-stage peak memory, versions.
+"""What surrounds a measurement: machine load, per-stage peak memory, the git revision (device sync,
+names and versions are ``tokenflow.device``'s).
 
 Load guard (CPU timings): before timing, ``wait_until_idle`` samples ``/proc/stat`` for half a
 second at a time and waits (at most ``max_wait_s``) until other processes keep fewer than
