@@ -17,18 +17,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, write_results  # noqa: E402
 
-from tokenflow.benchmark.architectures import (
-    SD21_UNET,
-    SD_VAE,
-    build_text_encoder,
-    build_tokenizer,
-    sd_scheduler_config,  # noqa: E402
-)
+from tokenflow.benchmark.architectures import SD21_UNET, SD_VAE, build_text_encoder  # noqa: E402
 from tokenflow.engine.memory import Calibration, gib  # noqa: E402
 from tokenflow.engine.planner import make_plan  # noqa: E402
 from tokenflow.errors import ResourceError  # noqa: E402
 from tokenflow.models.hf import quiet_hf_libraries
 from tokenflow.models.load import SDModel  # noqa: E402
+from tokenflow.models.random_weights import load_tokenizer, scheduler_config  # noqa: E402
 
 CASES = [  # (frames, keyframe window, budget bytes)
     (200, None, 16 * 10**9),
@@ -45,8 +40,8 @@ def meta_model(dtype: torch.dtype) -> SDModel:
     with torch.device("meta"), quiet_hf_libraries():
         unet = UNet2DConditionModel(**SD21_UNET).to(dtype)
         vae = AutoencoderKL(**SD_VAE).to(dtype)
-    return SDModel(unet=unet, vae=vae, text_encoder=build_text_encoder(1024, 16, "gelu").to(dtype),
-                   tokenizer=build_tokenizer(), scheduler_config=sd_scheduler_config(), name="sd21 (meta)",
+    return SDModel(unet=unet, vae=vae, text_encoder=build_text_encoder("sd21").to(dtype),
+                   tokenizer=load_tokenizer(), scheduler_config=scheduler_config(), name="sd21 (meta)",
                    identity="meta:sd21", is_tiny=False, device=torch.device("meta"), dtype=dtype)
 
 

@@ -30,6 +30,7 @@ from tokenflow.kernels import explain, verify
 from tokenflow.kernels.gather import gather_blend_torch
 from tokenflow.kernels.keyframe_attention import keyframe_attention, keyframe_attention_torch
 from tokenflow.kernels.nearest import cosine_nearest_torch
+from tokenflow.models.random_weights import build_random, tokenizer_vocab
 
 REL = 1e-9
 CPU = torch.device("cpu")
@@ -378,14 +379,30 @@ def test_memory_tracker_nests_stages():
     assert tracker.peaks["edit"] >= tracker.peaks["keyframes"] > 0
 
 
-def test_random_architecture_weights_are_finite_and_seeded():
-    lin = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))
-    architectures.init_weights_(lin, "t")
-    first = lin[0].weight.clone()
-    architectures.init_weights_(lin, "t")
-    assert torch.equal(first, lin[0].weight) and torch.isfinite(first).all()
-    assert lin[0].bias.abs().sum() == 0 and torch.all(lin[1].weight == 1)
-    assert first.std().item() == pytest.approx(64 ** -0.5, rel=0.1)
+def test_random_architecture_weights_are_finite_seeded_and_built_on_the_device():
+    """The benchmark's architectures use the tiny model's recipe (models.random_weights), built on
+    meta and allocated on the target device in the target dtype."""
+    factory = lambda: torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.LayerNorm(32))  # noqa: E731
+    first = build_random(factory, architectures.SEED, "t", device=torch.device("cpu"), dtype=torch.float16)
+    again = build_random(factory, architectures.SEED, "t", device=torch.device("cpu"), dtype=torch.float16)
+    on_meta = build_random(factory, architectures.SEED, "t", device=torch.device("cpu"), dtype=torch.float32)
+    plain = build_random(factory, architectures.SEED, "t")
+    assert first[0].weight.dtype == torch.float16 and torch.isfinite(first[0].weight).all()
+    assert torch.equal(first[0].weight, again[0].weight)
+    assert all(torch.equal(a, b) for a, b in zip(on_meta.parameters(), plain.parameters())), "built on meta or not"
+    assert first[0].weight.abs().max() <= 64 ** -0.5 and first[0].weight.std().item() == pytest.approx(
+        (3 * 64) ** -0.5, rel=0.1)   # U(+-1/sqrt(fan_in))
+    assert (first[1].weight.float() - 1).abs().max() < 0.6 and first[1].bias.abs().max() < 0.6
+    with pytest.raises(RuntimeError, match="buffers"):
+        build_random(lambda: torch.nn.BatchNorm1d(4), 0, "bn", device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_benchmark_text_encoder_and_tokenizer_come_from_the_shared_recipe():
+    encoder = architectures.build_text_encoder("sd21")
+    assert encoder.config.hidden_size == 1024 and encoder.config.num_hidden_layers == architectures.TEXT_LAYERS
+    assert encoder.config.vocab_size == len(tokenizer_vocab()) and encoder.config.hidden_act == "gelu"
+    again = architectures.build_text_encoder("sd21")
+    assert all(torch.equal(a, b) for a, b in zip(encoder.parameters(), again.parameters()))
 
 
 def test_a_variant_out_of_memory_is_recorded_and_the_rest_still_runs(monkeypatch, tmp_path, capsys):

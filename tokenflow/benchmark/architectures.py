@@ -10,31 +10,29 @@ returns a ``tokenflow.models.load.SDModel`` with
 * the SD VAE (``AutoencoderKL``, 128/256/512/512 channels, 4 latent channels, scale 0.18215);
 * a CLIP text encoder of the right width (768 / 1024) but one layer: prompts give
   ``[1, 77, 768]`` / ``[1, 77, 1024]``; its cost is negligible next to the UNet's in any case;
-* the byte-level tokenizer of ``tokenflow.models.tiny`` and SD's DDIM scheduler config.
+* the byte-level tokenizer and SD's DDIM scheduler config of ``tokenflow.models.random_weights``.
 
-UNet and VAE are constructed on the ``meta`` device, materialised with ``to_empty`` directly on
-the target device in the target dtype (no multi-GB host copy), then filled deterministically:
-norm weights 1, biases 0, every other weight ``N(0, 1 / fan_in)`` drawn on the device from a
-generator seeded by the parameter's name. That keeps activations O(1) through the residual
-stacks, so float16 runs stay finite. Outputs are noise: these models time edits, nothing else.
+Weights follow the one random-weight recipe of ``tokenflow.models.random_weights`` (the tiny
+model's): UNet and VAE are constructed on the ``meta`` device and materialised directly on the
+target device in the target dtype (no multi-GB host copy), every parameter drawn on the device
+from a generator seeded by its name; norms near 1, other weights U(+-1/sqrt(fan_in)), which keeps
+activations O(1) through the residual stacks, so float16 runs stay finite. Outputs are noise:
+these models time edits, nothing else.
 
 ``"tiny"`` is ``tokenflow.models.load.load_model("tiny")``; any other string (a folder, a Hub id, an
 SD version) is loaded with ``load_model`` as well, i.e. real weights.
 """
 from __future__ import annotations
 
-import hashlib
-import math
-import tempfile
-from pathlib import Path
 from typing import Dict
 
 import torch
-from torch import nn
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from tokenflow.errors import ConfigError
 from tokenflow.models.hf import quiet_hf_libraries
 from tokenflow.models.load import SDModel, load_model, move_to_device
+from tokenflow.models.random_weights import build_random, clip_text_encoder, load_tokenizer, scheduler_config
 
 _SD_UNET_COMMON = dict(
     sample_size=64,
@@ -84,6 +82,7 @@ ARCHITECTURES: Dict[str, tuple] = {
 }
 ARCH_CHOICES = ("sd15", "sd21", "tiny")
 TEXT_LAYERS = 1
+SEED = 0   # random_weights seed of every architecture (values never matter here, only reproducibility)
 
 
 def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> SDModel:
@@ -95,18 +94,16 @@ def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> SDModel:
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
     unet_config, hidden, heads, act = ARCHITECTURES[arch]
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
     with quiet_hf_libraries():
-        unet = materialise(lambda: UNet2DConditionModel(**unet_config), device, dtype, f"{arch}/unet")
-        vae = materialise(lambda: AutoencoderKL(**SD_VAE), device, dtype, f"{arch}/vae")
-        tokenizer = build_tokenizer()
-        text_encoder = build_text_encoder(hidden, heads, act)
+        unet = build_random(lambda: UNet2DConditionModel(**unet_config), SEED, f"{arch}/unet", device=device, dtype=dtype)
+        vae = build_random(lambda: AutoencoderKL(**SD_VAE), SEED, f"{arch}/vae", device=device, dtype=dtype)
+        tokenizer = load_tokenizer()
+        text_encoder = build_text_encoder(arch)
     (text_encoder,) = move_to_device([text_encoder.to(dtype)], device, dtype, f"bench-random:{arch}")
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)
     return SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                   scheduler_config=sd_scheduler_config(), name=f"bench-random:{arch}",
+                   scheduler_config=scheduler_config(), name=f"bench-random:{arch}",
                    identity=f"bench-random:{arch}", is_tiny=False, device=device, dtype=dtype,
                    vae_scale_factor=2 ** (len(SD_VAE["block_out_channels"]) - 1),
                    scaling_factor=float(SD_VAE["scaling_factor"]))
@@ -117,72 +114,8 @@ def load(model: str, device: torch.device, dtype: torch.dtype) -> SDModel:
     return load_model(model, torch.device(device), dtype)
 
 
-def materialise(factory, device: torch.device, dtype: torch.dtype, tag: str) -> nn.Module:
-    """Construct on ``meta``, allocate on ``device`` in ``dtype``, fill with ``init_weights_``."""
-    with torch.device("meta"):
-        module = factory()
-    module = module.to(dtype=dtype).to_empty(device=device)
-    if any(True for _ in module.buffers()):  # none in diffusers' UNet / VAE; to_empty would leave garbage
-        raise RuntimeError(f"{tag}: modules with buffers cannot be built on meta")
-    init_weights_(module, tag)
-    return module
-
-
-def parameter_seed(tag: str, name: str) -> int:
-    digest = hashlib.sha256(f"{tag}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-@torch.no_grad()
-def init_weights_(module: nn.Module, tag: str) -> None:
-    """Norm weights 1, biases 0, other weights N(0, 1/fan_in); one seeded generator per parameter."""
-    owners = dict(module.named_modules())
-    for name, param in module.named_parameters():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = owners[owner_name]
-        if leaf == "bias":
-            param.zero_()
-        elif isinstance(owner, (nn.GroupNorm, nn.LayerNorm)):
-            param.fill_(1.0)
-        else:
-            fan_in = max(1, param[0].numel()) if param.dim() >= 2 else max(1, param.numel())
-            generator = torch.Generator(device=param.device).manual_seed(parameter_seed(tag, name))
-            param.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=generator)
-
-
-def build_tokenizer():
-    """The byte-level CLIP tokenizer of the tiny model (77 tokens), loaded from a temp folder."""
-    from transformers import CLIPTokenizer
-
-    from tokenflow.models.tiny import write_tokenizer
-
-    with tempfile.TemporaryDirectory(prefix="tokenflow-bench-tokenizer-") as folder:
-        write_tokenizer(Path(folder))
-        return CLIPTokenizer.from_pretrained(folder)
-
-
-def build_text_encoder(hidden: int, heads: int, act: str):
-    """A CLIP text encoder of width ``hidden`` with ``TEXT_LAYERS`` layer(s), seeded init (CPU)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from tokenflow.models.tiny import BOS_TOKEN, EOS_TOKEN, MAX_TOKENS, PAD_TOKEN, tokenizer_vocab
-
-    vocab = tokenizer_vocab()
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=4 * hidden,
-                            projection_dim=hidden, num_hidden_layers=TEXT_LAYERS, num_attention_heads=heads,
-                            max_position_embeddings=MAX_TOKENS, hidden_act=act, layer_norm_eps=1e-5,
-                            pad_token_id=vocab[PAD_TOKEN], bos_token_id=vocab[BOS_TOKEN],
-                            eos_token_id=vocab[EOS_TOKEN])
-    fork = torch.random.fork_rng(devices=[])
-    with fork:  # default init, but without touching the caller's global RNG state
-        torch.manual_seed(0)
-        return CLIPTextModel(config)
-
-
-def sd_scheduler_config() -> dict:
-    """Stable Diffusion's DDIM config (as ``tokenflow.models.tiny`` writes it), all fields filled in."""
-    from diffusers import DDIMScheduler
-
-    from tokenflow.models.tiny import SCHEDULER_CONFIG
-
-    return dict(DDIMScheduler(**SCHEDULER_CONFIG).config)
+def build_text_encoder(arch: str):
+    """The CLIP text encoder of ``arch``'s width with ``TEXT_LAYERS`` layer(s), random weights (CPU)."""
+    _, hidden, heads, act = ARCHITECTURES[arch]
+    return clip_text_encoder(SEED, f"{arch}/text_encoder", hidden=hidden, intermediate=4 * hidden,
+                             layers=TEXT_LAYERS, heads=heads, act=act)

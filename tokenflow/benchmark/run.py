@@ -32,6 +32,7 @@ from tokenflow.io.cache import InversionCache
 from tokenflow.io.read import Clip
 from tokenflow.method import schedule
 from tokenflow.method.keyframes import groups, original_plan, paper_plan
+from tokenflow.models.random_weights import scheduler_config
 
 PROMPT = "a benchmark edit of a synthetic clip"
 INVERSION_PROMPT = "coloured shapes moving over a gradient"
@@ -65,7 +66,7 @@ def check_schedule(config: BenchConfig) -> None:
     """ConfigError now (before any model builds) if the step counts do not fit together."""
     if config.steps > config.inversion_steps:
         raise ConfigError(f"--steps {config.steps} exceeds --inversion-steps {config.inversion_steps}")
-    sched = architectures.sd_scheduler_config()
+    sched = scheduler_config()
     schedule.inversion_save_timesteps(schedule.timesteps_of(sched, config.inversion_steps),
                                       schedule.timesteps_of(sched, config.steps))
 
