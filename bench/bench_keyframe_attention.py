@@ -20,12 +20,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # run from a checkout without installing
 
-from common import cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, median_seconds, parser, resolve_args, write_results  # noqa: E402
-
-
+from tokenflow.benchmark.measure import (  # noqa: E402
+    cpu_peak_bytes,
+    cuda_peak_bytes,
+    fmt_bytes,
+    kernel_parser,
+    median_seconds,
+    resolve_kernel_args,
+    write_results,
+)
 from tokenflow.kernels.keyframe_attention import keyframe_attention, keyframe_attention_torch  # noqa: E402
 
 # (tokens S, heads, head dim): SD 2.1 at 512x512 has D = 64 at every resolution; SD 1.5 has 8 heads
@@ -99,10 +105,10 @@ def default_variants(device: torch.device):
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__, "keyframe_attention")
+    p = kernel_parser(__doc__, "keyframe_attention")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: full on CUDA, small on CPU")
     args = p.parse_args(argv)
-    device, dtype, reps, variants = resolve_args(args, default_variants)
+    device, dtype, reps, variants = resolve_kernel_args(args, default_variants)
     preset = args.preset or ("full" if device.type == "cuda" else "small")
     esize = torch.finfo(getattr(torch, dtype)).bits // 8
     rows = []
@@ -143,7 +149,8 @@ def main(argv=None) -> int:
                       f"  diff {row['max_abs_diff_vs_reference']:.1e}")
         rows += case_rows
     path = write_results("keyframe_attention", device, rows, args.out,
-                         {"dtype": dtype, "preset": preset, "reps": reps, "threads": torch.get_num_threads()})
+                         {"dtype": dtype, "preset": preset, "reps": reps, "threads": torch.get_num_threads()},
+                         ROOT / "bench" / "results")
     print(f"wrote {path}")
     return 0
 

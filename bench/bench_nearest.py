@@ -22,11 +22,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # run from a checkout without installing
 
-from common import cpu_peak_bytes, cuda_peak_bytes, fmt_bytes, median_seconds, parser, resolve_args, write_results  # noqa: E402
-
+from tokenflow.benchmark.measure import (  # noqa: E402
+    cpu_peak_bytes,
+    cuda_peak_bytes,
+    fmt_bytes,
+    kernel_parser,
+    median_seconds,
+    resolve_kernel_args,
+    write_results,
+)
 from tokenflow.kernels.gather import gather_blend  # noqa: E402
 from tokenflow.kernels.nearest import cosine_nearest  # noqa: E402
 
@@ -99,10 +106,10 @@ def default_variants(device: torch.device):
 
 
 def main(argv=None) -> int:
-    p = parser(__doc__, "nearest")
+    p = kernel_parser(__doc__, "nearest")
     p.add_argument("--frames", type=int, default=N_FRAMES, help="frames per group (default 8)")
     args = p.parse_args(argv)
-    device, dtype, reps, variants = resolve_args(args, default_variants)
+    device, dtype, reps, variants = resolve_kernel_args(args, default_variants)
     rows = []
     esize = torch.finfo(getattr(torch, dtype)).bits // 8
     print(f"{'variant':17s} {'F':>2s} {'S':>5s} {'C':>5s} {'ms':>9s} {'TFLOP/s':>8s} {'GB/s':>7s} {'peak mem':>13s}")
@@ -151,7 +158,8 @@ def main(argv=None) -> int:
                       + (f"  agree {row['agree_with_reference']:.5f}" if "agree_with_reference" in row else ""))
         rows += case_rows
     path = write_results("nearest", device, rows, args.out, {"dtype": dtype, "reps": reps,
-                                                              "threads": torch.get_num_threads()})
+                                                              "threads": torch.get_num_threads()},
+                         ROOT / "bench" / "results")
     print(f"wrote {path}")
     return 0
 

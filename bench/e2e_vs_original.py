@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -34,8 +33,8 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenflow.benchmark.system import load_snapshot, wait_until_idle  # noqa: E402
-from tokenflow.io.outputs import atomic_file  # noqa: E402
+from tokenflow.benchmark.report import write_json  # noqa: E402
+from tokenflow.benchmark.system import git_revision, load_snapshot, wait_until_idle  # noqa: E402
 
 SETTINGS = {"frames": 40, "size": 128, "inversion_steps": 50, "steps": 10, "spacing": 8, "seed": 1,
             "inversion_prompt": "a wolf", "prompt": "a marble sculpture of a wolf",
@@ -120,24 +119,14 @@ def main() -> int:
     doc = {
         "what": "end to end wall time of the whole command, ours vs the original implementation, one thread each",
         "settings": SETTINGS, "date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "python": platform.python_version(), "git": _git_revision(),
+        "cpus": os.cpu_count(), "python": platform.python_version(), "git": git_revision(),
         "commands": {v: " ".join(c) for v, c in commands.items()}, "cold": cold, "rounds": rounds, "summary": summary,
         "target": "original / ours >= 2", "met": {v: summary[v]["median_ratio"] >= 2 for v in variants[1:]},
     }
-    path = Path(args.json or ROOT / "bench" / "results" / f"e2e_cpu_vs_original_{doc['date']}.json")
-    with atomic_file(path, "w") as f:
-        json.dump(doc, f, indent=1)
+    path = write_json(doc, args.json or str(ROOT / "bench" / "results" / f"e2e_cpu_vs_original_{doc['date']}.json"))
     print("summary:", summary)
     print(path)
     return 0
-
-
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -14,14 +14,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # run from a checkout without installing
+RESULTS = ROOT / "bench" / "results"
 
 from tokenflow.benchmark.architectures import SD21_UNET, SD_VAE, build_text_encoder  # noqa: E402
+from tokenflow.benchmark.measure import write_results  # noqa: E402
 from tokenflow.engine.memory import Calibration, gib  # noqa: E402
 from tokenflow.engine.planner import make_plan  # noqa: E402
 from tokenflow.errors import ResourceError  # noqa: E402
-from tokenflow.models.hf import quiet_hf_libraries
+from tokenflow.models.hf import quiet_hf_libraries  # noqa: E402
 from tokenflow.models.load import SDModel  # noqa: E402
 from tokenflow.models.random_weights import load_tokenizer, scheduler_config  # noqa: E402
 
@@ -69,7 +71,7 @@ def main() -> int:
         rows.append(case)
     extra = {"what": "memory plans (analytic prediction, no GPU) of SD 2.1-base edits at 512x512 float16, "
                      "keyframe spacing 8, 3 branches, 50 edit steps"}
-    write_results("plans_sd21_512_fp16", torch.device("meta"), rows, args.out, extra)
+    write_results("plans_sd21_512_fp16", torch.device("meta"), rows, args.out, extra, RESULTS)
     print(f"wrote {args.out}")
     return 0
 

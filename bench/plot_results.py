@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -25,7 +24,8 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tokenflow.benchmark import plots, report
-from tokenflow.errors import TokenFlowError
+from tokenflow.errors import OutputError, TokenFlowError
+from tokenflow.io.outputs import check_writable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COMPARISON = "comparison.png"
@@ -53,13 +53,6 @@ def unique_names(paths: List[Path]) -> List[str]:
     return names
 
 
-def check_writable(out: Path) -> None:
-    """OSError unless ``out`` exists (or can be made) and a file can be created in it."""
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=out):
-        pass
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="*", type=Path, help="JSON files (default: bench/results/*.json)")
@@ -80,12 +73,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     try:
         report.check_plot_support()
-        check_writable(args.out)
     except TokenFlowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"error: cannot write plots to '{args.out}' ({exc.strerror or exc})", file=sys.stderr)
+    try:
+        check_writable(args.out / COMPARISON)   # makes the folder, probes a file in it
+    except OutputError as exc:
+        print(f"error: cannot write plots to '{args.out}': {exc}", file=sys.stderr)
         return 1
     try:
         for path, name, doc in docs:

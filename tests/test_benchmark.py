@@ -10,13 +10,14 @@ relative: any disagreement is a missing or extra layer in the model, not roundin
 import argparse
 import contextlib
 import json
+import sys
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tokenflow.benchmark import architectures, cli, flops, peak, run, system
+from tokenflow.benchmark import architectures, cli, flops, measure, peak, run, system
 from tokenflow.benchmark import config as bench_config
 from tokenflow.benchmark.original_kernels import (
     cosine_nearest_original,
@@ -368,6 +369,26 @@ def test_matmul_peak_and_load_guard_report_numbers(monkeypatch):
     monkeypatch.setattr(system, "busy_cpus", lambda *a: calls.append(a) or 3.0)
     waited = system.wait_until_idle(max_wait_s=0, threshold=0.5)   # no time to wait: one sample, not idle
     assert not waited["idle"] and waited["busy_cpus"] == 3.0 and len(calls) == 1
+
+
+def test_measure_times_each_call_after_the_warm_up():
+    calls = []
+    times = measure.time_runs(lambda: calls.append(1), CPU, reps=4, warmup=2)
+    assert len(calls) == 6 and len(times) == 4 and all(t >= 0 for t in times)
+    assert measure.median_seconds(lambda: None, CPU, reps=3, warmup=0) >= 0
+    assert measure.fmt_bytes(3 * 2**20).strip() == "3.0 MiB" and measure.fmt_bytes("ValueError: x") == "ValueError: x"
+
+
+def test_measure_writes_the_kernel_results_atomically_with_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench_nearest.py", "--reps", "1"])
+    rows = [{"variant": "torch", "ms": 1.5, "speedup": float("nan")}]
+    path = measure.write_results("nearest", CPU, rows, None, {"dtype": "float32"}, tmp_path / "results")
+    assert path.parent == tmp_path / "results" and path.name.startswith("nearest_cpu_")
+    doc = json.loads(path.read_text())
+    assert doc["results"] == [{"variant": "torch", "ms": 1.5, "speedup": None}], "NaN is not JSON: null"
+    assert doc["benchmark"] == "nearest" and doc["dtype"] == "float32" and "torch" in doc["versions"]
+    assert doc["command"].endswith("bench_nearest.py --reps 1") and doc["device"]
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "no temp file left"
 
 
 def test_memory_tracker_nests_stages():

@@ -5,7 +5,9 @@ Modules (each usable on its own):
     architectures  SD 1.5 / 2.1-base UNet + VAE with random weights, built on the device
     flops          analytic FLOPs of every stage of an edit (formula in its docstring)
     peak           measured dense matmul TFLOP/s of the device (the "% of peak" yardstick)
-    system         device sync, idle-machine guard, per-stage peak memory, versions, git
+    measure        timing medians, peak memory of one call (CUDA; CPU in a child process), the
+                   kernel benchmarks' flags and results JSON (bench/*.py are thin scripts on it)
+    system         idle-machine guard, per-stage peak memory, git revision
     run            the runner: warm-up, repeats, medians, rates -> one JSON document
     report         printed tables, atomic JSON, PNG plot (matplotlib, optional)
     cli            ``add_parser(subparsers)`` and ``main(args) -> int``

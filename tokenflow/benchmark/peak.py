@@ -1,23 +1,22 @@
 """Measured dense matmul rate of the device: the yardstick for "fraction of peak".
 
 One square ``[n, n] @ [n, n]`` product is ``2 n^3`` FLOPs. After ``warmup`` untimed products,
-``repeats`` products are timed one by one (CUDA events on GPUs, ``perf_counter`` on the CPU)
-and the median is reported as TFLOP/s. Defaults: n = 8192, 3 warm-up, 20 timed on CUDA (float16
-and bfloat16, plus the benchmark's dtype); n = 2048 (1024 with fewer than 4 threads), 1 warm-up,
-5 timed on the CPU (float32, plus the benchmark's dtype). A measured peak is what this machine,
+``repeats`` products are timed one by one (``measure.time_runs``: CUDA events on GPUs,
+``perf_counter`` on the CPU) and the median is reported as TFLOP/s. Defaults: n = 8192, 3 warm-up,
+20 timed on CUDA (float16 and bfloat16, plus the benchmark's dtype); n = 2048 (1024 with fewer
+than 4 threads), 1 warm-up, 5 timed on the CPU (float32, plus the benchmark's dtype). A measured peak is what this machine,
 this torch and these libraries achieve on the easiest possible workload, so stage rates divided
 by it say how far an edit is from the hardware's practical limit, not its datasheet one.
 """
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from tokenflow.device import synchronizer
+from tokenflow.benchmark.measure import time_runs
 
 
 @dataclass
@@ -56,34 +55,20 @@ def measure(device: torch.device, dtype: torch.dtype, size: Optional[int] = None
     size = size or default_size(device)
     repeats = repeats or (20 if cuda else 5)
     warmup = (3 if cuda else 1) if warmup is None else warmup
+    times = _time_matmuls(device, dtype, size, repeats, warmup)
+    median = statistics.median(times)
+    if cuda:   # the operands are gone with _time_matmuls' frame
+        torch.cuda.empty_cache()
+    return MatmulPeak(dtype=str(dtype).removeprefix("torch."), size=size, repeats=repeats, median_s=median,
+                      tflops=2.0 * size ** 3 / median / 1e12, all_s=times)
+
+
+def _time_matmuls(device: torch.device, dtype: torch.dtype, size: int, repeats: int, warmup: int) -> List[float]:
     generator = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device, dtype)
     b = torch.randn(size, size, generator=generator).to(device, dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
-    sync = synchronizer(device) or (lambda: None)
-    for _ in range(warmup):
-        torch.mm(a, b, out=out)
-    sync()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.mm(a, b, out=out)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=out)
-            sync()
-            times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    del a, b, out
-    if cuda:
-        torch.cuda.empty_cache()
-    return MatmulPeak(dtype=str(dtype).removeprefix("torch."), size=size, repeats=repeats, median_s=median,
-                      tflops=2.0 * size ** 3 / median / 1e12, all_s=times)
+    return time_runs(lambda: torch.mm(a, b, out=out), device, repeats, warmup)
 
 
 def measure_all(device: torch.device, dtypes: Iterable[torch.dtype], size: Optional[int] = None,

@@ -110,8 +110,20 @@ def wait_until_idle(max_wait_s: float = 60.0, threshold: Optional[float] = None)
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_bytes(field: str) -> Optional[int]:
+def status_bytes(field: str) -> Optional[int]:
+    """A field of this process's /proc status (VmRSS, VmHWM, ...) in bytes; None where there is none."""
     return proc_bytes("/proc/self/status", field)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (VmHWM) to its current size; False where Linux's
+    /proc/self/clear_refs is unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status_bytes("VmHWM") is not None
+    except OSError:
+        return False
 
 
 class MemoryTracker:
@@ -122,24 +134,16 @@ class MemoryTracker:
         self.peaks: Dict[str, int] = {}
         self._stack: List[list] = []            # [name, peak so far]
         self.cuda = self.device.type == "cuda"
-        self.resettable = self.cuda or self._reset_rss()
+        self.resettable = self.cuda or reset_peak_rss()
         self.method = ("torch.cuda.max_memory_allocated, reset per stage" if self.cuda else
                        "process peak RSS (VmHWM), reset per stage via /proc/self/clear_refs" if self.resettable
                        else "process peak RSS since start (ru_maxrss; cannot be reset here)")
-
-    def _reset_rss(self) -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return _status_bytes("VmHWM") is not None
-        except OSError:
-            return False
 
     def _read(self) -> int:
         if self.cuda:
             return int(torch.cuda.max_memory_allocated(self.device))
         if self.resettable:
-            return _status_bytes("VmHWM") or 0
+            return status_bytes("VmHWM") or 0
         scale = 1 if sys.platform == "darwin" else 1024   # ru_maxrss: bytes on macOS, KiB on Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -147,7 +151,7 @@ class MemoryTracker:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.resettable:
-            self._reset_rss()
+            reset_peak_rss()
 
     def enter(self, name: str) -> None:
         if self._stack:                          # bank the outer stage's peak before resetting
