@@ -26,6 +26,7 @@ from tokenflow.engine.backends.tensorrt import (
     profile_shapes,
     profile_violation,
 )
+from tokenflow.engine.backends.tensorrt import engine as trt_engine
 from tokenflow.engine.passes import input_names
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.errors import ConfigError
@@ -150,7 +151,7 @@ def test_the_module_imports_without_tensorrt(monkeypatch):
 def test_the_import_guard_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)     # makes `import tensorrt` raise ImportError
     with pytest.raises(ConfigError) as info:
-        trt_backend._tensorrt()
+        trt_engine._tensorrt()
     assert "--backend tensorrt needs TensorRT (pip install tensorrt --extra-index-url https://pypi.nvidia.com)" \
         in str(info.value)
 
@@ -345,7 +346,7 @@ def fake_trt(monkeypatch):
     def install(**kw):
         module, calls = _fake_tensorrt(*PLAIN_IO, **kw)
         monkeypatch.setitem(sys.modules, "tensorrt", module)
-        monkeypatch.setattr(trt_backend, "_LOGGER", None)
+        monkeypatch.setattr(trt_engine, "_LOGGER", None)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: SimpleNamespace(cuda_stream=1234))
         return calls
     return install
