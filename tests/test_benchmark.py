@@ -17,6 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from tokenflow.app.run import run_command
 from tokenflow.benchmark import architectures, cli, flops, measure, peak, run, system
 from tokenflow.benchmark import config as bench_config
 from tokenflow.benchmark.original_kernels import (
@@ -325,7 +326,7 @@ def test_missing_matplotlib_is_one_clear_error(monkeypatch, capsys, tmp_path):
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)   # import fails as if not installed
-    assert cli.main(_args("--plot", str(tmp_path / "p.png"))) == 2
+    assert run_command(lambda: cli.main(_args("--plot", str(tmp_path / "p.png")))) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install matplotlib" in err
 
@@ -339,7 +340,7 @@ def test_missing_matplotlib_is_one_clear_error(monkeypatch, capsys, tmp_path):
     (["--video", "/nonexistent/clip.mp4"], 3, "clip.mp4"),
 ])
 def test_bad_flags_are_one_line_errors(capsys, flags, code, words):
-    assert cli.main(_args(*flags)) == code
+    assert run_command(lambda: cli.main(_args(*flags))) == code
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err, err
 
@@ -438,7 +439,7 @@ def test_a_variant_out_of_memory_is_recorded_and_the_rest_still_runs(monkeypatch
 
     monkeypatch.setattr(run, "run_variant", flaky)
     path = tmp_path / "b.json"
-    assert cli.main(_args("--compare", "torch,chunk1,chunk2", "--warmup", "0", "--json", str(path))) == 6
+    assert run_command(lambda: cli.main(_args("--compare", "torch,chunk1,chunk2", "--warmup", "0", "--json", str(path)))) == 6
     doc = json.loads(path.read_text())
     assert [bool(v.get("error")) for v in doc["variants"]] == [False, True, False]
     assert doc["ratios"]["chunk1"]["total"] is None and doc["ratios"]["chunk2"]["total"] > 0
@@ -450,7 +451,8 @@ def test_end_to_end_comparison_runs_both_sides_on_the_same_settings(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from tokenflow.app.cli import build_parser, config_from_args
+    from tokenflow.app.cli import build_parser
+    from tokenflow.app.flags import config_from_args
 
     script = Path(__file__).resolve().parents[1] / "bench" / "e2e_vs_original.py"
     spec = importlib.util.spec_from_file_location("e2e_vs_original", script)

@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenflow.app import farm
+from tokenflow.app.farm import cli as farm_cli
+from tokenflow.app.farm.status import FARM_DIR
+from tokenflow.app.farm.task import JobAttempts
+from tokenflow.app.locks import same_process
 
 TINY = {"inversion_steps": 40, "steps": 5, "size": "64x64", "frames": 5, "keyframe_spacing": 4, "device": "cpu",
         "checkpoint_every": 1}
@@ -55,7 +58,7 @@ def test_bad_jobs_are_refused_before_anything_is_submitted(tmp_path, sample_clip
     _write_job(jobs, "good", video=str(sample_clip), output=str(tmp_path / "good.mp4"), prompt="x", model="tiny")
     _write_job(jobs, "bad", video=str(tmp_path / "missing.mp4"), output=str(tmp_path / "bad.mp4"), stpes=3)
     contacted = []
-    monkeypatch.setattr(farm, "import_ray", lambda: contacted.append(1) or pytest.fail("Ray was contacted"))
+    monkeypatch.setattr(farm_cli, "import_ray", lambda: contacted.append(1) or pytest.fail("Ray was contacted"))
     report = tmp_path / "report.json"
     code = main(["farm", str(jobs), "--ray", "local", "--report", str(report)])
     err = capsys.readouterr().err
@@ -87,7 +90,7 @@ def test_bad_flags_are_config_errors(tmp_path, sample_clip):
     assert main(["farm", str(job), "--ray", "local", "--cpus-per-job", "-1"]) == 2
 
 
-class _FakeChildren(farm.JobAttempts):
+class _FakeChildren(JobAttempts):
     """The task with a scripted child instead of ``tokenflow run``: exit codes in order, one per run."""
 
     script: list = []
@@ -115,7 +118,7 @@ class _FakeChildren(farm.JobAttempts):
 
 
 def _spec(tmp_path, max_attempts=4):
-    farm_dir = tmp_path / "root" / farm.FARM_DIR
+    farm_dir = tmp_path / "root" / FARM_DIR
     return {"run_id": "r1", "job": "j", "file": str(tmp_path / "j.yaml"), "root": str(tmp_path / "root"),
             "overwrite": False, "max_attempts": max_attempts, "outputs": [str(tmp_path / "o.mp4")],
             "checkpoint_dir": str(tmp_path / "root" / "j"), "status": str(farm_dir / "j.json"),
@@ -202,24 +205,24 @@ def _kill_when_checkpointed(root: Path, targets: dict, farm_proc, deadline: floa
             pytest.fail(f"the farm ended (exit {farm_proc.returncode}) before {sorted(set(targets) - set(killed))} "
                         f"were killed:\n{farm_proc.stderr.read()[-3000:]}")
         for job, which in targets.items():
-            status = root / farm.FARM_DIR / f"{job}.json"
+            status = root / FARM_DIR / f"{job}.json"
             if job in killed or not glob.glob(str(root / job / "*.pt")) or not status.exists():
                 continue
             attempt = json.loads(status.read_text())["attempts"][-1]
             if attempt["outcome"] != "running" or not attempt["child_pid"]:
                 continue
             child = attempt["child_pid"]
-            assert farm._same_process(child, attempt["child_start"]), f"job {job} finished before it could be killed"
+            assert same_process(child, attempt["child_start"]), f"job {job} finished before it could be killed"
             os.kill(child, signal.SIGSTOP)
             try:
-                events = root / farm.FARM_DIR / f"{job}.events.jsonl"
+                events = root / FARM_DIR / f"{job}.events.jsonl"
                 assert _still_editing(events, attempt["events_offset"]), \
                     f"job {job} finished its edit before this test could stop it (machine too loaded?)"
                 victim = attempt["worker_pid" if which == "worker" else "child_pid"]
                 os.kill(victim, signal.SIGKILL)
                 killed[job] = attempt
                 gone_by = time.time() + 30   # the worker's exit sends the frozen child its SIGTERM
-                while farm._same_process(victim, None) and time.time() < gone_by:
+                while same_process(victim, None) and time.time() < gone_by:
                     time.sleep(0.01)
             finally:
                 if which == "worker" or job not in killed:

@@ -107,10 +107,11 @@ def cli(argv, env=None, timeout=600) -> subprocess.CompletedProcess:
 # folder, stdout/stderr into files, an uncaught exception printed as a traceback and exit 1, atexit
 # handlers run). TOKENFLOW_FAULT_CORPUS_COLD=1 runs every case in a fresh interpreter instead.
 COLD = os.environ.get("TOKENFLOW_FAULT_CORPUS_COLD") == "1"
-WARM_MODULES = ["tokenflow.app.cli", "tokenflow.app.jobs", "tokenflow.app.jobfile", "tokenflow.app.farm", "tokenflow.method.editor",
-                "tokenflow.models.load", "tokenflow.io.read", "tokenflow.io.write", "tokenflow.app.locks", "tokenflow.io.checkpoint",
-                "tokenflow.app.export", "tokenflow.benchmark.cli", "tokenflow.quality.cli",
-                "tests.test_fault_corpus"]
+WARM_MODULES = ["tokenflow.app.cli", "tokenflow.app.jobs", "tokenflow.app.jobfile.run", "tokenflow.app.farm.cli",
+                "tokenflow.method.editor", "tokenflow.models.load", "tokenflow.io.read", "tokenflow.io.write",
+                "tokenflow.app.locks", "tokenflow.io.checkpoint", "tokenflow.app.export", "tokenflow.app.doctor",
+                "tokenflow.quality.cli", "tests.test_fault_corpus"]   # not tokenflow.benchmark.run: it registers
+                                                                     # the benchmark-only kernel backends
 _warm_context = None
 _warm_lock = threading.Lock()
 
@@ -794,7 +795,7 @@ CONFIG = [   # flags and --config files of `tokenflow edit`
 ]
 
 
-JOB_FILE = [   # `tokenflow run JOB.yaml` (tokenflow/jobfile.py)
+JOB_FILE = [   # `tokenflow run JOB.yaml` (tokenflow/app/jobfile/)
     Case("job-wrong-type", "job file", "`steps: many`", "a job file", 2, "steps:",
          lambda x: ["run", job(x, "job.yaml", "steps: many\n")]),
     Case("job-unknown-key", "job file", "`colour: red`", "a job file", 2, "colour: unknown key",

@@ -17,6 +17,7 @@ import torch
 
 from tokenflow import __version__, kernels
 from tokenflow.device import mps_available, resolve_device, resolve_dtype
+from tokenflow.engine.backends import NAMES, VERIFIED, not_supported_reasons
 from tokenflow.errors import one_line
 from tokenflow.kernels import probe, support, verify
 
@@ -65,8 +66,6 @@ def backend_table(device: Optional[str] = None, dtype: Optional[str] = None) -> 
 
 def unet_backend_table(device: Optional[str] = None, dtype: Optional[str] = None) -> List[Dict]:
     """--backend choices per device: whether each can run here, why not, and where it was verified."""
-    from tokenflow.engine.backends import NAMES, VERIFIED, not_supported_reasons
-
     return [{"device": str(dev), "dtype": str(dt).replace("torch.", ""), "backend": name,
              "reasons": not_supported_reasons(name, dev, dt), "verified": VERIFIED[name]}
             for dev, dt in _targets(device, dtype) for name in NAMES]

@@ -13,6 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+from tokenflow.config import DEFAULT_MODEL, PROPAGATIONS, parse_size
+from tokenflow.errors import ConfigError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export the UNet passes to ONNX (for --backend onnx / tensorrt)")
@@ -20,7 +23,7 @@ def add_parser(sub) -> None:
                    "(default stabilityai/stable-diffusion-2-1-base)")
     p.add_argument("--size", default="512x512", metavar="WxH", help="frame size the graphs are for (default 512x512)")
     p.add_argument("--prompts", type=int, default=1, metavar="P", help="prompts per edit: B = 1 + 2P branches (default 1)")
-    p.add_argument("--propagation", choices=["original", "paper"], default="original",
+    p.add_argument("--propagation", choices=PROPAGATIONS, default="original",
                    help="which features correspondences use (default original)")
     p.add_argument("--device", help="cpu or cuda (default: the best available)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
@@ -30,16 +33,14 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
 
-    from tokenflow.config import DEFAULT_MODEL, parse_size
-    from tokenflow.device import resolve_device, resolve_dtype
-    from tokenflow.engine.backends import not_supported_reasons
-    from tokenflow.engine.backends.onnx import export_all
-    from tokenflow.engine.processors import TokenFlowUNet
-    from tokenflow.errors import ConfigError
-    from tokenflow.io.cache import default_cache_root
-    from tokenflow.models.load import load_model
+    from tokenflow.device import resolve_device, resolve_dtype  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
+    from tokenflow.engine.backends import not_supported_reasons  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
+    from tokenflow.engine.backends.onnx import export_all  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
+    from tokenflow.engine.processors import TokenFlowUNet  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
+    from tokenflow.io.cache import default_cache_root  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
+    from tokenflow.models.load import load_model  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
 
     width, height = parse_size(args.size)
     if args.prompts < 1:

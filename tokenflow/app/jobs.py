@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import resource
@@ -14,47 +15,30 @@ import numpy as np
 import torch
 
 from tokenflow.app.locks import OutputLocks
+from tokenflow.app.outputs import per_prompt_folders, prompt_outputs, resolve_output
 from tokenflow.config import EditConfig
-from tokenflow.device import resolve_device, resolve_dtype
+from tokenflow.device import resolve_device, resolve_dtype, versions
 from tokenflow.engine.planner import MemoryPlan
 from tokenflow.errors import ConfigError, InputError, Interrupted, OutputError
 from tokenflow.interrupt import StopFlag, stop_on_signals
 from tokenflow.io.checkpoint import remove_checkpoint
-from tokenflow.io.outputs import atomic_file
+from tokenflow.io.outputs import (
+    atomic_file,
+    check_frames_target,
+    check_writable,
+    remove_path,
+    swap_folder_into_place,
+    temp_sibling,
+)
 from tokenflow.io.progress import Reporter
 from tokenflow.io.write import write_frames, write_video
-from tokenflow.io.outputs import check_frames_target, check_writable, remove_path, swap_folder_into_place, temp_sibling
 from tokenflow.kernels import check_backends
 from tokenflow.method.editor import Editor, EditResult, read_clip
+from tokenflow.quality.cli import evaluate, load_scorer
+from tokenflow.quality.flow import require_cv2
+from tokenflow.quality.report import check_report_support, check_report_target, write_report
 
 TINY_NOTE = "made with --model tiny: random weights, the output is NOT a real edit (offline demo/test model)"
-
-
-def default_output(config: EditConfig) -> str:
-    stem = Path(str(config.video).rstrip("/\\")).stem or "video"
-    return str(Path("tokenflow-results") / f"{stem}-{config.method}.mp4")
-
-
-def resolve_output(config: EditConfig) -> str:
-    """-o as given; a folder (existing, or without a video suffix) gets the default file name inside."""
-    out = config.output or default_output(config)
-    p = Path(out)
-    if p.is_dir() or p.suffix.lower() not in (".mp4", ".mov", ".mkv"):
-        p = p / Path(default_output(config)).name
-    return str(p)
-
-
-def prompt_outputs(path: str, prompts) -> list:
-    """One output path per prompt: the path itself for one prompt, else ``stem-K-slug.ext``."""
-    if len(prompts) == 1:
-        return [path]
-    p = Path(path)
-    return [str(p.with_name(f"{p.stem}-{k}-{_slug(text)}{p.suffix}")) for k, text in enumerate(prompts, 1)]
-
-
-def _slug(text: str, limit: int = 40) -> str:
-    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return words[:limit].rstrip("-") or "prompt"
 
 
 def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = None) -> List[EditResult]:
@@ -85,9 +69,6 @@ def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = 
     if config.clip_model and not config.report:
         raise ConfigError("--clip-model scores the report's frames; add --report DIR (or use `tokenflow metrics`)")
     if config.report:
-        from tokenflow.quality.flow import require_cv2
-        from tokenflow.quality.report import check_report_support, check_report_target
-
         require_cv2()
         check_report_support()
         for target in reports_out:
@@ -106,8 +87,6 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
     """run_edit's work, while this worker holds the lock of every output."""
     scorer = None
     if config.clip_model:
-        from tokenflow.quality.cli import load_scorer
-
         scorer = load_scorer(config.clip_model, config.device)   # a missing model fails before any work
     device = resolve_device(config.device)
     check_backends(device, resolve_dtype(config.dtype, device), config.attention_backend, config.nearest_backend)
@@ -147,15 +126,6 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
     if not reporter.quiet and reporter.json_stream is None:
         print(format_summary(summary), file=sys.stderr)
     return results
-
-
-def per_prompt_folders(folder, prompts) -> list:
-    """One folder per prompt: ``folder`` itself for one prompt, else ``folder/K-slug``."""
-    if not folder:
-        return [None] * len(prompts)
-    if len(prompts) == 1:
-        return [str(folder)]
-    return [str(Path(folder) / f"{k}-{_slug(t)}") for k, t in enumerate(prompts, 1)]
 
 
 def job_outputs(outputs, latents_out, frames_out, reports_out) -> list:
@@ -237,12 +207,6 @@ def commit_outputs(staged: list, locks: OutputLocks) -> None:
 
 def write_edit_report(result: EditResult, folder: str, config: EditConfig, scorer=None) -> str:
     """Metrics of the in-memory edited frames against the source frames, then the report folder."""
-    import dataclasses
-
-    from tokenflow.device import versions
-    from tokenflow.quality.cli import evaluate
-    from tokenflow.quality.report import write_report
-
     metrics = evaluate(result.clip.frames, result.frames, prompt=result.prompt, scorer=scorer)
     settings = {k: v for k, v in dataclasses.asdict(config).items() if v is not None and k != "prompt"}
     folder = write_report(folder, source=result.clip.frames, edited=result.frames, fps=config.fps or result.clip.fps,

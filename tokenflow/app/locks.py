@@ -98,12 +98,14 @@ def _proc_stat(pid: int) -> Optional[List[str]]:
     return text.rsplit(")", 1)[1].split()
 
 
-def _pid_start(pid: int) -> Optional[str]:
+def pid_start(pid: int) -> Optional[str]:
+    """When process ``pid`` started (clock ticks since boot), or None where there is no /proc."""
     fields = _proc_stat(pid)
     return fields[19] if fields and len(fields) > 19 else None   # field 22: starttime
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie does not)."""
     if pid <= 0:
         return False
     try:
@@ -114,6 +116,12 @@ def _pid_alive(pid: int) -> bool:
         return True
     fields = _proc_stat(pid)
     return not (fields and fields[0] in ("Z", "X"))   # a zombie holds nothing
+
+
+def same_process(pid: int, start: Optional[str]) -> bool:
+    """Whether ``pid`` still runs and is the process that started at ``start`` (not a reused pid;
+    ``start`` None: any process with that pid)."""
+    return pid_alive(pid) and (start is None or pid_start(pid) == start)
 
 
 def _same_machine(record: dict) -> bool:
@@ -202,9 +210,9 @@ def stale_reason(holder: Holder, ttl: float, now: Optional[float] = None) -> Opt
     if _same_machine(record):
         if record.get("boot") and _BOOT and record["boot"] != _BOOT:
             return f"pid {pid}'s machine has rebooted since"
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return f"pid {pid} on this machine has exited"
-        if record.get("pid_start") and _pid_start(pid) not in (None, record["pid_start"]):
+        if record.get("pid_start") and pid_start(pid) not in (None, record["pid_start"]):
             return f"pid {pid} on this machine has exited (the pid now belongs to another process)"
         return None
     if age > ttl:
@@ -308,7 +316,7 @@ class OutputLock:
             now = time.time()
             self.record = {"pid": os.getpid(), "host": _HOST, "started": round(now, 3), "heartbeat": round(now, 3),
                            "token": uuid.uuid4().hex, "output": self.target, "boot": _BOOT, "pidns": _PIDNS,
-                           "pid_start": _pid_start(os.getpid())}
+                           "pid_start": pid_start(os.getpid())}
             self.size = max(_RECORD_BYTES, len(json.dumps(self.record)) + 256)
             try:
                 self._write()

@@ -1,14 +1,11 @@
 """``tokenflow bench``: flags -> BenchConfig -> run -> tables, JSON, plot.
 
-Wire-up (``tokenflow/cli.py``)::
+Wire-up (``tokenflow/app/cli.py``): ``configure(parser)`` adds the flags to the "bench" subcommand's
+parser, ``main(args)`` runs it and returns 0 or raises a TokenFlowError; the app turns errors into
+one line and an exit code (``tokenflow.app.run``), as for every subcommand.
 
-    from tokenflow.benchmark.benchmark import cli as bench_cli
-    bench_cli.add_parser(sub)                      # adds the "bench" subcommand
-    ...
-    if args.command == "bench":
-        return bench_cli.main(args)
-
-Stand-alone: ``python -m tokenflow.benchmark --preset smoke --compare torch,original``.
+Stand-alone: ``python -m tokenflow.benchmark --preset smoke --compare torch,original`` (same flags;
+an error ends it with a Python traceback: ``tokenflow bench`` is the command with one-line errors).
 """
 from __future__ import annotations
 
@@ -19,8 +16,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from tokenflow.benchmark import report, run
 from tokenflow.benchmark.config import PRESETS, BenchConfig, parse_variants
-from tokenflow.errors import ConfigError, OutputError, ResourceError, TokenFlowError
+from tokenflow.config import parse_size
+from tokenflow.errors import ConfigError, OutputError, ResourceError
 
 EPILOG = """examples:
   tokenflow bench --device cuda --compare torch,triton,original --json bench.json --plot bench.png
@@ -35,7 +34,9 @@ _FIELDS = {"compare": "variants", "idle_wait": "idle_wait_s"}
 _NOT_CONFIG = {"command", "preset", "json", "plot"}
 
 
-def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the bench flags (and the examples under --help) to ``p``."""
+    p.epilog, p.formatter_class = EPILOG, argparse.RawDescriptionHelpFormatter
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset (default 'default': "
                    "sd21, 16 frames 512x512, 20 inversion / 10 edit steps); flags override it")
     g = p.add_argument_group("model and clip")
@@ -65,28 +66,23 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "machine before timing (default 60)")
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="PATH", help="write every number, the settings and the environment")
-    g.add_argument("--plot", metavar="PNG", help="PNG per variant: stage times, UNet samples/s, frames/s, peak memory (needs matplotlib)")
+    g.add_argument("--plot", metavar="PNG", help="PNG per variant: stage times, UNet samples/s, frames/s, "
+                   "peak memory (needs matplotlib)")
     return p
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers, **kwargs) -> argparse.ArgumentParser:
     """Add the ``bench`` subcommand to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
-    p = subparsers.add_parser("bench", help="throughput of whole edits per stage (random-weight SD "
-                              "architectures by default)", epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    return _configure(p)
+    return configure(subparsers.add_parser("bench", **kwargs))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone parser with the same flags (``python -m tokenflow.benchmark``)."""
-    return _configure(argparse.ArgumentParser(prog="tokenflow bench", epilog=EPILOG,
-                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+    return configure(argparse.ArgumentParser(prog="tokenflow bench"))
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """BenchConfig from the preset and the flags given (None = not given)."""
-    from tokenflow.config import parse_size
-
     config = PRESETS[getattr(args, "preset", None) or "default"]
     fields = set(BenchConfig.__dataclass_fields__)
     changes = {}
@@ -117,43 +113,24 @@ def _check_output(path: Optional[str], flag: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the benchmark the parsed flags describe; returns the exit code (0 ok)."""
-    from tokenflow.benchmark import report, run
-
-    try:
-        config = config_from_args(args)
-        if getattr(args, "plot", None):
-            report.check_plot_support()
-        _check_output(getattr(args, "json", None), "--json")
-        _check_output(getattr(args, "plot", None), "--plot")
-        doc = run.run(config)
-        doc["command"] = shlex.join(sys.argv)
-        report.print_tables(doc)
-        if getattr(args, "json", None):
-            run.log(f"wrote {report.write_json(doc, args.json)}")
-        if getattr(args, "plot", None):
-            run.log(f"wrote {report.write_plot(doc, args.plot)}")
-        failed = [e["name"] for e in doc["variants"] if e.get("error")]
-        if failed:
-            return _fail(f"variant(s) {', '.join(failed)} did not finish (see above)", ResourceError.exit_code)
-        return 0
-    except TokenFlowError as exc:
-        return _fail(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130)
-    except MemoryError:
-        return _fail(str(ResourceError("out of host memory: fewer --frames or a smaller --size")),
-                     ResourceError.exit_code)
-    except Exception as exc:  # a bug: one line unless asked for the traceback
-        if os.environ.get("TOKENFLOW_DEBUG"):
-            raise
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return _fail(f"internal error: {type(exc).__name__}: {first} (TOKENFLOW_DEBUG=1 for a traceback)", 1)
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"tokenflow: error: {message}", file=sys.stderr)
-    return code
+    """Run the benchmark the parsed flags describe: 0, or a TokenFlowError (bad flags, a variant that
+    did not finish: ResourceError, ...)."""
+    config = config_from_args(args)
+    if getattr(args, "plot", None):
+        report.check_plot_support()
+    _check_output(getattr(args, "json", None), "--json")
+    _check_output(getattr(args, "plot", None), "--plot")
+    doc = run.run(config)
+    doc["command"] = shlex.join(sys.argv)
+    report.print_tables(doc)
+    if getattr(args, "json", None):
+        run.log(f"wrote {report.write_json(doc, args.json)}")
+    if getattr(args, "plot", None):
+        run.log(f"wrote {report.write_plot(doc, args.plot)}")
+    failed = [e["name"] for e in doc["variants"] if e.get("error")]
+    if failed:
+        raise ResourceError(f"variant(s) {', '.join(failed)} did not finish (see above)")
+    return 0
 
 
 def run_cli(argv: Optional[List[str]] = None) -> int:

@@ -6,6 +6,9 @@
 
 The edited video sets the size and the frame count; the source is read at that size from
 ``--start`` every ``--stride`` frames (pass the values the edit used) and resized the same way.
+
+``tokenflow.app.cli`` imports this module to define the subcommands' flags, so it imports torch,
+OpenCV and the metric modules only when a command runs.
 """
 from __future__ import annotations
 
@@ -13,12 +16,14 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-import torch
-
+from tokenflow.config import parse_size
 from tokenflow.errors import InputError, OutputError
 from tokenflow.io.outputs import atomic_file
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parsers(sub) -> None:
@@ -47,11 +52,11 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tokenflow.quality.flow import require_cv2
+    from tokenflow.quality.flow import require_cv2  # noqa: PLC0415 (imports numpy: not while the CLI parses flags)
 
     require_cv2()
     if args.command == "report":
-        from tokenflow.quality.report import check_report_support, check_report_target
+        from tokenflow.quality.report import check_report_support, check_report_target  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
 
         check_report_support()
         check_report_target(args.out)
@@ -62,8 +67,8 @@ def main(args: argparse.Namespace) -> int:
                                     crop=args.crop, size=args.size)
     metrics = evaluate(source, edited, prompt=args.prompt, scorer=scorer, preset=args.flow_preset)
     if args.command == "report":
-        from tokenflow.device import versions
-        from tokenflow.quality.report import write_report
+        from tokenflow.device import versions  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
+        from tokenflow.quality.report import write_report  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
 
         path = write_report(args.out, source=source, edited=edited, fps=fps, metrics=metrics, prompt=args.prompt,
                             title=args.title or Path(args.edited).name, versions=versions(),
@@ -79,8 +84,7 @@ def main(args: argparse.Namespace) -> int:
 def load_pair(source: str, edited: str, *, start: int = 0, stride: int = 1, crop: bool = False,
               size: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """(source [N,3,H,W], edited [N,3,H,W], edited fps): both in [0, 1] at the edited video's size."""
-    from tokenflow.config import parse_size
-    from tokenflow.io.read import probe, read_video
+    from tokenflow.io.read import probe, read_video  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
 
     if size:
         width, height = parse_size(size)
@@ -102,8 +106,8 @@ def load_scorer(clip_model: Optional[str], device=None):
     """The CLIP scorer for ``--clip-model`` on ``device`` (float32), or None without one."""
     if not clip_model:
         return None
-    from tokenflow.device import resolve_device
-    from tokenflow.quality.clip_metrics import load_clip_scorer
+    from tokenflow.device import resolve_device  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
+    from tokenflow.quality.clip_metrics import load_clip_scorer  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
 
     return load_clip_scorer(clip_model, resolve_device(device))
 
@@ -111,8 +115,8 @@ def load_scorer(clip_model: Optional[str], device=None):
 def evaluate(source: torch.Tensor, edited: torch.Tensor, *, prompt: Optional[str] = None, scorer=None,
              preset: str = "medium") -> Dict:
     """Temporal metrics plus a ``clip`` entry (scores, or why they were skipped: no ``scorer``)."""
-    from tokenflow.quality.clip_metrics import CLIP_SKIPPED, clip_metrics
-    from tokenflow.quality.metrics import temporal_metrics
+    from tokenflow.quality.clip_metrics import CLIP_SKIPPED, clip_metrics  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
+    from tokenflow.quality.metrics import temporal_metrics  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
 
     metrics = temporal_metrics(source, edited, preset=preset)
     metrics["clip"] = clip_metrics(scorer, edited, prompt) if scorer is not None else {"skipped": CLIP_SKIPPED}

@@ -1,0 +1,91 @@
+"""``tokenflow farm JOBS... --ray ADDRESS|local``: its flags, and the checks before anything is
+submitted (every job valid, Ray installed, the report and checkpoint folders writable)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from tokenflow.app.farm.driver import Farm
+from tokenflow.app.farm.status import FARM_DIR
+from tokenflow.app.jobfile.load import load_jobs
+from tokenflow.errors import ConfigError, OutputError
+
+INSTALL_HINT = "tokenflow farm needs Ray: pip install 'tokenflow[farm]' (or pip install 'ray>=2.9')"
+
+
+def add_parser(sub) -> None:
+    farm = sub.add_parser(
+        "farm", help="run job files on a Ray cluster, one task per job (pip install 'tokenflow[farm]')",
+        description="Run job files on a Ray cluster: every job is validated first (all problems at once; "
+        "nothing is submitted if any job is bad), then each runs as one Ray task (`tokenflow run JOB "
+        "--resume` in a child process) with its own GPU (or CPUs). A lost worker or an interrupted job is "
+        "retried and resumes from its checkpoint. Writes a JSON report of every job. See docs/farm.md.")
+    farm.add_argument("jobs", nargs="+", metavar="JOB", help="job files, folders of them (*.yaml, *.yml) or quoted globs")
+    farm.add_argument("--ray", required=True, metavar="ADDRESS",
+                      help="Ray cluster address (host:6379, auto, ray://host:10001) or 'local' to start a "
+                      "private cluster on this machine for the run")
+    farm.add_argument("--report", default="farm-report.json", metavar="PATH",
+                      help="JSON report of every job (default farm-report.json; rewritten as jobs finish)")
+    farm.add_argument("--checkpoint-root", metavar="DIR", help="each job's checkpoints go to DIR/<job name> "
+                      "(unless the job sets checkpoint_dir); default: <report folder>/checkpoints. Must be "
+                      "shared storage on a cluster of several machines")
+    farm.add_argument("--max-retries", type=int, default=3, metavar="N",
+                      help="runs after the first for a job whose worker is lost or which is interrupted (default 3)")
+    farm.add_argument("--gpus-per-job", type=float, metavar="G", help="GPUs per job (default: 1 if the "
+                      "cluster has GPUs and the job's device is not cpu/mps, else 0)")
+    farm.add_argument("--cpus-per-job", type=float, default=1.0, metavar="C",
+                      help="CPUs per job (default 1; Ray sets the job's OMP_NUM_THREADS from it)")
+    farm.add_argument("--local-cpus", type=int, metavar="N", help="with --ray local: CPUs of the local "
+                      "cluster (default: all of this machine's)")
+    farm.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: a job "
+                      "whose outputs all exist is skipped)")
+    farm.add_argument("--log-json", action="store_true",
+                      help="JSON-lines events on stdout (farm_start, job_done, farm_done) instead of lines of text")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.max_retries < 0:
+        raise ConfigError(f"--max-retries {args.max_retries} must be >= 0")
+    if args.cpus_per_job < 0 or (args.gpus_per_job is not None and args.gpus_per_job < 0):
+        raise ConfigError("--cpus-per-job and --gpus-per-job must be >= 0")
+    if args.local_cpus is not None and (args.local_cpus < 1 or args.ray != "local"):
+        raise ConfigError(f"--local-cpus {args.local_cpus}: must be >= 1, and only sizes a --ray local cluster")
+    report_path = os.path.abspath(args.report)
+    root = os.path.abspath(args.checkpoint_root or os.path.join(os.path.dirname(report_path), "checkpoints"))
+    jobs = validate_jobs(args.jobs, root, overwrite=args.overwrite)
+    ray = import_ray()
+    for folder, what in ((os.path.dirname(report_path), "--report"), (os.path.join(root, FARM_DIR), "--checkpoint-root")):
+        _check_writable_folder(folder, what)
+    return Farm(args, ray, jobs, root, report_path).run()
+
+
+def validate_jobs(patterns, root: str, overwrite: bool = False) -> list:
+    """Every job of the farm, as ``tokenflow run`` would run it; ConfigError with every problem if any."""
+    overrides = {"resume": True, **({"overwrite": True} if overwrite else {})}
+    jobs, problems = load_jobs(patterns, overrides=overrides, checkpoint_root=root, check_files=True)
+    if problems:
+        for p in problems:
+            print(f"tokenflow: error: {p}", file=sys.stderr)
+        raise ConfigError(f"{len(problems)} problem(s) in the job files; nothing was submitted")
+    if not jobs:
+        raise ConfigError("no job files given")
+    return jobs
+
+
+def import_ray():
+    try:
+        import ray  # noqa: PLC0415 (optional package, tokenflow[farm]; also not while the CLI parses flags)
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
+    return ray
+
+
+def _check_writable_folder(folder: str, what: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tokenflow-farm-check-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{what}: cannot write into '{folder}' ({exc.strerror or exc})") from None

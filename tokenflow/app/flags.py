@@ -1,0 +1,181 @@
+"""The flags of `tokenflow edit` and `tokenflow invert`, and how they become an EditConfig.
+
+Shared by the CLI (``tokenflow.app.cli``) and the job-file schema, which describes each field with
+its flag's help (``field_help``).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict
+
+from tokenflow.config import (
+    BACKENDS,
+    DEFAULT_NEGATIVE_PROMPT,
+    METHODS,
+    PLACES,
+    PRESETS,
+    PROPAGATIONS,
+    EditConfig,
+    from_mapping,
+    load_yaml,
+    parse_size,
+)
+from tokenflow.errors import ConfigError
+
+
+def size_flag(text: str):
+    """--size WxH for argparse: a bad spelling is a usage error."""
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
+    """The flags of `tokenflow edit` (``edit``) or `tokenflow invert`: one per EditConfig field, and --config/--preset."""
+    p.add_argument("video", nargs="?", help="input video (mp4, mov, webm, mkv, gif, ...) or a folder of numbered images")
+    p.add_argument("--config", metavar="YAML", help="YAML config; our keys or the original repo's "
+                   "(data_path, n_frames, n_timesteps, batch_size, sd_version, ...). Flags override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset: "
+                   "original (the paper's defaults), fast (50 inversion / 10 edit steps), tiny (offline demo)")
+    g = p.add_argument_group("frames")
+    g.add_argument("--frames", type=int, metavar="N", help="number of frames to edit (default 40; 0 = all)")
+    g.add_argument("--start", metavar="I", help="first source frame index (default 0)")
+    g.add_argument("--stride", type=int, metavar="S", help="take every S-th source frame (default 1)")
+    g.add_argument("--size", type=size_flag, metavar="WxH", help="frame size, multiples of 8 (default 512x512 for "
+                   "square input, 672x384 / 384x672 otherwise)")
+    g.add_argument("--crop", action="store_true", default=None,
+                   help="centre-crop to the target aspect ratio instead of stretching")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="Hub id, local diffusers folder, SD version (1.5, 2.0, 2.1) or 'tiny' "
+                   "(random weights, offline). Default stabilityai/stable-diffusion-2-1-base")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    g.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
+    g.add_argument("--allow-pickle", action="store_true", default=None, help="also load pickle weights (.bin/.ckpt); "
+                   "default: safetensors only (pickle can run code: only for weights you trust)")
+    g = p.add_argument_group("inversion")
+    g.add_argument("--inversion-prompt", help="text describing the source video (default empty)")
+    g.add_argument("--inversion-steps", type=int, metavar="N", help="DDIM inversion steps (default 500)")
+    g.add_argument("--inversion-batch-size", type=int, metavar="B", help="frames per UNet call while inverting "
+                   "(default: the memory plan's)")
+    g.add_argument("--cache-dir", help="inversion cache folder (default $TOKENFLOW_CACHE or ~/.cache/tokenflow)")
+    g.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the inversion cache")
+    if edit:
+        g = p.add_argument_group("editing")
+        g.add_argument("--prompt", action="append", help="what the video should become (required); repeat it "
+                       "for several edits of the same video in one run (shared inversion, one output each)")
+        g.add_argument("--negative-prompt", help=f"default: {DEFAULT_NEGATIVE_PROMPT!r}")
+        g.add_argument("--method", choices=METHODS, help="pnp (default, TokenFlow + Plug-and-Play) or "
+                       "sdedit (TokenFlow + SDEdit, the original's run_tokenflow_sdedit.py)")
+        g.add_argument("--steps", type=int, metavar="N", help="denoising steps (default 50); every edit timestep "
+                       "must be an inversion timestep")
+    else:
+        p.add_argument("--steps", type=int, metavar="N", help="the edit steps the inversion must serve (default 50)")
+        p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    if edit:
+        g.add_argument("--guidance-scale", type=float, metavar="G", help="classifier-free guidance (default 7.5)")
+        g.add_argument("--keyframe-spacing", type=int, metavar="B", help="frames per group, one random keyframe "
+                       "each (the original's batch_size; default 8)")
+        g.add_argument("--pnp-attn-t", type=float, metavar="F", help="fraction of steps with PnP Q/K injection (default 0.5)")
+        g.add_argument("--pnp-f-t", type=float, metavar="F",
+                       help="fraction of steps with PnP ResNet feature injection (default 0.8)")
+        g.add_argument("--sdedit-start", type=float, metavar="F", help="SDEdit: start fraction (the original's "
+                       "`start`, default 0.9); `--start 0.9` is accepted with --method sdedit")
+        g.add_argument("--no-ddim-noise", action="store_true", default=None,
+                       help="SDEdit: noise with one random draw instead of the inversion's noise")
+        g.add_argument("--propagation", choices=PROPAGATIONS, help="original (default: the authors' "
+                       "code) or paper (nearest keyframes before/after, linear weights, matched on attention outputs)")
+        g.add_argument("--seed", type=int, help="seed of the keyframe draws (default 1)")
+        g = p.add_argument_group("memory (see --plan)")
+        g.add_argument("--memory-budget", metavar="SIZE", help="device memory the edit may use, e.g. 12GB or "
+                       "16GiB (default: what the device has free, minus a margin); sets the chunk sizes")
+        g.add_argument("--plan", action="store_true", help="print the memory plan (chunk sizes, predicted peak, "
+                       "keyframe store size) and exit without editing")
+        g.add_argument("--chunk-frames", type=int, metavar="N", help="frames per UNet call of the propagation "
+                       "pass (default: the memory plan's); changes memory and speed, not the result")
+        g.add_argument("--keyframe-window", type=int, metavar="W", help="each keyframe attends to the keyframes "
+                       "of its window of W (shifted by W/2 every other step), so long videos cost linear time "
+                       "and memory (default: all keyframes, the original)")
+        g.add_argument("--keyframe-store", choices=PLACES, help="where the keyframe "
+                       "features live (default auto: on the device unless the plan needs the room)")
+        g.add_argument("--inverted-latents", choices=PLACES + ("disk",), help="where the "
+                       "inverted latents live (default auto); disk reloads them per call, as the original does")
+        g.add_argument("--backend", choices=BACKENDS, help="how the UNet runs: "
+                       "eager (default), compile (torch.compile; CUDA graphs on GPU), aot (AOTInductor packages: "
+                       "compiled once per model/shape/machine, loaded without tracing in later runs), onnx (exported graphs in "
+                       "ONNX Runtime; `tokenflow export`), tensorrt (engines built from those graphs; never run "
+                       "in our CI, see README)")
+        g = p.add_argument_group("kernels (see `tokenflow doctor` for what runs here)")
+        g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention: auto (default: triton "
+                       "on CUDA, else torch), triton, xformers (unverified) or torch (the reference)")
+        g.add_argument("--nearest-backend", metavar="NAME", help="nearest-neighbour search: auto (default: "
+                       "triton on CUDA, else torch), triton, faiss or torch (the reference)")
+        g = p.add_argument_group("outputs")
+        g.add_argument("-o", "--output", help="output .mp4 (H.264, source fps, source audio) or a folder "
+                       "(default tokenflow-results/<video>-<method>.mp4)")
+        g.add_argument("--save-frames", metavar="DIR", help="also write numbered PNGs into DIR")
+        g.add_argument("--save-latents", metavar="PATH", help="also write the final latents [N,4,h,w] as .npy")
+        g.add_argument("--fps", type=float, help="output frame rate (default: the source's)")
+        g.add_argument("--report", metavar="DIR", help="also write an HTML report into DIR: frames side by side, "
+                       "a side-by-side video, warp error / flicker per frame, stage timings, settings "
+                       "(needs opencv-python-headless and matplotlib)")
+        g.add_argument("--overwrite", action="store_true", default=None,
+                       help="replace existing outputs (default: a job whose outputs all exist is skipped, exit 0)")
+        g = p.add_argument_group("unattended runs (docs/checkpoints.md, docs/farm.md)")
+        g.add_argument("--checkpoint-dir", metavar="DIR", help="save resumable state (latents, step, RNG) into DIR")
+        g.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (default 5)")
+        g.add_argument("--resume", action="store_true", default=None,
+                       help="continue from the checkpoint in --checkpoint-dir (refused if it was made with other settings)")
+        g = p.add_argument_group("outputs")
+        g.add_argument("--clip-model", metavar="MODEL", help="CLIP model (Hub id or folder) for the report's CLIP "
+                       "text alignment and frame consistency (default: skipped)")
+    g = p.add_argument_group("logging")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    g.add_argument("--log-json", action="store_true", help="JSON-lines events on stdout instead of progress bars")
+
+
+# flag -> config field where the names differ
+FLAG_FIELDS = {"start": "start_frame", "no_cache": "use_cache", "no_ddim_noise": "use_ddim_noise"}
+NOT_CONFIG = {"command", "config", "preset", "quiet", "log_json", "plan"}
+
+
+def config_from_args(args: argparse.Namespace) -> EditConfig:
+    config = PRESETS[args.preset] if args.preset else EditConfig()
+    if args.config:
+        config = load_yaml(args.config, config)
+    changes = {}
+    for name, value in vars(args).items():
+        if name in NOT_CONFIG or value is None:
+            continue
+        if name == "start":
+            name, value = _parse_start(value, args)
+        elif name in ("no_cache", "no_ddim_noise"):
+            value = not value
+        elif name == "prompt":
+            value = value[0] if len(value) == 1 else tuple(value)
+        changes[FLAG_FIELDS.get(name, name)] = value
+    if changes.get("frames") == 0:
+        changes["frames"] = None
+    return from_mapping(changes, config, source="flags")
+
+
+def _parse_start(value: str, args: argparse.Namespace):
+    """--start is the first frame index; a decimal like 0.9 means SDEdit's start under --method sdedit."""
+    if value.strip().lstrip("+").isdigit():
+        return "start_frame", int(value)
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise ConfigError(f"--start {value!r} must be a frame index (integer >= 0)") from None
+    if getattr(args, "method", None) == "sdedit":
+        return "sdedit_start", fraction
+    raise ConfigError(f"--start {value!r}: the first frame index must be an integer >= 0 "
+                      "(for SDEdit's start fraction use --method sdedit --sdedit-start F)")
+
+
+def field_help() -> Dict[str, str]:
+    """EditConfig field -> the help of its flag (flags that negate a field, --no-*, are left out)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_flags(parser, edit=True)
+    return {FLAG_FIELDS.get(a.dest, a.dest): " ".join(a.help.split()) for a in parser._actions
+            if a.help and a.help != argparse.SUPPRESS and not a.dest.startswith("no_")}
