@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tokenflow.errors import ModelError
 from tokenflow.models.hf import quiet_hf_libraries
-from tokenflow.models.tiny import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, tokenizer_vocab, write_tokenizer
+from tokenflow.models.random_weights import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, tokenizer_vocab, write_tokenizer
 from tokenflow.quality.clip_metrics import CLIP_SKIPPED, clip_metrics, load_clip_scorer
 
 PROMPT = "a shiny silver robotic wolf"
