@@ -118,7 +118,7 @@ SMEM_BUDGET = 200 * 1024
 def smem_bytes(block_m: int, block_n: int, block_d: int, stages: int, element_size: int) -> int:
     """Shared memory of one program: the q tile plus ``stages`` buffers of a K and a V tile.
 
-    Matches the compiler's ``metadata.shared`` for sm_90 (tests/test_kernels_compile.py checks it).
+    Matches the compiler's ``metadata.shared`` for sm_90 (tests/test_kernel_keyframe_attention.py checks it).
     """
     return (block_m * block_d + stages * 2 * block_n * block_d) * element_size
 
