@@ -158,3 +158,20 @@ def test_self_check_passes_the_triton_kernels(triton_device):
 
     for op in ("keyframe_attention", "cosine_nearest", "gather"):
         assert _self_check(op, "triton", triton_device, torch.float16) is None
+
+
+def test_benchmark_only_backends_are_never_offered_as_choices():
+    """The "original" backends register when a benchmark runs; even then no choice list shows them
+    (CLI help, config errors, job-file schema, doctor), so the schema does not depend on which
+    tests ran before. By name they still run (the benchmark asks for them)."""
+    from tokenflow.benchmark import original_kernels  # noqa: F401  registers them
+    from tokenflow.kernels.dispatch import backend_names, check_names
+
+    for op in ("keyframe_attention", "cosine_nearest", "gather"):
+        assert "original" not in backend_names(op)
+        assert "original" in backend_names(op, include_benchmark=True)
+        check_names(op, "original", "backend")          # accepted once registered
+        args, _ = sample_args(op, torch.device("cpu"), torch.float32)
+        assert "original" not in [v.name for v in explain(op, *args)]
+        assert [v.name for v in explain(op, *args, backend="original") if v.chosen] == ["original"]
+    assert KernelChoice(nearest="original").gather == "original"

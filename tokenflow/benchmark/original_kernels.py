@@ -153,8 +153,8 @@ def _unsupported_gather(kf_out, idx, pairs, weights) -> List[str]:
 
 _VERIFIED = "CPU float32/float16/bfloat16 against the torch reference (tests/test_benchmark.py)"
 register(Backend("keyframe_attention", "original", 0, "tokenflow.benchmark.original_kernels:keyframe_attention_original",
-                 unsupported=_unsupported_attention, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED))
+                 unsupported=_unsupported_attention, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED, benchmark_only=True))
 register(Backend("cosine_nearest", "original", 0, "tokenflow.benchmark.original_kernels:cosine_nearest_original",
-                 unsupported=_unsupported_nearest, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED))
+                 unsupported=_unsupported_nearest, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED, benchmark_only=True))
 register(Backend("gather", "original", 0, "tokenflow.benchmark.original_kernels:gather_blend_original",
-                 unsupported=_unsupported_gather, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED))
+                 unsupported=_unsupported_gather, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED, benchmark_only=True))

@@ -62,6 +62,9 @@ class Backend:
     unsupported: (*specs) -> reasons it cannot run arguments with these specs.
     not_auto: (*specs) -> reason it is only used when asked for by name (None: it may be picked).
     verified: where it has been checked against the torch reference.
+    benchmark_only: registered by ``tokenflow.benchmark`` (the original implementation's compute
+        pattern) when a benchmark runs; runs only by name and is never listed as a choice (CLI
+        help, config errors, job-file schema, doctor), so a production process never offers it.
     """
 
     op: str
@@ -72,6 +75,7 @@ class Backend:
     unsupported: Callable[..., List[str]] = lambda *specs: []
     not_auto: Callable[..., Optional[str]] = lambda *specs: None
     verified: str = ""
+    benchmark_only: bool = False
     _fn: Optional[Callable] = field(default=None, repr=False)
 
     def load(self) -> Callable:
@@ -103,15 +107,15 @@ def unregister(op: str, name: str) -> None:
     _BY_PRIORITY[op] = sorted(_REGISTRY[op].values(), key=lambda b: -b.priority)
 
 
-def backends(op: str) -> List[Backend]:
-    """The op's backends, highest priority first."""
+def backends(op: str, include_benchmark: bool = False) -> List[Backend]:
+    """The op's backends, highest priority first (benchmark-only ones only when asked for)."""
     if op not in _BY_PRIORITY:
         raise KeyError(f"unknown kernel op {op!r}; ops: {', '.join(sorted(_REGISTRY))}")
-    return list(_BY_PRIORITY[op])
+    return [b for b in _BY_PRIORITY[op] if include_benchmark or not b.benchmark_only]
 
 
-def backend_names(op: str) -> List[str]:
-    return [b.name for b in backends(op)]
+def backend_names(op: str, include_benchmark: bool = False) -> List[str]:
+    return [b.name for b in backends(op, include_benchmark)]
 
 
 def ops() -> List[str]:
@@ -148,7 +152,9 @@ def explain(op: str, *args, backend: Optional[str] = None) -> List[Verdict]:
     """
     specs = tuple(spec_of(a) for a in args)
     verdicts = []
-    for b in backends(op):
+    for b in backends(op, include_benchmark=True):
+        if b.benchmark_only and b.name != backend:
+            continue
         reasons = b.reasons(*specs)
         auto = None if reasons else b.not_auto(*specs)
         verdicts.append(Verdict(b.name, reasons, auto))
@@ -213,10 +219,10 @@ class KernelChoice:
     @property
     def gather(self) -> str:
         """The gather follows the nearest-neighbour backend where it has one (torch, triton)."""
-        return self.nearest if self.nearest in backend_names("gather") else AUTO
+        return self.nearest if self.nearest in backend_names("gather", include_benchmark=True) else AUTO
 
 
 def check_names(op: str, name: Optional[str], what: str) -> None:
     """Reject an unknown backend name early (config validation), naming the choices."""
-    if name not in (None, AUTO) and name not in backend_names(op):
+    if name not in (None, AUTO) and name not in backend_names(op, include_benchmark=True):
         raise ConfigError(f"{what}: unknown backend {name!r}; choose one of {', '.join([AUTO] + backend_names(op))}")
