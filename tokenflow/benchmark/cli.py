@@ -4,8 +4,8 @@ Wire-up (``tokenflow/app/cli.py``): ``configure(parser)`` adds the flags to the 
 parser, ``main(args)`` runs it and returns 0 or raises a TokenFlowError; the app turns errors into
 one line and an exit code (``tokenflow.app.run``), as for every subcommand.
 
-Stand-alone: ``python -m tokenflow.benchmark --preset smoke --compare torch,original`` (same flags;
-an error ends it with a Python traceback: ``tokenflow bench`` is the command with one-line errors).
+There is one entry point, ``tokenflow bench`` (a stand-alone ``python -m tokenflow.benchmark`` would
+need its own error wrapper, and ``benchmark`` may not import ``app``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 from tokenflow.benchmark import report, run
 from tokenflow.benchmark.config import PRESETS, BenchConfig, parse_variants
@@ -76,11 +76,6 @@ def add_parser(subparsers, **kwargs) -> argparse.ArgumentParser:
     return configure(subparsers.add_parser("bench", **kwargs))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """A stand-alone parser with the same flags (``python -m tokenflow.benchmark``)."""
-    return configure(argparse.ArgumentParser(prog="tokenflow bench"))
-
-
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """BenchConfig from the preset and the flags given (None = not given)."""
     config = PRESETS[getattr(args, "preset", None) or "default"]
@@ -131,8 +126,3 @@ def main(args: argparse.Namespace) -> int:
     if failed:
         raise ResourceError(f"variant(s) {', '.join(failed)} did not finish (see above)")
     return 0
-
-
-def run_cli(argv: Optional[List[str]] = None) -> int:
-    """Parse ``argv`` with the stand-alone parser and run (``python -m tokenflow.benchmark``)."""
-    return main(build_parser().parse_args(argv))
