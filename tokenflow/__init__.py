@@ -5,6 +5,8 @@
     result = editor.edit("clip.mp4", "a shiny silver robotic wolf", inversion_prompt="a wolf")
     result.frames   # [N, 3, H, W] float32 in [0, 1]
 """
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -23,8 +25,6 @@ __all__ = ["__version__", *_LAZY]
 
 def __getattr__(name):  # imports torch/diffusers only when the API is used, so `--version` is instant
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'tokenflow' has no attribute {name!r}")
