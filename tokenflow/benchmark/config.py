@@ -148,7 +148,8 @@ def variant_overrides(name: str) -> dict:
             overrides["inverted_latents"] = part[8:]
         else:
             raise ConfigError(f"unknown variant {part!r} in --compare; use names from: default, auto, torch, "
-                              "triton, faiss, xformers, original, eager, compile, aot, onnx, tensorrt, chunkN (or chunk=N), attn=NAME, nearest=NAME, "
+                              "triton, faiss, xformers, original, eager, compile, aot, onnx, tensorrt, chunkN (or "
+                              "chunk=N), attn=NAME, nearest=NAME, "
                               f"latents={{{','.join(LATENT_PLACES)}}}, window=W; join with '+' (e.g. triton+chunk4)")
     return overrides
 

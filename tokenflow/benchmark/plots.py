@@ -142,8 +142,10 @@ def schedule_key(doc: dict) -> tuple:
 
 
 def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    # matplotlib is optional (the bench extra): imported when a figure is drawn, so this module's
+    # document checks (document_problem, panels, ...) work without it
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415  optional package
+    from matplotlib.figure import Figure  # noqa: PLC0415  optional package
 
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -151,7 +153,7 @@ def _new_figure(width: float, height: float):
 
 
 def _colors(n: int) -> List[str]:
-    from matplotlib import rcParams
+    from matplotlib import rcParams  # noqa: PLC0415  optional package (see _new_figure)
 
     cycle = rcParams["axes.prop_cycle"].by_key()["color"]
     return [cycle[i % len(cycle)] for i in range(n)]
@@ -336,7 +338,7 @@ def comparison_figure(docs: Sequence[Tuple[str, dict]]):
 
 
 def _patch(color: str):
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # noqa: PLC0415  optional package (see _new_figure)
 
     return Patch(color=color)
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional, TextIO
 
+from tokenflow.benchmark import plots
 from tokenflow.benchmark.config import STAGE_LABELS, STAGES
 from tokenflow.errors import ConfigError, OutputError
 from tokenflow.io.outputs import atomic_file
@@ -74,8 +76,6 @@ def format_tables(doc: dict) -> str:
 
 
 def print_tables(doc: dict, stream: Optional[TextIO] = None) -> None:
-    import sys
-
     print(format_tables(doc), file=stream or sys.stdout, flush=True)
 
 
@@ -113,6 +113,4 @@ def check_plot_support() -> None:
 def write_plot(doc: dict, path: str) -> Path:
     """One PNG (written atomically) of stage times, throughput and peak memory per variant (``plots``)."""
     check_plot_support()
-    from tokenflow.benchmark import plots
-
     return plots.write(doc, path)

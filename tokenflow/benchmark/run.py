@@ -29,9 +29,13 @@ from tokenflow.config import EditConfig
 from tokenflow.device import device_name, resolve_device, resolve_dtype, sync, versions
 from tokenflow.errors import ConfigError, ResourceError
 from tokenflow.io.cache import InversionCache
-from tokenflow.io.read import Clip
+from tokenflow.io.progress import Reporter
+from tokenflow.io.read import Clip, read_video
+from tokenflow.io.samples import render_frames
+from tokenflow.kernels import check_backends
 from tokenflow.method import schedule
-from tokenflow.method.keyframes import groups, original_plan, paper_plan
+from tokenflow.method.editor import Editor
+from tokenflow.method.keyframes import groups, keyframe_windows, original_plan, paper_plan
 from tokenflow.models.random_weights import scheduler_config
 
 PROMPT = "a benchmark edit of a synthetic clip"
@@ -45,8 +49,6 @@ def log(message: str) -> None:
 
 def synthetic_clip(n_frames: int, size, seed: int = 0) -> Clip:
     """``n_frames`` frames of ``tokenflow.io.samples.render_frames`` as a Clip: [N, 3, H, W] in [0, 1]."""
-    from tokenflow.io.samples import render_frames
-
     pixels = torch.from_numpy(render_frames(n_frames, tuple(size), seed))
     frames = pixels.permute(0, 3, 1, 2).float() / 255.0
     return Clip(frames=frames.contiguous(), fps=12.0, source="synthetic", source_size=tuple(size),
@@ -57,8 +59,6 @@ def synthetic_clip(n_frames: int, size, seed: int = 0) -> Clip:
 def load_clip(config: BenchConfig) -> Clip:
     if config.video is None:
         return synthetic_clip(config.frames, config.size)
-    from tokenflow.io.read import read_video
-
     return read_video(config.video, frames=config.frames, size=config.size)
 
 
@@ -96,13 +96,9 @@ def work_of(model, result, cfg: EditConfig, n_frames: int, latent_hw) -> flops.E
     spacing = min(cfg.keyframe_spacing, n_frames)
     n_groups = len(groups(n_frames, spacing))
     window = getattr(cfg, "keyframe_window", None)
-    try:
-        from tokenflow.method.keyframes import keyframe_windows
-    except ImportError:  # older tokenflow: one call with every keyframe
-        keyframe_windows = None
     calls, pairs = [], []
     for step, keyframes in enumerate(result.keyframes):
-        spans = keyframe_windows(n_groups, window, step) if keyframe_windows else [(0, len(keyframes))]
+        spans = keyframe_windows(n_groups, window, step)
         calls.append([b - a for a, b in spans])
         plans = [original_plan(g, n_frames, spacing) if cfg.propagation == "original" else
                  paper_plan(g, n_frames, spacing, torch.tensor(keyframes)) for g in range(n_groups)]
@@ -160,9 +156,6 @@ def summarise(runs: List[dict], work: flops.EditWork, peak_tflops: Optional[floa
 
 def run_variant(model, clip: Clip, config: BenchConfig, variant: Variant, device, dtype,
                 peak_tflops: Optional[float], model_name: str) -> dict:
-    from tokenflow.io.progress import Reporter
-    from tokenflow.method.editor import Editor
-
     cfg = edit_config(config, variant, device, dtype, model_name)
     editor = Editor(model, cache=InversionCache(enabled=False), reporter=Reporter(quiet=True))
     warmup_s = []
@@ -259,8 +252,6 @@ def run(config: BenchConfig, *, on_variant: Optional[Callable[[dict], None]] = N
 def _run(config: BenchConfig, device: torch.device, dtype: torch.dtype,
          on_variant: Optional[Callable[[dict], None]]) -> dict:
     variants = [Variant(name, variant_overrides(name)) for name in config.variants]
-    from tokenflow.kernels import check_backends
-
     for variant in variants:  # bad or unavailable backends etc. fail now, before the model is built
         cfg = edit_config(config, Variant(variant.name, dict(variant.overrides)), device, dtype, "check")
         check_backends(device, dtype, cfg.attention_backend, cfg.nearest_backend, self_check=False)

@@ -158,7 +158,8 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     plan = MemoryPlan(
         device=str(model.device), dtype=str(model.dtype).replace("torch.", ""), budget=budget,
         budget_source=budget_source, frames=frames, latent_size=(h, w), branches=branches,
-        keyframes=keyframes, keyframe_call=kf_call, chunk_frames=chunk, inversion_frames=inv, vae_frames=vae, weights_bytes=weights, unet_row_bytes=row, vae_row_bytes=vae_row,
+        keyframes=keyframes, keyframe_call=kf_call, chunk_frames=chunk, inversion_frames=inv, vae_frames=vae,
+        weights_bytes=weights, unet_row_bytes=row, vae_row_bytes=vae_row,
         store_bytes=store, store_on=store_on, staging_bytes=staging, latents_bytes=latents,
         latents_on=latents_on, peaks=peaks, calibration=calibration.source, chunk_forced=chunk_frames is not None)
     _check_fits(plan)

@@ -37,7 +37,7 @@ class Stage:
         self.start = time.perf_counter()
         self.bar = None
         if reporter.bars and total is not None:  # untimed stages show up in the summary only
-            from tqdm import tqdm
+            from tqdm import tqdm  # noqa: PLC0415  start-up time: the CLI imports this module before parsing flags
 
             self.bar = tqdm(total=total, desc=f"{name:>9}", unit="it", file=reporter.stream,
                             dynamic_ncols=True, leave=True)

@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from tokenflow.errors import one_line
+from tokenflow.kernels import verify
 from tokenflow.kernels.dispatch import AUTO, BackendUnavailable, KernelChoice, Verdict, choose, explain
 
 
@@ -85,9 +87,6 @@ def check_backends(device: torch.device, dtype: torch.dtype, attention: str = AU
 
 
 def _self_check(op: str, name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    from tokenflow.errors import one_line
-    from tokenflow.kernels import verify
-
     args, _ = sample_args(op, device, dtype, heads=2, dim=40, n_kf=2, seq=70)
     try:
         (result,) = verify.check(op, name, args, inject_qk=(True,))

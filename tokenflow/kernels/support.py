@@ -41,7 +41,7 @@ def triton_missing() -> Optional[str]:
         return missing
     if not hasattr(torch.library, "custom_op"):
         return f"torch {torch.__version__} is too old for the Triton ops (torch >= 2.4 needed)"
-    import triton
+    import triton  # noqa: PLC0415  optional package, found above
 
     if tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit()) < (3, 2):
         return f"triton {triton.__version__} is too old (>= 3.2 needed: pip install -U triton)"

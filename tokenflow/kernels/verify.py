@@ -41,7 +41,8 @@ class CheckResult:
 
     def describe(self) -> str:
         status = "PASS" if self.ok else "FAIL"
-        return f"{status} {self.op}[{self.backend}] {self.dtype} {self.shape}: error {self.error:.3g} <= {self.bound:.3g}? {self.detail}".rstrip()
+        return (f"{status} {self.op}[{self.backend}] {self.dtype} {self.shape}: error {self.error:.3g} <= "
+                f"{self.bound:.3g}? {self.detail}").rstrip()
 
 
 def _name(dtype: torch.dtype) -> str:

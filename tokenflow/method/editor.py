@@ -21,6 +21,7 @@ import torch
 from tokenflow.config import DEFAULT_MODEL, EditConfig, parse_bytes
 from tokenflow.device import resolve_device, resolve_dtype, synchronizer
 from tokenflow.engine import UNetRunner
+from tokenflow.engine.backends import make_backend
 from tokenflow.engine.latents import DiskLatents, InvertedLatents
 from tokenflow.engine.memory import calibrate, default_budget
 from tokenflow.engine.planner import MemoryPlan, make_plan
@@ -115,8 +116,6 @@ class Editor:
             return "eager"
         key = (config.backend, config.attention_backend, config.nearest_backend)
         if key not in self._backends:
-            from tokenflow.engine.backends import make_backend  # noqa: PLC0415
-
             kernels = KernelChoice(config.attention_backend, config.nearest_backend)
             self._backends[key] = make_backend(config.backend, self.tokenflow, kernels,
                                                model_identity=self.model.identity,

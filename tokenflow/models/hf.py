@@ -9,8 +9,10 @@ from typing import Iterator
 @contextmanager
 def quiet_hf_libraries() -> Iterator[None]:
     """Silence diffusers / transformers logging, progress bars and warnings; restore after."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
+    # start-up time: importing either library takes seconds; modules that merely may load a model
+    # (models.load, models.tiny, quality.clip_metrics) import this one
+    import diffusers.utils.logging as diffusers_logging  # noqa: PLC0415  start-up time
+    import transformers.utils.logging as transformers_logging  # noqa: PLC0415  start-up time
 
     saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
              for lib in (diffusers_logging, transformers_logging)]

@@ -167,7 +167,7 @@ def local_source(model: str) -> ModelSource:
 
 def hub_source(repo_id: str) -> ModelSource:
     """Resolve a Hub id to a local snapshot with only the files TokenFlow loads."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # noqa: PLC0415  only for Hub ids (start-up time, see component_loader)
 
     try:
         snapshot = Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW_PATTERNS,
@@ -245,7 +245,7 @@ def fingerprinted_files(folder: Path) -> Iterator[Path]:
 
 def load_scheduler_config(source: ModelSource) -> dict:
     """The DDIM config from ``scheduler/``; TokenFlow needs epsilon prediction."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler  # noqa: PLC0415  start-up time (see component_loader)
 
     try:
         scheduler = DDIMScheduler.from_pretrained(source.path, subfolder="scheduler")
@@ -289,8 +289,10 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 def component_loader(component: str):
     """(class, name of its dtype keyword) for a pipeline component."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    # diffusers / transformers load (seconds) when a pipeline is loaded, not with this module:
+    # `tokenflow metrics` imports it (through quality.clip_metrics) and loads no pipeline
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415  start-up time
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415  start-up time
 
     transformers_dtype_kwarg = "dtype" if transformers_major_minor() >= (4, 56) else "torch_dtype"
     return {
@@ -302,7 +304,7 @@ def component_loader(component: str):
 
 
 def transformers_major_minor() -> tuple[int, int]:
-    import transformers
+    import transformers  # noqa: PLC0415  start-up time (see component_loader)
 
     major, minor = (int(re.match(r"\d+", part).group()) for part in
                     transformers.__version__.split(".")[:2])
@@ -316,7 +318,7 @@ def check_unet_layout(unet, name: str) -> None:
     3 single-block transformers in each of ``up_blocks[1..3]`` (QK injection) and 16
     ``BasicTransformerBlock``s in total (extended attention / propagation).
     """
-    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention import BasicTransformerBlock  # noqa: PLC0415  start-up time (see component_loader)
 
     problems = []
     if unet.config.in_channels != 4:

@@ -143,7 +143,7 @@ def clip_metrics(scorer: ClipScorer, frames: torch.Tensor, prompt: Optional[str]
 
 def load_clip_scorer(model: str, device=None, dtype: torch.dtype = torch.float32) -> ClipScorer:
     """Load a CLIP model (Hub id or local transformers folder); problems raise ``ModelError``."""
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel  # noqa: PLC0415  transformers CLIP: only when CLIP scores are asked for
 
     model = str(model).strip()
     device = resolve_device(device)
@@ -173,7 +173,7 @@ def clip_folder(model: str) -> Path:
             raise ModelError(f"CLIP model folder '{model}' does not exist" if not folder.exists()
                              else f"CLIP model '{model}' is a file, not a transformers folder")
         return folder
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # noqa: PLC0415  only for Hub ids (start-up time)
 
     try:
         return Path(snapshot_download(model, allow_patterns=HUB_ALLOW_PATTERNS,
@@ -208,7 +208,7 @@ def preprocessing(folder: Path, image_size: int) -> dict:
     Accepts old (``size: 224``) and new (``{"shortest_edge": 224}``) forms; without the file,
     CLIP's defaults for ``image_size`` (OpenAI mean/std), with a warning.
     """
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: PLC0415  transformers CLIP (as above)
 
     path = folder / "preprocessor_config.json"
     if not path.is_file():

@@ -29,7 +29,7 @@ PRESETS = ("ultrafast", "fast", "medium")
 def require_cv2():
     """The cv2 module, or a ConfigError that says what to install."""
     try:
-        import cv2
+        import cv2  # noqa: PLC0415  optional package (the quality extra)
     except ImportError:
         raise ConfigError(f"temporal metrics need OpenCV's optical flow, which is not installed: {OPENCV_HINT}") from None
     return cv2

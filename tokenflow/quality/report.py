@@ -100,10 +100,10 @@ def write_report(folder: str, *, source: torch.Tensor, edited: torch.Tensor, fps
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  optional package (the quality extra)
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg", force=True)   # before pyplot loads: no display needed
+    import matplotlib.pyplot as plt  # noqa: PLC0415  optional package, after the backend is chosen
 
     return plt
 

@@ -63,18 +63,20 @@ def make_backend(name: str, tokenflow, kernels, *, model_identity: str = "", cac
         raise ConfigError(f"--backend {name} cannot run here: {'; '.join(reasons)}")
     if name == "eager":
         return None
+    # start-up time: `tokenflow doctor` reads NAMES / VERIFIED / not_supported_reasons from this
+    # package without loading the backends (they import the UNet processors, hence diffusers)
     if name == "compile":
-        from tokenflow.engine.backends.compiled import CompiledBackend
+        from tokenflow.engine.backends.compiled import CompiledBackend  # noqa: PLC0415  (see above)
 
         return CompiledBackend(tokenflow, kernels, compiler=compiler, cache_root=cache_root)
     if name == "aot":
-        from tokenflow.engine.backends.aot import AotBackend
+        from tokenflow.engine.backends.aot import AotBackend  # noqa: PLC0415  (see above)
 
         return AotBackend(tokenflow, kernels, model_identity=model_identity, cache_root=cache_root)
     if name == "onnx":
-        from tokenflow.engine.backends.onnx import OnnxBackend
+        from tokenflow.engine.backends.onnx import OnnxBackend  # noqa: PLC0415  (see above)
 
         return OnnxBackend(tokenflow, kernels, model_identity=model_identity, cache_root=cache_root)
-    from tokenflow.engine.backends.tensorrt import TensorRTBackend
+    from tokenflow.engine.backends.tensorrt import TensorRTBackend  # noqa: PLC0415  (see above)
 
     return TensorRTBackend(tokenflow, kernels, model_identity=model_identity, cache_root=cache_root)

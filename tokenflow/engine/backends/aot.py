@@ -27,8 +27,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from tokenflow import __version__
 from tokenflow.engine.backends.base import switch
 from tokenflow.engine.backends.compiled import CompiledBackend, exported_kernels
+from tokenflow.engine.backends.onnx import graph_code_fingerprint
 from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.engine.state import timestep_tensor
@@ -72,9 +74,6 @@ class AotBackend(CompiledBackend):
                 **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()}}
 
     def _spec(self, kind: str, n_branches: int, match_on: str, args) -> dict:
-        from tokenflow import __version__
-        from tokenflow.engine.backends.onnx import graph_code_fingerprint
-
         return {"format": FORMAT, "pass": kind, "model": self.model_identity, "n_branches": n_branches,
                 "match_on": match_on, "kernels": [self.kernels.attention, self.kernels.nearest],
                 "inputs": [[list(a.shape), str(a.dtype).replace("torch.", "")] for a in args],

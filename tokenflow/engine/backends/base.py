@@ -16,6 +16,7 @@ real rows are unchanged because frames never interact in those passes).
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -50,8 +51,6 @@ def switch(value: bool, device: torch.device) -> torch.Tensor:
 
 def optional_import_reason(module: str, install: str) -> Optional[str]:
     """None when ``module`` imports, else the reason with the install command."""
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         return f"{module} is not installed ({install})"
     return None

@@ -18,12 +18,16 @@ import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from torch._dynamo import lookup_backend
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
 
 from tokenflow.engine.backends.base import UNetBackend, switch
 from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.engine.state import timestep_tensor
-from tokenflow.kernels import KernelChoice
+from tokenflow.errors import ConfigError
+from tokenflow.kernels import KernelChoice, implementation
+from tokenflow.kernels.support import triton_missing
 
 GRAPH_SAFE = {"keyframe_attention": ("torch", "triton"), "cosine_nearest": ("static", "triton"),
               "gather": ("static", "triton")}
@@ -31,9 +35,6 @@ GRAPH_SAFE = {"keyframe_attention": ("torch", "triton"), "cosine_nearest": ("sta
 
 def graph_kernels(choice: KernelChoice, device: torch.device, dtype: torch.dtype) -> KernelChoice:
     """Kernel backends that trace into one graph: Triton custom ops on CUDA in fp16/bf16, else torch."""
-    from tokenflow.errors import ConfigError
-    from tokenflow.kernels.support import triton_missing
-
     fast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and triton_missing() is None
     attention = choice.attention if choice.attention != "auto" else ("triton" if fast else "torch")
     nearest = choice.nearest if choice.nearest != "auto" else ("triton" if fast else "static")
@@ -44,8 +45,6 @@ def graph_kernels(choice: KernelChoice, device: torch.device, dtype: torch.dtype
                           f"inside a compiled graph; use auto, torch, static or triton (faiss and xformers run "
                           f"only with --backend eager)")
     chosen = KernelChoice(attention=attention, nearest=nearest)
-    from tokenflow.kernels import implementation
-
     for op, name in (("keyframe_attention", chosen.attention), ("cosine_nearest", chosen.nearest),
                      ("gather", chosen.gather)):
         implementation(op, name)   # imported now: tracing must never meet an import
@@ -55,8 +54,6 @@ def graph_kernels(choice: KernelChoice, device: torch.device, dtype: torch.dtype
 def exported_kernels(choice: KernelChoice, backend: str, dtype: torch.dtype) -> KernelChoice:
     """Kernels for graphs that leave Python (ONNX, TensorRT, AOTInductor): only torch/static ops
     exist there, so ``auto`` means torch attention and the static search, and Triton is refused."""
-    from tokenflow.errors import ConfigError
-
     chosen = graph_kernels(KernelChoice("torch" if choice.attention == "auto" else choice.attention,
                                         "static" if choice.nearest == "auto" else choice.nearest),
                            torch.device("cpu"), dtype)
@@ -71,8 +68,6 @@ def default_cache_dir(cache_root: Optional[str]) -> Optional[str]:
 
     (Importing torch's inductor writes its default, a per-user temp folder, into the environment;
     only a different value counts as the user's choice.)"""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
-
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if cache_root is None or (current and os.path.abspath(current) != os.path.abspath(torch_default())):
         return current
@@ -106,8 +101,6 @@ class CompiledBackend(UNetBackend):
 
     def _count(self, gm, example_inputs):
         self.compilations += 1
-        from torch._dynamo import lookup_backend
-
         return lookup_backend(self.compiler)(gm, example_inputs)
 
     def _module(self, kind: str, n_branches: int = 0, match_on: str = "input") -> Callable:

@@ -21,12 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from torch.export import Dim
 
+from tokenflow import __version__
+from tokenflow.engine import passes, processors
 from tokenflow.engine.backends.base import UNetBackend, switch
 from tokenflow.engine.backends.compiled import exported_kernels
 from tokenflow.engine.memory import attention_layer_shapes
@@ -36,6 +41,9 @@ from tokenflow.engine.state import timestep_tensor
 from tokenflow.errors import ConfigError
 from tokenflow.io.outputs import atomic_file, atomic_path
 from tokenflow.kernels import KernelChoice
+from tokenflow.kernels import gather as gather_op
+from tokenflow.kernels import keyframe_attention as keyframe_attention_op
+from tokenflow.kernels import nearest as nearest_op
 
 # 20: GELU exports as ONNX's Gelu op, which ORT runs as one kernel; opset 18's erf decomposition
 # (0.5 * (1 + erf(x / sqrt 2)) * x) was left unfused: the tiny UNet's plain pass measured
@@ -63,9 +71,7 @@ def graph_spec(tokenflow: TokenFlowUNet, kind: str, *, latent_size: Tuple[int, i
 
 
 def _versions() -> dict:
-    import onnx
-
-    from tokenflow import __version__
+    import onnx  # noqa: PLC0415  optional package (the onnx extra)
 
     return {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__, "tokenflow": __version__,
             "graph_code": graph_code_fingerprint()}
@@ -74,11 +80,8 @@ def _versions() -> dict:
 def graph_code_fingerprint() -> str:
     """sha256 (16 hex) of the sources that define what a pass graph computes: a code change
     invalidates exported graphs even when the version number did not move."""
-    from tokenflow.engine import passes, processors
-    from tokenflow.kernels import gather, keyframe_attention, nearest
-
     digest = hashlib.sha256()
-    for module in (passes, processors, keyframe_attention, nearest, gather):   # the ops' torch references
+    for module in (passes, processors, keyframe_attention_op, nearest_op, gather_op):   # the ops' torch references
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -89,8 +92,6 @@ def spec_key(spec: dict) -> str:
 
 def _example(tokenflow: TokenFlowUNet, spec: dict, frames: int = 2):
     """Example inputs (device/dtype of the UNet) and dynamic shapes for torch.export."""
-    from torch.export import Dim
-
     param = next(tokenflow.unet.parameters())
     dev, dt = param.device, param.dtype
     h, w = spec["latent_size"]
@@ -178,7 +179,7 @@ class OnnxSession:
     """
 
     def __init__(self, path: Path, device: torch.device, threads: int):
-        import onnxruntime as ort
+        import onnxruntime as ort  # noqa: PLC0415  optional package (the onnx extra)
 
         path = Path(path)
         self.device = device
@@ -253,8 +254,6 @@ def _providers(ort, device: torch.device) -> list:
 
 def cpu_key(ort) -> str:
     """ORT version, machine and the CPU's feature flags: what an optimised CPU graph depends on."""
-    import platform
-
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -299,8 +298,6 @@ def _session_keeping_optimized(ort, path: Path, options, providers, optimized: P
 
 
 def _numpy_dtype(dtype: torch.dtype):
-    import numpy as np
-
     return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}[dtype]
 
 
@@ -313,7 +310,8 @@ class OnnxBackend(UNetBackend):
         self.tokenflow, self.device, self.dtype = tokenflow, param.device, param.dtype
         self.kernels = exported_kernels(kernels, "onnx", self.dtype)
         self.model_identity = model_identity
-        root = folder or (os.path.join(cache_root, "onnx") if cache_root else os.path.join(tempfile.gettempdir(), "tokenflow-onnx"))
+        root = folder or (os.path.join(cache_root, "onnx") if cache_root else
+                          os.path.join(tempfile.gettempdir(), "tokenflow-onnx"))
         self.folder = Path(root)
         self.log = log
         self.exported = self.reused = 0

@@ -1,11 +1,12 @@
 """Extended keyframe self-attention (the keyframe pass of TokenFlow): API, reference, dispatch.
 
 Branch order is [source, uncond, cond] (several prompts: [source, uncond_1, cond_1, uncond_2, ...]).
-The source branch attends within its own frame; every other branch attends, for every keyframe's queries, to the keys/values of *all*
-keyframes of their branch (concatenated in keyframe order). Every query of a branch sees the same
-key set, so no backend tiles K/V per keyframe as the original does: same math, no K-fold copies.
+The source branch attends within its own frame; every other branch attends, for every keyframe's
+queries, to the keys/values of *all* keyframes of their branch (concatenated in keyframe order).
+Every query of a branch sees the same key set, so no backend tiles K/V per keyframe as the original
+does: same math, no K-fold copies.
 
-Backends: ``triton`` (fused, one launch for all branches and heads; ``attention_triton.py``),
+Backends: ``triton`` (fused, one launch for all branches and heads; ``triton.py`` here),
 ``xformers`` (memory-efficient attention, unverified), ``torch`` (SDPA; the reference).
 """
 from __future__ import annotations
@@ -72,7 +73,7 @@ def keyframe_attention_xformers(q, k, v, heads: int, inject_qk: bool = False) ->
     UNVERIFIED: xFormers cannot be installed next to the CPU torch of our CI, and no GPU was
     available while this was written; ``tokenflow doctor --check`` compares it to the reference.
     """
-    import xformers.ops as xops
+    import xformers.ops as xops  # noqa: PLC0415  optional package
 
     _, n_kf, seq, channels = q.shape
     dim = channels // heads

@@ -29,7 +29,7 @@ def _index(faiss, channels: int, device: torch.device):
 
 def cosine_nearest_faiss(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """FAISS backend of ``tokenflow.kernels.cosine_nearest`` (same arguments and result)."""
-    import faiss
+    import faiss  # noqa: PLC0415  optional package (the faiss extra)
 
     n_frames, n_tokens, channels = x.shape
     idx = torch.zeros(n_frames, pairs.shape[1], n_tokens, dtype=torch.long)
