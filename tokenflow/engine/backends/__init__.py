@@ -9,10 +9,11 @@ from typing import List, Optional
 
 import torch
 
+from tokenflow.config import BACKENDS
 from tokenflow.engine.backends.base import UNetBackend, optional_import_reason
 from tokenflow.errors import ConfigError
 
-NAMES = ("eager", "compile", "aot", "onnx", "tensorrt")
+NAMES = BACKENDS   # the --backend choices; config declares them (it validates the flag)
 
 VERIFIED = {
     "eager": "reference; CPU float32 parity with the original implementation",
