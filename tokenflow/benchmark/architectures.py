@@ -31,49 +31,18 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from tokenflow.errors import ConfigError
 from tokenflow.models.hf import quiet_hf_libraries
+from tokenflow.models.layouts import SD_UNET_LAYOUT, SD_VAE_LAYOUT
 from tokenflow.models.load import SDModel, load_model, move_to_device
 from tokenflow.models.random_weights import build_random, clip_text_encoder, load_tokenizer, scheduler_config
 
-_SD_UNET_COMMON = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    only_cross_attention=False,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    upcast_attention=False,
-    resnet_time_scale_shift="default",
-)
+_SD_UNET_COMMON = dict(SD_UNET_LAYOUT, sample_size=64, block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32)
 
 # diffusers' legacy ``attention_head_dim`` holds the number of heads for SD 1.x / 2.x
 SD15_UNET = dict(_SD_UNET_COMMON, attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False)
 SD21_UNET = dict(_SD_UNET_COMMON, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
                  use_linear_projection=True)
 
-SD_VAE = dict(
-    sample_size=512,
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=4,
-    norm_num_groups=32,
-    scaling_factor=0.18215,
-)
+SD_VAE = dict(SD_VAE_LAYOUT, sample_size=512, block_out_channels=(128, 256, 512, 512), norm_num_groups=32)
 
 # (UNet config, text hidden size, text heads, text activation)
 ARCHITECTURES: Dict[str, tuple] = {

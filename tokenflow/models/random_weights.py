@@ -56,6 +56,7 @@ SCHEDULER_CONFIG = dict(
 # ----------------------------------------------------------------------------- weights
 
 
+
 def parameter_seed(seed: int, component: str, name: str) -> int:
     """Stable 63-bit generator seed for one parameter (independent of PYTHONHASHSEED)."""
     digest = hashlib.sha256(f"{seed}/{component}/{name}".encode()).digest()

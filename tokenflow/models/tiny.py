@@ -26,6 +26,7 @@ from typing import Optional, Union
 from tokenflow.io.cache import default_cache_root
 from tokenflow.io.outputs import atomic_path
 from tokenflow.models.hf import quiet_hf_libraries
+from tokenflow.models.layouts import SD_UNET_LAYOUT, SD_VAE_LAYOUT
 
 # Bump whenever the architecture, the weight recipe or the folder layout changes:
 # cached folders carry it in their name and marker, so stale ones are rebuilt.
@@ -35,44 +36,17 @@ MARKER_NAME = "tokenflow_tiny.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 UNET_CONFIG = dict(
+    SD_UNET_LAYOUT,
     sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    only_cross_attention=False,
     block_out_channels=(32, 32, 64, 64),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
     norm_num_groups=8,
-    norm_eps=1e-5,
     cross_attention_dim=32,
     # diffusers' legacy name: SD 2.1's config stores the number of heads here -> head dim 16
     attention_head_dim=(2, 2, 4, 4),
     use_linear_projection=True,
-    upcast_attention=False,
-    resnet_time_scale_shift="default",
 )
 
-VAE_CONFIG = dict(
-    sample_size=128,
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(16, 32, 32, 32),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=4,
-    norm_num_groups=8,
-    scaling_factor=0.18215,
-)
+VAE_CONFIG = dict(SD_VAE_LAYOUT, sample_size=128, block_out_channels=(16, 32, 32, 32), norm_num_groups=8)
 
 # CLIP text encoder widths (random_weights.clip_text_encoder): prompt embeddings [1, 77, 32]
 TEXT_ENCODER = dict(hidden=32, intermediate=64, layers=2, heads=2, act="gelu")
