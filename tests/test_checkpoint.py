@@ -302,7 +302,18 @@ def test_a_stop_request_without_a_folder_raises_interrupted(tiny_sd, sample_clip
         editor.tokenflow.remove()
 
 
-def test_signal_handlers_set_a_flag_and_a_second_sigint_interrupts_at_once():
+@pytest.fixture
+def sigint_not_ignored():
+    """Run with Python's own SIGINT handler: a suite started in the background (``nohup``, ``&``)
+    inherits SIGINT ignored, which stop_on_signals deliberately leaves ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_signal_handlers_set_a_flag_and_a_second_sigint_interrupts_at_once(sigint_not_ignored):
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with stop_on_signals() as flag:
         assert flag.installed and not flag.requested
