@@ -7,10 +7,11 @@ frames, P = 2), N = M = S tokens of C channels (SD at 512x512). Variants of ``co
   matmul-argmax   normalise + one matmul + argmax in the input dtype, matrix materialised
   original        the original's formulation: (F*N) x (P*M) similarity matrix, argmax per keyframe
   faiss           exact inner-product index on normalised keys (faiss-cpu; GPU index with faiss-gpu)
-and of ``propagate``: triton, torch. Reports median time, TFLOP/s (2*F*P*N*M*C), GB/s of the
+and of the gather (``kernels.gather.gather_blend``; its variants keep the names propagate-triton and
+propagate-torch of earlier results). Reports median time, TFLOP/s (2*F*P*N*M*C), GB/s of the
 minimal traffic (search: read x and the paired keyframes once, write int64 indices; gather: read
-3*F*P*N*C gathered rows, write 3*F*N*C), peak memory,
-and each variant's speed relative to ``matmul-argmax``.
+3*F*P*N*C gathered rows, write 3*F*N*C), peak memory, and each variant's speed relative to
+``matmul-argmax``.
 
   python bench/bench_nearest.py                               # CPU, small sizes
   python bench/bench_nearest.py --device cuda --dtype float16

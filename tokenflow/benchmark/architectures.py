@@ -62,7 +62,7 @@ def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> SDModel:
         return load_model("tiny", device, dtype)
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
-    unet_config, hidden, heads, act = ARCHITECTURES[arch]
+    unet_config = ARCHITECTURES[arch][0]
     with quiet_hf_libraries():
         unet = build_random(lambda: UNet2DConditionModel(**unet_config), SEED, f"{arch}/unet", device=device, dtype=dtype)
         vae = build_random(lambda: AutoencoderKL(**SD_VAE), SEED, f"{arch}/vae", device=device, dtype=dtype)

@@ -27,11 +27,11 @@ scores and blends to the model dtype, which can flip near-tied argmaxes.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from tokenflow.kernels import support
+from tokenflow.kernels import gather, keyframe_attention, nearest
 from tokenflow.kernels.dispatch import Backend, register
 
 HALF = (torch.float16, torch.bfloat16)
@@ -132,29 +132,11 @@ def gather_blend_original(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.
     return out.to(kf_out.dtype)
 
 
-def _unsupported_attention(q, k, v, heads) -> List[str]:
-    return support.same_device((q, k, v)) + support.float_dtype(q) + (
-        [] if q.dtype == k.dtype == v.dtype else ["q, k, v have different dtypes"])
-
-
-def _unsupported_nearest(x, keys, pairs) -> List[str]:
-    reasons = support.same_device((x, keys, pairs)) + support.float_dtype(x)
-    if pairs.dtype not in (torch.int64, torch.int32):
-        reasons.append(f"pairs must be an integer tensor, got {pairs.dtype}")
-    return reasons
-
-
-def _unsupported_gather(kf_out, idx, pairs, weights) -> List[str]:
-    reasons = support.same_device((kf_out, idx, pairs, weights)) + support.float_dtype(kf_out)
-    if idx.dtype not in (torch.int64, torch.int32):
-        reasons.append(f"idx must be an integer tensor, got {idx.dtype}")
-    return reasons
-
-
 _VERIFIED = "CPU float32/float16/bfloat16 against the torch reference (tests/test_benchmark.py)"
 register(Backend("keyframe_attention", "original", 0, "tokenflow.benchmark.original_kernels:keyframe_attention_original",
-                 unsupported=_unsupported_attention, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED, benchmark_only=True))
+                 unsupported=keyframe_attention.unsupported, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED,
+                 benchmark_only=True))
 register(Backend("cosine_nearest", "original", 0, "tokenflow.benchmark.original_kernels:cosine_nearest_original",
-                 unsupported=_unsupported_nearest, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED, benchmark_only=True))
+                 unsupported=nearest.unsupported, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED, benchmark_only=True))
 register(Backend("gather", "original", 0, "tokenflow.benchmark.original_kernels:gather_blend_original",
-                 unsupported=_unsupported_gather, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED, benchmark_only=True))
+                 unsupported=gather.unsupported, not_auto=lambda *a, **kw: NOT_AUTO, verified=_VERIFIED, benchmark_only=True))

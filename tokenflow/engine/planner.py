@@ -29,7 +29,6 @@ from tokenflow.engine.memory import (
 )
 from tokenflow.errors import ResourceError
 
-PLACES = ("auto", "device", "host")
 CPU_VAE_FRAMES = 8      # frames per VAE call on CPU (tiny model, 1 thread: 12 ms/frame at 8 vs 22 at 40)
 # rows (branches x frames) per propagation call on CPU: 40-frame edits of the tiny model at 128^2,
 # 1 thread, ONNX Runtime, 3 rounds interleaved: propagation 4.12 s median at 30 rows, 4.41 s at 60,

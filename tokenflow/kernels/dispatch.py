@@ -216,10 +216,13 @@ class KernelChoice:
     attention: str = AUTO
     nearest: str = AUTO
 
-    @property
-    def gather(self) -> str:
-        """The gather follows the nearest-neighbour backend where it has one (torch, triton)."""
-        return self.nearest if self.nearest in backend_names("gather", include_benchmark=True) else AUTO
+    # The gather follows the nearest-neighbour backend where it has one (torch, triton). Derived
+    # once here: it is read on every propagation call of every layer.
+    gather: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        gather = self.nearest if self.nearest in backend_names("gather", include_benchmark=True) else AUTO
+        object.__setattr__(self, "gather", gather)
 
 
 def check_names(op: str, name: Optional[str], what: str) -> None:

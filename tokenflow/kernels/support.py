@@ -16,6 +16,14 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# where the Triton backends have been checked, and why the static backends are only used by name
+TRITON_VERIFIED = "Triton interpreter on CPU (fp32, fp16, bf16); compiles for sm_90; never run on a GPU"
+STATIC_NOT_AUTO = "for traced graphs (--backend compile/onnx); in eager the torch reference is as exact and lighter"
+# the modules holding Triton kernels (each exposes KERNEL_FOR_MODE_CHECK)
+TRITON_MODULES = ("tokenflow.kernels.keyframe_attention.triton", "tokenflow.kernels.nearest.triton",
+                  "tokenflow.kernels.gather.triton")
+
+
 def interpreting() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter.
 
@@ -50,7 +58,7 @@ def triton_missing() -> Optional[str]:
 
 def _kernels_interpreted() -> Optional[bool]:
     """How already-imported kernel modules were built (None: none imported yet)."""
-    module = sys.modules.get("tokenflow.kernels.keyframe_attention.triton") or sys.modules.get("tokenflow.kernels.nearest.triton")
+    module = next((sys.modules[name] for name in TRITON_MODULES if name in sys.modules), None)
     if module is None:
         return None
     return type(module.KERNEL_FOR_MODE_CHECK).__name__ == "InterpretedFunction"

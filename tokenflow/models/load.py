@@ -372,6 +372,3 @@ def release_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
     elif device.type == "mps" and hasattr(torch, "mps"):
         torch.mps.empty_cache()
-
-
-# ----------------------------------------------------------------------------- helpers

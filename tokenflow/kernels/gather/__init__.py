@@ -62,7 +62,7 @@ def gather_blend_static(kf_out, idx, pairs, weights) -> torch.Tensor:
     return (gathered * w[None, :, :, None, None]).sum(dim=2).to(kf_out.dtype)
 
 
-def _unsupported_gather(kf_out, idx, pairs, weights) -> List[str]:
+def unsupported(kf_out, idx, pairs, weights) -> List[str]:
     reasons = support.same_device((kf_out, idx, pairs, weights)) + support.float_dtype(kf_out)
     if idx.dtype not in (torch.int64, torch.int32):
         reasons.append(f"idx must be an integer tensor, got {idx.dtype}")
@@ -70,19 +70,17 @@ def _unsupported_gather(kf_out, idx, pairs, weights) -> List[str]:
 
 
 def _unsupported_gather_triton(kf_out, idx, pairs, weights) -> List[str]:
-    reasons = _unsupported_gather(kf_out, idx, pairs, weights) + support.triton_device((kf_out,))
+    reasons = unsupported(kf_out, idx, pairs, weights) + support.triton_device((kf_out,))
     if kf_out.stride[-1] != 1:
         reasons.append("channels are not contiguous")
     return reasons
 
 
-_TRITON_VERIFIED = "Triton interpreter on CPU (fp32, fp16, bf16); compiles for sm_90; never run on a GPU"
-_STATIC_NOT_AUTO = "for traced graphs (--backend compile/onnx); in eager the torch reference is as exact and lighter"
 register(Backend(OP, "triton", 30, "tokenflow.kernels.gather.triton:gather_blend_triton",
                  requires=support.triton_missing, unsupported=_unsupported_gather_triton,
-                 not_auto=lambda kf_out, *a, **kw: support.triton_not_auto((kf_out,)), verified=_TRITON_VERIFIED))
+                 not_auto=lambda kf_out, *a, **kw: support.triton_not_auto((kf_out,)), verified=support.TRITON_VERIFIED))
 register(Backend(OP, "torch", 10, "tokenflow.kernels.gather:gather_blend_torch",
-                 unsupported=_unsupported_gather, verified="reference; CPU float32 parity with the original"))
+                 unsupported=unsupported, verified="reference; CPU float32 parity with the original"))
 register(Backend(OP, "static", 5, "tokenflow.kernels.gather:gather_blend_static",
-                 unsupported=_unsupported_gather, not_auto=lambda *a: _STATIC_NOT_AUTO,
+                 unsupported=unsupported, not_auto=lambda *a: support.STATIC_NOT_AUTO,
                  verified="CPU float32/fp16/bf16 against the torch reference (tests)"))

@@ -86,13 +86,13 @@ def keyframe_attention_xformers(q, k, v, heads: int, inject_qk: bool = False) ->
     return out
 
 
-def _unsupported_common(q, k, v, heads) -> List[str]:
+def unsupported(q, k, v, heads) -> List[str]:
     return support.same_device((q, k, v)) + support.float_dtype(q) + (
         [] if q.dtype == k.dtype == v.dtype else ["q, k, v have different dtypes"])
 
 
 def _unsupported_triton(q, k, v, heads) -> List[str]:
-    reasons = _unsupported_common(q, k, v, heads) + support.triton_device((q,))
+    reasons = unsupported(q, k, v, heads) + support.triton_device((q,))
     dim = q.shape[-1] // heads
     if dim > 256:
         reasons.append(f"head dim {dim} > 256")
@@ -102,7 +102,7 @@ def _unsupported_triton(q, k, v, heads) -> List[str]:
 
 
 def _unsupported_xformers(q, k, v, heads) -> List[str]:
-    reasons = _unsupported_common(q, k, v, heads)
+    reasons = unsupported(q, k, v, heads)
     if q.device.type != "cuda":
         reasons.append(f"{q.device.type} tensors are not supported (CUDA only)")
     return reasons
@@ -118,11 +118,11 @@ def _triton_not_auto(q, *rest) -> Optional[str]:
 register(Backend(OP, "triton", 30, "tokenflow.kernels.keyframe_attention.triton:keyframe_attention_triton",
                  requires=support.triton_missing, unsupported=_unsupported_triton,
                  not_auto=_triton_not_auto,
-                 verified="Triton interpreter on CPU (fp32, fp16, bf16); compiles for sm_90; never run on a GPU"))
+                 verified=support.TRITON_VERIFIED))
 register(Backend(OP, "xformers", 20, "tokenflow.kernels.keyframe_attention:keyframe_attention_xformers",
                  requires=support.xformers_missing, unsupported=_unsupported_xformers,
                  not_auto=lambda *a, **kw: "unverified (no GPU with xFormers was available to test it)",
                  verified="unverified"))
 register(Backend(OP, "torch", 10, "tokenflow.kernels.keyframe_attention:keyframe_attention_torch",
-                 unsupported=lambda q, k, v, heads: _unsupported_common(q, k, v, heads),
+                 unsupported=lambda q, k, v, heads: unsupported(q, k, v, heads),
                  verified="reference; CPU float32 parity with the original implementation"))

@@ -87,7 +87,7 @@ def cosine_nearest_static(x, keys, pairs) -> torch.Tensor:
     return torch.where(pairs[..., None] >= 0, idx, torch.zeros_like(idx))
 
 
-def _unsupported_nearest(x, keys, pairs) -> List[str]:
+def unsupported(x, keys, pairs) -> List[str]:
     reasons = support.same_device((x, keys, pairs)) + support.float_dtype(x)
     if pairs.dtype not in (torch.int64, torch.int32):
         reasons.append(f"pairs must be an integer tensor, got {pairs.dtype}")
@@ -95,7 +95,7 @@ def _unsupported_nearest(x, keys, pairs) -> List[str]:
 
 
 def _unsupported_nearest_triton(x, keys, pairs) -> List[str]:
-    reasons = _unsupported_nearest(x, keys, pairs) + support.triton_device((x,))
+    reasons = unsupported(x, keys, pairs) + support.triton_device((x,))
     if x.dtype != keys.dtype:
         reasons.append("x and keys have different dtypes")
     if x.stride[-1] != 1 or keys.stride[-1] != 1:
@@ -121,16 +121,14 @@ def _faiss_not_auto(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor) ->
     return None
 
 
-_TRITON_VERIFIED = "Triton interpreter on CPU (fp32, fp16, bf16); compiles for sm_90; never run on a GPU"
 register(Backend("cosine_nearest", "triton", 30, "tokenflow.kernels.nearest.triton:cosine_nearest_triton",
                  requires=support.triton_missing, unsupported=_unsupported_nearest_triton,
-                 not_auto=lambda x, *a, **kw: support.triton_not_auto((x,)), verified=_TRITON_VERIFIED))
+                 not_auto=lambda x, *a, **kw: support.triton_not_auto((x,)), verified=support.TRITON_VERIFIED))
 register(Backend("cosine_nearest", "faiss", 20, "tokenflow.kernels.nearest.faiss:cosine_nearest_faiss",
-                 requires=support.faiss_missing, unsupported=_unsupported_nearest,
+                 requires=support.faiss_missing, unsupported=unsupported,
                  not_auto=_faiss_not_auto, verified="faiss-cpu on CPU; faiss-gpu indexes unverified"))
 register(Backend("cosine_nearest", "torch", 10, "tokenflow.kernels.nearest:cosine_nearest_torch",
-                 unsupported=_unsupported_nearest, verified="reference; CPU float32 parity with the original"))
-_STATIC_NOT_AUTO = "for traced graphs (--backend compile/onnx); in eager the torch reference is as exact and lighter"
+                 unsupported=unsupported, verified="reference; CPU float32 parity with the original"))
 register(Backend("cosine_nearest", "static", 5, "tokenflow.kernels.nearest:cosine_nearest_static",
-                 unsupported=_unsupported_nearest, not_auto=lambda *a: _STATIC_NOT_AUTO,
+                 unsupported=unsupported, not_auto=lambda *a: support.STATIC_NOT_AUTO,
                  verified="CPU float32/fp16/bf16 against the torch reference (tests)"))
