@@ -65,6 +65,7 @@ class Ctx:
     model: Path
     clip: Path
     cleanups: List[Callable[[], None]] = field(default_factory=list)
+    inputs: Dict[Path, str] = field(default_factory=dict)   # inputs that must stay byte-identical (``kept``)
 
     @property
     def work(self) -> Path:
@@ -269,7 +270,7 @@ def run_case(case: "Case", ctx: Ctx) -> Result:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(OLDER)
         argv.append("--overwrite")
-    if "--log-json" not in argv:
+    if "--log-json" not in argv and command != "farm":   # farm has no -q (its lines are its report)
         argv.append("-q")
     if case.before:
         case.before(ctx)
@@ -312,11 +313,13 @@ def assert_answer(case: "Case", ctx: Ctx, res: Result) -> None:
             assert (last["event"], last["exit_code"], last["code"]) == ("error", case.code, EXIT_NAMES[case.code]), where
         if case.older:
             assert res.out.read_bytes() == OLDER, f"the older output was changed or lost; {where}"
-        else:
+        elif res.out.resolve() not in {path.resolve() for path in ctx.inputs}:   # -o aliases a kept input
             assert not res.out.exists(), f"an output was written; {where}"
     else:
         assert not [line for line in lines if line.startswith("tokenflow: error")], where
     assert leftovers(ctx.root) == [], where
+    changed = [str(path) for path, digest in ctx.inputs.items() if _digest(path) != digest]
+    assert not changed, f"inputs were changed: {changed}; {where}"
     if case.check:
         case.check(ctx, res)
 
@@ -914,7 +917,117 @@ ENVIRONMENT = [
 ]
 
 # Reliability II (issue 16): each class below has its own list, filled by the change that closes it.
+def _digest(path: Path) -> str:
+    """sha256 of a file, or of every file's name and bytes under a folder."""
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(item.relative_to(path)).encode() + b"\0" + item.read_bytes())
+        return digest.hexdigest()
+    return _sha256(path) if path.exists() else "missing"
+
+
+def kept(ctx: Ctx, path) -> Path:
+    """``path``, an input the answer must leave byte-identical (``assert_answer`` compares digests)."""
+    ctx.inputs[Path(path)] = _digest(Path(path))
+    return Path(path)
+
+
+def clip_copy(ctx: Ctx) -> Path:
+    """A kept copy of the sample clip as work/clip.mp4: the shared clip is never a case's output."""
+    path = ctx.work / "clip.mp4"
+    shutil.copy(ctx.clip, path)
+    return kept(ctx, path)
+
+
+def link_to_clip(ctx: Ctx, kind: str) -> Path:
+    """work/<kind>.mp4: a symbolic or hard link to a kept copy of the clip (itself kept)."""
+    clip, link = clip_copy(ctx), ctx.work / f"{kind}.mp4"
+    try:
+        if kind == "symlink":
+            link.symlink_to(clip)
+        else:
+            os.link(clip, link)
+    except OSError as exc:
+        pytest.skip(f"cannot make a {kind} here: {exc}")
+    return kept(ctx, link)
+
+
+def kept_folder(ctx: Ctx, name: str, files: Dict[str, bytes]) -> Path:
+    folder = ctx.work / name
+    folder.mkdir()
+    for file, data in files.items():
+        (folder / file).write_bytes(data)
+    return kept(ctx, folder)
+
+
+def kept_frames(ctx: Ctx) -> Path:
+    return kept(ctx, image_folder(ctx, {f"{i:05d}.png": (64, 64) for i in range(3)}))
+
+
+def _alias(what: str) -> str:
+    return f"one line naming the output and {what}; refused before any work, with or without --overwrite; " \
+           "the input byte-identical, nothing written"
+
+
 DATA_SAFETY: List[Case] = [   # an output that is, contains or lies inside an input; outputs we cannot write
+    Case("output-is-the-input", "data safety", "`-o` is the input video, with `--overwrite`",
+         "a copy of the sample clip as VIDEO and as `-o`", 5, "is the input video",
+         lambda x: ["edit", clip_copy(x), "--model", x.model, "--prompt", "x", "-o", x.work / "clip.mp4",
+                    "--overwrite"], answer=_alias("the input video")),
+    Case("output-is-the-input-no-overwrite", "data safety", "`-o` is the input video, no `--overwrite`",
+         "as above, without `--overwrite` (it used to be \"skipped: every output already exists\", exit 0)", 5,
+         "is the input video", lambda x: ["edit", clip_copy(x), "--model", x.model, "--prompt", "x",
+                                          "-o", x.work / "clip.mp4"], answer=_alias("the input video")),
+    Case("output-symlink-to-input", "data safety", "`-o` is a symbolic link to the input video",
+         "`work/symlink.mp4` -> `work/clip.mp4`, `--overwrite`", 5, "through a symbolic link",
+         lambda x: ["edit", x.work / "clip.mp4", "--model", x.model, "--prompt", "x", "-o",
+                    link_to_clip(x, "symlink"), "--overwrite"], answer=_alias("the symbolic link")),
+    Case("output-hard-link-to-input", "data safety", "`-o` is a hard link to the input video",
+         "`work/hardlink.mp4` = `work/clip.mp4` (os.link), `--overwrite`", 5, "is a hard link to the input video",
+         lambda x: ["edit", x.work / "clip.mp4", "--model", x.model, "--prompt", "x", "-o",
+                    link_to_clip(x, "hardlink"), "--overwrite"], answer=_alias("the hard link")),
+    Case("output-inside-frame-folder", "data safety", "`-o` inside the input folder of frames",
+         "VIDEO = `work/frames/` (3 PNGs), `-o work/frames/o.mp4`", 5, "lies inside the input frame folder",
+         lambda x: ["edit", kept_frames(x), "--model", x.model, "--prompt", "x", "-o", x.work / "frames" / "o.mp4"],
+         answer=_alias("the frame folder")),
+    Case("frames-folder-holds-the-input", "data safety", "`--save-frames` is the folder holding the input video",
+         "`--save-frames work` with VIDEO `work/clip.mp4`", 5, "save_frames",
+         lambda x: ["edit", clip_copy(x), "--model", x.model, "--prompt", "x", "--save-frames", x.work,
+                    "--overwrite"], answer=_alias("the input video it contains")),
+    Case("checkpoint-dir-holds-the-input", "data safety", "`--checkpoint-dir` is the folder holding the input video",
+         "`--checkpoint-dir work` with VIDEO `work/clip.mp4`", 5, "contains the input video",
+         lambda x: ["edit", clip_copy(x), "--model", x.model, "--prompt", "x", "--checkpoint-dir", x.work],
+         answer=_alias("the input video it contains")),
+    Case("latents-over-the-config-file", "data safety", "`--save-latents` is the `--config` file",
+         "`--config work/c.yaml --save-latents work/c.yaml --overwrite`", 5, "is the --config file",
+         lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "--config",
+                    kept(x, yaml_file(x, "c.yaml", "seed: 1\n")), "--save-latents", x.work / "c.yaml", "--overwrite"],
+         answer=_alias("the --config file")),
+    Case("output-inside-the-model-folder", "data safety", "`-o` inside the local `--model` folder",
+         "`--model work/model` (a folder), `-o work/model/o.mp4`", 5, "lies inside the model folder",
+         lambda x: ["edit", x.clip, "--model", kept_folder(x, "model", {"model_index.json": b"{}"}), "--prompt", "x",
+                    "-o", x.work / "model" / "o.mp4"], answer=_alias("the model folder")),
+    Case("job-output-is-its-video", "data safety", "a job file whose `output` is its `video`",
+         "`video:` and `output:` both `work/clip.mp4`", 2, "is the input video",
+         lambda x: ["run", job(x, "job.yaml", f"video: '{clip_copy(x)}'\noutput: '{x.work / 'clip.mp4'}'\n"),
+                    "--overwrite"], answer="one line `job.yaml: output: '...clip.mp4' is the input video ...`; "
+                                           "nothing runs; the input byte-identical"),
+    Case("job-report-holds-the-job-file", "data safety", "a job file whose `report` folder holds the job file",
+         "`report: work` with the job file in `work/`", 2, "contains the job file",
+         lambda x: ["run", kept(x, job(x, "job.yaml", f"report: '{x.work}'\n"))],
+         answer="one line naming `report`, the folder and the job file; nothing runs; the job file byte-identical"),
+    Case("output-not-a-video-name", "data safety", "`-o out.txt` (used to become a folder holding "
+         "`<video>-pnp.mp4`)", "flag", 2, "ends in '.txt'",
+         lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "-o", x.work / "out.txt"],
+         answer="one line naming `out.txt` and the containers tokenflow writes (.mp4, .m4v, .mov) or a folder "
+                "ending in '/'; nothing written"),
+    Case("output-without-extension", "data safety", "`-o results` (no extension, not an existing folder)", "flag",
+         2, "has no file extension", lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "-o",
+                                                x.work / "results"]),
+    Case("job-output-not-a-video-name", "data safety", "a job file with `output: result.txt`", "a job file", 2,
+         "ends in '.txt'", lambda x: ["run", job(x, "job.yaml", f"output: '{x.work / 'result.txt'}'\n")]),
 ]
 
 RESOURCES: List[Case] = [     # sizes and counts that cannot fit, numeric options out of range
@@ -923,7 +1036,47 @@ RESOURCES: List[Case] = [     # sizes and counts that cannot fit, numeric option
 LEFTOVERS: List[Case] = [     # temp files and locks of killed writers
 ]
 
+def root_folder(ctx: Ctx, name: str = "root") -> Path:
+    folder = ctx.work / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def symlink_out_of_root(ctx: Ctx) -> Path:
+    """work/root/out -> the case's folder (outside work/root): an output path through it escapes."""
+    (root_folder(ctx) / "out").symlink_to(ctx.root, target_is_directory=True)
+    return ctx.work / "root" / "out" / "o.mp4"
+
+
 FARM: List[Case] = [          # --output-root / --input-root confinement, resume across machines
+    Case("output-root-dotdot-escape", "farm", "a job whose `output` climbs out of `--output-root` with `..`",
+         "`tokenflow run job.yaml --output-root work/root`, `output: work/root/../escaped.mp4`", 2,
+         "outside --output-root",
+         lambda x: ["run", job(x, "job.yaml", f"output: '{root_folder(x)}/../escaped.mp4'\n"),
+                    "--output-root", x.work / "root"],
+         answer="one line naming the job file, `output`, the path and the root; nothing runs"),
+    Case("output-root-symlink-escape", "farm", "a job whose `output` leaves `--output-root` through a symlink",
+         "`work/root/out` -> outside, `output: work/root/out/o.mp4`", 2, "resolves to",
+         lambda x: ["run", job(x, "job.yaml", f"output: '{symlink_out_of_root(x)}'\n"),
+                    "--output-root", x.work / "root"],
+         answer="one line naming `output`, the path, where it resolves to and the root; nothing runs"),
+    Case("farm-checkpoint-outside-output-root", "farm", "a farm job whose own `checkpoint_dir` is outside "
+         "`--output-root`", "`tokenflow farm job.yaml --ray local --output-root work/root`, output inside, "
+         "`checkpoint_dir` outside", 2, "checkpoint_dir: ",
+         lambda x: ["farm", job(x, "job.yaml", f"output: '{root_folder(x)}/o.mp4'\ncheckpoint_dir: '{x.root}/ck'\n"),
+                    "--ray", "local", "--output-root", x.work / "root", "--report", x.work / "farm.json"],
+         answer="one line naming `checkpoint_dir` and the root; nothing submitted, Ray never contacted"),
+    Case("input-root-video-escape", "farm", "a job whose `video` is outside `--input-root`",
+         "`tokenflow run job.yaml --input-root work/in` with the shared sample clip", 2, "outside --input-root",
+         lambda x: ["run", job(x, "job.yaml", "model: tiny\n"), "--input-root", root_folder(x, "in")],
+         answer="one line naming `video`, the path and the root; nothing runs"),
+    Case("farm-model-outside-input-root", "farm", "a farm job whose local `model` folder is outside "
+         "`--input-root`", "video inside `work/in`, `model:` the shared tiny model folder", 2, "model: ",
+         lambda x: ["farm", job(x, "job.yaml", f"video: '{shutil.copy(x.clip, root_folder(x, 'in'))}'\n"),
+                    "--ray", "local", "--input-root", x.work / "in", "--report", x.work / "farm.json"],
+         answer="one line naming `model`, the folder and the root; nothing submitted"),
+    Case("output-root-missing", "farm", "`--output-root` names no folder", "`--output-root work/nope`", 2,
+         "does not exist", lambda x: ["run", job(x, "job.yaml"), "--output-root", x.work / "nope"]),
 ]
 
 CORPUS: List[Case] = VIDEO + CONFIG + JOB_FILE + MODEL + ENVIRONMENT + DATA_SAFETY + RESOURCES + LEFTOVERS + FARM

@@ -54,7 +54,7 @@ def calls(monkeypatch):
     """Replace the edit with a recorder."""
     seen = Calls()
 
-    def fake_run_edit(config, reporter, stop=None):
+    def fake_run_edit(config, reporter, stop=None, inputs=()):
         seen.append(config)
         with reporter.stage("edit", total=1) as stage:
             stage.update()
@@ -116,7 +116,8 @@ def test_every_problem_of_a_file_is_reported_at_once(folder, calls, capsys):
     assert all(line.startswith(f"tokenflow: error: {path}: ") for line in lines)
     fields = [line[len(f"tokenflow: error: {path}: "):].split(":")[0] for line in lines]
     assert sorted(fields) == ["guidance_scale", "output", "steps", "stpes"]
-    assert "did you mean 'steps'" in err and "allowed keys" in err and ">= 0" in err and "'ten'" in err
+    assert "did you mean 'steps'" in err and "allowed keys" in err and "'ten'" in err
+    assert "guidance_scale: must be a number" in err and "got -1" in err
     assert not (folder / "jobs" / "out").exists()
 
 
@@ -182,8 +183,8 @@ def test_relative_paths_resolve_against_the_job_folder(folder, monkeypatch):
                              "save_frames": str(folder / "abs")}, "jobs/j.yaml")
     assert not job.problems
     c = job.config
-    assert (c.video, c.output, c.model) == (str(folder / "clip.mp4"), str(folder / "jobs" / "out"),
-                                           str(folder / "jobs" / "models" / "sd"))
+    assert (c.video, c.output, c.model) == (str(folder / "clip.mp4"), str(folder / "jobs" / "out") + os.sep,
+                                           str(folder / "jobs" / "models" / "sd"))   # "out/": still a folder
     assert c.clip_model == "openai/clip-vit-base-patch32" and c.cache_dir == os.path.expanduser("~/c")
     assert c.save_frames == str(folder / "abs") and job.name == "j"
 
@@ -252,7 +253,7 @@ def test_a_stop_after_a_job_finished_keeps_its_outputs_and_starts_no_other(folde
     for name in "ab":
         write(folder / f"{name}.yaml", good(name))
 
-    def stopped_while_writing(config, reporter, stop=None):
+    def stopped_while_writing(config, reporter, stop=None, inputs=()):
         calls.append(config)
         stop.request("SIGTERM")   # what the run's signal handler does
         return [types.SimpleNamespace(output=config.output)]
@@ -364,11 +365,14 @@ DOCS = [  # (job, valid) for the validator and the schema alike
     ({"inversion-steps": 50, "inversion_steps": 50}, False), ({"stpes": 5}, False),
     ({"device": "gpu"}, False), ({"name": "../x"}, False), ({"memory_budget": "12XB"}, False),
     ({"steps": True}, False), ({"output": None}, False), ({"video": ""}, False), ({"model": 2.1}, False),
+    ({"output": "results/"}, True), ({"output": "o.MOV"}, True), ({"output": "o.m4v"}, True),
 ]
 
 
 # what the schema cannot express (docs/jobs.md): only `tokenflow run --check` refuses these
-NOT_IN_SCHEMA = [({"size": "100x100"}, False), ({"steps": 60, "inversion_steps": 50}, False)]
+NOT_IN_SCHEMA = [({"size": "100x100"}, False), ({"steps": 60, "inversion_steps": 50}, False),
+                 ({"output": "o.txt"}, False), ({"output": "results"}, False),   # a video name or a folder ('/')
+                 ({"output": "clip.mp4"}, False), ({"save_frames": "."}, False)]   # an output aliasing an input
 
 
 @pytest.mark.parametrize("extra, valid", DOCS + NOT_IN_SCHEMA)

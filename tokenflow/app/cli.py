@@ -112,7 +112,7 @@ def _edit_or_invert(args: argparse.Namespace, argv: Optional[List[str]]) -> int:
     if args.command == "edit" and args.plan:
         jobs.run_plan(config, reporter)
     elif args.command == "edit":
-        results = jobs.run_edit(config, reporter)
+        results = jobs.run_edit(config, reporter, inputs=[("--config file", args.config)] if args.config else [])
         if reporter.json_stream is None:   # stdout carries results only: the written paths
             for result in results or []:
                 print(result.output)

@@ -9,13 +9,14 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from tokenflow.app.locks import OutputLocks
 from tokenflow.app.outputs import per_prompt_folders, prompt_outputs, resolve_output
+from tokenflow.app.paths import check_no_aliasing, job_inputs, job_output_paths
 from tokenflow.config import EditConfig
 from tokenflow.device import resolve_device, resolve_dtype, versions
 from tokenflow.engine.planner import MemoryPlan
@@ -41,19 +42,23 @@ from tokenflow.quality.report import check_report_support, check_report_target, 
 TINY_NOTE = "made with --model tiny: random weights, the output is NOT a real edit (offline demo/test model)"
 
 
-def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = None) -> List[EditResult]:
+def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = None,
+             inputs: Sequence[Tuple[str, str]] = ()) -> List[EditResult]:
     """Edit ``config.video`` and write every output atomically; the results (``[]`` when skipped).
 
     ``stop``: the caller's stop request (``tokenflow run`` keeps one across its jobs). Without one,
     SIGTERM/SIGINT are handled for the whole job here. A stop before or during the edit ends it
     after the current step (exit 75 with a checkpoint folder, else 130); once the edit is done,
     the outputs are still written, so a signal never leaves a half-written file behind.
+    ``inputs``: (label, path) of inputs the config does not name (the ``--config`` file, the job
+    file); no output may be, contain or lie inside any input (OutputError, before anything else).
     """
     config.validate()
     if not config.video:
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow edit VIDEO ...)")
     prompts = config.prompts
-    outputs = prompt_outputs(resolve_output(config), prompts)
+    outputs = prompt_outputs(resolve_output(config), prompts)   # ConfigError: -o is not a video name or folder
+    check_no_aliasing(job_output_paths(config, outputs), job_inputs(config, inputs))   # even with --overwrite
     latents_out = prompt_outputs(config.save_latents, prompts) if config.save_latents else [None] * len(prompts)
     frames_out = per_prompt_folders(config.save_frames, prompts)
     reports_out = per_prompt_folders(config.report, prompts)

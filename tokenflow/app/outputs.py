@@ -1,11 +1,19 @@
-"""Where a job's outputs go: the default file name, one output per prompt. Plain path
-arithmetic (no I/O), shared by the jobs, job-file validation and the farm."""
+"""Where a job's outputs go: the default file name, one output per prompt, the output's
+extension. Path arithmetic (and one ``isdir``), shared by the jobs, job-file validation and the farm."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from tokenflow.config import EditConfig
+from tokenflow.errors import ConfigError
+
+# What -o may end with: io.write.write_video always writes an MP4 (ISO base media) container, which
+# is what these names promise; .m4v and .mov are the same family (QuickTime and players open an MP4
+# by those names). .mkv, .webm, .avi, ... would name another container than the one in the file.
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
+_SEPARATORS = tuple(s for s in (os.sep, os.altsep, "/") if s)
 
 
 def default_output(config: EditConfig) -> str:
@@ -13,13 +21,25 @@ def default_output(config: EditConfig) -> str:
     return str(Path("tokenflow-results") / f"{stem}-{config.method}.mp4")
 
 
+def is_folder_output(out: str) -> bool:
+    """-o names a folder: it ends with a path separator, or it is an existing folder."""
+    return out.endswith(_SEPARATORS) or os.path.isdir(out)
+
+
 def resolve_output(config: EditConfig) -> str:
-    """-o as given; a folder (existing, or without a video suffix) gets the default file name inside."""
+    """The video path of -o (``config.output``): a folder (ending with '/' or existing) gets the
+    default file name inside; a file must end with a suffix of ``VIDEO_SUFFIXES``, else ConfigError
+    (exit 2: the value is wrong whatever is on disk, as a bad --size is)."""
     out = config.output or default_output(config)
-    p = Path(out)
-    if p.is_dir() or p.suffix.lower() not in (".mp4", ".mov", ".mkv"):
-        p = p / Path(default_output(config)).name
-    return str(p)
+    if is_folder_output(out):
+        return str(Path(out) / Path(default_output(config)).name)
+    suffix = Path(out).suffix
+    if suffix.lower() not in VIDEO_SUFFIXES:
+        got = f"ends in '{suffix}'" if suffix else "has no file extension"
+        raise ConfigError.of_field("output", (
+            f"'{out}' {got}, not a video file tokenflow writes: name a {' / '.join(VIDEO_SUFFIXES)} file (the file "
+            f"is an MP4 either way), or end the path with '/' for a folder that gets the default file name"))
+    return str(Path(out))
 
 
 def prompt_outputs(path: str, prompts) -> list:

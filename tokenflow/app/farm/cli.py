@@ -6,10 +6,12 @@ import argparse
 import os
 import sys
 import tempfile
+from typing import Optional
 
 from tokenflow.app.farm.driver import Farm
 from tokenflow.app.farm.status import FARM_DIR
 from tokenflow.app.jobfile.load import load_jobs
+from tokenflow.app.jobfile.run import add_root_flags, root_options
 from tokenflow.errors import ConfigError, OutputError
 
 INSTALL_HINT = "tokenflow farm needs Ray: pip install 'tokenflow[farm]' (or pip install 'ray>=2.9')"
@@ -31,6 +33,7 @@ def add_parser(sub) -> None:
     farm.add_argument("--checkpoint-root", metavar="DIR", help="each job's checkpoints go to DIR/<job name> "
                       "(unless the job sets checkpoint_dir); default: <report folder>/checkpoints. Must be "
                       "shared storage on a cluster of several machines")
+    add_root_flags(farm)
     farm.add_argument("--max-retries", type=int, default=3, metavar="N",
                       help="runs after the first for a job whose worker is lost or which is interrupted (default 3)")
     farm.add_argument("--gpus-per-job", type=float, metavar="G", help="GPUs per job (default: 1 if the "
@@ -54,21 +57,25 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--local-cpus {args.local_cpus}: must be >= 1, and only sizes a --ray local cluster")
     report_path = os.path.abspath(args.report)
     root = os.path.abspath(args.checkpoint_root or os.path.join(os.path.dirname(report_path), "checkpoints"))
-    jobs = validate_jobs(args.jobs, root, overwrite=args.overwrite)
+    roots = root_options(args)   # --output-root / --input-root: existing folders, as real paths
+    jobs = validate_jobs(args.jobs, root, overwrite=args.overwrite, **roots)
     ray = import_ray()
     for folder, what in ((os.path.dirname(report_path), "--report"), (os.path.join(root, FARM_DIR), "--checkpoint-root")):
         _check_writable_folder(folder, what)
-    return Farm(args, ray, jobs, root, report_path).run()
+    return Farm(args, ray, jobs, root, report_path, roots).run()
 
 
-def validate_jobs(patterns, root: str, overwrite: bool = False) -> list:
-    """Every job of the farm, as ``tokenflow run`` would run it; ConfigError with every problem if any."""
+def validate_jobs(patterns, root: str, overwrite: bool = False, output_root: Optional[str] = None,
+                  input_root: Optional[str] = None) -> list:
+    """Every job of the farm, as ``tokenflow run`` would run it; ConfigError with every problem if any
+    (a job that writes outside ``output_root`` or reads outside ``input_root`` among them)."""
     overrides = {"resume": True, **({"overwrite": True} if overwrite else {})}
-    jobs, problems = load_jobs(patterns, overrides=overrides, checkpoint_root=root, check_files=True)
-    if problems:
-        for p in problems:
+    jobs, problems = load_jobs(patterns, overrides=overrides, checkpoint_root=root, check_files=True,
+                               output_root=output_root, input_root=input_root)
+    if problems:   # one line each, as `tokenflow run` prints them; the last one also says nothing ran
+        for p in problems[:-1]:
             print(f"tokenflow: error: {p}", file=sys.stderr)
-        raise ConfigError(f"{len(problems)} problem(s) in the job files; nothing was submitted")
+        raise ConfigError(f"{problems[-1]} ({len(problems)} problem(s) in the job files; nothing was submitted)")
     if not jobs:
         raise ConfigError("no job files given")
     return jobs

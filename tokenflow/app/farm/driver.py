@@ -39,8 +39,9 @@ def _worker_env() -> Dict[str, str]:
 
 
 class Farm:
-    def __init__(self, args, ray, jobs, root: str, report_path: str):
+    def __init__(self, args, ray, jobs, root: str, report_path: str, roots: Optional[Dict[str, Optional[str]]] = None):
         self.args, self.ray, self.jobs, self.root, self.report_path = args, ray, jobs, root, report_path
+        self.roots = dict(roots or {})   # output_root / input_root (real paths) every job is confined to
         self.run_id = uuid.uuid4().hex[:12]
         self.records: Dict[str, Dict[str, Any]] = {}
         self.cluster: Dict[str, Any] = {}
@@ -117,6 +118,7 @@ class Farm:
         for job in self.jobs:
             spec = {"run_id": self.run_id, "job": job.name, "file": os.path.abspath(job.file), "root": self.root,
                     "overwrite": bool(args.overwrite), "max_attempts": args.max_retries + 1,
+                    "output_root": self.roots.get("output_root"), "input_root": self.roots.get("input_root"),
                     "outputs": job_outputs(job.config), "checkpoint_dir": job.config.checkpoint_dir,
                     "status": os.path.join(farm_dir, f"{job.name}.json"),
                     "log": os.path.join(farm_dir, f"{job.name}.log"),
@@ -240,7 +242,8 @@ class Farm:
                   "argv": sys.argv[1:], "driver_host": socket.gethostname(),
                   "started": round(self.started, 3), "finished": round(time.time(), 3) if final else None,
                   "seconds": round(time.time() - self.started, 3), "cluster": self.cluster,
-                  "settings": {"checkpoint_root": self.root, "max_retries": self.args.max_retries,
+                  "settings": {"checkpoint_root": self.root, "output_root": self.roots.get("output_root"),
+                               "input_root": self.roots.get("input_root"), "max_retries": self.args.max_retries,
                                "cpus_per_job": self.args.cpus_per_job, "gpus_per_job": self.args.gpus_per_job,
                                "overwrite": bool(self.args.overwrite)},
                   "totals": self.totals(), "jobs": [self.records[j.name] for j in self.jobs if j.name in self.records]}

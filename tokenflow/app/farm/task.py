@@ -187,6 +187,8 @@ class JobAttempts:
         spec = self.spec
         cmd = [sys.executable, "-c", CHILD_CODE, "run", spec["file"], "--checkpoint-root", spec["root"],
                "--resume", "--log-json"]
+        for flag, key in (("--output-root", "output_root"), ("--input-root", "input_root")):   # checked again there
+            cmd += [flag, spec[key]] if spec.get(key) else []
         return cmd + (["--overwrite"] if spec["overwrite"] else [])
 
     def child_env(self) -> Dict[str, str]:

@@ -19,14 +19,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from tokenflow.app.outputs import prompt_outputs, resolve_output
+from tokenflow.app.outputs import VIDEO_SUFFIXES, prompt_outputs, resolve_output
+from tokenflow.app.paths import aliasing_problems, job_inputs, job_output_paths, root_problems
 from tokenflow.config import PRESETS, EditConfig, coerce, field_specs, kind_name
-from tokenflow.errors import first_line, short_repr
+from tokenflow.errors import ConfigError, first_line, short_repr
 
 REQUIRED = {   # job keys that must be given, and what they are
     "video": "input video file or folder of numbered images; relative to the job file's folder",
     "prompt": field_specs()["prompt"].rule.description,
-    "output": "output .mp4 (or a folder for the default file name); relative to the job file's folder",
+    "output": (f"output video ({', '.join(VIDEO_SUFFIXES)}), or a folder ending in '/' (or existing) for the default "
+               "file name; relative to the job file's folder"),
 }
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 EXTRA_KEYS = {   # job keys that are not EditConfig fields: what they accept, and what they are
@@ -120,8 +122,10 @@ def _extra_key_problem(key: str, value: Any) -> Optional[str]:
 
 
 def _resolve(folder: Path, value: str) -> str:
+    """``value`` against the job file's folder; a trailing '/' (a folder output) is kept."""
     p = Path(os.path.expanduser(value))
-    return str(p) if p.is_absolute() else os.path.normpath(folder / p)
+    path = str(p) if p.is_absolute() else os.path.normpath(folder / p)
+    return path + os.sep if value.endswith(("/", os.sep)) and not path.endswith(os.sep) else path
 
 
 def _local_model(folder: Path, value: str) -> bool:
@@ -131,12 +135,16 @@ def _local_model(folder: Path, value: str) -> bool:
 
 
 def parse_job(mapping: Any, job_path: str, *, overrides: Optional[Dict[str, Any]] = None,
-              checkpoint_root: Optional[str] = None, check_files: bool = False) -> Job:
+              checkpoint_root: Optional[str] = None, check_files: bool = False,
+              output_root: Optional[str] = None, input_root: Optional[str] = None) -> Job:
     """Check every key of one job (all problems, not the first) and build its EditConfig.
 
     overrides: fields set on the command line (they win over the file); checkpoint_root: the
     checkpoint folder of a job without one is ``checkpoint_root/<name>``; check_files: the input
-    video must exist here.
+    video must exist here; output_root / input_root (real paths, ``paths.check_root``): every path
+    the job file gives for an output / an input must resolve inside them.
+    Always: -o names a video file or a folder, and no output is, contains or lies inside an input
+    (the video, local model folders, the job file itself).
     """
     name = Path(job_path).stem
     if not isinstance(mapping, dict):
@@ -171,8 +179,8 @@ def parse_job(mapping: Any, job_path: str, *, overrides: Optional[Dict[str, Any]
         if isinstance(value, str) and value and (key in PATH_FIELDS or _local_model(folder, value)):
             changes[key] = _resolve(folder, value)
     changes.update(overrides or {})
-    config = dataclasses.replace(PRESETS[preset] if preset else EditConfig(), **changes)
-    if checkpoint_root and not config.checkpoint_dir:
+    config = own = dataclasses.replace(PRESETS[preset] if preset else EditConfig(), **changes)
+    if checkpoint_root and not config.checkpoint_dir:   # the command line's choice: not confined by the roots
         config = config.replace(checkpoint_dir=os.path.join(os.path.abspath(checkpoint_root), name))
     for error in config.errors():   # the one validator: every field and every rule between fields
         if error.field in REQUIRED and error.field not in given:
@@ -185,8 +193,37 @@ def parse_job(mapping: Any, job_path: str, *, overrides: Optional[Dict[str, Any]
             problems.append(Problem(given[key], f"is required: {REQUIRED[key]}; {_got(changes[key])}"))
     if check_files and isinstance(config.video, str) and "video" in given and not Path(config.video).exists():
         problems.append(Problem(given["video"], f"no such file or folder: {config.video}"))
+    if "output" in given and _paths_usable(config):
+        for field, message in _path_problems(own, config, job_path, name, output_root, input_root):
+            problems.append(Problem(given.get(field, field), message))
     problems = [dataclasses.replace(p, file=job_path) for p in problems]
     return Job(job_path, name, None if problems else config, problems)
+
+
+def _paths_usable(config: EditConfig) -> bool:
+    """The output and path fields are strings (or unset) and the prompts are strings: the path
+    checks can run (other problems of these keys are reported by the validator)."""
+    path_fields = ("video", "output", "save_frames", "save_latents", "report", "checkpoint_dir", "cache_dir",
+                   *MODEL_FIELDS)
+    return (isinstance(config.output, str) and bool(config.output.strip())
+            and all(getattr(config, f) is None or isinstance(getattr(config, f), str) for f in path_fields)
+            and isinstance(config.prompt, (str, tuple)) and all(isinstance(p, str) for p in config.prompts))
+
+
+def _path_problems(own: EditConfig, config: EditConfig, job_path: str, name: str, output_root: Optional[str],
+                   input_root: Optional[str]) -> List[Tuple[str, str]]:
+    """(field, message): -o's extension, outputs aliasing inputs (``config``, with the checkpoint
+    folder from --checkpoint-root), and paths of the job file (``own``) outside the roots."""
+    try:
+        videos = prompt_outputs(resolve_output(config), config.prompts or ("",))
+    except ConfigError as exc:
+        return [("output", exc.reason or str(exc))]
+    found = aliasing_problems(job_output_paths(config, videos), job_inputs(config, [("job file", job_path)]))
+    cache = [("cache_dir", own.cache_dir)] if own.cache_dir else []   # written, so confined like the outputs
+    found += [(field, f"{reason} (job {name!r})") for field, reason in
+              root_problems(own, output_root=output_root, input_root=input_root, video_outputs=videos,
+                            extra_outputs=cache)]
+    return found
 
 
 def collect_problems(mapping: Any, job_path: str, **options: Any) -> List[Problem]:

@@ -10,6 +10,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from tokenflow.app.jobfile.load import Job, load_jobs
+from tokenflow.app.paths import check_root
 from tokenflow.app.run import exit_for, fail, start_reporting
 from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint, LockedError
 from tokenflow.interrupt import StopFlag, stop_on_signals
@@ -31,9 +32,27 @@ def add_parser(sub) -> None:
     run.add_argument("--overwrite", action="store_true", default=None, help="replace existing outputs in every job")
     run.add_argument("--resume", action="store_true", default=None,
                      help="continue every job from the checkpoint in its checkpoint_dir")
+    run.add_argument("--strict-resume", action="store_true", default=None, help="with --resume: refuse a checkpoint "
+                     "saved with another thread count, torch/diffusers version or device (docs/checkpoints.md)")
     run.add_argument("--checkpoint-root", metavar="DIR", help="checkpoint_dir = DIR/<job name> for jobs without one")
+    add_root_flags(run)
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     run.add_argument("--log-json", action="store_true", help="JSON-lines events on stdout, each with its \"job\"")
+
+
+def add_root_flags(parser) -> None:
+    """--output-root and --input-root, shared with `tokenflow farm`."""
+    parser.add_argument("--output-root", metavar="DIR", help="every output, checkpoint_dir and cache_dir a job "
+                        "file gives must resolve (after '..' and symbolic links) inside DIR, an existing folder; "
+                        "a job that escapes it is refused before any job runs (exit 2)")
+    parser.add_argument("--input-root", metavar="DIR", help="every input a job file gives (video, local model "
+                        "and CLIP model folders) must resolve inside DIR, an existing folder (exit 2 otherwise)")
+
+
+def root_options(args: argparse.Namespace) -> Dict[str, Optional[str]]:
+    """The roots of the command line as real paths (ConfigError for a root that is not a folder)."""
+    return {"output_root": check_root(getattr(args, "output_root", None), "--output-root"),
+            "input_root": check_root(getattr(args, "input_root", None), "--input-root")}
 
 
 class RunReporter(Reporter):
@@ -57,8 +76,9 @@ def main(args: argparse.Namespace, argv: Optional[List[str]] = None) -> int:
 def run_jobs(args: argparse.Namespace, reporter: RunReporter) -> int:
     """Validate every job, then run them in order. Exit code: an interrupt's, else the first failed
     job's, else 7 if a job was locked by another worker, else 0."""
-    overrides = {k: True for k in ("overwrite", "resume") if getattr(args, k)}
-    jobs, problems = load_jobs(args.jobs, overrides=overrides, checkpoint_root=args.checkpoint_root, check_files=True)
+    overrides = {k: True for k in ("overwrite", "resume", "strict_resume") if getattr(args, k)}
+    jobs, problems = load_jobs(args.jobs, overrides=overrides, checkpoint_root=args.checkpoint_root, check_files=True,
+                               **root_options(args))
     if problems:
         for p in problems:
             print(f"tokenflow: error: {p}", file=sys.stderr)
@@ -121,7 +141,7 @@ def _run_one(job: Job, runner, reporter: RunReporter, stop: StopFlag) -> Dict[st
     the run: it becomes the record's exit code and message (``exit_for``, as for a whole command)."""
     start, outputs, message, code = time.perf_counter(), [], "", 0
     try:
-        results = runner.run_edit(job.config, reporter, stop)
+        results = runner.run_edit(job.config, reporter, stop, inputs=[("job file", job.file)])
         outputs = [str(r.output) for r in results or []]
     except (Exception, KeyboardInterrupt) as exc:   # the job's end, whatever it was
         code, message = exit_for(exc, interrupted="interrupted; no output was written")

@@ -4,7 +4,8 @@ and patterns from each field's Rule) plus the job-only keys ``name`` and ``prese
 
 The schema checks each value on its own; what it cannot express (steps <= inversion_steps, resume
 needing a checkpoint folder, a ``WIDTHxHEIGHT`` string's sides being multiples of 8, the input
-existing, clashes between jobs, YAML-level problems) is checked by ``tokenflow run --check``.
+existing, clashes between jobs, YAML-level problems, the output's extension, outputs aliasing
+inputs, the roots) is checked by ``tokenflow run --check``.
 """
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ def job_schema() -> dict:
         "description": "One `tokenflow run` job: an input video, an output and edit settings (docs/jobs.md). "
                        "Relative paths resolve against the job file's folder. Not expressible here, checked by "
                        "`tokenflow run --check`: steps <= inversion_steps, resume needs checkpoint_dir, the sides "
-                       "of a WIDTHxHEIGHT size are multiples of 8, files exist.",
+                       "of a WIDTHxHEIGHT size are multiples of 8, files exist, `output` names a .mp4/.m4v/.mov "
+                       "file or a folder (ending in '/' or existing), no output is, contains or lies inside an "
+                       "input, and paths stay inside --output-root / --input-root.",
         "type": "object",
         "properties": properties,
         "required": list(REQUIRED),

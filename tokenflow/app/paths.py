@@ -1,0 +1,192 @@
+"""Data safety of a job's paths, checked before any work (docs/jobs.md "Data safety"):
+
+- ``job_inputs`` / ``job_output_paths``: every input and every output of a job as (label, path);
+- ``check_no_aliasing``: no output is, contains or lies inside an input (same path, a symbolic
+  link, a hard link, a folder around or inside), whatever ``--overwrite`` says;
+- ``check_root`` / ``root_problems``: with ``--output-root`` / ``--input-root`` (``tokenflow run``,
+  ``tokenflow farm``), every output and every input of a job resolves inside its root.
+
+Plain path and ``stat`` arithmetic (no torch), shared by the jobs, job-file validation and the farm.
+A new kind of input (a depth or control map, ...) is one more entry of ``INPUT_FIELDS``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from tokenflow.app.outputs import per_prompt_folders, prompt_outputs, resolve_output
+from tokenflow.config import SD_VERSIONS, EditConfig
+from tokenflow.errors import ConfigError, OutputError
+
+Pair = Tuple[str, str]   # (label, path)
+
+# EditConfig fields that name an input the job reads: field -> (label, only when it is a local path)
+INPUT_FIELDS = {
+    "video": ("input video", False),
+    "model": ("model folder", True),
+    "clip_model": ("CLIP model folder", True),
+}
+# fields a job writes besides its videos (per prompt where the job has several), in the order of the checks
+OUTPUT_FIELDS = ("save_latents", "save_frames", "report", "checkpoint_dir")
+ALIAS_ADVICE = ("tokenflow never writes over or into an input, with or without --overwrite: "
+                "choose an output path outside the job's inputs")
+_TINY = re.compile(r"^tiny(?::.*)?$")
+
+
+# ----------------------------------------------------------------------------- what a job reads and writes
+
+
+def is_local_model(value: Optional[str]) -> bool:
+    """Whether ``--model``/``clip_model`` names a local folder, as ``models.load.resolve_source``
+    decides it: not ``tiny[:seed]`` nor an SD version, and a path (absolute, ``./``, ``~``, more than
+    one ``/``) or something that exists here. A Hub id (``owner/name``) is not."""
+    if not isinstance(value, str) or not value.strip():
+        return False
+    value = value.strip()
+    if _TINY.match(value) or value in SD_VERSIONS:
+        return False
+    return (value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1
+            or os.path.lexists(os.path.expanduser(value)))
+
+
+def _field_inputs(config: EditConfig) -> List[Tuple[str, str, str]]:
+    """(field, label, path) of every input named by an EditConfig field (``INPUT_FIELDS``)."""
+    found = []
+    for name, (label, local_only) in INPUT_FIELDS.items():
+        value = getattr(config, name, None)
+        if not isinstance(value, str) or not value.strip() or (local_only and not is_local_model(value)):
+            continue
+        path = os.path.expanduser(value)
+        if name == "video" and os.path.isdir(path):
+            label = "input frame folder"
+        found.append((name, label, path))
+    return found
+
+
+def job_inputs(config: EditConfig, extra: Iterable[Optional[Pair]] = ()) -> List[Pair]:
+    """Every input of a job as (label, path): the video (a file or a folder of frames), the model
+    and CLIP model when they are local folders, then ``extra`` (``("--config file", path)``,
+    ``("job file", path)``; ``None`` entries and empty paths are skipped)."""
+    found = [(label, path) for _, label, path in _field_inputs(config)]
+    return found + [(label, os.fspath(path)) for label, path in (p for p in extra if p) if path]
+
+
+def job_output_paths(config: EditConfig, video_outputs: Optional[Sequence[str]] = None) -> List[Pair]:
+    """Every path a job writes as (field, path): each prompt's video (``output``), latents, frames
+    folder and report folder, and the checkpoint folder. ``video_outputs``: the videos when the
+    caller resolved them already (``resolve_output`` raises ConfigError for an unsupported -o)."""
+    prompts = config.prompts or ("",)
+    videos = list(video_outputs) if video_outputs is not None else prompt_outputs(resolve_output(config), prompts)
+    found: List[Pair] = [("output", p) for p in videos]
+    if config.save_latents:
+        found += [("save_latents", p) for p in prompt_outputs(config.save_latents, prompts)]
+    found += [("save_frames", p) for p in per_prompt_folders(config.save_frames, prompts) if p]
+    found += [("report", p) for p in per_prompt_folders(config.report, prompts) if p]
+    if config.checkpoint_dir:
+        found.append(("checkpoint_dir", config.checkpoint_dir))
+    return found
+
+
+# ----------------------------------------------------------------------------- aliasing
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies below it (both already real, absolute paths)."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:   # different drives (Windows)
+        return False
+
+
+def _stat(path: str):
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):
+        return None
+
+
+def alias_reason(output: str, input_label: str, input_path: str) -> Optional[str]:
+    """How the output path ``output`` aliases the input, as the rest of a sentence starting with the
+    output (``"is the input video 'a.mp4'"``), or None when it does not."""
+    real_out, real_in = os.path.realpath(output), os.path.realpath(input_path)
+    named = f"the {input_label} '{input_path}'"
+    if real_out == real_in:
+        if os.path.abspath(output) == os.path.abspath(input_path):
+            return f"is {named}"
+        return f"is {named} through a symbolic link (both resolve to '{real_in}')"
+    out_stat, in_stat = _stat(real_out), _stat(real_in)
+    if out_stat is not None and in_stat is not None and (out_stat.st_dev, out_stat.st_ino) == (in_stat.st_dev,
+                                                                                               in_stat.st_ino):
+        return f"is a hard link to {named} (the same file on disk)"
+    if _inside(real_in, real_out):
+        return f"contains {named}"
+    if _inside(real_out, real_in):
+        return f"lies inside {named}"
+    return None
+
+
+def aliasing_problems(outputs: Iterable[Pair], inputs: Iterable[Pair]) -> List[Pair]:
+    """(output label, reason) for every output that is, contains or lies inside an input that
+    exists (a missing input is the input check's business); the reason names both paths."""
+    inputs = [(label, path) for label, path in inputs if os.path.lexists(path)]
+    problems: List[Pair] = []
+    for out_label, out_path in outputs:
+        for in_label, in_path in inputs:
+            reason = alias_reason(out_path, in_label, in_path)
+            if reason is not None:
+                problems.append((out_label, f"'{out_path}' {reason}; {ALIAS_ADVICE}"))
+                break
+    return problems
+
+
+def check_no_aliasing(outputs: Iterable[Pair], inputs: Iterable[Pair]) -> None:
+    """OutputError (exit 5) for the first output that is, contains or lies inside an input."""
+    for label, reason in aliasing_problems(outputs, inputs):
+        raise OutputError(f"{label} {reason}")
+
+
+# ----------------------------------------------------------------------------- roots
+
+
+def check_root(path: Optional[str], flag: str) -> Optional[str]:
+    """The real path of ``--output-root``/``--input-root`` (an existing folder), or None when not given;
+    ConfigError otherwise."""
+    if path is None:
+        return None
+    if not str(path).strip():
+        raise ConfigError(f"{flag} is empty: give the folder every job's paths must stay inside")
+    real = os.path.realpath(os.path.expanduser(str(path)))
+    if not os.path.isdir(real):
+        what = "is not a folder" if os.path.exists(real) else "does not exist"
+        raise ConfigError(f"{flag} '{path}' {what}: give an existing folder (create it first)")
+    return real
+
+
+def outside_reason(path: str, root: str, flag: str) -> Optional[str]:
+    """Why ``path`` is not inside ``root`` (a real path) after resolving ``..`` and every symbolic
+    link of its existing part, or None when it is inside."""
+    real = os.path.realpath(os.path.expanduser(path))
+    if _inside(real, root):
+        return None
+    shown = f"'{path}'" if real == os.path.expanduser(path) else f"'{path}' (resolves to '{real}')"
+    return f"{shown} is outside {flag} '{root}'"
+
+
+def root_problems(config: EditConfig, *, output_root: Optional[str] = None, input_root: Optional[str] = None,
+                  video_outputs: Optional[Sequence[str]] = None, extra_outputs: Sequence[Pair] = ()) -> List[Pair]:
+    """(field, reason) for every output (videos, latents, frames, report, checkpoint folder, plus
+    ``extra_outputs`` such as a job's ``cache_dir``) outside ``output_root`` and every input (video,
+    local model folders) outside ``input_root``; both are real paths from ``check_root``."""
+    problems: List[Pair] = []
+    if output_root:
+        for field, path in [*job_output_paths(config, video_outputs), *extra_outputs]:
+            reason = outside_reason(path, output_root, "--output-root")
+            if reason:
+                problems.append((field, reason))
+    if input_root:
+        for field, _, path in _field_inputs(config):
+            reason = outside_reason(path, input_root, "--input-root")
+            if reason:
+                problems.append((field, reason))
+    return problems
