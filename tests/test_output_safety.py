@@ -110,7 +110,7 @@ def test_folder_outputs_that_contain_the_input_are_refused(tmp_path, clip):
     out = tmp_path / "o.mp4"
     for field in ("save_frames", "report", "checkpoint_dir"):
         found = problems(config(clip, out, **{field: str(tmp_path)}))
-        assert [label for label, _ in found] == [field] and "contains the input video" in found[0][1]
+        assert found[0][0] == field and "contains the input video" in found[0][1]
     assert not problems(config(clip, out, save_frames=str(tmp_path / "png"), report=str(tmp_path / "rep"),
                                checkpoint_dir=str(tmp_path / "ck")))
 
@@ -147,6 +147,27 @@ def test_every_prompts_output_is_checked(tmp_path):
     assert [path for _, path in safety.job_output_paths(cfg)][:2] == [str(tmp_path / "out-1-glass.mp4"), str(source)]
     [(label, reason)] = problems(cfg)
     assert label == "output" and reason.startswith(f"'{source}' is the input video")
+
+
+def test_outputs_of_one_job_that_would_destroy_each_other_are_refused(tmp_path, clip):
+    folder = tmp_path / "results"
+    out = folder / "out.mp4"
+    [(label, reason)] = problems(config(clip, out, save_latents=str(out)))
+    assert label == "output" and f"is also the save_latents output '{out}'" in reason
+    [(label, reason)] = problems(config(clip, out, report=str(folder)))   # the report swap would delete the video
+    assert label == "output" and f"lies inside the report folder '{folder}'" in reason
+    [(label, reason)] = problems(config(clip, out, save_frames=str(folder / "f"), checkpoint_dir=str(folder / "f" / "c")))
+    assert label == "save_frames" and "contains the checkpoint_dir output" in reason
+    # a checkpoint folder may hold the outputs (it only ever removes its own files); separate folders are fine
+    assert not problems(config(clip, out, checkpoint_dir=str(folder), save_frames=str(folder / "f"),
+                               report=str(folder / "r"), save_latents=str(folder / "l.npy")))
+
+
+def test_edit_refuses_two_outputs_at_one_path(tmp_path, clip, capsys):
+    out = tmp_path / "out.mp4"
+    code, _, err = run_cli(capsys, "edit", clip, "--prompt", "x", "--model", "tiny", "-o", out, "--save-latents", out)
+    assert code == 5 and f"output '{out}' is also the save_latents output" in one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
 
 
 def test_missing_inputs_and_hub_models_are_not_aliased(tmp_path):

@@ -128,7 +128,9 @@ def alias_reason(output: str, input_label: str, input_path: str) -> Optional[str
 
 def aliasing_problems(outputs: Iterable[Pair], inputs: Iterable[Pair]) -> List[Pair]:
     """(output label, reason) for every output that is, contains or lies inside an input that
-    exists (a missing input is the input check's business); the reason names both paths."""
+    exists (a missing input is the input check's business), then for every output that collides
+    with another output of the job (``overlap_problems``); the reason names both paths."""
+    outputs = list(outputs)
     inputs = [(label, path) for label, path in inputs if os.path.lexists(path)]
     problems: List[Pair] = []
     for out_label, out_path in outputs:
@@ -137,6 +139,31 @@ def aliasing_problems(outputs: Iterable[Pair], inputs: Iterable[Pair]) -> List[P
             if reason is not None:
                 problems.append((out_label, f"'{out_path}' {reason}; {ALIAS_ADVICE}"))
                 break
+    return problems + overlap_problems(outputs)
+
+
+# outputs replaced as a whole folder (swap_folder_into_place): anything inside them would be lost
+_WHOLE_FOLDERS = ("save_frames", "report")
+
+
+def overlap_problems(outputs: Sequence[Pair]) -> List[Pair]:
+    """(label, reason) for each pair of a job's outputs that would destroy each other: the same
+    path (``-o x.mp4 --save-latents x.mp4``), or an output inside a frames or report folder,
+    which is replaced as a whole after the others are written. The checkpoint folder may hold
+    outputs (its own files are all it ever removes), but it may not be one."""
+    problems: List[Pair] = []
+    real = [(label, path, os.path.realpath(os.path.expanduser(path))) for label, path in outputs]
+    for i, (label_a, path_a, real_a) in enumerate(real):
+        for label_b, path_b, real_b in real[i + 1:]:
+            if real_a == real_b:
+                reason = f"'{path_a}' is also the {label_b} output '{path_b}'"
+            elif label_a in _WHOLE_FOLDERS and _inside(real_b, real_a):
+                reason = f"'{path_a}' contains the {label_b} output '{path_b}', which replacing the folder would delete"
+            elif label_b in _WHOLE_FOLDERS and _inside(real_a, real_b):
+                reason = f"'{path_a}' lies inside the {label_b} folder '{path_b}', which is replaced as a whole"
+            else:
+                continue
+            problems.append((label_a, f"{reason}: give each output of a job its own path"))
     return problems
 
 
