@@ -1,7 +1,12 @@
-"""Config defaults, validation and the original repository's YAML keys."""
+"""Config defaults, validation, numeric ranges (and their docs) and the original repository's YAML keys."""
+import argparse
+import math
+from pathlib import Path
+
 import pytest
 
-from tokenflow.config import EditConfig, default_size, from_mapping, load_yaml, parse_size
+from tokenflow.app.flags import add_config_flags, config_from_args, flag_names, options_table
+from tokenflow.config import EditConfig, default_size, field_specs, from_mapping, load_yaml, parse_bytes, parse_size
 from tokenflow.errors import ConfigError
 
 ORIGINAL_PNP_YAML = """# general
@@ -81,3 +86,123 @@ def test_parse_size():
     assert parse_size("672x384") == (672, 384)
     with pytest.raises(ConfigError):
         parse_size("big")
+
+
+# --- numeric ranges: every numeric field has both bounds, checked by the one validator ---------
+
+def _numeric_fields(kind=None):
+    return [name for name, spec in field_specs().items() if spec.numeric and (kind is None or kind in spec.kinds)]
+
+
+def _value(name, number):
+    """A field's value with ``number`` in it (size: as the width, then as the height)."""
+    return [(number, 512), (512, number)] if name == "size" else [number]
+
+
+def _just_outside(name):
+    """Values one step past each bound: ints by 1 (sizes by 8, so that only the range is wrong),
+    floats by one ulp; an exclusive minimum itself."""
+    spec = field_specs()[name]
+    low, high, excluded = spec.bounds()
+    step = 8 if spec.rule.multiple_of else 1
+    integer = "integer" in spec.kinds or spec.items == "integer"
+    below = low if excluded else (low - step if integer else math.nextafter(low, -math.inf))
+    above = high + step if integer else math.nextafter(high, math.inf)
+    return [v for number in (below, above) for v in _value(name, number)]
+
+
+def _bounds(name):
+    low, high, excluded = field_specs()[name].bounds()
+    low = math.nextafter(low, math.inf) if excluded else low
+    return [v for number in (low, high) for v in _value(name, number)]
+
+
+BASE = EditConfig(prompt="x", steps=1, inversion_steps=1000)   # every steps and inversion_steps bound is valid
+
+
+def test_every_numeric_field_has_a_minimum_and_a_maximum():
+    names = _numeric_fields()
+    assert {"seed", "frames", "size", "steps", "guidance_scale", "memory_budget", "fps"} <= set(names)
+    for name in names:
+        low, high, _ = field_specs()[name].bounds()
+        assert low is not None and high is not None, name
+
+
+@pytest.mark.parametrize("name", _numeric_fields())
+def test_a_value_just_outside_each_bound_is_refused_naming_the_field(name):
+    for value in _just_outside(name):
+        found = BASE.replace(**{name: value}).errors()
+        assert len(found) == 1 and found[0].field == name, (value, found)
+        text = str(found[0])
+        assert "\n" not in text and text.startswith(f"{name}: must be "), text
+
+
+@pytest.mark.parametrize("name", _numeric_fields())
+def test_the_bounds_themselves_are_accepted(name):
+    for value in _bounds(name):
+        assert BASE.replace(**{name: value}).errors() == [], (name, value)
+
+
+@pytest.mark.parametrize("name", _numeric_fields("number"))
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_refused(name, value):
+    found = BASE.replace(**{name: value}).errors()
+    assert [e.field for e in found] == [name] and "not a finite number" in str(found[0])
+
+
+def test_huge_and_non_finite_byte_sizes_are_config_errors():
+    for text in ("1e999", "2000TB", "99999999999999999999999"):
+        with pytest.raises(ConfigError, match="too large"):
+            parse_bytes(text)
+        assert [e.field for e in BASE.replace(memory_budget=text).errors()] == ["memory_budget"]
+    assert parse_bytes("1TiB") == 2**40
+
+
+def _flag_cases():
+    """(flag, text just outside a bound, field) for every numeric flag of `tokenflow edit`."""
+    flags = flag_names()
+    for name in _numeric_fields():
+        if name not in flags:
+            continue
+        for value in _just_outside(name):
+            text = "x".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+            if (flags[name], text) not in (("--frames", "0"), ("--start", "-1")):   # 0: every frame; --start -1: its own message
+                yield flags[name], text, name
+
+
+@pytest.mark.parametrize("flag, text, name", list(_flag_cases()))
+def test_every_numeric_flag_outside_its_range_is_one_config_error(flag, text, name):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, edit=True)
+    args = parser.parse_args(["clip.mp4", "--prompt", "x", "--steps", "1", "--inversion-steps", "1000", f"{flag}={text}"])
+    found = config_from_args(args).errors()
+    assert [e.field for e in found] == [name] and "\n" not in str(found[0]), found
+
+
+def test_help_shows_every_numeric_range():
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, edit=True)
+    text = " ".join(parser.format_help().split())
+    for name, flag in flag_names().items():
+        if field_specs()[name].numeric:
+            assert f"[range: {field_specs()[name].range_text()}]" in text, flag
+
+
+OPTIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+TABLE_START, TABLE_END = "<!-- ranges:start -->", "<!-- ranges:end -->"
+
+
+def test_docs_list_every_range():
+    text = OPTIONS_DOC.read_text()
+    table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
+    assert table == options_table().strip(), f"{OPTIONS_DOC} is out of date: run `python -m tests.test_config --write`"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        head, rest = OPTIONS_DOC.read_text().split(TABLE_START, 1)
+        OPTIONS_DOC.write_text(f"{head}{TABLE_START}\n{options_table()}{TABLE_END}{rest.split(TABLE_END, 1)[1]}")
+    else:
+        print(options_table(), end="")

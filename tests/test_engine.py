@@ -65,7 +65,7 @@ def test_layer_shapes_follow_the_unet(tiny_sd):
 
 def _plan(sd, budget, **kw):
     args = dict(frames=40, latent_size=(16, 16), branches=3, keyframes=5, window=0, steps=11, budget=budget,
-                budget_source="test", calibration=Calibration())
+                budget_source="test", calibration=Calibration(), host=(2**50, "test"))   # the device plan alone
     args.update(kw)
     return make_plan(sd, **args)
 

@@ -1030,7 +1030,40 @@ DATA_SAFETY: List[Case] = [   # an output that is, contains or lies inside an in
          "ends in '.txt'", lambda x: ["run", job(x, "job.yaml", f"output: '{x.work / 'result.txt'}'\n")]),
 ]
 
+def linked_frames(ctx: Ctx, n: int) -> Path:
+    """A frames folder of ``n`` images: one 64x64 PNG and n - 1 symbolic links to it (cheap to make)."""
+    folder = image_folder(ctx, {"0.png": (64, 64)})
+    for index in range(1, n):
+        os.symlink(folder / "0.png", folder / f"{index}.png")
+    return folder
+
+
 RESOURCES: List[Case] = [     # sizes and counts that cannot fit, numeric options out of range
+    Case("size-beyond-host-memory", "resources", "`--size 65536x65536`", "flag (5 frames)", 6,
+         "not enough host memory for 5 frames at 65536x65536", _flags("--size", "65536x65536"),
+         answer="one line before anything is decoded or loaded: the GiB needed and usable, the largest `--size` "
+                "that fits; no output, no lock", check=lambda x, r: _all_in(r.stderr, "GiB", "usable", "--size")),
+    Case("invert-size-beyond-host-memory", "resources", "`tokenflow invert --size 65536x65536`", "flag (5 frames)",
+         6, "not enough host memory for 5 frames at 65536x65536",
+         lambda x: ["invert", x.clip, "--model", x.model, "--size", "65536x65536"]),
+    Case("frames-beyond-host-memory", "resources", "a 10000-frame folder at `--size 4096x4096 --frames 0`",
+         "one 64x64 PNG and 9999 symbolic links to it", 6, "not enough host memory for 10000 frames at 4096x4096",
+         _edit(lambda x: linked_frames(x, 10_000), "--frames", "0", "--size", "4096x4096"),
+         answer="one line naming the frame count (from the folder, before decoding), the GiB needed and usable "
+                "and the most `--frames` that fit; no output", check=lambda x, r: _all_in(r.stderr, "--frames", "GiB")),
+    Case("seed-overflow", "resources", "`--seed 99999999999999999999999` (beyond torch's 2^64-1)", "flag", 2,
+         "seed: must be an integer in [0, 2^64-1]", _flags("--seed", "99999999999999999999999")),
+    Case("guidance-nan", "resources", "`--guidance-scale nan`", "flag", 2, "guidance_scale: must be a number",
+         _flags("--guidance-scale", "nan")),
+    Case("fps-infinite", "resources", "`--fps inf`", "flag", 2, "fps: must be a number", _flags("--fps", "inf")),
+    Case("frames-too-many", "resources", "`--frames 99999999999`", "flag", 2, "frames: must be an integer in [1, ",
+         _flags("--frames", "99999999999")),
+    Case("memory-budget-overflow", "resources", "`--memory-budget 1e999` (infinite bytes)", "flag", 2,
+         "memory_budget", _flags("--memory-budget", "1e999")),
+    Case("window-too-large", "resources", "`--keyframe-window 1000000`", "flag", 2, "keyframe_window",
+         _flags("--keyframe-window", "1000000")),
+    Case("job-seed-out-of-range", "resources", "`seed: 99999999999999999999999` in a job file", "a job file", 2,
+         "seed: must be an integer", lambda x: ["run", job(x, "job.yaml", "seed: 99999999999999999999999\n")]),
 ]
 
 LEFTOVERS: List[Case] = [     # temp files and locks of killed writers

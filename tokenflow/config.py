@@ -7,7 +7,9 @@
 What a field accepts is declared once, on the field: its type by its annotation, its limits,
 choices and pattern by the ``Rule`` in its metadata. ``EditConfig.validate()`` (and ``errors()``,
 every problem at once) checks exactly that, and ``tokenflow schema`` publishes it as the job
-files' JSON Schema (``field_specs()``).
+files' JSON Schema (``field_specs()``). Every numeric field has a minimum and a maximum (the
+``MAX_*`` limits below); ``--help`` and docs/options.md show them (``FieldSpec.range_text``), and
+non-finite floats are never accepted.
 """
 from __future__ import annotations
 
@@ -41,6 +43,16 @@ PROPAGATIONS = ("original", "paper")
 DTYPES = ("float32", "float16", "bfloat16")
 BACKENDS = ("eager", "compile", "aot", "onnx", "tensorrt")
 
+# Upper limits of the numeric fields (docs/options.md lists every range, generated from the Rules).
+MAX_FRAMES = 100_000               # frames of one edit (about 55 min at 30 fps): more cannot be held in memory
+MAX_FRAME_INDEX = 10_000_000       # a source frame number (about 92 h at 30 fps)
+MAX_SIDE = 65_536                  # pixels per side of --size; far sizes are refused by the host-memory check
+TRAIN_STEPS = 1000                 # the SD schedulers' num_train_timesteps: at most one DDIM step per timestep
+MAX_GUIDANCE = 100.0               # classifier-free guidance: useful values are 1..30
+MAX_FPS = 1000.0                   # output frame rate
+MAX_SEED = 2**64 - 1               # what torch.Generator.manual_seed accepts (0..2^64-1)
+MAX_BYTES = 2**50                  # 1 PiB: a memory budget beyond that is a typo
+
 # Patterns are JSON Schema (ECMA-262) regular expressions too: `tokenflow schema` uses them as they are.
 NONEMPTY_PATTERN = r"\S"
 SIZE_PATTERN = r"^\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*$"      # WIDTHxHEIGHT
@@ -72,10 +84,12 @@ def parse_bytes(text, name: str = "memory_budget") -> int:
         if not match:
             raise ConfigError(f"{name}={text!r} is not a size: use e.g. 12GB, 16GiB or 800MB")
         value, unit = float(match.group(1)), (match.group(2) or "").lower()
-    size = int(value * _UNITS[unit])
-    if size <= 0:
+    size = value * _UNITS[unit]
+    if not math.isfinite(size) or size > MAX_BYTES:
+        raise ConfigError(f"{name}={text!r} is too large: at most {MAX_BYTES} bytes (1 PiB)")
+    if int(size) <= 0:
         raise ConfigError(f"{name}={text!r} must be positive")
-    return size
+    return int(size)
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -98,6 +112,7 @@ class Rule:
     check: Optional[Callable[[Any], Any]] = None   # a parser whose ConfigError refuses the value
     path: bool = False                       # a file or folder: os.PathLike is accepted as a string
     description: str = ""                    # when the CLI flag's help does not describe the field
+    unit: str = ""                           # of the numbers in the range, for --help and docs/options.md
 
 
 def _field(default: Any, **rule: Any) -> Any:
@@ -114,12 +129,12 @@ class EditConfig:
 
     # input video and frame selection
     video: Optional[str] = _field(None, path=True)
-    frames: Optional[int] = _field(40, minimum=1)          # None = every selected frame
-    start_frame: int = _field(0, minimum=0)
-    stride: int = _field(1, minimum=1)
+    frames: Optional[int] = _field(40, minimum=1, maximum=MAX_FRAMES)          # None = every selected frame
+    start_frame: int = _field(0, minimum=0, maximum=MAX_FRAME_INDEX)
+    stride: int = _field(1, minimum=1, maximum=MAX_FRAMES)
     size: Optional[Tuple[int, int]] = _field(
-        None, minimum=64, multiple_of=8, spelled=SIZE_PATTERN,
-        means="WIDTHxHEIGHT or [width, height], each side a multiple of 8 and at least 64 (Stable Diffusion "
+        None, minimum=64, maximum=MAX_SIDE, multiple_of=8, spelled=SIZE_PATTERN, unit="pixels per side",
+        means=f"WIDTHxHEIGHT or [width, height], each side a multiple of 8 from 64 to {MAX_SIDE} (Stable Diffusion "
               "works on 8x downsampled latents), e.g. 512x512 or 672x384")
     crop: bool = False                  # centre-crop to the target aspect before resizing
 
@@ -131,26 +146,28 @@ class EditConfig:
 
     # inversion (the original's preprocess.py)
     inversion_prompt: str = ""
-    inversion_steps: int = _field(500, minimum=1, maximum=1000)
-    inversion_batch_size: Optional[int] = _field(None, minimum=1)   # frames per inversion call (None: the memory plan)
+    inversion_steps: int = _field(500, minimum=1, maximum=TRAIN_STEPS)
+    # frames per inversion call (None: the memory plan)
+    inversion_batch_size: Optional[int] = _field(None, minimum=1, maximum=MAX_FRAMES)
 
     # editing
     method: str = _field("pnp", choices=METHODS)
     prompt: Union[str, Tuple[str, ...]] = _field(   # several prompts: one edit each, sharing the inversion
         "", description="what the video should become; a list gives one edit (and output) per prompt")
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    steps: int = _field(50, minimum=1)
-    guidance_scale: float = _field(7.5, minimum=0)
-    keyframe_spacing: int = _field(8, minimum=1)           # the original's batch_size
-    chunk_frames: Optional[int] = _field(None, minimum=1)  # frames per propagation UNet call (None: the memory plan)
-    keyframe_window: Optional[int] = _field(None, minimum=1)   # keyframes per extended attention (None: all)
+    steps: int = _field(50, minimum=1, maximum=TRAIN_STEPS)
+    guidance_scale: float = _field(7.5, minimum=0, maximum=MAX_GUIDANCE)
+    keyframe_spacing: int = _field(8, minimum=1, maximum=MAX_FRAMES)           # the original's batch_size
+    # frames per propagation UNet call (None: the memory plan)
+    chunk_frames: Optional[int] = _field(None, minimum=1, maximum=MAX_FRAMES)
+    keyframe_window: Optional[int] = _field(None, minimum=1, maximum=MAX_FRAMES)   # keyframes per extended attention (None: all)
     pnp_attn_t: float = _field(0.5, minimum=0, maximum=1)
     pnp_f_t: float = _field(0.8, minimum=0, maximum=1)
     sdedit_start: float = _field(0.9, above=0, maximum=1)  # the original's `start`
     use_ddim_noise: bool = _field(
         True, description="SDEdit: noise with the inversion's noise (default true) instead of one random draw")
     propagation: str = _field("original", choices=PROPAGATIONS)
-    seed: int = _field(1, minimum=0)
+    seed: int = _field(1, minimum=0, maximum=MAX_SEED)
 
     # how the UNet runs: eager (diffusers + processors), compile (torch.compile), aot (AOTInductor
     # packages), onnx (ONNX Runtime), tensorrt (engines from the ONNX graphs; never run here)
@@ -162,8 +179,8 @@ class EditConfig:
 
     # memory (see `tokenflow edit --plan`)
     memory_budget: Optional[Union[int, str]] = _field(   # bytes or "12GB"/"16GiB"; None: free device memory - margin
-        None, minimum=1, pattern=BYTES_PATTERN, check=parse_bytes,
-        means="a size like '12GB', '16GiB' or '800MB', or a positive number of bytes")
+        None, minimum=1, maximum=MAX_BYTES, pattern=BYTES_PATTERN, check=parse_bytes, unit="bytes",
+        means="a size like '12GB', '16GiB' or '800MB', or a number of bytes, from 1 byte to 1 PiB (2^50 bytes)")
     keyframe_store: str = _field("auto", choices=PLACES)   # auto, device, host (pinned; chunks stage their keyframes)
     inverted_latents: str = _field("auto", choices=PLACES + ("disk",))   # disk: the original's per-group reloads
 
@@ -173,15 +190,16 @@ class EditConfig:
     save_latents: Optional[str] = _field(None, path=True)  # .npy of the final latents [N,4,h,w]
     report: Optional[str] = _field(None, path=True)        # folder for an HTML report (frames, side by side, metrics)
     clip_model: Optional[str] = _field(None, path=True)    # CLIP model (Hub id or folder) for the report's CLIP scores
-    fps: Optional[float] = _field(None, above=0)           # None = the source frame rate
+    fps: Optional[float] = _field(None, above=0, maximum=MAX_FPS)           # None = the source frame rate
     cache_dir: Optional[str] = _field(None, path=True)     # None = $TOKENFLOW_CACHE or ~/.cache/tokenflow
     use_cache: bool = _field(True, description="read and write the inversion cache (default true)")
     overwrite: bool = False             # False: a job whose outputs all exist is skipped
 
     # unattended runs (see docs/farm.md)
     checkpoint_dir: Optional[str] = _field(None, path=True)   # save resumable state here
-    checkpoint_every: int = _field(5, minimum=1)              # steps (inversion and edit) between checkpoints
+    checkpoint_every: int = _field(5, minimum=1, maximum=TRAIN_STEPS)   # steps (inversion and edit) between checkpoints
     resume: bool = False                  # continue from the checkpoint in checkpoint_dir
+    strict_resume: bool = False           # with resume: refuse a checkpoint saved with other threads/versions/device
     allow_pickle: bool = False            # load .bin/.ckpt (pickle) weights; default safetensors only
 
     @property
@@ -276,6 +294,29 @@ class FieldSpec:
                 text += f" >= {_num(rule.minimum)}"
         return text + (" (or null)" if self.nullable else "")
 
+    @property
+    def numeric(self) -> bool:
+        """A number, or a list of numbers (size)."""
+        return bool({"integer", "number"} & {*self.kinds, self.items})
+
+    def range_text(self) -> str:
+        """The accepted range in words for --help and docs/options.md, e.g. ``1..1000``, ``>0..1``,
+        ``64..65536, multiples of 8`` ("" for a field that is no number)."""
+        rule = self.rule
+        if not self.numeric:
+            return ""
+        low = f">{_num(rule.above)}" if rule.above is not None else "" if rule.minimum is None else _num(rule.minimum)
+        high = "" if rule.maximum is None else _num(rule.maximum)
+        return f"{low}..{high}" + (f" {rule.unit}" if rule.unit else "") \
+            + (f", multiples of {rule.multiple_of}" if rule.multiple_of else "")
+
+    def bounds(self) -> Tuple[Optional[float], Optional[float], bool]:
+        """(lowest, highest, lowest excluded) accepted number (None: unbounded that way)."""
+        rule = self.rule
+        if rule.above is not None:
+            return rule.above, rule.maximum, True
+        return rule.minimum, rule.maximum, False
+
     def problem(self, value: Any) -> Optional[str]:
         """Why ``value`` is refused (``must be ..., got ...``), or None when it is accepted."""
         if value is None:
@@ -331,6 +372,11 @@ def _in_limits(x: Any, rule: Rule) -> bool:
 
 
 def _num(x: float) -> str:
+    """A limit as people read it: 1000, 0.5, 2^50, 2^64-1."""
+    if isinstance(x, int) and x >= 2**30:
+        for power, offset in ((x.bit_length() - 1, ""), (x.bit_length(), "-1")):
+            if x == 2**power - (1 if offset else 0):
+                return f"2^{power}{offset}"
     return str(int(x)) if float(x).is_integer() else str(x)
 
 

@@ -16,6 +16,7 @@ from tokenflow.config import (
     PRESETS,
     PROPAGATIONS,
     EditConfig,
+    field_specs,
     from_mapping,
     load_yaml,
     parse_size,
@@ -126,12 +127,19 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (default 5)")
         g.add_argument("--resume", action="store_true", default=None,
                        help="continue from the checkpoint in --checkpoint-dir (refused if it was made with other settings)")
+        g.add_argument("--strict-resume", action="store_true", default=None, help="with --resume: refuse (exit 2) a "
+                       "checkpoint saved with another torch thread count, torch/diffusers version or device instead of "
+                       "warning that the result then equals an uninterrupted run only to float rounding")
         g = p.add_argument_group("outputs")
         g.add_argument("--clip-model", metavar="MODEL", help="CLIP model (Hub id or folder) for the report's CLIP "
                        "text alignment and frame consistency (default: skipped)")
     g = p.add_argument_group("logging")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     g.add_argument("--log-json", action="store_true", help="JSON-lines events on stdout instead of progress bars")
+    for action in p._actions:   # every numeric flag says its range, from the field's Rule (docs/options.md)
+        spec = field_specs().get(FLAG_FIELDS.get(action.dest, action.dest))
+        if spec is not None and spec.numeric and action.help and action.help != argparse.SUPPRESS:
+            action.help += f" [range: {spec.range_text()}]"
 
 
 # flag -> config field where the names differ
@@ -171,6 +179,27 @@ def _parse_start(value: str, args: argparse.Namespace):
         return "sdedit_start", fraction
     raise ConfigError(f"--start {value!r}: the first frame index must be an integer >= 0 "
                       "(for SDEdit's start fraction use --method sdedit --sdedit-start F)")
+
+
+def flag_names() -> Dict[str, str]:
+    """EditConfig field -> its `tokenflow edit` flag (fields without one are left out)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_flags(parser, edit=True)
+    fields = field_specs()
+    return {FLAG_FIELDS.get(a.dest, a.dest): max(a.option_strings, key=len) for a in parser._actions
+            if a.option_strings and not a.dest.startswith("no_") and FLAG_FIELDS.get(a.dest, a.dest) in fields}
+
+
+def options_table() -> str:
+    """The Markdown table of every numeric option's range (docs/options.md), from the fields' Rules."""
+    flags = flag_names()
+    rows = ["| flag | job-file key | range | default |", "| --- | --- | --- | --- |"]
+    for name, spec in field_specs().items():
+        if spec.numeric:
+            default = "x".join(map(str, spec.default)) if isinstance(spec.default, tuple) else spec.default
+            flag = f"`{flags[name]}`" if name in flags else "(job files only)"
+            rows.append(f"| {flag} | `{name}` | {spec.range_text()} | {'automatic' if default is None else default} |")
+    return "\n".join(rows) + "\n"
 
 
 def field_help() -> Dict[str, str]:

@@ -17,9 +17,9 @@ import torch
 from tokenflow.app.locks import OutputLocks
 from tokenflow.app.outputs import per_prompt_folders, prompt_outputs, resolve_output
 from tokenflow.app.paths import check_no_aliasing, job_inputs, job_output_paths
-from tokenflow.config import EditConfig
+from tokenflow.config import EditConfig, default_size
 from tokenflow.device import resolve_device, resolve_dtype, versions
-from tokenflow.engine.planner import MemoryPlan
+from tokenflow.engine.planner import HostPlan, MemoryPlan, before_read
 from tokenflow.errors import ConfigError, InputError, Interrupted, OutputError
 from tokenflow.interrupt import StopFlag, stop_on_signals
 from tokenflow.io.checkpoint import remove_checkpoint
@@ -32,9 +32,10 @@ from tokenflow.io.outputs import (
     temp_sibling,
 )
 from tokenflow.io.progress import Reporter
+from tokenflow.io.read import Clip, count_selected, read_video
 from tokenflow.io.write import write_frames, write_video
 from tokenflow.kernels import check_backends
-from tokenflow.method.editor import Editor, EditResult, read_clip
+from tokenflow.method.editor import Editor, EditResult
 from tokenflow.quality.cli import evaluate, load_scorer
 from tokenflow.quality.flow import require_cv2
 from tokenflow.quality.report import check_report_support, check_report_target, write_report
@@ -96,7 +97,8 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
     device = resolve_device(config.device)
     check_backends(device, resolve_dtype(config.dtype, device), config.attention_backend, config.nearest_backend)
     start = time.perf_counter()
-    clip = read_clip(str(config.video), config, reporter)
+    host = check_host_memory(config, len(config.prompts), device.type)   # before anything is decoded or loaded
+    clip = read_checked(config, reporter, host)
     editor = _load_editor(config, reporter)
     if stop.requested:   # during the read or the model load: no step has run, nothing new to save
         raise Interrupted(f"stopped by {stop.reason} before the edit began; nothing was written")
@@ -223,12 +225,34 @@ def write_edit_report(result: EditResult, folder: str, config: EditConfig, score
     return str(folder)
 
 
+def check_host_memory(config: EditConfig, prompts: int, device_type: str) -> HostPlan:
+    """The job's host memory (engine.planner.HostPlan) from the input's headers and the config,
+    before anything is decoded or loaded: ResourceError (exit 6) with the numbers and the flags
+    that fix it when it cannot fit. ``prompts`` 0: an inversion only."""
+    count = count_selected(str(config.video), frames=config.frames, start=config.start_frame, stride=config.stride)
+    width, height = config.size or default_size(*count.source_size)
+    return before_read(frames=count.frames, frames_source=count.how, width=width, height=height,
+                       source_pixels=count.source_size[0] * count.source_size[1], prompts=prompts,
+                       timesteps=config.steps + 1, device_type=device_type, inverted_latents=config.inverted_latents,
+                       use_cache=config.use_cache).check()
+
+
+def read_checked(config: EditConfig, reporter: Reporter, host: HostPlan) -> Clip:
+    """Decode the frames ``config`` selects (as ``method.editor.read_clip``), checking ``host``
+    before each frame beyond the count it was checked for (a container that did not list them)."""
+    with reporter.stage("read"):
+        return read_video(str(config.video), frames=config.frames, start=config.start_frame, stride=config.stride,
+                          size=config.size, crop=config.crop, on_frame=host.check_frames)
+
+
 def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
-    """``tokenflow edit --plan``: load the model, read the clip, print the memory plan; no edit."""
+    """``tokenflow edit --plan``: load the model, read the clip, print the memory plan (device and
+    host); no edit."""
     config.validate(need_prompt=False)
     if not config.video:
         raise InputError("no input video: --plan needs the video whose edit it plans (tokenflow edit VIDEO --plan)")
-    clip = read_clip(str(config.video), config, reporter)
+    host = check_host_memory(config, max(1, len(config.prompts)), resolve_device(config.device).type)
+    clip = read_checked(config, reporter, host)
     editor = _load_editor(config, reporter)
     plan = editor.plan(clip, config.replace(prompt=config.prompts or ("plan",)))
     reporter.event("plan", **plan.as_dict())
@@ -251,7 +275,8 @@ def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
     if not config.video:
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow invert VIDEO ...)")
     start = time.perf_counter()
-    clip = read_clip(str(config.video), config, reporter)
+    host = check_host_memory(config, 0, resolve_device(config.device).type)   # before anything is decoded or loaded
+    clip = read_checked(config, reporter, host)
     editor = _load_editor(config, reporter)
     inversion = editor.invert(clip, config=config)
     summary = {"frames": int(inversion.z0.shape[0]), "timesteps": sorted(inversion.latents),

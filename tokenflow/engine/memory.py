@@ -1,5 +1,6 @@
 """Memory accounting: analytic activation sizes of the UNet and VAE, a measured calibration probe
-(cached per device), byte-size parsing and the device's free memory.
+(cached per device), the device's free memory and the host's (``host_available``: MemAvailable,
+or a tighter cgroup limit).
 
 Analytic model (elements per batch row, in the compute dtype), for latents h x w and a UNet with
 ``block_out_channels`` C_l at levels l = 0..L-1 (tokens S_l = ceil(h / 2^l) * ceil(w / 2^l)):
@@ -244,6 +245,87 @@ def proc_bytes(path: str, field: str) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+NO_LIMIT = 2**60   # cgroup v1 says "no limit" with a huge number (9223372036854771712)
+
+
+def host_available(meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup",
+                   proc_cgroup: str = "/proc/self/cgroup") -> Tuple[int, str]:
+    """(bytes of host memory this process can still take, where the number comes from).
+
+    ``MemAvailable`` of /proc/meminfo, or less when a cgroup memory limit leaves less headroom
+    (v2 ``memory.max`` - ``memory.current``, v1 ``memory.limit_in_bytes`` - ``memory.usage_in_bytes``,
+    reclaimable page cache (``inactive_file``) counted as free), for this process's cgroup and
+    every one above it. Without /proc (not Linux): the free physical pages (``os.sysconf``), else
+    an assumed 8 GiB. The paths are parameters so that tests can point them at made-up files.
+    """
+    found = proc_bytes(meminfo, "MemAvailable")
+    if found is not None:
+        best, source = found, f"MemAvailable {gib(found)}"
+    else:
+        try:
+            best = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            source = f"free physical memory {gib(best)}"
+        except (ValueError, OSError, AttributeError):
+            best, source = 8 * 2**30, "unknown platform: assumed 8.00 GiB"
+    for folder, names in _cgroup_folders(cgroup_root, proc_cgroup):
+        headroom = _cgroup_headroom(folder, *names)
+        if headroom is not None and headroom[0] < best:
+            best, source = headroom[0], f"cgroup {folder}: {headroom[1]}"
+    return max(best, 0), source
+
+
+_CGROUP_V2 = ("memory.max", "memory.current", "inactive_file")
+_CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+
+
+def _cgroup_folders(root: str, proc_cgroup: str):
+    """(folder, file names) of this process's memory cgroups and their ancestors, v2 and v1."""
+    paths = {"v2": "/", "v1": "/"}
+    try:
+        with open(proc_cgroup) as f:
+            for line in f:
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
+                    paths["v2"] = parts[2] or "/"
+                elif len(parts) == 3 and "memory" in parts[1].split(","):
+                    paths["v1"] = parts[2] or "/"
+    except OSError:
+        pass
+    out = []
+    for version, base, names in (("v2", root, _CGROUP_V2), ("v1", os.path.join(root, "memory"), _CGROUP_V1)):
+        relative = Path(paths[version].lstrip("/"))
+        for depth in range(len(relative.parts), -1, -1):
+            folder = os.path.join(base, *relative.parts[:depth])
+            if (folder, names) not in out:
+                out.append((folder, names))
+    return out
+
+
+def _cgroup_headroom(folder: str, limit_name: str, usage_name: str, cache_name: str) -> Optional[Tuple[int, str]]:
+    """(limit - usage + reclaimable cache, in words) of one cgroup folder; None without a limit."""
+    try:
+        with open(os.path.join(folder, limit_name)) as f:
+            text = f.read().strip()
+        if text == "max" or int(text) >= NO_LIMIT:
+            return None
+        limit = int(text)
+        with open(os.path.join(folder, usage_name)) as f:
+            usage = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    cache = 0
+    try:
+        with open(os.path.join(folder, "memory.stat")) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == cache_name:
+                    cache = int(value)
+    except (OSError, ValueError):
+        pass
+    headroom = limit - usage + min(cache, usage)
+    return headroom, f"limit {gib(limit)}, {gib(usage - min(cache, usage))} in use"
 
 
 def _meminfo(field: str) -> int:

@@ -9,11 +9,12 @@ Tensors are float32 [N, 3, H, W] in [0, 1] unless stated otherwise. Sizes are (W
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import av
 import av.error
@@ -30,6 +31,7 @@ FOLDER_FPS = 10.0  # image folders carry no frame rate
 _DECODE_ERRORS = (av.error.FFmpegError, OSError, EOFError, ValueError)
 
 Size = Tuple[int, int]
+FrameCheck = Callable[[int], None]   # called with n before the n-th selected frame takes memory; raises to stop
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Clip:
 
 
 def read_video(path, *, frames: Optional[int] = None, start: int = 0, stride: int = 1,
-               size: Optional[Size] = None, crop: bool = False) -> Clip:
+               size: Optional[Size] = None, crop: bool = False, on_frame: Optional[FrameCheck] = None) -> Clip:
     """Decode source frames ``start, start + stride, ...`` (at most ``frames`` of them) into a Clip.
 
     ``path`` is a video file FFmpeg can decode or a folder of numbered images. ``frames=None``
@@ -70,7 +72,11 @@ def read_video(path, *, frames: Optional[int] = None, start: int = 0, stride: in
     ``crop=True`` centre-crops each frame to the aspect ratio of ``size`` before resizing, so
     nothing is stretched; otherwise the whole frame is resized (possibly changing its aspect).
     Videos whose container asks for a display rotation (phone footage) are rotated upright.
-    Decoding stops at the last selected frame. Returns frames float32 [N, 3, H, W] in [0, 1].
+    Decoding stops at the last selected frame. Frames are resized one by one as they are decoded
+    or read, so only the selected frames at the target size are held (plus one source frame).
+    ``on_frame(n)`` is called before the n-th selected frame is resized; an exception it raises
+    (a host-memory check: ``engine.planner.HostPlan.check_frames``) ends the read.
+    Returns frames float32 [N, 3, H, W] in [0, 1].
     """
     path = os.fspath(path)
     _check_selection(frames, start, stride)
@@ -80,8 +86,8 @@ def read_video(path, *, frames: Optional[int] = None, start: int = 0, stride: in
         raise InputError(f"input video '{path}' does not exist. Check the path.")
     selection = _Selection(start, stride, frames)
     if os.path.isdir(path):
-        return _read_image_folder(path, selection, size, crop)
-    return _read_video_file(path, selection, size, crop)
+        return _read_image_folder(path, selection, size, crop, on_frame)
+    return _read_video_file(path, selection, size, crop, on_frame)
 
 
 def probe(path) -> dict:
@@ -99,12 +105,50 @@ def probe(path) -> dict:
     try:
         with av.open(path) as container:
             stream = _first_video_stream(container, path)
+            if stream.codec_context is None:   # no decoder for its codec: what decoding would say
+                raise _decode_error(path, ValueError("Decoder not found"))
             width, height = stream.codec_context.width, stream.codec_context.height
             duration = float(container.duration / av.time_base) if container.duration else None
             return {"frames": stream.frames or None, "fps": _stream_fps(stream), "width": width,
                     "height": height, "audio": bool(container.streams.audio), "duration": duration}
     except _DECODE_ERRORS as error:
         raise _decode_error(path, error) from error
+
+
+@dataclass(frozen=True)
+class FrameCount:
+    """What a read of a source will hold, known before decoding (``count_selected``)."""
+
+    frames: Optional[int]      # selected frames; None when not known before decoding
+    how: str                   # where the number comes from, for messages
+    source_size: Size          # (W, H) of a source frame as stored
+
+
+def count_selected(path, *, frames: Optional[int] = None, start: int = 0, stride: int = 1) -> FrameCount:
+    """How many frames ``read_video`` with this selection keeps, from headers only (``probe``):
+    min(listed frames from ``start`` every ``stride``, ``frames``). A container that does not list
+    its frame count is estimated as duration x fps (rounded up); one that says neither counts as
+    ``frames`` (an upper bound), else as unknown (None): check the frames as they arrive
+    (``read_video(on_frame=...)``), which also catches a header that lists too few."""
+    info = probe(path)
+    listed, how = info["frames"], "listed by the container"
+    if os.path.isdir(os.fspath(path)):
+        how = "in the folder"
+    elif listed is None and info["duration"] and info["fps"]:
+        listed = math.ceil(info["duration"] * info["fps"])
+        how = "estimated as duration x fps (the container does not list them)"
+    size = (info["width"], info["height"])
+    if listed is None:
+        if frames is None:
+            return FrameCount(None, "the count is not known before decoding: checked as frames arrive", size)
+        return FrameCount(frames, f"--frames {frames}; the container lists neither frames nor duration", size)
+    selected = max(0, math.ceil((listed - start) / stride))
+    source = f"{listed} frames {how}"
+    if frames is not None and frames < selected:
+        return FrameCount(frames, f"--frames {frames}; {source}", size)
+    if (start, stride) != (0, 1):
+        source = f"--start {start} --stride {stride} of {source}"
+    return FrameCount(selected, source, size)
 
 
 class _Selection:
@@ -146,7 +190,8 @@ def _round8(value: int) -> int:
     return max(64, (value + 4) // 8 * 8)
 
 
-def _read_video_file(path: str, selection: _Selection, size: Optional[Size], crop: bool) -> Clip:
+def _read_video_file(path: str, selection: _Selection, size: Optional[Size], crop: bool,
+                     on_frame: Optional[FrameCheck] = None) -> Clip:
     try:
         with av.open(path) as container:
             stream = _first_video_stream(container, path)
@@ -154,7 +199,7 @@ def _read_video_file(path: str, selection: _Selection, size: Optional[Size], cro
             fps = _stream_fps(stream)
             has_audio = bool(container.streams.audio)
             listed = int(stream.frames or 0)   # what the header says; 0 when the container does not say
-            decoded = _decode_selected(container, stream, selection, size, crop, fps)
+            decoded = _decode_selected(container, stream, selection, size, crop, fps, on_frame)
     except InputError:
         raise
     except _DECODE_ERRORS as error:
@@ -184,7 +229,7 @@ def _stream_fps(stream) -> float:
 
 
 def _decode_selected(container, stream, selection: _Selection, size: Optional[Size], crop: bool,
-                     fps: float):
+                     fps: float, on_frame: Optional[FrameCheck] = None):
     """Decode up to the last selected frame; resize selected ones as they come (saves memory).
 
     Returns (uint8 [H, W, 3] images, kept indices, kept times in s, displayed source (W, H),
@@ -201,6 +246,8 @@ def _decode_selected(container, stream, selection: _Selection, size: Optional[Si
             break
         if not selection.keeps(index):
             continue
+        if on_frame is not None:
+            on_frame(len(images) + 1)
         rgb = _upright(frame.to_rgb().to_ndarray(), frame.rotation)
         source_size = source_size or (rgb.shape[1], rgb.shape[0])
         target = size or default_size(*source_size)
@@ -237,10 +284,18 @@ def _centre_crop_box(source: Size, target: Size) -> Tuple[int, int, int, int]:
     return 0, top, src_w, top + height
 
 
-def _to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 [H, W, 3] images -> float32 [N, 3, H, W] in [0, 1], exactly as ToTensor does."""
-    stacked = torch.from_numpy(np.stack(images))
-    return (stacked.permute(0, 3, 1, 2).float() / 255).contiguous()
+def _to_tensor(images: list) -> torch.Tensor:
+    """uint8 [H, W, 3] images -> float32 [N, 3, H, W] in [0, 1], exactly as ToTensor does.
+
+    Filled frame by frame, each image dropped from ``images`` once converted: at most the uint8
+    images and the float32 result are held (no stacked copy, no whole-clip temporaries)."""
+    height, width = images[0].shape[:2]
+    out = torch.empty((len(images), 3, height, width), dtype=torch.float32)
+    for index, image in enumerate(images):
+        # numpy: the images are read-only views of PIL data; the same float32 division as torch's
+        np.divide(image.transpose(2, 0, 1), np.float32(255), out=out[index].numpy(), dtype=np.float32)
+        images[index] = None
+    return out
 
 
 def _decode_error(path: str, error: BaseException) -> InputError:
@@ -264,21 +319,26 @@ def _hash_into(digest, path: str) -> None:
 # ----------------------------------------------------------------------------- image folders
 
 
-def _read_image_folder(folder: str, selection: _Selection, size: Optional[Size], crop: bool) -> Clip:
+def _read_image_folder(folder: str, selection: _Selection, size: Optional[Size], crop: bool,
+                       on_frame: Optional[FrameCheck] = None) -> Clip:
+    """Each picture is read, checked and resized before the next is opened (one source picture held)."""
     paths = _list_images(folder)
     chosen = list(range(selection.start, len(paths), selection.stride))[: selection.count]
     if not chosen:
         raise InputError(f"--start {selection.start} is past the end of '{folder}' ({len(paths)} frames).")
-    pictures = [_open_rgb(paths[i]) for i in chosen]
-    source_size = pictures[0].size
-    for index, picture in zip(chosen, pictures):
+    source_size = _image_size(paths[chosen[0]])
+    images = []
+    for index in chosen:
+        if on_frame is not None:
+            on_frame(len(images) + 1)
+        picture = _open_rgb(paths[index])
         if picture.size != source_size:
             raise InputError(
                 f"images in '{folder}' differ in size: '{os.path.basename(paths[chosen[0]])}' is "
                 f"{source_size[0]}x{source_size[1]} but '{os.path.basename(paths[index])}' is "
                 f"{picture.size[0]}x{picture.size[1]}. Resize them to one size first.")
-    target = size or default_size(*source_size)
-    images = [_resize(picture, target, crop) for picture in pictures]
+        images.append(_resize(picture, size or default_size(*source_size), crop))
+        del picture
     return Clip(frames=_to_tensor(images), fps=FOLDER_FPS, source=folder, source_size=source_size,
                 indices=chosen, content_hash=_hash_folder(paths), audio=False,
                 start_time=chosen[0] / FOLDER_FPS, end_time=(chosen[-1] + 1) / FOLDER_FPS)
