@@ -482,6 +482,8 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
             value = _model_from_sd_version(value, source)
         elif key == "size" and value is not None:
             value = _size_value(value, source)
+        elif key == "output_path" and isinstance(value, str) and value.strip():
+            value = os.path.join(value, "")   # the original writes its videos into this folder
         if name == "device" and value is not None:
             value = str(value)
         if name == "prompt" and isinstance(value, list):
