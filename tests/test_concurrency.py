@@ -191,7 +191,8 @@ def test_temp_folders_of_killed_writers_are_swept_once_old(tmp_path):
         temp.mkdir(parents=True)
         (temp / "latents.safetensors").write_bytes(b"half")
     old = time.time() - 2 * 3600
-    os.utime(dead, (old, old))
+    for path in (dead / "latents.safetensors", dead):   # nothing in it touched for two hours
+        os.utime(path, (old, old))
     cache.save(KEY, _latents())
     assert not dead.exists() and live.exists()   # a writer may still be filling the young one
 

@@ -287,11 +287,11 @@ def _tail(text: str, n: int = 3000) -> str:
 
 def leftovers(root: Path) -> List[str]:
     """Temp files and locks a run left under ``root``: ``.name.tmp-*``, write probes, cache and
-    calibration temps, ``*.lock``."""
+    calibration temps, ``*.lock``, lock removal guards (``.*.lock.break``)."""
     found = []
     for path in root.rglob("*"):
         name = path.name
-        if name.endswith(".lock") or (name.startswith(".") and any(
+        if name.endswith((".lock", ".lock.break")) or (name.startswith(".") and any(
                 marker in name for marker in ("tmp", "tokenflow-write-test", ".calibration."))):
             found.append(str(path.relative_to(root)))
     return sorted(found)
@@ -1066,7 +1066,163 @@ RESOURCES: List[Case] = [     # sizes and counts that cannot fit, numeric option
          "seed: must be an integer", lambda x: ["run", job(x, "job.yaml", "seed: 99999999999999999999999\n")]),
 ]
 
+def _dead_owner(boot: Optional[str] = None, machine: Optional[str] = None, pid: int = 99_999_999) -> str:
+    """An owner token (tokenflow.io.owners) of a process that is gone: by default a dead pid of this
+    machine; ``boot``/``machine``: another boot of this machine, another machine."""
+    from tokenflow.io import owners
+
+    return owners.Owner(pid, None, machine or owners.MACHINE_TAG, boot or owners.BOOT_TAG).token
+
+
+def _other_boot() -> str:
+    from tokenflow.io import owners
+
+    return "00000001" if owners.BOOT_TAG != "00000001" else "00000002"
+
+
+def _plant_lock(target: Path, pid: int, boot: Optional[str] = None, age: float = 0.0) -> Path:
+    """A lock record of ``pid`` on this machine, as `tokenflow.app.locks` writes it."""
+    from tokenflow.io import owners
+
+    now = time.time() - age
+    path = Path(str(target) + ".lock")
+    path.write_text(json.dumps({"pid": pid, "host": owners.HOST, "started": now, "heartbeat": now, "token": "planted",
+                                "output": str(target), "boot": boot or owners.BOOT, "pidns": owners.PIDNS}))
+    return path
+
+
+def _plant_dead_writers_temps(ctx: Ctx) -> None:
+    """What `tokenflow edit -o result.mp4 --save-frames work/frames` leaves when killed while it writes:
+    the staged video, the encoder's temp inside it (a temp of a temp), a staged frames folder; and,
+    killed while it stored its inversion, a cache entry's temp folder (the case's own cache)."""
+    dead = _dead_owner()
+    (ctx.root / f".result.mp4.tmp-{dead}-0badc0de.new.mp4").write_bytes(b"a complete staged video")
+    (ctx.root / f"..result.mp4.tmp-{dead}-0badc0df.new.mp4.tmp-{dead}-0badc0e0.mp4").write_bytes(b"half")
+    staged = ctx.work / f".frames.tmp-{dead}-0badc0e1.new"
+    staged.mkdir()
+    (staged / "00000.png").write_bytes(b"png")
+    entry = ctx.work / "cache" / "inversions" / f".{'0' * 32}.tmp-{dead}-0badc0e2"
+    entry.mkdir(parents=True)
+    (entry / "latents.safetensors").write_bytes(b"half")
+
+
+def _dead_temps_swept(ctx: Ctx, res: Result) -> None:
+    expect_video(5)(ctx, res)
+    assert sorted(p.name for p in (ctx.work / "frames").iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    removed = [e["message"] for e in res.events() if e["event"] == "info" and e["message"].startswith("removed")]
+    assert len(removed) == 3 and all("pid 99999999 on this machine has exited" in m for m in removed), removed
+    inversions = ctx.work / "cache" / "inversions"   # the cache's temp went when the cache was read
+    assert [p.name for p in inversions.iterdir() if p.name.startswith(".")] == []
+    assert len(list(inversions.glob("*/meta.json"))) == 1
+
+
+def _plant_lock_and_guard(ctx: Ctx) -> None:
+    """A worker killed while it released its lock: the lock and its removal guard, both naming a dead pid."""
+    _plant_lock(ctx.out, 99_999_999)
+    (ctx.root / ".result.mp4.lock.break").write_text(_dead_owner())
+
+
+def _lock_broken(ctx: Ctx, res: Result) -> None:
+    expect_video(5)(ctx, res)
+    assert any("broke the stale lock" in e.get("message", "") and "pid 99999999 on this machine has exited"
+               in e["message"] for e in res.events()), res.stdout[-2000:]
+
+
+def _plant_other_boot(ctx: Ctx) -> None:
+    """A lock and a staged video of pid 1 (alive now) written during another boot of this machine."""
+    _plant_lock(ctx.out, 1, boot="an-earlier-boot")
+    (ctx.root / f".result.mp4.tmp-{_dead_owner(boot=_other_boot(), pid=1)}-0badc0de.new.mp4").write_bytes(b"old")
+
+
+def _other_boot_swept(ctx: Ctx, res: Result) -> None:
+    expect_video(5)(ctx, res)
+    rebooted = [e["message"] for e in res.events() if "machine has rebooted since" in e.get("message", "")]
+    assert len(rebooted) == 2, res.stdout[-2000:]   # the lock and the temp
+
+
+def _plant_other_machine(ctx: Ctx) -> None:
+    """A staged video of a worker on another machine, untouched for 5 minutes (TTL 60 s)."""
+    temp = ctx.root / f".result.mp4.tmp-{_dead_owner(machine='0123456789ab', boot='00c0ffee', pid=4242)}-0badc0de.new.mp4"
+    temp.write_bytes(b"theirs")
+    then = time.time() - 300
+    os.utime(temp, (then, then))
+
+
+def _other_machine_swept(ctx: Ctx, res: Result) -> None:
+    expect_video(5)(ctx, res)
+    assert any("written on another machine" in e.get("message", "") for e in res.events()), res.stdout[-2000:]
+
+
+LIVE_WRITER = r"""
+import sys
+from tokenflow.io.outputs import atomic_file
+with atomic_file(sys.argv[1], "wb") as f:
+    f.write(b"still writing")
+    f.flush()
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _beside_a_live_writer(ctx: Ctx, argv: List[str], env: dict) -> subprocess.CompletedProcess:
+    """The CLI while another live process (no lock: a Python API user) writes result.mp4 through
+    atomic_file; then that writer is killed and the next sweep of result.mp4 removes its temp."""
+    from tokenflow.io.outputs import sweep_temps
+
+    child = subprocess.Popen([sys.executable, "-c", LIVE_WRITER, str(ctx.out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                             env=_env({"PYTHONPATH": str(ROOT)}))
+    try:
+        assert child.stdout.readline().strip() == "ready", child.stderr.read()
+        temps = [p for p in ctx.root.iterdir() if p.name.startswith(".result.mp4.tmp-")]
+        done = run_cli(argv, env)
+        kept = [p.name for p in temps if p.exists()]
+    finally:
+        child.kill()
+        child.communicate()
+    swept = sweep_temps(ctx.out)
+    (ctx.work / "live-writer.json").write_text(json.dumps({"temps": [p.name for p in temps], "kept": kept,
+                                                          "swept": swept, "child": child.pid}))
+    return done
+
+
+def _live_writer_kept(ctx: Ctx, res: Result) -> None:
+    expect_video(5)(ctx, res)
+    seen = json.loads((ctx.work / "live-writer.json").read_text())
+    assert len(seen["temps"]) == 1 and seen["kept"] == seen["temps"], seen   # alive: left alone during the run
+    assert len(seen["swept"]) == 1 and f"pid {seen['child']} on this machine has exited" in seen["swept"][0], seen
+
+
 LEFTOVERS: List[Case] = [     # temp files and locks of killed writers
+    Case("leftover-temps-of-a-dead-pid", "leftovers", "temps of a killed writer of this machine next to the outputs "
+         "and in the cache", "`.result.mp4.tmp-<dead pid>-…` (a staged video and a temp of a temp), a staged "
+         "`.frames.tmp-<dead pid>-….new/` folder, `$TOKENFLOW_CACHE/inversions/.<key>.tmp-<dead pid>-…/`; "
+         "`--save-frames work/frames --log-json`", 0, "",
+         lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "--save-frames", x.work / "frames", "--log-json"],
+         before=_plant_dead_writers_temps, check=_dead_temps_swept,
+         env=lambda x: {"TOKENFLOW_CACHE": str(x.root / "work" / "cache")},
+         answer="succeeds; the output's temps are removed once its locks are held (an `info` event each: the pid "
+                "has exited), the cache's when the cache is read; a 5-frame output and 5 frames", slow=True),
+    Case("leftover-lock-and-guard-of-a-dead-pid", "leftovers", "a killed worker's lock and removal guard",
+         "`result.mp4.lock` and `.result.mp4.lock.break` naming a dead pid of this machine", 0, "",
+         _flags("--log-json"), before=_plant_lock_and_guard, check=_lock_broken,
+         answer="succeeds at once: the guard of a dead remover is taken over without waiting 30 s, the lock "
+                "broken (`info`: the pid has exited); a 5-frame output, no lock or guard left", slow=True),
+    Case("leftover-from-another-boot", "leftovers", "a lock and a temp written during an earlier boot of this machine",
+         "both name pid 1, alive now, and another boot id", 0, "", _flags("--log-json"), before=_plant_other_boot,
+         check=_other_boot_swept,
+         answer="succeeds: both removed (`info`: the machine has rebooted since), although pid 1 runs", slow=True),
+    Case("leftover-temp-of-another-machine", "leftovers", "a staged video of a worker on another machine, untouched "
+         "for longer than the lock TTL", "owner token with another machine tag, mtime 5 min ago, "
+         "`TOKENFLOW_LOCK_TTL=60`", 0, "", _flags("--log-json"), before=_plant_other_machine,
+         check=_other_machine_swept, env=lambda x: {"TOKENFLOW_LOCK_TTL": "60"},
+         answer="succeeds: removed under the output's lock (`info`: written on another machine, untouched for "
+                "more than the TTL); younger ones, or without the lock an hour, are left alone", slow=True),
+    Case("leftover-live-writers-temp", "leftovers", "a temp of a live writer next to the output",
+         "a child process holds `atomic_file(result.mp4)` open during the edit, then is killed", 0, "",
+         _flags(), runner=_beside_a_live_writer, check=_live_writer_kept,
+         answer="succeeds; the live writer's temp is left alone, and removed by the next sweep once that writer "
+                "is killed", slow=True),
 ]
 
 def root_folder(ctx: Ctx, name: str = "root") -> Path:

@@ -26,16 +26,29 @@ is a dead remover's and is deleted). Under it the breaker reads the lock again a
 if it is still the very file it judged stale (same inode, mtime and record); then it competes for
 the free name with ``O_EXCL`` like everyone else. Nobody can delete a lock that replaced the one
 they looked at.
+The guard holds its holder's owner token (``io.owners``): the guard of a remover killed in it is
+taken over at once by a remover on the same machine, by swapping a guard of its own into place
+(``renameat2(RENAME_EXCHANGE)``) and checking that what it swapped out is the dead one (else it
+swaps it back): a live remover's guard is never deleted. Without an atomic exchange only the
+30-second rule applies.
 A holder checks that the lock file is still its own (same inode) at every heartbeat and, through
 ``verify()``, right before it renames its outputs into place; it releases (deletes) the lock
 only if it is still its own.
+
+Leftovers: once a lock is held, ``acquire`` also removes what dead workers left of that output
+(``swept``): a dead remover's guard, and the output's temps (``io.outputs.sweep_temps``) whose
+writer was a process of this machine that is gone, or, for another machine's temps, that nothing
+touched for longer than the TTL (a live worker there would hold this lock). A run that needs no
+lock (every output exists) calls ``sweep_leftovers``: stale locks broken, dead removers' guards
+and dead writers' temps removed (other machines' temps after an hour). docs/checkpoints.md,
+"Leftovers". The process identity helpers (``pid_alive``, ``pid_start``, ``same_process``) live in
+``io.owners`` and are importable from here too.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -43,6 +56,11 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Tuple
 
 from tokenflow.errors import ConfigError, LockedError, OutputError
+from tokenflow.io.outputs import remove_path, rename_exchange, sweep_temps, temp_sibling
+from tokenflow.io.owners import BOOT, HOST, PIDNS, local_gone_reason, my_token, owners_in, same_machine
+from tokenflow.io.owners import pid_alive as pid_alive
+from tokenflow.io.owners import pid_start as pid_start
+from tokenflow.io.owners import same_process as same_process
 
 DEFAULT_TTL_S = 120.0
 HEARTBEAT_S = 10.0
@@ -72,63 +90,14 @@ def lock_path(target) -> str:
 
 
 # ----------------------------------------------------------------------------- this machine
+# The process identity helpers live in ``io.owners`` (temp names use them too); the names below
+# stay importable from here.
 
-
-def _read_text(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-_HOST = socket.gethostname()
-_BOOT = _read_text("/proc/sys/kernel/random/boot_id")
-try:
-    _PIDNS: Optional[str] = os.readlink("/proc/self/ns/pid")
-except OSError:
-    _PIDNS = None
-
-
-def _proc_stat(pid: int) -> Optional[List[str]]:
-    """Fields 3.. of /proc/<pid>/stat (state, ppid, ...), or None where there is no /proc."""
-    text = _read_text(f"/proc/{pid}/stat")
-    if not text or ")" not in text:
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
-def pid_start(pid: int) -> Optional[str]:
-    """When process ``pid`` started (clock ticks since boot), or None where there is no /proc."""
-    fields = _proc_stat(pid)
-    return fields[19] if fields and len(fields) > 19 else None   # field 22: starttime
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (a zombie does not)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:            # PermissionError: it exists, under another user
-        return True
-    fields = _proc_stat(pid)
-    return not (fields and fields[0] in ("Z", "X"))   # a zombie holds nothing
-
-
-def same_process(pid: int, start: Optional[str]) -> bool:
-    """Whether ``pid`` still runs and is the process that started at ``start`` (not a reused pid;
-    ``start`` None: any process with that pid)."""
-    return pid_alive(pid) and (start is None or pid_start(pid) == start)
+_HOST, _BOOT, _PIDNS = HOST, BOOT, PIDNS
 
 
 def _same_machine(record: dict) -> bool:
-    if record.get("host") != _HOST:
-        return False
-    theirs = record.get("pidns")
-    return theirs is None or _PIDNS is None or theirs == _PIDNS
+    return same_machine(record.get("host"), record.get("pidns"))
 
 
 # ----------------------------------------------------------------------------- reading a lock
@@ -208,37 +177,129 @@ def stale_reason(holder: Holder, ttl: float, now: Optional[float] = None) -> Opt
     except (TypeError, ValueError):
         pid = -1
     if _same_machine(record):
-        if record.get("boot") and _BOOT and record["boot"] != _BOOT:
-            return f"pid {pid}'s machine has rebooted since"
-        if not pid_alive(pid):
-            return f"pid {pid} on this machine has exited"
-        if record.get("pid_start") and pid_start(pid) not in (None, record["pid_start"]):
-            return f"pid {pid} on this machine has exited (the pid now belongs to another process)"
-        return None
+        rebooted = bool(record.get("boot") and _BOOT and record["boot"] != _BOOT)
+        start = record.get("pid_start")
+        return local_gone_reason(pid, str(start) if start not in (None, "") else None, rebooted)
     if age > ttl:
         return (f"host '{record.get('host')}' (pid {pid}) has not renewed it for {age:.0f} s "
                 f"(TTL {ttl:.0f} s, {TTL_ENV})")
     return None
 
 
+def guard_path(path: str) -> str:
+    """The removal guard of the lock file ``path``: ``.<output>.lock.break`` next to it."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.break")
+
+
+def _read_guard(guard: str) -> Optional[Tuple[Tuple[int, int], bytes, float]]:
+    """(device and inode, contents, mtime) of the guard file, None if there is none."""
+    try:
+        fd = os.open(guard, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError:      # there, but unreadable: its age decides
+        try:
+            st = os.stat(guard)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino), b"", st.st_mtime
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino), os.read(fd, 256), st.st_mtime
+    finally:
+        os.close(fd)
+
+
+def guard_stale_reason(guard: str, now: Optional[float] = None) -> Optional[str]:
+    """Why the removal guard ``guard`` belongs to a remover that died in it, or None (also when
+    there is none). It names its holder (an ``io.owners`` token): a process of this machine that is
+    gone; or, whoever held it, it is older than 30 s (it is held for microseconds)."""
+    seen = _read_guard(guard)
+    return None if seen is None else _guard_gone(seen, now)
+
+
+def _guard_gone(seen: Tuple[Tuple[int, int], bytes, float], now: Optional[float] = None) -> Optional[str]:
+    _, content, mtime = seen
+    owners = owners_in(content.decode("ascii", "replace"))
+    if owners and owners[0].here:
+        gone = owners[0].gone_reason()
+        if gone is not None:
+            return gone
+    age = (time.time() if now is None else now) - mtime
+    if age > _GUARD_STALE_S:
+        return f"it is {age:.0f} s old (a removal takes microseconds)"
+    return None
+
+
+def _take_over_guard(guard: str) -> Tuple[Optional[bool], str]:
+    """Replace a dead remover's guard by our own, and only that one: (True, why it was dead) when
+    this process now holds the guard; (False, "") when the guard there is alive; (None, "") when it
+    changed meanwhile (look again).
+
+    Where two paths can be exchanged atomically (Linux), a guard of ours is swapped in and the file
+    swapped out is checked to be the very one judged dead (same inode and contents); if it is not,
+    it is swapped back: nobody ever deletes a live remover's guard. Elsewhere the previous rule
+    holds: a guard older than 30 s is deleted (a tiny race between two removers of it)."""
+    seen = _read_guard(guard)
+    if seen is None:
+        return None, ""
+    why = _guard_gone(seen)
+    if why is None:
+        return False, ""
+    mine = temp_sibling(guard)
+    try:
+        fd = os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, my_token().encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        remove_path(mine)
+        mine = ""
+    try:
+        if mine and rename_exchange(mine, guard):
+            out = _read_guard(mine)          # what was the guard until now
+            if out is not None and out[:2] == seen[:2]:
+                return True, why
+            rename_exchange(mine, guard)     # a live remover's, since: give it back
+            return None, ""
+    finally:
+        if mine:
+            remove_path(mine)
+    if not os.path.lexists(guard):
+        return None, ""
+    if time.time() - seen[2] > _GUARD_STALE_S:   # no atomic exchange here: the age rule only
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(guard)
+        return None, ""
+    return False, ""
+
+
 @contextlib.contextmanager
 def _removal_guard(path: str, wait_s: float = 2.0) -> Iterator[bool]:
     """A short-lived mutex for removing ``path``: every removal of a lock file (breaking a stale one,
     releasing one's own) happens under it, so nobody removes a lock that replaced the one they
-    inspected. Yields False if it could not be had in ``wait_s``."""
-    folder, name = os.path.split(path)
-    guard = os.path.join(folder, f".{name}.break")
+    inspected. It holds its holder's owner token, so the guard of a remover killed in it is taken
+    over at once on this machine (after 30 s from elsewhere; ``_take_over_guard``). Yields False if
+    it could not be had in ``wait_s``."""
+    guard = guard_path(path)
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            os.close(os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, my_token().encode())
+            except OSError:
+                pass       # a full disk: an empty guard, judged by its age
+            finally:
+                os.close(fd)
             break
         except FileExistsError:
-            try:   # held for microseconds; one this old belongs to a remover that died in it
-                if time.time() - os.stat(guard).st_mtime > _GUARD_STALE_S:
-                    os.unlink(guard)
-                    continue
-            except FileNotFoundError:
+            taken, _ = _take_over_guard(guard)
+            if taken:
+                break
+            if taken is None:
                 continue
             if time.monotonic() > deadline:
                 yield False
@@ -268,6 +329,52 @@ def _break(holder: Holder) -> bool:
         return True
 
 
+def _sweep_guard(path: str) -> List[str]:
+    """Remove the removal guard of the lock ``path`` if a remover died in it (taken over, then let
+    go), and the temps of such takeovers."""
+    guard = guard_path(path)
+    messages = sweep_temps(guard)
+    for _ in range(4):
+        try:
+            taken, why = _take_over_guard(guard)
+        except OSError:
+            break
+        if taken:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(guard)
+            return messages + [f"removed '{guard}', left by a worker that is gone: {why}"]
+        if taken is False:
+            break
+    return messages
+
+
+def _sweep_leftovers(target: str, foreign_after: float) -> List[str]:
+    """A dead remover's guard and dead writers' temps of ``target`` (``io.outputs.sweep_temps``)."""
+    return _sweep_guard(lock_path(target)) + sweep_temps(target, foreign_after=foreign_after)
+
+
+def sweep_leftovers(targets: Iterable, ttl: Optional[float] = None) -> List[str]:
+    """Clean up after dead workers without taking the locks, for a run that does not need them (it
+    skips: every output exists). For each output: a stale lock is broken (the rules of
+    ``stale_reason``, race-free as in ``acquire``), a dead remover's guard removed, and the temps of
+    writers that are gone removed (``io.outputs.sweep_temps``; other machines' ones once untouched
+    for an hour, since no lock is held). A live worker's lock and temps are left alone. Returns one
+    line per thing removed; never raises."""
+    ttl = lock_ttl() if ttl is None else float(ttl)
+    messages: List[str] = []
+    for target in sorted({os.path.abspath(os.fspath(t)) for t in targets}):
+        path = lock_path(target)
+        try:
+            holder = read_lock(path)
+            reason = stale_reason(holder, ttl) if holder is not None else None
+            if reason is not None and _break(holder):
+                messages.append(f"broke the stale lock on '{target}': {reason}")
+        except OSError:
+            pass
+        messages += _sweep_guard(path) + sweep_temps(target)
+    return messages
+
+
 # ----------------------------------------------------------------------------- holding a lock
 
 
@@ -284,6 +391,7 @@ class OutputLock:
         self.size = _RECORD_BYTES
         self.lost: Optional[str] = None
         self.broken: List[str] = []     # "why" of each stale lock this one broke
+        self.swept: List[str] = []      # leftovers of dead writers removed once the lock was held
         self._io = threading.Lock()
 
     @property
@@ -323,6 +431,7 @@ class OutputLock:
             except OSError as error:
                 self.release()
                 raise OutputError(f"cannot write the lock file '{self.path}': {error.strerror or error}") from None
+            self.swept = _sweep_leftovers(self.target, self.ttl)
             return self
         raise LockedError(f"output '{self.target}' is being locked and unlocked by other workers all the time "
                           f"({self.path}); try again later")
@@ -410,7 +519,8 @@ class OutputLocks:
 
     @property
     def broken(self) -> List[str]:
-        return [message for lock in self.locks for message in lock.broken]
+        """What taking the locks cleaned up, one line each: stale locks broken, leftovers removed."""
+        return [message for lock in self.locks for message in lock.broken + lock.swept]
 
     def acquire(self) -> "OutputLocks":
         try:

@@ -13,7 +13,10 @@ Several processes may use one cache at once (docs/farm.md):
   writer's entry even while another replaces it; it checks the bytes it read against the sha256
   and decodes those same bytes. A corrupt entry is a miss with a warning (the recomputed entry
   replaces it); an entry replaced mid-read is read again.
-- Temp folders of killed writers are removed by the next save once they are an hour old.
+- Temp folders of killed writers (``.<key>.tmp-<owner>-*``, ``.<key>.old-*`` of older versions) are
+  removed by the next load or save of any entry (``io.outputs.sweep_folder_temps``): at once when
+  their writer was a process of this machine that is gone (exited, pid reused, or an earlier boot),
+  otherwise once nothing in them changed for an hour (docs/checkpoints.md "Leftovers").
 """
 from __future__ import annotations
 
@@ -30,11 +33,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from tokenflow.io.outputs import TEMP_MARK, atomic_path, remove_path
+from tokenflow.io.outputs import FOREIGN_TEMP_AGE_S, TEMP_MARK, atomic_path, sweep_folder_temps
 
 FORMAT_VERSION = 1
 DATA, META = "latents.safetensors", "meta.json"
-TEMP_MAX_AGE_S = 3600.0     # a writer's temp folder older than this belongs to a dead writer
+TEMP_MAX_AGE_S = FOREIGN_TEMP_AGE_S   # another machine's temp folder untouched this long is a dead writer's
 
 
 def default_cache_root() -> Path:
@@ -81,6 +84,8 @@ class InversionCache:
         if not self.enabled:
             return None
         entry = self._entry(key)
+        sweep_folder_temps(self.root)       # e.g. the memory calibration's temp file of a killed run
+        _sweep_stale_temps(entry.parent)
         needed = {int(t) for t in needed}
         for attempt in range(4):
             try:
@@ -166,13 +171,6 @@ def _still_linked(folder_fd: int, entry: Path) -> bool:
 
 def _sweep_stale_temps(folder: Path, max_age_s: float = TEMP_MAX_AGE_S) -> None:
     """Remove temp folders that killed writers left behind (``.<key>.tmp-*``; ``.<key>.old-*`` from
-    older versions)."""
-    now = time.time()
-    for tmp in folder.glob(".*"):
-        if TEMP_MARK not in tmp.name and ".old-" not in tmp.name:
-            continue
-        try:
-            if tmp.is_dir() and now - tmp.stat().st_mtime > max_age_s:
-                remove_path(tmp)
-        except OSError:
-            pass
+    older versions): the owner rule of ``io.outputs``, ``max_age_s`` for other machines' and
+    owner-less ones."""
+    sweep_folder_temps(folder, foreign_after=max_age_s, loose=(TEMP_MARK, ".old-"))

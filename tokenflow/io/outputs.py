@@ -10,7 +10,29 @@
 - ``durable=True``: fsync the new file (or every file of the new folder) before the rename and
   the parent folder after it, for state a crash must not lose (checkpoints, the inversion cache);
 
-plus the checks that a target can be written before any work starts.
+plus the checks that a target can be written before any work starts, and the sweep of temps that
+killed writers left behind.
+
+Temp names say whose they are: ``.<target name>.tmp-<owner token>-<8 hex><suffix>``, the owner
+token (``io.owners``) being ``<pid>-<start time>-<machine>-<boot>``. A writer that stages into a
+temp path and hands it to another atomic write makes a temp of a temp
+(``..<name>.tmp-<owner>-<hex>.new.mp4.tmp-<owner>-<hex>.mp4``): it belongs to the same target.
+
+Leftovers (``sweep_temps``; docs/checkpoints.md "Leftovers"). Every ``atomic_file`` and
+``atomic_path`` first sweeps its target's temps, and so does taking an output's lock
+(``app.locks``). A temp is removed when
+- every owner in its name is a process of this machine (same host name and PID namespace) that is
+  gone: its pid does not exist or is a zombie, the pid now belongs to a process that started at
+  another time, or the machine has rebooted since (another boot). A live writer's temp is never
+  removed, however old;
+- an owner in its name is on another machine (shared storage, a farm), or the name carries no
+  owner (a temp of an older tokenflow: ``.<name>.tmp-<12 hex><suffix>``), and nothing in it was
+  modified for ``foreign_after`` seconds: an hour (``FOREIGN_TEMP_AGE_S``) by default, the lock
+  TTL when the sweep runs under the target's lock (a live worker on another machine holds that
+  lock and renews it, so a worker whose temp it is has lost the output). Writers keep touching a
+  file they write (and a folder they fill); a staged, complete output waits at most for the
+  other outputs of its job.
+Other names are never touched, even ones that contain "tmp".
 """
 from __future__ import annotations
 
@@ -21,27 +43,109 @@ import glob
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
-from typing import IO, Iterator, List
+from typing import IO, Iterator, List, Optional
 
 from tokenflow.errors import OutputError
+from tokenflow.io.owners import TOKEN_PATTERN, my_token, owners_in
 
-TEMP_MARK = ".tmp-"   # every temp name: ".<target name>.tmp-<12 hex><suffix>"
+TEMP_MARK = ".tmp-"   # every temp name: ".<target name>.tmp-<owner token>-<8 hex><suffix>"
+FOREIGN_TEMP_AGE_S = 3600.0   # another machine's (or an owner-less) temp untouched this long is a dead writer's
+_LEGACY = re.compile(r"[0-9a-f]{12}(\.|$)")   # what followed TEMP_MARK before names carried their owner
+_TEMP_NAME = re.compile(re.escape(TEMP_MARK) + f"({TOKEN_PATTERN}|{_LEGACY.pattern})")
 
 
 def temp_sibling(path, suffix: str = "") -> str:
-    """A fresh hidden name next to ``path`` (same folder, so a rename is atomic); unique per call."""
+    """A fresh hidden name next to ``path`` (same folder, so a rename is atomic), carrying this
+    process's owner token; unique per call."""
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    return os.path.join(folder, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:12]}{suffix}")
+    return os.path.join(folder, f".{name}{TEMP_MARK}{my_token()}-{uuid.uuid4().hex[:8]}{suffix}")
 
 
 def temp_siblings(path) -> List[Path]:
     """The temp names ``temp_sibling`` made for ``path`` that still exist (a killed writer's)."""
     target = Path(os.fspath(path)).absolute()
     return sorted(target.parent.glob(f".{glob.escape(target.name)}{TEMP_MARK}*"))
+
+
+def sweep_temps(path, *, foreign_after: float = FOREIGN_TEMP_AGE_S) -> List[str]:
+    """Remove the temps (files or folders) of ``path`` that their writers left behind: the rule in
+    the module docstring. Returns one line per removed temp ("removed ...: why"). Never raises:
+    a sweep that cannot look or remove leaves things as they are."""
+    target = os.path.abspath(os.fspath(Path(path).expanduser()))
+    folder, name = os.path.split(target)
+    prefix = re.compile(r"\.+" + re.escape(name) + re.escape(TEMP_MARK))   # its temps, and temps of those
+
+    def is_temp(entry: str) -> bool:
+        match = prefix.match(entry)
+        return match is not None and (bool(owners_in(entry, TEMP_MARK)) or _LEGACY.match(entry, match.end()) is not None)
+
+    return _sweep(folder, is_temp, foreign_after)
+
+
+def sweep_folder_temps(folder, *, foreign_after: float = FOREIGN_TEMP_AGE_S, loose=()) -> List[str]:
+    """``sweep_temps`` for every temp in ``folder``, whatever its target: hidden names with the temp
+    mark followed by an owner token (or the 12 hex digits of older versions). ``loose``: also any
+    hidden name containing one of these marks, owner or not (for folders only tokenflow writes in,
+    such as the inversion cache's)."""
+    def is_temp(entry: str) -> bool:
+        return entry.startswith(".") and (_TEMP_NAME.search(entry) is not None or any(m in entry for m in loose))
+
+    return _sweep(os.fspath(folder), is_temp, foreign_after)
+
+
+def _sweep(folder: str, is_temp, foreign_after: float) -> List[str]:
+    removed: List[str] = []
+    try:
+        with os.scandir(folder) as entries:
+            names = [entry.name for entry in entries if is_temp(entry.name)]
+    except OSError:
+        return removed
+    for entry in names:
+        temp = os.path.join(folder, entry)
+        try:
+            why = leftover_reason(temp, foreign_after=foreign_after)
+            if why is not None:
+                remove_path(temp)
+                if not os.path.lexists(temp):
+                    removed.append(f"removed '{temp}', left by a writer that is gone: {why}")
+        except (OSError, ValueError):   # gone meanwhile (another sweeper), or unreadable: left as it is
+            pass
+    return removed
+
+
+def leftover_reason(temp, *, foreign_after: float = FOREIGN_TEMP_AGE_S, now: Optional[float] = None) -> Optional[str]:
+    """Why the temp at ``temp`` belongs to a writer that is gone, or None to keep it (the rule in
+    the module docstring; the caller has decided that ``temp`` is a temp name)."""
+    owners = owners_in(os.path.basename(os.fspath(temp)), TEMP_MARK)
+    reasons = [owner.gone_reason() for owner in owners if owner.here]
+    if any(reason is None for reason in reasons):
+        return None                                # a live writer of this machine
+    if owners and len(reasons) == len(owners):
+        return reasons[0]                          # every writer was of this machine and is gone
+    untouched = (time.time() if now is None else now) - last_touched(temp)
+    if untouched <= foreign_after:
+        return None
+    whose = "written on another machine" if owners else "its name does not say whose it is"
+    return f"{whose}, and nothing in it changed for {untouched:.0f} s (more than {foreign_after:.0f} s)"
+
+
+def last_touched(path) -> float:
+    """The newest mtime of ``path`` and, for a folder, of everything below it (links not followed)."""
+    path = os.fspath(path)
+    st = os.lstat(path)
+    newest = st.st_mtime
+    if stat.S_ISDIR(st.st_mode):
+        for root, folders, files in os.walk(path):
+            for name in folders + files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
 
 
 @contextlib.contextmanager
@@ -54,6 +158,7 @@ def atomic_file(path, mode: str = "w", *, durable: bool = False, make_parents: b
     target = Path(path).expanduser()
     if make_parents:
         target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temps(target)
     tmp = temp_sibling(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -80,6 +185,7 @@ def atomic_path(path, *, suffix: str = "", durable: bool = False, make_parents: 
     target = Path(path).expanduser()
     if make_parents:
         target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temps(target)
     tmp = Path(temp_sibling(target, suffix))
     try:
         yield tmp
@@ -134,6 +240,12 @@ def swap_folder_into_place(new_folder, folder) -> bool:
 
 
 _renameat2 = None
+
+
+def rename_exchange(a, b) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False
+    where the platform or file system cannot, or either path is missing."""
+    return _rename_exchange(a, b)
 
 
 def _rename_exchange(a, b) -> bool:
