@@ -178,7 +178,6 @@ def test_a_dead_removers_guard_is_taken_over_at_once(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="app/jobs.py run_edit does not call locks.sweep_leftovers on its skip path")
 def test_a_skipping_edit_sweeps_the_leftovers_of_its_outputs(tmp_path):
     """`tokenflow edit` with every output there skips before taking any lock; a worker killed
     between renaming its outputs into place and releasing its locks must not leave them for ever."""

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from tokenflow.app.locks import OutputLocks
+from tokenflow.app.locks import OutputLocks, sweep_leftovers
 from tokenflow.app.outputs import per_prompt_folders, prompt_outputs, resolve_output
 from tokenflow.app.paths import check_no_aliasing, job_inputs, job_output_paths
 from tokenflow.config import EditConfig, default_size
@@ -65,6 +65,8 @@ def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = 
     reports_out = per_prompt_folders(config.report, prompts)
     targets = job_outputs(outputs, latents_out, frames_out, reports_out)
     if _skip_if_done(targets, config, reporter):   # every output exists (docs/farm.md): nothing to do
+        for message in sweep_leftovers(path for path, _ in targets):   # but a killed worker's lock or temps
+            reporter.info(message)
         return []
     # every output target and the input are checked before any expensive work
     for target in outputs + [p for p in latents_out if p]:
