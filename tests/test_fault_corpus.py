@@ -1028,6 +1028,12 @@ DATA_SAFETY: List[Case] = [   # an output that is, contains or lies inside an in
                                                 x.work / "results"]),
     Case("job-output-not-a-video-name", "data safety", "a job file with `output: result.txt`", "a job file", 2,
          "ends in '.txt'", lambda x: ["run", job(x, "job.yaml", f"output: '{x.work / 'result.txt'}'\n")]),
+    Case("two-outputs-one-path", "data safety", "`--save-latents` at the video output's path", "`-o result.mp4 "
+         "--save-latents result.mp4`", 5, "is also the save_latents output",
+         lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "--save-latents", x.out]),
+    Case("report-folder-holds-the-output", "data safety", "`--report` names the folder the video goes into",
+         "`-o result.mp4 --report .` (the case's folder)", 5, "lies inside the report folder",
+         lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "--report", x.root]),
 ]
 
 def linked_frames(ctx: Ctx, n: int) -> Path:
@@ -1317,13 +1323,13 @@ def test_fault_case(case_id, background, tmp_path, tiny_model_dir, sample_clip):
 
 
 def test_corpus_is_well_formed():
-    assert len(CORPUS) >= 30 and len(CASES) == len(CORPUS), "case ids must be unique"
+    assert len(CORPUS) >= 100 and len(CASES) == len(CORPUS), "case ids must be unique"
     for case in CORPUS:
         assert case.category in CATEGORIES, case.id
         assert case.code in (0, *EXIT_NAMES), case.id
         assert bool(case.needle) == bool(case.code), case.id   # failures name something; successes need a check
         assert case.code or case.check, case.id
-    assert {case.category for case in CORPUS} <= set(CATEGORIES)
+    assert {case.category for case in CORPUS} == set(CATEGORIES)
 
 
 def test_docs_list_every_case():
