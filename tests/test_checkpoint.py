@@ -4,7 +4,10 @@ A run killed with SIGKILL at a random step (of the edit, or of the inversion) an
 --resume gives bit-identical latents and frames to an uninterrupted run (CPU, float32); SIGTERM
 finishes the step, checkpoints and exits 75; a checkpoint made with other settings is refused
 (exit 2, naming the settings); an unreadable one is set aside with a warning and its phase starts
-over; --resume with an empty folder starts from scratch.
+over; --resume with an empty folder starts from scratch. A checkpoint records the environment
+(torch threads, torch/diffusers versions, device): resuming it with another thread count warns (the
+result then equals an uninterrupted run only to float rounding), --strict-resume refuses it (exit
+2), and one saved without that record still resumes, with a warning.
 
 Runs whose results are compared are subprocesses (`python -m tokenflow edit`), each with one
 torch thread: steady timings on a loaded machine, and the same arithmetic in every run.
@@ -27,7 +30,7 @@ from tokenflow.app.cli import main
 from tokenflow.config import EditConfig
 from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint
 from tokenflow.interrupt import stop_on_signals
-from tokenflow.io.checkpoint import STATE_FILES, Checkpointer, fingerprint_fields, remove_checkpoint
+from tokenflow.io.checkpoint import ENVIRONMENT_KEYS, STATE_FILES, Checkpointer, fingerprint_fields, remove_checkpoint
 
 STEPS, INVERSION_STEPS = 6, 12
 SETTINGS = {"--prompt": "glass", "--inversion-prompt": "shapes", "--inversion-steps": str(INVERSION_STEPS),
@@ -156,6 +159,7 @@ def test_sigkill_during_the_edit_then_resume_is_bit_identical(tmp_path, referenc
     code, events, err = run(args + ["--resume"])
     assert code == 0, err
     assert step <= resumed_at(events, "edit") <= step + 1   # from the checkpoint, not from scratch
+    assert not messages(events, "warning")   # the same environment: no warning
     assert not [e for e in events if e["event"] == "stage_start" and e["stage"] == "invert"]
     assert min(e["step"] for e in events if e["event"] == "progress" and e["stage"] == "edit") >= step
     assert_same_as(reference, out)
@@ -218,7 +222,7 @@ def test_sigterm_before_the_edit_began_writes_nothing_and_exits_130(tmp_path, ti
     out = tmp_path / "out"
     out.mkdir()
     args = edit_args(sample_clip, tiny_model_dir, out, "--no-cache")
-    code, events, err = run_signalled(["call", "read_clip"], signal.SIGTERM, args)
+    code, events, err = run_signalled(["call", "read_checked"], signal.SIGTERM, args)
     assert code == 130, err
     error = [e for e in events if e["event"] == "error"][-1]
     assert "SIGTERM" in error["message"] and "before the edit began" in error["message"]
@@ -278,6 +282,99 @@ def test_resume_with_an_empty_folder_starts_from_scratch(tmp_path, tiny_model_di
     events = [json.loads(line) for line in captured.out.splitlines()]
     assert any("no checkpoint in" in m and "starting from scratch" in m for m in messages(events))
     assert (tmp_path / "edit.mp4").exists() and state_files(folder) == []
+
+
+@pytest.fixture
+def two_threads():
+    """In-process runs with two torch threads: another thread count than the subprocesses' one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resume_with_another_thread_count_warns_and_finishes(tmp_path, reference, terminated, tiny_model_dir,
+                                                             sample_clip, capsys, two_threads):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(terminated["pristine"], folder)
+    saved = torch.load(folder / "edit.pt", weights_only=True)["environment"]
+    assert set(saved) == set(ENVIRONMENT_KEYS) and saved["threads"] == 1 and saved["torch"] == torch.__version__
+    args = edit_args(sample_clip, tiny_model_dir, tmp_path, "--no-cache", "--checkpoint-dir", folder,
+                     "--checkpoint-every", "3", "--resume")
+    code = main([a for a in args if a != "--log-json"])   # the warning as one line on stderr
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("tokenflow: warning:")]
+    assert len(lines) == 1 and "torch threads: checkpoint 1, now 2" in lines[0], err
+    assert "float rounding" in lines[0] and str(folder) in lines[0]
+    assert state_files(folder) == []
+    latents = np.load(tmp_path / "latents.npy")   # the same edit, up to the rounding of another thread count
+    assert latents.shape == reference["latents"].shape
+    assert np.allclose(latents, reference["latents"], rtol=1e-3, atol=1e-3)
+
+    shutil.copytree(terminated["pristine"], folder, dirs_exist_ok=True)   # the same, as events
+    out = tmp_path / "again"
+    out.mkdir()
+    code = main(edit_args(sample_clip, tiny_model_dir, out, "--no-cache", "--checkpoint-dir", folder,
+                          "--checkpoint-every", "3", "--resume"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    events = [json.loads(line) for line in captured.out.splitlines()]
+    warned = [m for m in messages(events, "warning") if "another environment" in m]
+    assert len(warned) == 1 and "torch threads: checkpoint 1, now 2" in warned[0]
+    assert resumed_at(events, "edit") == [e for e in terminated["events"] if e["event"] == "checkpoint"][-1]["step"]
+
+
+@pytest.mark.parametrize("command", ["edit", "run"])
+def test_strict_resume_refuses_another_thread_count(tmp_path, terminated, tiny_model_dir, sample_clip, capsys,
+                                                    two_threads, command):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(terminated["pristine"], folder)
+    before = {name: (folder / name).read_bytes() for name in state_files(folder)}
+    args = edit_args(sample_clip, tiny_model_dir, tmp_path, "--no-cache", "--checkpoint-dir", folder, "--resume",
+                     "--strict-resume")
+    if command == "run":   # the same job as a job file: `tokenflow run JOB --resume --strict-resume`
+        import yaml
+
+        settings = {k.lstrip("-").replace("-", "_"): int(v) if v.isdigit() else v for k, v in SETTINGS.items()}
+        settings.update(video=str(sample_clip), model=str(tiny_model_dir), output=str(tmp_path / "edit.mp4"),
+                        save_latents=str(tmp_path / "latents.npy"), checkpoint_dir=str(folder), use_cache=False)
+        job = tmp_path / "job.yaml"
+        job.write_text(yaml.safe_dump(settings))
+        args = ["run", str(job), "--resume", "--strict-resume"]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("tokenflow: error:")]
+    assert len(errors) == 1 and "--strict-resume" in errors[0] and "torch threads: checkpoint 1, now 2" in errors[0]
+    assert str(folder) in errors[0] and "float rounding" in errors[0]
+    assert {name: (folder / name).read_bytes() for name in state_files(folder)} == before   # left alone
+    assert not (tmp_path / "edit.mp4").exists()
+
+
+def test_a_checkpoint_without_an_environment_resumes_with_a_warning(tmp_path, reference, terminated, tiny_model_dir,
+                                                                    sample_clip, capsys, one_thread):
+    """A checkpoint saved before the environment was recorded (same format and fingerprint) resumes,
+    with a warning that its environment is unknown; --strict-resume refuses it."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(terminated["pristine"], folder)
+    for name in state_files(folder):
+        state = torch.load(folder / name, weights_only=True)
+        del state["environment"]
+        torch.save(state, folder / name)
+    args = edit_args(sample_clip, tiny_model_dir, tmp_path, "--no-cache", "--checkpoint-dir", folder,
+                     "--checkpoint-every", "3", "--resume")
+    assert main(args + ["--strict-resume"]) == 2
+    assert "no environment recorded" in capsys.readouterr().err
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    events = [json.loads(line) for line in captured.out.splitlines()]
+    warned = [m for m in messages(events, "warning") if "another environment" in m]
+    assert len(warned) == 1 and "no environment recorded (saved by an older tokenflow)" in warned[0]
+    assert "torch threads" not in warned[0]   # the same thread count: only the record is missing
+    assert resumed_at(events, "edit") >= 1
+    assert_same_as(reference, tmp_path)
 
 
 # --- the pieces, in process ------------------------------------------------------------------

@@ -11,9 +11,12 @@ One checkpoint folder (``--checkpoint-dir``) holds one run's state (docs/checkpo
 
 Every file also holds the settings fingerprint (``fingerprint_fields``) and the chunk sizes the
 run used (``PLAN_SIZES``): a resumed run keeps them, so it does exactly the arithmetic of an
-uninterrupted one. Files are written to a temp file, fsynced and renamed over the previous one:
-at any moment the folder holds a complete checkpoint (the previous one until the new one is on
-disk). ``Checkpointer.between_steps`` is what the loops call between two steps: it saves every
+uninterrupted one. It also records the ``environment`` that changes only the last bits (torch
+threads, torch and diffusers versions, device name): resuming where it differs warns that the
+result equals an uninterrupted run only to float rounding, or is refused with ``strict``.
+Files are written to a temp file, fsynced and renamed over the previous one: at any moment the
+folder holds a complete checkpoint (the previous one until the new one is on disk).
+``Checkpointer.between_steps`` is what the loops call between two steps: it saves every
 ``every`` steps, and when a stop was requested (``interrupt.StopFlag``) it saves and raises
 ``InterruptedWithCheckpoint`` (or ``Interrupted`` without a folder).
 """
@@ -21,16 +24,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
 from tokenflow import __version__
+from tokenflow.device import device_name
 from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint, OutputError
 from tokenflow.io.outputs import atomic_file, remove_path, temp_siblings
 
@@ -47,7 +52,7 @@ NOT_FINGERPRINTED = frozenset({
     # how the model is found and loaded (its identity, resolved dtype and device type are recorded instead)
     "model", "device", "dtype", "allow_pickle",
     # the inversion cache and run control
-    "cache_dir", "use_cache", "overwrite", "checkpoint_dir", "checkpoint_every", "resume",
+    "cache_dir", "use_cache", "overwrite", "checkpoint_dir", "checkpoint_every", "resume", "strict_resume",
     # memory and speed only: the checkpoint carries the chunk sizes in effect and a resumed run keeps them
     "memory_budget", "chunk_frames", "inversion_batch_size", "keyframe_store", "inverted_latents",
 })
@@ -55,6 +60,35 @@ NOT_FINGERPRINTED = frozenset({
 _DESCRIPTIONS = {"frames_sha256": "the input frames (sha256 of their pixels)", "model_identity": "the model",
                  "dtype": "the dtype", "device_type": "the device type",
                  "tokenflow_version": "the tokenflow version", "checkpoint_format": "the checkpoint format"}
+
+
+# What changes the last bits of a result but not the settings (docs/checkpoints.md, "Resuming on
+# another machine"): recorded at every save, compared on resume; a difference warns (or, with
+# strict, refuses). Not in the fingerprint: a checkpoint stays usable on another machine.
+ENVIRONMENT_KEYS = ("threads", "torch", "diffusers", "device")
+_ENVIRONMENT_WORDS = {"threads": "torch threads", "torch": "torch version", "diffusers": "diffusers version",
+                      "device": "device"}
+
+
+def environment(device=None) -> Dict[str, Any]:
+    """This process's ``ENVIRONMENT_KEYS``: ``torch.get_num_threads()``, the torch and diffusers
+    versions and the device's name (the GPU's, or the CPU model for ``cpu``)."""
+    try:
+        diffusers = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        diffusers = None
+    device = torch.device(device if device is not None else "cpu")
+    name = device_name(device)
+    if device.type == "cpu":   # device_name adds "(N CPUs, T torch threads)": threads are compared on their own
+        name = name.rsplit(" (", 1)[0]
+    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__), "diffusers": diffusers, "device": name}
+
+
+def environment_differences(saved: Optional[Mapping[str, Any]], now: Mapping[str, Any]) -> List[str]:
+    """``"torch threads: checkpoint 2, now 1"`` for each of ``ENVIRONMENT_KEYS`` that differs."""
+    saved = saved or {}
+    return [f"{_ENVIRONMENT_WORDS[k]}: checkpoint {_short(saved.get(k))}, now {_short(now.get(k))}"
+            for k in ENVIRONMENT_KEYS if saved.get(k) != now.get(k)]
 
 
 def fingerprint_fields(config, *, model_identity: str, dtype: str, device_type: str,
@@ -87,15 +121,20 @@ class Checkpointer:
 
     fields: ``fingerprint_fields`` of the run. resume: use a matching checkpoint found in the folder
     (one made with other settings raises ConfigError); without it an old checkpoint is replaced.
+    strict: refuse (ConfigError) to resume a checkpoint saved in another ``environment`` (or one that
+    records none) instead of warning. device: the run's device, for the environment's device name.
     """
 
     def __init__(self, folder: Optional[str], *, every: int = 5, fields: Optional[Mapping[str, Any]] = None,
-                 resume: bool = False, stop=None, reporter=None):
+                 resume: bool = False, stop=None, reporter=None, strict: bool = False, device=None):
         self.folder = Path(folder) if folder else None
         self.every = max(1, int(every))
         self.fields = dict(fields or {})
         self.fingerprint = fingerprint(self.fields)
         self.resume = resume
+        self.strict = strict
+        self.device = device
+        self._environment: Optional[Dict[str, Any]] = None   # computed once; threads are read at every save
         self.stop = stop
         self.reporter = reporter
         self.plan_sizes: Dict[str, int] = {}      # chunk sizes in effect, saved with every state
@@ -126,14 +165,46 @@ class Checkpointer:
                 for path in existing:
                     path.unlink(missing_ok=True)
             return self
+        messages = []
         for phase in STATE_FILES:
-            state = self._load(phase)
+            state = self._load(phase, messages)
             if state is not None:
                 self._restored[phase] = state
                 self._last_step[phase] = int(state["step"])
         if not self._restored:
             self._info(f"--resume: no checkpoint in {self.folder}; starting from scratch")
+            return self
+        self._check_environment()   # before "resuming ...": a strict refusal resumes nothing
+        for message in messages:
+            self._info(message)
         return self
+
+    def environment(self) -> Dict[str, Any]:
+        """The ``environment`` saved with every state (threads as they are now)."""
+        if self._environment is None:
+            self._environment = environment(self.device if self.device is not None
+                                            else self.fields.get("device_type", "cpu"))
+        return {**self._environment, "threads": torch.get_num_threads()}
+
+    def _check_environment(self) -> None:
+        """Warn (or, strict, refuse) when a restored state was saved in another environment."""
+        now, differ, unknown = self.environment(), [], False
+        for state in self._restored.values():
+            saved = state.get("environment")
+            if not isinstance(saved, dict):
+                unknown = True
+                continue
+            differ += [d for d in environment_differences(saved, now) if d not in differ]
+        if not differ and not unknown:
+            return
+        what = "; ".join(differ + (["no environment recorded (saved by an older tokenflow)"] if unknown else []))
+        if self.strict:
+            raise ConfigError(
+                f"--strict-resume: the checkpoint in {self.folder} was saved elsewhere ({what}), so resuming it "
+                "would equal an uninterrupted run only to float rounding; resume it with the same thread count "
+                "(OMP_NUM_THREADS, the farm's --cpus-per-job), versions and device, or drop --strict-resume")
+        warnings.warn(f"resuming the checkpoint in {self.folder} in another environment ({what}): the result "
+                      "equals an uninterrupted run only to float rounding, not bit for bit")
 
     def path(self, phase: str) -> Path:
         return self.folder / STATE_FILES[phase]
@@ -155,7 +226,7 @@ class Checkpointer:
         self.plan_sizes = {k: int(getattr(plan, k)) for k in PLAN_SIZES}
         return plan
 
-    def _load(self, phase: str) -> Optional[dict]:
+    def _load(self, phase: str, messages: List[str]) -> Optional[dict]:
         path = self.path(phase)
         if not path.exists():
             return None
@@ -181,9 +252,9 @@ class Checkpointer:
         if state["fields"] != self.fields or state["fingerprint"] != self.fingerprint:
             raise ConfigError(self._mismatch(state["fields"]))
         if state["step"] >= state["total"]:
-            self._info(f"checkpoint {path}: the {PHASE_WORDS[phase]} is complete ({state['total']} steps)")
+            messages.append(f"checkpoint {path}: the {PHASE_WORDS[phase]} is complete ({state['total']} steps)")
         else:
-            self._info(f"resuming the {PHASE_WORDS[phase]} at step {state['step']} of {state['total']} from {path}")
+            messages.append(f"resuming the {PHASE_WORDS[phase]} at step {state['step']} of {state['total']} from {path}")
         return state
 
     def _mismatch(self, saved: Mapping[str, Any]) -> str:
@@ -238,7 +309,8 @@ class Checkpointer:
         """Write ``phase``'s state atomically (temp file, fsync, rename over the previous one)."""
         state = {"magic": MAGIC, "format": FORMAT_VERSION, "fingerprint": self.fingerprint, "fields": self.fields,
                  "phase": phase, "step": int(step), "total": int(total), "plan": dict(self.plan_sizes),
-                 "saved_at": time.time(), **{k: _to_cpu(v) for k, v in payload.items()}}
+                 "environment": self.environment(), "saved_at": time.time(),
+                 **{k: _to_cpu(v) for k, v in payload.items()}}
         target = self.path(phase)
         with atomic_file(target, "wb", durable=True) as f:
             torch.save(state, f)

@@ -330,7 +330,8 @@ class Editor:
                                     dtype=str(self.model.dtype).replace("torch.", ""),
                                     device_type=self.model.device.type, frames_sha256=_pixels_sha256(clip.frames))
         return Checkpointer(config.checkpoint_dir, every=config.checkpoint_every, fields=fields, resume=config.resume,
-                            stop=interrupt, reporter=self.reporter).open()
+                            stop=interrupt, reporter=self.reporter, strict=config.strict_resume,
+                            device=self.model.device).open()
 
     def _denoise(self, inversion: Inversion, config: EditConfig, plan: MemoryPlan, record_correspondences: bool,
                  choice: KernelChoice, checkpoint: Optional[Checkpointer] = None):
