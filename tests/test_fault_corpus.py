@@ -1243,6 +1243,29 @@ def symlink_out_of_root(ctx: Ctx) -> Path:
     return ctx.work / "root" / "out" / "o.mp4"
 
 
+RESUMABLE = ("--no-cache", "--inversion-steps", "200")
+
+
+def _checkpoint_from_another_machine(ctx: Ctx) -> None:
+    """A checkpoint as another machine would leave it: an edit stopped by SIGTERM during the
+    inversion, its saved environment then claiming 999 torch threads."""
+    import torch
+
+    argv = ["edit", *FAST, ctx.clip, "--model", ctx.model, "--prompt", "x", *RESUMABLE, "--log-json",
+            "--checkpoint-dir", ctx.work / "checkpoints", "-o", ctx.out]
+    done = _sigterm_during_inversion(ctx, [str(a) for a in argv], {})
+    assert done.returncode == 75, done.stderr[-2000:]
+    for state_file in (ctx.work / "checkpoints").glob("*.pt"):
+        state = torch.load(state_file, weights_only=True)
+        state["environment"]["threads"] = 999
+        torch.save(state, state_file)
+
+
+def _checkpoint_kept(ctx: Ctx, res: Result) -> None:
+    assert "torch threads: checkpoint 999" in res.stderr, res.stderr
+    assert sorted(p.suffix for p in (ctx.work / "checkpoints").iterdir()) == [".pt"], "the checkpoint was not kept"
+
+
 FARM: List[Case] = [          # --output-root / --input-root confinement, resume across machines
     Case("output-root-dotdot-escape", "farm", "a job whose `output` climbs out of `--output-root` with `..`",
          "`tokenflow run job.yaml --output-root work/root`, `output: work/root/../escaped.mp4`", 2,
@@ -1272,6 +1295,14 @@ FARM: List[Case] = [          # --output-root / --input-root confinement, resume
          answer="one line naming `model`, the folder and the root; nothing submitted"),
     Case("output-root-missing", "farm", "`--output-root` names no folder", "`--output-root work/nope`", 2,
          "does not exist", lambda x: ["run", job(x, "job.yaml"), "--output-root", x.work / "nope"]),
+    Case("strict-resume-another-machine", "farm", "`--resume --strict-resume` of a checkpoint saved with another "
+         "torch thread count", "an edit stopped by SIGTERM with `--checkpoint-dir`, its state's recorded threads "
+         "set to 999", 2, "--strict-resume",
+         lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", *RESUMABLE, "--checkpoint-dir",
+                    x.work / "checkpoints", "--resume", "--strict-resume"],
+         answer="one line naming the difference (torch threads 999) and `--strict-resume`; the checkpoint kept; "
+                "no output", before=lambda x: _checkpoint_from_another_machine(x), check=lambda x, r: _checkpoint_kept(x, r),
+         slow=True),
 ]
 
 CORPUS: List[Case] = VIDEO + CONFIG + JOB_FILE + MODEL + ENVIRONMENT + DATA_SAFETY + RESOURCES + LEFTOVERS + FARM
