@@ -108,9 +108,15 @@ def test_a_hard_link_to_the_input_is_refused(tmp_path, clip):
 
 def test_folder_outputs_that_contain_the_input_are_refused(tmp_path, clip):
     out = tmp_path / "o.mp4"
-    for field in ("save_frames", "report", "checkpoint_dir"):
+    for field in ("save_frames", "report"):   # replaced as a whole: the input in it would be lost
         found = problems(config(clip, out, **{field: str(tmp_path)}))
         assert found[0][0] == field and "contains the input video" in found[0][1]
+    # the checkpoint folder only ever writes and removes its own files: it may hold inputs, not be one
+    assert not problems(config(clip, out, checkpoint_dir=str(tmp_path)))
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    [(label, reason)] = problems(config(frames, out, checkpoint_dir=str(frames)))
+    assert label == "checkpoint_dir" and "is the input frame folder" in reason
     assert not problems(config(clip, out, save_frames=str(tmp_path / "png"), report=str(tmp_path / "rep"),
                                checkpoint_dir=str(tmp_path / "ck")))
 

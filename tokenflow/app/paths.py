@@ -29,6 +29,10 @@ INPUT_FIELDS = {
 }
 # fields a job writes besides its videos (per prompt where the job has several), in the order of the checks
 OUTPUT_FIELDS = ("save_latents", "save_frames", "report", "checkpoint_dir")
+# folder outputs that only ever write and remove their own files (io/checkpoint.STATE_FILES)
+_OWN_FILES_ONLY = ("checkpoint_dir",)
+# outputs replaced as a whole folder (swap_folder_into_place): anything inside them would be lost
+_WHOLE_FOLDERS = ("save_frames", "report")
 ALIAS_ADVICE = ("tokenflow never writes over or into an input, with or without --overwrite: "
                 "choose an output path outside the job's inputs")
 _TINY = re.compile(r"^tiny(?::.*)?$")
@@ -106,9 +110,10 @@ def _stat(path: str):
         return None
 
 
-def alias_reason(output: str, input_label: str, input_path: str) -> Optional[str]:
+def alias_reason(output: str, input_label: str, input_path: str, *, may_contain: bool = False) -> Optional[str]:
     """How the output path ``output`` aliases the input, as the rest of a sentence starting with the
-    output (``"is the input video 'a.mp4'"``), or None when it does not."""
+    output (``"is the input video 'a.mp4'"``), or None when it does not. ``may_contain``: a folder
+    output that only ever adds and removes its own files (the checkpoint folder) may hold inputs."""
     real_out, real_in = os.path.realpath(output), os.path.realpath(input_path)
     named = f"the {input_label} '{input_path}'"
     if real_out == real_in:
@@ -119,7 +124,7 @@ def alias_reason(output: str, input_label: str, input_path: str) -> Optional[str
     if out_stat is not None and in_stat is not None and (out_stat.st_dev, out_stat.st_ino) == (in_stat.st_dev,
                                                                                                in_stat.st_ino):
         return f"is a hard link to {named} (the same file on disk)"
-    if _inside(real_in, real_out):
+    if _inside(real_in, real_out) and not may_contain:
         return f"contains {named}"
     if _inside(real_out, real_in):
         return f"lies inside {named}"
@@ -135,15 +140,12 @@ def aliasing_problems(outputs: Iterable[Pair], inputs: Iterable[Pair]) -> List[P
     problems: List[Pair] = []
     for out_label, out_path in outputs:
         for in_label, in_path in inputs:
-            reason = alias_reason(out_path, in_label, in_path)
+            reason = alias_reason(out_path, in_label, in_path, may_contain=out_label in _OWN_FILES_ONLY)
             if reason is not None:
                 problems.append((out_label, f"'{out_path}' {reason}; {ALIAS_ADVICE}"))
                 break
     return problems + overlap_problems(outputs)
 
-
-# outputs replaced as a whole folder (swap_folder_into_place): anything inside them would be lost
-_WHOLE_FOLDERS = ("save_frames", "report")
 
 
 def overlap_problems(outputs: Sequence[Pair]) -> List[Pair]:
