@@ -192,17 +192,32 @@ OPTIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "options.md"
 TABLE_START, TABLE_END = "<!-- ranges:start -->", "<!-- ranges:end -->"
 
 
+OTHER_START, OTHER_END = "<!-- other-ranges:start -->", "<!-- other-ranges:end -->"
+
+
+def _tables():
+    """(start marker, end marker, generated table) of docs/options.md: the EditConfig flags, then the
+    other commands' numeric flags and environment variables (tests/test_flag_ranges.py)."""
+    from tests.test_flag_ranges import other_options_table  # noqa: PLC0415 (walks every parser: imports torch)
+
+    return [(TABLE_START, TABLE_END, options_table()), (OTHER_START, OTHER_END, other_options_table())]
+
+
 def test_docs_list_every_range():
     text = OPTIONS_DOC.read_text()
-    table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
-    assert table == options_table().strip(), f"{OPTIONS_DOC} is out of date: run `python -m tests.test_config --write`"
+    for start, end, generated in _tables():
+        table = text.split(start, 1)[1].split(end, 1)[0].strip()
+        assert table == generated.strip(), f"{OPTIONS_DOC} is out of date: run `python -m tests.test_config --write`"
 
 
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] == ["--write"]:
-        head, rest = OPTIONS_DOC.read_text().split(TABLE_START, 1)
-        OPTIONS_DOC.write_text(f"{head}{TABLE_START}\n{options_table()}{TABLE_END}{rest.split(TABLE_END, 1)[1]}")
+        text = OPTIONS_DOC.read_text()
+        for start, end, generated in _tables():
+            head, rest = text.split(start, 1)
+            text = f"{head}{start}\n{generated}{end}{rest.split(end, 1)[1]}"
+        OPTIONS_DOC.write_text(text)
     else:
-        print(options_table(), end="")
+        print("".join(generated + "\n" for _, _, generated in _tables()), end="")

@@ -13,6 +13,7 @@ non-finite floats are never accepted.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import math
@@ -424,6 +425,45 @@ def coerce(name: str, value: Any) -> Any:
 
 def _whole(value: Any) -> bool:
     return isinstance(value, float) and value.is_integer()
+
+
+class Ranged:
+    """The argparse ``type=`` of a numeric flag (or environment variable) that is no EditConfig field,
+    checked as a field is: ``Ranged("--repeats", int, Rule(minimum=1, maximum=1000))``, or
+    ``Ranged("--frames", field="frames")`` for one that means a field (its type and Rule). A value
+    outside the range, nan, inf or no number at all is a ConfigError ``<flag>: must be ..., got ...``
+    (exit 2; argparse lets it through, ``tokenflow.app.cli.main`` prints it as one line).
+    ``Ranged.add_to_help(parser)`` ends each such flag's help with ``[range: a..b]``."""
+
+    def __init__(self, flag: str, kind: type = int, rule: Rule = Rule(), *, field: Optional[str] = None):
+        if field is not None:
+            spec = field_specs()[field]
+            kind, rule = (int if "integer" in spec.kinds else float), spec.rule
+        self.flag, self.kind, self.field = flag, kind, field
+        self.spec = FieldSpec(flag, (_JSON_TYPES[kind],), False, None, None, rule, None)
+
+    def __call__(self, text: str) -> Union[int, float]:
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = text   # refused below: "must be an integer ..., got '1.5' (string)"
+        reason = self.spec.problem(value)
+        if reason:
+            raise ConfigError(f"{self.flag}: {reason}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Ranged({self.flag!r}, {self.kind.__name__}, {self.range_text()!r})"
+
+    def range_text(self) -> str:
+        return self.spec.range_text()
+
+    @staticmethod
+    def add_to_help(parser) -> None:
+        for action in parser._actions:
+            if isinstance(action.type, Ranged) and action.help not in (None, argparse.SUPPRESS) \
+                    and "[range: " not in action.help:
+                action.help += f" [range: {action.type.range_text()}]"
 
 
 # --- presets ------------------------------------------------------------------------------

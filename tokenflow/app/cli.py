@@ -19,7 +19,8 @@ from tokenflow.app.farm import cli as farm_cli
 from tokenflow.app.flags import add_config_flags, config_from_args
 from tokenflow.app.jobfile import run as jobfile_run
 from tokenflow.app.jobfile import schema as jobfile_schema
-from tokenflow.app.run import run_command, start_reporting
+from tokenflow.app.run import fail, run_command, start_reporting
+from tokenflow.errors import ConfigError
 from tokenflow.io.progress import Reporter
 from tokenflow.quality import cli as quality_cli
 
@@ -89,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ConfigError as exc:   # a numeric flag outside its range (config.Ranged): one line, exit 2
+        return fail(str(exc), exc.exit_code)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -13,8 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-from tokenflow.config import DEFAULT_MODEL, PROPAGATIONS, parse_size
+from tokenflow.config import DEFAULT_MODEL, PROPAGATIONS, Ranged, Rule, parse_size
 from tokenflow.errors import ConfigError
+
+MAX_PROMPTS = 100   # prompts per edit the graphs are exported for (B = 1 + 2P branches per UNet call)
 
 
 def add_parser(sub) -> None:
@@ -22,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="Hub id, local diffusers folder, SD version or 'tiny' "
                    "(default stabilityai/stable-diffusion-2-1-base)")
     p.add_argument("--size", default="512x512", metavar="WxH", help="frame size the graphs are for (default 512x512)")
-    p.add_argument("--prompts", type=int, default=1, metavar="P", help="prompts per edit: B = 1 + 2P branches (default 1)")
+    p.add_argument("--prompts", type=Ranged("--prompts", int, Rule(minimum=1, maximum=MAX_PROMPTS)), default=1,
+                   metavar="P", help="prompts per edit: B = 1 + 2P branches (default 1)")
     p.add_argument("--propagation", choices=PROPAGATIONS, default="original",
                    help="which features correspondences use (default original)")
     p.add_argument("--device", help="cpu or cuda (default: the best available)")
@@ -30,6 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for the graphs (default: the cache folder --backend onnx uses)")
     p.add_argument("--cache-dir", metavar="DIR", help="tokenflow cache root (default $TOKENFLOW_CACHE or ~/.cache/tokenflow)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    Ranged.add_to_help(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,8 +47,6 @@ def main(args: argparse.Namespace) -> int:
     from tokenflow.models.load import load_model  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
 
     width, height = parse_size(args.size)
-    if args.prompts < 1:
-        raise ConfigError(f"--prompts must be at least 1, got {args.prompts}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     reasons = not_supported_reasons("onnx", device, dtype)

@@ -18,7 +18,7 @@ from typing import Optional
 
 from tokenflow.benchmark import report, run
 from tokenflow.benchmark.config import PRESETS, BenchConfig, parse_variants
-from tokenflow.config import parse_size
+from tokenflow.config import Ranged, Rule, parse_size
 from tokenflow.errors import ConfigError, OutputError, ResourceError
 
 EPILOG = """examples:
@@ -28,6 +28,10 @@ EPILOG = """examples:
 variants for --compare (join parts with '+', e.g. triton+chunk4):
   default, auto, torch, triton, faiss, xformers, original (the original implementation's compute
   pattern), chunkN, attn=NAME, nearest=NAME, latents={auto,device,host,disk}, window=W"""
+
+MAX_REPEATS = 1000      # timed (or untimed warm-up) edits per variant
+MAX_THREADS = 4096      # torch CPU threads
+MAX_IDLE_WAIT_S = 86400
 
 # flag dest -> BenchConfig field where they differ
 _FIELDS = {"compare": "variants", "idle_wait": "idle_wait_s"}
@@ -44,14 +48,16 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "in memory (default sd21); tiny = the tiny offline model")
     g.add_argument("--model", help="time a real model instead (Hub id, local diffusers folder, 1.5/2.1)")
     g.add_argument("--video", help="time this video instead of a synthetic clip")
-    g.add_argument("--frames", type=int, metavar="N", help="frames (default 16)")
+    g.add_argument("--frames", type=Ranged("--frames", field="frames"), metavar="N", help="frames (default 16)")
     g.add_argument("--size", metavar="WxH", help="frame size, multiples of 8 (default 512x512)")
     g = p.add_argument_group("edit")
-    g.add_argument("--inversion-steps", type=int, metavar="N", help="DDIM inversion steps (default 20)")
-    g.add_argument("--steps", type=int, metavar="N", help="edit steps (default 10)")
-    g.add_argument("--keyframe-spacing", type=int, metavar="B", help="frames per keyframe group (default 8)")
-    g.add_argument("--chunk-frames", type=int, metavar="N", help="frames per propagation call (default: the "
-                   "memory plan's)")
+    g.add_argument("--inversion-steps", type=Ranged("--inversion-steps", field="inversion_steps"), metavar="N",
+                   help="DDIM inversion steps (default 20)")
+    g.add_argument("--steps", type=Ranged("--steps", field="steps"), metavar="N", help="edit steps (default 10)")
+    g.add_argument("--keyframe-spacing", type=Ranged("--keyframe-spacing", field="keyframe_spacing"), metavar="B",
+                   help="frames per keyframe group (default 8)")
+    g.add_argument("--chunk-frames", type=Ranged("--chunk-frames", field="chunk_frames"), metavar="N",
+                   help="frames per propagation call (default: the memory plan's)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
     g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention backend (default auto)")
@@ -59,15 +65,19 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("measurement")
     g.add_argument("--compare", metavar="A,B,...", help="variants to run, the first is the baseline of "
                    "the ratios (default: one run of the settings as given)")
-    g.add_argument("--repeats", type=int, metavar="R", help="timed edits per variant, median reported (default 3)")
-    g.add_argument("--warmup", type=int, metavar="W", help="untimed edits first (default 1)")
-    g.add_argument("--threads", type=int, metavar="T", help="torch CPU threads (default: torch's)")
-    g.add_argument("--idle-wait", type=float, metavar="S", help="CPU: wait at most S seconds for an idle "
-                   "machine before timing (default 60)")
+    g.add_argument("--repeats", type=Ranged("--repeats", int, Rule(minimum=1, maximum=MAX_REPEATS)), metavar="R",
+                   help="timed edits per variant, median reported (default 3)")
+    g.add_argument("--warmup", type=Ranged("--warmup", int, Rule(minimum=0, maximum=MAX_REPEATS)), metavar="W",
+                   help="untimed edits first (default 1)")
+    g.add_argument("--threads", type=Ranged("--threads", int, Rule(minimum=1, maximum=MAX_THREADS)), metavar="T",
+                   help="torch CPU threads (default: torch's)")
+    g.add_argument("--idle-wait", type=Ranged("--idle-wait", float, Rule(minimum=0, maximum=MAX_IDLE_WAIT_S, unit="seconds")),
+                   metavar="S", help="CPU: wait at most S seconds for an idle machine before timing (default 60)")
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="PATH", help="write every number, the settings and the environment")
     g.add_argument("--plot", metavar="PNG", help="PNG per variant: stage times, UNet samples/s, frames/s, "
                    "peak memory (needs matplotlib)")
+    Ranged.add_to_help(p)
     return p
 
 
@@ -92,8 +102,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if "model" in changes and "arch" in changes:
         raise ConfigError("--arch and --model exclude each other: --arch builds random weights, "
                           "--model loads real ones")
-    if changes.get("idle_wait_s", 0) < 0:
-        raise ConfigError(f"--idle-wait {changes['idle_wait_s']} must be >= 0 seconds")
     return config.replace(**changes).validate()
 
 

@@ -33,7 +33,11 @@ import torch
 
 from tokenflow.benchmark.report import write_json
 from tokenflow.benchmark.system import reset_peak_rss, status_bytes
+from tokenflow.config import Ranged, Rule
 from tokenflow.device import device_name, sync, versions
+from tokenflow.errors import ConfigError
+
+MAX_REPS = 10_000   # timed runs per case of a kernel benchmark
 
 # ----------------------------------------------------------------------------- timing
 
@@ -115,15 +119,27 @@ def fmt_bytes(n: object) -> str:
 # ----------------------------------------------------------------------------- kernel benchmark scripts
 
 
+class _KernelParser(argparse.ArgumentParser):
+    """A flag outside its range (``config.Ranged``: a ConfigError) is one line and exit 2."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        try:
+            return super().parse_known_args(args, namespace)
+        except ConfigError as exc:
+            self.exit(2, f"{self.prog}: error: {exc}\n")
+
+
 def kernel_parser(doc: str, name: str) -> argparse.ArgumentParser:
     """The flags every kernel benchmark has; ``resolve_kernel_args`` fills the device-dependent defaults."""
-    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p = _KernelParser(description=doc.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default float16 on CUDA, float32 on CPU")
     p.add_argument("--variants", default=None, help="comma-separated subset (default: all that exist here)")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per case (default 20 CUDA, 3 CPU)")
+    p.add_argument("--reps", type=Ranged("--reps", int, Rule(minimum=1, maximum=MAX_REPS)), default=None,
+                   help="timed runs per case (default 20 CUDA, 3 CPU)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--out", help=f"JSON path (default bench/results/{name}_<device>_<date>.json)")
+    Ranged.add_to_help(p)
     return p
 
 

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-from tokenflow.config import parse_size
+from tokenflow.config import Ranged, parse_size
 from tokenflow.errors import InputError, OutputError
 from tokenflow.io.outputs import atomic_file
 
@@ -42,13 +42,16 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="the edit prompt (for CLIP text alignment)")
     p.add_argument("--clip-model", metavar="MODEL", help="CLIP model (Hub id or folder) for the CLIP metrics; "
                    "without it they are skipped")
-    p.add_argument("--start", type=int, default=0, metavar="I", help="first source frame the edit used (default 0)")
-    p.add_argument("--stride", type=int, default=1, metavar="S", help="source frame stride the edit used (default 1)")
+    p.add_argument("--start", type=Ranged("--start", field="start_frame"), default=0, metavar="I",
+                   help="first source frame the edit used (default 0)")
+    p.add_argument("--stride", type=Ranged("--stride", field="stride"), default=1, metavar="S",
+                   help="source frame stride the edit used (default 1)")
     p.add_argument("--crop", action="store_true", help="the edit centre-cropped the source (tokenflow edit --crop)")
     p.add_argument("--size", metavar="WxH", help="compare at this size (default: the edited video's, rounded to 8)")
     p.add_argument("--flow-preset", default="medium", choices=["ultrafast", "fast", "medium"],
                    help="OpenCV DIS optical-flow preset (default medium)")
     p.add_argument("--device", help="device for the CLIP model (default: the best available)")
+    Ranged.add_to_help(p)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -9,12 +9,18 @@ import tempfile
 from typing import Optional
 
 from tokenflow.app.farm.driver import Farm
-from tokenflow.app.farm.status import FARM_DIR
+from tokenflow.app.farm.status import DEFAULT_GRACE_S, FARM_DIR
 from tokenflow.app.jobfile.load import load_jobs
 from tokenflow.app.jobfile.run import add_root_flags, root_options
+from tokenflow.config import Ranged, Rule
 from tokenflow.errors import ConfigError, OutputError
 
 INSTALL_HINT = "tokenflow farm needs Ray: pip install 'tokenflow[farm]' (or pip install 'ray>=2.9')"
+MAX_RETRIES = 100        # runs after the first of one job
+MAX_GPUS = 64            # GPUs per job: a Ray task runs on one machine
+MAX_CPUS = 4096          # CPUs per job, and of a local cluster
+GRACE_ENV = "TOKENFLOW_FARM_GRACE"   # seconds a retry waits for the previous attempt's child to save and exit
+GRACE = Ranged(GRACE_ENV, float, Rule(minimum=0, maximum=86400, unit="seconds"))
 
 
 def add_parser(sub) -> None:
@@ -34,27 +40,28 @@ def add_parser(sub) -> None:
                       "(unless the job sets checkpoint_dir); default: <report folder>/checkpoints. Must be "
                       "shared storage on a cluster of several machines")
     add_root_flags(farm)
-    farm.add_argument("--max-retries", type=int, default=3, metavar="N",
+    farm.add_argument("--max-retries", type=Ranged("--max-retries", int, Rule(minimum=0, maximum=MAX_RETRIES)),
+                      default=3, metavar="N",
                       help="runs after the first for a job whose worker is lost or which is interrupted (default 3)")
-    farm.add_argument("--gpus-per-job", type=float, metavar="G", help="GPUs per job (default: 1 if the "
+    farm.add_argument("--gpus-per-job", type=Ranged("--gpus-per-job", float, Rule(minimum=0, maximum=MAX_GPUS)),
+                      metavar="G", help="GPUs per job (default: 1 if the "
                       "cluster has GPUs and the job's device is not cpu/mps, else 0)")
-    farm.add_argument("--cpus-per-job", type=float, default=1.0, metavar="C",
+    farm.add_argument("--cpus-per-job", type=Ranged("--cpus-per-job", float, Rule(minimum=0, maximum=MAX_CPUS)),
+                      default=1.0, metavar="C",
                       help="CPUs per job (default 1; Ray sets the job's OMP_NUM_THREADS from it)")
-    farm.add_argument("--local-cpus", type=int, metavar="N", help="with --ray local: CPUs of the local "
-                      "cluster (default: all of this machine's)")
+    farm.add_argument("--local-cpus", type=Ranged("--local-cpus", int, Rule(minimum=1, maximum=MAX_CPUS)), metavar="N",
+                      help="with --ray local: CPUs of the local cluster (default: all of this machine's)")
     farm.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: a job "
                       "whose outputs all exist is skipped)")
     farm.add_argument("--log-json", action="store_true",
                       help="JSON-lines events on stdout (farm_start, job_done, farm_done) instead of lines of text")
+    Ranged.add_to_help(farm)
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.max_retries < 0:
-        raise ConfigError(f"--max-retries {args.max_retries} must be >= 0")
-    if args.cpus_per_job < 0 or (args.gpus_per_job is not None and args.gpus_per_job < 0):
-        raise ConfigError("--cpus-per-job and --gpus-per-job must be >= 0")
-    if args.local_cpus is not None and (args.local_cpus < 1 or args.ray != "local"):
-        raise ConfigError(f"--local-cpus {args.local_cpus}: must be >= 1, and only sizes a --ray local cluster")
+    if args.local_cpus is not None and args.ray != "local":   # its range: the flag's type (config.Ranged)
+        raise ConfigError(f"--local-cpus {args.local_cpus}: only sizes a --ray local cluster")
+    grace_seconds()   # the workers get this environment: a bad value is refused before anything is submitted
     report_path = os.path.abspath(args.report)
     root = os.path.abspath(args.checkpoint_root or os.path.join(os.path.dirname(report_path), "checkpoints"))
     roots = root_options(args)   # --output-root / --input-root: existing folders, as real paths
@@ -63,6 +70,18 @@ def main(args: argparse.Namespace) -> int:
     for folder, what in ((os.path.dirname(report_path), "--report"), (os.path.join(root, FARM_DIR), "--checkpoint-root")):
         _check_writable_folder(folder, what)
     return Farm(args, ray, jobs, root, report_path, roots).run()
+
+
+def grace_seconds() -> float:
+    """``$TOKENFLOW_FARM_GRACE`` (seconds) or the default; a ConfigError naming it when it is no number
+    in GRACE's range (nan, inf, a typo)."""
+    raw = os.environ.get(GRACE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_GRACE_S
+    try:
+        return GRACE(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; unset it for the default ({DEFAULT_GRACE_S:g} s)") from None
 
 
 def validate_jobs(patterns, root: str, overwrite: bool = False, output_root: Optional[str] = None,
