@@ -14,12 +14,13 @@ import pytest
 
 from tokenflow.app import cli
 from tokenflow.app.farm import cli as farm_cli
+from tokenflow.app.farm import status as farm_status
 from tokenflow.app.flags import FLAG_FIELDS
 from tokenflow.config import Ranged, field_specs
 from tokenflow.errors import ConfigError
 
 KERNEL_SCRIPTS = "bench/bench_*.py"   # the kernel benchmarks' shared flags (benchmark.measure.kernel_parser)
-ENVIRONMENT = (farm_cli.GRACE,)       # environment variables read as numbers, checked by a Ranged
+ENVIRONMENT = (farm_status.GRACE,)       # environment variables read as numbers, checked by a Ranged
 
 
 def parsers():
@@ -151,19 +152,19 @@ def test_misspelt_numbers_say_what_the_flag_accepts(capsys, monkeypatch):
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-1", "86401", "ten", "1e999"])
 def test_farm_grace_environment_outside_its_range_is_refused_before_submitting(text, capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv(farm_cli.GRACE_ENV, text)
+    monkeypatch.setenv(farm_status.GRACE_ENV, text)
     monkeypatch.setattr(farm_cli, "validate_jobs", lambda *a, **k: pytest.fail("jobs validated"))
     assert cli.main(["farm", str(tmp_path / "job.yaml"), "--ray", "local"]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith(f"tokenflow: error: {farm_cli.GRACE_ENV}: must be "), err
+    assert len(err.splitlines()) == 1 and err.startswith(f"tokenflow: error: {farm_status.GRACE_ENV}: must be "), err
     assert "unset it for the default" in err
 
 
-@pytest.mark.parametrize("text, seconds", [("", farm_cli.DEFAULT_GRACE_S), ("  ", farm_cli.DEFAULT_GRACE_S),
+@pytest.mark.parametrize("text, seconds", [("", farm_status.DEFAULT_GRACE_S), ("  ", farm_status.DEFAULT_GRACE_S),
                                            ("0", 0.0), ("2.5", 2.5), ("86400", 86400.0)])
 def test_farm_grace_environment_inside_its_range(text, seconds, monkeypatch):
-    monkeypatch.setenv(farm_cli.GRACE_ENV, text)
-    assert farm_cli.grace_seconds() == seconds
+    monkeypatch.setenv(farm_status.GRACE_ENV, text)
+    assert farm_status.grace_seconds() == seconds
 
 
 def test_ranged_is_the_fields_check():

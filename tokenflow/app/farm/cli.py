@@ -9,7 +9,7 @@ import tempfile
 from typing import Optional
 
 from tokenflow.app.farm.driver import Farm
-from tokenflow.app.farm.status import DEFAULT_GRACE_S, FARM_DIR
+from tokenflow.app.farm.status import FARM_DIR, grace_seconds
 from tokenflow.app.jobfile.load import load_jobs
 from tokenflow.app.jobfile.run import add_root_flags, root_options
 from tokenflow.config import Ranged, Rule
@@ -19,8 +19,6 @@ INSTALL_HINT = "tokenflow farm needs Ray: pip install 'tokenflow[farm]' (or pip 
 MAX_RETRIES = 100        # runs after the first of one job
 MAX_GPUS = 64            # GPUs per job: a Ray task runs on one machine
 MAX_CPUS = 4096          # CPUs per job, and of a local cluster
-GRACE_ENV = "TOKENFLOW_FARM_GRACE"   # seconds a retry waits for the previous attempt's child to save and exit
-GRACE = Ranged(GRACE_ENV, float, Rule(minimum=0, maximum=86400, unit="seconds"))
 
 
 def add_parser(sub) -> None:
@@ -70,18 +68,6 @@ def main(args: argparse.Namespace) -> int:
     for folder, what in ((os.path.dirname(report_path), "--report"), (os.path.join(root, FARM_DIR), "--checkpoint-root")):
         _check_writable_folder(folder, what)
     return Farm(args, ray, jobs, root, report_path, roots).run()
-
-
-def grace_seconds() -> float:
-    """``$TOKENFLOW_FARM_GRACE`` (seconds) or the default; a ConfigError naming it when it is no number
-    in GRACE's range (nan, inf, a typo)."""
-    raw = os.environ.get(GRACE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_GRACE_S
-    try:
-        return GRACE(raw)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc}; unset it for the default ({DEFAULT_GRACE_S:g} s)") from None
 
 
 def validate_jobs(patterns, root: str, overwrite: bool = False, output_root: Optional[str] = None,

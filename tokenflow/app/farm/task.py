@@ -25,6 +25,7 @@ from tokenflow.app.farm.status import (
     LOCKED_EXIT_CODE,
     RETRIED_EXIT_CODES,
     describe_exit,
+    grace_seconds,
     has_checkpoint,
     read_json,
     signal_name,
@@ -124,7 +125,7 @@ class JobAttempts:
     # -- the previous attempt
     def wait_for_previous(self, previous: Dict[str, Any]) -> None:
         """Let the previous attempt's child finish saving (same machine) or its locks lapse (another one)."""
-        pid, grace = previous.get("child_pid"), float(os.environ.get("TOKENFLOW_FARM_GRACE", DEFAULT_GRACE_S))
+        pid, grace = previous.get("child_pid"), grace_seconds()
         if previous.get("host") == self.host and pid:
             if same_process(pid, previous.get("child_start")):
                 try:
