@@ -6,8 +6,10 @@ cannot fit before anything is decoded or loaded (exit 6, the numbers, the flags 
 Every estimate here is given its available memory explicitly (``available=``): the tests do not
 depend on the machine's memory, except the CLI cases, whose sizes no machine holds (terabytes).
 """
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 
 from tokenflow.engine import memory
 from tokenflow.engine.latents import InvertedLatents
-from tokenflow.engine.planner import HOST_MARGIN, HostPlan, before_read, make_plan
+from tokenflow.engine.planner import HOST_MARGIN, SEARCH_TILE, HostPlan, before_read, make_plan
 from tokenflow.errors import ResourceError
 from tokenflow.io.read import count_selected, read_video
 from tokenflow.io.samples import render_frames
@@ -126,8 +128,8 @@ def test_the_estimate_never_shrinks_when_anything_grows(device_type, field, valu
 
 def test_the_estimate_grows_with_the_model_side_parts():
     plan = before_read(**BASE)
-    for part in ("store", "device", "weights"):
-        assert HostPlan(**{**plan.__dict__, part: GIB}).need > plan.need, part
+    for part, value in (("store", GIB), ("weights", GIB), ("calls", {"edit": ("propagate", GIB, 1, GIB)})):
+        assert HostPlan(**{**plan.__dict__, part: value}).need > plan.need, part
 
 
 def test_parts_are_the_bytes_of_the_real_arrays(sample_clip):
@@ -260,12 +262,147 @@ def test_make_plan_checks_the_host_with_the_models_numbers(tiny_sd):
     args = dict(frames=40, latent_size=(16, 16), branches=3, keyframes=5, window=0, steps=11, budget=2**40,
                 budget_source="test", calibration=memory.Calibration())
     plan = make_plan(tiny_sd, **args, host=(2**40, "test"))
-    assert plan.host.device == plan.peak and plan.host.weights == plan.weights_bytes   # CPU: device memory is host
+    assert plan.host.weights == plan.weights_bytes   # CPU: device memory is host memory
+    # each phase counts its own stage's call: the peak less the weights and the resident latents and store
+    resident = plan.latents_bytes * (plan.latents_on == "device") + plan.store_bytes * (plan.store_on == "device")
+    calls = {phase: (stage, nbytes) for phase, (stage, nbytes, _, _) in plan.host.calls.items()}
+    latents = plan.latents_bytes * (plan.latents_on == "device")
+    own = {"keyframes": plan.peaks["keyframes"] - resident, "propagate": plan.peaks["propagate"] - resident,
+           "invert": plan.peaks["invert"] - latents, "vae": plan.peaks["vae"]}
+    own = {stage: nbytes - plan.weights_bytes for stage, nbytes in own.items()}
+    assert calls["invert"] == max((own["invert"], "invert"), (own["vae"], "vae"))[::-1]   # the VAE encodes there
+    assert calls["edit"] == max((own["keyframes"], "keyframes"), (own["propagate"], "propagate"))[::-1]
+    assert calls["decode"] == ("vae", own["vae"])
+    assert len(set(own.values())) == 4   # (the stages differ: a phase taking another's peak would show)
+    assert plan.host.latents_on_host and plan.host.store == plan.store_bytes   # counted once, as host parts
     assert plan.host.held == 4 * 40 * 3 * 128 * 128 + plan.weights_bytes
     assert plan.as_dict()["host"]["need"] == plan.host.need and "host memory" in plan.describe()
     json.dumps(plan.as_dict())
     with pytest.raises(ResourceError, match="not enough host memory for 40 frames at 128x128 \\(the decoded clip\\)"):
         make_plan(tiny_sd, **args, host=(0, "test"))
+
+
+# --- on CPU, the calls are sized in what the host leaves (real SD 2.1 sizes, nothing allocated) --
+
+SD_FRAMES, SD_SIDE = 200, 512
+
+
+@pytest.fixture(scope="module")
+def sd21_on_cpu():
+    """SD 2.1-base's UNet, VAE and text encoder (23 layers, 1024 wide) built on the meta device
+    (shapes only), planned as if the CPU were their device."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tokenflow.benchmark.architectures import SD21_UNET, SD_VAE
+
+    with torch.device("meta"):
+        unet, vae = UNet2DConditionModel(**SD21_UNET), AutoencoderKL(**SD_VAE)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                                            num_hidden_layers=23, num_attention_heads=16, hidden_act="gelu"))
+    return SimpleNamespace(unet=unet, vae=vae, text_encoder=text, dtype=torch.float32, device=torch.device("cpu"),
+                           vae_scale_factor=8)
+
+
+def _frames_bytes(frames, side):
+    return 4 * frames * 3 * side * side
+
+
+
+
+CLIP = _frames_bytes(SD_FRAMES, SD_SIDE)   # the 200 float32 frames at 512x512: 600 MiB
+
+
+def _cpu_plan(model, free, frames=SD_FRAMES, side=SD_SIDE, **kw):
+    """make_plan as ``Editor`` calls it on CPU, once the model is loaded and the clip decoded, on
+    a machine that had ``free`` bytes for the frames (MemAvailable is ``free`` less the frames),
+    with the CPU's default budget from its RSS (weights, frames, 0.7 GiB of libraries); keyframe
+    spacing 8, one prompt, 50 edit steps (51 inverted latents kept)."""
+    weights = memory.module_bytes(model.unet, model.vae, model.text_encoder)
+    available = free - _frames_bytes(frames, side)
+    budget, source = memory.cpu_budget(available, weights + _frames_bytes(frames, side) + 7 * GIB // 10)
+    args = dict(frames=frames, latent_size=(side // 8, side // 8), branches=3, keyframes=-(-frames // 8), window=0,
+                steps=51, budget=budget, budget_source=source, calibration=memory.Calibration(),
+                host=(available, "test"))
+    return make_plan(model, **{**args, **kw})
+
+
+@pytest.mark.parametrize("available", [16 * GIB, 20 * GIB])
+def test_on_cpu_the_calls_are_sized_in_what_the_host_leaves(sd21_on_cpu, available):
+    plan = _cpu_plan(sd21_on_cpu, available + CLIP)   # MemAvailable 16 (20) GiB with the clip decoded
+    host = plan.host
+    assert host.fits and host.need <= host.usable and plan.peak <= plan.budget
+    # the budget alone (the host's memory, counted as if nothing else held it) sizes bigger calls...
+    alone = _cpu_plan(sd21_on_cpu, available + CLIP, host=(2**50, "test"))
+    assert plan.inversion_frames < alone.inversion_frames
+    # ...which the host cannot hold on top of the frames, latents, cache and store (the review's exit 6)
+    assert not dataclasses.replace(host, calls=alone.host.calls).fits
+    # each phase counts its own stage's call, not the largest of all
+    stage = {phase: call[0] for phase, call in host.calls.items()}
+    assert stage == {"invert": "invert", "edit": "keyframes", "decode": "vae"}
+    assert host.calls["invert"][2] == plan.inversion_frames and host.calls["decode"][2] == plan.vae_frames
+    assert host.phases["decode"]["calls"] == plan.vae_frames * plan.vae_row_bytes < host.phases["invert"]["calls"]
+    # and the inversion takes the room its phase leaves (less the search tile every call keeps free)
+    invert = sum(host.phases["invert"].values())
+    assert invert <= host.usable < invert + plan.unet_row_bytes + SEARCH_TILE * 4
+
+
+def _suggested(text):
+    """The numbers a refusal suggests: frames, (width, height), keyframe window (None: not suggested)."""
+    frames = re.search(r"at most (\d+) fit at", text)
+    size = re.search(r"--size \(at most about (\d+)x(\d+)", text)
+    window = re.search(r"--keyframe-window \(at most about (\d+) keyframes", text)
+    return (int(frames[1]) if frames else None, (int(size[1]), int(size[2])) if size else None,
+            int(window[1]) if window else None)
+
+
+def test_a_refusal_on_cpu_names_the_weights_and_the_call_and_its_fixes_fit(sd21_on_cpu):
+    """12 GiB: the keyframe pass (25 keyframes x 3 branches in one call, which chunking cannot
+    split) does not fit next to the weights, the store and the frames, at any chunk size."""
+    available = 12 * GIB + CLIP
+    with pytest.raises(ResourceError) as caught:
+        _cpu_plan(sd21_on_cpu, available)
+    text = str(caught.value)
+    assert "not enough host memory for 200 frames at 512x512" in text and "\n" not in text
+    assert "the model weights + the keyframe pass's activations at 25 keyframes per call alone take" in text
+    assert "--dtype bfloat16" in text and "--device cuda" in text and "not even one 64x64" not in text
+    frames, size, window = _suggested(text)
+    assert frames and size and window, text
+    # every number it suggests fits, and the next one up does not
+    assert _cpu_plan(sd21_on_cpu, available, frames=frames).host.fits
+    with pytest.raises(ResourceError):
+        _cpu_plan(sd21_on_cpu, available, frames=frames + 1)
+    assert size[0] == size[1] and _cpu_plan(sd21_on_cpu, available, side=size[0]).host.fits
+    with pytest.raises(ResourceError):
+        _cpu_plan(sd21_on_cpu, available, side=size[0] + 8)
+    windowed = _cpu_plan(sd21_on_cpu, available, window=window)
+    assert windowed.host.need <= windowed.host.usable and windowed.keyframe_call == window
+    with pytest.raises(ResourceError):
+        _cpu_plan(sd21_on_cpu, available, window=window + 1)
+
+
+def test_when_the_weights_alone_do_not_fit_no_smaller_clip_is_suggested(sd21_on_cpu):
+    """Nothing left once the model is loaded (MemAvailable 0, 8 frames): no --size or --frames
+    shrinks the weights; the refusal says so and names what does (--dtype, a GPU)."""
+    with pytest.raises(ResourceError) as caught:
+        _cpu_plan(sd21_on_cpu, _frames_bytes(8, SD_SIDE), frames=8)
+    text = str(caught.value)
+    assert re.search(r"the model weights \+ .* call's activations at 1 frame per call alone take", text), text
+    assert text.endswith("Use --dtype bfloat16 (half the weights and activations); or a GPU (--device cuda: the "
+                         "weights and activations then live in its memory)"), text
+
+
+def test_a_forced_chunk_that_does_not_fit_is_refused_not_shrunk(sd21_on_cpu):
+    plan = _cpu_plan(sd21_on_cpu, 16 * GIB + CLIP)
+    with pytest.raises(ResourceError) as caught:
+        _cpu_plan(sd21_on_cpu, 16 * GIB + CLIP, inversion_frames=200)
+    text = str(caught.value)
+    assert "an inversion call's activations at 200 frames per call" in text
+    most = int(re.search(r"--inversion-batch-size \(at most about (\d+) frames per call fit\)", text)[1])
+    assert abs(most - plan.inversion_frames) <= 1, (most, plan.inversion_frames)
+    assert _cpu_plan(sd21_on_cpu, 16 * GIB + CLIP, inversion_frames=most).host.fits
 
 
 # --- the CLI ----------------------------------------------------------------------------------
@@ -288,6 +425,16 @@ def test_an_absurd_size_is_refused_before_decoding_or_loading(command, tmp_path,
     assert events[-1]["event"] == "error" and events[-1]["exit_code"] == 6
     assert not out.exists() and not list(tmp_path.iterdir())   # no output, no lock
 
+
+
+def test_the_host_check_comes_before_the_clip_model_loads(tmp_path, tiny_model_dir, sample_clip):
+    """--clip-model names no model here: loading it would fail (another exit code, another
+    message); the host check refuses first, having loaded nothing."""
+    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "x", "-o", tmp_path / "o.mp4",
+                    "--size", "65536x65536", "--device", "cpu", "--report", tmp_path / "report",
+                    "--clip-model", tmp_path / "no-such-clip")
+    assert run.returncode == 6, run.stderr
+    assert "not enough host memory for 12 frames at 65536x65536" in run.stderr and "clip" not in run.stderr.lower()
 
 def test_a_modest_clip_passes_and_its_plan_shows_the_host_part(tmp_path, tiny_model_dir, sample_clip):
     out, latents = tmp_path / "o.mp4", tmp_path / "o.npy"

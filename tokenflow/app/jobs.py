@@ -93,13 +93,13 @@ def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = 
 def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, stop: StopFlag, outputs: list,
                  latents_out: list, frames_out: list, reports_out: list) -> List[EditResult]:
     """run_edit's work, while this worker holds the lock of every output."""
-    scorer = None
-    if config.clip_model:
-        scorer = load_scorer(config.clip_model, config.device)   # a missing model fails before any work
     device = resolve_device(config.device)
     check_backends(device, resolve_dtype(config.dtype, device), config.attention_backend, config.nearest_backend)
-    start = time.perf_counter()
     host = check_host_memory(config, len(config.prompts), device.type)   # before anything is decoded or loaded
+    scorer = None
+    if config.clip_model:   # (after the host check: loading CLIP takes time and memory)
+        scorer = load_scorer(config.clip_model, config.device)   # a missing model fails before the decoding
+    start = time.perf_counter()
     clip = read_checked(config, reporter, host)
     editor = _load_editor(config, reporter)
     if stop.requested:   # during the read or the model load: no step has run, nothing new to save

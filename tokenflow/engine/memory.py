@@ -230,9 +230,16 @@ def default_budget(device: torch.device) -> Tuple[int, str]:
         usable = free + torch.cuda.memory_reserved(device)
         margin = max(512 * 2**20, int(0.05 * total))
         return max(usable - margin, 0), f"free on {torch.cuda.get_device_name(device)} minus {gib(margin)}"
-    available = _meminfo("MemAvailable") + _rss()
-    margin = max(512 * 2**20, int(0.10 * available))
-    return max(available - margin, 0), f"available host memory minus {gib(margin)}"
+    return cpu_budget(_meminfo("MemAvailable"), _rss())
+
+
+def cpu_budget(available: int, rss: int) -> Tuple[int, str]:
+    """The CPU's device budget: what the host has available plus what this process holds (its
+    RSS: the weights, the decoded frames, the libraries), less 10 % (at least 512 MiB). Only an
+    upper bound: the planner sizes CPU calls in what the host plan leaves (``planner.make_plan``)."""
+    total = available + rss
+    margin = max(512 * 2**20, int(0.10 * total))
+    return max(total - margin, 0), f"available host memory minus {gib(margin)}"
 
 
 def proc_bytes(path: str, field: str) -> Optional[int]:
