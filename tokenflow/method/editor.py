@@ -168,7 +168,8 @@ class Editor:
                              window=config.keyframe_window or 0, steps=len(saved), budget=budget,
                              budget_source=source, calibration=calibration, chunk_frames=config.chunk_frames,
                              inversion_frames=config.inversion_batch_size, keyframe_store=config.keyframe_store,
-                             inverted_latents="host" if config.inverted_latents == "disk" else config.inverted_latents)
+                             inverted_latents="host" if config.inverted_latents == "disk" else config.inverted_latents,
+                             use_cache=config.use_cache)
 
     # --- frames <-> latents ----------------------------------------------------------------
 
