@@ -16,6 +16,7 @@ import torch
 from tokenflow.app.locks import OutputLock, OutputLocks, lock_path, read_lock
 from tokenflow.config import EditConfig
 from tokenflow.errors import LockedError, OutputError
+from tokenflow.io import owners
 from tokenflow.io.cache import InversionCache, InversionKey
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,8 @@ FAST = ["--inversion-steps", "10", "--steps", "5", "--size", "64x64", "--frames"
         "--device", "cpu"]
 KEY = InversionKey("abc", (64, 64), "model-x", "a wolf", 10, "float32", "cpu")
 DEAD_PID = 99_999_999   # above any pid_max: os.kill says "no such process"
+# where a lock of this machine, this boot, says it was written (app/locks records all four)
+THIS_MACHINE = {"host": socket.gethostname(), "machine": owners.MACHINE_TAG, "boot": owners.BOOT, "pidns": owners.PIDNS}
 
 
 def python(code, *args, **popen):
@@ -258,9 +261,9 @@ def test_stale_locks_on_this_host_are_broken(tmp_path, case):
     out = tmp_path / "o.mp4"
     now = time.time()
     if case == "dead pid":
-        write_lock(out, pid=DEAD_PID, host=socket.gethostname(), started=now, heartbeat=now)
+        write_lock(out, pid=DEAD_PID, started=now, heartbeat=now, **THIS_MACHINE)
     elif case == "reused pid":   # our pid is alive, but it is not the process that took the lock
-        write_lock(out, pid=os.getpid(), host=socket.gethostname(), started=now, heartbeat=now, pid_start="1")
+        write_lock(out, pid=os.getpid(), started=now, heartbeat=now, pid_start="1", **THIS_MACHINE)
     else:
         path = Path(lock_path(out))
         path.write_text("")

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tokenflow.app.locks import OutputLock, OutputLocks, guard_path, lock_path, read_lock, sweep_leftovers
+from tokenflow.app.locks import (
+    OutputLock,
+    OutputLocks,
+    _take_over_guard,
+    guard_path,
+    guard_stale_reason,
+    lock_path,
+    read_lock,
+    sweep_leftovers,
+)
+from tokenflow.errors import LockedError
 from tokenflow.io import owners
 from tokenflow.io.cache import InversionCache, InversionKey
 from tokenflow.io.outputs import (
@@ -22,6 +32,8 @@ from tokenflow.io.outputs import (
     atomic_file,
     atomic_path,
     check_writable,
+    is_temp_of,
+    rename_exchange,
     sweep_folder_temps,
     sweep_temps,
     temp_sibling,
@@ -238,6 +250,9 @@ def test_a_live_writers_temp_is_kept_however_old(tmp_path):
 
 
 def test_a_reused_pid_and_another_boot_of_this_machine_are_gone(tmp_path):
+    """Another boot of this machine (same machine tag, another boot id; our pid alive now) is gone,
+    where the machine id tells this machine from any other; without one (or in a container) the
+    same tag may be another machine's with our host name, so its temp waits as another machine's."""
     out = tmp_path / "out.mp4"
     ours = me()
     if ours.start is None or owners.BOOT_TAG in (owners.UNKNOWN_BOOT, OTHER_BOOT):
@@ -248,8 +263,102 @@ def test_a_reused_pid_and_another_boot_of_this_machine_are_gone(tmp_path):
     (rebooted / "00000.png").write_bytes(b"png")         # a staged folder: removed whole
     reused.write_bytes(b"x")
     messages = sweep_temps(out)
-    assert hidden(tmp_path) == [], hidden(tmp_path)
-    assert any("rebooted" in m for m in messages) and any("belongs to another process" in m for m in messages)
+    assert any("belongs to another process" in m for m in messages) and not reused.exists()
+    if owners.STRONG_ID:
+        assert hidden(tmp_path) == [], hidden(tmp_path)
+        assert any("rebooted" in m for m in messages), messages
+    else:
+        assert hidden(tmp_path) == [rebooted.name] and not any("rebooted" in m for m in messages)
+        age(rebooted, FOREIGN_TEMP_AGE_S + 60)
+        assert "cannot be told from this one" in sweep_temps(out)[0] and hidden(tmp_path) == []
+
+
+def other_machine_named_like_this_one() -> str:
+    """The machine tag of a machine with this host name and PID namespace (on every Linux host the
+    initial one is pid:[4026531836]) but another machine id: a clone of this VM, say."""
+    other_id = "f" * 32 if owners.MACHINE_ID != "f" * 32 else "e" * 32
+    tag = owners.machine_tag(owners.HOST, owners.PIDNS, other_id)
+    assert tag != owners.MACHINE_TAG
+    return tag
+
+
+def test_another_machine_with_this_host_name_is_judged_by_age_not_as_this_one_rebooted(tmp_path):
+    out = tmp_path / "out.mp4"
+    clone = other_machine_named_like_this_one()
+    ours = me()
+    # its writer has our pid and start time (it is not ours: a live process over there), another boot
+    staged = temp_name(out, owners.Owner(ours.pid, ours.start, clone, OTHER_BOOT), ".new.mp4")
+    staged.write_bytes(b"their staged video")
+    now = time.time()
+    record = {"pid": ours.pid, "host": owners.HOST, "pidns": owners.PIDNS, "boot": "an-earlier-boot-id",
+              "pid_start": ours.start, "machine": clone, "started": now, "heartbeat": now, "token": "t",
+              "output": str(out)}
+    Path(lock_path(out)).write_text(json.dumps(record))
+    with pytest.raises(LockedError, match="s old without a heartbeat"):
+        OutputLock(out).acquire()                       # alive over there: its heartbeat is fresh
+    assert sweep_leftovers([out]) == [] and sweep_temps(out) == [] and staged.exists()
+    age(staged, FOREIGN_TEMP_AGE_S - 60)
+    assert sweep_temps(out) == [] and staged.exists()   # untouched for less than an hour: kept
+    record["heartbeat"] = now - 600                     # that worker stopped renewing its lock
+    Path(lock_path(out)).write_text(json.dumps(record))
+    age(Path(lock_path(out)), 600)
+    lock = OutputLock(out).acquire()
+    lock.release()
+    assert "has not renewed it" in lock.broken[0], lock.broken
+    assert len(lock.swept) == 1 and "written on another machine" in lock.swept[0] and not staged.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_machine_identity_rule(tmp_path):
+    """io.owners.placement: another boot of this machine's tag is this machine rebooted only with a
+    strong identity (a machine id, in the initial PID namespace); records of older versions, which
+    carry no machine tag, count as this machine's only during this very boot."""
+    assert owners.MACHINE_TAG == owners.machine_tag(owners.HOST, owners.PIDNS, owners.MACHINE_ID)
+    assert owners.STRONG_ID == (owners.MACHINE_ID is not None and owners.PIDNS == owners.INIT_PIDNS)
+    other_boot = owners.BOOT_TAG[::-1] if owners.BOOT_TAG[::-1] != owners.BOOT_TAG else OTHER_BOOT
+    clone = other_machine_named_like_this_one()
+    for strong in (True, False):
+        assert owners.placement(owners.MACHINE_TAG, owners.BOOT_TAG, strong=strong) == (
+            owners.HERE if owners.BOOT_TAG != owners.UNKNOWN_BOOT or strong else owners.ELSEWHERE)
+        assert owners.placement(clone, owners.BOOT_TAG, strong=strong) == owners.ELSEWHERE
+        assert owners.placement(clone, other_boot, strong=strong) == owners.ELSEWHERE
+    assert owners.placement(owners.MACHINE_TAG, other_boot, strong=True) == (
+        owners.REBOOTED if owners.BOOT_TAG != owners.UNKNOWN_BOOT else owners.HERE)
+    assert owners.placement(owners.MACHINE_TAG, other_boot, strong=False) == owners.ELSEWHERE
+    assert owners.placement(owners.MACHINE_TAG, owners.UNKNOWN_BOOT, strong=True) == owners.HERE
+    assert owners.placement(owners.MACHINE_TAG, owners.UNKNOWN_BOOT, strong=False) == owners.ELSEWHERE
+    if owners.BOOT is None:
+        return
+    old = (owners.HOST, owners.PIDNS)                   # an older tokenflow's record: no machine tag
+    assert owners.record_placement(None, *old, owners.BOOT) == owners.HERE
+    assert owners.record_placement(None, *old, "an-earlier-boot-id") == owners.ELSEWHERE
+    assert owners.record_placement(None, *old, None) == owners.ELSEWHERE
+    assert owners.record_placement(None, "another-host", owners.PIDNS, owners.BOOT) == owners.ELSEWHERE
+    assert owners.record_placement(owners.MACHINE_TAG, *old, owners.BOOT) == owners.HERE
+    assert owners.record_placement(clone, *old, owners.BOOT) == owners.ELSEWHERE
+
+
+def test_an_older_versions_lock_is_this_machines_only_during_this_boot(tmp_path):
+    """A lock record without a machine tag (written before it existed): during this boot under our
+    host name and PID namespace its pid decides; from another boot it is judged by its heartbeat."""
+    if owners.BOOT is None:
+        pytest.skip("no boot id here")
+    out = tmp_path / "out.mp4"
+    now = time.time()
+    old = {"host": owners.HOST, "pidns": owners.PIDNS, "started": now, "heartbeat": now, "token": "t", "output": str(out)}
+    Path(lock_path(out)).write_text(json.dumps({**old, "pid": DEAD_PID, "boot": owners.BOOT}))
+    lock = OutputLock(out).acquire()                    # this boot, a dead pid: broken at once
+    lock.release()
+    assert f"pid {DEAD_PID} on this machine has exited" in lock.broken[0]
+    Path(lock_path(out)).write_text(json.dumps({**old, "pid": os.getpid(), "boot": "an-earlier-boot-id"}))
+    with pytest.raises(LockedError):
+        OutputLock(out).acquire()                       # maybe another machine with our host name
+    Path(lock_path(out)).write_text(json.dumps({**old, "pid": os.getpid(), "boot": "an-earlier-boot-id",
+                                                "heartbeat": now - 600}))
+    age(Path(lock_path(out)), 600)
+    lock = OutputLock(out).acquire()
+    lock.release()
+    assert "has not renewed it" in lock.broken[0]
 
 
 def test_another_machines_temps_wait_until_untouched_long_enough(tmp_path, monkeypatch):
@@ -296,6 +405,29 @@ def test_names_that_merely_look_like_temps_are_never_touched(tmp_path, monkeypat
     assert all((tmp_path / name).read_bytes() == b"user" for name in lookalikes)
 
 
+def test_a_temp_belongs_to_the_target_its_leading_dots_and_marks_say(tmp_path):
+    """k leading dots and k temp marks: ``..a.mp4.tmp-…`` is the temp of ``.a.mp4`` and must not be
+    swept under the lock of ``a.mp4``; ``..a.mp4.tmp-….new.mp4.tmp-…`` (a temp of a temp, as
+    write_video makes) is a.mp4's."""
+    a, dot_a = tmp_path / "a.mp4", tmp_path / ".a.mp4"
+    dead = owners.Owner(DEAD_PID, None, owners.MACHINE_TAG, owners.BOOT_TAG).token
+    mark = f"{TEMP_MARK}{dead}"
+    of_a = tmp_path / f".a.mp4{mark}-0badc0de.new.mp4"
+    nested_of_a = tmp_path / f"..a.mp4{mark}-0badc0de.new.mp4{mark}-0badc0df.mp4"
+    of_dot_a = tmp_path / f"..a.mp4{mark}-0badc0e0.new.mp4"
+    nested_of_dot_a = tmp_path / f"...a.mp4{mark}-0badc0e1.new.mp4{mark}-0badc0e2.mp4"
+    for temp in (of_a, nested_of_a, of_dot_a, nested_of_dot_a):
+        temp.write_bytes(b"x")
+    temps = (of_a, nested_of_a, of_dot_a, nested_of_dot_a)
+    assert [is_temp_of(p.name, "a.mp4") for p in temps] == [True, True, False, False]
+    assert [is_temp_of(p.name, ".a.mp4") for p in temps] == [False, False, True, True]
+    lock = OutputLock(a).acquire()
+    lock.release()
+    assert len(lock.swept) == 2 and not of_a.exists() and not nested_of_a.exists()
+    assert of_dot_a.exists() and nested_of_dot_a.exists()
+    assert len(sweep_temps(dot_a)) == 2 and hidden(tmp_path) == []
+
+
 def test_another_targets_dead_temps_are_its_own_business(tmp_path):
     out, other = tmp_path / "out.mp4", tmp_path / "out.mp4.bak"
     dead = owners.Owner(DEAD_PID, None, owners.MACHINE_TAG, owners.BOOT_TAG)
@@ -324,6 +456,34 @@ def test_the_inversion_cache_sweeps_dead_writers_folders_on_load(tmp_path):
     assert not entry_temp.exists() and not calibration_temp.exists() and live.exists()
 
 
+def test_a_skipping_run_leaves_a_live_remote_workers_leftovers_alone(tmp_path):
+    """A run that skips sweeps without a lock; while a worker on another machine holds the output's
+    lock (fresh heartbeat), its staged output may wait untouched for over an hour (it encodes the
+    job's other outputs): neither that temp nor the lock's guard is touched."""
+    out = tmp_path / "b.mp4"
+    out.write_bytes(b"done")
+    remote = owners.Owner(4242, "100", OTHER_MACHINE, OTHER_BOOT)
+    now = time.time()
+    record = {"pid": 4242, "host": "node-7", "started": now, "heartbeat": now, "token": "t", "output": str(out),
+              "boot": "x", "pidns": "pid:[1]", "pid_start": "100", "machine": OTHER_MACHINE}
+    lock_file = Path(lock_path(out))
+    lock_file.write_text(json.dumps(record))
+    staged = temp_name(out, remote, ".new.mp4")
+    staged.write_bytes(b"a complete staged video")
+    age(staged, FOREIGN_TEMP_AGE_S + 60)
+    guard = Path(guard_path(lock_path(out)))
+    guard.write_text(remote.token)                      # an old guard of theirs: dead by the 30 s rule
+    age(guard, 40)
+    assert sweep_leftovers([out]) == []
+    assert staged.exists() and guard.exists() and read_lock(str(lock_file)).record == record
+    record["heartbeat"] = now - 600                     # once their lock is stale, the same sweep cleans up
+    lock_file.write_text(json.dumps(record))
+    age(lock_file, 600)
+    messages = sweep_leftovers([out])
+    assert any("broke the stale lock" in m for m in messages) and any("another machine" in m for m in messages)
+    assert sorted(os.listdir(tmp_path)) == ["b.mp4"] and out.read_bytes() == b"done"
+
+
 def test_a_lock_held_by_a_live_worker_keeps_its_temps(tmp_path):
     out = tmp_path / "out.mp4"
     child = python(WRITER, out, tmp_path / "frames")
@@ -337,6 +497,134 @@ def test_a_lock_held_by_a_live_worker_keeps_its_temps(tmp_path):
 
 
 # ----------------------------------------------------------------------------- taking over a dead guard
+
+
+def a_guard(path: Path, token: str, seconds_old: float = 0.0) -> bytes:
+    content = f"{token} {os.urandom(8).hex()}".encode()
+    path.write_bytes(content)
+    if seconds_old:
+        age(path, seconds_old)
+    return content
+
+
+def exchange_works(folder: Path) -> bool:
+    a, b = folder / "exchange-a", folder / "exchange-b"
+    a.write_text("a")
+    b.write_text("b")
+    try:
+        swapped = rename_exchange(a, b)
+        if swapped:
+            assert a.read_text() == "b"
+            a.unlink()
+            with pytest.raises(FileNotFoundError):   # a missing path is not "unsupported"
+                rename_exchange(b, a)
+        return swapped
+    finally:
+        for path in (a, b):
+            path.unlink(missing_ok=True)
+
+
+def test_a_guard_that_went_and_came_back_fresh_is_never_deleted(tmp_path):
+    """The takeover judged an old guard dead; before it acted, another remover took that one over and
+    finished, and a live remover made a fresh guard. Whether the exchange then finds the guard
+    missing (ENOENT: look again) or the file system cannot exchange (the 30-second rule, on the very
+    file judged only), the fresh guard stays, the same file."""
+    guard = tmp_path / ".out.mp4.lock.break"
+    remote = owners.Owner(7, "1", OTHER_MACHINE, OTHER_BOOT).token
+
+    def went_then_fresh(supported: bool):
+        def exchange(mine, target):
+            os.unlink(target)                            # taken over and released meanwhile
+            try:
+                return rename_exchange(mine, target) if supported else False
+            finally:
+                fresh.append(a_guard(Path(target), me().token))   # a live remover is inside
+                fresh.append(os.stat(target).st_ino)
+        return exchange
+
+    for supported in (True, False):
+        a_guard(guard, remote, seconds_old=40)
+        fresh: list = []
+        taken, _ = _take_over_guard(str(guard), exchange=went_then_fresh(supported))
+        assert taken is not True and guard.read_bytes() == fresh[0] and guard.stat().st_ino == fresh[1]
+        assert guard_stale_reason(str(guard)) is None and hidden(tmp_path) == [guard.name]
+        guard.unlink()                                   # that remover is done
+
+
+def test_without_an_exchange_only_an_old_guard_is_deleted_and_only_the_one_judged(tmp_path):
+    guard = tmp_path / ".out.mp4.lock.break"
+    unsupported = lambda mine, target: False            # noqa: E731  (e.g. NFS)
+    young_dead = a_guard(guard, owners.Owner(DEAD_PID, None, owners.MACHINE_TAG, owners.BOOT_TAG).token)
+    assert _take_over_guard(str(guard), exchange=unsupported) == (False, "")   # the 30 s rule waits
+    assert guard.read_bytes() == young_dead
+    age(guard, 40)
+    assert _take_over_guard(str(guard), exchange=unsupported) == (None, "")    # gone: compete for the name
+    assert hidden(tmp_path) == []
+
+
+def test_a_takeover_never_puts_back_the_guard_of_a_remover_that_has_left(tmp_path):
+    """Two takers judged one dead guard: the first took it over (it is inside); the second swaps its
+    own guard in and gets the first one's, alive. Then the first finishes (unlinking the guard: the
+    second's file) and a remover is killed right after making a fresh guard. Swapping the live
+    guard back would leave the first's guard there, naming a live process nobody will remove for a
+    while, over the dead one; the second stands in instead, and deletes what it swapped out."""
+    if not exchange_works(tmp_path):
+        pytest.skip("no atomic exchange of two paths here")
+    guard = tmp_path / ".out.mp4.lock.break"
+    dead_then = a_guard(guard, owners.Owner(DEAD_PID, None, owners.MACHINE_TAG, owners.BOOT_TAG).token)
+    killed = owners.Owner(DEAD_PID - 1, None, owners.MACHINE_TAG, owners.BOOT_TAG).token
+
+    calls = []
+
+    def first_taker_finishes(mine, target):
+        calls.append(target)
+        if len(calls) > 1:
+            return rename_exchange(mine, target)         # (a swap back)
+        os.unlink(target)                                # the first taker took it over ...
+        a_guard(Path(target), me().token)                # ... and is inside: its guard names it, alive
+        swapped = rename_exchange(mine, target)
+        os.unlink(target)                                # done: it unlinks the guard, our file by now
+        killed_guard.append(a_guard(Path(target), killed))   # a remover killed right after O_EXCL
+        return swapped
+
+    killed_guard: list = []
+    taken, _ = _take_over_guard(str(guard), exchange=first_taker_finishes)
+    assert taken is not True and len(calls) == 1 and dead_then != killed_guard[0]
+    assert guard.read_bytes() == killed_guard[0] and guard_stale_reason(str(guard)) is not None
+    assert hidden(tmp_path) == [guard.name]              # no temps: the live guard swapped out is gone
+
+
+def test_a_taker_that_displaced_a_live_guard_stands_in_for_it(tmp_path):
+    if not exchange_works(tmp_path):
+        pytest.skip("no atomic exchange of two paths here")
+    guard = tmp_path / ".out.mp4.lock.break"
+    a_guard(guard, owners.Owner(DEAD_PID, None, owners.MACHINE_TAG, owners.BOOT_TAG).token)
+
+    def replaced_by_a_live_one(mine, target):
+        os.unlink(target)
+        a_guard(Path(target), me().token)                # another remover took it over and is inside
+        return rename_exchange(mine, target)
+
+    taken, _ = _take_over_guard(str(guard), exchange=replaced_by_a_live_one, stand_in_s=0.01)
+    assert taken is None and guard_stale_reason(str(guard)) is None   # still guarded: by our stand-in
+    assert hidden(tmp_path) == [guard.name]
+    guard.unlink()                                       # that remover is done: it unlinks the guard
+    assert hidden(tmp_path) == []
+
+
+def test_a_release_without_the_guard_leaves_the_lock_marked_released(tmp_path):
+    out = tmp_path / "out.mp4"
+    lock = OutputLock(out).acquire()
+    guard = Path(guard_path(lock.path))
+    a_guard(guard, me().token)                           # a live remover inside, longer than release waits
+    lock.release()
+    assert Path(lock.path).exists() and read_lock(lock.path).record["released"]   # not deleted unguarded
+    assert lock.fd is None
+    guard.unlink()
+    again = OutputLock(out).acquire()                    # a released lock is broken at once
+    again.release()
+    assert len(again.broken) == 1 and "released it" in again.broken[0]
+    assert os.listdir(tmp_path) == []
 
 GUARD_RACE = r"""
 import json, os, random, sys, time

@@ -5,20 +5,29 @@ A job locks each of its outputs with a file next to it, ``<output>.lock``, creat
 
     {"pid": 4242, "host": "node-7", "started": 1700000000.1, "heartbeat": 1700000030.2,
      "token": "<uuid>", "output": "/abs/out.mp4", "boot": "<boot id>", "pidns": "pid:[...]",
-     "pid_start": "<clock ticks>"}
+     "pid_start": "<clock ticks>", "machine": "<machine tag>"}
+
+(``machine``: ``io.owners.MACHINE_TAG``, a hash of host name, PID namespace and machine id.)
 
 The holder rewrites it (in place, one padded ``pwrite`` through the descriptor it created it
 with) every ``min(10 s, TTL / 4)``: ``heartbeat`` and the file's mtime stay fresh.
 
-A lock is stale, and is broken, when
-- it was written on this machine (same host name and PID namespace) and its process is gone:
-  ``os.kill(pid, 0)`` says no such process, the process is a zombie, its start time differs from
-  ``pid_start`` (the pid was reused) or the machine has rebooted since (``boot`` differs);
-- it was written on another machine and its newest sign of life (``heartbeat`` or the file's
-  mtime, whichever is later) is older than the TTL: 120 s, or ``$TOKENFLOW_LOCK_TTL`` seconds;
+Where a lock was written is decided by ``io.owners.record_placement`` (the machine-identity rule
+of ``io.owners``: the machine tag, and the boot; a record of an older tokenflow, without
+``machine``, counts as this machine's only during this very boot). A lock is stale, and is
+broken, when
+- it was written during this boot of this machine and its process is gone: ``os.kill(pid, 0)``
+  says no such process, the process is a zombie, or its start time differs from ``pid_start``
+  (the pid was reused);
+- it was written during an earlier boot of this machine (the same machine id, another ``boot``);
+- it was written on another machine (or one that cannot be told from this one) and its newest
+  sign of life (``heartbeat`` or the file's mtime, whichever is later) is older than the TTL:
+  120 s, or ``$TOKENFLOW_LOCK_TTL`` seconds;
+- its holder marked it ``released``: ``OutputLock.release`` deletes the file only under the
+  removal guard, and marks it so when it could not have the guard;
 - it cannot be parsed (a writer died between creating and filling it) and its mtime is older
   than the TTL.
-A live process on this machine always keeps its lock, however old its heartbeat.
+A live process of this boot of this machine always keeps its lock, however old its heartbeat.
 
 Breaking is race-free: every removal of a lock file (breaking a stale one, releasing one's own)
 happens under a short-lived guard file, ``.<output>.lock.break`` (``O_EXCL``; one older than 30 s
@@ -26,11 +35,16 @@ is a dead remover's and is deleted). Under it the breaker reads the lock again a
 if it is still the very file it judged stale (same inode, mtime and record); then it competes for
 the free name with ``O_EXCL`` like everyone else. Nobody can delete a lock that replaced the one
 they looked at.
-The guard holds its holder's owner token (``io.owners``): the guard of a remover killed in it is
-taken over at once by a remover on the same machine, by swapping a guard of its own into place
-(``renameat2(RENAME_EXCHANGE)``) and checking that what it swapped out is the dead one (else it
-swaps it back): a live remover's guard is never deleted. Without an atomic exchange only the
-30-second rule applies.
+The guard holds its holder's owner token (``io.owners``) and a nonce: the guard of a remover
+killed in it is taken over at once by a remover on the same machine, by swapping a guard of its
+own into place (``renameat2(RENAME_EXCHANGE)``) and judging the file it swapped out, which nobody
+else can touch any more. If that one is dead, the taker holds the guard. If it is a live
+remover's (one that replaced the dead guard meanwhile), the taker's guard now stands in for it
+(it names a live process too): the taker deletes the swapped-out file and waits until the remover
+inside, done, unlinks the guard - the taker's file. Nothing is ever swapped back, so no guard is
+put back after its remover left, and a live remover's guard is never judged by a stale look.
+Without an atomic exchange only the 30-second rule applies: the old guard is renamed aside and
+deleted only if it is the very file judged (same inode and contents), else it is put back.
 A holder checks that the lock file is still its own (same inode) at every heartbeat and, through
 ``verify()``, right before it renames its outputs into place; it releases (deletes) the lock
 only if it is still its own.
@@ -40,9 +54,10 @@ Leftovers: once a lock is held, ``acquire`` also removes what dead workers left 
 writer was a process of this machine that is gone, or, for another machine's temps, that nothing
 touched for longer than the TTL (a live worker there would hold this lock). A run that needs no
 lock (every output exists) calls ``sweep_leftovers``: stale locks broken, dead removers' guards
-and dead writers' temps removed (other machines' temps after an hour). docs/checkpoints.md,
-"Leftovers". The process identity helpers (``pid_alive``, ``pid_start``, ``same_process``) live in
-``io.owners`` and are importable from here too.
+and dead writers' temps removed (other machines' temps after an hour), except for an output whose
+lock a live worker holds: its guard and temps are left to it. docs/checkpoints.md, "Leftovers".
+The process identity helpers (``pid_alive``, ``pid_start``, ``same_process``) live in ``io.owners``
+and are importable from here too.
 """
 from __future__ import annotations
 
@@ -53,11 +68,22 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 from tokenflow.errors import ConfigError, LockedError, OutputError
 from tokenflow.io.outputs import remove_path, rename_exchange, sweep_temps, temp_sibling
-from tokenflow.io.owners import BOOT, HOST, PIDNS, local_gone_reason, my_token, owners_in, same_machine
+from tokenflow.io.owners import (
+    BOOT,
+    ELSEWHERE,
+    HOST,
+    MACHINE_TAG,
+    PIDNS,
+    REBOOTED,
+    local_gone_reason,
+    my_token,
+    owners_in,
+    record_placement,
+)
 from tokenflow.io.owners import pid_alive as pid_alive
 from tokenflow.io.owners import pid_start as pid_start
 from tokenflow.io.owners import same_process as same_process
@@ -67,6 +93,8 @@ HEARTBEAT_S = 10.0
 TTL_ENV = "TOKENFLOW_LOCK_TTL"
 _RECORD_BYTES = 1024   # records are padded to a fixed size, so a rewrite never leaves a stale tail
 _GUARD_STALE_S = 30.0  # the removal guard is held for microseconds (30 s: room for clock skew)
+_GUARD_WAIT_S = 2.0    # how long a remover waits for the guard
+_STAND_IN_S = 2.0      # how long a taker that stands in for a live remover's guard waits for it to finish
 
 
 def lock_ttl() -> float:
@@ -96,8 +124,13 @@ def lock_path(target) -> str:
 _HOST, _BOOT, _PIDNS = HOST, BOOT, PIDNS
 
 
-def _same_machine(record: dict) -> bool:
-    return same_machine(record.get("host"), record.get("pidns"))
+def _placement(record: dict) -> str:
+    """Where the lock ``record`` was written: ``io.owners.record_placement`` (HERE, REBOOTED, ELSEWHERE)."""
+    def text(key: str) -> Optional[str]:
+        value = record.get(key)
+        return None if value is None else str(value)
+
+    return record_placement(text("machine"), text("host"), text("pidns"), text("boot"))
 
 
 # ----------------------------------------------------------------------------- reading a lock
@@ -176,10 +209,13 @@ def stale_reason(holder: Holder, ttl: float, now: Optional[float] = None) -> Opt
         pid = int(record["pid"])
     except (TypeError, ValueError):
         pid = -1
-    if _same_machine(record):
-        rebooted = bool(record.get("boot") and _BOOT and record["boot"] != _BOOT)
+    if record.get("released"):
+        return (f"pid {pid} on host '{record.get('host')}' released it "
+                "(without the removal guard it could not delete the lock file)")
+    place = _placement(record)
+    if place != ELSEWHERE:
         start = record.get("pid_start")
-        return local_gone_reason(pid, str(start) if start not in (None, "") else None, rebooted)
+        return local_gone_reason(pid, str(start) if start not in (None, "") else None, place == REBOOTED)
     if age > ttl:
         return (f"host '{record.get('host')}' (pid {pid}) has not renewed it for {age:.0f} s "
                 f"(TTL {ttl:.0f} s, {TTL_ENV})")
@@ -232,52 +268,107 @@ def _guard_gone(seen: Tuple[Tuple[int, int], bytes, float], now: Optional[float]
     return None
 
 
-def _take_over_guard(guard: str) -> Tuple[Optional[bool], str]:
+def _guard_content() -> bytes:
+    """What a removal guard holds: its holder's owner token and a nonce (no two guards alike)."""
+    return f"{my_token()} {uuid.uuid4().hex}".encode()
+
+
+Exchange = Callable[[str, str], bool]
+
+
+def _take_over_guard(guard: str, exchange: Exchange = rename_exchange,
+                     stand_in_s: float = _STAND_IN_S) -> Tuple[Optional[bool], str]:
     """Replace a dead remover's guard by our own, and only that one: (True, why it was dead) when
     this process now holds the guard; (False, "") when the guard there is alive; (None, "") when it
     changed meanwhile (look again).
 
     Where two paths can be exchanged atomically (Linux), a guard of ours is swapped in and the file
-    swapped out is checked to be the very one judged dead (same inode and contents); if it is not,
-    it is swapped back: nobody ever deletes a live remover's guard. Elsewhere the previous rule
-    holds: a guard older than 30 s is deleted (a tiny race between two removers of it)."""
+    swapped out, which nobody else can reach any more, is judged. Dead: ours is the guard now. Alive
+    (a remover's guard replaced the dead one after we looked): ours stands in for it, naming a live
+    process as well, while that remover finishes; we delete the swapped-out file and wait (at most
+    ``stand_in_s``) until the remover, done, unlinks the guard, which is now our file. Nothing is
+    swapped back: a file put back later could be the guard of a remover that has left meanwhile,
+    over a guard that came since. Elsewhere (``exchange`` False) only the age rule holds: a guard
+    older than 30 s is renamed aside and deleted if it is the very file judged dead (same inode and
+    contents), else put back (a tiny race between two removers of it remains there).
+
+    ``exchange``: the atomic swap (``io.outputs.rename_exchange``; a seam for tests: it returns False
+    where exchanging is unsupported and raises FileNotFoundError where a path is missing)."""
     seen = _read_guard(guard)
     if seen is None:
         return None, ""
-    why = _guard_gone(seen)
-    if why is None:
+    if _guard_gone(seen) is None:
         return False, ""
     mine = temp_sibling(guard)
     try:
-        fd = os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, my_token().encode())
-        finally:
-            os.close(fd)
+        fd = os.open(mine, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError:
-        remove_path(mine)
-        mine = ""
+        return _take_over_by_age(guard, seen)
     try:
-        if mine and rename_exchange(mine, guard):
-            out = _read_guard(mine)          # what was the guard until now
-            if out is not None and out[:2] == seen[:2]:
-                return True, why
-            rename_exchange(mine, guard)     # a live remover's, since: give it back
-            return None, ""
-    finally:
-        if mine:
+        with contextlib.suppress(OSError):
+            os.write(fd, _guard_content())   # a full disk: an empty guard, judged by its age
+        try:
+            swapped = exchange(mine, guard)
+        except FileNotFoundError:
+            return None, ""                  # the guard went meanwhile: look again
+        if not swapped:
             remove_path(mine)
-    if not os.path.lexists(guard):
+            return _take_over_by_age(guard, seen)
+        out = _read_guard(mine)              # what was the guard until now: ours alone to judge
+        why = _guard_gone(out) if out is not None else None
+        remove_path(mine)
+        if why is not None:
+            return True, why
+        _wait_unlinked(fd, stand_in_s)       # standing in for a live remover's guard until it is done
         return None, ""
-    if time.time() - seen[2] > _GUARD_STALE_S:   # no atomic exchange here: the age rule only
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(guard)
+    finally:
+        os.close(fd)
+        remove_path(mine)
+
+
+def _wait_unlinked(fd: int, wait_s: float) -> bool:
+    """Wait until the file open at ``fd`` has no name left (unlinked, or deleted by whoever swapped it
+    out); False if it still has one after ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if os.fstat(fd).st_nlink == 0:
+                return True
+        except OSError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+
+
+def _take_over_by_age(guard: str, seen: Tuple[Tuple[int, int], bytes, float]) -> Tuple[Optional[bool], str]:
+    """``_take_over_guard`` without an atomic exchange: delete the guard judged by ``seen`` if it is
+    older than 30 s and still the very same file (renamed aside to a name of ours, then checked: a
+    guard that replaced it meanwhile is put back). (None, "") once done: look again."""
+    age = time.time() - seen[2]
+    if age <= _GUARD_STALE_S:
+        return False, ""
+    aside = temp_sibling(guard, ".dead")
+    try:
+        os.rename(guard, aside)
+    except FileNotFoundError:
         return None, ""
-    return False, ""
+    moved = _read_guard(aside)
+    if moved is None or moved[:2] != seen[:2]:   # not the one judged: a remover's that came since
+        try:
+            os.link(aside, guard)                # back under its name, unless a guard was made there meanwhile
+        except FileExistsError:
+            pass
+        except OSError:                          # no hard links here
+            if not os.path.lexists(guard):
+                with contextlib.suppress(OSError):
+                    os.rename(aside, guard)
+    remove_path(aside)
+    return None, ""
 
 
 @contextlib.contextmanager
-def _removal_guard(path: str, wait_s: float = 2.0) -> Iterator[bool]:
+def _removal_guard(path: str, wait_s: float = _GUARD_WAIT_S) -> Iterator[bool]:
     """A short-lived mutex for removing ``path``: every removal of a lock file (breaking a stale one,
     releasing one's own) happens under it, so nobody removes a lock that replaced the one they
     inspected. It holds its holder's owner token, so the guard of a remover killed in it is taken
@@ -289,7 +380,7 @@ def _removal_guard(path: str, wait_s: float = 2.0) -> Iterator[bool]:
         try:
             fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                os.write(fd, my_token().encode())
+                os.write(fd, _guard_content())
             except OSError:
                 pass       # a full disk: an empty guard, judged by its age
             finally:
@@ -299,12 +390,11 @@ def _removal_guard(path: str, wait_s: float = 2.0) -> Iterator[bool]:
             taken, _ = _take_over_guard(guard)
             if taken:
                 break
-            if taken is None:
-                continue
             if time.monotonic() > deadline:
                 yield False
                 return
-            time.sleep(0.002)
+            if taken is False:
+                time.sleep(0.002)
     try:
         yield True
     finally:
@@ -358,19 +448,28 @@ def sweep_leftovers(targets: Iterable, ttl: Optional[float] = None) -> List[str]
     skips: every output exists). For each output: a stale lock is broken (the rules of
     ``stale_reason``, race-free as in ``acquire``), a dead remover's guard removed, and the temps of
     writers that are gone removed (``io.outputs.sweep_temps``; other machines' ones once untouched
-    for an hour, since no lock is held). A live worker's lock and temps are left alone. Returns one
-    line per thing removed; never raises."""
+    for an hour, since no lock is held). An output whose lock a live worker holds (or whose lock
+    cannot be read) is left alone entirely: that worker may be on another machine, encoding other
+    outputs while its staged one waits untouched; it sweeps when it takes the lock, and so does the
+    next run once the lock is stale. Returns one line per thing removed; never raises."""
     ttl = lock_ttl() if ttl is None else float(ttl)
     messages: List[str] = []
     for target in sorted({os.path.abspath(os.fspath(t)) for t in targets}):
         path = lock_path(target)
         try:
             holder = read_lock(path)
-            reason = stale_reason(holder, ttl) if holder is not None else None
-            if reason is not None and _break(holder):
-                messages.append(f"broke the stale lock on '{target}': {reason}")
+            if holder is not None:
+                reason = stale_reason(holder, ttl)
+                if reason is None:
+                    continue                     # a live worker holds it: its leftovers are its own
+                with contextlib.suppress(OSError):
+                    if _break(holder):
+                        messages.append(f"broke the stale lock on '{target}': {reason}")
+                holder = read_lock(path)         # whoever holds it now: taken meanwhile?
+                if holder is not None and stale_reason(holder, ttl) is None:
+                    continue
         except OSError:
-            pass
+            continue                             # cannot tell who holds it: leave its leftovers
         messages += _sweep_guard(path) + sweep_temps(target)
     return messages
 
@@ -424,7 +523,7 @@ class OutputLock:
             now = time.time()
             self.record = {"pid": os.getpid(), "host": _HOST, "started": round(now, 3), "heartbeat": round(now, 3),
                            "token": uuid.uuid4().hex, "output": self.target, "boot": _BOOT, "pidns": _PIDNS,
-                           "pid_start": pid_start(os.getpid())}
+                           "pid_start": pid_start(os.getpid()), "machine": MACHINE_TAG}
             self.size = max(_RECORD_BYTES, len(json.dumps(self.record)) + 256)
             try:
                 self._write()
@@ -478,23 +577,34 @@ class OutputLock:
                                   f"{TTL_ENV}), so this one does not write it")
 
     def release(self) -> None:
-        """Delete the lock file if it is still ours. Idempotent."""
+        """Delete the lock file if it is still ours, under the removal guard. Idempotent.
+
+        Never without the guard (unlinking then could delete a lock that replaced ours): when the
+        guard cannot be had, the file stays, marked ``released`` through our own descriptor (into
+        our file, wherever it is now), and the next worker breaks it at once (a worker of an older
+        version, once this process has exited: the pid rule)."""
         with self._io:
             if self.fd is None:
                 return
-            fd, self.fd = self.fd, None
+            guarded = False
             try:
-                with _removal_guard(self.path):
-                    st = os.stat(self.path)
-                    if (st.st_dev, st.st_ino) == self.inode:   # our open descriptor keeps the inode ours
-                        os.unlink(self.path)
+                with _removal_guard(self.path) as guarded:
+                    if guarded:
+                        st = os.stat(self.path)
+                        if (st.st_dev, st.st_ino) == self.inode:   # our open descriptor keeps the inode ours
+                            os.unlink(self.path)
             except OSError:
                 pass
             finally:
+                if not guarded:
+                    self.record["released"] = round(time.time(), 3)
+                    with contextlib.suppress(OSError):
+                        self._write()
+                fd, self.fd = self.fd, None
                 os.close(fd)
 
     def _locked_message(self, holder: Holder) -> str:
-        if holder.record is not None and _same_machine(holder.record):
+        if holder.record is not None and _placement(holder.record) != ELSEWHERE:
             rule = f"it is broken automatically once pid {holder.record.get('pid')} has exited"
         else:
             rule = f"it is broken automatically once it is {self.ttl:.0f} s old without a heartbeat ({TTL_ENV})"

@@ -17,16 +17,20 @@ Temp names say whose they are: ``.<target name>.tmp-<owner token>-<8 hex><suffix
 token (``io.owners``) being ``<pid>-<start time>-<machine>-<boot>``. A writer that stages into a
 temp path and hands it to another atomic write makes a temp of a temp
 (``..<name>.tmp-<owner>-<hex>.new.mp4.tmp-<owner>-<hex>.mp4``): it belongs to the same target.
+A name is a temp of ``<name>`` when it is k dots, ``<name>``, then the temp mark right away, and
+holds exactly k temp marks (each followed by an owner token or an older version's 12 hex digits):
+``..a.mp4.tmp-<owner>-<hex>`` is a temp of ``.a.mp4``, not of ``a.mp4``.
 
 Leftovers (``sweep_temps``; docs/checkpoints.md "Leftovers"). Every ``atomic_file`` and
 ``atomic_path`` first sweeps its target's temps, and so does taking an output's lock
 (``app.locks``). A temp is removed when
-- every owner in its name is a process of this machine (same host name and PID namespace) that is
-  gone: its pid does not exist or is a zombie, the pid now belongs to a process that started at
-  another time, or the machine has rebooted since (another boot). A live writer's temp is never
-  removed, however old;
-- an owner in its name is on another machine (shared storage, a farm), or the name carries no
-  owner (a temp of an older tokenflow: ``.<name>.tmp-<12 hex><suffix>``), and nothing in it was
+- every owner in its name is a process of this machine that is gone: its pid does not exist or is
+  a zombie, the pid now belongs to a process that started at another time, or the machine has
+  rebooted since (another boot; only where the machine id tells this machine from others:
+  ``io.owners``, "the rule"). A live writer's temp is never removed, however old;
+- an owner in its name is on another machine (shared storage, a farm; or a machine that cannot be
+  told from this one), or the name carries no owner (a temp of an older tokenflow:
+  ``.<name>.tmp-<12 hex><suffix>``), and nothing in it was
   modified for ``foreign_after`` seconds: an hour (``FOREIGN_TEMP_AGE_S``) by default, the lock
   TTL when the sweep runs under the target's lock (a live worker on another machine holds that
   lock and renews it, so a worker whose temp it is has lost the output). Writers keep touching a
@@ -52,7 +56,7 @@ from pathlib import Path
 from typing import IO, Iterator, List, Optional
 
 from tokenflow.errors import OutputError
-from tokenflow.io.owners import TOKEN_PATTERN, my_token, owners_in
+from tokenflow.io.owners import TOKEN_PATTERN, elsewhere_words, my_token, owners_in
 
 TEMP_MARK = ".tmp-"   # every temp name: ".<target name>.tmp-<owner token>-<8 hex><suffix>"
 FOREIGN_TEMP_AGE_S = 3600.0   # another machine's (or an owner-less) temp untouched this long is a dead writer's
@@ -79,13 +83,22 @@ def sweep_temps(path, *, foreign_after: float = FOREIGN_TEMP_AGE_S) -> List[str]
     a sweep that cannot look or remove leaves things as they are."""
     target = os.path.abspath(os.fspath(Path(path).expanduser()))
     folder, name = os.path.split(target)
-    prefix = re.compile(r"\.+" + re.escape(name) + re.escape(TEMP_MARK))   # its temps, and temps of those
+    return _sweep(folder, lambda entry: is_temp_of(entry, name), foreign_after)
 
-    def is_temp(entry: str) -> bool:
-        match = prefix.match(entry)
-        return match is not None and (bool(owners_in(entry, TEMP_MARK)) or _LEGACY.match(entry, match.end()) is not None)
 
-    return _sweep(folder, is_temp, foreign_after)
+def is_temp_of(entry: str, name: str) -> bool:
+    """Whether the file name ``entry`` is a temp of the target named ``name`` (``temp_sibling``), or a
+    temp of such a temp: k leading dots, ``name``, the temp mark right after it, and exactly k temp
+    marks, each followed by an owner token (or an older version's 12 hex digits). The dots count the
+    nesting, so ``..a.mp4.tmp-<owner>-<hex>`` (one mark) is the temp of ``.a.mp4``, not of ``a.mp4``,
+    while ``..a.mp4.tmp-<owner>-<hex>.new.mp4.tmp-<owner>-<hex>.mp4`` (two) is ``a.mp4``'s."""
+    match = re.match(r"(\.+)" + re.escape(name) + re.escape(TEMP_MARK), entry)
+    if match is None:
+        return False
+    first = match.end() - len(TEMP_MARK)
+    if _TEMP_NAME.match(entry, first) is None:
+        return False
+    return sum(1 for _ in _TEMP_NAME.finditer(entry, first)) == len(match.group(1))
 
 
 def sweep_folder_temps(folder, *, foreign_after: float = FOREIGN_TEMP_AGE_S, loose=()) -> List[str]:
@@ -131,7 +144,8 @@ def leftover_reason(temp, *, foreign_after: float = FOREIGN_TEMP_AGE_S, now: Opt
     untouched = (time.time() if now is None else now) - last_touched(temp)
     if untouched <= foreign_after:
         return None
-    whose = "written on another machine" if owners else "its name does not say whose it is"
+    elsewhere = [owner for owner in owners if not owner.here]   # (those of this machine are gone)
+    whose = elsewhere_words(elsewhere[0].machine) if elsewhere else "its name does not say whose it is"
     return f"{whose}, and nothing in it changed for {untouched:.0f} s (more than {foreign_after:.0f} s)"
 
 
@@ -240,16 +254,29 @@ def swap_folder_into_place(new_folder, folder) -> bool:
 
 
 _renameat2 = None
+_EXCHANGE_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
 def rename_exchange(a, b) -> bool:
-    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False
-    where the platform or file system cannot, or either path is missing."""
-    return _rename_exchange(a, b)
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``): True when
+    swapped, False where the platform or file system cannot exchange paths. Any other failure
+    raises OSError: ``FileNotFoundError`` when either path is missing (callers look again)."""
+    code = _exchange_errno(a, b)
+    if code is None or code in _EXCHANGE_UNSUPPORTED:
+        return False
+    if code:
+        raise OSError(code, os.strerror(code), os.fspath(b))
+    return True
 
 
 def _rename_exchange(a, b) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported or when
+    the swap failed for any reason (either path missing: ``swap_folder_into_place`` tries again)."""
+    return _exchange_errno(a, b) == 0
+
+
+def _exchange_errno(a, b) -> Optional[int]:
+    """renameat2(a, b, RENAME_EXCHANGE): 0 when swapped, else its errno; None where there is no renameat2."""
     global _renameat2
     if _renameat2 is None:
         _renameat2 = False
@@ -262,9 +289,11 @@ def _rename_exchange(a, b) -> bool:
             except (OSError, AttributeError):
                 pass
     if not _renameat2:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+        return None
+    at_fdcwd, exchange = -100, 2
+    if _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), exchange) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EIO
 
 
 def fsync_folder(folder) -> None:
