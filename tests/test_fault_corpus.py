@@ -38,6 +38,7 @@ import av.error
 import numpy as np
 import pytest
 
+from tests.test_leftovers import LIVE as LIVE_WRITER  # a process inside atomic_file until its stdin closes
 from tokenflow.errors import EXIT_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1163,17 +1164,6 @@ def _plant_other_machine(ctx: Ctx) -> None:
 def _other_machine_swept(ctx: Ctx, res: Result) -> None:
     expect_video(5)(ctx, res)
     assert any("written on another machine" in e.get("message", "") for e in res.events()), res.stdout[-2000:]
-
-
-LIVE_WRITER = r"""
-import sys
-from tokenflow.io.outputs import atomic_file
-with atomic_file(sys.argv[1], "wb") as f:
-    f.write(b"still writing")
-    f.flush()
-    print("ready", flush=True)
-    sys.stdin.read()
-"""
 
 
 def _beside_a_live_writer(ctx: Ctx, argv: List[str], env: dict) -> subprocess.CompletedProcess:
