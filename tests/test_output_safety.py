@@ -308,3 +308,13 @@ def test_run_and_farm_confine_jobs_to_the_output_root(tmp_path, clip, capsys):
     assert code == 2 and "--output-root" in one_error_line(err) and "does not exist" in err
     code, _, err = run_cli(capsys, "run", job, "--output-root", tmp_path, "--input-root", tmp_path, "--check")
     assert code == 0, err
+
+
+def test_a_failed_edit_removes_the_folders_it_made_and_no_others(tmp_path, clip, capsys):
+    """The output checks create missing folders (to probe that they can be written); an edit that
+    then fails (here: the 'video' is text, exit 3) removes them again, but not a folder that was there."""
+    (tmp_path / "there").mkdir()
+    code, _, err = run_cli(capsys, "edit", clip, "--prompt", "x", "--model", "tiny", "-o", tmp_path / "new" / "deeper" / "o.mp4",
+                           "--save-latents", tmp_path / "there" / "l.npy", "--save-frames", tmp_path / "png" / "f")
+    assert code == 3, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "there"] and not any((tmp_path / "there").iterdir())

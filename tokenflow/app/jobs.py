@@ -68,6 +68,13 @@ def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = 
         for message in sweep_leftovers(path for path, _ in targets):   # but a killed worker's lock or temps
             reporter.info(message)
         return []
+    with _folders_made_for(path for path, _ in targets):   # a failed job leaves no empty folders of its own
+        return _run_checked(config, reporter, stop, targets, outputs, latents_out, frames_out, reports_out)
+
+
+def _run_checked(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag], targets: list, outputs: list,
+                 latents_out: list, frames_out: list, reports_out: list) -> List[EditResult]:
+    """run_edit once nothing is aliased or skipped: the checks before work, the locks, the edit."""
     # every output target and the input are checked before any expensive work
     for target in outputs + [p for p in latents_out if p]:
         check_writable(target)
@@ -88,6 +95,28 @@ def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = 
         if _skip_if_done(targets, config, reporter, final=True):   # done by another worker meanwhile?
             return []
         return _edit_locked(config, reporter, locks, stop, outputs, latents_out, frames_out, reports_out)
+
+
+@contextlib.contextmanager
+def _folders_made_for(targets):
+    """The folders missing above ``targets`` now (the checks and the writers create them) are
+    removed again, deepest first and only while empty, when the block fails: an error, an
+    interrupt or an out-of-memory refusal leaves the tree as it found it."""
+    missing = set()
+    for target in targets:
+        folder = os.path.dirname(os.path.abspath(target))
+        while folder and not os.path.exists(folder) and folder not in missing:
+            missing.add(folder)
+            folder = os.path.dirname(folder)
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(missing, key=len, reverse=True):
+            try:
+                os.rmdir(folder)
+            except OSError:   # not empty (another job's files, a checkpoint), or gone
+                pass
+        raise
 
 
 def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, stop: StopFlag, outputs: list,
