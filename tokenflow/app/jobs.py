@@ -32,10 +32,10 @@ from tokenflow.io.outputs import (
     temp_sibling,
 )
 from tokenflow.io.progress import Reporter
-from tokenflow.io.read import Clip, count_selected, read_video
+from tokenflow.io.read import Clip, count_selected
 from tokenflow.io.write import write_frames, write_video
 from tokenflow.kernels import check_backends
-from tokenflow.method.editor import Editor, EditResult
+from tokenflow.method.editor import Editor, EditResult, read_clip
 from tokenflow.quality.cli import evaluate, load_scorer
 from tokenflow.quality.flow import require_cv2
 from tokenflow.quality.report import check_report_support, check_report_target, write_report
@@ -269,11 +269,9 @@ def check_host_memory(config: EditConfig, prompts: int, device_type: str) -> Hos
 
 
 def read_checked(config: EditConfig, reporter: Reporter, host: HostPlan) -> Clip:
-    """Decode the frames ``config`` selects (as ``method.editor.read_clip``), checking ``host``
-    before each frame beyond the count it was checked for (a container that did not list them)."""
-    with reporter.stage("read"):
-        return read_video(str(config.video), frames=config.frames, start=config.start_frame, stride=config.stride,
-                          size=config.size, crop=config.crop, on_frame=host.check_frames)
+    """Decode the frames ``config`` selects, checking ``host`` before each frame beyond the count
+    it was checked for (a container that did not list them)."""
+    return read_clip(str(config.video), config, reporter, on_frame=host.check_frames)
 
 
 def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:

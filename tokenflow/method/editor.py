@@ -31,7 +31,7 @@ from tokenflow.interrupt import StopFlag
 from tokenflow.io.cache import InversionCache, InversionKey
 from tokenflow.io.checkpoint import Checkpointer, fingerprint_fields
 from tokenflow.io.progress import Reporter
-from tokenflow.io.read import Clip, read_video
+from tokenflow.io.read import Clip, FrameCheck, read_video
 from tokenflow.kernels import KernelChoice, check_backends
 from tokenflow.method import schedule
 from tokenflow.method.denoise import Denoiser, text_branches
@@ -69,11 +69,12 @@ class EditResult:
     plan: Optional[MemoryPlan] = None
 
 
-def read_clip(video: str, config: EditConfig, reporter: Reporter) -> Clip:
-    """Decode the frames ``config`` selects from a video file or image folder."""
+def read_clip(video: str, config: EditConfig, reporter: Reporter, on_frame: Optional[FrameCheck] = None) -> Clip:
+    """Decode the frames ``config`` selects from a video file or image folder (``on_frame``: see
+    ``io.read.read_video``; the CLI checks host memory there)."""
     with reporter.stage("read"):
         return read_video(video, frames=config.frames, start=config.start_frame, stride=config.stride,
-                          size=config.size, crop=config.crop)
+                          size=config.size, crop=config.crop, on_frame=on_frame)
 
 
 def _oom_as_resource_error(fn: Callable) -> Callable:
