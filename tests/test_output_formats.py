@@ -14,7 +14,7 @@ from tokenflow.app.outputs import resolve_output
 from tokenflow.config import EditConfig, field_specs
 from tokenflow.errors import ConfigError
 from tokenflow.io import write
-from tokenflow.io.checkpoint import NOT_FINGERPRINTED
+from tokenflow.io.checkpoint import NOT_FINGERPRINTED, fingerprint_fields
 from tokenflow.io.read import Colour, read_video
 from tokenflow.io.samples import make_sample_clip, render_frames
 from tokenflow.io.write import to_uint8_images, video_settings, write_frames, write_video
@@ -211,6 +211,9 @@ def test_fields_flags_and_fingerprint():
     assert "not codec prores" in str(EditConfig(prompt="x", codec="prores", crf=20).errors()[0])
     # they change how the output files are encoded, not the latents: a checkpoint resumes across them
     assert set(OUTPUT_FIELDS) <= NOT_FINGERPRINTED
+    fields = fingerprint_fields(EditConfig(prompt="x", codec="prores", pix_fmt="yuv444p10le", frames_format="exr"),
+                                model_identity="m", dtype="float32", device_type="cpu", frames_sha256="abc")
+    assert not set(OUTPUT_FIELDS) & set(fields)
     from tokenflow.app.jobfile.schema import job_schema
 
     schema = json.dumps(job_schema())
