@@ -372,7 +372,8 @@ DOCS = [  # (job, valid) for the validator and the schema alike
 # what the schema cannot express (docs/jobs.md): only `tokenflow run --check` refuses these
 NOT_IN_SCHEMA = [({"size": "100x100"}, False), ({"steps": 60, "inversion_steps": 50}, False),
                  ({"output": "o.txt"}, False), ({"output": "results"}, False),   # a video name or a folder ('/')
-                 ({"output": "clip.mp4"}, False), ({"save_frames": "."}, False)]   # an output aliasing an input
+                 ({"output": "clip.mp4"}, False), ({"save_frames": "."}, False),   # an output aliasing an input
+                 ({"codec": "ffv1", "output": "o.mp4"}, False)]   # the container of the codec (.mkv)
 
 
 @pytest.mark.parametrize("extra, valid", DOCS + NOT_IN_SCHEMA)
@@ -393,8 +394,8 @@ def test_schema_agrees_with_the_validator_under_jsonschema(schema, folder):
     checked = 0
     for name, prop in canonical(schema).items():
         for value, valid in boundary_values(prop):
-            doc = {"video": "clip.mp4", "prompt": "x", "output": "o.mp4", "steps": 1, "inversion_steps": 1000,
-                   "checkpoint_dir": "ck", name: value}   # steps <= inversion_steps (a cross-field rule) holds
+            doc = {"video": "clip.mp4", "prompt": "x", "output": "o/", "steps": 1, "inversion_steps": 1000,
+                   "checkpoint_dir": "ck", name: value}   # steps <= inversion_steps (a cross-field rule) holds; o/: any codec
             assert validator.is_valid(doc) == valid, (name, value)
             assert (not jobfile.collect_problems(doc, str(folder / "j.yaml"))) == valid, (name, value)
             checked += 1

@@ -14,7 +14,7 @@ import pytest
 from tokenflow.app import cli
 from tokenflow.app import paths as safety
 from tokenflow.app.jobfile import load as jobfile
-from tokenflow.app.outputs import VIDEO_SUFFIXES, resolve_output
+from tokenflow.app.outputs import CODEC_SUFFIXES, resolve_output
 from tokenflow.config import EditConfig
 from tokenflow.errors import ConfigError, OutputError
 
@@ -59,14 +59,14 @@ def test_output_is_a_folder_only_with_a_trailing_separator_or_when_it_exists(tmp
 
 
 @pytest.mark.parametrize("name, got", [("out.txt", "ends in '.txt'"), ("out", "has no file extension"),
-                                       ("out.mkv", "ends in '.mkv'"), ("out.mp4.part", "ends in '.part'")])
+                                       ("out.webm", "ends in '.webm'"), ("out.mp4.part", "ends in '.part'")])
 def test_an_output_that_is_no_video_name_is_a_config_error_listing_the_containers(tmp_path, clip, name, got):
     with pytest.raises(ConfigError) as caught:
         resolve_output(config(clip, tmp_path / name))
     message = str(caught.value)
     assert caught.value.exit_code == 2 and caught.value.field == "output"
     assert str(tmp_path / name) in message and got in message and "end the path with '/'" in message
-    assert all(suffix in message for suffix in VIDEO_SUFFIXES)
+    assert all(suffix in message for suffix in CODEC_SUFFIXES["h264"])   # .mkv: --codec ffv1 (test_output_formats)
     assert not (tmp_path / name).exists()
 
 

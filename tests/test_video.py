@@ -359,8 +359,8 @@ def test_failure_mid_encode_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch
     target.write_bytes(b"previous result")
     real_encode = write._encode_frames
 
-    def failing_encode(stream, images):
-        for count, packet in enumerate(real_encode(stream, images)):
+    def failing_encode(stream, images, *rest):
+        for count, packet in enumerate(real_encode(stream, images, *rest)):
             if count == 2:
                 raise OSError(28, "No space left on device")
             yield packet

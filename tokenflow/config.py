@@ -43,6 +43,9 @@ PLACES = ("auto", "device", "host")
 PROPAGATIONS = ("original", "paper")
 DTYPES = ("float32", "float16", "bfloat16")
 BACKENDS = ("eager", "compile", "aot", "onnx", "tensorrt")
+CODECS = ("h264", "hevc", "prores", "ffv1")          # of the output video (io.write.CODECS: encoders, containers)
+FRAME_FORMATS = ("png", "png16", "exr", "exr32")     # of --save-frames: 8/16-bit PNG, half/float OpenEXR
+CRF_CODECS = ("h264", "hevc")                        # the codecs with a constant-rate factor
 
 # Upper limits of the numeric fields (docs/options.md lists every range, generated from the Rules).
 MAX_FRAMES = 100_000               # frames of one edit (about 55 min at 30 fps): more cannot be held in memory
@@ -53,9 +56,11 @@ MAX_GUIDANCE = 100.0               # classifier-free guidance: useful values are
 MAX_FPS = 1000.0                   # output frame rate
 MAX_SEED = 2**64 - 1               # what torch.Generator.manual_seed accepts (0..2^64-1)
 MAX_BYTES = 2**50                  # 1 PiB: a memory budget beyond that is a typo
+MAX_CRF = 51                       # libx264 / libx265: 0 (best) .. 51 (worst)
 
 # Patterns are JSON Schema (ECMA-262) regular expressions too: `tokenflow schema` uses them as they are.
 NONEMPTY_PATTERN = r"\S"
+PIX_FMT_PATTERN = r"^[a-z0-9_]+$"                         # an FFmpeg pixel format name: yuv420p, yuv422p10le
 SIZE_PATTERN = r"^\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*$"      # WIDTHxHEIGHT
 BYTES_PATTERN = r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([bB]|[kKmMgGtT](?:[iI]?[bB])?)?\s*$"   # 12GB, 16GiB, 1.5e9
 
@@ -192,6 +197,10 @@ class EditConfig:
     report: Optional[str] = _field(None, path=True)        # folder for an HTML report (frames, side by side, metrics)
     clip_model: Optional[str] = _field(None, path=True)    # CLIP model (Hub id or folder) for the report's CLIP scores
     fps: Optional[float] = _field(None, above=0, maximum=MAX_FPS)           # None = the source frame rate
+    codec: str = _field("h264", choices=CODECS)                             # of the output video
+    crf: Optional[int] = _field(None, minimum=0, maximum=MAX_CRF)           # h264/hevc only; None: 18 (h264), 22 (hevc)
+    pix_fmt: Optional[str] = _field(None, pattern=PIX_FMT_PATTERN)         # None: the codec's default (docs/outputs.md)
+    frames_format: str = _field("png", choices=FRAME_FORMATS)              # of save_frames
     cache_dir: Optional[str] = _field(None, path=True)     # None = $TOKENFLOW_CACHE or ~/.cache/tokenflow
     use_cache: bool = _field(True, description="read and write the inversion cache (default true)")
     overwrite: bool = False             # False: a job whose outputs all exist is skipped
@@ -237,6 +246,11 @@ class EditConfig:
             found.append(ConfigError.of_field(
                 "resume", "needs checkpoint_dir, the folder the interrupted run used (--checkpoint-dir DIR; "
                           "with job files also `tokenflow run --checkpoint-root DIR`)"))
+        if self.crf is not None and self.codec not in CRF_CODECS and not bad & {"crf", "codec"}:
+            found.append(ConfigError.of_field(
+                "crf", f"applies to {' and '.join(CRF_CODECS)}, not codec {self.codec} "
+                       f"({'lossless' if self.codec == 'ffv1' else 'a fixed-quality profile'}): drop --crf or pick "
+                       f"--codec {CRF_CODECS[0]}"))
         if need_prompt and "prompt" not in bad:
             prompts = self.prompts
             empty = [k for k, text in enumerate(prompts, 1) if not text.strip()]

@@ -10,7 +10,9 @@ from typing import Dict
 
 from tokenflow.config import (
     BACKENDS,
+    CODECS,
     DEFAULT_NEGATIVE_PROMPT,
+    FRAME_FORMATS,
     METHODS,
     PLACES,
     PRESETS,
@@ -112,10 +114,19 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--nearest-backend", metavar="NAME", help="nearest-neighbour search: auto (default: "
                        "triton on CUDA, else torch), triton, faiss or torch (the reference)")
         g = p.add_argument_group("outputs")
-        g.add_argument("-o", "--output", help="output video: a .mp4/.m4v/.mov name (an MP4 either way: H.264, source "
-                       "fps, source audio), or a folder (ending in '/', or existing) that gets the default name "
-                       "(default tokenflow-results/<video>-<method>.mp4); never one of the job's inputs")
-        g.add_argument("--save-frames", metavar="DIR", help="also write numbered PNGs into DIR")
+        g.add_argument("-o", "--output", help="output video: a .mp4/.m4v/.mov name for h264/hevc (an MP4 either way), "
+                       ".mov for prores, .mkv for ffv1 (source fps, source audio, source colour tags), or a folder "
+                       "(ending in '/', or existing) that gets the default name (default "
+                       "tokenflow-results/<video>-<method>.mp4, .mov or .mkv); never one of the job's inputs")
+        g.add_argument("--codec", choices=CODECS, help="video codec: h264 (default, libx264), hevc (libx265), "
+                       "prores (ProRes 422 HQ / 4444, .mov) or ffv1 (lossless RGB, .mkv); the summary names the encoder")
+        g.add_argument("--crf", type=int, metavar="N", help="h264/hevc quality: lower is better and larger "
+                       "(default 18 for h264, 22 for hevc; 0: lossless YUV with libx264)")
+        g.add_argument("--pix-fmt", metavar="FMT", help="pixel format (default yuv420p for h264/hevc, yuv422p10le "
+                       "for prores, bgr0 for ffv1); e.g. yuv444p, yuv420p10le, yuv444p10le (prores 4444)")
+        g.add_argument("--save-frames", metavar="DIR", help="also write numbered frames into DIR (--frames-format)")
+        g.add_argument("--frames-format", choices=FRAME_FORMATS, help="of --save-frames: png (default, 8-bit), "
+                       "png16 (16-bit PNG), exr (OpenEXR half float) or exr32 (OpenEXR float); values as decoded, not linearised")
         g.add_argument("--save-latents", metavar="PATH", help="also write the final latents [N,4,h,w] as .npy")
         g.add_argument("--fps", type=float, help="output frame rate (default: the source's)")
         g.add_argument("--report", metavar="DIR", help="also write an HTML report into DIR: frames side by side, "

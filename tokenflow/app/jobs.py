@@ -33,7 +33,7 @@ from tokenflow.io.outputs import (
 )
 from tokenflow.io.progress import Reporter
 from tokenflow.io.read import Clip, count_selected
-from tokenflow.io.write import write_frames, write_video
+from tokenflow.io.write import video_settings, write_frames, write_video
 from tokenflow.kernels import check_backends
 from tokenflow.method.editor import Editor, EditResult, read_clip
 from tokenflow.quality.cli import evaluate, load_scorer
@@ -59,6 +59,7 @@ def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = 
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow edit VIDEO ...)")
     prompts = config.prompts
     outputs = prompt_outputs(resolve_output(config), prompts)   # ConfigError: -o is not a video name or folder
+    video_settings(config.codec, config.pix_fmt, config.crf)   # ConfigError: no encoder here, a pixel format it lacks
     check_no_aliasing(job_output_paths(config, outputs), job_inputs(config, inputs))   # even with --overwrite
     latents_out = prompt_outputs(config.save_latents, prompts) if config.save_latents else [None] * len(prompts)
     frames_out = per_prompt_folders(config.save_frames, prompts)
@@ -134,18 +135,21 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
     if stop.requested:   # during the read or the model load: no step has run, nothing new to save
         raise Interrupted(f"stopped by {stop.reason} before the edit began; nothing was written")
     results = editor.edit_many(clip, config=config, interrupt=stop)   # a stop: step, checkpoint, exit 75 (130)
+    video = video_settings(config.codec, config.pix_fmt, config.crf)
     with reporter.stage("write"), _staging() as staged:   # all to temp names, then the locks, then renames
         for result, output, frames_dir, latents_path in zip(results, outputs, frames_out, latents_out):
-            metadata = {"comment": f"tokenflow edit: {result.prompt}" + (f" [{TINY_NOTE}]" if result.model_is_tiny else "")}
-            temp = temp_sibling(output, ".new.mp4")
+            metadata = {"comment": f"tokenflow edit: {result.prompt}" + (f" [{TINY_NOTE}]" if result.model_is_tiny else ""),
+                        "encoded_with": video.describe()}
+            temp = temp_sibling(output, ".new" + Path(output).suffix)
             with _naming(output, temp):
-                staged.append((write_video(result.frames, temp, config.fps or result.clip.fps,
-                                           audio_from=result.clip, metadata=metadata), output))
+                staged.append((write_video(result.frames, temp, config.fps or result.clip.fps, audio_from=result.clip,
+                                           metadata=metadata, codec=config.codec, pix_fmt=config.pix_fmt,
+                                           crf=config.crf, colour=result.clip.colour), output))
             result.output = output
             if frames_dir:
                 temp = temp_sibling(frames_dir, ".new")
                 with _naming(frames_dir, temp):
-                    staged.append((write_frames(result.frames, temp), frames_dir))
+                    staged.append((write_frames(result.frames, temp, config.frames_format), frames_dir))
             if latents_path:
                 temp = temp_sibling(latents_path, ".new.npy")
                 with _naming(latents_path, temp):
@@ -160,6 +164,7 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
                 staged.append((write_edit_report(result, temp_sibling(folder, ".new"), config, scorer), folder))
             commit_outputs(staged, locks)
     summary = _summary(results, config, time.perf_counter() - start, editor)
+    summary["video"] = video.as_dict()   # which encoder ran, with what pixel format and CRF
     reporter.event("done", **summary)
     if not reporter.quiet and reporter.json_stream is None:
         print(format_summary(summary), file=sys.stderr)
@@ -362,6 +367,10 @@ def format_summary(s: Dict) -> str:
                 + f"{s['plan']['peak'] / 2**30:.2f} GiB)" if s.get("plan") else "")]
     lines += [f"  output: {out}" + (f"  <- {prompt!r}" if len(s["outputs"]) > 1 else "")
               for out, prompt in zip(s["outputs"], s["prompts"])]
+    if s.get("video"):
+        video = s["video"]
+        lines.append(f"  video: {video['codec']} ({video['encoder']}, {video['pix_fmt']}"
+                     + (f", crf {video['crf']})" if video["crf"] is not None else ")"))
     if s["tiny_model"]:
         lines.append(f"  NOTE: {TINY_NOTE}")
     return "\n".join(lines)

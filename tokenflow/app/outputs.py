@@ -9,16 +9,19 @@ from pathlib import Path
 from tokenflow.config import EditConfig
 from tokenflow.errors import ConfigError
 
-# What -o may end with: io.write.write_video always writes an MP4 (ISO base media) container, which
-# is what these names promise; .m4v and .mov are the same family (QuickTime and players open an MP4
-# by those names). .mkv, .webm, .avi, ... would name another container than the one in the file.
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
+# What -o may end with, per --codec (the first is the default name's): io.write.write_video writes h264 and
+# hevc in an MP4 (ISO base media) container, which .m4v and .mov also name (QuickTime and players open an
+# MP4 by those names); prores in a QuickTime .mov; ffv1 in Matroska (.mkv: MP4/QuickTime have no FFV1).
+# .webm, .avi, ... would name another container than the one in the file.
+CODEC_SUFFIXES = {"h264": (".mp4", ".m4v", ".mov"), "hevc": (".mp4", ".m4v", ".mov"), "prores": (".mov",),
+                  "ffv1": (".mkv",)}
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
 _SEPARATORS = tuple(s for s in (os.sep, os.altsep, "/") if s)
 
 
 def default_output(config: EditConfig) -> str:
     stem = Path(str(config.video).rstrip("/\\")).stem or "video"
-    return str(Path("tokenflow-results") / f"{stem}-{config.method}.mp4")
+    return str(Path("tokenflow-results") / f"{stem}-{config.method}{CODEC_SUFFIXES.get(config.codec, VIDEO_SUFFIXES)[0]}")
 
 
 def is_folder_output(out: str) -> bool:
@@ -28,17 +31,22 @@ def is_folder_output(out: str) -> bool:
 
 def resolve_output(config: EditConfig) -> str:
     """The video path of -o (``config.output``): a folder (ending with '/' or existing) gets the
-    default file name inside; a file must end with a suffix of ``VIDEO_SUFFIXES``, else ConfigError
-    (exit 2: the value is wrong whatever is on disk, as a bad --size is)."""
+    default file name inside; a file must end with a suffix of ``CODEC_SUFFIXES[config.codec]``, else
+    ConfigError (exit 2: the value is wrong whatever is on disk, as a bad --size is)."""
     out = config.output or default_output(config)
     if is_folder_output(out):
         return str(Path(out) / Path(default_output(config)).name)
     suffix = Path(out).suffix
+    allowed = CODEC_SUFFIXES.get(config.codec, VIDEO_SUFFIXES)   # (an unknown codec is validate()'s to refuse)
+    if suffix.lower() in VIDEO_SUFFIXES and suffix.lower() not in allowed:
+        raise ConfigError.of_field("output", (
+            f"'{out}' is a {suffix} file, which cannot hold --codec {config.codec}: name a {' / '.join(allowed)} file, "
+            f"or pick --codec {' or '.join(c for c, names in CODEC_SUFFIXES.items() if suffix.lower() in names)}"))
     if suffix.lower() not in VIDEO_SUFFIXES:
         got = f"ends in '{suffix}'" if suffix else "has no file extension"
         raise ConfigError.of_field("output", (
-            f"'{out}' {got}, not a video file tokenflow writes: name a {' / '.join(VIDEO_SUFFIXES)} file (the file "
-            f"is an MP4 either way), or end the path with '/' for a folder that gets the default file name"))
+            f"'{out}' {got}, not a video file tokenflow writes: name a {' / '.join(allowed)} file (for --codec "
+            f"{config.codec}), or end the path with '/' for a folder that gets the default file name"))
     return str(Path(out))
 
 

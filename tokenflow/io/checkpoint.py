@@ -49,6 +49,8 @@ PLAN_SIZES = ("chunk_frames", "inversion_frames", "vae_frames")
 NOT_FINGERPRINTED = frozenset({
     # where the input comes from and the outputs go (the input's decoded pixels are hashed instead)
     "video", "output", "save_frames", "save_latents", "report", "clip_model", "fps",
+    # how the output files are encoded (the latents and the frames are the same whatever the codec)
+    "codec", "crf", "pix_fmt", "frames_format",
     # how the model is found and loaded (its identity, resolved dtype and device type are recorded instead)
     "model", "device", "dtype", "allow_pickle",
     # the inversion cache and run control

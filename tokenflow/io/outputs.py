@@ -368,4 +368,4 @@ def check_frames_target(folder: str) -> None:
 
 
 def _holds_only_our_frames(folder: str) -> bool:
-    return all(re.fullmatch(r"\d{5,}\.png", name) for name in os.listdir(folder))
+    return all(re.fullmatch(r"\d{5,}\.(png|exr)", name) for name in os.listdir(folder))

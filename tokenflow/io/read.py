@@ -13,7 +13,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
 
 import av
@@ -34,6 +34,27 @@ Size = Tuple[int, int]
 FrameCheck = Callable[[int], None]   # called with n before the n-th selected frame takes memory; raises to stop
 
 
+@dataclass(frozen=True)
+class Colour:
+    """A video's colour description as FFmpeg numbers it (AVColorPrimaries, AVColorTransferCharacteristic,
+    AVColorSpace, AVColorRange): e.g. bt709 = 1, 1, 1; unspecified = 2, 2, 2; range 1 = limited (tv),
+    2 = full (pc), 0 = unspecified. ``io.write.write_video`` tags its output with it."""
+
+    primaries: int = 2
+    transfer: int = 2
+    matrix: int = 2
+    range: int = 0
+
+    @classmethod
+    def of(cls, frame) -> "Colour":
+        """The tags of a decoded av.VideoFrame."""
+        return cls(int(frame.color_primaries), int(frame.color_trc), int(frame.colorspace), int(frame.color_range))
+
+    @property
+    def specified(self) -> bool:
+        return (self.primaries, self.transfer, self.matrix, self.range) != (2, 2, 2, 0)
+
+
 @dataclass
 class Clip:
     """A selection of frames from one source, ready for the model.
@@ -41,6 +62,7 @@ class Clip:
     ``frames``: float32 [N, 3, H, W] in [0, 1]. ``source_size``: (W, H) of the source frames as
     displayed. ``indices``: source frame numbers kept. ``start_time`` / ``end_time``: seconds on
     the source's timeline covered by the selection (end = last kept frame + one frame period).
+    ``colour``: the source's colour tags (unspecified for image folders).
     """
 
     frames: torch.Tensor
@@ -52,6 +74,7 @@ class Clip:
     audio: bool
     start_time: float
     end_time: float
+    colour: Colour = field(default_factory=Colour)
 
     @property
     def size(self) -> Size:
@@ -204,7 +227,7 @@ def _read_video_file(path: str, selection: _Selection, size: Optional[Size], cro
         raise
     except _DECODE_ERRORS as error:
         raise _decode_error(path, error) from error
-    images, indices, times, source_size, total, exhausted = decoded
+    images, indices, times, source_size, total, exhausted, colour = decoded
     if total == 0:
         raise InputError(f"no frames could be decoded from '{path}'. Is the video empty or damaged?")
     if not images:
@@ -214,7 +237,7 @@ def _read_video_file(path: str, selection: _Selection, size: Optional[Size], cro
                       f"damaged?); editing the {len(images)} selected frames that decoded.")
     return Clip(frames=_to_tensor(images), fps=fps, source=path, source_size=source_size,
                 indices=indices, content_hash=_hash_file(path), audio=has_audio,
-                start_time=times[0], end_time=times[-1] + 1.0 / fps)
+                start_time=times[0], end_time=times[-1] + 1.0 / fps, colour=colour)
 
 
 def _first_video_stream(container, path: str):
@@ -233,10 +256,10 @@ def _decode_selected(container, stream, selection: _Selection, size: Optional[Si
     """Decode up to the last selected frame; resize selected ones as they come (saves memory).
 
     Returns (uint8 [H, W, 3] images, kept indices, kept times in s, displayed source (W, H),
-    number of frames decoded, whether decoding reached the end of the stream).
+    number of frames decoded, whether decoding reached the end of the stream, the first kept frame's Colour).
     """
     images, indices, times = [], [], []
-    source_size = None
+    source_size = colour = None
     decoded = 0
     exhausted = True
     for frame in container.decode(stream):
@@ -250,11 +273,12 @@ def _decode_selected(container, stream, selection: _Selection, size: Optional[Si
             on_frame(len(images) + 1)
         rgb = _upright(frame.to_rgb().to_ndarray(), frame.rotation)
         source_size = source_size or (rgb.shape[1], rgb.shape[0])
+        colour = colour or Colour.of(frame)
         target = size or default_size(*source_size)
         images.append(_resize(Image.fromarray(rgb), target, crop))
         indices.append(index)
         times.append(float(frame.time) if frame.time is not None else index / fps)
-    return images, indices, times, source_size, decoded, exhausted
+    return images, indices, times, source_size, decoded, exhausted, colour
 
 
 def _upright(rgb: np.ndarray, rotation: int) -> np.ndarray:

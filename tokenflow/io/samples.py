@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 from fractions import Fraction
-from typing import Tuple
+from typing import Optional, Tuple
 
 import av
 import numpy as np
 import torch
 
 from tokenflow.io.outputs import check_writable, remove_path, temp_sibling
-from tokenflow.io.read import Clip
+from tokenflow.io.read import Clip, Colour
 from tokenflow.io.write import write_video
 
 TONE_HZ = 440.0
@@ -21,17 +21,18 @@ TONE_SAMPLE_RATE = 44100
 
 
 def make_sample_clip(path, *, n_frames: int = 24, size: Tuple[int, int] = (256, 256),
-                     fps: float = 12, audio: bool = False, seed: int = 0) -> str:
+                     fps: float = 12, audio: bool = False, seed: int = 0, colour: Optional[Colour] = None) -> str:
     """Write an ``n_frames`` clip of ``size`` (W, H) at ``fps`` to ``path`` (MP4, H.264).
 
-    ``audio=True`` adds an AAC track: a 440 Hz sine whose loudness rises linearly from 0.1 to
+    ``colour`` tags the video (and converts it with that matrix and range), as a camera's would be;
+    None leaves it untagged. ``audio=True`` adds an AAC track: a 440 Hz sine whose loudness rises linearly from 0.1 to
     0.5 over the clip, so a trimmed copy reveals which part of the source it came from.
     Returns ``path``.
     """
     path = os.fspath(path)
     frames = torch.from_numpy(render_frames(n_frames, size, seed)).permute(0, 3, 1, 2)
     if not audio:
-        return write_video(frames, path, fps)
+        return write_video(frames, path, fps, colour=colour)
     check_writable(path)
     duration = n_frames / float(fps)
     tone_path = temp_sibling(path, ".tone.m4a")   # a scratch file beside the output, removed below
@@ -41,7 +42,7 @@ def make_sample_clip(path, *, n_frames: int = 24, size: Tuple[int, int] = (256, 
         tone = Clip(frames=frames, fps=float(fps), source=tone_path, source_size=tuple(size),
                     indices=list(range(n_frames)), content_hash="", audio=True,
                     start_time=0.0, end_time=duration)
-        return write_video(frames, path, fps, audio_from=tone)
+        return write_video(frames, path, fps, audio_from=tone, colour=colour)
     finally:
         remove_path(tone_path)
 
