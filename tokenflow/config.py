@@ -192,7 +192,7 @@ class EditConfig:
     report: Optional[str] = _field(None, path=True)        # folder for an HTML report (frames, side by side, metrics)
     clip_model: Optional[str] = _field(None, path=True)    # CLIP model (Hub id or folder) for the report's CLIP scores
     fps: Optional[float] = _field(None, above=0, maximum=MAX_FPS)           # None = the source frame rate
-    cache_dir: Optional[str] = _field(None, path=True)     # None = $TOKENFLOW_CACHE or ~/.cache/tokenflow
+    cache_dir: Optional[str] = _field(None, path=True)     # None: io.caches.default_cache_root
     use_cache: bool = _field(True, description="read and write the inversion cache (default true)")
     overwrite: bool = False             # False: a job whose outputs all exist is skipped
 
