@@ -69,14 +69,15 @@ EXTRAS = {"opencv": ("cv2", ("opencv-python", "opencv-python-headless", "opencv-
 MODEL_FILES = tuple(p for p in HUB_ALLOW_PATTERNS if "*" not in p)   # model_index.json and the weights
 
 
-def model_cache(model: str = DEFAULT_MODEL) -> Dict:
-    """Whether ``model``'s files are in the Hugging Face cache (on disk only: no network)."""
+def model_cache(model: str = DEFAULT_MODEL, hub_cache: Optional[str] = None) -> Dict:
+    """Whether ``model``'s files are in the Hugging Face cache (``hub_cache``, default the hub's
+    own: ``$HF_HUB_CACHE``, ``$HF_HOME/hub``, ...), looked up on disk only: no network."""
     from huggingface_hub import constants, try_to_load_from_cache  # noqa: PLC0415 (only here)
 
     found, missing = {}, []
     for name in MODEL_FILES:
         try:
-            path = try_to_load_from_cache(model, name)
+            path = try_to_load_from_cache(model, name, cache_dir=hub_cache)
         except Exception:   # noqa: BLE001 - an unreadable cache is a miss here, never a crashed doctor
             path = None
         if isinstance(path, str):
@@ -85,7 +86,7 @@ def model_cache(model: str = DEFAULT_MODEL) -> Dict:
             missing.append(name)
     snapshot = found["model_index.json"].rsplit("/", 1)[0] if "model_index.json" in found else None
     return {"model": model, "cached": not missing, "missing": missing, "snapshot": snapshot,
-            "hub_cache": str(constants.HF_HUB_CACHE)}
+            "hub_cache": str(hub_cache or constants.HF_HUB_CACHE)}
 
 
 def extras() -> Dict:
