@@ -86,7 +86,7 @@ def test_ls_shows_each_kind_with_its_path_entries_and_sizes(tmp_path, capsys):
     assert doc["total_bytes"] == sum(b for _, b in expected.values())
     code, text, _ = cli(capsys, "ls", "--cache-dir", root)
     assert code == 0 and "cache root: " + str(root) in text
-    assert "aot                1 entries    3.04 kB" in text and "total" in text
+    assert "  aot                 1    3.04 kB  " + str(root / "aot") in text and "  total               8   " in text
     assert ls(capsys, root, "onnx", "aot")["total_bytes"] == 1030 + 3040
 
 

@@ -29,7 +29,10 @@ def add_parser(sub) -> None:
     actions = p.add_subparsers(dest="cache_action", metavar="{ls,clear,prune}")
     ls = actions.add_parser("ls", help="each cache kind: path, entries, size")
     clear = actions.add_parser("clear", help="remove every entry of the kinds named (all by default); asks nothing")
-    prune = actions.add_parser("prune", help="remove the least recently used entries until the caches fit a size")
+    prune = actions.add_parser("prune", help="remove the least recently used entries until the caches fit a size",
+                               description="Removes entries oldest last use first (the newest access or modification "
+                               "time of an entry's files; an inversion cache hit counts as a use) until the kinds "
+                               "named hold at most --max-size. Entries in use stay.")
     prune.add_argument("--max-size", required=True, metavar="SIZE",
                        help="the most the kinds named may hold afterwards: 10GB (10^9 bytes), 16GiB, 800MB")
     for q in (ls, clear, prune):
@@ -86,8 +89,9 @@ def _ls(root: Path, source: str, kinds: List[caches.Kind], as_json: bool) -> int
         return 0
     print(f"cache root: {root}  (from {source}{'' if root.is_dir() else '; nothing cached yet'})")
     width = max(len(r.kind) for r in reports)
+    print(f"  {'kind':{width}s} {'entries':>7s} {'size':>10s}  path")
     for r in reports:
-        line = f"  {r.kind:{width}s} {len(r.entries):6d} entries {caches.human(r.bytes):>10s}  {r.path}"
+        line = f"  {r.kind:{width}s} {len(r.entries):7d} {caches.human(r.bytes):>10s}  {r.path}"
         notes = [f"{n} {what}" for n, what in ((sum(e.busy is not None for e in r.entries), "in use"),
                                                (r.links, "links skipped"), (r.others, "other files left alone"))
                  if n]
@@ -95,7 +99,7 @@ def _ls(root: Path, source: str, kinds: List[caches.Kind], as_json: bool) -> int
             notes.append(f"a link to {r.not_followed}: not followed")
         print(line + (f"  ({'; '.join(notes)})" if notes else ""))
     total = sum(r.bytes for r in reports)
-    print(f"  {'total':{width}s} {sum(len(r.entries) for r in reports):6d} entries {caches.human(total):>10s}")
+    print(f"  {'total':{width}s} {sum(len(r.entries) for r in reports):7d} {caches.human(total):>10s}")
     return 0
 
 
