@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     for e in removed:
         print(f"{verb} {e.kind}/{e.name}  {caches.human(e.bytes)}  (last used {caches.age(e.last_used)} ago)")
     for e in busy:
-        print(f"left {e.kind}/{e.name}: {e.busy or 'it changed while being removed'}")
+        print(f"left {e.kind}/{e.name}: {e.busy}")
     summary = f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, {caches.human(doc['removed_bytes'])}"
     if max_bytes is not None:
         summary += f"; {caches.human(before)} -> {caches.human(after)} (limit {caches.human(max_bytes)})"
@@ -97,6 +97,8 @@ def _ls(root: Path, source: str, kinds: List[caches.Kind], as_json: bool) -> int
                  if n]
         if r.not_followed is not None:
             notes.append(f"a link to {r.not_followed}: not followed")
+        if r.unreadable is not None:
+            notes.append(f"cannot be listed: {r.unreadable}")
         print(line + (f"  ({'; '.join(notes)})" if notes else ""))
     total = sum(r.bytes for r in reports)
     print(f"  {'total':{width}s} {sum(len(r.entries) for r in reports):7d} {caches.human(total):>10s}")

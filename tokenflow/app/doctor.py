@@ -241,8 +241,8 @@ def format_setup(setup_: Dict) -> List[str]:
         lines = [f"\nmodel: {model['model']} is in the Hugging Face cache ({model['snapshot']})"]
     else:
         lines = [f"\nmodel: {model['model']} is not in the Hugging Face cache ({model['hub_cache']}; missing "
-                 f"{', '.join(model['missing'])}): the first edit downloads about 5 GB, or set TOKENFLOW_MODEL=DIR "
-                 "(or --model DIR) to a downloaded copy; --model tiny runs offline with random weights"]
+                 f"{', '.join(model['missing'])}): the first edit downloads about 5 GB; or pass --model DIR with a "
+                 "downloaded copy (./run.sh demo: TOKENFLOW_MODEL=DIR); --model tiny runs offline, random weights"]
     ram = f"memory: {gb(mem['ram_available_bytes'])} RAM available"
     if mem["ram_total_bytes"]:
         ram += f" of {gb(mem['ram_total_bytes'])}"

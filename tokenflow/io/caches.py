@@ -114,6 +114,7 @@ class KindReport:
     links: int = 0                       # links among the entries: skipped
     others: int = 0                      # names that are not this kind's entries: left alone
     temps: int = 0                       # temp names (writers at work, or leftovers)
+    unreadable: Optional[str] = None     # why the kind folder could not be listed
 
     @property
     def bytes(self) -> int:
@@ -123,7 +124,7 @@ class KindReport:
         return {"kind": self.kind, "what": self.what, "path": self.path, "entries": len(self.entries),
                 "bytes": self.bytes, "busy": sum(e.busy is not None for e in self.entries),
                 "not_followed": self.not_followed, "links_skipped": self.links, "others": self.others,
-                "temps": self.temps, "items": [asdict(e) for e in self.entries]}
+                "temps": self.temps, "unreadable": self.unreadable, "items": [asdict(e) for e in self.entries]}
 
 
 def kinds_named(names: Sequence[str]) -> List[Kind]:
@@ -151,6 +152,9 @@ def _scan_kind(root: Path, kind: Kind) -> KindReport:
         with os.scandir(folder) as items:
             names = sorted(item.name for item in items)
     except (FileNotFoundError, NotADirectoryError):
+        return report
+    except OSError as exc:   # e.g. no permission: listed as unreadable, nothing in it touched
+        report.unreadable = exc.strerror or str(exc)
         return report
     pattern = re.compile(kind.pattern)
     live_targets = set()
@@ -240,12 +244,13 @@ def clear(root: Path, kinds: Sequence[Kind] = KINDS, dry_run: bool = False) -> T
     Returns (removed or, with ``dry_run``, to remove; left because busy)."""
     reports = scan(root, kinds)
     entries = [e for r in reports for e in r.entries]
-    removed = [e for e in entries if e.busy is None]
     if not dry_run:
-        removed = [e for e in removed if _remove(Path(root), e)]
+        for entry in entries:
+            if entry.busy is None:
+                entry.busy = _remove(Path(root), entry)
         for kind in kinds:
             _sweep_kind(Path(root), kind)
-    return removed, [e for e in entries if e.busy is not None]
+    return [e for e in entries if e.busy is None], [e for e in entries if e.busy is not None]
 
 
 def prune(root: Path, max_bytes: int, kinds: Sequence[Kind] = KINDS,
@@ -259,7 +264,9 @@ def prune(root: Path, max_bytes: int, kinds: Sequence[Kind] = KINDS,
     for entry in sorted(entries, key=lambda e: (e.last_used, e.kind, e.name)):
         if total <= max_bytes:
             break
-        if entry.busy is None and (dry_run or _remove(Path(root), entry)):
+        if entry.busy is None and not dry_run:
+            entry.busy = _remove(Path(root), entry)
+        if entry.busy is None:
             removed.append(entry)
             total -= entry.bytes
         else:
@@ -274,14 +281,13 @@ def _inside(root: Path, path: str) -> bool:
     return os.path.commonpath([real_root, parent]) == real_root and not os.path.islink(path)
 
 
-def _remove(root: Path, entry: Entry) -> bool:
-    """Remove one entry (False: it changed meanwhile, or could not be removed; left as it is)."""
+def _remove(root: Path, entry: Entry) -> Optional[str]:
+    """Remove one entry; None when removed, else why it was left (as it is, or partly removed)."""
     if any(not _inside(root, p) for p in entry.paths):   # never reached through the scan: a guard
-        return False
+        return "it is not inside the cache root"
     _, _, busy = _measure(entry.paths)
     if busy is not None:
-        return False
-    ok = True
+        return busy
     for path in entry.paths:
         try:
             if os.path.isdir(path) and not os.path.islink(path):
@@ -292,9 +298,9 @@ def _remove(root: Path, entry: Entry) -> bool:
                 os.remove(path)
         except FileNotFoundError:
             pass
-        except OSError:
-            ok = False
-    return ok
+        except OSError as exc:   # e.g. a read-only shared cache (a half-deleted folder is a temp: swept later)
+            return f"could not remove it ({exc.strerror or exc})"
+    return None
 
 
 def _sweep_kind(root: Path, kind: Kind) -> None:
