@@ -5,6 +5,8 @@ entry (written by ``InversionCache``); file times are set so the least recently 
 """
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,6 +174,21 @@ def test_links_are_never_followed_out_of_the_root(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "aot-elsewhere").iterdir()) == ["propagate-0123456789abcdef0123.json",
                                                                             "propagate-0123456789abcdef0123.pt2"]
     assert (root / "inversions" / ("cd" * 16)).is_symlink() and not (root / "onnx" / "plain-0123456789abcdef").exists()
+
+
+def test_a_real_inversion_is_listed_and_pruned(tmp_path, tiny_model_dir, sample_clip, capsys):
+    """`tokenflow invert` writes where `tokenflow cache` looks (the entry and calibration names)."""
+    root = tmp_path / "cache"
+    env = {**os.environ, "TOKENFLOW_CACHE": str(root)}
+    run = subprocess.run([sys.executable, "-m", "tokenflow", "invert", str(sample_clip), "--model", str(tiny_model_dir),
+                          "--frames", "4", "--size", "64x64", "--inversion-steps", "5", "--steps", "5", "--device", "cpu", "-q"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    kinds = {k["kind"]: k for k in ls(capsys, root)["kinds"]}
+    assert kinds["inversions"]["entries"] == 1 and kinds["inversions"]["bytes"] > 4 * 4 * 8 * 8 * 4
+    assert kinds["inversions"]["others"] == kinds["inversions"]["temps"] == 0
+    code, out, _ = cli(capsys, "prune", "--max-size", "1B", "inversions", "--cache-dir", root)
+    assert code == 0 and "removed 1 entry" in out and not list((root / "inversions").iterdir())
 
 
 WRITER = LIVE.replace("with atomic_file(sys.argv[1], \"wb\") as f:", """
