@@ -1,6 +1,8 @@
 """Inversion cache: keyed, atomic, verified."""
 import dataclasses
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -21,6 +23,17 @@ def test_round_trip(tmp_path):
     loaded = cache.load(KEY, {1, 101})
     assert loaded is not None and all(torch.equal(loaded[t], v) for t, v in _latents().items())
     assert not [p for p in (tmp_path / "inversions").iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_a_hit_marks_the_entry_used_and_a_miss_does_not(tmp_path):
+    """`tokenflow cache prune` removes least recently used entries first; file access times are
+    not kept on every mount, so a hit sets the entry folder's mtime."""
+    cache = InversionCache(tmp_path)
+    entry = cache.save(KEY, _latents())
+    old = time.time() - 30 * 86400
+    os.utime(entry, (old, old))
+    assert cache.load(KEY, {1, 5}) is None and entry.stat().st_mtime == pytest.approx(old)   # incomplete: a miss
+    assert cache.load(KEY, {1}) is not None and entry.stat().st_mtime > time.time() - 600
 
 
 @pytest.mark.parametrize("field,value", [("frames_sha256", "abd"), ("size", (64, 72)), ("model", "model-y"),

@@ -148,18 +148,58 @@ def test_frames_folder_with_foreign_files_fails_before_any_work(tmp_path, tiny_m
     assert '"stage_start"' not in run.stdout  # nothing ran
 
 
-def test_doctor_lists_every_op_and_backend_with_reasons():
-    run = tokenflow("doctor", "--json", "--device", "cpu")
+def fake_hub_snapshot(hub, repo, files):
+    """A Hugging Face cache holding ``files`` of ``repo`` (its on-disk layout: refs/main -> snapshot)."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    for name in files:
+        (folder / "snapshots" / ("0" * 40) / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "snapshots" / ("0" * 40) / name).write_text("{}")
+    return folder / "snapshots" / ("0" * 40)
+
+
+def test_doctor_lists_every_op_and_backend_with_reasons(tmp_path):
+    import torch
+
+    from tokenflow.app.doctor import MODEL_FILES, model_cache
+    from tokenflow.config import DEFAULT_MODEL
+
+    snapshot = fake_hub_snapshot(tmp_path / "hub", DEFAULT_MODEL, MODEL_FILES)
+    cache = tmp_path / "tokenflow-cache"
+    (cache / "onnx" / "plain-0123456789abcdef").mkdir(parents=True)
+    (cache / "onnx" / "plain-0123456789abcdef" / "unet.onnx").write_bytes(b"x" * 1234)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "TOKENFLOW_CACHE": str(cache)}
+    run = tokenflow("doctor", "--json", "--device", "cpu", env=env)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["environment"]["packages"]["torch"]
+    setup = report["setup"]   # what a newcomer needs
+    assert setup["model"] == {"model": DEFAULT_MODEL, "cached": True, "missing": [], "snapshot": str(snapshot),
+                              "hub_cache": str(tmp_path / "hub")}
+    assert setup["caches"]["root"] == str(cache) and setup["caches"]["total_bytes"] == 1234
+    assert {k["kind"]: k["entries"] for k in setup["caches"]["kinds"]}["onnx"] == 1
+    assert {"opencv", "matplotlib", "h264", "onnxruntime", "ray", "faiss", "xformers", "triton"} <= set(setup["extras"])
+    assert setup["extras"]["h264"]["encoder"] and setup["extras"]["matplotlib"]["present"] in (True, False)
+    vram = setup["memory"]["vram"]   # every CUDA device's free memory, whatever --device says
+    assert setup["memory"]["ram_available_bytes"] > 0 and len(vram) == torch.cuda.device_count()
+    assert all(0 < v["free_bytes"] <= v["total_bytes"] for v in vram)
+    partial = model_cache(DEFAULT_MODEL, str(tmp_path / "hub-partial"))
+    assert not partial["cached"] and partial["missing"] == list(MODEL_FILES)
+    (tmp_path / "hub" / f"models--{DEFAULT_MODEL.replace('/', '--')}" / "snapshots" / ("0" * 40) /
+     "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    partial = model_cache(DEFAULT_MODEL, str(tmp_path / "hub"))
+    assert not partial["cached"] and partial["missing"] == ["unet/diffusion_pytorch_model.safetensors"]
     rows = {(r["op"], r["backend"]): r for r in report["backends"]}
     assert {op for op, _ in rows} == {"keyframe_attention", "cosine_nearest", "gather"}
     assert rows[("keyframe_attention", "torch")]["chosen"]
     for r in rows.values():  # every backend not chosen says why
         assert r["chosen"] or r["reasons"] or r["only_by_name"], r
-    text = tokenflow("doctor", "--device", "cpu").stdout
+    text = tokenflow("doctor", "--device", "cpu", env=env).stdout
     assert "keyframe_attention on cpu (float32)" in text and "CHOSEN" in text
+    assert f"model: {DEFAULT_MODEL} is not in the Hugging Face cache" in text and "--model DIR" in text
+    assert f"caches: {cache} (from $TOKENFLOW_CACHE), 1.23 kB in all" in text and "RAM available" in text
+    assert "extras: opencv " in text and "h264 " in text
 
 
 def test_doctor_check_runs_the_backends_against_the_reference():

@@ -201,7 +201,7 @@ class EditConfig:
     crf: Optional[int] = _field(None, minimum=0, maximum=MAX_CRF)           # h264/hevc only; None: 18 (h264), 22 (hevc)
     pix_fmt: Optional[str] = _field(None, pattern=PIX_FMT_PATTERN)         # None: the codec's default (docs/outputs.md)
     frames_format: str = _field("png", choices=FRAME_FORMATS)              # of save_frames
-    cache_dir: Optional[str] = _field(None, path=True)     # None = $TOKENFLOW_CACHE or ~/.cache/tokenflow
+    cache_dir: Optional[str] = _field(None, path=True)     # None: io.caches.default_cache_root
     use_cache: bool = _field(True, description="read and write the inversion cache (default true)")
     overwrite: bool = False             # False: a job whose outputs all exist is skipped
 

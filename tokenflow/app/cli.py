@@ -14,7 +14,7 @@ import threading
 from typing import Callable, Dict, List, Optional
 
 from tokenflow import __version__
-from tokenflow.app import export
+from tokenflow.app import cache_cli, export
 from tokenflow.app.farm import cli as farm_cli
 from tokenflow.app.flags import add_config_flags, config_from_args
 from tokenflow.app.jobfile import run as jobfile_run
@@ -35,7 +35,7 @@ EPILOG = """examples:
 exit codes: 0 ok (or skipped: outputs exist), 1 internal error, 2 bad flag/config/job file, 3 bad input video,
   4 model, 5 output, 6 out of memory, 7 output locked by another worker, 75 interrupted with a checkpoint
   (rerun with --resume), 130 interrupted (nothing saved)"""
-COMMANDS = "{edit,invert,run,schema,farm,metrics,report,doctor,bench,export}"
+COMMANDS = "{edit,invert,run,schema,farm,metrics,report,doctor,bench,export,cache}"
 # what Ctrl-C outside a command's own signal handling means for it (default: "interrupted")
 INTERRUPTED = {"edit": "interrupted; no output was written", "invert": "interrupted; no output was written",
                "run": "interrupted; the run stopped"}
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--check", action="store_true", help="also compare every runnable backend with the "
                         "torch reference on random inputs; exit code 1 if any check fails")
     doctor.add_argument("--json", action="store_true", help="print JSON")
+    doctor.add_argument("--cache-dir", metavar="DIR", help="the tokenflow cache root to report on (default as edit's)")
     jobfile_run.add_parser(sub)
     jobfile_schema.add_parser(sub)
     farm_cli.add_parser(sub)
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="throughput of whole edits per stage (random-weight SD architectures by default)",
                    configure=lambda p: _bench_cli().configure(p))
     export.add_parser(sub)
+    cache_cli.add_parser(sub)
     return parser
 
 
@@ -103,6 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "farm": lambda: farm_cli.main(args), "metrics": lambda: quality_cli.main(args),
         "report": lambda: quality_cli.main(args), "doctor": lambda: _doctor(args),
         "bench": lambda: _bench_cli().main(args), "export": lambda: export.main(args),
+        "cache": lambda: cache_cli.main(args),
     }
     return run_command(commands[args.command], interrupted=INTERRUPTED.get(args.command, "interrupted"))
 

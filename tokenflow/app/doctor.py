@@ -1,5 +1,10 @@
 """``tokenflow doctor``: the environment, and for each kernel op which backends run here and why not.
 
+Also what a newcomer needs (``setup``): whether the default model is in the Hugging Face cache
+(looked up on disk, never on the network), the tokenflow cache root and the size of each cache
+kind (``io.caches``), which optional extras are installed (OpenCV, matplotlib, the H.264 encoder
+``io.write`` would use, ONNX Runtime, Ray, FAISS, xFormers, Triton), and the free host and GPU memory.
+
 With ``--check`` every backend that can run is also compared with the torch reference on fresh
 random inputs of irregular shapes (see ``tokenflow.kernels.verify``): the way to verify the
 Triton, FAISS and xFormers paths on a machine CI has never seen.
@@ -7,19 +12,26 @@ Triton, FAISS and xFormers paths on a machine CI has never seen.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import itertools
 import json
 import platform
 import sys
+import warnings
 from typing import Dict, List, Optional
 
 import torch
 
 from tokenflow import __version__, kernels
+from tokenflow.config import DEFAULT_MODEL
 from tokenflow.device import mps_available, resolve_device, resolve_dtype
 from tokenflow.engine.backends import NAMES, VERIFIED, not_supported_reasons
+from tokenflow.engine.memory import host_available, proc_bytes
 from tokenflow.errors import one_line
+from tokenflow.io import caches
+from tokenflow.io.write import H264_ENCODERS, video_encoder
 from tokenflow.kernels import probe, support, verify
+from tokenflow.models.load import HUB_ALLOW_PATTERNS
 
 PACKAGES = ("torch", "diffusers", "transformers", "triton", "faiss-cpu", "faiss-gpu-cu12", "xformers", "av", "numpy",
             "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "tensorrt")
@@ -43,6 +55,82 @@ def environment() -> Dict:
     return {"tokenflow": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "torch_cuda": torch.version.cuda, "triton_interpret": support.interpreting(),
             "packages": versions, "devices": devices}
+
+
+# extra: (module to look for, distributions that provide it, what it gives)
+EXTRAS = {"opencv": ("cv2", ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
+                             "opencv-contrib-python-headless"), "tokenflow metrics and --report (optical flow)"),
+          "matplotlib": ("matplotlib", ("matplotlib",), "--report and bench plots"),
+          "onnxruntime": ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"), "--backend onnx"),
+          "ray": ("ray", ("ray",), "tokenflow farm"),
+          "faiss": ("faiss", ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12"), "--nearest-backend faiss"),
+          "xformers": ("xformers", ("xformers",), "--attention-backend xformers"),
+          "triton": ("triton", ("triton",), "the fused GPU kernels and --backend compile on CUDA")}
+MODEL_FILES = tuple(p for p in HUB_ALLOW_PATTERNS if "*" not in p)   # model_index.json and the weights
+
+
+def model_cache(model: str = DEFAULT_MODEL, hub_cache: Optional[str] = None) -> Dict:
+    """Whether ``model``'s files are in the Hugging Face cache (``hub_cache``, default the hub's
+    own: ``$HF_HUB_CACHE``, ``$HF_HOME/hub``, ...), looked up on disk only: no network."""
+    from huggingface_hub import constants, try_to_load_from_cache  # noqa: PLC0415 (only here)
+
+    found, missing = {}, []
+    for name in MODEL_FILES:
+        try:
+            path = try_to_load_from_cache(model, name, cache_dir=hub_cache)
+        except Exception:   # noqa: BLE001 - an unreadable cache is a miss here, never a crashed doctor
+            path = None
+        if isinstance(path, str):
+            found[name] = path
+        else:
+            missing.append(name)
+    snapshot = found["model_index.json"].rsplit("/", 1)[0] if "model_index.json" in found else None
+    return {"model": model, "cached": not missing, "missing": missing, "snapshot": snapshot,
+            "hub_cache": str(hub_cache or constants.HF_HUB_CACHE)}
+
+
+def extras() -> Dict:
+    """{extra: {"present", "version", "for"}}, plus "h264": the encoder ``write_video`` would use."""
+    out = {}
+    for name, (module, dists, use) in EXTRAS.items():
+        present = importlib.util.find_spec(module) is not None
+        version = None
+        for dist in dists:
+            try:
+                version = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        out[name] = {"present": present, "version": version, "for": use}
+    with warnings.catch_warnings():   # it warns when it falls back: said here in its own words
+        warnings.simplefilter("ignore")
+        encoder = video_encoder()
+    out["h264"] = {"present": encoder in H264_ENCODERS, "version": None, "encoder": encoder,
+                   "for": "H.264 output videos (else MPEG-4)"}
+    return out
+
+
+def memory() -> Dict:
+    """Free host memory (as the memory planner counts it) and each CUDA device's free memory."""
+    available, source = host_available()
+    out = {"ram_available_bytes": available, "ram_source": source,
+           "ram_total_bytes": proc_bytes("/proc/meminfo", "MemTotal"), "vram": []}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            out["vram"].append({"device": f"cuda:{i}", "free_bytes": free, "total_bytes": total})
+    return out
+
+
+def cache_summary(cache_dir: Optional[str] = None) -> Dict:
+    root, source = caches.cache_root_and_source(cache_dir)
+    reports = caches.scan(root)
+    return {"root": str(root), "root_from": source, "total_bytes": sum(r.bytes for r in reports),
+            "kinds": [{"kind": r.kind, "path": r.path, "entries": len(r.entries), "bytes": r.bytes} for r in reports]}
+
+
+def setup(cache_dir: Optional[str] = None) -> Dict:
+    return {"model": model_cache(), "caches": cache_summary(cache_dir), "extras": extras(), "memory": memory()}
 
 
 def _targets(device: Optional[str], dtype: Optional[str]) -> List[tuple]:
@@ -97,8 +185,9 @@ def run_checks(device: Optional[str] = None, dtype: Optional[str] = None) -> Lis
     return results
 
 
-def report(device: Optional[str] = None, dtype: Optional[str] = None, check: bool = False) -> Dict:
-    out = {"environment": environment(), "backends": backend_table(device, dtype),
+def report(device: Optional[str] = None, dtype: Optional[str] = None, check: bool = False,
+           cache_dir: Optional[str] = None) -> Dict:
+    out = {"environment": environment(), "setup": setup(cache_dir), "backends": backend_table(device, dtype),
            "unet_backends": unet_backend_table(device, dtype)}
     if check:
         out["checks"] = [dict(vars(r), ok=r.ok) for r in run_checks(device, dtype)]
@@ -111,6 +200,8 @@ def format_report(rep: Dict) -> str:
              "packages: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
              f"torch CUDA: {env['torch_cuda'] or 'none (CPU build)'}; TRITON_INTERPRET={'1' if env['triton_interpret'] else '0'}",
              "devices: " + "; ".join(" ".join(f"{v}" for v in d.values()) for d in env["devices"])]
+    if "setup" in rep:
+        lines += format_setup(rep["setup"])
     current = None
     for row in rep["backends"]:
         key = (row["device"], row["dtype"], row["op"])
@@ -143,8 +234,35 @@ def format_report(rep: Dict) -> str:
     return "\n".join(lines)
 
 
+def format_setup(setup_: Dict) -> List[str]:
+    gb = caches.human
+    model, mem, cache = setup_["model"], setup_["memory"], setup_["caches"]
+    if model["cached"]:
+        lines = [f"\nmodel: {model['model']} is in the Hugging Face cache ({model['snapshot']})"]
+    else:
+        lines = [f"\nmodel: {model['model']} is not in the Hugging Face cache ({model['hub_cache']}; missing "
+                 f"{', '.join(model['missing'])}): the first edit downloads about 5 GB; or pass --model DIR with a "
+                 "downloaded copy (./run.sh demo: TOKENFLOW_MODEL=DIR); --model tiny runs offline, random weights"]
+    ram = f"memory: {gb(mem['ram_available_bytes'])} RAM available"
+    if mem["ram_total_bytes"]:
+        ram += f" of {gb(mem['ram_total_bytes'])}"
+    ram += "".join(f"; {v['device']} {gb(v['free_bytes'])} free of {gb(v['total_bytes'])}" for v in mem["vram"])
+    lines.append(ram + ("" if mem["vram"] else "; no CUDA device"))
+    lines.append("extras: " + ", ".join(
+        f"{name} {'yes' if e['present'] else 'no'}" + (f" ({e.get('encoder') or e['version']})"
+                                                       if e['present'] and (e.get('encoder') or e['version']) else "")
+        for name, e in setup_["extras"].items()))
+    if not setup_["extras"]["h264"]["present"]:
+        lines.append(f"  no H.264 encoder in this PyAV build: videos are written as {setup_['extras']['h264']['encoder']}")
+    lines.append(f"caches: {cache['root']} (from {cache['root_from']}), {gb(cache['total_bytes'])} in all"
+                 "; `tokenflow cache ls|prune|clear`")
+    lines += [f"  {k['kind']:13s} {k['entries']:5d} entries {gb(k['bytes']):>10s}  {k['path']}"
+              for k in cache["kinds"] if k["entries"]]
+    return lines
+
+
 def main(args) -> int:
-    rep = report(args.device, args.dtype, args.check)
+    rep = report(args.device, args.dtype, args.check, getattr(args, "cache_dir", None))
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
     failed = [c for c in rep.get("checks", []) if not c["ok"]]
     return 1 if failed else 0

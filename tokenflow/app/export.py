@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="cpu or cuda (default: the best available)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
     p.add_argument("--out", metavar="DIR", help="folder for the graphs (default: the cache folder --backend onnx uses)")
-    p.add_argument("--cache-dir", metavar="DIR", help="tokenflow cache root (default $TOKENFLOW_CACHE or ~/.cache/tokenflow)")
+    p.add_argument("--cache-dir", metavar="DIR", help="tokenflow cache root (default $TOKENFLOW_CACHE, "
+                   "else $XDG_CACHE_HOME/tokenflow, else ~/.cache/tokenflow)")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     Ranged.add_to_help(p)
 

@@ -61,7 +61,8 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     g.add_argument("--inversion-steps", type=int, metavar="N", help="DDIM inversion steps (default 500)")
     g.add_argument("--inversion-batch-size", type=int, metavar="B", help="frames per UNet call while inverting "
                    "(default: the memory plan's)")
-    g.add_argument("--cache-dir", help="inversion cache folder (default $TOKENFLOW_CACHE or ~/.cache/tokenflow)")
+    g.add_argument("--cache-dir", help="cache root: inversions, graphs, engines (default $TOKENFLOW_CACHE, else "
+                   "$XDG_CACHE_HOME/tokenflow, else ~/.cache/tokenflow)")
     g.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the inversion cache")
     if edit:
         g = p.add_argument_group("editing")

@@ -1,7 +1,8 @@
 """On-disk cache of DDIM inversions, keyed by everything that changes the result.
 
 Layout: ``<root>/inversions/<key>/latents.safetensors`` + ``meta.json`` (the key's fields, the
-saved timesteps and the sha256 of the latents file).
+saved timesteps and the sha256 of the latents file); the root: ``io.caches.default_cache_root``. A
+hit sets the entry folder's mtime (its last use, for ``tokenflow cache prune``).
 
 Several processes may use one cache at once (docs/farm.md):
 - A writer builds the entry in a hidden temp folder next to it (``.<key>.tmp-*``) and renames it
@@ -33,17 +34,12 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from tokenflow.io.caches import default_cache_root  # noqa: F401 (the root's one rule; imported from here too)
 from tokenflow.io.outputs import FOREIGN_TEMP_AGE_S, TEMP_MARK, atomic_path, sweep_folder_temps
 
 FORMAT_VERSION = 1
 DATA, META = "latents.safetensors", "meta.json"
 TEMP_MAX_AGE_S = FOREIGN_TEMP_AGE_S   # another machine's temp folder untouched this long is a dead writer's
-
-
-def default_cache_root() -> Path:
-    """``$TOKENFLOW_CACHE`` if set, else ``~/.cache/tokenflow`` (inversions and built models live below)."""
-    cache = os.environ.get("TOKENFLOW_CACHE")
-    return Path(cache).expanduser() if cache else Path.home() / ".cache" / "tokenflow"
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,10 @@ class InversionCache:
         needed = {int(t) for t in needed}
         for attempt in range(4):
             try:
-                return _read_entry(entry, key, needed)
+                found = _read_entry(entry, key, needed)
+                if found is not None:
+                    _mark_used(entry)
+                return found
             except _Replaced:
                 time.sleep(0.005 * (attempt + 1))      # a writer is swapping the entry: read the new one
             except FileNotFoundError:
@@ -121,6 +120,15 @@ class InversionCache:
         except OSError as exc:
             warnings.warn(f"could not write the inversion cache under {self.root} ({exc}); continuing without it")
             return None
+
+
+def _mark_used(entry: Path) -> None:
+    """A hit sets the entry folder's mtime: ``tokenflow cache prune`` removes least recently used
+    entries first, and file access times are not updated on every mount (noatime, relatime)."""
+    try:
+        os.utime(entry)
+    except OSError:   # a read-only shared cache: its entries age by their writes
+        pass
 
 
 def _read_entry(entry: Path, key: InversionKey, needed: set) -> Optional[Dict[int, torch.Tensor]]:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -34,6 +32,7 @@ from tokenflow.engine.backends.onnx import graph_code_fingerprint
 from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.engine.state import timestep_tensor
+from tokenflow.io.caches import default_cache_root
 from tokenflow.io.outputs import atomic_file, atomic_path
 from tokenflow.kernels import KernelChoice
 
@@ -58,8 +57,7 @@ class AotBackend(CompiledBackend):
         self.kernels = exported_kernels(kernels, "aot", self.dtype)
         self.mode = None   # plain generated code: no CUDA graphs
         self.model_identity = model_identity
-        root = cache_root or os.path.join(tempfile.gettempdir(), "tokenflow")
-        self.folder = Path(root) / "aot"
+        self.folder = Path(cache_root or default_cache_root()) / "aot"
         self.log = log
         self.built = self.reused = 0
         self.seconds = {"build": 0.0, "load": 0.0}

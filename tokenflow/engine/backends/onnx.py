@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -39,6 +38,7 @@ from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass, inpu
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.engine.state import timestep_tensor
 from tokenflow.errors import ConfigError
+from tokenflow.io.caches import default_cache_root
 from tokenflow.io.outputs import atomic_file, atomic_path
 from tokenflow.kernels import KernelChoice
 from tokenflow.kernels import gather as gather_op
@@ -310,9 +310,7 @@ class OnnxBackend(UNetBackend):
         self.tokenflow, self.device, self.dtype = tokenflow, param.device, param.dtype
         self.kernels = exported_kernels(kernels, "onnx", self.dtype)
         self.model_identity = model_identity
-        root = folder or (os.path.join(cache_root, "onnx") if cache_root else
-                          os.path.join(tempfile.gettempdir(), "tokenflow-onnx"))
-        self.folder = Path(root)
+        self.folder = Path(folder or os.path.join(cache_root or default_cache_root(), "onnx"))
         self.log = log
         self.exported = self.reused = 0
         self._sessions: Dict[Tuple, OnnxSession] = {}

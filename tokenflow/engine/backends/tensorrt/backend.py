@@ -7,7 +7,6 @@ functions (profiles, engine keys, call sizes) are tested, nothing that touches T
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,6 +29,7 @@ from tokenflow.engine.passes import input_names, output_names
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.engine.state import timestep_tensor
 from tokenflow.errors import ConfigError
+from tokenflow.io.caches import default_cache_root
 from tokenflow.io.outputs import atomic_file
 from tokenflow.kernels import KernelChoice
 
@@ -49,9 +49,8 @@ class TensorRTBackend(UNetBackend):
                               f"{self.device.type}); on a CUDA machine: {INSTALL}")
         self.trt = _tensorrt()
         self.kernels = exported_kernels(kernels, "tensorrt", self.dtype)
-        root = Path(cache_root) if cache_root else Path(tempfile.gettempdir())
-        self.onnx_folder = root / "onnx" if cache_root else root / "tokenflow-onnx"
-        self.folder = root / "tensorrt" if cache_root else root / "tokenflow-tensorrt"
+        root = Path(cache_root or default_cache_root())
+        self.onnx_folder, self.folder = root / "onnx", root / "tensorrt"
         self.model_identity, self.log = model_identity, log
         self.cuda_graphs, self.call_sizes = cuda_graphs, call_sizes
         self.options = {"strongly_typed": strongly_typed, "workspace_bytes": workspace_bytes,
