@@ -6,7 +6,7 @@ its flag's help (``field_help``).
 from __future__ import annotations
 
 import argparse
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 from tokenflow.config import (
     BACKENDS,
@@ -20,6 +20,7 @@ from tokenflow.config import (
     from_mapping,
     load_yaml,
     parse_size,
+    preset_changes,
 )
 from tokenflow.errors import ConfigError
 
@@ -148,10 +149,14 @@ FLAG_FIELDS = {"start": "start_frame", "no_cache": "use_cache", "no_ddim_noise":
 NOT_CONFIG = {"command", "config", "preset", "quiet", "log_json", "plan"}
 
 
-def config_from_args(args: argparse.Namespace) -> EditConfig:
-    config = PRESETS[args.preset] if args.preset else EditConfig()
+def config_from_args(args: argparse.Namespace, note: Optional[Callable[[str], None]] = None) -> EditConfig:
+    """Flags > --preset > --config YAML > defaults (a preset sets only its own fields, e.g. fast: the
+    step counts, tiny: also model, size, frames). ``note``: gets the YAML's info line (ignored keys)."""
+    config = EditConfig()
     if args.config:
-        config = load_yaml(args.config, config)
+        config = load_yaml(args.config, config, note=note)
+    if args.preset:
+        config = config.replace(**preset_changes(args.preset))
     changes = {}
     for name, value in vars(args).items():
         if name in NOT_CONFIG or value is None:
