@@ -37,7 +37,7 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     """The flags of `tokenflow edit` (``edit``) or `tokenflow invert`: one per EditConfig field, and --config/--preset."""
     p.add_argument("video", nargs="?", help="input video (mp4, mov, webm, mkv, gif, ...) or a folder of numbered images")
     p.add_argument("--config", metavar="YAML", help="YAML config; our keys or the original repo's "
-                   "(data_path, n_frames, n_timesteps, batch_size, sd_version, ...). Flags override it")
+                   "(data_path, n_frames, n_timesteps, batch_size, sd_version, ...). --preset and flags override it")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset: "
                    "original (the paper's defaults), fast (50 inversion / 10 edit steps), tiny (offline demo)")
     g = p.add_argument_group("frames")
