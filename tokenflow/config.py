@@ -30,7 +30,7 @@ import yaml
 from tokenflow.errors import ConfigError, first_line, short_repr
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
-DEFAULT_FRAMES = 40   # a cap: a shorter clip is edited whole (another --frames asked for more is warned about)
+DEFAULT_FRAMES = 40   # a cap: a shorter clip is edited whole (any other --frames that asks for more is warned about)
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 
 # The original's ``sd_version`` values and the Hub ids it maps them to.
@@ -523,6 +523,7 @@ IGNORED_KEYS = {
     "local_files_only": (lambda v: v is False, "downloads are allowed",
                          "false; for offline runs set HF_HUB_OFFLINE=1 or pass --model DIR"),
 }
+
 
 def _field_names() -> Tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(EditConfig))
