@@ -1,6 +1,8 @@
 """Config defaults, validation, numeric ranges (and their docs) and the original repository's YAML keys."""
 import argparse
+import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,77 @@ def test_parse_size():
     assert parse_size("672x384") == (672, 384)
     with pytest.raises(ConfigError):
         parse_size("big")
+
+
+# --- precedence on the command line: flags > --preset > --config YAML > defaults --------------
+
+def _cli_config(*argv):
+    from tokenflow.app.cli import build_parser  # noqa: PLC0415
+
+    return config_from_args(build_parser().parse_args(["edit", *map(str, argv)]))
+
+
+def test_preset_beats_the_yaml_and_flags_beat_the_preset(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("sd_version: '1.5'\nn_timesteps: 20\nn_inversion_steps: 100\nprompt: a wolf\nbatch_size: 4\n")
+    assert _cli_config("--config", p).model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    tiny = _cli_config("--config", p, "--preset", "tiny")
+    assert (tiny.model, tiny.steps, tiny.inversion_steps, tiny.size, tiny.frames) == ("tiny", 10, 50, (128, 128), 16)
+    assert (tiny.prompt, tiny.keyframe_spacing) == ("a wolf", 4)   # what the preset does not set stays the YAML's
+    fast = _cli_config("--config", p, "--preset", "fast", "--steps", "5", "--model", "2.0")
+    assert (fast.model, fast.steps, fast.inversion_steps) == ("2.0", 5, 50)
+    original = _cli_config("--config", p, "--preset", "original")   # the defaults: sets nothing
+    assert (original.steps, original.inversion_steps) == (20, 100)
+
+
+# --- silent changes are warned about, before any work where they can be ---------------------
+
+def _events(capsys, *argv):
+    from tokenflow.app.cli import main  # noqa: PLC0415
+
+    code = main(["edit", *map(str, argv), "--log-json"])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err
+
+
+def test_more_frames_than_the_clip_has_is_one_warning_at_read_time(sample_clip, tiny_model_dir, capsys):
+    plan = ["--plan", "--model", tiny_model_dir, "--device", "cpu", "--size", "64x64"]
+    code, events, err = _events(capsys, sample_clip, "--frames", "100", *plan)
+    assert code == 0, err
+    warned = [e["message"] for e in events if e["event"] == "warning"]
+    assert warned == [f"'{sample_clip}' has 12 frames; editing 12 (--frames 100 asks for more)"]
+    kinds = [(e["event"], e.get("stage")) for e in events]
+    assert kinds.index(("stage_start", "read")) < [e["event"] for e in events].index("warning") \
+        < kinds.index(("stage_end", "read"))
+    code, events, err = _events(capsys, sample_clip, *plan)   # the default 40 is a cap: no warning
+    assert code == 0 and not [e for e in events if e["event"] == "warning"], err
+
+
+def test_a_frame_folder_short_of_frames_says_what_is_edited(tmp_path):
+    from PIL import Image  # noqa: PLC0415
+
+    from tokenflow.io.read import read_video  # noqa: PLC0415
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (64, 64), (i * 20, 0, 0)).save(folder / f"{i:05d}.jpg")
+    with pytest.warns(UserWarning, match=r"has 10 frames, 3 of them from --start 1 --stride 3; editing 3 "
+                                         r"\(--frames 30 asks for more\)"):
+        assert read_video(folder, frames=30, start=1, stride=3).indices == [1, 4, 7]
+
+
+@pytest.mark.parametrize("flags,fix", [
+    (["--inversion-steps", "50", "--steps", "7"], "use --steps 5 or 10 .* or --inversion-steps 427"),
+    (["--preset", "fast", "--steps", "7"], "use --steps 5 or 10"),
+    (["--inversion-steps", "100", "--steps", "30", "--method", "sdedit"], "use --steps 25 or 33"),
+])
+def test_steps_no_inversion_holds_are_refused_before_anything_loads(flags, fix, sample_clip, tiny_model_dir, capsys):
+    code, events, err = _events(capsys, sample_clip, "--prompt", "x", "--model", tiny_model_dir, *flags)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("tokenflow: error: steps: ") and "are not inversion timesteps" in err
+    assert re.search(fix, err), err
+    assert [e["event"] for e in events] == ["start", "error"]   # nothing read, nothing loaded
 
 
 # --- numeric ranges: every numeric field has both bounds, checked by the one validator ---------

@@ -7,6 +7,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from tokenflow.models.load import (
     load_model,
     looks_like_path,
     move_to_device,
+    scheduler_config_for,
 )
 
 CPU = torch.device("cpu")
@@ -322,6 +324,90 @@ def test_v_prediction_model_is_refused(tiny_copy):
     with pytest.raises(ModelError, match="epsilon-prediction") as error:
         load_model(str(tiny_copy), CPU, torch.float32)
     assert str(tiny_copy) in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["2.1-768", "2.0-768", "stabilityai/stable-diffusion-2-1",
+                                  "StabilityAI/stable-diffusion-2"])
+def test_known_v_prediction_models_are_refused_by_name_before_any_download(name, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", pytest.fail)   # never the Hub
+    for check in (lambda: load_model(name, CPU, torch.float32), lambda: scheduler_config_for(name)):
+        with pytest.raises(ModelError, match="768x768, a v-prediction model") as error:
+            check()
+        message = str(error.value)
+        assert name in message and "download" not in message and "\n" not in message
+        assert "--model 2." in message and "-base, 512x512" in message
+
+
+def test_v_prediction_model_in_a_cli_run_is_refused_before_reading(sample_clip, capsys):
+    from tokenflow.app.cli import main
+
+    code = main(["edit", str(sample_clip), "--prompt", "x", "--model", "2.1-768", "--log-json"])
+    out, err = capsys.readouterr()
+    assert code == 4 and "v-prediction model" in err and "download" not in err, err
+    assert [json.loads(line)["event"] for line in out.splitlines()] == ["start", "error"]
+
+
+def test_scheduler_config_before_the_load(tiny_copy, tmp_path):
+    standard = random_weights.scheduler_config()
+    assert scheduler_config_for("tiny") == standard and scheduler_config_for("2.1") == standard
+    assert scheduler_config_for("nobody-xyz/not-cached") == standard   # not in the cache: SD's (the load checks)
+    config_file = tiny_copy / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "steps_offset": 0}))
+    assert scheduler_config_for(str(tiny_copy))["steps_offset"] == 0   # a local folder's own
+    config_file.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    with pytest.raises(ModelError, match="predicts 'v_prediction'"):
+        scheduler_config_for(str(tiny_copy))
+
+
+class _Dist:
+    """What importlib.metadata.distribution("huggingface_hub") returns, reduced to what hub_cli reads."""
+
+    def __init__(self, version, scripts):
+        self.version = version
+        self.entry_points = [SimpleNamespace(name=name, group="console_scripts") for name in scripts]
+
+
+@pytest.mark.parametrize("dist,command", [
+    (_Dist("1.2.0", ["hf", "tiny-agents"]), "hf"),                 # 1.x: no huggingface-cli
+    (_Dist("0.35.0", ["hf", "huggingface-cli"]), "hf"),           # both: the current one
+    (_Dist("0.30.2", ["huggingface-cli"]), "huggingface-cli"),    # before `hf` existed
+    (_Dist("0.36.0", []), "hf"),                                   # entry points not listed: by version
+    (_Dist("0.20.0", []), "huggingface-cli"),
+])
+def test_download_hint_names_the_installed_cli(dist, command, monkeypatch):
+    import importlib.metadata
+
+    import huggingface_hub
+
+    from tokenflow.models import load
+
+    monkeypatch.setattr(load.importlib.metadata, "distribution", lambda name: dist)
+    assert load.download_command("o/m") == f"{command} download o/m --local-dir DIR"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _offline)
+    with pytest.raises(ModelError, match=f"with `{command} download nobody-xyz/no-such-model --local-dir DIR`"):
+        load_model("nobody-xyz/no-such-model", CPU, torch.float32)
+    monkeypatch.setattr(load.importlib.metadata, "distribution",
+                        lambda name: (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)))
+    assert load.hub_cli() == "hf"
+
+
+def _offline(repo_id, **kwargs):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    raise LocalEntryNotFoundError("not cached")
+
+
+def test_the_installed_huggingface_hub_has_the_named_cli():
+    import shutil as sh
+    import sys
+
+    from tokenflow.models.load import hub_cli
+
+    folder = Path(sys.executable).parent
+    assert (folder / hub_cli()).exists() or sh.which(hub_cli()), hub_cli()
 
 
 def test_bad_tiny_seed():

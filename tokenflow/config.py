@@ -20,6 +20,7 @@ import math
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -29,6 +30,7 @@ import yaml
 from tokenflow.errors import ConfigError, first_line, short_repr
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_FRAMES = 40   # a cap: a shorter clip is edited whole (any other --frames that asks for more is warned about)
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 
 # The original's ``sd_version`` values and the Hub ids it maps them to.
@@ -135,7 +137,7 @@ class EditConfig:
 
     # input video and frame selection
     video: Optional[str] = _field(None, path=True)
-    frames: Optional[int] = _field(40, minimum=1, maximum=MAX_FRAMES)          # None = every selected frame
+    frames: Optional[int] = _field(DEFAULT_FRAMES, minimum=1, maximum=MAX_FRAMES)          # None = every selected frame
     start_frame: int = _field(0, minimum=0, maximum=MAX_FRAME_INDEX)
     stride: int = _field(1, minimum=1, maximum=MAX_FRAMES)
     size: Optional[Tuple[int, int]] = _field(
@@ -492,21 +494,48 @@ PRESETS = {
 }
 
 
+def preset_changes(name: str) -> Dict[str, Any]:
+    """What preset ``name`` sets: its fields that differ from the defaults (``original``: none)."""
+    preset, default = PRESETS[name], EditConfig()
+    return {f.name: getattr(preset, f.name) for f in dataclasses.fields(EditConfig)
+            if getattr(preset, f.name) != getattr(default, f.name)}
+
+
 # --- YAML ---------------------------------------------------------------------------------
 
-# original key -> our field (values converted by _convert_original)
+# original key -> our field (values converted in from_mapping). Keys of configs/*.yaml and of what its
+# scripts read (tests/data/upstream_configs/keys.json lists them); preprocess.py's `--steps` (inversion
+# steps) and `--batch_size` (frames per inversion call) are not taken: our `steps` and the config
+# files' `batch_size` mean other things.
 ORIGINAL_KEYS = {
-    "data_path": "video",
+    "data_path": "video",                # a video, or the folder of frames preprocess.py writes
     "n_frames": "frames",
     "n_inversion_steps": "inversion_steps",
     "n_timesteps": "steps",
     "save_steps": "steps",               # preprocess.py's flag
     "batch_size": "keyframe_spacing",
-    "latents_path": "cache_dir",
+    "latents_path": "cache_dir",         # where the inversion's latents are kept
     "save_dir": "cache_dir",             # preprocess.py's flag
     "output_path": "output",
     "start": "sdedit_start",
     "sd_version": "model",
+}
+
+# keys some version of the original reads that change nothing here: accepted for the values that
+# mean what tokenflow does anyway, named in one info line; other values are refused.
+IGNORED_KEYS = {
+    # omerbt/TokenFlow PR #24 (DDPM inversion): its configs' skip_steps (edit steps skipped), read only
+    # when `inversion: ddpm`; its preprocess.py's --inversion and --reconstruct
+    "skip_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                   "the DDPM-inversion fork's skipped steps, used only with its DDPM inversion; tokenflow inverts "
+                   "with DDIM", "a whole number >= 0"),
+    "inversion": (lambda v: v == "ddim", "tokenflow inverts with DDIM",
+                  "'ddim': the DDPM inversion of omerbt/TokenFlow PR #24 is not implemented here; remove the key"),
+    "reconstruct": (lambda v: isinstance(v, bool), "the fork's preprocess.py flag for a reconstruction video",
+                    "true or false"),
+    # the cog predictor's (omerbt/TokenFlow PR #41) namespace
+    "local_files_only": (lambda v: v is False, "downloads are allowed",
+                         "false; for offline runs set HF_HUB_OFFLINE=1 or pass --model DIR"),
 }
 
 
@@ -514,13 +543,18 @@ def _field_names() -> Tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(EditConfig))
 
 
-def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "config") -> EditConfig:
-    """Build a config from a dict of our keys and/or the original repository's keys."""
+def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "config",
+                 note: Optional[Callable[[str], None]] = None) -> EditConfig:
+    """Build a config from a dict of our keys and/or the original repository's keys.
+
+    Keys of the original that change nothing here (``IGNORED_KEYS``) are named in one line passed
+    to ``note`` (the CLI's info event); without ``note`` it is a warning."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}")
     fields = set(_field_names())
     changes: dict = {}
     data = dict(data)
+    ignored = _pop_ignored(data, source)
     h, w = data.pop("H", None), data.pop("W", None)
     if h is not None or w is not None:
         try:
@@ -543,13 +577,34 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
         if name == "prompt" and isinstance(value, list):
             value = tuple(value)
         if name not in fields:
-            allowed = ", ".join(sorted(fields | set(ORIGINAL_KEYS)))
+            allowed = ", ".join(sorted(fields | set(ORIGINAL_KEYS) | set(IGNORED_KEYS) | {"H", "W"}))
             raise ConfigError(f"{source}: unknown key {key!r}; allowed keys: {allowed}")
         changes[name] = value
     try:
-        return dataclasses.replace(base, **changes)
+        config = dataclasses.replace(base, **changes)
     except TypeError as exc:  # pragma: no cover - dataclasses reports unknown fields this way
         raise ConfigError(f"{source}: {exc}") from None
+    if ignored:
+        text = f"{source}: ignoring {', '.join(ignored)} of the original: changes nothing here (" \
+               + "; ".join(f"{key}: {why}" for key, why in ignored.items()) + ")"
+        if note is None:
+            warnings.warn(text, stacklevel=2)
+        else:
+            note(text)
+    return config
+
+
+def _pop_ignored(data: dict, source: str) -> Dict[str, str]:
+    """Remove the IGNORED_KEYS from ``data``: {key: why it changes nothing}; a value that would
+    change something is a ConfigError."""
+    ignored = {}
+    for key, (accepts, why, expect) in IGNORED_KEYS.items():
+        if key in data:
+            value = data.pop(key)
+            if not accepts(value):
+                raise ConfigError(f"{source}: {key}={short_repr(value)} is not supported: {key} must be {expect}")
+            ignored[key] = why
+    return ignored
 
 
 def _size_value(value: Any, source: str) -> Tuple[int, int]:
@@ -563,14 +618,16 @@ def _size_value(value: Any, source: str) -> Tuple[int, int]:
 def _model_from_sd_version(value: Any, source: str) -> str:
     key = str(value)
     if key not in SD_VERSIONS:
+        variant = {"depth": " (the original's depth variant is not included)",
+                   "ControlNet": " (the original's ControlNet variant is not included)"}.get(key, "")
         raise ConfigError(
-            f"{source}: sd_version={short_repr(value)} is not supported; use one of {', '.join(SD_VERSIONS)} "
+            f"{source}: sd_version={short_repr(value)} is not supported{variant}; use one of {', '.join(SD_VERSIONS)} "
             "or set `model` to a Hub id / local diffusers folder")
     return SD_VERSIONS[key]
 
 
-def load_yaml(path: str, base: EditConfig = EditConfig()) -> EditConfig:
-    """Read a YAML config (ours or the original repository's) on top of ``base``."""
+def load_yaml(path: str, base: EditConfig = EditConfig(), *, note: Optional[Callable[[str], None]] = None) -> EditConfig:
+    """Read a YAML config (ours or the original repository's) on top of ``base`` (``note``: see from_mapping)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist; pass the path of a YAML file to --config")
@@ -580,7 +637,7 @@ def load_yaml(path: str, base: EditConfig = EditConfig()) -> EditConfig:
         raise ConfigError(f"config file {path!r} is not valid YAML ({first_line(exc)}); fix the syntax") from None
     except RecursionError:
         raise ConfigError(f"config file {path!r} is nested too deeply to be a config; fix the file") from None
-    return from_mapping(data, base, source=f"config {path!r}")
+    return from_mapping(data, base, source=f"config {path!r}", note=note)
 
 
 def default_size(width: int, height: int) -> Tuple[int, int]:

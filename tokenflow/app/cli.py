@@ -113,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _edit_or_invert(args: argparse.Namespace, argv: Optional[List[str]]) -> int:
     reporter = Reporter(quiet=args.quiet, json_stream=sys.stdout if args.log_json else None)
     start_reporting(reporter, args.command, argv)
-    config = config_from_args(args)
+    config = config_from_args(args, note=reporter.info)
     from tokenflow.app import jobs  # noqa: PLC0415 (imports torch and diffusers: not while parsing flags)
 
     if args.command == "edit" and args.plan:

@@ -6,7 +6,7 @@ its flag's help (``field_help``).
 from __future__ import annotations
 
 import argparse
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 from tokenflow.config import (
     BACKENDS,
@@ -22,6 +22,7 @@ from tokenflow.config import (
     from_mapping,
     load_yaml,
     parse_size,
+    preset_changes,
 )
 from tokenflow.errors import ConfigError
 
@@ -38,7 +39,7 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     """The flags of `tokenflow edit` (``edit``) or `tokenflow invert`: one per EditConfig field, and --config/--preset."""
     p.add_argument("video", nargs="?", help="input video (mp4, mov, webm, mkv, gif, ...) or a folder of numbered images")
     p.add_argument("--config", metavar="YAML", help="YAML config; our keys or the original repo's "
-                   "(data_path, n_frames, n_timesteps, batch_size, sd_version, ...). Flags override it")
+                   "(data_path, n_frames, n_timesteps, batch_size, sd_version, ...). --preset and flags override it")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset: "
                    "original (the paper's defaults), fast (50 inversion / 10 edit steps), tiny (offline demo)")
     g = p.add_argument_group("frames")
@@ -160,10 +161,14 @@ FLAG_FIELDS = {"start": "start_frame", "no_cache": "use_cache", "no_ddim_noise":
 NOT_CONFIG = {"command", "config", "preset", "quiet", "log_json", "plan"}
 
 
-def config_from_args(args: argparse.Namespace) -> EditConfig:
-    config = PRESETS[args.preset] if args.preset else EditConfig()
+def config_from_args(args: argparse.Namespace, note: Optional[Callable[[str], None]] = None) -> EditConfig:
+    """Flags > --preset > --config YAML > defaults (a preset sets only its own fields, e.g. fast: the
+    step counts, tiny: also model, size, frames). ``note``: gets the YAML's info line (ignored keys)."""
+    config = EditConfig()
     if args.config:
-        config = load_yaml(args.config, config)
+        config = load_yaml(args.config, config, note=note)
+    if args.preset:
+        config = config.replace(**preset_changes(args.preset))
     changes = {}
     for name, value in vars(args).items():
         if name in NOT_CONFIG or value is None:

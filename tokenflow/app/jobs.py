@@ -36,6 +36,8 @@ from tokenflow.io.read import Clip, count_selected
 from tokenflow.io.write import video_settings, write_frames, write_video
 from tokenflow.kernels import check_backends
 from tokenflow.method.editor import Editor, EditResult, read_clip
+from tokenflow.method.schedule import check_steps
+from tokenflow.models.load import scheduler_config_for
 from tokenflow.quality.cli import evaluate, load_scorer
 from tokenflow.quality.flow import require_cv2
 from tokenflow.quality.report import check_report_support, check_report_target, write_report
@@ -57,6 +59,7 @@ def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = 
     config.validate()
     if not config.video:
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow edit VIDEO ...)")
+    check_model_and_steps(config)
     prompts = config.prompts
     outputs = prompt_outputs(resolve_output(config), prompts)   # ConfigError: -o is not a video name or folder
     video_settings(config.codec, config.pix_fmt, config.crf)   # ConfigError: no encoder here, a pixel format it lacks
@@ -273,6 +276,13 @@ def check_host_memory(config: EditConfig, prompts: int, device_type: str) -> Hos
                        use_cache=config.use_cache).check()
 
 
+def check_model_and_steps(config: EditConfig) -> None:
+    """Before anything is read, loaded or downloaded: a known v-prediction model (ModelError) and
+    edit steps whose timesteps the inversion does not hold (ConfigError naming step counts that
+    fit), from the model's scheduler config alone (the load checks the real one again)."""
+    check_steps(scheduler_config_for(config.model), config)
+
+
 def read_checked(config: EditConfig, reporter: Reporter, host: HostPlan) -> Clip:
     """Decode the frames ``config`` selects, checking ``host`` before each frame beyond the count
     it was checked for (a container that did not list them)."""
@@ -285,6 +295,7 @@ def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
     config.validate(need_prompt=False)
     if not config.video:
         raise InputError("no input video: --plan needs the video whose edit it plans (tokenflow edit VIDEO --plan)")
+    check_model_and_steps(config)
     host = check_host_memory(config, max(1, len(config.prompts)), resolve_device(config.device).type)
     clip = read_checked(config, reporter, host)
     editor = _load_editor(config, reporter)
@@ -308,6 +319,7 @@ def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
     config.validate(need_prompt=False)
     if not config.video:
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow invert VIDEO ...)")
+    check_model_and_steps(config)
     start = time.perf_counter()
     host = check_host_memory(config, 0, resolve_device(config.device).type)   # before anything is decoded or loaded
     clip = read_checked(config, reporter, host)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokenflow.config import default_size
+from tokenflow.config import DEFAULT_FRAMES, default_size
 from tokenflow.errors import ConfigError, InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -189,6 +189,16 @@ class _Selection:
         return self.last is not None and index > self.last
 
 
+def _warn_if_short(path: str, total: int, kept: int, selection: _Selection) -> None:
+    """One warning when ``frames`` asked for more frames than the source has from ``start`` every
+    ``stride``; the default (DEFAULT_FRAMES) is a cap, not a request, and is not warned about."""
+    if selection.count is None or kept >= selection.count or selection.count == DEFAULT_FRAMES:
+        return
+    picked = "" if (selection.start, selection.stride) == (0, 1) else \
+        f", {kept} of them from --start {selection.start} --stride {selection.stride}"
+    warnings.warn(f"'{path}' has {total} frames{picked}; editing {kept} (--frames {selection.count} asks for more)")
+
+
 def _check_selection(frames: Optional[int], start: int, stride: int) -> None:
     if frames is not None and frames < 1:
         raise ConfigError(f"--frames {frames} must be at least 1 (or omitted for every frame).")
@@ -235,6 +245,8 @@ def _read_video_file(path: str, selection: _Selection, size: Optional[Size], cro
     if exhausted and listed > total and (selection.count is None or len(images) < selection.count):
         warnings.warn(f"'{path}' ended after {total} of the {listed} frames its header lists (truncated or "
                       f"damaged?); editing the {len(images)} selected frames that decoded.")
+    elif exhausted:
+        _warn_if_short(path, total, len(images), selection)
     return Clip(frames=_to_tensor(images), fps=fps, source=path, source_size=source_size,
                 indices=indices, content_hash=_hash_file(path), audio=has_audio,
                 start_time=times[0], end_time=times[-1] + 1.0 / fps, colour=colour)
@@ -363,6 +375,7 @@ def _read_image_folder(folder: str, selection: _Selection, size: Optional[Size],
                 f"{picture.size[0]}x{picture.size[1]}. Resize them to one size first.")
         images.append(_resize(picture, size or default_size(*source_size), crop))
         del picture
+    _warn_if_short(folder, len(paths), len(chosen), selection)
     return Clip(frames=_to_tensor(images), fps=FOLDER_FPS, source=folder, source_size=source_size,
                 indices=chosen, content_hash=_hash_folder(paths), audio=False,
                 start_time=chosen[0] / FOLDER_FPS, end_time=(chosen[-1] + 1) / FOLDER_FPS)

@@ -6,10 +6,11 @@ exactly as the original implementation does (leading spacing, ``steps_offset=1``
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence, Set
+from typing import Callable, Iterable, List, Optional, Sequence, Set
 
 from diffusers import DDIMScheduler
 
+from tokenflow.config import EditConfig
 from tokenflow.errors import ConfigError
 
 
@@ -57,3 +58,58 @@ def inversion_save_timesteps(inversion_timesteps: Sequence[int], edit_timesteps:
             f"of a {len(available)}-step inversion; every edit timestep must be one. Use inversion/edit step "
             "counts where one divides the other the DDIM way, e.g. --inversion-steps 500 --steps 50 or 50 and 10")
     return needed | {max(available)}
+
+
+def check_steps(scheduler_config: dict, config: EditConfig) -> Set[int]:
+    """The inversion timesteps ``config``'s edit needs (``inversion_save_timesteps``), from the step
+    counts alone: the CLI calls it before anything is read or loaded. A ConfigError names step
+    counts that fit: the nearest ``steps`` this inversion serves, or the ``inversion_steps`` that
+    serves these edit steps."""
+    timesteps = _timesteps_function(scheduler_config)
+    inversion = timesteps(config.inversion_steps)
+
+    def edit(steps: int) -> List[int]:
+        out = timesteps(steps)
+        return sdedit_timesteps(out, config.sdedit_start) if config.method == "sdedit" else out
+
+    edit_timesteps = edit(config.steps)
+    if set(edit_timesteps) <= set(inversion):
+        return inversion_save_timesteps(inversion, edit_timesteps)
+    held = set(inversion)
+    fits = [n for n in range(1, config.inversion_steps + 1) if _serves(held, edit, n)]
+    below = max((n for n in fits if n < config.steps), default=None)
+    above = min((n for n in fits if n > config.steps), default=None)
+    train = int(scheduler_config.get("num_train_timesteps", 1000))
+    wanted = set(edit_timesteps)
+    inversion_fit = next((n for n in range(config.inversion_steps + 1, train + 1)
+                          if wanted <= set(timesteps(n))), None)
+    fixes = []
+    if below or above:
+        fixes.append("--steps " + " or ".join(str(n) for n in (below, above) if n)
+                     + f" (edit timesteps a {config.inversion_steps}-step inversion holds)")
+    if inversion_fit:
+        fixes.append(f"--inversion-steps {inversion_fit} (an inversion that holds these {config.steps} edit steps)")
+    missing = sorted(wanted - held, reverse=True)
+    raise ConfigError.of_field(
+        "steps", f"{config.steps} edit steps do not fit {config.inversion_steps} inversion steps: edit timesteps "
+                 f"{', '.join(map(str, missing[:3]))}{', ...' if len(missing) > 3 else ''} are not inversion timesteps, "
+                 f"and every edit timestep must be one; use {' or '.join(fixes) or 'other step counts'}")
+
+
+def _serves(held: Set[int], edit: Callable[[int], List[int]], steps: int) -> bool:
+    try:
+        return set(edit(steps)) <= held
+    except ConfigError:   # sdedit_start too small for so few steps
+        return False
+
+
+def _timesteps_function(scheduler_config: dict) -> Callable[[int], List[int]]:
+    """n -> ``timesteps_of(scheduler_config, n)``, with one scheduler for every n (cheap to call often)."""
+    scheduler: Optional[DDIMScheduler] = None
+
+    def timesteps(n: int) -> List[int]:
+        nonlocal scheduler
+        scheduler = scheduler or DDIMScheduler.from_config(scheduler_config)
+        scheduler.set_timesteps(n)
+        return [int(t) for t in scheduler.timesteps]
+    return timesteps

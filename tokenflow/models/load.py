@@ -8,6 +8,7 @@ folder or a Hugging Face Hub id. Every problem surfaces as a one-line ``ModelErr
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import re
 import warnings
@@ -129,6 +130,7 @@ def resolve_source(model: str) -> ModelSource:
     tiny_match = _TINY_PATTERN.match(model)
     if tiny_match:
         return tiny_source(model, tiny_match.group(1))
+    refuse_known_v_prediction(model)
     if model in SD_VERSIONS:
         return hub_source(SD_VERSIONS[model])
     if looks_like_path(model) or Path(model).expanduser().exists():
@@ -175,12 +177,31 @@ def hub_source(repo_id: str) -> ModelSource:
     except Exception as error:  # offline, not found, gated, invalid id, network ...
         raise ModelError(
             f"could not load model '{repo_id}' ({hub_error_reason(error)}): download it once "
-            f"with `huggingface-cli download {repo_id} --local-dir DIR` and pass --model DIR, "
+            f"with `{download_command(repo_id)}` and pass --model DIR, "
             "or use --model tiny for an offline demo") from None
     check_components(snapshot, f"Hub model '{repo_id}'")
     commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
     identity = f"{repo_id}@{commit}" if commit else folder_fingerprint(snapshot)
     return ModelSource(repo_id, snapshot, identity, is_tiny=False)
+
+
+def download_command(repo_id: str) -> str:
+    """The command that downloads ``repo_id`` into DIR with the installed huggingface_hub's CLI."""
+    return f"{hub_cli()} download {repo_id} --local-dir DIR"
+
+
+def hub_cli() -> str:
+    """The installed huggingface_hub's command: ``hf`` (0.34 and later; 1.0 dropped
+    ``huggingface-cli``), else ``huggingface-cli``. Read from its console scripts, else its version."""
+    try:
+        dist = importlib.metadata.distribution("huggingface_hub")
+    except importlib.metadata.PackageNotFoundError:
+        return "hf"   # what `pip install huggingface_hub` gives today
+    scripts = {entry.name for entry in dist.entry_points if entry.group == "console_scripts"}
+    if scripts & {"hf", "huggingface-cli"}:
+        return "hf" if "hf" in scripts else "huggingface-cli"
+    numbers = [int(part) for part in re.findall(r"\d+", dist.version)[:2]]
+    return "hf" if numbers >= [0, 34] else "huggingface-cli"
 
 
 def hub_offline() -> bool:
@@ -252,14 +273,77 @@ def load_scheduler_config(source: ModelSource) -> dict:
     except Exception as error:
         raise ModelError(f"could not load the scheduler of model '{source.name}' "
                          f"({one_line(error)})") from None
-    config = dict(scheduler.config)
-    prediction = config.get("prediction_type", "epsilon")
+    return check_prediction(dict(scheduler.config), source.name)
+
+
+def check_prediction(scheduler_config: dict, name: str) -> dict:
+    """``scheduler_config``, or ModelError when the model does not predict epsilon."""
+    prediction = scheduler_config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
         raise ModelError(
-            f"model '{source.name}' predicts '{prediction}', but TokenFlow (like the original) "
+            f"model '{name}' predicts '{prediction}', but TokenFlow (like the original) "
             "needs an epsilon-prediction model such as stabilityai/stable-diffusion-2-1-base "
             "(--model 2.1)")
-    return config
+    return scheduler_config
+
+
+# v-prediction Stable Diffusion models (768x768), refused by name before anything is downloaded
+V_PREDICTION_MODELS = {
+    "2.1-768": "stabilityai/stable-diffusion-2-1",
+    "2.0-768": "stabilityai/stable-diffusion-2",
+}
+
+
+def refuse_known_v_prediction(model: str) -> None:
+    """ModelError for a name or Hub id of V_PREDICTION_MODELS (it would be refused after its download)."""
+    name = model.strip()
+    hub_ids = {repo.lower(): version for version, repo in V_PREDICTION_MODELS.items()}
+    version = name if name in V_PREDICTION_MODELS else hub_ids.get(name.lower())
+    if version:
+        base = version.split("-")[0]
+        repo = "" if name.lower() == V_PREDICTION_MODELS[version].lower() else f" ({V_PREDICTION_MODELS[version]})"
+        raise ModelError(
+            f"model '{name}'{repo} is Stable Diffusion {base} at 768x768, a v-prediction model: TokenFlow, like the "
+            f"original, needs an epsilon-prediction model; use --model {base} ({SD_VERSIONS[base]}, 512x512)")
+
+
+def scheduler_config_for(model: str) -> dict:
+    """The DDIM scheduler config of ``model`` without loading (or downloading) its weights, for the
+    checks before the load: the tiny model's, a local folder's ``scheduler/scheduler_config.json``,
+    a Hub model's when the Hugging Face cache has it, else Stable Diffusion's (every SD 1.x/2.x
+    base model has it; the load checks the real one). ModelError for a v-prediction model."""
+    from diffusers import DDIMScheduler  # noqa: PLC0415  start-up time (see component_loader)
+
+    from tokenflow.models.random_weights import scheduler_config  # noqa: PLC0415  builds on diffusers/transformers
+
+    model = str(model).strip()
+    if _TINY_PATTERN.match(model):
+        return scheduler_config()
+    refuse_known_v_prediction(model)
+    path = None
+    if looks_like_path(model) or Path(model).expanduser().exists():
+        path = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
+    elif model not in SD_VERSIONS and model not in SD_VERSIONS.values():
+        path = _cached_hub_file(model, "scheduler/scheduler_config.json")
+    if path is None or not path.is_file():
+        return scheduler_config()
+    try:
+        with quiet_hf_libraries():
+            config = dict(DDIMScheduler.from_config(DDIMScheduler.load_config(str(path.parent))).config)
+    except Exception:   # unreadable: the load reports it, with its reason
+        return scheduler_config()
+    return check_prediction(config, model)
+
+
+def _cached_hub_file(repo_id: str, filename: str) -> Optional[Path]:
+    """``filename`` of ``repo_id`` when the Hugging Face cache holds it (no network)."""
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415  only for Hub ids
+
+    try:
+        found = try_to_load_from_cache(repo_id, filename)
+    except Exception:   # not a valid repository id: the load says so
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def load_component(source: ModelSource, component: str, dtype: torch.dtype, allow_pickle: bool = False):

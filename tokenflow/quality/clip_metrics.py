@@ -34,6 +34,7 @@ from tokenflow.device import resolve_device
 from tokenflow.errors import ModelError, one_line
 from tokenflow.models.hf import quiet_hf_libraries
 from tokenflow.models.load import (
+    download_command,
     hub_error_reason,
     hub_offline,
     looks_like_path,
@@ -181,7 +182,7 @@ def clip_folder(model: str) -> Path:
     except Exception as error:
         raise ModelError(
             f"could not load CLIP model '{model}' ({hub_error_reason(error)}): download it first "
-            f"with `huggingface-cli download {model} --local-dir DIR` and pass --clip-model DIR"
+            f"with `{download_command(model)}` and pass --clip-model DIR"
         ) from None
 
 
