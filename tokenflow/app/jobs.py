@@ -343,6 +343,10 @@ def _summary(results: List[EditResult], config: EditConfig, seconds: float, edit
                                                       "vae_frames", "store_on", "latents_on", "peak")}
         if first.plan else None,
     }
+    if config.report:   # the page to open: the top-level one links each prompt's (DIR/K-slug/index.html)
+        summary["report"] = str(Path(config.report) / "index.html")
+        summary["reports"] = [str(Path(folder) / "index.html")
+                              for folder in per_prompt_folders(config.report, summary["prompts"])]
     return summary
 
 
@@ -362,6 +366,10 @@ def format_summary(s: Dict) -> str:
                 + f"{s['plan']['peak'] / 2**30:.2f} GiB)" if s.get("plan") else "")]
     lines += [f"  output: {out}" + (f"  <- {prompt!r}" if len(s["outputs"]) > 1 else "")
               for out, prompt in zip(s["outputs"], s["prompts"])]
+    if s.get("report"):
+        lines.append(f"  report: {s['report']}")
+        if len(s["reports"]) > 1:
+            lines += [f"    {page}  <- {prompt!r}" for page, prompt in zip(s["reports"], s["prompts"])]
     if s["tiny_model"]:
         lines.append(f"  NOTE: {TINY_NOTE}")
     return "\n".join(lines)
