@@ -364,12 +364,12 @@ def format_summary(s: Dict) -> str:
              f"  peak memory: {s['peak_memory_bytes'] / 2**30:.2f} GiB"
              + ((" (allocated; plan predicted " if s["device"].startswith("cuda") else " (process RSS; plan's tensor peak ")
                 + f"{s['plan']['peak'] / 2**30:.2f} GiB)" if s.get("plan") else "")]
-    lines += [f"  output: {out}" + (f"  <- {prompt!r}" if len(s["outputs"]) > 1 else "")
-              for out, prompt in zip(s["outputs"], s["prompts"])]
-    if s.get("report"):
+    if s.get("report"):   # the page to open, then each prompt's
         lines.append(f"  report: {s['report']}")
         if len(s["reports"]) > 1:
             lines += [f"    {page}  <- {prompt!r}" for page, prompt in zip(s["reports"], s["prompts"])]
+    lines += [f"  output: {out}" + (f"  <- {prompt!r}" if len(s["outputs"]) > 1 else "")
+              for out, prompt in zip(s["outputs"], s["prompts"])]
     if s["tiny_model"]:
         lines.append(f"  NOTE: {TINY_NOTE}")
     return "\n".join(lines)
