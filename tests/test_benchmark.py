@@ -105,8 +105,8 @@ class FlopReporter(Reporter):
         self.flops[name] = self.flops.get(name, 0) + self.counter.get_total_flops() - before
 
     @contextlib.contextmanager
-    def stage(self, name, total=None):
-        with self._count(name), super().stage(name, total) as stage:
+    def stage(self, name, total=None, **kwargs):
+        with self._count(name), super().stage(name, total, **kwargs) as stage:
             yield stage
 
     @contextlib.contextmanager

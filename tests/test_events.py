@@ -65,3 +65,34 @@ def test_stdout_holds_only_the_written_paths(tmp_path, tiny_model_dir, sample_cl
     run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "p", *FAST, "-o", out, "-q")
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [str(out)] and run.stderr == ""
+
+
+def test_the_summary_and_the_done_event_say_where_the_report_is(tmp_path, tiny_model_dir, sample_clip):
+    report = tmp_path / "report"
+    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "p", *FAST, "-o", tmp_path / "o.mp4",
+                    "--report", report, "--log-json")
+    assert run.returncode == 0, run.stderr
+    done = [json.loads(line) for line in run.stdout.splitlines()][-1]
+    page = str(report / "index.html")
+    assert done["event"] == "done" and done["report"] == page and done["reports"] == [page]
+    assert os.path.isfile(page)
+    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "p", *FAST, "-o", tmp_path / "o.mp4",
+                    "--report", report, "--overwrite")
+    assert run.returncode == 0, run.stderr
+    assert f"  report: {page}" in run.stderr.splitlines()
+    assert run.stdout.splitlines() == [str(tmp_path / "o.mp4")]   # stdout: the videos only, as before
+
+
+def test_a_multi_prompt_summary_names_the_top_report_and_each_prompts(tmp_path, tiny_model_dir, sample_clip):
+    report = tmp_path / "report"
+    prompts = ["a red fox", "a cat"]
+    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, *[x for p in prompts for x in ("--prompt", p)],
+                    *FAST, "-o", tmp_path / "o.mp4", "--report", report)
+    assert run.returncode == 0, run.stderr
+    pages = [str(report / "1-a-red-fox" / "index.html"), str(report / "2-a-cat" / "index.html")]
+    assert all(os.path.isfile(page) for page in pages)
+    lines = run.stderr.splitlines()
+    # the top-level page (written by the report's writer) links each prompt's
+    assert f"  report: {report / 'index.html'}" in lines
+    assert [f"    {page}  <- {prompt!r}" for page, prompt in zip(pages, prompts)] == \
+        [line for line in lines if line.startswith("    ") and "index.html" in line]

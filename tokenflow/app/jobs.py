@@ -360,6 +360,10 @@ def _summary(results: List[EditResult], config: EditConfig, seconds: float, edit
                                                       "vae_frames", "store_on", "latents_on", "peak")}
         if first.plan else None,
     }
+    if config.report:   # the page to open: the top-level one links each prompt's (DIR/K-slug/index.html)
+        summary["report"] = str(Path(config.report) / "index.html")
+        summary["reports"] = [str(Path(folder) / "index.html")
+                              for folder in per_prompt_folders(config.report, summary["prompts"])]
     return summary
 
 
@@ -377,6 +381,10 @@ def format_summary(s: Dict) -> str:
              f"  peak memory: {s['peak_memory_bytes'] / 2**30:.2f} GiB"
              + ((" (allocated; plan predicted " if s["device"].startswith("cuda") else " (process RSS; plan's tensor peak ")
                 + f"{s['plan']['peak'] / 2**30:.2f} GiB)" if s.get("plan") else "")]
+    if s.get("report"):   # the page to open, then each prompt's
+        lines.append(f"  report: {s['report']}")
+        if len(s["reports"]) > 1:
+            lines += [f"    {page}  <- {prompt!r}" for page, prompt in zip(s["reports"], s["prompts"])]
     lines += [f"  output: {out}" + (f"  <- {prompt!r}" if len(s["outputs"]) > 1 else "")
               for out, prompt in zip(s["outputs"], s["prompts"])]
     if s.get("video"):

@@ -183,8 +183,8 @@ class MeasuringReporter(Reporter):
         self.tracker = tracker
 
     @contextlib.contextmanager
-    def stage(self, name: str, total: Optional[int] = None):
-        with self.tracker.stage(name), super().stage(name, total) as stage:
+    def stage(self, name: str, total: Optional[int] = None, **kwargs):
+        with self.tracker.stage(name), super().stage(name, total, **kwargs) as stage:
             yield stage
 
     @contextlib.contextmanager

@@ -1,11 +1,18 @@
-"""Progress per stage (tqdm bars with ETA), a quiet mode, and JSON-lines events for machines."""
+"""Progress per stage, a quiet mode, and JSON-lines events for machines.
+
+Progress counts the steps the user asked for (inversion steps, edit steps), not internal passes: a
+stage has ``total`` steps, of which ``done_before`` were done by an earlier process (a resumed
+run shows 24/50, not 0/26), and its ETA comes from the steps done in this process only. On a
+terminal, a tqdm bar per stage; elsewhere (a farm log, ``2> file``) plain lines: the start, the
+first step, then one line per 5 % of the stage at most every 10 s, and the last step.
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import sys
 import time
-from typing import Dict, Iterator, Optional, TextIO
+from typing import Callable, Dict, Iterator, Optional, TextIO
 
 # Every JSON-lines event (``--log-json``): its kind and the fields it always carries, besides
 # "event" (the kind) and "time" (Unix seconds). Documented in docs/events.md; EVENT_SCHEMA_VERSION
@@ -13,8 +20,8 @@ from typing import Dict, Iterator, Optional, TextIO
 EVENT_SCHEMA_VERSION = 1
 EVENT_FIELDS: Dict[str, tuple] = {
     "start": ("command", "version", "schema", "pid", "host"),
-    "stage_start": ("stage", "total"),
-    "progress": ("stage", "done", "total", "elapsed", "eta_seconds"),
+    "stage_start": ("stage", "total", "done_before"),
+    "progress": ("stage", "done", "total", "elapsed", "eta_seconds", "done_before"),
     "stage_end": ("stage", "seconds"),
     "plan": ("chunk_frames",),
     "info": ("message",),
@@ -30,39 +37,118 @@ EVENT_FIELDS: Dict[str, tuple] = {
     "run_done": ("exit_code", "jobs"),
 }
 
+LINE_EVERY_FRACTION = 0.05   # plain progress lines (not a terminal): at least 5 % of the stage apart ...
+LINE_EVERY_SECONDS = 10.0    # ... and at least 10 s apart (whichever is rarer)
+
+
+def is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):   # no isatty, or a closed stream
+        return False
+
+
+def clock_text(seconds: float) -> str:
+    """3725.2 -> '1:02:05'; 65 -> '1:05'."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class _Lines:
+    """Progress as plain lines, throttled (no carriage returns): for streams that are not terminals."""
+
+    def __init__(self, stream: TextIO, name: str, total: int, done: int, unit: str, clock: Callable[[], float]):
+        self.stream, self.name, self.total, self.unit, self.clock = stream, name, total, unit, clock
+        self.first, self.last_done, self.last_time = done, done, clock()
+        self.write(f"{done}/{total} {unit}" + (" (resumed)" if done else ""))
+
+    def write(self, text: str) -> None:
+        self.stream.write(f"{self.name}: {text}\n")
+        self.stream.flush()
+
+    def show(self, done: int, elapsed: float, eta: Optional[float]) -> None:
+        now = self.clock()
+        due = (done >= self.total or done == self.first + 1
+               or (done - self.last_done >= LINE_EVERY_FRACTION * self.total
+                   and now - self.last_time >= LINE_EVERY_SECONDS))
+        if not due or done == self.last_done:
+            return
+        self.last_done, self.last_time = done, now
+        rest = "" if eta is None or done >= self.total else f", ETA {clock_text(eta)}"
+        self.write(f"{done}/{self.total} {self.unit} ({100 * done // max(1, self.total)}%), "
+                   f"{clock_text(elapsed)} elapsed{rest}")
+
+    def close(self) -> None:
+        pass
+
+
+class _Bar:
+    """A tqdm bar (terminals): starts at the steps done before; its rate counts this process's."""
+
+    def __init__(self, stream: TextIO, name: str, total: int, done: int, unit: str):
+        from tqdm import tqdm  # noqa: PLC0415  start-up time: the CLI imports this module before parsing flags
+
+        self.bar = tqdm(total=total, initial=done, desc=f"{name:>9}", unit=unit.rstrip("s"), file=stream,
+                        dynamic_ncols=True, leave=True)
+        self.done = done
+
+    def show(self, done: int, elapsed: float, eta: Optional[float]) -> None:
+        if done > self.done:
+            self.bar.update(done - self.done)
+            self.done = done
+
+    def close(self) -> None:
+        self.bar.close()
+
 
 class Stage:
-    def __init__(self, reporter: "Reporter", name: str, total: Optional[int]):
-        self.reporter, self.name, self.total, self.done = reporter, name, total, 0
-        self.start = time.perf_counter()
-        self.bar = None
+    """One stage of a job. ``total``: its steps (None: untimed, no progress); ``done_before``: the
+    steps an earlier process did (a resumed run)."""
+
+    def __init__(self, reporter: "Reporter", name: str, total: Optional[int], done_before: int = 0,
+                 unit: str = "steps"):
+        self.reporter, self.name, self.total = reporter, name, total
+        self.done = self.done_before = done_before
+        self.start = reporter.clock()
+        self.view = None
         if reporter.bars and total is not None:  # untimed stages show up in the summary only
-            from tqdm import tqdm  # noqa: PLC0415  start-up time: the CLI imports this module before parsing flags
+            if is_terminal(reporter.stream):
+                self.view = _Bar(reporter.stream, name, total, done_before, unit)
+            else:
+                self.view = _Lines(reporter.stream, name, total, done_before, unit, reporter.clock)
 
-            self.bar = tqdm(total=total, desc=f"{name:>9}", unit="it", file=reporter.stream,
-                            dynamic_ncols=True, leave=True)
-
-    def update(self, n: int = 1, **info) -> None:
+    def update(self, n: int = 1, partial: float = 0.0, **info) -> None:
+        """``n`` more steps done; ``partial``: the fraction of the next step done too (a step's
+        passes report it, so the ETA moves during long steps; ``done`` stays whole steps)."""
         self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elapsed = time.perf_counter() - self.start
-        eta = (elapsed / self.done * (self.total - self.done)
-               if self.total is not None and self.done > 0 else None)
+        elapsed = self.reporter.clock() - self.start
+        worked = self.done - self.done_before + partial   # this process's steps: a resumed run's ETA
+        eta = (elapsed / worked * max(0.0, self.total - self.done - partial)
+               if self.total is not None and worked > 0 else None)
+        if self.view is not None:
+            self.view.show(self.done, elapsed, eta)
         self.reporter.event("progress", stage=self.name, done=self.done, total=self.total,
-                            elapsed=round(elapsed, 3), eta_seconds=None if eta is None else round(eta, 3), **info)
+                            elapsed=round(elapsed, 3), eta_seconds=None if eta is None else round(eta, 3),
+                            done_before=self.done_before, **info)
 
 
 class Reporter:
     """Stage timings plus human or machine progress output.
 
-    quiet: no bars, no messages (errors are still printed by the CLI).
+    quiet: no progress, no messages (errors are still printed by the CLI).
     json_stream: if set, one JSON object per line per event (stage start/progress/end, info, done).
+    stream: where people read progress and messages (stderr by default): a bar per stage on a
+    terminal, throttled plain lines elsewhere. clock: seconds (monotonic), for the ETA and throttling.
     """
 
-    def __init__(self, quiet: bool = False, json_stream: Optional[TextIO] = None, stream: TextIO = sys.stderr):
-        self.quiet, self.json_stream, self.stream = quiet, json_stream, stream
-        self.bars = not quiet and json_stream is None
+    def __init__(self, quiet: bool = False, json_stream: Optional[TextIO] = None, stream: Optional[TextIO] = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.quiet, self.json_stream = quiet, json_stream
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.bars = not quiet and json_stream is None   # human output (bars or lines, messages)
         self.timings: Dict[str, float] = {}
 
     def event(self, kind: str, **fields) -> None:
@@ -91,15 +177,16 @@ class Reporter:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     @contextlib.contextmanager
-    def stage(self, name: str, total: Optional[int] = None) -> Iterator[Stage]:
-        self.event("stage_start", stage=name, total=total)
-        stage = Stage(self, name, total)
+    def stage(self, name: str, total: Optional[int] = None, done_before: int = 0) -> Iterator[Stage]:
+        """A stage of ``total`` steps (None: untimed), ``done_before`` of them done by an earlier process."""
+        self.event("stage_start", stage=name, total=total, done_before=done_before)
+        stage = Stage(self, name, total, done_before)
         start = time.perf_counter()
         try:
             yield stage
         finally:
-            if stage.bar is not None:
-                stage.bar.close()
+            if stage.view is not None:
+                stage.view.close()
             elapsed = time.perf_counter() - start
             self.timings[name] = self.timings.get(name, 0.0) + elapsed
             self.event("stage_end", stage=name, seconds=round(elapsed, 4))

@@ -91,8 +91,9 @@ class Denoiser:
                     "correspondences": record.get("correspondences"), "frames_per_call": self.frames_per_call,
                     "halved": self.halved, "timesteps": list(timesteps)}
 
-        # the stage counts this process's work: a resumed edit's `step` fields go on from `first`
-        with self.reporter.stage("edit", total=(len(timesteps) - first) * (1 + len(chunks))) as stage:
+        # progress counts steps (a resumed edit starts at `first` of them); each pass moves the ETA
+        passes = 1 + len(chunks)
+        with self.reporter.stage("edit", total=len(timesteps), done_before=first) as stage:
             for step in range(first, len(timesteps)):
                 if checkpoint is not None:
                     checkpoint.between_steps("edit", step, len(timesteps), resume_state)
@@ -106,7 +107,7 @@ class Denoiser:
                         state = StepState(PassKind.KEYFRAMES, t, b - a, store, keyframe_offset=a,
                                           inject_qk=t in qk_ts, inject_conv=t in conv_ts, **common)
                         self.runner.branches(source.rows(t, idx, device), xs[:, idx], t, texts, state)
-                stage.update(step=step, pass_="keyframes")
+                stage.update(0, partial=1 / passes, step=step, pass_="keyframes")
                 plans = [original_plan(g, n, spacing) if match_on == "input" else
                          paper_plan(g, n, spacing, keyframes) for g in range(n_groups)]
                 new_xs = torch.empty_like(xs)
@@ -119,7 +120,9 @@ class Denoiser:
                 with self.reporter.timed("propagate", self.synchronize):
                     for c, (a, b) in enumerate(chunks):
                         call(c, a, b)
-                        stage.update(step=step, pass_="chunk", chunk=c)
+                        last = c == len(chunks) - 1
+                        stage.update(int(last), partial=0.0 if last else (c + 2) / passes, step=step,
+                                     pass_="chunk", chunk=c)
                 xs = new_xs
             if checkpoint is not None:
                 checkpoint.between_steps("edit", len(timesteps), len(timesteps), resume_state, final=True)

@@ -241,7 +241,7 @@ class Editor:
                 return self.runner.eps(x, t, cond.expand(x.shape[0], -1, -1), pad_to=plan.inversion_frames)
 
             first = int(start["step"]) if start is not None else 0
-            with self.reporter.stage("invert", total=len(inv_ts) - first) as stage:
+            with self.reporter.stage("invert", total=len(inv_ts), done_before=first) as stage:
                 latents = ddim_invert(eps_fn, z0, scheduler, needed, plan.inversion_frames,
                                       on_step=lambda i: stage.update(step=i), place=plan.latents_on,
                                       start=start, checkpoint=checkpoint)
