@@ -1,9 +1,12 @@
-"""DDIM inversion against the DDIM formula written out independently (float64)."""
+"""DDIM inversion against the DDIM formula written out independently (float64), and which edits
+an Inversion serves (the edit it was made for, and any other whose timesteps it holds)."""
 import pytest
 import torch
 
-from tokenflow.method.inversion import ddim_invert, noise_from_inversion
-from tokenflow.method.schedule import make_scheduler
+from tokenflow.config import EditConfig
+from tokenflow.errors import ConfigError
+from tokenflow.method.inversion import Inversion, ddim_invert, edit_config_for, edit_timesteps, noise_from_inversion
+from tokenflow.method.schedule import inversion_save_timesteps, make_scheduler, timesteps_of
 
 from .test_schedule import SD_SCHEDULER
 
@@ -66,3 +69,54 @@ def test_constant_noise_round_trip_and_recovered_eps(alpha_to_one):
         assert torch.allclose(eps, noise, atol=1e-5)
     else:   # the drift is real, and larger than the tolerance: the test tells the two apart
         assert (expected - noise_).abs().max() > 1e-3
+
+
+# --- Inversion: the edit it was made for --------------------------------------------------------
+
+def _made_for(steps, inversion_steps=500, method="pnp", sdedit_start=0.9, model="m"):
+    """An Inversion holding what ``Editor.invert`` keeps for that edit (latents are placeholders)."""
+    kept = inversion_save_timesteps(timesteps_of(SD_SCHEDULER, inversion_steps),
+                                    edit_timesteps(SD_SCHEDULER, steps, method, sdedit_start))
+    return Inversion(clip=None, z0=torch.zeros(1), latents={t: torch.zeros(1) for t in kept}, inversion_prompt="a wolf",
+                     inversion_steps=inversion_steps, steps=steps, method=method, sdedit_start=sdedit_start, model=model)
+
+
+def test_an_inversion_serves_the_edits_whose_timesteps_it_holds():
+    # 49 and 48 steps space their timesteps 20 apart (1000 // n) too
+    assert _made_for(50).serves(SD_SCHEDULER) == [50, 49, 48, 25, 10, 5, 2, 1]
+    assert _made_for(10).serves(SD_SCHEDULER) == [10, 5, 2, 1]
+    # an SDEdit inversion holds the truncated schedule only: no PnP edit of 10 steps, but SDEdit ones
+    sdedit = _made_for(10, method="sdedit", sdedit_start=0.5)
+    assert sdedit.serves(SD_SCHEDULER)[0] == 10 and 10 not in sdedit.serves(SD_SCHEDULER, method="pnp")
+
+
+def test_edit_config_takes_what_the_inversion_was_made_for_unless_named():
+    inv = _made_for(10, method="sdedit", sdedit_start=0.6)
+    config = edit_config_for(inv, EditConfig(prompt="x"), set(), SD_SCHEDULER)
+    assert (config.steps, config.method, config.sdedit_start) == (10, "sdedit", 0.6)
+    assert (config.inversion_prompt, config.inversion_steps) == ("a wolf", 500)
+    # a named step count it holds is used (fewer steps: a subset of the timesteps)
+    assert edit_config_for(_made_for(10), EditConfig(steps=5), {"steps"}, SD_SCHEDULER).steps == 5
+
+
+def test_edit_config_refuses_steps_the_inversion_cannot_serve_naming_what_it_serves():
+    with pytest.raises(ConfigError) as caught:
+        edit_config_for(_made_for(10), EditConfig(steps=50), {"steps"}, SD_SCHEDULER)
+    message = str(caught.value)
+    assert "made for steps=10" in message and "which steps=50 needs" in message
+    assert "it serves steps 10, 5, 2, 1" in message
+    assert "leave steps out" in message and "invert again with steps=50" in message
+    with pytest.raises(ConfigError, match="made for steps=10, method='sdedit', sdedit_start=0.5.*pnp"):
+        edit_config_for(_made_for(10, method="sdedit", sdedit_start=0.5), EditConfig(method="pnp"), {"method"},
+                        SD_SCHEDULER)
+
+
+def test_edit_config_refuses_another_inversion_prompt_or_model():
+    with pytest.raises(ConfigError, match="inversion_prompt='a dog', but the given Inversion was made with "
+                                          "inversion_prompt='a wolf'"):
+        edit_config_for(_made_for(10), EditConfig(inversion_prompt="a dog"), {"inversion_prompt"}, SD_SCHEDULER)
+    # not named (a config='s value): the inversion's own replaces it
+    assert edit_config_for(_made_for(10), EditConfig(inversion_prompt="a dog"), set(),
+                           SD_SCHEDULER).inversion_prompt == "a wolf"
+    with pytest.raises(ConfigError, match="made with model m, not this editor's \\(other\\)"):
+        edit_config_for(_made_for(10), EditConfig(), set(), SD_SCHEDULER, model="other")

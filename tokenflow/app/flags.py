@@ -112,9 +112,12 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
                        "in our CI, see README)")
         g = p.add_argument_group("kernels (see `tokenflow doctor` for what runs here)")
         g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention: auto (default: triton "
-                       "on CUDA, else torch), triton, xformers (unverified) or torch (the reference)")
+                       "on CUDA in float16/bfloat16, else torch, i.e. SDPA), triton, xformers (unverified; only by "
+                       "name) or torch (SDPA; the reference)")
         g.add_argument("--nearest-backend", metavar="NAME", help="nearest-neighbour search: auto (default: "
-                       "triton on CUDA, else torch), triton, faiss or torch (the reference)")
+                       "triton on CUDA, faiss on CPU for searches of at least 2^24 similarities when it is "
+                       "installed, else torch), triton, faiss, torch (the reference) or static (the torch "
+                       "search without data-dependent shapes; graph --backends use it in place of torch)")
         g = p.add_argument_group("outputs")
         g.add_argument("-o", "--output", help="output video: a .mp4/.m4v/.mov name for h264/hevc (an MP4 either way), "
                        ".mov for prores, .mkv for ffv1 (source fps, source audio, source colour tags), or a folder "
@@ -134,6 +137,8 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--report", metavar="DIR", help="also write an HTML report into DIR: frames side by side, "
                        "a side-by-side video, warp error / flicker per frame, stage timings, settings "
                        "(needs opencv-python-headless and matplotlib)")
+        g.add_argument("--clip-model", metavar="MODEL", help="CLIP model (Hub id or folder) for the report's CLIP "
+                       "text alignment and frame consistency (default: skipped)")
         g.add_argument("--overwrite", action="store_true", default=None,
                        help="replace existing outputs (default: a job whose outputs all exist is skipped, exit 0)")
         g = p.add_argument_group("unattended runs (docs/checkpoints.md, docs/farm.md)")
@@ -144,9 +149,6 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--strict-resume", action="store_true", default=None, help="with --resume: refuse (exit 2) a "
                        "checkpoint saved with another torch thread count, torch/diffusers version or device instead of "
                        "warning that the result then equals an uninterrupted run only to float rounding")
-        g = p.add_argument_group("outputs")
-        g.add_argument("--clip-model", metavar="MODEL", help="CLIP model (Hub id or folder) for the report's CLIP "
-                       "text alignment and frame consistency (default: skipped)")
     g = p.add_argument_group("logging")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
     g.add_argument("--log-json", action="store_true", help="JSON-lines events on stdout instead of progress bars")

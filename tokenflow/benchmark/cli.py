@@ -13,21 +13,31 @@ import argparse
 import os
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 from typing import Optional
 
 from tokenflow.benchmark import report, run
-from tokenflow.benchmark.config import PRESETS, BenchConfig, parse_variants
+from tokenflow.benchmark.config import (
+    KERNEL_VARIANTS,
+    PRESETS,
+    UNET_BACKENDS,
+    VARIANT_NAMES,
+    BenchConfig,
+    parse_variants,
+)
 from tokenflow.config import Ranged, Rule, parse_size
 from tokenflow.errors import ConfigError, OutputError, ResourceError
+from tokenflow.kernels import backend_names
 
-EPILOG = """examples:
+EPILOG = f"""examples:
   tokenflow bench --device cuda --compare torch,triton,original --json bench.json --plot bench.png
   tokenflow bench --preset smoke --compare torch,original          # tiny model, seconds on a CPU
   tokenflow bench --arch sd15 --frames 40 --size 672x384 --compare chunk4,chunk8,chunk16
-variants for --compare (join parts with '+', e.g. triton+chunk4):
-  default, auto, torch, triton, faiss, xformers, original (the original implementation's compute
-  pattern), chunkN, attn=NAME, nearest=NAME, latents={auto,device,host,disk}, window=W"""
+  tokenflow bench --device cuda --compare eager,compile,onnx        # UNet backends (build time in the warm-up)
+variants for --compare (join parts with '+', e.g. triton+chunk4 or onnx+chunk8):
+{textwrap.fill(VARIANT_NAMES, width=100, initial_indent='  ', subsequent_indent='  ')}
+  (original: the original implementation's compute pattern)"""
 
 MAX_REPEATS = 1000      # timed (or untimed warm-up) edits per variant
 MAX_THREADS = 4096      # torch CPU threads
@@ -60,11 +70,14 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="frames per propagation call (default: the memory plan's)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
-    g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention backend (default auto)")
-    g.add_argument("--nearest-backend", metavar="NAME", help="nearest-neighbour backend (default auto)")
+    g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention backend: auto (default), "
+                   f"{', '.join(backend_names('keyframe_attention'))} (see `tokenflow edit --help`)")
+    g.add_argument("--nearest-backend", metavar="NAME", help="nearest-neighbour backend: auto (default), "
+                   f"{', '.join(backend_names('cosine_nearest'))} (see `tokenflow edit --help`)")
     g = p.add_argument_group("measurement")
     g.add_argument("--compare", metavar="A,B,...", help="variants to run, the first is the baseline of "
-                   "the ratios (default: one run of the settings as given)")
+                   f"the ratios (default: one run of the settings as given): kernel backends ({', '.join(KERNEL_VARIANTS)}), "
+                   f"UNet backends ({', '.join(UNET_BACKENDS)}), original, chunkN, ... (all below)")
     g.add_argument("--repeats", type=Ranged("--repeats", int, Rule(minimum=1, maximum=MAX_REPEATS)), metavar="R",
                    help="timed edits per variant, median reported (default 3)")
     g.add_argument("--warmup", type=Ranged("--warmup", int, Rule(minimum=0, maximum=MAX_REPEATS)), metavar="W",

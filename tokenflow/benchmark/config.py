@@ -7,6 +7,7 @@ settings; names combine with ``+`` (``triton+chunk4``):
     auto       both kernel backends "auto"
     torch      the torch reference kernels           triton   the Triton kernels
     faiss      FAISS nearest-neighbour search         xformers xFormers attention
+    eager, compile, aot, onnx, tensorrt   how the UNet runs (EditConfig.backend, `tokenflow edit --backend`)
     attn=NAME  keyframe-attention backend NAME        nearest=NAME  nearest-neighbour backend NAME
     chunkN / chunk=N   N frames per propagation UNet call
     latents=PLACE      where inverted latents live: auto, device, host, disk
@@ -112,6 +113,11 @@ _BACKENDS = {"torch": ("torch", "torch"), "triton": ("triton", "triton"), "faiss
 _CHUNK = re.compile(r"^chunk(?:=)?(\d+)$")
 LATENT_PLACES = ("auto", "device", "host", "disk")
 UNET_BACKENDS = ("eager", "compile", "aot", "onnx", "tensorrt")   # --backend; compile/export time falls in the warm-up
+KERNEL_VARIANTS = tuple(_BACKENDS)
+# every variant word, as `--help` and the unknown-variant error list them
+VARIANT_NAMES = (f"{', '.join(KERNEL_VARIANTS)} (kernel backends), {', '.join(UNET_BACKENDS)} (UNet backends: --backend), "
+                 f"original, chunkN (or chunk=N), attn=NAME, nearest=NAME, latents={{{','.join(LATENT_PLACES)}}}, "
+                 "window=W")
 
 
 def variant_overrides(name: str) -> dict:
@@ -147,10 +153,8 @@ def variant_overrides(name: str) -> dict:
         elif part.startswith("latents=") and part[8:] in LATENT_PLACES:
             overrides["inverted_latents"] = part[8:]
         else:
-            raise ConfigError(f"unknown variant {part!r} in --compare; use names from: default, auto, torch, "
-                              "triton, faiss, xformers, original, eager, compile, aot, onnx, tensorrt, chunkN (or "
-                              "chunk=N), attn=NAME, nearest=NAME, "
-                              f"latents={{{','.join(LATENT_PLACES)}}}, window=W; join with '+' (e.g. triton+chunk4)")
+            raise ConfigError(f"unknown variant {part!r} in --compare; use names from: {VARIANT_NAMES}; "
+                              "join with '+' (e.g. triton+chunk4)")
     return overrides
 
 

@@ -35,21 +35,15 @@ from tokenflow.io.read import Clip, FrameCheck, read_video
 from tokenflow.kernels import KernelChoice, check_backends
 from tokenflow.method import schedule
 from tokenflow.method.denoise import Denoiser, text_branches
-from tokenflow.method.inversion import ddim_invert, noise_from_inversion
+from tokenflow.method.inversion import (
+    EDIT_FIELDS,
+    Inversion,
+    ddim_invert,
+    edit_config_for,
+    edit_timesteps,
+    noise_from_inversion,
+)
 from tokenflow.models.load import SDModel, encode_prompt, is_out_of_memory, load_model
-
-
-@dataclass
-class Inversion:
-    """A DDIM-inverted clip. latents: {t: [N,4,h,w] float32} (``InvertedLatents``, one tensor
-    on the device or in host memory); z0: [N,4,h,w] float32."""
-
-    clip: Clip
-    z0: torch.Tensor
-    latents: Mapping[int, torch.Tensor]
-    prompt: str
-    steps: int
-    from_cache: bool = False
 
 
 @dataclass
@@ -98,6 +92,12 @@ class Editor:
     >>> editor = Editor.from_pretrained("stabilityai/stable-diffusion-2-1-base", device="cuda", dtype="float16")
     >>> result = editor.edit("wolf.mp4", "a shiny silver robotic wolf", inversion_prompt="a wolf")
     >>> robot, marble = editor.edit_many("wolf.mp4", ["a robotic wolf", "a marble wolf"], inversion_prompt="a wolf")
+    >>> inv = editor.invert("wolf.mp4", inversion_prompt="a wolf", inversion_steps=50, steps=10)
+    >>> result = editor.edit(inv, "a marble wolf")   # 10 steps: the edit inv was made for
+
+    Settings are ``EditConfig`` fields, given as ``config=`` and/or keywords (keywords win).
+    ``inversion_steps`` is the number of DDIM inversion steps (default 500), ``steps`` the number
+    of edit (denoising) steps (default 50), in ``invert`` as in ``edit``.
     """
 
     def __init__(self, model: SDModel, *, cache: Optional[InversionCache] = None,
@@ -202,7 +202,13 @@ class Editor:
     @_oom_as_resource_error
     @torch.no_grad()
     def invert(self, video: Union[str, Clip], *, config: Optional[EditConfig] = None, **overrides) -> Inversion:
-        """DDIM-invert a clip, saving the latents an edit with ``config.steps`` steps needs (cached)."""
+        """DDIM-invert a clip for one edit, or reuse the cached inversion.
+
+        The inversion runs ``inversion_steps`` DDIM steps (default 500) with ``inversion_prompt``
+        and keeps the latents of the timesteps the edit given by ``steps`` (edit steps, default
+        50), ``method`` and ``sdedit_start`` needs, plus the noisiest. The returned Inversion
+        carries those settings: ``edit(inversion, prompt)`` runs that edit. Frame selection
+        (``frames``, ``size``, ...) comes from the same config; other fields are ignored."""
         config = (config or EditConfig()).replace(**overrides).validate(need_prompt=False)
         clip = self.load_clip(video, config)
         return self._invert(clip, config, self._plan(clip, config))
@@ -224,7 +230,7 @@ class Editor:
         if cached is not None:
             self.reporter.info(f"inversion: reusing cached latents ({len(cached)} timesteps)")
             latents = InvertedLatents.stack(cached, z0.device, plan.latents_on)
-            return Inversion(clip, z0, latents, config.inversion_prompt, config.inversion_steps, from_cache=True)
+            return self._inversion(clip, z0, latents, config, from_cache=True)
         start = checkpoint.restored("invert") if checkpoint is not None else None
         if start is not None:   # the interrupted run's z0: the same start, whatever this encode gave
             z0 = start["z0"].to(z0.device)
@@ -252,28 +258,33 @@ class Editor:
                     checkpoint.save("invert", len(inv_ts), len(inv_ts), {"z0": z0, "latents": dict(latents)})
             else:
                 checkpoint.discard("invert")
-        return Inversion(clip, z0, latents, config.inversion_prompt, config.inversion_steps)
+        return self._inversion(clip, z0, latents, config)
+
+    def _inversion(self, clip: Clip, z0: torch.Tensor, latents: Mapping[int, torch.Tensor], config: EditConfig,
+                   from_cache: bool = False) -> Inversion:
+        return Inversion(clip, z0, latents, inversion_prompt=config.inversion_prompt,
+                         inversion_steps=config.inversion_steps, steps=config.steps, method=config.method,
+                         sdedit_start=config.sdedit_start, model=self.model.identity, from_cache=from_cache)
 
     def _edit_timesteps(self, config: EditConfig) -> List[int]:
-        timesteps = schedule.timesteps_of(self.model.scheduler_config, config.steps)
-        if config.method == "sdedit":
-            timesteps = schedule.sdedit_timesteps(timesteps, config.sdedit_start)
-        return timesteps
+        return edit_timesteps(self.model.scheduler_config, config.steps, config.method, config.sdedit_start)
 
     # --- editing ---------------------------------------------------------------------------
 
     def edit(self, video: Union[str, Clip, Inversion], prompt: Optional[str] = None, *,
              config: Optional[EditConfig] = None, record_correspondences: bool = False,
              interrupt: Optional[StopFlag] = None, **overrides) -> EditResult:
-        """Edit a video (path, Clip or a previous Inversion) towards ``prompt``. Returns frames and latents."""
-        config = (config or EditConfig()).replace(**overrides)
+        """Edit a video (path, Clip or an ``Inversion``) towards ``prompt``. Returns frames and latents.
+
+        See ``edit_many`` (one prompt here), which says what an Inversion brings."""
         if prompt is not None:
-            config = config.replace(prompt=prompt)
-        if len(config.prompts) > 1:
-            raise ConfigError(f"{len(config.prompts)} prompts given to Editor.edit: use Editor.edit_many, "
+            overrides["prompt"] = prompt
+        prompts = (config or EditConfig()).replace(**overrides).prompts
+        if len(prompts) > 1:
+            raise ConfigError(f"{len(prompts)} prompts given to Editor.edit: use Editor.edit_many, "
                               "which returns one result per prompt")
         return self.edit_many(video, config=config, record_correspondences=record_correspondences,
-                              interrupt=interrupt)[0]
+                              interrupt=interrupt, **overrides)[0]
 
     @_oom_as_resource_error
     @torch.no_grad()
@@ -283,16 +294,25 @@ class Editor:
         """Edit one video towards each prompt, sharing the inversion and the source branch of every
         UNet call (B = 1 + 2 * prompts branches). Returns one EditResult per prompt, in order.
 
+        ``video`` may be an ``Inversion`` (``invert``): its clip, inversion_prompt and
+        inversion_steps are used, and so are the steps, method and sdedit_start it was made for,
+        unless the call names them (as keywords, or in ``config=``, whose values all count as
+        named). Named values must be an edit whose timesteps the inversion holds (fewer steps
+        often are: a 50-step inversion serves 25, 10, 5, 2 and 1); otherwise ConfigError says
+        which step counts it serves. A keyword inversion_prompt or inversion_steps other than
+        the inversion's is refused.
+
         ``config.checkpoint_dir``: save resumable state every ``checkpoint_every`` steps (and
         continue from it with ``resume``; docs/checkpoints.md); the caller removes it once the
         results are stored (``checkpoint.remove_checkpoint``). ``interrupt``: a
         ``interrupt.StopFlag``; once it is set the edit stops after the current step, saves a
         checkpoint when it has a folder and raises InterruptedWithCheckpoint (else Interrupted)."""
+        named = set(overrides) | (set(EDIT_FIELDS) if config is not None else set())
         config = (config or EditConfig()).replace(**overrides)
         if prompts is not None:
             config = config.replace(prompt=tuple(prompts))
-        if isinstance(video, Inversion):  # its prompt and steps are what the source branch uses
-            config = config.replace(inversion_prompt=video.prompt, inversion_steps=video.steps)
+        if isinstance(video, Inversion):   # checked (timesteps held) before any work
+            config = edit_config_for(video, config, named, self.model.scheduler_config, self.model.identity)
         config.validate()
         choice = check_backends(self.model.device, self.model.dtype, config.attention_backend, config.nearest_backend)
         clip = video.clip if isinstance(video, Inversion) else self.load_clip(video, config)
@@ -304,10 +324,6 @@ class Editor:
         self.use_backend(config, plan)   # an unavailable --backend fails here, before any inversion
         if isinstance(video, Inversion):
             inversion = video
-            missing = set(self._edit_timesteps(config)) - set(inversion.latents)
-            if missing:
-                raise ConfigError(f"the given Inversion lacks the latents of timesteps {sorted(missing)[:5]}; "
-                                  f"invert with steps={config.steps} (the edit's step count)")
         else:
             inversion = self._invert(clip, config, plan, checkpoint)
         xs, record = self._denoise(inversion, config, plan, record_correspondences, choice, checkpoint)

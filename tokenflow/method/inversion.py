@@ -1,14 +1,120 @@
-"""DDIM inversion of the source video (the original's ``preprocess.py``), and the edit's start point."""
+"""DDIM inversion of the source video (the original's ``preprocess.py``), the edit's start point,
+and ``Inversion``: an inverted clip that remembers the edit it was made for."""
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterable, Mapping, Optional
+import math
+from dataclasses import dataclass
+from typing import AbstractSet, Callable, Iterable, List, Mapping, Optional
 
 import torch
 from diffusers import DDIMScheduler
 
+from tokenflow.config import TRAIN_STEPS, EditConfig
 from tokenflow.engine.latents import InvertedLatents
 from tokenflow.errors import ConfigError
+from tokenflow.io.read import Clip
+from tokenflow.method import schedule
+
+# The EditConfig fields that decide which timesteps an edit needs (``edit_timesteps``).
+EDIT_FIELDS = ("steps", "method", "sdedit_start")
+# The EditConfig fields that say how the source was inverted: the edit's source branch uses them.
+INVERSION_FIELDS = ("inversion_prompt", "inversion_steps")
+
+
+@dataclass
+class Inversion:
+    """A DDIM-inverted clip and the edit it was made for (``Editor.invert``).
+
+    clip: the frames [N,3,H,W]; z0: [N,4,h,w] float32, their VAE latents.
+    latents: {t: [N,4,h,w] float32} (``InvertedLatents``, one tensor on the device or in host
+        memory): the inverted latents of the timesteps that edit needs, plus the noisiest one.
+    inversion_prompt, inversion_steps: how it was inverted (the ``EditConfig`` fields of those names).
+    steps, method, sdedit_start: the edit it was made for (the ``EditConfig`` fields of those
+        names). ``Editor.edit(inversion, prompt)`` runs that edit unless the call names other
+        values; any edit whose timesteps it holds works (``serves``).
+    model: identity of the model that inverted it ("" if unknown); another model's edit is refused.
+    """
+
+    clip: Clip
+    z0: torch.Tensor
+    latents: Mapping[int, torch.Tensor]
+    inversion_prompt: str
+    inversion_steps: int
+    steps: int
+    method: str = "pnp"
+    sdedit_start: float = 0.9
+    model: str = ""
+    from_cache: bool = False
+
+    def made_for(self) -> str:
+        """The edit it was made for, as keywords: "steps=10" (+ method and start for SDEdit)."""
+        return _describe(self.steps, self.method, self.sdedit_start)
+
+    def serves(self, scheduler_config: dict, method: Optional[str] = None,
+               sdedit_start: Optional[float] = None) -> List[int]:
+        """The edit step counts whose timesteps it holds, for ``method`` / ``sdedit_start``
+        (default: its own), most steps first."""
+        method = method or self.method
+        start = self.sdedit_start if sdedit_start is None else sdedit_start
+        held = set(self.latents)
+        # an edit needs about steps (PnP) or start * steps (SDEdit) timesteps: more are never held
+        most = len(held) if method != "sdedit" else math.ceil((len(held) + 2) / start)
+        found = []
+        for steps in range(min(most, TRAIN_STEPS), 0, -1):
+            try:
+                if set(edit_timesteps(scheduler_config, steps, method, start)) <= held:
+                    found.append(steps)
+            except ConfigError:   # SDEdit: too few steps for this start
+                continue
+        return found
+
+
+def edit_timesteps(scheduler_config: dict, steps: int, method: str, sdedit_start: float) -> List[int]:
+    """The timesteps an edit denoises at, noisiest first (SDEdit: the truncated schedule)."""
+    timesteps = schedule.timesteps_of(scheduler_config, steps)
+    if method == "sdedit":
+        timesteps = schedule.sdedit_timesteps(timesteps, sdedit_start)
+    return timesteps
+
+
+def edit_config_for(inversion: Inversion, config: EditConfig, named: AbstractSet[str],
+                    scheduler_config: dict, model: str = "") -> EditConfig:
+    """The config of an edit of ``inversion``: ``config`` with the inversion's inversion_prompt and
+    inversion_steps, and the steps, method and sdedit_start it was made for where ``named`` (the
+    fields the caller gave) does not name them.
+
+    Raises ConfigError naming the fix when a named inversion field contradicts the inversion, the
+    inversion was made with another ``model`` (an identity; "" skips the check), or the edit needs
+    timesteps it does not hold (naming the step counts it serves)."""
+    for name in INVERSION_FIELDS:
+        if name in named and getattr(config, name) != getattr(inversion, name):
+            raise ConfigError(f"{name}={getattr(config, name)!r}, but the given Inversion was made with "
+                              f"{name}={getattr(inversion, name)!r}: leave {name} out (the edit uses the "
+                              f"inversion's), or invert again with {name}={getattr(config, name)!r}")
+    if model and inversion.model and model != inversion.model:
+        raise ConfigError(f"the given Inversion was made with model {inversion.model}, not this editor's "
+                          f"({model}): invert the video with this editor")
+    config = config.replace(**{name: getattr(inversion, name) for name in INVERSION_FIELDS},
+                            **{name: getattr(inversion, name) for name in EDIT_FIELDS if name not in named})
+    needed = edit_timesteps(scheduler_config, config.steps, config.method, config.sdedit_start)
+    missing = sorted(set(needed) - set(inversion.latents), reverse=True)
+    if missing:
+        asked = _describe(config.steps, config.method, config.sdedit_start)
+        served = inversion.serves(scheduler_config, config.method, config.sdedit_start)
+        serves = (f"with {config.method} it serves steps {', '.join(map(str, served[:8]))}"
+                  f"{' and fewer' if len(served) > 8 else ''}" if served else f"it serves no {config.method} edit")
+        leave = [name for name in EDIT_FIELDS if name in named]
+        fixes = ([f"leave {' and '.join(leave)} out (the edit it was made for)"] if leave else []) + \
+                (["ask for one of those"] if served else []) + [f"invert again with {asked}"]
+        raise ConfigError(f"the given Inversion was made for {inversion.made_for()} and holds no inverted latents "
+                          f"of timesteps {missing[:5]}{'...' if len(missing) > 5 else ''}, which {asked} needs "
+                          f"({serves}): {', or '.join(fixes)}")
+    return config
+
+
+def _describe(steps: int, method: str, sdedit_start: float) -> str:
+    return f"steps={steps}" + (f", method='sdedit', sdedit_start={sdedit_start}" if method == "sdedit" else "")
 
 
 def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor,
