@@ -4,6 +4,7 @@
 #   ./run.sh test   run the test suite
 #   ./run.sh lint   the import-layer contracts (lint-imports) and ruff, as CI runs them
 #   ./run.sh setup  only create .venv and install the package
+#   ./run.sh torch-command  print the torch install setup would run, and why (installs nothing)
 # Extra arguments after `demo` go to `tokenflow edit`; after `test`, to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -17,9 +18,13 @@ setup() {
     local stamp="$VENV/.tokenflow-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        # torch first, pinned: the CPU wheel where there is no CUDA, the CUDA build elsewhere.
-        # (An unpinned torch would pull the newest CUDA build with several GB of packages.)
-        "$VENV/bin/python" -m pip install -q "torch==${TOKENFLOW_TORCH_VERSION:-2.13.0}"
+        # torch first, pinned, the build scripts/torch_command.py chooses (./run.sh torch-command
+        # prints it and why): TOKENFLOW_TORCH_INDEX, else pip's own index configuration, else
+        # PyTorch's CPU wheel index on Linux without an NVIDIA driver, else the default index
+        local out torch_args=()
+        out="$("$VENV/bin/python" scripts/torch_command.py --args)"
+        while IFS= read -r arg; do torch_args+=("$arg"); done <<< "$out"
+        "$VENV/bin/python" -m pip install -q "${torch_args[@]}"
         "$VENV/bin/python" -m pip install -q -e ".[test]"
         touch "$stamp"
     fi
@@ -49,8 +54,11 @@ cmd="${1:-demo}"
 shift || true
 case "$cmd" in
     setup) setup ;;
+    torch-command) # what setup's torch install would run, and why (installs nothing)
+        if [ -x "$VENV/bin/python" ]; then PY="$VENV/bin/python"; fi
+        exec "$PY" scripts/torch_command.py "$@" ;;
     demo) setup; demo "$@" ;;
     test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
     lint) setup; "$VENV/bin/lint-imports" --no-cache; exec "$VENV/bin/ruff" check . ;;
-    *) echo "usage: ./run.sh [demo|test|lint|setup] [args...]" >&2; exit 2 ;;
+    *) echo "usage: ./run.sh [demo|test|lint|setup|torch-command] [args...]" >&2; exit 2 ;;
 esac
