@@ -34,7 +34,7 @@ PROMPT, INVERSION_PROMPT = "a colourful stained glass window", "coloured shapes 
 TINY = ["--preset", "tiny"]
 SMALL = ["--preset", "fast", "--size", "256x256", "--frames", "16"]   # CPU / MPS with a real model
 SETTINGS_WORDS = {
-    "tiny": "the tiny model's preset (128x128, 16 frames, 50 + 10 steps): seconds",
+    "tiny": "the tiny model's preset (128x128, 16 frames, 50 inversion + 10 edit steps)",
     "gpu": "the real defaults on a GPU (512x512, 500 inversion + 50 edit steps)",
     "small": "--preset fast (50 inversion + 10 edit steps) at 256x256 and 16 frames, as a CPU needs; "
              "its cost with the real model is not measured: about 1,300 UNet evaluations, tens of minutes "
