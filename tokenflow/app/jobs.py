@@ -37,6 +37,7 @@ from tokenflow.io.write import video_settings, write_frames, write_video
 from tokenflow.kernels import check_backends
 from tokenflow.method.editor import Editor, EditResult, read_clip
 from tokenflow.method.schedule import check_steps
+from tokenflow.models.architectures import architecture_of, meta_model, weights_on_disk
 from tokenflow.models.load import scheduler_config_for
 from tokenflow.quality.cli import evaluate, load_scorer
 from tokenflow.quality.flow import require_cv2
@@ -290,20 +291,33 @@ def read_checked(config: EditConfig, reporter: Reporter, host: HostPlan) -> Clip
 
 
 def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
-    """``tokenflow edit --plan``: load the model, read the clip, print the memory plan (device and
-    host); no edit."""
+    """``tokenflow edit --plan``: load the model (a named version not downloaded: its architecture
+    alone), read the clip, print the memory plan (device and host); no edit."""
     config.validate(need_prompt=False)
     if not config.video:
         raise InputError("no input video: --plan needs the video whose edit it plans (tokenflow edit VIDEO --plan)")
     check_model_and_steps(config)
     host = check_host_memory(config, max(1, len(config.prompts)), resolve_device(config.device).type)
     clip = read_checked(config, reporter, host)
-    editor = _load_editor(config, reporter)
+    editor, made_from = _plan_editor(config, reporter)
     plan = editor.plan(clip, config.replace(prompt=config.prompts or ("plan",)))
+    plan = dataclasses.replace(plan, made_from=made_from)
     reporter.event("plan", **plan.as_dict())
     if reporter.json_stream is None:
         print(plan.describe())
     return plan
+
+
+def _plan_editor(config: EditConfig, reporter: Reporter) -> Tuple[Editor, str]:
+    """(editor, what the plan is made from): the loaded model ("") or, for a named SD version whose
+    weights are not on this machine, its architecture (``models.architectures``: nothing downloaded)."""
+    named = architecture_of(config.model)
+    if named is None or weights_on_disk(config.model):
+        return _load_editor(config, reporter), ""
+    arch, name = named
+    device = resolve_device(config.device)
+    model = meta_model(arch, name, device, resolve_dtype(config.dtype, device))
+    return Editor(model, reporter=reporter), f"the architecture of {name} (its weights are not on this machine)"
 
 
 def _load_editor(config: EditConfig, reporter: Reporter) -> Editor:

@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.5 / 2.1-base architectures with random weights, built in memory.
+"""Stable Diffusion 1.5 / 2.1-base architectures with random weights, built in memory (the
+configs live in ``tokenflow.models.architectures``, which ``--plan`` shares).
 
 A throughput benchmark needs the real layer shapes, not the real weights: the cost of a UNet
 call depends on channels, tokens and batch, never on the values. ``build_model("sd21", ...)``
@@ -24,31 +25,15 @@ SD version) is loaded with ``load_model`` as well, i.e. real weights.
 """
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from tokenflow.errors import ConfigError
+from tokenflow.models.architectures import ARCHITECTURES, SD15_UNET, SD21_UNET, SD_VAE  # noqa: F401  (re-exported)
 from tokenflow.models.hf import quiet_hf_libraries
-from tokenflow.models.layouts import SD_UNET_LAYOUT, SD_VAE_LAYOUT
 from tokenflow.models.load import SDModel, load_model, move_to_device
 from tokenflow.models.random_weights import build_random, clip_text_encoder, load_tokenizer, scheduler_config
 
-_SD_UNET_COMMON = dict(SD_UNET_LAYOUT, sample_size=64, block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32)
-
-# diffusers' legacy ``attention_head_dim`` holds the number of heads for SD 1.x / 2.x
-SD15_UNET = dict(_SD_UNET_COMMON, attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False)
-SD21_UNET = dict(_SD_UNET_COMMON, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-                 use_linear_projection=True)
-
-SD_VAE = dict(SD_VAE_LAYOUT, sample_size=512, block_out_channels=(128, 256, 512, 512), norm_num_groups=32)
-
-# (UNet config, text hidden size, text heads, text activation)
-ARCHITECTURES: Dict[str, tuple] = {
-    "sd15": (SD15_UNET, 768, 12, "quick_gelu"),
-    "sd21": (SD21_UNET, 1024, 16, "gelu"),
-}
 ARCH_CHOICES = ("sd15", "sd21", "tiny")
 TEXT_LAYERS = 1
 SEED = 0   # random_weights seed of every architecture (values never matter here, only reproducibility)

@@ -178,8 +178,13 @@ def calibration_key(model, device: torch.device) -> str:
            f"{hashlib.sha256(arch.encode()).hexdigest()[:16]}"
 
 
+UNCALIBRATED = ("uncalibrated: the analytic sizes x 1.0, as no probe of this device, dtype and architecture "
+                "is cached; a run with the weights measures it")
+
+
 def calibrate(model, cache_root: Optional[Path] = None, use_cache: bool = True) -> Calibration:
-    """The device's calibration for ``model`` (cached per device; measured on first use)."""
+    """The device's calibration for ``model`` (cached per device; measured on first use; a model
+    whose weights are on the ``meta`` device gets the cached factor or ``UNCALIBRATED``'s 1.0)."""
     device, dtype = model.device, model.dtype
     path = (cache_root or default_cache_root()) / "memory-calibration.json"
     key = calibration_key(model, device)
@@ -187,6 +192,8 @@ def calibrate(model, cache_root: Optional[Path] = None, use_cache: bool = True) 
     if key in table:
         entry = table[key]
         return Calibration(entry["unet"], entry["vae"], int(entry.get("unet_fixed", 0)), True, f"cached probe ({path})")
+    if any(p.is_meta for p in model.unet.parameters()):   # an architecture without weights cannot be probed
+        return Calibration(source=UNCALIBRATED)
     unet_factor, vae_factor, fixed = _probe(model, device, dtype)
     if use_cache:
         table[key] = {"unet": unet_factor, "vae": vae_factor, "unet_fixed": fixed}

@@ -1,6 +1,8 @@
 """The memory planner: how many frames each kind of call may take under a memory budget.
 
-Inputs: the loaded model (weights, UNet/VAE configs), frames N and latents h x w, the compute
+Inputs: the loaded model (weights, UNet/VAE configs; or, for ``--plan`` of a named version not
+downloaded yet, its architecture with every weight on the ``meta`` device: ``models.architectures``
+and ``MemoryPlan.made_from``), frames N and latents h x w, the compute
 dtype, the number of branches B (1 source + 2 per prompt), keyframes K and the keyframe window.
 Outputs (``MemoryPlan``): frames per propagation call, per inversion call and per VAE call,
 keyframes per keyframe-pass call, where the keyframe store and the inverted latents live, and the
@@ -349,6 +351,7 @@ class MemoryPlan:
     calibration: str
     chunk_forced: bool = False    # --chunk-frames given
     host: Optional[HostPlan] = None   # host memory, checked with the device's
+    made_from: str = ""           # "": the loaded model; else what stood in for it (an architecture, no weights)
 
     @property
     def peak(self) -> int:
@@ -379,6 +382,8 @@ class MemoryPlan:
         ]
         if self.host is not None:
             rows.append(self.host.describe())
+        if self.made_from:
+            rows.insert(1, f"  made from {self.made_from}")
         return "\n".join(rows)
 
 
@@ -439,6 +444,7 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     scale = model.vae_scale_factor
     height, width = h * scale, w * scale
     weights = module_bytes(model.unet, model.vae, model.text_encoder)
+    loaded = getattr(model, "weights_loaded", True)   # False: an architecture, whose weights no one holds yet
     fixed = calibration.unet_fixed
     rows = _rows(model, h, w, branches, size, calibration)
     row, vae_row, per_kf = rows.unet, rows.vae, rows.keyframe
@@ -476,7 +482,7 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
         latents_on_host=on_cpu or latents_on == "host", use_cache=use_cache, available=free,
         available_source=source, frames_source="the decoded clip", latent_channels=int(model.unet.config["in_channels"]),
         vae_scale=scale, store=store if on_cpu or store_on == "host" else 0, weights=weights if on_cpu else 0,
-        z0_on_host=on_cpu, held=4 * frames * 3 * height * width + (weights if on_cpu else 0),
+        z0_on_host=on_cpu, held=4 * frames * 3 * height * width + (weights if on_cpu and loaded else 0),
         dtype=str(model.dtype).replace("torch.", ""))
     # on CPU each call gets what its phase leaves after the host parts and the weights
     room = {phase: host_plan.usable - sum(parts.values()) for phase, parts in host_plan.phases.items()}

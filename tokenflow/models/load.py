@@ -61,6 +61,7 @@ class SDModel:
     vae_scale_factor: int = 8
     scaling_factor: float = 0.18215
     path: Optional[Path] = field(default=None, repr=False)
+    weights_loaded: bool = True   # False: an architecture on the meta device (models.architectures), for plans
 
 
 

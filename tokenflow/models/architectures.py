@@ -1,0 +1,93 @@
+"""The real Stable Diffusion architectures (1.5 and 2.x-base) as configs, and weightless models of them.
+
+Two users: the benchmark builds random-weight models of these shapes (``tokenflow.benchmark.
+architectures``), and ``tokenflow edit --plan`` plans a named version whose weights are not on
+this machine from its architecture alone (``meta_model``: every parameter on the ``meta`` device,
+so the weights' size and the layers' shapes are known and nothing is allocated or downloaded).
+
+* UNet: SD 2.x-base (``block_out_channels`` 320/640/1280/1280, head counts 5/10/20/20, i.e. head
+  dim 64, cross-attention dim 1024, linear projections) or SD 1.5 (8 heads, cross-attention dim
+  768, 1x1 convolution projections): latents ``[N, 4, H/8, W/8]``.
+* VAE: ``AutoencoderKL``, 128/256/512/512 channels, 4 latent channels, scale 0.18215.
+* Text encoder: CLIP ViT-L/14's (SD 1.5: 12 layers of 768) or OpenCLIP ViT-H/14's as SD 2.x
+  ships it (23 layers of 1024): ``[1, 77, 768]`` / ``[1, 77, 1024]``.
+
+SD 2.0-base and 2.1-base share one architecture (2.1 is 2.0 fine-tuned).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from tokenflow.config import SD_VERSIONS
+from tokenflow.models.hf import quiet_hf_libraries
+from tokenflow.models.layouts import SD_UNET_LAYOUT, SD_VAE_LAYOUT
+from tokenflow.models.load import COMPONENTS, HUB_ALLOW_PATTERNS, SDModel
+
+_SD_UNET_COMMON = dict(SD_UNET_LAYOUT, sample_size=64, block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32)
+
+# diffusers' legacy ``attention_head_dim`` holds the number of heads for SD 1.x / 2.x
+SD15_UNET = dict(_SD_UNET_COMMON, attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False)
+SD21_UNET = dict(_SD_UNET_COMMON, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                 use_linear_projection=True)
+
+SD_VAE = dict(SD_VAE_LAYOUT, sample_size=512, block_out_channels=(128, 256, 512, 512), norm_num_groups=32)
+
+# (UNet config, text hidden size, text heads, text activation)
+ARCHITECTURES: Dict[str, tuple] = {
+    "sd15": (SD15_UNET, 768, 12, "quick_gelu"),
+    "sd21": (SD21_UNET, 1024, 16, "gelu"),
+}
+# the released text encoders: (layers, projection dim); vocabulary and positions are CLIP's
+TEXT_ENCODERS = {"sd15": (12, 768), "sd21": (23, 512)}
+CLIP_VOCAB, CLIP_POSITIONS = 49408, 77
+# what each named version is, by its short name and its Hub id
+NAMES = {"1.5": ("sd15", "SD 1.5"), "2.0": ("sd21", "SD 2.0-base"), "2.1": ("sd21", "SD 2.1-base")}
+
+
+def architecture_of(model: str) -> Optional[tuple]:
+    """(architecture, human name) of a named SD version (``1.5``/``2.0``/``2.1`` or its Hub id), else None."""
+    model = str(model).strip()
+    for short, repo in SD_VERSIONS.items():
+        if model in (short, repo) and short in NAMES:
+            return NAMES[short]
+    return None
+
+
+def meta_model(arch: str, name: str, device: torch.device, dtype: torch.dtype) -> SDModel:
+    """An ``SDModel`` of ``arch`` ("sd15"/"sd21") whose weights are all on the ``meta`` device: sizes
+    and shapes only. ``device``/``dtype`` are what the plan is for; its modules cannot run."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415  start-up time (as models.load)
+    from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415  start-up time
+
+    from tokenflow.models.random_weights import scheduler_config  # noqa: PLC0415  imports diffusers
+
+    unet_config, hidden, heads, act = ARCHITECTURES[arch]
+    layers, projection = TEXT_ENCODERS[arch]
+    text_config = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=hidden, intermediate_size=4 * hidden,
+                                 projection_dim=projection, num_hidden_layers=layers, num_attention_heads=heads,
+                                 max_position_embeddings=CLIP_POSITIONS, hidden_act=act)
+    with torch.device("meta"), quiet_hf_libraries():
+        unet = UNet2DConditionModel(**unet_config).to(dtype)
+        vae = AutoencoderKL(**SD_VAE).to(dtype)
+        text_encoder = CLIPTextModel(text_config).to(dtype)
+    return SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=None,
+                   scheduler_config=scheduler_config(), name=name, identity=f"architecture:{arch}",
+                   is_tiny=False, device=torch.device(device), dtype=dtype,
+                   vae_scale_factor=2 ** (len(SD_VAE["block_out_channels"]) - 1),
+                   scaling_factor=float(SD_VAE["scaling_factor"]), weights_loaded=False)
+
+
+def weights_on_disk(model: str) -> bool:
+    """Whether a named version's weights are already in the local Hugging Face cache (no network)."""
+    from huggingface_hub import snapshot_download  # noqa: PLC0415  start-up time
+
+    repo = SD_VERSIONS.get(str(model).strip(), str(model).strip())
+    try:
+        folder = snapshot_download(repo, allow_patterns=HUB_ALLOW_PATTERNS, local_files_only=True)
+    except Exception:   # not cached (LocalEntryNotFoundError), or a cache we cannot read
+        return False
+    root = Path(folder)
+    return all((root / c).is_dir() for c in COMPONENTS) and any((root / "unet").glob("*.safetensors"))
