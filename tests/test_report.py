@@ -42,6 +42,19 @@ def linked_files(page: str):
     return set(re.findall(r"(?:src|href)='([^']+)'", page))
 
 
+def label_ink_px(png_path) -> int:
+    """Height in image pixels of the frames grid's first label line: the dark rows above the first
+    row of tiles (rows mostly non-white)."""
+    from PIL import Image
+
+    with Image.open(png_path) as image:
+        grey = np.asarray(image.convert("L")).astype(int)
+    tile_rows = np.flatnonzero((grey < 245).mean(axis=1) > 0.5)
+    band = grey[:tile_rows[0]] if tile_rows.size else grey
+    ink = np.flatnonzero((band < 128).any(axis=1))
+    return int(ink[-1] - ink[0] + 1) if ink.size else 0
+
+
 def test_report_command_writes_a_self_contained_page(videos, tmp_path):
     out = tmp_path / "report"
     run = tokenflow("report", *videos, "-o", out, "--prompt", "a <b>bold</b> edit")
@@ -66,6 +79,13 @@ def test_report_command_writes_a_self_contained_page(videos, tmp_path):
     for png in ("frames.png", "warp_error.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and min(im.size) > 200
+    # 8 frames in the grid: drawn no wider than the page's content (1100 CSS px), so shown at its
+    # natural size, with labels >= 10 px tall (the browser test measures them as displayed)
+    layout = record["layout"]["frames"]
+    assert layout["columns"] == 8 and layout["width_px"] <= 1100
+    with Image.open(out / "frames.png") as im:
+        assert im.width == layout["width_px"]
+    assert label_ink_px(out / "frames.png") >= 10
 
 
 def test_report_replaces_an_old_report_but_never_a_foreign_folder(videos, tmp_path):
@@ -137,7 +157,8 @@ def test_report_of_a_video_without_tokenflow_tags_has_no_banner(videos, tmp_path
     assert read_edit_tags(str(videos[1]))["tiny"] is False
     assert tokenflow("report", *videos, "-o", tmp_path / "r").returncode == 0
     record = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert record["notes"] == [] and record["warnings"] == [] and "--model tiny" not in (tmp_path / "r" / "index.html").read_text()
+    assert record["notes"] == [] and record["warnings"] == []
+    assert "--model tiny" not in (tmp_path / "r" / "index.html").read_text()
 
 
 def test_timings_plot_draws_each_stage_once_with_the_edit_split_into_its_passes():

@@ -12,7 +12,7 @@ import torch
 GRID_COLUMNS = 8
 PAGE_PX = 1000          # figures' natural width: the page's content is up to 1100 CSS px wide
 DPI = 100
-LABEL_PX = (14, 22)     # frame labels: 11 % of a tile's width, within these pixel sizes
+LABEL_PX = (15, 22)     # frame labels: 11 % of a tile's width, within these pixel sizes
 
 # Stages timed inside another (tokenflow.method.denoise: the keyframe and propagation passes of
 # each step run inside the "edit" stage): drawn as parts of their parent's bar, never as peers.
