@@ -171,7 +171,8 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
             if len(reports_out) > 1:   # DIR/index.html links each prompt's DIR/K-slug/
                 index = os.path.join(config.report, "index.html")
                 staged.append((write_report_index(temp_sibling(index, ".new.html"), [
-                    (os.path.basename(folder), temp) for temp, folder in staged]), index))
+                    (os.path.basename(folder), temp) for temp, folder in staged],
+                    title=f"tokenflow edit of {Path(str(config.video)).name}: {len(results)} prompts"), index))
             commit_outputs(staged, locks)
     summary = _summary(results, config, time.perf_counter() - start, editor)
     reporter.event("done", **summary)

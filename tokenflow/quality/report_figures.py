@@ -136,7 +136,7 @@ def timings_plot(timings: Dict[str, float], path: Path) -> None:
     total = sum(sum(s for _, s in parts) for _, parts in bars)
     ax.set_title(f"stage timings (stages sum to {total:.2f} s)", fontsize=12)
     if labelled & set(STAGE_COLOURS):
-        ax.legend(fontsize=9, loc="lower right")
+        ax.legend(fontsize=9, loc="best")
     ax.margins(x=0.15)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -156,13 +156,15 @@ def keyframes_plot(keyframes: Sequence[Sequence[int]], n_frames: int, path: Path
     plt = pyplot()
     drawn = keyframes_matrix(keyframes, n_frames)
     steps = len(keyframes)
-    height = min(6.0, 1.2 + 0.12 * steps)
+    from matplotlib.colors import ListedColormap  # noqa: PLC0415  optional package (the quality extra)
+
+    height = min(4.0, 1.3 + 0.08 * steps)
     fig, ax = plt.subplots(figsize=(PAGE_PX / DPI, height), dpi=DPI)
-    ax.imshow(drawn, aspect="auto", cmap="Greys", interpolation="nearest", vmin=0, vmax=1,
+    ax.imshow(drawn, aspect="auto", cmap=ListedColormap(["#ffffff", "#4c72b0"]), interpolation="nearest", vmin=0, vmax=1,
               extent=(-0.5, n_frames - 0.5, steps - 0.5, -0.5))
     ax.set_xlabel("frame")
     ax.set_ylabel("step")
-    ax.set_title(f"keyframes drawn per step ({steps} steps × {n_frames} frames; dark = keyframe)", fontsize=12)
+    ax.set_title(f"keyframes drawn per step ({steps} steps × {n_frames} frames; blue = keyframe)", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

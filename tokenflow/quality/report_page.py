@@ -75,7 +75,8 @@ def keyframes_summary(keyframes: Sequence[Sequence[int]], n_frames: int) -> str:
     drawn = {f for k in keyframes for f in k}
     never = n_frames - len(drawn)
     return (f"{per_step} keyframes of {n_frames} frames at each of {len(keyframes)} steps; "
-            + ("every frame was a keyframe at least once" if never == 0 else f"{never} frames never were"))
+            + ("every frame was a keyframe at least once" if never == 0
+               else f"{never} frame{'s were' if never > 1 else ' was'} never a keyframe"))
 
 
 def render_html(record: Dict) -> str:
