@@ -81,14 +81,14 @@ def main(args: argparse.Namespace) -> int:
     scorer = load_scorer(args.clip_model, args.device)   # a missing model fails before any work
     from tokenflow.quality.provenance import read_edit_tags  # noqa: PLC0415 (imports av: not while the CLI parses flags)
 
-    tags = read_edit_tags(args.edited)
+    source, edited, fps = load_pair(args.source, args.edited, start=args.start, stride=args.stride,
+                                    crop=args.crop, size=args.size)   # (errors first: a short source, one frame)
     problems = correspondence_problems(args.source, args.edited, start=args.start, stride=args.stride, crop=args.crop)
     if problems:
         print(f"tokenflow: warning: '{args.source}' and '{args.edited}' may not correspond frame for frame: "
               + "; ".join(problems), file=sys.stderr)
+    tags = read_edit_tags(args.edited)
     prompt = args.prompt or tags["prompt"]
-    source, edited, fps = load_pair(args.source, args.edited, start=args.start, stride=args.stride,
-                                    crop=args.crop, size=args.size)
     metrics = evaluate(source, edited, prompt=prompt, scorer=scorer, preset=args.flow_preset)
     metrics["warnings"] = problems
     if args.command == "report":
