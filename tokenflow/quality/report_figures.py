@@ -118,15 +118,19 @@ def timings_plot(timings: Dict[str, float], path: Path) -> None:
     """Horizontal bars: seconds per stage in run order; ``edit`` stacked from its passes."""
     plt = pyplot()
     bars = timing_bars(timings)
-    fig, ax = plt.subplots(figsize=(PAGE_PX / DPI, 0.9 + 0.34 * len(bars)), dpi=DPI)
+    fig, ax = plt.subplots(figsize=(PAGE_PX / DPI, max(1.8, 0.9 + 0.34 * len(bars))), dpi=DPI)
     labelled = set()
     for y, (name, parts) in enumerate(bars):
         left = 0.0
         for part, seconds in parts:
+            if seconds <= 0:
+                continue
             stacked = part != name
             colour = STAGE_COLOURS.get(part, "#4c72b0") if stacked else "#4c72b0"
-            label = f"{name}: {part}" if stacked and part not in labelled else None
-            labelled.add(part)
+            visible = seconds > 0.005 * sum(s for _, s in parts)   # a sliver gets no legend entry
+            label = f"{name}: {part}" if stacked and visible and part not in labelled else None
+            if label:
+                labelled.add(part)
             ax.barh(y, seconds, left=left, color=colour, label=label, edgecolor="white" if stacked else None)
             left += seconds
         ax.text(left, y, f" {left:.2f} s", va="center", fontsize=10)
@@ -136,7 +140,7 @@ def timings_plot(timings: Dict[str, float], path: Path) -> None:
     total = sum(sum(s for _, s in parts) for _, parts in bars)
     ax.set_title(f"stage timings (stages sum to {total:.2f} s)", fontsize=12)
     if labelled & set(STAGE_COLOURS):
-        ax.legend(fontsize=9, loc="best")
+        ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)   # beside: never on a bar
     ax.margins(x=0.15)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -157,11 +161,14 @@ def keyframes_plot(keyframes: Sequence[Sequence[int]], n_frames: int, path: Path
     drawn = keyframes_matrix(keyframes, n_frames)
     steps = len(keyframes)
     from matplotlib.colors import ListedColormap  # noqa: PLC0415  optional package (the quality extra)
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415  optional package (the quality extra)
 
     height = min(4.0, 1.3 + 0.08 * steps)
     fig, ax = plt.subplots(figsize=(PAGE_PX / DPI, height), dpi=DPI)
     ax.imshow(drawn, aspect="auto", cmap=ListedColormap(["#ffffff", "#4c72b0"]), interpolation="nearest", vmin=0, vmax=1,
               extent=(-0.5, n_frames - 0.5, steps - 0.5, -0.5))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("frame")
     ax.set_ylabel("step")
     ax.set_title(f"keyframes drawn per step ({steps} steps × {n_frames} frames; blue = keyframe)", fontsize=12)
