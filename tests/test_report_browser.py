@@ -2,8 +2,10 @@
 
 Checks what a person opening ``index.html`` would see: the page renders (a screenshot that is not
 blank), every plot image decodes, the side-by-side video loads and shows the video's first frame,
-and the console stays clean (no console.error, uncaught exception or failed resource load). A
-second test breaks a copy of the report on purpose to show each of those checks can fail.
+the frame labels of the frames grid are at least ``MIN_LABEL_PX`` tall as displayed at the page's
+width, and the console stays clean (no console.error, uncaught exception or failed resource load).
+A second test breaks a copy of the report on purpose to show each of those checks can fail; a third
+opens a multi-prompt index page.
 
 Chromium: Debian's ``chromium`` (``apt-get install chromium``). Without it the tests skip, except
 under CI (``CI=true``), where ``.ci/run`` installs it and a missing browser is a failure.
@@ -20,12 +22,17 @@ import pytest
 pytest.importorskip("cv2")
 pytest.importorskip("matplotlib")
 
-from .test_report import FAST, tokenflow  # noqa: E402
+from .test_report import FAST, label_ink_px, tokenflow  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 WIDTH, HEIGHT = 1200, 900          # the browser window; screenshots cover the whole page at this width
 SETTLE_TIMEOUT = 60                # guard only: the waits end as soon as the page is in the state asked for
 MIN_COLOURS = 1000                 # a rendered report has far more; a blank page has one
+MIN_LABEL_PX = 10                  # the frames grid's labels ("frame 12"), ink height as displayed
+
+# An image's natural and displayed (CSS pixel) width
+IMAGE_SCALE = """((src) => { const i = Array.from(document.images).find(i => i.getAttribute('src') === src);
+  return {natural: i.naturalWidth, shown: i.getBoundingClientRect().width}; })"""
 
 # Every <img> and <video> on the page and whether the page has settled: images decoded or failed,
 # videos with their current frame available (readyState >= 2, HAVE_CURRENT_DATA) or failed.
@@ -105,6 +112,11 @@ def decoded_frames(path):
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
+def displayed_label_px(page, folder, src) -> float:
+    scale = page.evaluate(f"{IMAGE_SCALE}({json.dumps(src)})")
+    return label_ink_px(folder / src) * scale["shown"] / scale["natural"]
+
+
 def test_report_page_in_headless_chromium(browser, report):
     record = json.loads((report / "report.json").read_text())
     files, (width, height) = record["files"], record["metrics"]["size"]
@@ -112,7 +124,7 @@ def test_report_page_in_headless_chromium(browser, report):
     state = settle(page, report)
 
     # the plots: every image the report lists is on the page and decoded
-    plots = {files[k] for k in ("frames", "warp_error", "timings")}
+    plots = {files[k] for k in ("frames", "warp_error", "timings", "keyframes")}
     assert {i["src"] for i in state["images"]} == plots, state["images"]
     assert all(i["width"] > 0 and i["height"] > 0 for i in state["images"]), state["images"]
 
@@ -120,6 +132,8 @@ def test_report_page_in_headless_chromium(browser, report):
     [video] = state["videos"]
     assert video["src"] == files["video"] and video["error"] is None, video
     assert video["ready"] >= 2 and (video["width"], video["height"]) == (2 * width, height), video
+    # the frame labels are readable at the page's width
+    assert displayed_label_px(page, report, files["frames"]) >= MIN_LABEL_PX
     shown = page.evaluate(SHOW_FIRST_FRAME)
     assert shown["time"] == 0 and shown["paused"], shown
 
@@ -146,6 +160,10 @@ def test_the_browser_checks_catch_a_broken_page(browser, report, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(report, broken)
     (broken / "warp_error.png").unlink()
+    from PIL import Image
+
+    with Image.open(report / "frames.png") as grid:   # a grid drawn small: its labels are too
+        grid.resize((grid.width * 4 // 10, grid.height * 4 // 10), Image.LANCZOS).save(broken / "frames.png")
     (broken / "side_by_side.mp4").unlink()
     page_html = (broken / "index.html").read_text()
     (broken / "index.html").write_text(page_html.replace(
@@ -153,6 +171,7 @@ def test_the_browser_checks_catch_a_broken_page(browser, report, tmp_path):
     page = browser.open_page()
     state = settle(page, broken)
     assert [i["width"] for i in state["images"] if i["src"] == "warp_error.png"] == [0]
+    assert displayed_label_px(page, broken, "frames.png") < MIN_LABEL_PX
     [video] = state["videos"]
     assert video["error"] is not None and video["ready"] < 2 and video["width"] == 0
     problems = "\n".join(page.problems())
@@ -163,3 +182,22 @@ def test_the_browser_checks_catch_a_broken_page(browser, report, tmp_path):
     # and a blank page is told apart from a rendered one
     page.navigate("about:blank")
     assert distinct_colours(page.screenshot(full_page=False)) < 10
+
+
+def test_multi_prompt_index_page(browser, report, tmp_path):
+    """DIR/index.html of a multi-prompt edit (built here from two copies of one report): every
+    thumbnail decodes, every link resolves to a report page, the console stays clean."""
+    from tokenflow.quality.report import write_report_index
+
+    for name in ("1-glass", "2-marble"):
+        shutil.copytree(report, tmp_path / name)
+    write_report_index(str(tmp_path / "index.html"), [("1-glass", tmp_path / "1-glass"), ("2-marble", tmp_path / "2-marble")])
+    page = browser.open_page()
+    state = settle(page, tmp_path)
+    assert [i["src"] for i in state["images"]] == ["1-glass/thumbnail.png", "2-marble/thumbnail.png"]
+    assert all(i["width"] == 240 for i in state["images"]), state["images"]
+    links = page.evaluate("Array.from(document.links, a => a.getAttribute('href'))")
+    assert set(links) == {"1-glass/index.html", "2-marble/index.html"}
+    assert page.problems() == []
+    page.navigate((tmp_path / "2-marble" / "index.html").as_uri())
+    assert page.evaluate("document.querySelector('h1').textContent").startswith("tokenflow edit")

@@ -41,7 +41,14 @@ from tokenflow.models.architectures import architecture_of, meta_model, weights_
 from tokenflow.models.load import scheduler_config_for
 from tokenflow.quality.cli import evaluate, load_scorer
 from tokenflow.quality.flow import require_cv2
-from tokenflow.quality.report import check_report_support, check_report_target, write_report
+from tokenflow.quality.provenance import edit_tags
+from tokenflow.quality.report import (
+    check_index_target,
+    check_report_support,
+    check_report_target,
+    write_report,
+    write_report_index,
+)
 
 TINY_NOTE = "made with --model tiny: random weights, the output is NOT a real edit (offline demo/test model)"
 
@@ -93,6 +100,8 @@ def _run_checked(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag
         check_report_support()
         for target in reports_out:
             check_report_target(target)
+        if len(reports_out) > 1:
+            check_index_target(config.report)
     signals = contextlib.nullcontext(stop) if stop is not None else stop_on_signals()
     with signals as stop, OutputLocks(path for path, _ in targets) as locks:   # LockedError (7): a live worker has one
         for message in locks.broken:
@@ -142,7 +151,7 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
     video = video_settings(config.codec, config.pix_fmt, config.crf)
     with reporter.stage("write"), _staging() as staged:   # all to temp names, then the locks, then renames
         for result, output, frames_dir, latents_path in zip(results, outputs, frames_out, latents_out):
-            metadata = {"comment": f"tokenflow edit: {result.prompt}" + (f" [{TINY_NOTE}]" if result.model_is_tiny else ""),
+            metadata = {**edit_tags(result.prompt, config.model, result.model_is_tiny, TINY_NOTE),
                         "encoded_with": video.describe()}
             temp = temp_sibling(output, ".new" + Path(output).suffix)
             with _naming(output, temp):
@@ -164,8 +173,14 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
         result.timings = dict(reporter.timings)
     if config.report:
         with reporter.stage("report"), _staging() as staged:
+            run = _run_facts(config, editor, time.perf_counter() - start)
             for result, folder in zip(results, reports_out):
-                staged.append((write_edit_report(result, temp_sibling(folder, ".new"), config, scorer), folder))
+                staged.append((write_edit_report(result, temp_sibling(folder, ".new"), config, scorer, run), folder))
+            if len(reports_out) > 1:   # DIR/index.html links each prompt's DIR/K-slug/
+                index = os.path.join(config.report, "index.html")
+                staged.append((write_report_index(temp_sibling(index, ".new.html"), [
+                    (os.path.basename(folder), temp) for temp, folder in staged],
+                    title=f"tokenflow edit of {Path(str(config.video)).name}: {len(results)} prompts"), index))
             commit_outputs(staged, locks)
     summary = _summary(results, config, time.perf_counter() - start, editor)
     summary["video"] = video.as_dict()   # which encoder ran, with what pixel format and CRF
@@ -252,8 +267,10 @@ def commit_outputs(staged: list, locks: OutputLocks) -> None:
                               f"{error.strerror or error}. Check free disk space and permissions.") from None
 
 
-def write_edit_report(result: EditResult, folder: str, config: EditConfig, scorer=None) -> str:
-    """Metrics of the in-memory edited frames against the source frames, then the report folder."""
+def write_edit_report(result: EditResult, folder: str, config: EditConfig, scorer=None,
+                      run: Optional[Dict] = None) -> str:
+    """Metrics of the in-memory edited frames against the source frames, then the report folder.
+    run: ``_run_facts`` (model, device, dtype, seconds so far, peak memory)."""
     metrics = evaluate(result.clip.frames, result.frames, prompt=result.prompt, scorer=scorer)
     settings = {k: v for k, v in dataclasses.asdict(config).items() if v is not None and k != "prompt"}
     folder = write_report(folder, source=result.clip.frames, edited=result.frames, fps=config.fps or result.clip.fps,
@@ -261,8 +278,15 @@ def write_edit_report(result: EditResult, folder: str, config: EditConfig, score
                           settings=settings, timings={k: v for k, v in result.timings.items()}, versions=versions(),
                           inputs={"source": str(config.video), "output": str(result.output),
                                   "model": str(config.model)},
-                          notes=[TINY_NOTE] if result.model_is_tiny else [])
+                          notes=[TINY_NOTE] if result.model_is_tiny else [], run=run, keyframes=result.keyframes)
     return str(folder)
+
+
+def _run_facts(config: EditConfig, editor: Editor, seconds: float) -> Dict:
+    device = editor.model.device
+    return {"model": str(config.model), "device": str(device), "dtype": str(editor.model.dtype).replace("torch.", ""),
+            "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(device),
+            "peak_memory_kind": "allocated tensors" if device.type == "cuda" else "process peak RSS"}
 
 
 def check_host_memory(config: EditConfig, prompts: int, device_type: str) -> HostPlan:

@@ -5,7 +5,14 @@
     tokenflow report wolf.mp4 wolf-edit.mp4 -o report/ --prompt "a marble wolf"
 
 The edited video sets the size and the frame count; the source is read at that size from
-``--start`` every ``--stride`` frames (pass the values the edit used) and resized the same way.
+``--start`` every ``--stride`` frames (pass the values the edit used) and resized the same way
+(stretched; centre-cropped to the edited aspect with ``--crop``). When the two cannot correspond
+frame for frame (the source has more frames from ``--start`` than the edit, another aspect ratio,
+another frame rate) one ``tokenflow: warning:`` line says so and the metrics are computed anyway
+(on the edited video's frames and the first source frames); a source with fewer frames is an error.
+A video made by ``tokenflow edit`` carries its prompt, model and whether the random-weights tiny
+model made it (``provenance.py``): the report shows them, and uses the prompt when ``--prompt`` is
+not given.
 
 ``tokenflow.app.cli`` imports this module to define the subcommands' flags, so it imports torch,
 OpenCV and the metric modules only when a command runs.
@@ -15,8 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from tokenflow.config import Ranged, parse_size
 from tokenflow.errors import InputError, OutputError
@@ -24,6 +32,11 @@ from tokenflow.io.outputs import atomic_file
 
 if TYPE_CHECKING:
     import torch
+
+ASPECT_TOLERANCE = 0.04   # edits round sizes to multiples of 8: 512x288 of 1920x1080 is 0.4 % off
+FPS_TOLERANCE = 0.01
+TINY_VIDEO_NOTE = ("the edited video's metadata says it was made with --model tiny: random weights, NOT a real edit "
+                   "(offline demo/test model)")
 
 
 def add_parsers(sub) -> None:
@@ -66,16 +79,29 @@ def main(args: argparse.Namespace) -> int:
     elif args.json:
         _check_json_target(args.json)
     scorer = load_scorer(args.clip_model, args.device)   # a missing model fails before any work
+    from tokenflow.quality.provenance import read_edit_tags  # noqa: PLC0415 (imports av: not while the CLI parses flags)
+
     source, edited, fps = load_pair(args.source, args.edited, start=args.start, stride=args.stride,
-                                    crop=args.crop, size=args.size)
-    metrics = evaluate(source, edited, prompt=args.prompt, scorer=scorer, preset=args.flow_preset)
+                                    crop=args.crop, size=args.size)   # (errors first: a short source, one frame)
+    problems = correspondence_problems(args.source, args.edited, start=args.start, stride=args.stride, crop=args.crop)
+    if problems:
+        print(f"tokenflow: warning: '{args.source}' and '{args.edited}' may not correspond frame for frame: "
+              + "; ".join(problems), file=sys.stderr)
+    tags = read_edit_tags(args.edited)
+    prompt = args.prompt or tags["prompt"]
+    metrics = evaluate(source, edited, prompt=prompt, scorer=scorer, preset=args.flow_preset)
+    metrics["warnings"] = problems
     if args.command == "report":
         from tokenflow.device import versions  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
         from tokenflow.quality.report import write_report  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
 
-        path = write_report(args.out, source=source, edited=edited, fps=fps, metrics=metrics, prompt=args.prompt,
+        notes = [TINY_VIDEO_NOTE] if tags["tiny"] else []
+        if prompt and not args.prompt:
+            notes.append("the prompt is the one the edited video's metadata records")
+        path = write_report(args.out, source=source, edited=edited, fps=fps, metrics=metrics, prompt=prompt,
                             title=args.title or Path(args.edited).name, versions=versions(),
-                            inputs={"source": args.source, "edited": args.edited})
+                            inputs={"source": args.source, "edited": args.edited}, notes=notes, warnings=problems,
+                            run={"model": tags["model"]} if tags["model"] else None)
         print(path / "index.html")
         return 0
     if args.json:
@@ -103,6 +129,32 @@ def load_pair(source: str, edited: str, *, start: int = 0, stride: int = 1, crop
         raise InputError(f"source '{source}' has only {source_clip.frames.shape[0]} frames from --start {start} "
                          f"--stride {stride}, but edited '{edited}' has {n}; pass the --start/--stride the edit used.")
     return source_clip.frames, edit_clip.frames, edit_clip.fps
+
+
+def correspondence_problems(source: str, edited: str, *, start: int = 0, stride: int = 1,
+                            crop: bool = False) -> List[str]:
+    """Why ``edited`` may not be an edit of ``source`` read from ``start`` every ``stride`` frames,
+    from the headers only: more source frames than edited ones, another aspect ratio (unless
+    ``crop``), another frame rate. Empty when they agree; a short source is load_pair's error."""
+    from tokenflow.io.read import count_selected, probe  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
+
+    src, edit = probe(source), probe(edited)
+    problems = []
+    selected = count_selected(source, start=start, stride=stride).frames
+    if selected is not None and edit["frames"] and selected > edit["frames"]:
+        problems.append(f"the source has {selected} frames from --start {start} --stride {stride}, the edit "
+                        f"{edit['frames']}: comparing with the first {edit['frames']} (pass the --start/--stride the "
+                        "edit used)")
+    src_aspect, edit_aspect = src["width"] / src["height"], edit["width"] / edit["height"]
+    if not crop and abs(src_aspect / edit_aspect - 1) > ASPECT_TOLERANCE:
+        problems.append(f"the source is {src['width']}x{src['height']}, the edit {edit['width']}x{edit['height']} "
+                        f"(another aspect ratio): the source is stretched to the edit's size (pass --crop if the "
+                        "edit cropped)")
+    if not os.path.isdir(source) and not os.path.isdir(edited) and src["fps"] and edit["fps"] \
+            and abs(src["fps"] / edit["fps"] - 1) > FPS_TOLERANCE:
+        problems.append(f"the source plays at {src['fps']:.3g} fps, the edit at {edit['fps']:.3g} fps "
+                        "(an edit keeps its source's rate unless --fps)")
+    return problems
 
 
 def load_scorer(clip_model: Optional[str], device=None):
