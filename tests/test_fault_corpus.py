@@ -508,6 +508,16 @@ def older_output(ctx: Ctx) -> Path:
     return ctx.out
 
 
+def other_job_output(ctx: Ctx) -> Path:
+    """``ctx.out`` as the edit of another prompt wrote it (its record names that job's settings)."""
+    from tokenflow.config import EditConfig
+
+    from .test_output_naming import made_by
+
+    made_by(EditConfig(video=str(ctx.clip), model=str(ctx.model), prompt="another prompt"), ctx.out)
+    return kept(ctx, ctx.out)
+
+
 def latin1_job(ctx: Ctx) -> Path:
     path = ctx.work / "job.yaml"
     path.write_bytes(f"video: '{ctx.clip}'\nprompt: caf\xe9\noutput: '{ctx.out}'\n".encode("latin-1"))
@@ -632,9 +642,9 @@ def _lock_intact(ctx: Ctx, res: Result) -> None:
     assert not Path(str(ctx.out) + ".lock").exists()   # ours, released after the run; theirs never touched
 
 
-def _skipped(ctx: Ctx, res: Result) -> None:
+def _not_skipped(ctx: Ctx, res: Result) -> None:
     assert ctx.out.read_bytes() == OLDER
-    assert [e for e in res.events() if e["event"] == "skipped"]
+    assert not [e for e in res.events() if e["event"] == "skipped"]
 
 
 def _partial_kept(ctx: Ctx, res: Result) -> None:
@@ -899,10 +909,18 @@ ENVIRONMENT = [
                     yaml_file(x, "lat.npy", OLDER.decode())],
          answer="one line naming the existing and the missing outputs and `--overwrite`; both left as they were",
          check=_partial_kept),
-    Case("all-outputs-exist", "environment", "the output exists and `--overwrite` is not given",
-         "an older `result.mp4`", 0, "", lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x",
-                                                   "-o", older_output(x), "--log-json"],
-         answer="succeeds without work: a `skipped` event, the older output untouched", check=_skipped),
+    Case("all-outputs-exist", "environment", "the output exists, made by something else, and `--overwrite` is not "
+         "given (it used to be \"skipped\", exit 0)", "an older `result.mp4` (not a tokenflow output)", 5,
+         "was not made by tokenflow", lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x",
+                                                 "-o", kept(x, older_output(x)), "--log-json"],
+         answer="one line naming the output, that it records no settings, and `--overwrite` or another `-o`; the "
+                "older output untouched", check=_not_skipped),
+    Case("output-of-another-job", "environment", "the output exists, made by tokenflow with another prompt, and "
+         "`--overwrite` is not given", "`result.mp4` recording the job `--prompt 'another prompt'`", 5,
+         "made with other settings (the prompt: 'another prompt' there, 'x' now",
+         lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "-o", other_job_output(x)],
+         answer="one line naming the output, the settings that differ (the prompt first) and `--overwrite` or "
+                "another `-o`; the output untouched"),
     Case("bad-lock-ttl", "environment", "`TOKENFLOW_LOCK_TTL=abc`", "environment variable", 2, "TOKENFLOW_LOCK_TTL",
          _flags(), env=lambda x: {"TOKENFLOW_LOCK_TTL": "abc"}),
     Case("corrupt-cache-entry", "environment", "a damaged inversion cache entry",

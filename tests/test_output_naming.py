@@ -20,6 +20,30 @@ FAST = ["--frames", "4", "--inversion-steps", "10", "--steps", "5", "--size", "6
         "--keyframe-spacing", "4"]
 
 
+def made_by(config, path, kind="video"):
+    """Put an output at ``path`` that records ``config``'s job (as if that job wrote it): a tiny
+    MP4, a .npy with its sidecar, or a frames folder. The input and model must exist (the record
+    holds their identities)."""
+    import numpy as np
+    import torch
+
+    from tokenflow.app.skip import job_fields
+    from tokenflow.io.stamps import video_metadata, write_stamp_file
+    from tokenflow.io.write import write_frames, write_video
+
+    fields = job_fields(config)
+    frames = torch.zeros(2, 3, 16, 16)
+    if kind == "video":
+        write_video(frames, str(path), 8, metadata=video_metadata(fields))
+    elif kind == "latents":
+        np.save(str(path), np.zeros((2, 4, 2, 2), np.float32))
+        write_stamp_file(sidecar_path(str(path)), fields)
+    else:
+        write_frames(frames, str(path))
+        write_stamp_file(os.path.join(str(path), FOLDER_STAMP), fields)
+    return path
+
+
 def run_cli(capsys, *argv):
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
