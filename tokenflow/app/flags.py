@@ -114,7 +114,7 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
         g = p.add_argument_group("outputs")
         g.add_argument("-o", "--output", help="output video: a .mp4/.m4v/.mov name (an MP4 either way: H.264, source "
                        "fps, source audio), or a folder (ending in '/', or existing) that gets the default name "
-                       "(default tokenflow-results/<video>-<method>.mp4); never one of the job's inputs")
+                       "(default tokenflow-results/<video>-<method>-<prompt>.mp4); never one of the job's inputs")
         g.add_argument("--save-frames", metavar="DIR", help="also write numbered PNGs into DIR")
         g.add_argument("--save-latents", metavar="PATH", help="also write the final latents [N,4,h,w] as .npy")
         g.add_argument("--fps", type=float, help="output frame rate (default: the source's)")
