@@ -5,7 +5,8 @@ is what the result depends on, computed without loading the model or decoding th
 the checkpoint's notion (``io.checkpoint.fingerprint_fields``) with these changes for outputs:
 
 - the input is hashed from its bytes (``io.stamps.input_hash``), not its decoded pixels;
-- ``fps`` (the video's frame rate) and ``clip_model`` with a report (its scores) count;
+- how the files are encoded (``ENCODING``: ``fps``, and the codec settings where this version has
+  them) and ``clip_model`` with a report (its scores) count;
 - ``backend``, ``attention_backend`` and ``nearest_backend`` do not: they change speed and the
   last bits only, so a job redone with another backend is still the same job;
 - the checkpoint format does not (outputs do not hold checkpoints).
@@ -28,6 +29,9 @@ from tokenflow.io.stamps import differences, input_hash, read_stamp
 from tokenflow.models.load import resolve_source
 
 SPEED_ONLY = ("backend", "attention_backend", "nearest_backend")
+# how the output files are made from the result: the checkpoint leaves them out (its latents are the
+# same whatever they are), the outputs do not (fields this version lacks are skipped)
+ENCODING = ("fps", "codec", "crf", "pix_fmt", "frames_format")
 _FIX = "--overwrite replaces it (redoes the job), or choose another output path (-o)"
 
 
@@ -48,7 +52,8 @@ def job_fields(config: EditConfig, *, model_identity: Optional[str] = None,
     fields.pop("checkpoint_format", None)
     for name in SPEED_ONLY:
         fields.pop(name, None)
-    fields.update(fps=config.fps, clip_model=config.clip_model if config.report else None)
+    fields.update({name: getattr(config, name) for name in ENCODING if hasattr(config, name)})
+    fields["clip_model"] = config.clip_model if config.report else None
     return fields
 
 
