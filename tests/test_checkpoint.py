@@ -213,7 +213,8 @@ def test_sigterm_while_the_outputs_are_written_lets_them_finish(tmp_path, refere
     code, events, err = run_signalled(["call", "write_video"], signal.SIGTERM, args)
     assert code == 0, err   # before: killed by the signal half-way through the write (exit -15)
     assert_same_as(reference, out)
-    assert sorted(p.name for p in out.iterdir()) == ["edit.mp4", "latents.npy"]   # no temp file left
+    assert sorted(p.name for p in out.iterdir()) == ["edit.mp4", "latents.npy",   # no temp file left
+                                                     "latents.npy.tokenflow-job.json"]   # (the job's record)
     assert state_files(folder) == []
     assert [e["event"] for e in events if e["event"] in ("done", "error")] == ["done"]
 

@@ -117,7 +117,7 @@ def test_original_config_file(tmp_path, tiny_model_dir, sample_clip):
                    f"output_path: '{tmp_path / 'results'}'\nH: 64\nW: 64\n")
     run = tokenflow("edit", "--config", cfg, "--model", tiny_model_dir, "--device", "cpu", "-q")
     assert run.returncode == 0, run.stderr
-    assert frames_in(tmp_path / "results" / "sample-pnp.mp4")[0] == 5
+    assert frames_in(tmp_path / "results" / "sample-pnp-glass.mp4")[0] == 5
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "wolf.mp4").exists(), reason="shared/data/wolf.mp4 not present")

@@ -376,15 +376,19 @@ def test_racing_workers_break_stale_locks_without_ever_sharing_one(tmp_path):
 
 
 def _config(tmp_path, **kw):
-    return EditConfig(video=str(tmp_path / "in.mp4"), prompt="glass", output=str(tmp_path / "o.mp4"), **kw)
+    (tmp_path / "in.mp4").write_bytes(b"the input")   # the outputs record its hash
+    return EditConfig(video=str(tmp_path / "in.mp4"), prompt="glass", output=str(tmp_path / "o.mp4"), model="tiny",
+                      **kw)
 
 
 def test_skip_when_every_output_exists_else_refuse_a_partial_job(tmp_path, capsys):
     from tokenflow.app.jobs import run_edit
     from tokenflow.io.progress import Reporter
 
-    (tmp_path / "o.mp4").write_bytes(b"done")
-    (tmp_path / "l.npy").write_bytes(b"done")
+    from .test_output_naming import made_by
+
+    made_by(_config(tmp_path, save_latents=str(tmp_path / "l.npy")), tmp_path / "o.mp4")   # made by this job
+    made_by(_config(tmp_path, save_latents=str(tmp_path / "l.npy")), tmp_path / "l.npy", "latents")
     events = io.StringIO()
     assert run_edit(_config(tmp_path, save_latents=str(tmp_path / "l.npy")), Reporter(json_stream=events)) == []
     skipped = [json.loads(line) for line in events.getvalue().splitlines()]

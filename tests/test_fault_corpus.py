@@ -508,6 +508,16 @@ def older_output(ctx: Ctx) -> Path:
     return ctx.out
 
 
+def other_job_output(ctx: Ctx) -> Path:
+    """``ctx.out`` as the edit of another prompt wrote it (its record names that job's settings)."""
+    from tokenflow.config import EditConfig
+
+    from .test_output_naming import made_by
+
+    made_by(EditConfig(video=str(ctx.clip), model=str(ctx.model), prompt="another prompt"), ctx.out)
+    return kept(ctx, ctx.out)
+
+
 def latin1_job(ctx: Ctx) -> Path:
     path = ctx.work / "job.yaml"
     path.write_bytes(f"video: '{ctx.clip}'\nprompt: caf\xe9\noutput: '{ctx.out}'\n".encode("latin-1"))
@@ -632,9 +642,9 @@ def _lock_intact(ctx: Ctx, res: Result) -> None:
     assert not Path(str(ctx.out) + ".lock").exists()   # ours, released after the run; theirs never touched
 
 
-def _skipped(ctx: Ctx, res: Result) -> None:
+def _not_skipped(ctx: Ctx, res: Result) -> None:
     assert ctx.out.read_bytes() == OLDER
-    assert [e for e in res.events() if e["event"] == "skipped"]
+    assert not [e for e in res.events() if e["event"] == "skipped"]
 
 
 def _partial_kept(ctx: Ctx, res: Result) -> None:
@@ -899,10 +909,18 @@ ENVIRONMENT = [
                     yaml_file(x, "lat.npy", OLDER.decode())],
          answer="one line naming the existing and the missing outputs and `--overwrite`; both left as they were",
          check=_partial_kept),
-    Case("all-outputs-exist", "environment", "the output exists and `--overwrite` is not given",
-         "an older `result.mp4`", 0, "", lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x",
-                                                   "-o", older_output(x), "--log-json"],
-         answer="succeeds without work: a `skipped` event, the older output untouched", check=_skipped),
+    Case("all-outputs-exist", "environment", "the output exists, made by something else, and `--overwrite` is not "
+         "given (it used to be \"skipped\", exit 0)", "an older `result.mp4` (not a tokenflow output)", 5,
+         "was not made by tokenflow", lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x",
+                                                 "-o", kept(x, older_output(x)), "--log-json"],
+         answer="one line naming the output, that it records no settings, and `--overwrite` or another `-o`; the "
+                "older output untouched", check=_not_skipped),
+    Case("output-of-another-job", "environment", "the output exists, made by tokenflow with another prompt, and "
+         "`--overwrite` is not given", "`result.mp4` recording the job `--prompt 'another prompt'`", 5,
+         "made with other settings (the prompt: 'another prompt' there, 'x' now",
+         lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "-o", other_job_output(x)],
+         answer="one line naming the output, the settings that differ (the prompt first) and `--overwrite` or "
+                "another `-o`; the output untouched"),
     Case("bad-lock-ttl", "environment", "`TOKENFLOW_LOCK_TTL=abc`", "environment variable", 2, "TOKENFLOW_LOCK_TTL",
          _flags(), env=lambda x: {"TOKENFLOW_LOCK_TTL": "abc"}),
     Case("corrupt-cache-entry", "environment", "a damaged inversion cache entry",
@@ -1116,7 +1134,8 @@ def _plant_dead_writers_temps(ctx: Ctx) -> None:
 
 def _dead_temps_swept(ctx: Ctx, res: Result) -> None:
     expect_video(5)(ctx, res)
-    assert sorted(p.name for p in (ctx.work / "frames").iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    assert sorted(p.name for p in (ctx.work / "frames").iterdir()) == [f"{i:05d}.png" for i in range(5)] + [
+        "tokenflow-job.json"]   # the frames and the job's record, nothing of the dead writer's
     removed = [e["message"] for e in res.events() if e["event"] == "info" and e["message"].startswith("removed")]
     assert len(removed) == 3 and all("pid 99999999 on this machine has exited" in m for m in removed), removed
     inversions = ctx.work / "cache" / "inversions"   # the cache's temp went when the cache was read
@@ -1384,7 +1403,7 @@ def twin_edits(tmp_path_factory, tiny_model_dir, sample_clip) -> Path:
 def test_same_seed_and_settings_give_bit_identical_latents_and_frames_on_cpu(twin_edits):
     a, b = np.load(twin_edits / "a.npy"), np.load(twin_edits / "b.npy")
     assert a.shape == (5, 4, 8, 8) and np.array_equal(a, b)
-    pngs = sorted(p.name for p in (twin_edits / "a-frames").iterdir())
+    pngs = sorted(p.name for p in (twin_edits / "a-frames").iterdir() if p.name != "tokenflow-job.json")   # + the record
     assert pngs == [f"{i:05d}.png" for i in range(5)]
     for name in pngs:   # the edited frames, before video encoding
         assert (twin_edits / "a-frames" / name).read_bytes() == (twin_edits / "b-frames" / name).read_bytes(), name

@@ -197,15 +197,18 @@ def test_a_skipping_edit_sweeps_the_leftovers_of_its_outputs(tmp_path):
     from tokenflow.config import EditConfig
     from tokenflow.io.progress import Reporter
 
+    from .test_output_naming import made_by
+
     out = tmp_path / "o.mp4"
-    out.write_bytes(b"done")
+    (tmp_path / "in.mp4").write_bytes(b"the input")
+    config = EditConfig(video=str(tmp_path / "in.mp4"), prompt="glass", output=str(out), model="tiny")
+    done = made_by(config, out).read_bytes()   # made by this same job
     kill(python(IN_GUARD, out, "lock"))
     events = io.StringIO()
-    config = EditConfig(video=str(tmp_path / "in.mp4"), prompt="glass", output=str(out))
     assert run_edit(config, Reporter(json_stream=events)) == []
     kinds = [json.loads(line)["event"] for line in events.getvalue().splitlines()]
     assert "skipped" in kinds and "info" in kinds, kinds   # skipped, and said what it cleaned up
-    assert os.listdir(tmp_path) == ["o.mp4"] and out.read_bytes() == b"done"
+    assert sorted(os.listdir(tmp_path)) == ["in.mp4", "o.mp4"] and out.read_bytes() == done
 
 
 # ----------------------------------------------------------------------------- what is never removed

@@ -50,12 +50,12 @@ def one_error_line(err: str) -> str:
 
 
 def test_output_is_a_folder_only_with_a_trailing_separator_or_when_it_exists(tmp_path, clip):
-    assert resolve_output(config(clip, f"{tmp_path}/new/")) == str(tmp_path / "new" / "clip-pnp.mp4")
+    assert resolve_output(config(clip, f"{tmp_path}/new/")) == str(tmp_path / "new" / "clip-pnp-x.mp4")
     (tmp_path / "there").mkdir()
-    assert resolve_output(config(clip, tmp_path / "there")) == str(tmp_path / "there" / "clip-pnp.mp4")
+    assert resolve_output(config(clip, tmp_path / "there")) == str(tmp_path / "there" / "clip-pnp-x.mp4")
     for name in ("o.mp4", "o.MOV", "o.m4v"):
         assert resolve_output(config(clip, tmp_path / name)) == str(tmp_path / name)
-    assert resolve_output(EditConfig(video=str(clip), prompt="x")) == os.path.join("tokenflow-results", "clip-pnp.mp4")
+    assert resolve_output(EditConfig(video=str(clip), prompt="x")) == os.path.join("tokenflow-results", "clip-pnp-x.mp4")
 
 
 @pytest.mark.parametrize("name, got", [("out.txt", "ends in '.txt'"), ("out", "has no file extension"),

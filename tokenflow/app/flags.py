@@ -122,7 +122,7 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("-o", "--output", help="output video: a .mp4/.m4v/.mov name for h264/hevc (an MP4 either way), "
                        ".mov for prores, .mkv for ffv1 (source fps, source audio, source colour tags), or a folder "
                        "(ending in '/', or existing) that gets the default name (default "
-                       "tokenflow-results/<video>-<method>.mp4, .mov or .mkv); never one of the job's inputs")
+                       "tokenflow-results/<video>-<method>-<prompt>.mp4, .mov or .mkv); never one of the job's inputs")
         g.add_argument("--codec", choices=CODECS, help="video codec: h264 (default, libx264), hevc (libx265), "
                        "prores (ProRes 422 HQ / 4444, .mov) or ffv1 (lossless RGB, .mkv); the summary names the encoder")
         g.add_argument("--crf", type=int, metavar="N", help="h264/hevc quality: lower is better and larger "

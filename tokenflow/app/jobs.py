@@ -17,6 +17,7 @@ import torch
 from tokenflow.app.locks import OutputLocks, sweep_leftovers
 from tokenflow.app.outputs import per_prompt_folders, prompt_outputs, resolve_output
 from tokenflow.app.paths import check_no_aliasing, job_inputs, job_output_paths
+from tokenflow.app.skip import Skip, job_fields, job_outputs
 from tokenflow.config import EditConfig, default_size
 from tokenflow.device import resolve_device, resolve_dtype, versions
 from tokenflow.engine.planner import HostPlan, MemoryPlan, before_read
@@ -33,6 +34,7 @@ from tokenflow.io.outputs import (
 )
 from tokenflow.io.progress import Reporter
 from tokenflow.io.read import Clip, count_selected
+from tokenflow.io.stamps import FOLDER_STAMP, sidecar_path, video_metadata, write_stamp_file
 from tokenflow.io.write import video_settings, write_frames, write_video
 from tokenflow.kernels import check_backends
 from tokenflow.method.editor import Editor, EditResult, read_clip
@@ -76,15 +78,16 @@ def run_edit(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag] = 
     frames_out = per_prompt_folders(config.save_frames, prompts)
     reports_out = per_prompt_folders(config.report, prompts)
     targets = job_outputs(outputs, latents_out, frames_out, reports_out)
-    if _skip_if_done(targets, config, reporter):   # every output exists (docs/farm.md): nothing to do
+    skip = Skip(targets, config)
+    if skip(reporter):   # every output exists, made by this job (docs/farm.md): nothing to do
         for message in sweep_leftovers(path for path, _ in targets):   # but a killed worker's lock or temps
             reporter.info(message)
         return []
     with _folders_made_for(path for path, _ in targets):   # a failed job leaves no empty folders of its own
-        return _run_checked(config, reporter, stop, targets, outputs, latents_out, frames_out, reports_out)
+        return _run_checked(config, reporter, stop, skip, outputs, latents_out, frames_out, reports_out)
 
 
-def _run_checked(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag], targets: list, outputs: list,
+def _run_checked(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag], skip: Skip, outputs: list,
                  latents_out: list, frames_out: list, reports_out: list) -> List[EditResult]:
     """run_edit once nothing is aliased or skipped: the checks before work, the locks, the edit."""
     # every output target and the input are checked before any expensive work
@@ -103,10 +106,10 @@ def _run_checked(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag
         if len(reports_out) > 1:
             check_index_target(config.report)
     signals = contextlib.nullcontext(stop) if stop is not None else stop_on_signals()
-    with signals as stop, OutputLocks(path for path, _ in targets) as locks:   # LockedError (7): a live worker has one
+    with signals as stop, OutputLocks(path for path, _ in skip.targets) as locks:   # LockedError (7): a live one has one
         for message in locks.broken:
             reporter.info(message)
-        if _skip_if_done(targets, config, reporter, final=True):   # done by another worker meanwhile?
+        if skip(reporter, final=True):   # done by another worker meanwhile?
             return []
         return _edit_locked(config, reporter, locks, stop, outputs, latents_out, frames_out, reports_out)
 
@@ -149,10 +152,12 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
         raise Interrupted(f"stopped by {stop.reason} before the edit began; nothing was written")
     results = editor.edit_many(clip, config=config, interrupt=stop)   # a stop: step, checkpoint, exit 75 (130)
     video = video_settings(config.codec, config.pix_fmt, config.crf)
+    fields = job_fields(config, model_identity=editor.model.identity, input_sha256=clip.content_hash)
     with reporter.stage("write"), _staging() as staged:   # all to temp names, then the locks, then renames
         for result, output, frames_dir, latents_path in zip(results, outputs, frames_out, latents_out):
             metadata = {**edit_tags(result.prompt, config.model, result.model_is_tiny, TINY_NOTE),
-                        "encoded_with": video.describe()}
+                        "encoded_with": video.describe(),
+                        **video_metadata(fields)}   # the job's settings: the skip rule reads them back
             temp = temp_sibling(output, ".new" + Path(output).suffix)
             with _naming(output, temp):
                 staged.append((write_video(result.frames, temp, config.fps or result.clip.fps, audio_from=result.clip,
@@ -163,10 +168,14 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
                 temp = temp_sibling(frames_dir, ".new")
                 with _naming(frames_dir, temp):
                     staged.append((write_frames(result.frames, temp, config.frames_format), frames_dir))
+                    write_stamp_file(os.path.join(temp, FOLDER_STAMP), fields)
             if latents_path:
                 temp = temp_sibling(latents_path, ".new.npy")
                 with _naming(latents_path, temp):
                     staged.append((save_npy(result.latents.numpy(), temp), latents_path))
+                    # the record after its file: a crash between the renames leaves a file that records nothing
+                    staged.append((write_stamp_file(temp_sibling(latents_path, ".new.json"), fields),
+                                   sidecar_path(latents_path)))
         commit_outputs(staged, locks)
     remove_checkpoint(config.checkpoint_dir)   # the outputs hold the result now (docs/checkpoints.md)
     for result in results:
@@ -176,6 +185,7 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
             run = _run_facts(config, editor, time.perf_counter() - start)
             for result, folder in zip(results, reports_out):
                 staged.append((write_edit_report(result, temp_sibling(folder, ".new"), config, scorer, run), folder))
+                write_stamp_file(os.path.join(staged[-1][0], FOLDER_STAMP), fields)
             if len(reports_out) > 1:   # DIR/index.html links each prompt's DIR/K-slug/
                 index = os.path.join(config.report, "index.html")
                 staged.append((write_report_index(temp_sibling(index, ".new.html"), [
@@ -188,45 +198,6 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
     if not reporter.quiet and reporter.json_stream is None:
         print(format_summary(summary), file=sys.stderr)
     return results
-
-
-def job_outputs(outputs, latents_out, frames_out, reports_out) -> list:
-    """Every output of a job as (path, kind): kind "file" (videos, latents), "frames" or "report" (folders)."""
-    return ([(p, "file") for p in outputs] + [(p, "file") for p in latents_out if p]
-            + [(p, "frames") for p in frames_out if p] + [(p, "report") for p in reports_out if p])
-
-
-def output_exists(path: str, kind: str) -> bool:
-    """A finished output: a file; a folder with frames in it; a folder with a report.json."""
-    if kind == "file":
-        return os.path.isfile(path)
-    if kind == "report":
-        return os.path.isfile(os.path.join(path, "report.json"))
-    try:
-        with os.scandir(path) as entries:
-            return any(entries)
-    except OSError:   # not a folder (yet)
-        return False
-
-
-def _skip_if_done(targets: list, config: EditConfig, reporter: Reporter, final: bool = False) -> bool:
-    """The skip rule (docs/farm.md). Without --overwrite: every output exists -> True (a ``skipped``
-    event and one line); some exist but not all -> OutputError once ``final`` (under the locks)."""
-    if config.overwrite:
-        return False
-    existing = [path for path, kind in targets if output_exists(path, kind)]
-    if existing and len(existing) == len(targets):
-        reporter.event("skipped", reason="outputs exist", outputs=existing)
-        if not reporter.quiet and reporter.json_stream is None:
-            print(f"tokenflow: skipped: every output already exists ({', '.join(existing)}); "
-                  "--overwrite redoes the job", file=sys.stderr)
-        return True
-    if existing and final:
-        missing = [path for path, kind in targets if path not in existing]
-        raise OutputError(f"some outputs of this job exist and some do not (existing: {', '.join(existing)}; "
-                          f"missing: {', '.join(missing)}), as after an interrupted run or a changed job: pass "
-                          "--overwrite to redo the job and replace them, or remove them")
-    return False
 
 
 @contextlib.contextmanager

@@ -1,7 +1,14 @@
 """Where a job's outputs go: the default file name, one output per prompt, the output's
-extension. Path arithmetic (and one ``isdir``), shared by the jobs, job-file validation and the farm."""
+extension. Path arithmetic (and one ``isdir``), shared by the jobs, job-file validation and the farm.
+
+Default names carry the prompt (``tokenflow-results/wolf-pnp-a-robot-wolf.mp4``), so a second
+prompt never lands on the first one's file: ``prompt_slug`` is the prompt's lowercase words, and
+when those do not spell the prompt exactly (case, punctuation, other scripts, cut at
+``SLUG_WORDS`` characters) a short hash of the prompt follows, after a ``_`` that no plain slug has.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -19,9 +26,16 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv")
 _SEPARATORS = tuple(s for s in (os.sep, os.altsep, "/") if s)
 
 
+SLUG_WORDS = 40   # characters of a prompt's words in a name; with the hash a slug has at most 49
+
+
 def default_output(config: EditConfig) -> str:
+    """``tokenflow-results/<video>-<method>-<prompt slug>.mp4`` for one prompt; with several,
+    ``tokenflow-results/<video>-<method>.mp4``, which ``prompt_outputs`` numbers and slugs per prompt."""
     stem = Path(str(config.video).rstrip("/\\")).stem or "video"
-    return str(Path("tokenflow-results") / f"{stem}-{config.method}{CODEC_SUFFIXES.get(config.codec, VIDEO_SUFFIXES)[0]}")
+    prompts = config.prompts
+    slug = f"-{prompt_slug(prompts[0])}" if len(prompts) == 1 else ""
+    return str(Path("tokenflow-results") / f"{stem}-{config.method}{slug}{CODEC_SUFFIXES.get(config.codec, VIDEO_SUFFIXES)[0]}")
 
 
 def is_folder_output(out: str) -> bool:
@@ -55,7 +69,7 @@ def prompt_outputs(path: str, prompts) -> list:
     if len(prompts) == 1:
         return [path]
     p = Path(path)
-    return [str(p.with_name(f"{p.stem}-{k}-{_slug(text)}{p.suffix}")) for k, text in enumerate(prompts, 1)]
+    return [str(p.with_name(f"{p.stem}-{k}-{prompt_slug(text)}{p.suffix}")) for k, text in enumerate(prompts, 1)]
 
 
 def per_prompt_folders(folder, prompts) -> list:
@@ -64,9 +78,15 @@ def per_prompt_folders(folder, prompts) -> list:
         return [None] * len(prompts)
     if len(prompts) == 1:
         return [str(folder)]
-    return [str(Path(folder) / f"{k}-{_slug(t)}") for k, t in enumerate(prompts, 1)]
+    return [str(Path(folder) / f"{k}-{prompt_slug(t)}") for k, t in enumerate(prompts, 1)]
 
 
-def _slug(text: str, limit: int = 40) -> str:
+def prompt_slug(text: str) -> str:
+    """A file-name-safe (``[a-z0-9_-]``), bounded name for a prompt, distinct for distinct prompts:
+    ``"a robot wolf"`` -> ``a-robot-wolf``; ``"A robot wolf!"`` -> ``a-robot-wolf_<8 hex>`` (the
+    words alone would not tell it from ``"a robot wolf"``)."""
     words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return words[:limit].rstrip("-") or "prompt"
+    slug = words[:SLUG_WORDS].rstrip("-") or "prompt"
+    if slug.replace("-", " ") == text:   # the words are the prompt: nothing lost
+        return slug
+    return f"{slug}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"

@@ -59,6 +59,7 @@ from tokenflow.errors import OutputError
 from tokenflow.io.owners import TOKEN_PATTERN, elsewhere_words, my_token, owners_in
 
 TEMP_MARK = ".tmp-"   # every temp name: ".<target name>.tmp-<owner token>-<8 hex><suffix>"
+FOLDER_STAMP = "tokenflow-job.json"   # the job's settings in a frames or report folder (io.stamps)
 FOREIGN_TEMP_AGE_S = 3600.0   # another machine's (or an owner-less) temp untouched this long is a dead writer's
 _LEGACY = re.compile(r"[0-9a-f]{12}(\.|$)")   # what followed TEMP_MARK before names carried their owner
 _TEMP_NAME = re.compile(re.escape(TEMP_MARK) + f"({TOKEN_PATTERN}|{_LEGACY.pattern})")
@@ -368,4 +369,4 @@ def check_frames_target(folder: str) -> None:
 
 
 def _holds_only_our_frames(folder: str) -> bool:
-    return all(re.fullmatch(r"\d{5,}\.(png|exr)", name) for name in os.listdir(folder))
+    return all(re.fullmatch(r"\d{5,}\.(png|exr)", name) or name == FOLDER_STAMP for name in os.listdir(folder))
