@@ -8,9 +8,9 @@
    (``--preset tiny``: the output is NOT a real edit) and how to get the real one.
 2. The settings, for the device (``--device`` among the flags, else the best available one):
    a CUDA GPU gets the real defaults (512x512, 500 inversion + 50 edit steps); a CPU (or MPS)
-   gets ``--preset fast`` (50 + 10 steps) at 256x256 and 16 frames. What the real model costs at
-   those CPU settings has not been measured (no real weights on the development machine): it is
-   about 1,300 UNet evaluations of one 256x256 frame, tens of minutes on a laptop CPU.
+   gets ``--preset fast`` (50 + 10 steps) at 256x256 and 16 frames: about 1,300 UNet evaluations of
+   one 256x256 frame, about 22 minutes on a 2-core VM (estimated from a measured shorter run of the
+   SD 2.1 architecture with random weights, bench/results/cpu_sd21_256_16f_demo_cost.json).
 3. ``tokenflow edit`` writes ``tokenflow-results/sample-edit.mp4`` and its report. Flags after
    ``demo`` go to it last (they win). ``--dry-run`` prints the choice and the command, downloads
    and edits nothing.
@@ -37,8 +37,8 @@ SETTINGS_WORDS = {
     "tiny": "the tiny model's preset (128x128, 16 frames, 50 inversion + 10 edit steps)",
     "gpu": "the real defaults on a GPU (512x512, 500 inversion + 50 edit steps)",
     "small": "--preset fast (50 inversion + 10 edit steps) at 256x256 and 16 frames, as a CPU needs; "
-             "its cost with the real model is not measured: about 1,300 UNet evaluations, tens of minutes "
-             "on a laptop CPU (a CUDA GPU runs the full settings)",
+             "about 1,300 UNet evaluations, estimated at about 22 minutes on a 2-core CPU (from a measured "
+             "shorter run; a CUDA GPU runs the full settings)",
 }
 
 

@@ -109,7 +109,7 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
                        "eager (default), compile (torch.compile; CUDA graphs on GPU), aot (AOTInductor packages: "
                        "compiled once per model/shape/machine, loaded without tracing in later runs), onnx (exported graphs in "
                        "ONNX Runtime; `tokenflow export`), tensorrt (engines built from those graphs; never run "
-                       "in our CI, see README)")
+                       "anywhere yet: unverified, docs/backends.md)")
         g = p.add_argument_group("kernels (see `tokenflow doctor` for what runs here)")
         g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention: auto (default: triton "
                        "on CUDA in float16/bfloat16, else torch, i.e. SDPA), triton, xformers (unverified; only by "
