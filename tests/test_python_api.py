@@ -63,3 +63,11 @@ def test_an_inversion_of_another_model_is_refused(editor, inversion):
     other = dataclasses.replace(inversion, model="another-model@0")
     with pytest.raises(ConfigError, match="made with model another-model@0"):
         editor.edit(other, "glass")
+
+
+@pytest.mark.parametrize("keywords", [dict(frames=2), dict(size=(32, 32)), dict(stride=2, crop=True)])
+def test_clip_keywords_with_an_inversion_are_refused_not_ignored(editor, inversion, keywords):
+    """The inversion's clip is what gets edited: a keyword that would select or size another clip
+    is an error before any work, never silently dropped."""
+    with pytest.raises(ConfigError, match=r"given with an Inversion, whose clip is fixed \(4 frames at 64x64\)"):
+        editor.edit(inversion, "glass", **EDIT, **keywords)

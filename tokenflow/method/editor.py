@@ -42,6 +42,7 @@ from tokenflow.method.inversion import (
     edit_config_for,
     edit_timesteps,
     noise_from_inversion,
+    refuse_clip_keywords,
 )
 from tokenflow.models.load import SDModel, encode_prompt, is_out_of_memory, load_model
 
@@ -311,7 +312,8 @@ class Editor:
         config = (config or EditConfig()).replace(**overrides)
         if prompts is not None:
             config = config.replace(prompt=tuple(prompts))
-        if isinstance(video, Inversion):   # checked (timesteps held) before any work
+        if isinstance(video, Inversion):   # checked (clip fields, timesteps held) before any work
+            refuse_clip_keywords(video, set(overrides))
             config = edit_config_for(video, config, named, self.model.scheduler_config, self.model.identity)
         config.validate()
         choice = check_backends(self.model.device, self.model.dtype, config.attention_backend, config.nearest_backend)

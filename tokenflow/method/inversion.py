@@ -20,6 +20,9 @@ from tokenflow.method import schedule
 EDIT_FIELDS = ("steps", "method", "sdedit_start")
 # The EditConfig fields that say how the source was inverted: the edit's source branch uses them.
 INVERSION_FIELDS = ("inversion_prompt", "inversion_steps")
+# The EditConfig fields that select and size the clip: an Inversion's clip is fixed, so an edit of
+# one cannot change them (a keyword naming one is refused rather than silently ignored).
+CLIP_FIELDS = ("video", "frames", "start_frame", "stride", "size", "crop")
 
 
 @dataclass
@@ -76,6 +79,16 @@ def edit_timesteps(scheduler_config: dict, steps: int, method: str, sdedit_start
     if method == "sdedit":
         timesteps = schedule.sdedit_timesteps(timesteps, sdedit_start)
     return timesteps
+
+
+def refuse_clip_keywords(inversion: Inversion, keywords: AbstractSet[str]) -> None:
+    """ConfigError if an edit of ``inversion`` names a field of ``CLIP_FIELDS`` as a keyword: the
+    inversion's clip (its frames, at its size) is what gets edited."""
+    given = [name for name in CLIP_FIELDS if name in keywords]
+    if given:
+        n, _, h, w = inversion.clip.frames.shape
+        raise ConfigError(f"{', '.join(given)} given with an Inversion, whose clip is fixed ({n} frames at {w}x{h}): "
+                          f"leave {' and '.join(given)} out, or invert the video again with them")
 
 
 def edit_config_for(inversion: Inversion, config: EditConfig, named: AbstractSet[str],

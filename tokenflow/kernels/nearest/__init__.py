@@ -117,7 +117,7 @@ def _faiss_not_auto(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor) ->
         return "GPU indexes are unverified; on CUDA the Triton kernel is used"
     entries = x.shape[0] * pairs.shape[1] * x.shape[1] * keys.shape[1]
     if entries < AUTO_MIN_ENTRIES:
-        return f"picked automatically only for searches of at least {AUTO_MIN_ENTRIES:.0e} similarities ({entries:.0e} here)"
+        return f"picked automatically only for searches of at least {AUTO_MIN_ENTRIES:,} similarities ({entries:,} here)"
     return None
 
 
