@@ -161,6 +161,21 @@ def test_steps_no_inversion_holds_are_refused_before_anything_loads(flags, fix, 
     assert [e["event"] for e in events] == ["start", "error"]   # nothing read, nothing loaded
 
 
+def test_steps_checked_against_a_guessed_scheduler_only_warn(sample_clip, tmp_path, monkeypatch):
+    """A Hub model not downloaded yet: its scheduler is only guessed (Stable Diffusion's), so a misfit
+    is a warning before the load (which checks the real one), not a refusal; a named version's
+    scheduler is known, so there it is an error."""
+    from tokenflow.app.jobs import check_model_and_steps
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    odd = EditConfig(video=str(sample_clip), prompt="x", inversion_steps=50, steps=7)
+    with pytest.warns(UserWarning, match=r"checked against Stable Diffusion's scheduler: someone/custom-sd"):
+        check_model_and_steps(odd.replace(model="someone/custom-sd"))
+    with pytest.raises(ConfigError, match="are not inversion timesteps"):
+        check_model_and_steps(odd.replace(model="2.1"))
+
+
 # --- numeric ranges: every numeric field has both bounds, checked by the one validator ---------
 
 def _numeric_fields(kind=None):

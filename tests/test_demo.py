@@ -91,3 +91,13 @@ def test_offline_demo_edits_the_sample_with_the_tiny_model(tmp_path):
     results = tmp_path / "tokenflow-results"
     assert (results / "sample-edit.mp4").stat().st_size > 0
     assert (results / "sample-report" / "index.html").exists()
+
+
+def test_device_auto_means_the_best_available_and_both_hints_name_one_command():
+    from tokenflow.app import demo
+    from tokenflow.device import default_device
+    from tokenflow.models import load
+
+    assert demo.device_kind(["--device", "auto"]) == demo.device_kind([]) == default_device().type
+    assert demo.device_kind(["--device", "cuda:1"]) == "cuda"
+    assert demo.download_command("o/m") == load.download_command("o/m")

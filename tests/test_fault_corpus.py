@@ -1040,8 +1040,8 @@ DATA_SAFETY: List[Case] = [   # an output that is, contains or lies inside an in
     Case("output-not-a-video-name", "data safety", "`-o out.txt` (used to become a folder holding "
          "`<video>-pnp.mp4`)", "flag", 2, "ends in '.txt'",
          lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "-o", x.work / "out.txt"],
-         answer="one line naming `out.txt` and the containers tokenflow writes (.mp4, .m4v, .mov) or a folder "
-                "ending in '/'; nothing written"),
+         answer="one line naming `out.txt` and the containers tokenflow writes (.mp4, .m4v, .mov; .mov for "
+                "prores, .mkv for ffv1) or a folder ending in '/'; nothing written"),
     Case("output-without-extension", "data safety", "`-o results` (no extension, not an existing folder)", "flag",
          2, "has no file extension", lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "-o",
                                                 x.work / "results"]),

@@ -382,16 +382,16 @@ def test_download_hint_names_the_installed_cli(dist, command, monkeypatch):
 
     import huggingface_hub
 
-    from tokenflow.models import load
+    from tokenflow.models import hf, load
 
-    monkeypatch.setattr(load.importlib.metadata, "distribution", lambda name: dist)
+    monkeypatch.setattr(hf.importlib.metadata, "distribution", lambda name: dist)
     assert load.download_command("o/m") == f"{command} download o/m --local-dir DIR"
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _offline)
     with pytest.raises(ModelError, match=f"with `{command} download nobody-xyz/no-such-model --local-dir DIR`"):
         load_model("nobody-xyz/no-such-model", CPU, torch.float32)
-    monkeypatch.setattr(load.importlib.metadata, "distribution",
+    monkeypatch.setattr(hf.importlib.metadata, "distribution",
                         lambda name: (_ for _ in ()).throw(importlib.metadata.PackageNotFoundError(name)))
-    assert load.hub_cli() == "hf"
+    assert hf.hub_cli() == "hf"
 
 
 def _offline(repo_id, **kwargs):
@@ -404,7 +404,7 @@ def test_the_installed_huggingface_hub_has_the_named_cli():
     import shutil as sh
     import sys
 
-    from tokenflow.models.load import hub_cli
+    from tokenflow.models.hf import hub_cli
 
     folder = Path(sys.executable).parent
     assert (folder / hub_cli()).exists() or sh.which(hub_cli()), hub_cli()

@@ -173,3 +173,31 @@ def test_a_frames_folder_with_its_record_is_ours_and_a_damaged_record_is_none(tm
     (folder / FOLDER_STAMP).write_text('{"format": 1, "fingerprint": "0", "fields": {"seed": 1}}')
     check_frames_target(str(folder))   # our frames with their record: --overwrite may replace the folder
     assert read_stamp(str(folder), "frames") is None   # a record whose fingerprint does not verify
+
+
+def test_the_skip_check_downloads_nothing_and_a_copy_of_the_model_folder_is_the_same_model(
+        tmp_path, tiny_model_dir, sample_clip, capsys, monkeypatch):
+    """A farm node checks finished work without the model: a Hub id it has not downloaded (offline
+    here) and its own copy of a model folder (other modification times) still skip; another
+    --device/--dtype as given is another job, but the same "auto" is the same job on any machine."""
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = EditConfig(video=str(sample_clip), model="stabilityai/stable-diffusion-2-1-base", prompt="glass",
+                     output=str(tmp_path / "hub.mp4"))
+    made_by(hub, tmp_path / "hub.mp4")
+    code, _, err = run_cli(capsys, "edit", sample_clip, "--model", hub.model, "--prompt", "glass",
+                           "-o", tmp_path / "hub.mp4")
+    assert code == 0 and "skipped" in err, err
+
+    copy = tmp_path / "copy-of-model"
+    shutil.copytree(tiny_model_dir, copy)   # new modification times
+    for path in copy.rglob("*.safetensors"):
+        os.utime(path, (1, 1))
+    mine = EditConfig(video=str(sample_clip), model=str(tiny_model_dir), prompt="glass", output=str(tmp_path / "m.mp4"))
+    made_by(mine, tmp_path / "m.mp4")
+    code, _, err = run_cli(capsys, "edit", sample_clip, "--model", copy, "--prompt", "glass", "-o", tmp_path / "m.mp4")
+    assert code == 0 and "skipped" in err, err
+    code, _, err = run_cli(capsys, "edit", sample_clip, "--model", copy, "--prompt", "glass", "-o", tmp_path / "m.mp4",
+                           "--dtype", "bfloat16")
+    assert code == 5 and "dtype" in err, err

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import os
 import shlex
 import sys
@@ -27,6 +26,7 @@ from typing import List, Optional, Tuple
 
 from tokenflow.config import DEFAULT_MODEL
 from tokenflow.errors import ModelError, one_line
+from tokenflow.models.hf import hub_cli
 
 RESULTS = "tokenflow-results"
 CLIP = f"{RESULTS}/sample.mp4"
@@ -43,14 +43,8 @@ SETTINGS_WORDS = {
 
 
 def download_command(repo: str) -> str:
-    """The download command the installed huggingface_hub has (``hf`` since 0.34, before that
-    ``huggingface-cli``)."""
-    try:
-        scripts = {e.name for e in importlib.metadata.distribution("huggingface_hub").entry_points}
-    except importlib.metadata.PackageNotFoundError:
-        scripts = set()
-    tool = "hf" if "hf" in scripts or "huggingface-cli" not in scripts else "huggingface-cli"
-    return f"{tool} download {repo} --local-dir DIR"
+    """The download command the installed huggingface_hub has (``models.hf.hub_cli``)."""
+    return f"{hub_cli()} download {repo} --local-dir DIR"
 
 
 def how_to_get(repo: str = DEFAULT_MODEL) -> str:
@@ -108,7 +102,7 @@ def device_kind(flags: List[str]) -> str:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--device")
     given = parser.parse_known_args(flags)[0].device
-    if given:
+    if given and given.strip().lower() != "auto":
         return given.strip().lower().split(":")[0]
     from tokenflow.device import default_device  # noqa: PLC0415  imports torch
 

@@ -41,7 +41,9 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     p.add_argument("--config", metavar="YAML", help="YAML config; our keys or the original repo's "
                    "(data_path, n_frames, n_timesteps, batch_size, sd_version, ...). --preset and flags override it")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset: "
-                   "original (the paper's defaults), fast (50 inversion / 10 edit steps), tiny (offline demo)")
+                   "original (the paper's defaults, i.e. no change), fast (50 inversion / 10 edit steps), tiny "
+                   "(offline demo); over a --config file a preset sets only the fields where it differs from the "
+                   "defaults, and flags beat both")
     g = p.add_argument_group("frames")
     g.add_argument("--frames", type=int, metavar="N", help="number of frames to edit (default 40; 0 = all)")
     g.add_argument("--start", metavar="I", help="first source frame index (default 0)")

@@ -8,6 +8,7 @@ import re
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -105,8 +106,10 @@ def _run_checked(config: EditConfig, reporter: Reporter, stop: Optional[StopFlag
             check_report_target(target)
         if len(reports_out) > 1:
             check_index_target(config.report)
+    # several prompts' reports share DIR/index.html: locked too, so two jobs never race to write it
+    index = [os.path.join(config.report, "index.html")] if config.report and len(reports_out) > 1 else []
     signals = contextlib.nullcontext(stop) if stop is not None else stop_on_signals()
-    with signals as stop, OutputLocks(path for path, _ in skip.targets) as locks:   # LockedError (7): a live one has one
+    with signals as stop, OutputLocks([path for path, _ in skip.targets] + index) as locks:   # LockedError (7): another holds one
         for message in locks.broken:
             reporter.info(message)
         if skip(reporter, final=True):   # done by another worker meanwhile?
@@ -152,7 +155,7 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
         raise Interrupted(f"stopped by {stop.reason} before the edit began; nothing was written")
     results = editor.edit_many(clip, config=config, interrupt=stop)   # a stop: step, checkpoint, exit 75 (130)
     video = video_settings(config.codec, config.pix_fmt, config.crf)
-    fields = job_fields(config, model_identity=editor.model.identity, input_sha256=clip.content_hash)
+    fields = job_fields(config, input_sha256=clip.content_hash)
     with reporter.stage("write"), _staging() as staged:   # all to temp names, then the locks, then renames
         for result, output, frames_dir, latents_path in zip(results, outputs, frames_out, latents_out):
             metadata = {**edit_tags(result.prompt, config.model, result.model_is_tiny, TINY_NOTE),
@@ -275,8 +278,18 @@ def check_host_memory(config: EditConfig, prompts: int, device_type: str) -> Hos
 def check_model_and_steps(config: EditConfig) -> None:
     """Before anything is read, loaded or downloaded: a known v-prediction model (ModelError) and
     edit steps whose timesteps the inversion does not hold (ConfigError naming step counts that
-    fit), from the model's scheduler config alone (the load checks the real one again)."""
-    check_steps(scheduler_config_for(config.model), config)
+    fit), from the model's scheduler config alone (the load checks the real one again). For a Hub
+    model not downloaded yet, whose scheduler is only guessed (Stable Diffusion's), a misfit is a
+    warning instead: its own scheduler may serve these steps."""
+    known = scheduler_config_for(config.model, guess=False)
+    if known is not None:
+        check_steps(known, config)
+        return
+    try:
+        check_steps(scheduler_config_for(config.model), config)
+    except ConfigError as exc:
+        warnings.warn(f"{exc} (checked against Stable Diffusion's scheduler: {config.model} is not downloaded "
+                      "yet, its own is checked when it loads)")
 
 
 def read_checked(config: EditConfig, reporter: Reporter, host: HostPlan) -> Clip:

@@ -9,7 +9,12 @@ the checkpoint's notion (``io.checkpoint.fingerprint_fields``) with these change
   them) and ``clip_model`` with a report (its scores) count;
 - ``backend``, ``attention_backend`` and ``nearest_backend`` do not: they change speed and the
   last bits only, so a job redone with another backend is still the same job;
-- the checkpoint format does not (outputs do not hold checkpoints).
+- the checkpoint format and the tokenflow version do not (outputs do not hold checkpoints, and an
+  upgrade does not make finished work foreign);
+- the model, device and dtype are compared as asked for, not as resolved on this machine:
+  ``models.load.comparable_identity`` (a Hub id or version name by its repository, a local folder
+  by its configs and file sizes, never downloading), and ``--device``/``--dtype`` as given ("auto").
+  A Ray retry on another kind of node, or a node with its own copy of the model, skips finished work.
 
 Output paths, memory and run-control knobs never count (``NOT_FINGERPRINTED``). One copy of the
 rule: ``tokenflow edit``, ``tokenflow run`` and ``tokenflow farm`` all reach it through ``jobs.run_edit``.
@@ -21,12 +26,11 @@ import sys
 from typing import Any, Dict, Optional
 
 from tokenflow.config import EditConfig
-from tokenflow.device import resolve_device, resolve_dtype
 from tokenflow.errors import OutputError
 from tokenflow.io.checkpoint import fingerprint_fields
 from tokenflow.io.progress import Reporter
 from tokenflow.io.stamps import differences, input_hash, read_stamp
-from tokenflow.models.load import resolve_source
+from tokenflow.models.load import comparable_identity
 
 SPEED_ONLY = ("backend", "attention_backend", "nearest_backend")
 # how the output files are made from the result: the checkpoint leaves them out (its latents are the
@@ -35,21 +39,21 @@ ENCODING = ("fps", "codec", "crf", "pix_fmt", "frames_format")
 _FIX = "--overwrite replaces it (redoes the job), or choose another output path (-o)"
 
 
-def job_fields(config: EditConfig, *, model_identity: Optional[str] = None,
-               input_sha256: Optional[str] = None) -> Dict[str, Any]:
-    """What the job's outputs depend on, as JSON values (the module docstring). ``model_identity``
-    and ``input_sha256``: when the caller has them (a loaded model, a read clip); otherwise from
-    ``models.load.resolve_source`` (no weights are read) and the input's bytes."""
-    device = resolve_device(config.device)
-    dtype = str(resolve_dtype(config.dtype, device)).replace("torch.", "")
-    if model_identity is None:
-        model_identity = resolve_source(config.model).identity
+def job_fields(config: EditConfig, *, input_sha256: Optional[str] = None) -> Dict[str, Any]:
+    """What the job's outputs depend on, as JSON values (the module docstring). ``input_sha256``:
+    when the caller has it (a read clip), else from the input's bytes. The model is
+    ``models.load.comparable_identity`` (no network, no weights read); device and dtype are the
+    settings as given ("auto" when not), not what this machine resolves."""
     if input_sha256 is None:
         input_sha256 = input_hash(str(config.video))
-    fields = fingerprint_fields(config, model_identity=model_identity, dtype=dtype, device_type=device.type,
+    # the settings as asked for, not as this machine resolves them: a job retried on another node
+    # (another GPU, a CPU, a copy of the model folder, another snapshot) or after an upgrade is the same job
+    fields = fingerprint_fields(config, model_identity=comparable_identity(config.model),
+                                dtype=config.dtype or "auto", device_type=config.device or "auto",
                                 frames_sha256=input_sha256)
     fields["input_sha256"] = fields.pop("frames_sha256")
-    fields.pop("checkpoint_format", None)
+    for name in ("checkpoint_format", "tokenflow_version"):
+        fields.pop(name, None)
     for name in SPEED_ONLY:
         fields.pop(name, None)
     fields.update({name: getattr(config, name) for name in ENCODING if hasattr(config, name)})

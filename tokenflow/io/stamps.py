@@ -3,7 +3,8 @@
 A job's *fields* are ``io.checkpoint.fingerprint_fields``-style JSON values (``app.skip.job_fields``):
 what the result depends on. Each output records them (docs/farm.md, "The skip rule"):
 
-- a video (.mp4/.m4v/.mov, all MP4 containers): the container tag ``tokenflow_job``;
+- a video (MP4 for h264/hevc, QuickTime .mov for prores, Matroska .mkv for ffv1): the container
+  tag ``tokenflow_job`` (read without case: Matroska upper-cases tag names);
 - a frames or report folder: the file ``tokenflow-job.json`` inside it;
 - a .npy of latents (whose header holds nothing else): the sidecar ``<name>.npy.tokenflow-job.json``.
 

@@ -1,6 +1,8 @@
 """Plumbing around the Hugging Face libraries that loading needs in more than one place."""
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -29,3 +31,17 @@ def quiet_hf_libraries() -> Iterator[None]:
             lib.set_verbosity(verbosity)
             if progress_bar:
                 lib.enable_progress_bar()
+
+
+def hub_cli() -> str:
+    """The installed huggingface_hub's command: ``hf`` (0.34 and later; 1.0 dropped
+    ``huggingface-cli``), else ``huggingface-cli``. Read from its console scripts, else its version."""
+    try:
+        dist = importlib.metadata.distribution("huggingface_hub")
+    except importlib.metadata.PackageNotFoundError:
+        return "hf"   # what `pip install huggingface_hub` gives today
+    scripts = {entry.name for entry in dist.entry_points if entry.group == "console_scripts"}
+    if scripts & {"hf", "huggingface-cli"}:
+        return "hf" if "hf" in scripts else "huggingface-cli"
+    numbers = [int(part) for part in re.findall(r"\d+", dist.version)[:2]]
+    return "hf" if numbers >= [0, 34] else "huggingface-cli"

@@ -8,7 +8,6 @@ folder or a Hugging Face Hub id. Every problem surfaces as a one-line ``ModelErr
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import os
 import re
 import warnings
@@ -21,7 +20,7 @@ import torch
 from tokenflow.config import SD_VERSIONS
 from tokenflow.errors import ModelError, ResourceError, one_line
 from tokenflow.models import tiny
-from tokenflow.models.hf import quiet_hf_libraries
+from tokenflow.models.hf import hub_cli, quiet_hf_libraries
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx")
@@ -140,13 +139,21 @@ def resolve_source(model: str) -> ModelSource:
 
 
 def tiny_source(model: str, seed_text: Optional[str]) -> ModelSource:
+    seed = _tiny_seed(model, seed_text)
+    folder = tiny.tiny_model_dir(seed)
+    return ModelSource(model, folder, tiny.tiny_identity(seed), is_tiny=True)
+
+
+def _tiny_seed(model: str, seed_text: Optional[str]) -> int:
     try:
-        seed = 0 if seed_text is None else int(seed_text)
+        return 0 if seed_text is None else int(seed_text)
     except ValueError:
         raise ModelError(f"bad model '{model}': the tiny model's seed must be an integer, "
                          "e.g. --model tiny:1") from None
-    folder = tiny.tiny_model_dir(seed)
-    return ModelSource(model, folder, tiny.tiny_identity(seed), is_tiny=True)
+
+
+def _tiny_identity(model: str, seed_text: Optional[str]) -> str:
+    return tiny.tiny_identity(_tiny_seed(model, seed_text))
 
 
 def looks_like_path(model: str) -> bool:
@@ -191,20 +198,6 @@ def download_command(repo_id: str) -> str:
     return f"{hub_cli()} download {repo_id} --local-dir DIR"
 
 
-def hub_cli() -> str:
-    """The installed huggingface_hub's command: ``hf`` (0.34 and later; 1.0 dropped
-    ``huggingface-cli``), else ``huggingface-cli``. Read from its console scripts, else its version."""
-    try:
-        dist = importlib.metadata.distribution("huggingface_hub")
-    except importlib.metadata.PackageNotFoundError:
-        return "hf"   # what `pip install huggingface_hub` gives today
-    scripts = {entry.name for entry in dist.entry_points if entry.group == "console_scripts"}
-    if scripts & {"hf", "huggingface-cli"}:
-        return "hf" if "hf" in scripts else "huggingface-cli"
-    numbers = [int(part) for part in re.findall(r"\d+", dist.version)[:2]]
-    return "hf" if numbers >= [0, 34] else "huggingface-cli"
-
-
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as set *now* (huggingface_hub itself reads it once at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
@@ -235,8 +228,9 @@ def check_components(folder: Path, what: str) -> None:
                          f"{', '.join(missing)} (needs {' '.join(c + '/' for c in COMPONENTS)})")
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """sha256 over config/tokenizer file contents and (path, size, mtime_ns) of weight files.
+def folder_fingerprint(folder: Path, mtimes: bool = True) -> str:
+    """sha256 over config/tokenizer file contents and (path, size, mtime_ns) of weight files
+    (without ``mtimes``: (path, size), so that copies of one folder agree).
 
     Cheap: weight files are never read. Only the five pipeline components and
     ``model_index.json`` count.
@@ -248,8 +242,26 @@ def folder_fingerprint(folder: Path) -> str:
             digest.update(f"{relative}\0".encode() + path.read_bytes() + b"\0")
         else:
             stat = path.stat()
-            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+            digest.update(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns if mtimes else ''}\0".encode())
     return f"sha256:{digest.hexdigest()}"
+
+
+def comparable_identity(model: str) -> str:
+    """The model as the skip rule compares outputs (docs/farm.md), with no network and no weights
+    read: the tiny model's identity; a local folder's fingerprint without modification times (each
+    node's copy of one folder agrees); a version name or Hub id as ``hub:<repo id>`` (any snapshot
+    of one repository is the same model: a farm node need not have it downloaded to skip)."""
+    model = str(model).strip()
+    tiny_match = _TINY_PATTERN.match(model)
+    if tiny_match:
+        return _tiny_identity(model, tiny_match.group(1))
+    refuse_known_v_prediction(model)
+    if model in SD_VERSIONS:
+        return f"hub:{SD_VERSIONS[model]}"
+    if looks_like_path(model) or Path(model).expanduser().exists():
+        folder = Path(model).expanduser().resolve()
+        return folder_fingerprint(folder, mtimes=False) if folder.is_dir() else f"path:{folder}"
+    return f"hub:{model}"
 
 
 def fingerprinted_files(folder: Path) -> Iterator[Path]:
@@ -308,11 +320,13 @@ def refuse_known_v_prediction(model: str) -> None:
             f"original, needs an epsilon-prediction model; use --model {base} ({SD_VERSIONS[base]}, 512x512)")
 
 
-def scheduler_config_for(model: str) -> dict:
+def scheduler_config_for(model: str, guess: bool = True) -> Optional[dict]:
     """The DDIM scheduler config of ``model`` without loading (or downloading) its weights, for the
     checks before the load: the tiny model's, a local folder's ``scheduler/scheduler_config.json``,
-    a Hub model's when the Hugging Face cache has it, else Stable Diffusion's (every SD 1.x/2.x
-    base model has it; the load checks the real one). ModelError for a v-prediction model."""
+    a Hub model's when the Hugging Face cache has it, Stable Diffusion's for the named versions;
+    for another Hub model not in the cache, Stable Diffusion's as a guess (every SD 1.x/2.x base
+    model has it; the load checks the real one), or None when ``guess`` is False. ModelError for a
+    v-prediction model."""
     from diffusers import DDIMScheduler  # noqa: PLC0415  start-up time (see component_loader)
 
     from tokenflow.models.random_weights import scheduler_config  # noqa: PLC0415  builds on diffusers/transformers
@@ -326,6 +340,8 @@ def scheduler_config_for(model: str) -> dict:
         path = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
     elif model not in SD_VERSIONS and model not in SD_VERSIONS.values():
         path = _cached_hub_file(model, "scheduler/scheduler_config.json")
+        if (path is None or not path.is_file()) and not guess:
+            return None
     if path is None or not path.is_file():
         return scheduler_config()
     try:
