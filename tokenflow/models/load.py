@@ -13,7 +13,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
@@ -126,16 +126,26 @@ def encode_prompt(model: SDModel, text: str) -> torch.Tensor:
 
 def resolve_source(model: str) -> ModelSource:
     """Map a ``--model`` string to a local folder (downloading from the Hub if needed)."""
+    kind, value = model_kind(model)
+    if kind == "tiny":
+        return tiny_source(str(model).strip(), value)
+    return local_source(value) if kind == "path" else hub_source(value)
+
+
+def model_kind(model: str) -> Tuple[str, Optional[str]]:
+    """What a ``--model`` string names: ("tiny", its seed text or None), ("path", the path) or
+    ("hub", the repo id; a version name gives its repository). ModelError for a known
+    v-prediction model."""
     model = str(model).strip()
     tiny_match = _TINY_PATTERN.match(model)
     if tiny_match:
-        return tiny_source(model, tiny_match.group(1))
+        return "tiny", tiny_match.group(1)
     refuse_known_v_prediction(model)
     if model in SD_VERSIONS:
-        return hub_source(SD_VERSIONS[model])
+        return "hub", SD_VERSIONS[model]
     if looks_like_path(model) or Path(model).expanduser().exists():
-        return local_source(model)
-    return hub_source(model)
+        return "path", model
+    return "hub", model
 
 
 def tiny_source(model: str, seed_text: Optional[str]) -> ModelSource:
@@ -251,17 +261,13 @@ def comparable_identity(model: str) -> str:
     read: the tiny model's identity; a local folder's fingerprint without modification times (each
     node's copy of one folder agrees); a version name or Hub id as ``hub:<repo id>`` (any snapshot
     of one repository is the same model: a farm node need not have it downloaded to skip)."""
-    model = str(model).strip()
-    tiny_match = _TINY_PATTERN.match(model)
-    if tiny_match:
-        return _tiny_identity(model, tiny_match.group(1))
-    refuse_known_v_prediction(model)
-    if model in SD_VERSIONS:
-        return f"hub:{SD_VERSIONS[model]}"
-    if looks_like_path(model) or Path(model).expanduser().exists():
-        folder = Path(model).expanduser().resolve()
+    kind, value = model_kind(model)
+    if kind == "tiny":
+        return _tiny_identity(str(model).strip(), value)
+    if kind == "path":
+        folder = Path(value).expanduser().resolve()
         return folder_fingerprint(folder, mtimes=False) if folder.is_dir() else f"path:{folder}"
-    return f"hub:{model}"
+    return f"hub:{value}"
 
 
 def fingerprinted_files(folder: Path) -> Iterator[Path]:
