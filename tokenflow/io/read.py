@@ -86,7 +86,8 @@ class Clip:
 
 
 def read_video(path, *, frames: Optional[int] = None, start: int = 0, stride: int = 1,
-               size: Optional[Size] = None, crop: bool = False, on_frame: Optional[FrameCheck] = None) -> Clip:
+               size: Optional[Size] = None, crop: bool = False, on_frame: Optional[FrameCheck] = None,
+               warn_short: bool = True) -> Clip:
     """Decode source frames ``start, start + stride, ...`` (at most ``frames`` of them) into a Clip.
 
     ``path`` is a video file FFmpeg can decode or a folder of numbered images. ``frames=None``
@@ -99,6 +100,8 @@ def read_video(path, *, frames: Optional[int] = None, start: int = 0, stride: in
     or read, so only the selected frames at the target size are held (plus one source frame).
     ``on_frame(n)`` is called before the n-th selected frame is resized; an exception it raises
     (a host-memory check: ``engine.planner.HostPlan.check_frames``) ends the read.
+    ``warn_short``: one warning when ``frames`` (other than the default 40) asks for more frames than
+    exist (an edit's read); readers that check the count themselves (``tokenflow metrics``) turn it off.
     Returns frames float32 [N, 3, H, W] in [0, 1].
     """
     path = os.fspath(path)
@@ -107,7 +110,7 @@ def read_video(path, *, frames: Optional[int] = None, start: int = 0, stride: in
         size = _checked_size(size)
     if not os.path.exists(path):
         raise InputError(f"input video '{path}' does not exist. Check the path.")
-    selection = _Selection(start, stride, frames)
+    selection = _Selection(start, stride, frames, warn_short)
     if os.path.isdir(path):
         return _read_image_folder(path, selection, size, crop, on_frame)
     return _read_video_file(path, selection, size, crop, on_frame)
@@ -177,8 +180,8 @@ def count_selected(path, *, frames: Optional[int] = None, start: int = 0, stride
 class _Selection:
     """Which source frame numbers to keep: start, start + stride, ... (``count`` of them or all)."""
 
-    def __init__(self, start: int, stride: int, count: Optional[int]):
-        self.start, self.stride, self.count = start, stride, count
+    def __init__(self, start: int, stride: int, count: Optional[int], warn_short: bool = True):
+        self.start, self.stride, self.count, self.warn_short = start, stride, count, warn_short
         self.last = None if count is None else start + stride * (count - 1)
 
     def keeps(self, index: int) -> bool:
@@ -192,7 +195,8 @@ class _Selection:
 def _warn_if_short(path: str, total: int, kept: int, selection: _Selection) -> None:
     """One warning when ``frames`` asked for more frames than the source has from ``start`` every
     ``stride``; the default (DEFAULT_FRAMES) is a cap, not a request, and is not warned about."""
-    if selection.count is None or kept >= selection.count or selection.count == DEFAULT_FRAMES:
+    if not selection.warn_short or selection.count is None or kept >= selection.count \
+            or selection.count == DEFAULT_FRAMES:
         return
     picked = "" if (selection.start, selection.stride) == (0, 1) else \
         f", {kept} of them from --start {selection.start} --stride {selection.stride}"

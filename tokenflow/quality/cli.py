@@ -124,7 +124,8 @@ def load_pair(source: str, edited: str, *, start: int = 0, stride: int = 1, crop
     n = int(edit_clip.frames.shape[0])
     if n < 2:
         raise InputError(f"edited video '{edited}' has {n} frame; temporal metrics need at least 2.")
-    source_clip = read_video(source, frames=n, start=start, stride=stride, size=(width, height), crop=crop)
+    source_clip = read_video(source, frames=n, start=start, stride=stride, size=(width, height), crop=crop,
+                             warn_short=False)   # the frame counts are compared below, with the fix
     if source_clip.frames.shape[0] != n:
         raise InputError(f"source '{source}' has only {source_clip.frames.shape[0]} frames from --start {start} "
                          f"--stride {stride}, but edited '{edited}' has {n}; pass the --start/--stride the edit used.")
