@@ -10,6 +10,7 @@ and docs/caches.md. Imports no torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import List
@@ -59,8 +60,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         removed, busy, before, after = caches.prune(root, max_bytes, kinds, dry_run=args.dry_run)
     doc = {"root": str(root), "root_from": source, "action": args.cache_action, "dry_run": args.dry_run,
-           "removed": [_entry_json(e) for e in removed], "removed_bytes": sum(e.bytes for e in removed),
-           "busy": [_entry_json(e) for e in busy]}
+           "removed": [dataclasses.asdict(e) for e in removed], "removed_bytes": sum(e.bytes for e in removed),
+           "busy": [dataclasses.asdict(e) for e in busy]}
     if max_bytes is not None:
         doc.update(max_bytes=max_bytes, bytes_before=before, bytes_after=after)
     if args.json:
@@ -104,7 +105,3 @@ def _ls(root: Path, source: str, kinds: List[caches.Kind], as_json: bool) -> int
     print(f"  {'total':{width}s} {sum(len(r.entries) for r in reports):7d} {caches.human(total):>10s}")
     return 0
 
-
-def _entry_json(e: caches.Entry) -> dict:
-    return {"kind": e.kind, "name": e.name, "bytes": e.bytes, "last_used": e.last_used, "paths": e.paths,
-            "busy": e.busy}

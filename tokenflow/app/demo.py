@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 
 from tokenflow.config import DEFAULT_MODEL
 from tokenflow.errors import ModelError, one_line
-from tokenflow.models.hf import hub_cli
+from tokenflow.models.hf import download_command
 
 RESULTS = "tokenflow-results"
 CLIP = f"{RESULTS}/sample.mp4"
@@ -40,11 +40,6 @@ SETTINGS_WORDS = {
              "about 1,300 UNet evaluations, estimated at about 22 minutes on a 2-core CPU (from a measured "
              "shorter run; a CUDA GPU runs the full settings)",
 }
-
-
-def download_command(repo: str) -> str:
-    """The download command the installed huggingface_hub has (``models.hf.hub_cli``)."""
-    return f"{hub_cli()} download {repo} --local-dir DIR"
 
 
 def how_to_get(repo: str = DEFAULT_MODEL) -> str:

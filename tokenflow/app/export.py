@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     from tokenflow.engine.backends import not_supported_reasons  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
     from tokenflow.engine.backends.onnx import export_all  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
     from tokenflow.engine.processors import TokenFlowUNet  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
-    from tokenflow.io.cache import default_cache_root  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
+    from tokenflow.io.caches import default_cache_root  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
     from tokenflow.models.load import load_model  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
 
     width, height = parse_size(args.size)

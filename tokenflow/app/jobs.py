@@ -42,6 +42,7 @@ from tokenflow.method.editor import Editor, EditResult, read_clip
 from tokenflow.method.schedule import check_steps
 from tokenflow.models.architectures import architecture_of, meta_model, weights_on_disk
 from tokenflow.models.load import scheduler_config_for
+from tokenflow.models.random_weights import scheduler_config as default_scheduler_config
 from tokenflow.quality.cli import evaluate, load_scorer
 from tokenflow.quality.flow import require_cv2
 from tokenflow.quality.provenance import edit_tags
@@ -286,7 +287,7 @@ def check_model_and_steps(config: EditConfig) -> None:
         check_steps(known, config)
         return
     try:
-        check_steps(scheduler_config_for(config.model), config)
+        check_steps(default_scheduler_config(), config)
     except ConfigError as exc:
         warnings.warn(f"{exc} (checked against Stable Diffusion's scheduler: {config.model} is not downloaded "
                       "yet, its own is checked when it loads)")

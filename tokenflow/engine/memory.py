@@ -44,7 +44,7 @@ from torch.utils._pytree import tree_flatten
 
 from tokenflow.engine.processors import self_attention_layers
 from tokenflow.engine.state import timestep_tensor
-from tokenflow.io.cache import default_cache_root
+from tokenflow.io.caches import CALIBRATION, default_cache_root
 from tokenflow.io.outputs import atomic_file
 
 PROBE_LATENT = 32
@@ -186,7 +186,7 @@ def calibrate(model, cache_root: Optional[Path] = None, use_cache: bool = True) 
     """The device's calibration for ``model`` (cached per device; measured on first use; a model
     whose weights are on the ``meta`` device gets the cached factor or ``UNCALIBRATED``'s 1.0)."""
     device, dtype = model.device, model.dtype
-    path = (cache_root or default_cache_root()) / "memory-calibration.json"
+    path = (cache_root or default_cache_root()) / CALIBRATION
     key = calibration_key(model, device)
     table = _read_json(path) if use_cache else {}
     if key in table:

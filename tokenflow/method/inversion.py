@@ -63,22 +63,13 @@ class Inversion:
         held = set(self.latents)
         # an edit needs about steps (PnP) or start * steps (SDEdit) timesteps: more are never held
         most = len(held) if method != "sdedit" else math.ceil((len(held) + 2) / start)
-        found = []
-        for steps in range(min(most, TRAIN_STEPS), 0, -1):
-            try:
-                if set(edit_timesteps(scheduler_config, steps, method, start)) <= held:
-                    found.append(steps)
-            except ConfigError:   # SDEdit: too few steps for this start
-                continue
-        return found
+        return schedule.served_steps(held, schedule.timesteps_function(scheduler_config), method, start,
+                                     min(most, TRAIN_STEPS))
 
 
 def edit_timesteps(scheduler_config: dict, steps: int, method: str, sdedit_start: float) -> List[int]:
     """The timesteps an edit denoises at, noisiest first (SDEdit: the truncated schedule)."""
-    timesteps = schedule.timesteps_of(scheduler_config, steps)
-    if method == "sdedit":
-        timesteps = schedule.sdedit_timesteps(timesteps, sdedit_start)
-    return timesteps
+    return schedule.edit_timesteps_with(schedule.timesteps_function(scheduler_config), steps, method, sdedit_start)
 
 
 def refuse_clip_keywords(inversion: Inversion, keywords: AbstractSet[str]) -> None:

@@ -65,18 +65,14 @@ def check_steps(scheduler_config: dict, config: EditConfig) -> Set[int]:
     counts alone: the CLI calls it before anything is read or loaded. A ConfigError names step
     counts that fit: the nearest ``steps`` this inversion serves, or the ``inversion_steps`` that
     serves these edit steps."""
-    timesteps = _timesteps_function(scheduler_config)
+    timesteps = timesteps_function(scheduler_config)
     inversion = timesteps(config.inversion_steps)
 
-    def edit(steps: int) -> List[int]:
-        out = timesteps(steps)
-        return sdedit_timesteps(out, config.sdedit_start) if config.method == "sdedit" else out
-
-    edit_timesteps = edit(config.steps)
+    edit_timesteps = edit_timesteps_with(timesteps, config.steps, config.method, config.sdedit_start)
     if set(edit_timesteps) <= set(inversion):
         return inversion_save_timesteps(inversion, edit_timesteps)
     held = set(inversion)
-    fits = [n for n in range(1, config.inversion_steps + 1) if _serves(held, edit, n)]
+    fits = served_steps(held, timesteps, config.method, config.sdedit_start, config.inversion_steps)
     below = max((n for n in fits if n < config.steps), default=None)
     above = min((n for n in fits if n > config.steps), default=None)
     train = int(scheduler_config.get("num_train_timesteps", 1000))
@@ -96,14 +92,29 @@ def check_steps(scheduler_config: dict, config: EditConfig) -> Set[int]:
                  f"and every edit timestep must be one; use {' or '.join(fixes) or 'other step counts'}")
 
 
-def _serves(held: Set[int], edit: Callable[[int], List[int]], steps: int) -> bool:
-    try:
-        return set(edit(steps)) <= held
-    except ConfigError:   # sdedit_start too small for so few steps
-        return False
+def served_steps(held: Set[int], timesteps: Callable[[int], List[int]], method: str, sdedit_start: float,
+                 most: int) -> List[int]:
+    """The edit step counts from ``most`` down to 1 whose timesteps (``timesteps(n)``; SDEdit: the
+    truncated schedule) are all in ``held``, most steps first."""
+    found = []
+    for steps in range(most, 0, -1):
+        try:
+            if set(edit_timesteps_with(timesteps, steps, method, sdedit_start)) <= held:
+                found.append(steps)
+        except ConfigError:   # SDEdit: sdedit_start too small for so few steps
+            continue
+    return found
 
 
-def _timesteps_function(scheduler_config: dict) -> Callable[[int], List[int]]:
+def edit_timesteps_with(timesteps: Callable[[int], List[int]], steps: int, method: str,
+                        sdedit_start: float) -> List[int]:
+    """The timesteps an edit of ``steps`` denoises at (``timesteps(n)``: the DDIM schedule of n steps),
+    noisiest first; SDEdit: the truncated schedule."""
+    out = timesteps(steps)
+    return sdedit_timesteps(out, sdedit_start) if method == "sdedit" else out
+
+
+def timesteps_function(scheduler_config: dict) -> Callable[[int], List[int]]:
     """n -> ``timesteps_of(scheduler_config, n)``, with one scheduler for every n (cheap to call often)."""
     scheduler: Optional[DDIMScheduler] = None
 

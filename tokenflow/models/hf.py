@@ -45,3 +45,8 @@ def hub_cli() -> str:
         return "hf" if "hf" in scripts else "huggingface-cli"
     numbers = [int(part) for part in re.findall(r"\d+", dist.version)[:2]]
     return "hf" if numbers >= [0, 34] else "huggingface-cli"
+
+
+def download_command(repo_id: str) -> str:
+    """The command that downloads ``repo_id`` into DIR with the installed huggingface_hub's CLI."""
+    return f"{hub_cli()} download {repo_id} --local-dir DIR"

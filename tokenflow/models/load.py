@@ -20,7 +20,7 @@ import torch
 from tokenflow.config import SD_VERSIONS
 from tokenflow.errors import ModelError, ResourceError, one_line
 from tokenflow.models import tiny
-from tokenflow.models.hf import hub_cli, quiet_hf_libraries
+from tokenflow.models.hf import download_command, quiet_hf_libraries
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx")
@@ -203,11 +203,6 @@ def hub_source(repo_id: str) -> ModelSource:
     return ModelSource(repo_id, snapshot, identity, is_tiny=False)
 
 
-def download_command(repo_id: str) -> str:
-    """The command that downloads ``repo_id`` into DIR with the installed huggingface_hub's CLI."""
-    return f"{hub_cli()} download {repo_id} --local-dir DIR"
-
-
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE as set *now* (huggingface_hub itself reads it once at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
@@ -337,15 +332,12 @@ def scheduler_config_for(model: str, guess: bool = True) -> Optional[dict]:
 
     from tokenflow.models.random_weights import scheduler_config  # noqa: PLC0415  builds on diffusers/transformers
 
-    model = str(model).strip()
-    if _TINY_PATTERN.match(model):
-        return scheduler_config()
-    refuse_known_v_prediction(model)
+    kind, value = model_kind(model)
     path = None
-    if looks_like_path(model) or Path(model).expanduser().exists():
-        path = Path(model).expanduser() / "scheduler" / "scheduler_config.json"
-    elif model not in SD_VERSIONS and model not in SD_VERSIONS.values():
-        path = _cached_hub_file(model, "scheduler/scheduler_config.json")
+    if kind == "path":
+        path = Path(value).expanduser() / "scheduler" / "scheduler_config.json"
+    elif kind == "hub" and value not in SD_VERSIONS.values():
+        path = _cached_hub_file(value, "scheduler/scheduler_config.json")
         if (path is None or not path.is_file()) and not guess:
             return None
     if path is None or not path.is_file():

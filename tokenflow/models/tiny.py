@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
-from tokenflow.io.cache import default_cache_root
+from tokenflow.io.caches import default_cache_root
 from tokenflow.io.outputs import atomic_path
 from tokenflow.models.hf import quiet_hf_libraries
 from tokenflow.models.layouts import SD_UNET_LAYOUT, SD_VAE_LAYOUT
