@@ -318,3 +318,18 @@ def test_a_failed_edit_removes_the_folders_it_made_and_no_others(tmp_path, clip,
                            "--save-latents", tmp_path / "there" / "l.npy", "--save-frames", tmp_path / "png" / "f")
     assert code == 3, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "there"] and not any((tmp_path / "there").iterdir())
+
+
+def test_the_latents_job_record_beside_them_is_an_output_too(tmp_path, clip, capsys):
+    """--save-latents X.npy also writes X.npy.tokenflow-job.json (the skip rule's record): that path
+    may not be an input either, whatever --overwrite says."""
+    record = tmp_path / "lat.npy.tokenflow-job.json"
+    record.write_text("seed: 1\n")   # the user's --config file happens to have that name
+    before = record.read_bytes()
+    [(label, reason)] = problems(config(clip, tmp_path / "o.mp4", save_latents=str(tmp_path / "lat.npy")),
+                                 [("--config file", str(record))])
+    assert label == "save_latents record" and str(record) in reason
+    code, _, err = run_cli(capsys, "edit", "--config", record, clip, "--prompt", "x", "--model", "tiny",
+                           "-o", tmp_path / "o.mp4", "--save-latents", tmp_path / "lat.npy", "--overwrite")
+    assert code == 5 and "save_latents record" in one_error_line(err)
+    assert record.read_bytes() == before

@@ -18,6 +18,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from tokenflow.app.outputs import per_prompt_folders, prompt_outputs, resolve_output
 from tokenflow.config import SD_VERSIONS, EditConfig
 from tokenflow.errors import ConfigError, OutputError
+from tokenflow.io.stamps import sidecar_path
 
 Pair = Tuple[str, str]   # (label, path)
 
@@ -76,15 +77,19 @@ def job_inputs(config: EditConfig, extra: Iterable[Optional[Pair]] = ()) -> List
     return found + [(label, os.fspath(path)) for label, path in (p for p in extra if p) if path]
 
 
+RECORD_LABEL = "save_latents record"   # the job record beside each --save-latents .npy (io.stamps)
+
+
 def job_output_paths(config: EditConfig, video_outputs: Optional[Sequence[str]] = None) -> List[Pair]:
-    """Every path a job writes as (field, path): each prompt's video (``output``), latents, frames
-    folder and report folder, and the checkpoint folder. ``video_outputs``: the videos when the
+    """Every path a job writes as (field, path): each prompt's video (``output``), latents (and the
+    job record beside them), frames folder and report folder, and the checkpoint folder. ``video_outputs``: the videos when the
     caller resolved them already (``resolve_output`` raises ConfigError for an unsupported -o)."""
     prompts = config.prompts or ("",)
     videos = list(video_outputs) if video_outputs is not None else prompt_outputs(resolve_output(config), prompts)
     found: List[Pair] = [("output", p) for p in videos]
-    if config.save_latents:
-        found += [("save_latents", p) for p in prompt_outputs(config.save_latents, prompts)]
+    if config.save_latents:   # each .npy and the record beside it (io.stamps: the skip rule's)
+        found += [(field, path) for p in prompt_outputs(config.save_latents, prompts)
+                  for field, path in (("save_latents", p), (RECORD_LABEL, sidecar_path(p)))]
     found += [("save_frames", p) for p in per_prompt_folders(config.save_frames, prompts) if p]
     found += [("report", p) for p in per_prompt_folders(config.report, prompts) if p]
     if config.checkpoint_dir:
@@ -138,11 +143,15 @@ def aliasing_problems(outputs: Iterable[Pair], inputs: Iterable[Pair]) -> List[P
     outputs = list(outputs)
     inputs = [(label, path) for label, path in inputs if os.path.lexists(path)]
     problems: List[Pair] = []
+    refused = set()
     for out_label, out_path in outputs:
+        if out_label == RECORD_LABEL and any(sidecar_path(p) == out_path for p in refused):
+            continue   # its .npy is refused already (same folder): one line per output
         for in_label, in_path in inputs:
             reason = alias_reason(out_path, in_label, in_path, may_contain=out_label in _OWN_FILES_ONLY)
             if reason is not None:
                 problems.append((out_label, f"'{out_path}' {reason}; {ALIAS_ADVICE}"))
+                refused.add(out_path)
                 break
     return problems + overlap_problems(outputs)
 
@@ -210,6 +219,8 @@ def root_problems(config: EditConfig, *, output_root: Optional[str] = None, inpu
     problems: List[Pair] = []
     if output_root:
         for field, path in [*job_output_paths(config, video_outputs), *extra_outputs]:
+            if field == RECORD_LABEL:   # beside its .npy: inside the root exactly when the .npy is
+                continue
             reason = outside_reason(path, output_root, "--output-root")
             if reason:
                 problems.append((field, reason))
