@@ -25,6 +25,7 @@ from tokenflow.config import (
     preset_changes,
 )
 from tokenflow.errors import ConfigError
+from tokenflow.gpu_runs import gpu_note
 
 
 def size_flag(text: str):
@@ -104,14 +105,17 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
                        "of its window of W (shifted by W/2 every other step), so long videos cost linear time "
                        "and memory (default: all keyframes, the original)")
         g.add_argument("--keyframe-store", choices=PLACES, help="where the keyframe "
-                       "features live (default auto: on the device unless the plan needs the room)")
+                       "features live: device, host (pinned memory, staged per chunk; "
+                       f"{gpu_note('keyframe_store:host')}) or auto (default: on the device unless the plan "
+                       "needs the room)")
         g.add_argument("--inverted-latents", choices=PLACES + ("disk",), help="where the "
                        "inverted latents live (default auto); disk reloads them per call, as the original does")
         g.add_argument("--backend", choices=BACKENDS, help="how the UNet runs: "
-                       "eager (default), compile (torch.compile; CUDA graphs on GPU), aot (AOTInductor packages: "
-                       "compiled once per model/shape/machine, loaded without tracing in later runs), onnx (exported graphs in "
-                       "ONNX Runtime; `tokenflow export`), tensorrt (engines built from those graphs; never run "
-                       "anywhere yet: unverified, docs/backends.md)")
+                       f"eager (default), compile (torch.compile; CUDA graphs on GPU: {gpu_note('backend:compile')}), "
+                       "aot (AOTInductor packages: compiled once per model/shape/machine, loaded without tracing in "
+                       f"later runs; on CUDA: {gpu_note('backend:aot')}), onnx (exported graphs in ONNX Runtime; "
+                       f"`tokenflow export`; on CUDA: {gpu_note('backend:onnx')}), tensorrt (engines built from "
+                       "those graphs; never run anywhere yet: unverified, docs/backends.md)")
         g = p.add_argument_group("kernels (see `tokenflow doctor` for what runs here)")
         g.add_argument("--attention-backend", metavar="NAME", help="keyframe attention: auto (default: triton "
                        "on CUDA in float16/bfloat16, else torch, i.e. SDPA), triton, xformers (unverified; only by "

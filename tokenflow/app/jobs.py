@@ -21,6 +21,7 @@ from tokenflow.app.paths import check_no_aliasing, job_inputs, job_output_paths
 from tokenflow.app.skip import Skip, job_fields, job_outputs
 from tokenflow.config import EditConfig, default_size
 from tokenflow.device import resolve_device, resolve_dtype, versions
+from tokenflow.engine.backends import describe_ran, what_ran
 from tokenflow.engine.planner import HostPlan, MemoryPlan, before_read
 from tokenflow.errors import ConfigError, InputError, Interrupted, OutputError
 from tokenflow.interrupt import StopFlag, stop_on_signals
@@ -38,6 +39,7 @@ from tokenflow.io.read import Clip, count_selected
 from tokenflow.io.stamps import FOLDER_STAMP, sidecar_path, video_metadata, write_stamp_file
 from tokenflow.io.write import video_settings, write_frames, write_video
 from tokenflow.kernels import check_backends
+from tokenflow.kernels.dispatch import forget_used, used
 from tokenflow.method.editor import Editor, EditResult, read_clip
 from tokenflow.method.schedule import check_steps
 from tokenflow.models.architectures import architecture_of, meta_model, weights_on_disk
@@ -144,6 +146,7 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
                  latents_out: list, frames_out: list, reports_out: list) -> List[EditResult]:
     """run_edit's work, while this worker holds the lock of every output."""
     device = resolve_device(config.device)
+    reporter.use_device(device)   # stage timings wait for the device's queued work (CUDA, MPS)
     check_backends(device, resolve_dtype(config.dtype, device), config.attention_backend, config.nearest_backend)
     host = check_host_memory(config, len(config.prompts), device.type)   # before anything is decoded or loaded
     scorer = None
@@ -154,7 +157,9 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
     editor = _load_editor(config, reporter)
     if stop.requested:   # during the read or the model load: no step has run, nothing new to save
         raise Interrupted(f"stopped by {stop.reason} before the edit began; nothing was written")
+    forget_used()   # from here on, the kernel calls the dispatcher resolves are this edit's (the summary's "ran")
     results = editor.edit_many(clip, config=config, interrupt=stop)   # a stop: step, checkpoint, exit 75 (130)
+    ran = ran_by(editor)
     video = video_settings(config.codec, config.pix_fmt, config.crf)
     fields = job_fields(config, input_sha256=clip.content_hash)
     with reporter.stage("write"), _staging() as staged:   # all to temp names, then the locks, then renames
@@ -197,6 +202,7 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
                     title=f"tokenflow edit of {Path(str(config.video)).name}: {len(results)} prompts"), index))
             commit_outputs(staged, locks)
     summary = _summary(results, config, time.perf_counter() - start, editor)
+    summary["ran"] = ran   # the UNet backend and each kernel op's backend that ran, with how verified
     summary["video"] = video.as_dict()   # which encoder ran, with what pixel format and CRF
     reporter.event("done", **summary)
     if not reporter.quiet and reporter.json_stream is None:
@@ -344,11 +350,15 @@ def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
         raise InputError("no input video: pass a video file or a folder of numbered frames (tokenflow invert VIDEO ...)")
     check_model_and_steps(config)
     start = time.perf_counter()
-    host = check_host_memory(config, 0, resolve_device(config.device).type)   # before anything is decoded or loaded
+    device = resolve_device(config.device)
+    reporter.use_device(device)   # stage timings wait for the device's queued work (CUDA, MPS)
+    host = check_host_memory(config, 0, device.type)   # before anything is decoded or loaded
     clip = read_checked(config, reporter, host)
     editor = _load_editor(config, reporter)
+    forget_used()
     inversion = editor.invert(clip, config=config)
-    summary = {"frames": int(inversion.z0.shape[0]), "timesteps": sorted(inversion.latents),
+    summary = {"ran": None if inversion.from_cache else ran_by(editor),   # null: the cache held it, nothing ran
+               "frames": int(inversion.z0.shape[0]), "timesteps": sorted(inversion.latents),
                "tiny_model": editor.model.is_tiny,
                "from_cache": inversion.from_cache, "cache": str(editor.cache.root),
                "seconds": round(time.perf_counter() - start, 3),
@@ -359,6 +369,12 @@ def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
         print(f"inverted {summary['frames']} frames ({config.inversion_steps} steps); latents {state} "
               f"{summary['cache']}; {summary['seconds']:.1f} s", file=sys.stderr)
     return summary
+
+
+def ran_by(editor: Editor) -> Dict:
+    """What the editor's last run ran (``engine.backends.what_ran``): its UNet backend and the kernel
+    backends the dispatcher resolved since ``forget_used()`` (or the graph backend's)."""
+    return what_ran(editor.runner.backend, editor.model.device, editor.model.dtype, used())
 
 
 def save_npy(array: np.ndarray, path: str) -> str:
@@ -414,6 +430,8 @@ def format_summary(s: Dict) -> str:
         video = s["video"]
         lines.append(f"  video: {video['codec']} ({video['encoder']}, {video['pix_fmt']}"
                      + (f", crf {video['crf']})" if video["crf"] is not None else ")"))
+    if s.get("ran"):
+        lines.append("  ran: " + "\n       ".join(describe_ran(s["ran"])))
     if s["tiny_model"]:
         lines.append(f"  NOTE: {TINY_NOTE}")
     return "\n".join(lines)

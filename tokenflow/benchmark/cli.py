@@ -27,7 +27,7 @@ from tokenflow.benchmark.config import (
     parse_variants,
 )
 from tokenflow.config import Ranged, Rule, parse_size
-from tokenflow.errors import ConfigError, OutputError, ResourceError
+from tokenflow.errors import ConfigError, OutputError, TokenFlowError
 from tokenflow.kernels import backend_names
 
 EPILOG = f"""examples:
@@ -130,20 +130,36 @@ def _check_output(path: Optional[str], flag: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed flags describe: 0, or a TokenFlowError (bad flags, a variant that
-    did not finish: ResourceError, ...)."""
+    did not finish).
+
+    ``--json`` is written (atomically) after every variant, so an interrupted or crashed run keeps
+    the variants before it (``complete`` says whether all ran). A variant that raises is recorded
+    (``error``, ``error_type``; its name in ``failed``) and the others still run; then the exit
+    status is the failures' common exit code (6 when all ran out of memory), else 1."""
     config = config_from_args(args)
     if getattr(args, "plot", None):
         report.check_plot_support()
     _check_output(getattr(args, "json", None), "--json")
     _check_output(getattr(args, "plot", None), "--plot")
-    doc = run.run(config)
-    doc["command"] = shlex.join(sys.argv)
+    command = shlex.join(sys.argv)
+
+    def written(doc: dict) -> None:
+        doc["command"] = command
+        if getattr(args, "json", None):
+            path = report.write_json(doc, args.json)
+            if doc["complete"]:
+                run.log(f"wrote {path}")
+
+    doc = run.run(config, on_variant=written)
     report.print_tables(doc)
-    if getattr(args, "json", None):
-        run.log(f"wrote {report.write_json(doc, args.json)}")
     if getattr(args, "plot", None):
         run.log(f"wrote {report.write_plot(doc, args.plot)}")
-    failed = [e["name"] for e in doc["variants"] if e.get("error")]
+    failed = [e for e in doc["variants"] if e.get("error")]
     if failed:
-        raise ResourceError(f"variant(s) {', '.join(failed)} did not finish (see above)")
+        codes = {e["exit_code"] for e in failed}
+        error = TokenFlowError(f"variant(s) {', '.join(e['name'] for e in failed)} did not finish: "
+                               + "; ".join(f"{e['name']}: {e['error']}" for e in failed)
+                               + (f" (the others are in {args.json})" if getattr(args, "json", None) else ""))
+        error.exit_code = codes.pop() if len(codes) == 1 else TokenFlowError.exit_code
+        raise error
     return 0

@@ -4,7 +4,11 @@ JSON layout (``run.run`` builds it): ``device``, ``versions``, ``git``, ``comman
 ``settings``, ``model``, ``clip``, ``load`` (start / end snapshots), ``matmul_peak`` per dtype,
 ``peak_dtype``, and per variant ``stages[stage]`` with ``seconds`` (median), ``repeats_s``,
 ``frames_per_s``, ``samples_per_s``, ``flops``, ``tflops``, ``fraction_of_peak`` and
-``peak_memory_bytes``; ``ratios[variant][stage]`` = first variant's seconds / this variant's.
+``peak_memory_bytes``; ``ran`` (``engine.backends.what_ran``: the UNet backend and each kernel op's
+backends that ran, with their verification status); ``ratios[variant][stage]`` = first variant's
+seconds / this variant's. ``variants_planned``, ``complete`` (False in the copies written after each
+variant but the last), ``failed`` (names); a failed variant has ``error`` (one line), ``error_type``
+and ``exit_code`` instead of numbers.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import Optional, TextIO
 
 from tokenflow.benchmark import plots
 from tokenflow.benchmark.config import STAGE_LABELS, STAGES
+from tokenflow.engine.backends import describe_ran
 from tokenflow.errors import ConfigError, OutputError
 from tokenflow.io.outputs import atomic_file
 
@@ -52,6 +57,8 @@ def format_tables(doc: dict) -> str:
                          f"{_num(s.get('frames_per_s'), '.2f', 9)} {_num(s.get('samples_per_s'), '.2f', 10)} "
                          f"{_num(s.get('tflops'), '.3f', 8)} {_num(None if frac is None else 100 * frac, '.1f', 7)} "
                          f"{_num(None if mem is None else mem / 2**20, '.0f', 9)}")
+        if entry.get("ran"):   # which UNet and kernel backends ran, how far verified
+            lines += [f"ran: {line}" for line in describe_ran(entry["ran"])]
         other = entry.get("other_timings_s") or {}
         if other:
             lines.append("also timed (inside total): " + ", ".join(f"{k} {v:.3f} s" for k, v in sorted(other.items())))

@@ -27,12 +27,14 @@ from tokenflow.benchmark import architectures, flops, original_kernels, peak, sy
 from tokenflow.benchmark.config import STAGES, BenchConfig, Variant, variant_overrides
 from tokenflow.config import EditConfig
 from tokenflow.device import device_name, resolve_device, resolve_dtype, sync, versions
-from tokenflow.errors import ConfigError, ResourceError
+from tokenflow.engine.backends import what_ran
+from tokenflow.errors import ConfigError, ResourceError, TokenFlowError, one_line
 from tokenflow.io.cache import InversionCache
 from tokenflow.io.progress import Reporter
 from tokenflow.io.read import Clip, read_video
 from tokenflow.io.samples import render_frames
 from tokenflow.kernels import check_backends
+from tokenflow.kernels.dispatch import forget_used, used
 from tokenflow.method import schedule
 from tokenflow.method.editor import Editor
 from tokenflow.method.keyframes import groups, keyframe_windows, original_plan, paper_plan
@@ -112,7 +114,7 @@ def work_of(model, result, cfg: EditConfig, n_frames: int, latent_hw) -> flops.E
 def timed_edit(editor, clip: Clip, cfg: EditConfig, device: torch.device) -> dict:
     """One edit with per-stage timings, peak memory and counted UNet samples."""
     tracker = system.MemoryTracker(device)
-    editor.reporter = system.MeasuringReporter(tracker)
+    editor.reporter = system.MeasuringReporter(tracker).use_device(device)   # stages wait for queued work
     runner = getattr(editor, "runner", None)
     samples_before = getattr(runner, "samples", None)
     sync(device)
@@ -159,6 +161,7 @@ def run_variant(model, clip: Clip, config: BenchConfig, variant: Variant, device
     cfg = edit_config(config, variant, device, dtype, model_name)
     editor = Editor(model, cache=InversionCache(enabled=False), reporter=Reporter(quiet=True))
     warmup_s = []
+    forget_used()   # the kernel backends the dispatcher resolves from here on are this variant's
     try:
         for i in range(config.warmup):
             log(f"{variant.name}: warm-up {i + 1}/{config.warmup}")
@@ -216,17 +219,25 @@ def run_variant(model, clip: Clip, config: BenchConfig, variant: Variant, device
         "warmup_seconds": warmup_s,
         "unet_backend": {"name": getattr(backend, "name", "eager"),
                          "stats": _jsonable(backend.stats()) if backend is not None else {}},
+        # the UNet backend and each kernel op's backends that ran (warm-up and repeats), how verified
+        "ran": what_ran(backend, device, dtype, used()),
         "stages": summarise(runs, work, peak_tflops),
         "_latents": last.latents,
     }
 
 
-def failed_variant(variant: Variant, error: str) -> dict:
-    """The entry of a variant that could not finish (e.g. out of memory): no numbers, the reason."""
+def failed_variant(variant: Variant, exc: BaseException) -> dict:
+    """The entry of a variant that could not finish (out of memory, a kernel that raised, a bug): no
+    numbers; the error's type and first line, and the exit code it would have had on its own
+    (``tokenflow.errors``: its own for a TokenFlowError, 6 for host memory, else 1)."""
+    error = one_line(exc) if not isinstance(exc, TokenFlowError) else str(exc).strip().splitlines()[0]
+    code = exc.exit_code if isinstance(exc, TokenFlowError) else (
+        ResourceError.exit_code if isinstance(exc, MemoryError) else TokenFlowError.exit_code)
     stages = {stage: {"seconds": None, "repeats_s": [], "error": error} for stage in STAGES}
     return {"name": variant.name, "overrides": {k: v for k, v in variant.overrides.items() if not k.startswith("_")},
-            "error": error, "notes": variant.notes + [f"failed: {error}"], "stages": stages, "_latents": None,
-            "memory_method": None}
+            "error": error, "error_type": type(exc).__name__, "exit_code": code,
+            "notes": variant.notes + [f"failed: {error}"], "stages": stages, "_latents": None,
+            "memory_method": None, "ran": None}
 
 
 def resolve(config: BenchConfig):
@@ -236,7 +247,10 @@ def resolve(config: BenchConfig):
 
 
 def run(config: BenchConfig, *, on_variant: Optional[Callable[[dict], None]] = None) -> dict:
-    """Run every variant of ``config``; returns the JSON document (see ``report.write_json``)."""
+    """Run every variant of ``config``; returns the JSON document (see ``report.write_json``).
+
+    ``on_variant(doc)``: called after every variant, finished or failed, with the document so far
+    (``complete`` False until the last one), so a caller can write it each time."""
     config = config.validate()
     check_schedule(config)
     device, dtype = resolve(config)
@@ -268,22 +282,8 @@ def _run(config: BenchConfig, device: torch.device, dtype: torch.dtype,
     with system.ContentionMeter() as meter:
         peaks = peak.measure_all(device, peak.default_dtypes(device, dtype))
     peak_tflops = peaks[str(dtype).removeprefix("torch.")].tflops
-    results = []
-    for variant in variants:
-        try:
-            results.append(run_variant(model, clip, config, variant, device, dtype, peak_tflops, model.name))
-        except ResourceError as exc:  # one variant out of memory: the others still run
-            log(f"{variant.name}: {exc}")
-            results.append(failed_variant(variant, str(exc)))
-        if on_variant is not None:
-            on_variant(results[-1])
-    baseline = results[0]["_latents"]
-    for entry in results:
-        latents = entry.pop("_latents")
-        entry["max_abs_latent_diff_vs_first"] = (None if latents is None or baseline is None else
-                                                 float((latents - baseline).abs().max()))
     n, _, height, width = clip.frames.shape
-    return {
+    doc = {
         "benchmark": "tokenflow bench", "schema": SCHEMA,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": {"name": device_name(device), "type": device.type, "torch_threads": torch.get_num_threads()},
@@ -295,15 +295,38 @@ def _run(config: BenchConfig, device: torch.device, dtype: torch.dtype,
                   "is_tiny": model.is_tiny, "build_s": build_s},
         "clip": {"source": clip.source, "frames": n, "size": [width, height],
                  "latent": [height // model.vae_scale_factor, width // model.vae_scale_factor]},
-        "load": {"start": load_start, "end": system.load_snapshot()},
+        "load": {"start": load_start, "end": None},
         "matmul_peak": {k: v.as_dict() for k, v in peaks.items()}, "matmul_peak_idle_wait": peak_wait,
         "matmul_peak_others_busy_cpus": meter.others_busy_cpus,
         "peak_dtype": str(dtype).removeprefix("torch."),
         "flop_model": "tokenflow.benchmark.flops: analytic multiply-adds x 2 of convs, linears and attention "
                       "products (see its docstring)",
-        "variants": results,
-        "ratios": ratios(results),
+        "variants_planned": [v.name for v in variants],
+        "complete": False,      # True once every planned variant ran (or failed)
+        "failed": [],           # names of the variants that raised (each entry has error, error_type)
+        "variants": [],
+        "ratios": {},
     }
+    baseline = None
+    for index, variant in enumerate(variants):
+        try:
+            entry = run_variant(model, clip, config, variant, device, dtype, peak_tflops, model.name)
+        except Exception as exc:   # out of memory, a kernel that raised, a bug: recorded, the others still run
+            entry = failed_variant(variant, exc)
+            log(f"{variant.name}: failed: {entry['error']}")
+        latents = entry.pop("_latents")
+        if index == 0:
+            baseline = latents
+        entry["max_abs_latent_diff_vs_first"] = (None if latents is None or baseline is None else
+                                                 float((latents - baseline).abs().max()))
+        doc["variants"].append(entry)
+        doc["failed"] = [e["name"] for e in doc["variants"] if e.get("error")]
+        doc["ratios"] = ratios(doc["variants"])
+        doc["load"]["end"] = system.load_snapshot()
+        doc["complete"] = index == len(variants) - 1
+        if on_variant is not None:
+            on_variant(doc)
+    return doc
 
 
 def ratios(results: List[dict]) -> Dict[str, Dict[str, Optional[float]]]:

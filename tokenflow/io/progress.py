@@ -28,7 +28,7 @@ EVENT_FIELDS: Dict[str, tuple] = {
     "warning": ("message",),
     "skipped": ("reason", "outputs"),
     "checkpoint": ("phase", "step", "total", "path"),
-    "done": ("outputs", "seconds", "stages"),
+    "done": ("outputs", "seconds", "stages", "ran"),
     "error": ("code", "exit_code", "message"),
     # tokenflow run (every event of a run also has "job")
     "checked": ("jobs",),
@@ -141,15 +141,30 @@ class Reporter:
     json_stream: if set, one JSON object per line per event (stage start/progress/end, info, done).
     stream: where people read progress and messages (stderr by default): a bar per stage on a
     terminal, throttled plain lines elsewhere. clock: seconds (monotonic), for the ETA and throttling.
+    synchronize: waits for the device's queued work (``tokenflow.device.synchronizer``; None where
+    work is synchronous, e.g. the CPU); ``use_device`` sets it from the device a job runs on.
     """
 
     def __init__(self, quiet: bool = False, json_stream: Optional[TextIO] = None, stream: Optional[TextIO] = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, synchronize: Optional[Callable[[], None]] = None):
         self.quiet, self.json_stream = quiet, json_stream
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock
+        self.synchronize = synchronize
         self.bars = not quiet and json_stream is None   # human output (bars or lines, messages)
         self.timings: Dict[str, float] = {}
+
+    def use_device(self, device) -> "Reporter":
+        """Stage timings on ``device``: on asynchronous devices (CUDA, MPS) each stage waits for the
+        queued work at its start and end, so a stage is charged its own work, not the one before's."""
+        from tokenflow.device import synchronizer  # noqa: PLC0415  start-up time: the CLI imports this module before torch
+
+        self.synchronize = synchronizer(device)
+        return self
+
+    def _sync(self) -> None:
+        if self.synchronize is not None:
+            self.synchronize()
 
     def event(self, kind: str, **fields) -> None:
         if self.json_stream is not None:
@@ -178,12 +193,18 @@ class Reporter:
 
     @contextlib.contextmanager
     def stage(self, name: str, total: Optional[int] = None, done_before: int = 0) -> Iterator[Stage]:
-        """A stage of ``total`` steps (None: untimed), ``done_before`` of them done by an earlier process."""
+        """A stage of ``total`` steps (None: untimed), ``done_before`` of them done by an earlier process.
+
+        On an asynchronous device (``synchronize`` set) the queued work of what came before is
+        waited for first, and the stage's own before its time is taken (not after an error: the
+        device may be what failed)."""
+        self._sync()
         self.event("stage_start", stage=name, total=total, done_before=done_before)
         stage = Stage(self, name, total, done_before)
         start = time.perf_counter()
         try:
             yield stage
+            self._sync()
         finally:
             if stage.view is not None:
                 stage.view.close()

@@ -18,9 +18,10 @@ Two kinds of reasons exist:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -176,8 +177,39 @@ def implementation(op: str, name: str) -> Callable:
 
 
 def resolve(op: str, backend: Optional[str], *args) -> Callable:
-    """The implementation of ``op`` that runs these arguments (see module docstring)."""
-    return _REGISTRY[op][choose(op, backend, *args)].load()
+    """The implementation of ``op`` that runs these arguments (see module docstring); counted in
+    ``used()`` when called eagerly (not while tracing, not inside ``unrecorded()``)."""
+    name = choose(op, backend, *args)
+    if not torch.compiler.is_compiling() and _RECORDING[0]:   # (this order: no guard on the flag while tracing)
+        counts = _USED.setdefault(op, {})
+        counts[name] = counts.get(name, 0) + 1
+    return _REGISTRY[op][name].load()
+
+
+# What ran: op -> backend name -> eager calls resolved to it since ``forget_used()`` (one process:
+# the run summary, the ``done`` event and ``tokenflow bench`` read it after an edit). Traced graphs
+# resolve by name at trace time (``implementation``): the graph backends say what they contain.
+_USED: Dict[str, Dict[str, int]] = {}
+_RECORDING = [True]
+
+
+def used() -> Dict[str, Dict[str, int]]:
+    """{op: {backend: calls}} resolved eagerly since the last ``forget_used()``."""
+    return {op: dict(counts) for op, counts in _USED.items()}
+
+
+def forget_used() -> None:
+    _USED.clear()
+
+
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Calls that are not the run's work (self-checks, probes) are left out of ``used()``."""
+    before, _RECORDING[0] = _RECORDING[0], False
+    try:
+        yield
+    finally:
+        _RECORDING[0] = before
 
 
 def choose(op: str, backend: Optional[str], *args) -> str:

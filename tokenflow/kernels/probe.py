@@ -13,7 +13,7 @@ import torch
 
 from tokenflow.errors import one_line
 from tokenflow.kernels import verify
-from tokenflow.kernels.dispatch import AUTO, BackendUnavailable, KernelChoice, Verdict, choose, explain
+from tokenflow.kernels.dispatch import AUTO, BackendUnavailable, KernelChoice, Verdict, choose, explain, unrecorded
 
 
 def sample_args(op: str, device: torch.device, dtype: torch.dtype, *, heads: int = 2, dim: int = 40,
@@ -43,6 +43,12 @@ def verdicts(op: str, device: torch.device, dtype: torch.dtype, backend: Optiona
 
 
 _SELF_CHECKED: Dict[tuple, KernelChoice] = {}
+_PASSED: set = set()   # (device type, dtype, op, backend) whose self-check passed in this process
+
+
+def self_checked(device: torch.device, dtype: torch.dtype, op: str, name: str) -> bool:
+    """Whether ``name`` passed its self-check for ``op`` on this kind of device and dtype (run summaries)."""
+    return (torch.device(device).type, dtype, op, name) in _PASSED
 
 
 def check_backends(device: torch.device, dtype: torch.dtype, attention: str = AUTO,
@@ -73,6 +79,7 @@ def check_backends(device: torch.device, dtype: torch.dtype, attention: str = AU
                 continue
             problem = _self_check(op, name, device, dtype)
             if problem is None:
+                _PASSED.add((torch.device(device).type, dtype, op, name))
                 continue
             asked = request.attention if op == "keyframe_attention" else request.nearest
             if asked != AUTO:
@@ -89,7 +96,8 @@ def check_backends(device: torch.device, dtype: torch.dtype, attention: str = AU
 def _self_check(op: str, name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     args, _ = sample_args(op, device, dtype, heads=2, dim=40, n_kf=2, seq=70)
     try:
-        (result,) = verify.check(op, name, args, inject_qk=(True,))
+        with unrecorded():   # not the run's work: `used()` reports what the edit ran
+            (result,) = verify.check(op, name, args, inject_qk=(True,))
     except Exception as exc:  # a compile or launch failure is exactly what this is for
         return one_line(exc)
     return None if result.ok else result.describe()

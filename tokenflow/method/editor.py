@@ -105,7 +105,7 @@ class Editor:
                  reporter: Optional[Reporter] = None):
         self.model = model
         self.cache = cache if cache is not None else InversionCache()
-        self.reporter = reporter or Reporter(quiet=True)
+        self.reporter = (reporter or Reporter(quiet=True)).use_device(model.device)   # stage timings synchronise
         self.tokenflow = TokenFlowUNet(model.unet)
         self.runner = UNetRunner(model.unet, self.tokenflow)
         self._backends: Dict[tuple, object] = {}   # compiled graphs / sessions, reused across calls

@@ -5,21 +5,28 @@ dispatch) and ``make_backend`` builds the one asked for or explains why it canno
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
+from tokenflow import gpu_runs
 from tokenflow.config import BACKENDS
+from tokenflow.device import device_name
 from tokenflow.engine.backends.base import UNetBackend, optional_import_reason
 from tokenflow.errors import ConfigError
+from tokenflow.gpu_runs import gpu_note
+from tokenflow.kernels import dispatch
+from tokenflow.kernels.probe import self_checked
 
 NAMES = BACKENDS   # the --backend choices; config declares them (it validates the flag)
 
+# Where each backend is checked off the GPU (tests); on a GPU the status comes from tokenflow.gpu_runs
 VERIFIED = {
     "eager": "reference; CPU float32 parity with the original implementation",
-    "compile": "CPU float32 (inductor) against eager in tests; CUDA graphs / fp16 on GPU unverified",
-    "aot": "CPU float32 (AOTInductor packages) against eager in tests; CUDA unverified",
-    "onnx": "ONNX Runtime CPU float32 against eager in tests; CUDA/TensorRT execution providers unverified",
+    "compile": f"CPU float32 (inductor) against eager in tests; CUDA graphs / fp16: {gpu_note('backend:compile')}",
+    "aot": f"CPU float32 (AOTInductor packages) against eager in tests; CUDA: {gpu_note('backend:aot')}",
+    "onnx": "ONNX Runtime CPU float32 against eager in tests; CUDA/TensorRT execution providers: "
+            f"{gpu_note('backend:onnx')}",
     "tensorrt": "NOT RUN ANYWHERE: written against the TensorRT Python API, never executed (no TensorRT here)",
 }
 
@@ -81,3 +88,52 @@ def make_backend(name: str, tokenflow, kernels, *, model_identity: str = "", cac
     from tokenflow.engine.backends.tensorrt import TensorRTBackend  # noqa: PLC0415  (see above)
 
     return TensorRTBackend(tokenflow, kernels, model_identity=model_identity, cache_root=cache_root)
+
+
+# the kernel ops an edit runs, with the KernelChoice field that names each one's backend
+KERNEL_OPS = (("keyframe_attention", "attention"), ("cosine_nearest", "nearest"), ("gather", "gather"))
+
+
+def what_ran(backend: Optional[UNetBackend], device: torch.device, dtype: torch.dtype,
+             used: Dict[str, Dict[str, int]]) -> Dict:
+    """What an edit ran and how far each part is verified (run summary, ``done`` event, bench JSON).
+
+    backend: the runner's UNet backend (None: eager). used: ``kernels.dispatch.used()`` over the
+    edit, the eager calls per op and backend; a graph backend runs the kernels its graphs were
+    traced with (its ``kernels``), so there ``calls`` is None. Returns
+    ``{"unet": {"backend", "status"}, "kernels": {op: [{"backend", "calls", "status"}, ...]}}``,
+    an op's list empty when it never ran (e.g. an inversion only)."""
+    device = torch.device(device)
+    model = device_name(device) if device.type != "cpu" else ""
+    name = "eager" if backend is None else backend.name
+    unet = {"backend": name, "status": gpu_runs.status(f"backend:{name}", device.type, model,
+                                                        reference=name == "eager", tested=VERIFIED.get(name, ""))}
+    graph = getattr(backend, "kernels", None) if backend is not None else None
+    kernels = {}
+    for op, field in KERNEL_OPS:
+        ran = {getattr(graph, field): None} if graph is not None else used.get(op, {})
+        kernels[op] = [{"backend": b, "calls": calls, "status": _kernel_status(op, b, device, dtype, model)}
+                       for b, calls in sorted(ran.items(), key=lambda item: -(item[1] or 0))]
+    return {"unet": unet, "kernels": kernels}
+
+
+def _kernel_status(op: str, name: str, device: torch.device, dtype: torch.dtype, model: str) -> str:
+    declared = next((b for b in dispatch.backends(op, include_benchmark=True) if b.name == name), None)
+    return gpu_runs.status(f"{op}:{name}", device.type, model, reference=name == "torch",
+                           self_checked=self_checked(device, dtype, op, name),
+                           tested=declared.verified if declared is not None else "")
+
+
+def describe_ran(ran: Dict) -> List[str]:
+    """``what_ran`` in words, one line for the UNet and one per kernel op, e.g.
+    ``keyframe_attention: triton (never run on this GPU model before: self-checked at startup)``."""
+    lines = [f"UNet: {ran['unet']['backend']} ({ran['unet']['status']})"]
+    for op, entries in ran["kernels"].items():
+        if not entries:
+            lines.append(f"{op}: not run")
+            continue
+        several = len(entries) > 1
+        lines.append(f"{op}: " + "; ".join(
+            f"{e['backend']} ({e['status']})" + (f" {e['calls']} calls" if several and e["calls"] else "")
+            for e in entries))
+    return lines
