@@ -57,7 +57,7 @@ class Stage:
 STAGES = [
     Stage(0, "machine", 40, 60),
     Stage(1, "triton_warmup", 60, 60, interpret=True),
-    Stage(2, "gpu_tests", 120, 90),
+    Stage(2, "gpu_tests", 150, 90),
     Stage(3, "kernels", 90, 90, interpret=True),
     Stage(4, "end_to_end", 170, 120),
     Stage(5, "compile", 150, 120),
@@ -151,6 +151,8 @@ def child_env(stage: Stage, dry_run: bool) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # stage 1's autotuning results serve the later stages' processes (Triton's on-disk cache)
+    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     # real kernels on a GPU; in the dry run the interpreter, for the stages that run Triton kernels
     env.pop("TRITON_INTERPRET", None)
     if dry_run and stage.interpret:
@@ -191,6 +193,7 @@ def run_stage(check: Check, stage: Stage, context: Path) -> dict:
             _kill(proc)
             partial = _read(result_file)
             result_file.unlink(missing_ok=True)
+            result_file.with_suffix(".tmp").unlink(missing_ok=True)
             check.results[stage.name] = {"stage": stage.number, **partial, "status": "SKIP",
                                          "reason": f"interrupted by {exc} after {time.monotonic() - started:.0f} s "
                                                    "(partial results kept)"}
@@ -198,6 +201,7 @@ def run_stage(check: Check, stage: Stage, context: Path) -> dict:
     seconds = time.monotonic() - started
     result = _read(result_file)
     result_file.unlink(missing_ok=True)
+    result_file.with_suffix(".tmp").unlink(missing_ok=True)   # a write the kill interrupted
     result["seconds"] = round(seconds, 2)
     if timed_out:
         cut = limit < own

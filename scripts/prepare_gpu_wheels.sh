@@ -17,7 +17,8 @@ read -r -a PIP <<< "${PIP:-python3 -m pip}"
 MAX_MIB="${WHEELS_MAX_MIB:-45}"
 # pinned: diffusers inside pyproject's range (<0.43) and the version the reference kit verified
 BINARY=(diffusers==0.42.1 av==18.1.0)
-PURE=(importlib_metadata==8.7.0 zipp==3.23.0)
+# the versions the reference kit (../shared/reference/gpu_kit.sh) pins, so the two never disagree in /tmp/site
+PURE=(importlib_metadata==10.2.0 zipp==4.1.2)
 case "$DIR" in "$REPO"/*) if ! git -C "$REPO" check-ignore -q "${DIR%/}/"; then
     echo "prepare_gpu_wheels.sh: $DIR is inside the repository but not git-ignored" >&2; exit 1; fi ;; esac
 rm -rf "$DIR"

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
+KIT = ROOT / ".gpu" / "kit" / "gpu_run.sh"   # the reference kit, where one was prepared
 STAGES = ["machine", "triton_warmup", "gpu_tests", "kernels", "end_to_end", "compile", "original"]
 LINE = re.compile(r"^gpu_check stage (\d) (\S+) +(PASS|FAIL|SKIP) ")
 
@@ -56,7 +57,7 @@ def test_dry_run_walks_every_stage_and_ends_with_one_line_per_stage(dry_run):
     assert {s: statuses[s] for s in ("machine", "triton_warmup", "kernels", "end_to_end", "compile")} == \
         dict.fromkeys(("machine", "triton_warmup", "kernels", "end_to_end", "compile"), "PASS")
     assert statuses["gpu_tests"] == "SKIP"    # no CUDA device: every tests/gpu check skips
-    assert statuses["original"] == "SKIP"     # no reference kit in .gpu/kit, no CUDA device
+    assert statuses["original"] == "SKIP"     # no CUDA device (and no reference kit unless prepared)
 
 
 def test_dry_run_writes_json_lines_and_the_summary(dry_run):
@@ -80,7 +81,7 @@ def test_dry_run_writes_json_lines_and_the_summary(dry_run):
     ended = [name for kind, name in kinds if kind == "stage_end"]
     assert ended == STAGES
     started = [name for kind, name in kinds if kind == "stage_start"]
-    assert started == [s for s in STAGES if s != "original"]   # no kit: no process for stage 6
+    assert started == [s for s in STAGES if s != "original" or KIT.exists()]   # no kit: no process for stage 6
 
 
 def test_a_tiny_global_deadline_skips_later_stages_and_still_writes_the_summary(tmp_path):
