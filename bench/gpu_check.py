@@ -258,7 +258,7 @@ def orchestrate(args) -> int:
                                            "reason": f"interrupted by {exc}"}
         check.event(event="interrupted", signal=str(exc))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not cut the summary short
         for stage in chosen:
             if stage.name not in check.results:
                 check.results[stage.name] = {"stage": stage.number, "status": "SKIP",
@@ -266,6 +266,7 @@ def orchestrate(args) -> int:
                                              else "not reached"}
         check.write_summary()
         check.event(event="end", statuses={n: r["status"] for n, r in check.results.items()})
+        signal.signal(signal.SIGTERM, previous)
     for line in check.status_lines():
         print(line, flush=True)
     print(f"gpu_check: summary {check.summary_path}", flush=True)

@@ -85,13 +85,17 @@ def test_dry_run_writes_json_lines_and_the_summary(dry_run):
 
 
 def test_a_tiny_global_deadline_skips_later_stages_and_still_writes_the_summary(tmp_path):
-    proc = _start(tmp_path, "--deadline", "6")
+    """8 s: stage 0 gets 4 s (the deadline less the reserve), which importing torch mostly outlasts."""
+    proc = _start(tmp_path, "--deadline", "8")
     stdout, stderr = proc.communicate(timeout=120)
     summary, events = _outputs(tmp_path)
     assert summary["complete"] is True
     statuses = _statuses(stdout)
     assert list(statuses) == STAGES
-    assert statuses["machine"] in ("PASS", "SKIP")   # cut at the deadline unless it finished within 2 s
+    machine = summary["stages"]["machine"]
+    if machine["status"] != "PASS":   # cut at the deadline: killed, what it had measured kept
+        assert machine["status"] == "SKIP" and machine["timed_out"] is True
+        assert "stopped at the global deadline" in machine["reason"]
     for name in STAGES[1:]:
         assert summary["stages"][name]["status"] == "SKIP"
         assert "global deadline" in summary["stages"][name]["reason"]
