@@ -179,10 +179,13 @@ def stage_gpu_tests(ctx: Ctx, res: Result) -> Tuple[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
+        cmd = [sys.executable, "-m", "pytest", "-v", "-rs", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
                f"--junitxml={xml}"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(5.0, ctx.left() - 3))
-        print(proc.stdout[-6000:], proc.stderr[-3000:], sep="\n")
+        sys.stdout.flush()
+        try:   # its output goes straight to gpu_check.log: test by test, also when it is cut short
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(5.0, ctx.left() - 3))
+        except subprocess.TimeoutExpired as exc:
+            return "FAIL", f"pytest did not finish in {exc.timeout:.0f} s (gpu_check.log lists the tests that ran)"
         if not xml.exists():
             return "FAIL", f"pytest exit status {proc.returncode}, no report"
         cases = []
