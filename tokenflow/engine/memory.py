@@ -15,9 +15,9 @@ Analytic model (elements per batch row, in the compute dtype), for latents h x w
     vae decode row = 10 * C_top * H * W    (C_top: the decoder's last-level width at full resolution
                                             H x W; a ResNet's input, norm, activation and conv out)
 
-Extended attention and the cosine search are computed without score matrices by every backend we
-use (SDPA, Triton, FAISS, the chunked torch search), so they add O(S C) per row, inside
-``working``; the torch search's similarity tile (at most 2^24 float32) is added to the
+Extended attention is computed without score matrices by every backend we use (SDPA, Triton),
+so it adds O(S C) per row, inside ``working``; the cosine search's own buffers (``search_bytes``:
+float32 copies, similarity tiles, gathered keys, depending on the backend) are added to the
 propagation peak.
 
 The analytic numbers are multiplied by a factor measured once per device: a probe runs the UNet at
