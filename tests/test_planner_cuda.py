@@ -9,6 +9,8 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from tokenflow.engine import memory
 from tokenflow.engine.memory import INT32_ELEMENTS, Calibration, LiveTensorTracker
@@ -137,12 +139,29 @@ def test_search_bytes_bound_what_the_search_allocates(kind, search):
     for frames, keys, tokens, channels in ((3, 4, 256, 32), (6, 4, 1024, 64)):
         x = torch.randn(frames, tokens, channels, generator=g).half()
         k = torch.randn(keys, tokens, channels, generator=g).half()
-        pairs = torch.tensor([[f % keys, (f + 1) % keys] for f in range(frames)])
+        pairs = torch.tensor([[0, 1]] * frames)   # every frame reads keyframe 0: the torch search's widest tile
         tracker = LiveTensorTracker()
         with tracker:
             search(x, k, pairs)
         predicted = memory.search_bytes(kind, frames, keys, tokens, channels, 2)
         assert tracker.peak <= predicted < 1.6 * tracker.peak, (frames, tokens, tracker.peak, predicted)
+        widest = _LargestOutput()
+        with widest:
+            search(x, k, pairs)
+        assert widest.numel == memory.search_largest_elements(kind, frames, tokens, channels, 2)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """The most elements of any tensor an op returns inside the block."""
+
+    numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
 
 
 def test_the_default_cuda_budget_is_all_the_process_may_occupy(monkeypatch):

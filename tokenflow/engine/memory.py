@@ -165,6 +165,19 @@ def search_bytes(kind: str, frames: int, keys: int, tokens: int, channels: int, 
     return copies + 4 * min(SEARCH_TILE, frames * tokens * tokens) + indices
 
 
+def search_largest_elements(kind: str, frames: int, tokens: int, channels: int, pairs: int) -> int:
+    """Elements of the largest tensor of that search (``search_bytes``'s shapes): the static
+    search's gathered keys [F, P, C, N] or similarities [F, P, block, N], the torch search's tile,
+    the indices [F, P, N]."""
+    indices = frames * pairs * tokens
+    if kind == "static":
+        block = max(1, min(tokens, STATIC_SIM_PER_FRAME // max(1, pairs * tokens)))
+        return frames * pairs * tokens * max(channels, block)
+    if kind == "triton":
+        return indices
+    return max(indices, frames * tokens * channels, min(SEARCH_TILE, frames * tokens * tokens))
+
+
 SEARCH_TILE = 1 << 24            # similarities per tile of the torch search (kernels.nearest._SIM_ELEMENTS)
 STATIC_SIM_PER_FRAME = 1 << 22   # similarities per frame of the static search (kernels.nearest._STATIC_SIM_PER_FRAME)
 

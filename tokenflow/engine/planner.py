@@ -53,6 +53,7 @@ from tokenflow.engine.memory import (
     host_available,
     module_bytes,
     search_bytes,
+    search_largest_elements,
     unet_largest_row_elements,
     unet_row_elements,
     vae_decode_row_elements,
@@ -384,7 +385,7 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
 
     def largest_tensor(sizes: Dict[str, int]) -> Dict[str, int]:
         chunk = sizes["propagate"]
-        search = max(GRAPH_PAIRS * chunk * s * (c if nearest == "static" else 1) for s, c in rows.layers)
+        search = max(search_largest_elements(nearest, chunk, s, c, GRAPH_PAIRS) for s, c in rows.layers)
         return {"keyframes": branches * sizes["keyframes"] * rows.unet_largest,
                 "propagate": max(branches * chunk * rows.unet_largest, search),
                 "invert": sizes["invert"] * rows.unet_largest, "vae": sizes["vae"] * rows.vae_largest}
