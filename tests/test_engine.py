@@ -84,6 +84,15 @@ def test_smaller_budgets_give_smaller_chunks_and_every_peak_fits(tiny_sd):
     assert f"{small.chunk_frames} frames per call" in text and "keyframe store" in text
 
 
+def test_the_plan_counts_the_search_its_backend_runs(editor, sample_clip):
+    """Editor.plan passes the run's --backend and --nearest-backend: graph backends search statically."""
+    static = editor.plan(sample_clip, config=SMALL.replace(backend="compile", nearest_backend="auto"))
+    eager = editor.plan(sample_clip, config=SMALL)
+    assert (static.nearest, eager.nearest) == ("static", "torch")
+    assert static.nearest_bytes > eager.nearest_bytes and "static search tiles" in static.describe()
+    assert static.graph_pool_bytes == 0   # CUDA graphs only on CUDA
+
+
 def test_store_goes_to_the_host_when_the_keyframe_pass_needs_the_room(tiny_sd):
     row = _plan(tiny_sd, 2**40).unet_row_bytes
     weights = memory.module_bytes(tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder)

@@ -15,9 +15,9 @@ Analytic model (elements per batch row, in the compute dtype), for latents h x w
     vae decode row = 10 * C_top * H * W    (C_top: the decoder's last-level width at full resolution
                                             H x W; a ResNet's input, norm, activation and conv out)
 
-Extended attention and the cosine search are computed without score matrices by every backend we
-use (SDPA, Triton, FAISS, the chunked torch search), so they add O(S C) per row, inside
-``working``; the torch search's similarity tile (at most 2^24 float32) is added to the
+Extended attention is computed without score matrices by every backend we use (SDPA, Triton),
+so it adds O(S C) per row, inside ``working``; the cosine search's own buffers (``search_bytes``:
+float32 copies, similarity tiles, gathered keys, depending on the backend) are added to the
 propagation peak.
 
 The analytic numbers are multiplied by a factor measured once per device: a probe runs the UNet at
@@ -26,6 +26,17 @@ per row (the factor) and its intercept (a fixed cost per call)
 (``torch.cuda.max_memory_allocated`` on CUDA; on CPU/MPS a dispatch-mode tracker of live tensor
 storages). Factors are cached in ``<cache root>/memory-calibration.json`` keyed by device name,
 dtype, model architecture and torch version.
+
+Largest single tensors (for the int32-indexing guard and the GPU call caps, ``planner``):
+
+    UNet row   = max_l 8 C_l S_l        (the GEGLU projection [S, 8C] of a transformer block)
+    VAE frame  = max over the decoder's resolutions of the widest tensor there: at full size,
+                 the previous level's channels upsampled (SD: 256 x H x W = 67M at 512^2)
+
+CUDA overheads the allocator's statistics do not show (``device_overheads``): the CUDA context,
+library workspaces and a safety margin come off the budget; torch's reserved memory is predicted
+from the allocated bytes with ``RESERVED_FACTOR`` (rounding and fragmentation). All estimates,
+unverified on GPU (``tests/gpu`` compares the plan with measured reserved memory).
 """
 from __future__ import annotations
 
@@ -101,6 +112,74 @@ def attention_layer_shapes(unet, h: int, w: int) -> Dict[str, Tuple[int, int]]:
             level = last
         shapes[name] = (tokens[level], unet.get_submodule(name).inner_dim)
     return shapes
+
+
+INT32_ELEMENTS = 2**31 - 1   # kernels index with int32: no single tensor of a planned call may exceed it
+
+
+def unet_largest_row_elements(unet_config, h: int, w: int) -> int:
+    """Elements of the largest tensor of one UNet batch row at latents h x w: the GEGLU
+    projection [S_l, 8 C_l] of the widest level (SD 2.1, 64x64: 8 x 320 x 4096 = 10.5M)."""
+    channels = list(unet_config["block_out_channels"])
+    return max(8 * c * s for c, s in zip(channels, level_tokens(h, w, len(channels))))
+
+
+def vae_largest_frame_elements(vae_config, height: int, width: int) -> int:
+    """Elements of the largest tensor of one frame through the VAE decoder at height x width.
+
+    The decoder runs ``block_out_channels`` reversed from 1/2^(L-1) of the size up to full size;
+    each level's output is upsampled before the next level narrows it, so level r holds
+    max(C_{r-1}, C_r) channels. The encoder has the same widths at the same sizes, never wider."""
+    channels = list(vae_config["block_out_channels"])[::-1]
+    levels = len(channels)
+    largest = 0
+    for r, c in enumerate(channels):
+        scale = 2 ** (levels - 1 - r)
+        wide = max(c, channels[r - 1]) if r else c
+        largest = max(largest, wide * math.ceil(height / scale) * math.ceil(width / scale))
+    return largest
+
+
+def search_bytes(kind: str, frames: int, keys: int, tokens: int, channels: int, pairs: int) -> int:
+    """Bytes one cosine nearest-neighbour search of an attention layer allocates (``kernels.nearest``):
+    ``frames`` F frames of ``tokens`` N tokens searched in ``pairs`` P of ``keys`` K keyframes of N
+    tokens, ``channels`` C wide.
+
+    - ``static`` (graph backends): float32 copies of the frames and keys (2 each: cast and
+      normalised), the paired keys gathered [F, P, C, N], one block of queries broadcast to the
+      pairs [F, P, block, C] and its similarities [F, P, block, N] (at most 2^22 a frame, or one
+      query row), and the int64 indices [F, P, N] (the blocks, their concatenation, the masked
+      result and its zeros).
+    - ``torch``/``faiss``: the float32 copies and one 2^24-similarity tile (FAISS: its own blocked
+      search, no larger), and the indices.
+    - ``triton``: fused normalise + matmul + argmax: the indices only.
+    """
+    indices = frames * pairs * tokens * 8
+    if kind == "triton":
+        return indices
+    copies = 2 * 4 * (frames + keys) * tokens * channels
+    if kind == "static":
+        block = max(1, min(tokens, STATIC_SIM_PER_FRAME // max(1, pairs * tokens)))
+        return (copies + 4 * frames * pairs * channels * tokens + 4 * frames * pairs * block * (channels + tokens)
+                + 4 * indices)
+    return copies + 4 * min(SEARCH_TILE, frames * tokens * tokens) + indices
+
+
+def search_largest_elements(kind: str, frames: int, tokens: int, channels: int, pairs: int) -> int:
+    """Elements of the largest tensor of that search (``search_bytes``'s shapes): the static
+    search's gathered keys [F, P, C, N] or similarities [F, P, block, N], the torch search's tile,
+    the indices [F, P, N]."""
+    indices = frames * pairs * tokens
+    if kind == "static":
+        block = max(1, min(tokens, STATIC_SIM_PER_FRAME // max(1, pairs * tokens)))
+        return frames * pairs * tokens * max(channels, block)
+    if kind == "triton":
+        return indices
+    return max(indices, frames * tokens * channels, min(SEARCH_TILE, frames * tokens * tokens))
+
+
+SEARCH_TILE = 1 << 24            # similarities per tile of the torch search (kernels.nearest._SIM_ELEMENTS)
+STATIC_SIM_PER_FRAME = 1 << 22   # similarities per frame of the static search (kernels.nearest._STATIC_SIM_PER_FRAME)
 
 
 def module_bytes(*modules) -> int:
@@ -230,13 +309,38 @@ def _probe(model, device: torch.device, dtype: torch.dtype) -> Tuple[float, floa
 # --------------------------------------------------------------------------- budget
 
 
+# CUDA: what takes device memory beside torch's reserved memory, and how reserved exceeds allocated.
+# Estimates (unverified on GPU: tests/gpu compares the plan with measured reserved memory).
+CUDA_CONTEXT = 512 * 2**20         # the driver's context and torch's lazily loaded kernel modules
+                                   # (CUDA 12 with lazy loading: typically 0.3-0.6 GiB)
+CUBLAS_WORKSPACE = 2 * 32 * 2**20  # cuBLAS + cuBLASLt workspaces: torch's default is 32 MiB each on Hopper
+CUDNN_WORKSPACE = 256 * 2**20      # a convolution algorithm's scratch (the VAE's full-size convs choose
+                                   # among algorithms by workspace; torch allocates it per call)
+RESERVED_FACTOR = 1.2              # torch reserved / allocated for the calls' activations: 2 MiB block
+                                   # rounding and split blocks that later sizes cannot reuse
+GPU_MARGIN_FRACTION = 0.05         # of the budget, never planned: the probe is extrapolated from 32x32
+GPU_MARGIN_MIN = 256 * 2**20       # latents, and other processes' memory can change
+
+
+def device_overheads(device_type: str, budget: int) -> Dict[str, int]:
+    """{name: bytes} the planner takes off ``budget`` before sizing calls: on CUDA the context,
+    library workspaces and a safety margin (the budget is all the device memory the process may
+    occupy); elsewhere nothing (the CPU budget has its margin already, ``cpu_budget``)."""
+    if device_type != "cuda":
+        return {}
+    return {"cuda_context": CUDA_CONTEXT, "cublas_workspace": CUBLAS_WORKSPACE, "cudnn_workspace": CUDNN_WORKSPACE,
+            "margin": max(GPU_MARGIN_MIN, math.ceil(GPU_MARGIN_FRACTION * budget))}
+
+
 def default_budget(device: torch.device) -> Tuple[int, str]:
-    """What this process may use on the device: free + what torch already holds, minus a margin."""
+    """All the device memory this process may occupy: on CUDA, what is free + what torch already
+    reserved + this process's CUDA context (already taken out of the free memory, and taken off
+    again with the other overheads by the planner: ``device_overheads``)."""
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        usable = free + torch.cuda.memory_reserved(device)
-        margin = max(512 * 2**20, int(0.05 * total))
-        return max(usable - margin, 0), f"free on {torch.cuda.get_device_name(device)} minus {gib(margin)}"
+        free, _ = torch.cuda.mem_get_info(device)
+        total = free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT
+        return total, (f"free on {torch.cuda.get_device_name(device)} + torch's reserved + this process's "
+                       f"CUDA context (est. {gib(CUDA_CONTEXT)})")
     return cpu_budget(_meminfo("MemAvailable"), _rss())
 
 

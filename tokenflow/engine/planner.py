@@ -8,40 +8,23 @@ Outputs (``MemoryPlan``): frames per propagation call, per inversion call and pe
 keyframes per keyframe-pass call, where the keyframe store and the inverted latents live, and the
 predicted peak of every stage. Peaks are
 
-    weights + resident (store and latents on the device) + rows * bytes_per_row (+ staging)
+    weights + resident (store and latents on the device) + staging
+            + reserved_factor x (fixed + rows * bytes_per_row + nearest-neighbour search buffers)
 
-with bytes per row from ``memory.py`` (analytic, calibrated per device). Chunk sizes never change
-results (``tests/test_edit_invariance.py``), only speed and memory.
+with bytes per row from ``memory.py`` (analytic, calibrated per device), and must fit in the
+budget less ``memory.device_overheads`` (on CUDA: the context, cuBLAS/cuDNN workspaces and a
+margin of 5 % of the budget; the CUDA peaks are torch's *reserved* memory, the activations x
+``RESERVED_FACTOR``). With ``--backend compile`` on CUDA the CUDA graphs' pool (about the largest
+captured call) stays held: the keyframe and propagation peaks count it in place of their own
+call, and the VAE's beside its own. Chunk sizes are the largest that fit, one after the other
+(propagation, inversion, VAE), under caps: on CPU measured ones, on GPUs ``GPU_UNET_ROWS`` rows
+and ``GPU_VAE_FRAMES`` / ``GPU_VAE_ELEMENTS`` for the VAE (unmeasured on GPU), and on every device
+no tensor past int32 indexing (``memory.INT32_ELEMENTS``, from the architecture's shapes; a call
+that cannot be split, such as the keyframe pass, is refused). Chunk sizes never change results
+(``tests/test_edit_invariance.py``), only speed and memory.
 
-Host memory (``HostPlan``) is planned too, before anything is decoded (``tokenflow edit`` and
-``invert`` check it right after probing the input: ``app.jobs``) and again in ``make_plan`` with
-the model's numbers. With E = N x 3 x H x W (frame elements), L = N x c x H/f x W/f (latent
-elements, c latent channels, f the VAE factor), T inverted latents kept (edit steps + 1), P
-prompts and S source pixels per frame, the bytes held at each phase are
-
-    read    E (uint8 frames) + 4E (float32 frames) + 11 S + 4 H W (one frame in flight: decoded
-            RGB, PIL copies, the resized picture)
-    hash    4E + 8E (the frames' sha256 goes through two float32 copies)
-    invert  4E + z0 + latents + cache + weights + max(an inversion call, a VAE encode call)
-    edit    4E + z0 + latents + store + weights + max(the keyframe pass, a propagation call)
-    decode  4E + z0 + latents + P (4E + 4L) + 4E (the decoded chunks and their concatenation)
-            + weights + a VAE decode call
-    write   4E + P (4E + 4L) + 8E (one output converted to uint8: two float32 temporaries) + weights
-
-with z0 = 4L and latents = 4 T L when they live on the host (the CPU is the device, or
---inverted-latents host/disk), cache = 8 T L with the inversion cache (its serialised file and
-a host copy while saving or loading), store = the keyframe store when it is on the host (offloaded,
-or the CPU is the device), and, on CPU only (device memory is host memory), weights = the model's
-weights and a call = that call's activations (the stage's device peak less the weights and what
-is counted above; a propagation call includes its staged keyframes and search tile). The peak
-phase must fit in what the host has available (``memory.host_available``) less a margin.
-
-On CPU the calls are sized in what each phase leaves (``make_plan``): the inversion and VAE calls
-in the room the inversion phase (and for the VAE the decode phase) leaves after its host parts and
-the weights, the propagation calls in the room the edit phase leaves; a job is refused only when
-even 1 frame per call (the keyframe pass: its K or --keyframe-window keyframes, which chunking
-cannot split without changing results) does not fit, and the refusal names the weights and that
-call's activations.
+Host memory is planned too (``engine.host_plan.HostPlan``): before anything is decoded, and
+again here with the model's numbers; on CPU the calls are sized in what each host phase leaves.
 """
 from __future__ import annotations
 
@@ -52,280 +35,64 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from tokenflow.engine.host_plan import (  # noqa: F401  HOST_MARGIN, before_read: re-exported
+    HOST_MARGIN,
+    HostPlan,
+    before_read,
+)
 from tokenflow.engine.memory import (
+    GPU_MARGIN_FRACTION,
+    GPU_MARGIN_MIN,
+    INT32_ELEMENTS,
+    RESERVED_FACTOR,
+    SEARCH_TILE,
     Calibration,
     attention_layer_shapes,
+    device_overheads,
     gib,
     host_available,
     module_bytes,
+    search_bytes,
+    search_largest_elements,
+    unet_largest_row_elements,
     unet_row_elements,
     vae_decode_row_elements,
+    vae_largest_frame_elements,
 )
+from tokenflow.engine.passes import GRAPH_PAIRS
 from tokenflow.errors import ResourceError
+from tokenflow.kernels.support import triton_missing
 
 CPU_VAE_FRAMES = 8      # frames per VAE call on CPU (tiny model, 1 thread: 12 ms/frame at 8 vs 22 at 40)
 # rows (branches x frames) per propagation call on CPU: 40-frame edits of the tiny model at 128^2,
 # 1 thread, ONNX Runtime, 3 rounds interleaved: propagation 4.12 s median at 30 rows, 4.41 s at 60,
 # 4.90 s at 120 (bigger calls touch more fresh memory: the first call alone took 1.2 s at 120 rows)
 CPU_PROPAGATE_ROWS = 32
-SEARCH_TILE = 1 << 24   # similarities per tile of the torch nearest-neighbour search (kernels/nearest.py)
+CPU_CAPS_NOTE = "measured on CPU: bigger calls ran slower"
+# GPU caps, UNMEASURED ON GPU (bench/gpu_check sweeps them; make_plan's row_cap/vae_cap replace them).
+# UNet rows per propagation or inversion call: at SD's 64x64 latents one row is already 4096
+# tokens x 320 channels per layer of the widest level, so 128 rows keep every GEMM far past the
+# size where an H100/H200 saturates, while the largest tensor (the GEGLU projection, 10.5M elements
+# a row) stays at 1.3G elements, under int32 indexing with room (204 rows would reach it).
+GPU_UNET_ROWS = 128
+# VAE frames per call: the decoder's widest full-size tensor is 256 x H x W elements a frame (67M
+# at 512^2), and large convolutions and group norms have int32 limits of their own; keep a call's
+# largest tensor at or under 2^29 elements (8 frames at 512^2), and at most 16 frames, where a
+# 512^2 frame is already seconds of convolution work.
+GPU_VAE_ELEMENTS = 1 << 29
+GPU_VAE_FRAMES = 16
+GPU_CAPS_NOTE = "unmeasured on GPU: chosen by reasoning about tensor sizes, not timings"
 STAGE_NAMES = {"keyframes": "the keyframe pass", "propagate": "a propagation call",
                "invert": "an inversion call", "vae": "a VAE call"}
 
 
-LATENT_CHANNELS = 4     # SD's VAE latents, assumed before the model loads (the plan then uses the model's)
-VAE_SCALE = 8
-HOST_MARGIN = 512 * 2**20   # host memory left for the libraries, the interpreter and the rest of the process
-PHASE_NAMES = {"read": "decoding the frames", "hash": "hashing the frames", "invert": "the inversion",
-               "edit": "the edit", "decode": "decoding the edited latents", "write": "writing the outputs"}
-PART_NAMES = {"frames_u8": "decoded uint8 frames", "frames": "float32 frames", "in_flight": "one frame in flight",
-              "hash": "hash copies", "z0": "clean latents", "latents": "inverted latents", "cache": "cache traffic",
-              "store": "keyframe store", "calls": "one call's activations", "outputs": "edited frames",
-              "concat": "decode concatenation", "converting": "output conversion", "weights": "model weights"}
-CALL_NAMES = {"keyframes": "the keyframe pass's activations", "propagate": "a propagation call's activations",
-              "invert": "an inversion call's activations", "vae": "a VAE call's activations"}
-CALL_UNITS = {"keyframes": "keyframes", "propagate": "frames", "invert": "frames", "vae": "frames"}
-# the flag that sets a call's frames (the VAE's are not settable: 1 per call is tried anyway)
-CALL_FLAGS = {"keyframes": "--keyframe-window", "propagate": "--chunk-frames", "invert": "--inversion-batch-size"}
-
-
-@dataclass(frozen=True)
-class HostPlan:
-    """Host (CPU) memory of one inversion or edit, phase by phase (module doc). Plain numbers:
-    made before the model loads (``before_read``) and by ``make_plan`` with the model's."""
-
-    frames: int                   # N selected frames (at least 1 is checked when the count is unknown)
-    width: int                    # target size
-    height: int
-    prompts: int                  # P edits (0: only an inversion, no outputs)
-    timesteps: int                # T inverted latents kept
-    latents_on_host: bool
-    use_cache: bool
-    available: int                # host memory this process may still take
-    available_source: str
-    frames_source: str = ""       # where N comes from
-    source_pixels: int = 0        # S, pixels of one source frame; 0 once the frames are decoded
-    latent_channels: int = LATENT_CHANNELS
-    vae_scale: int = VAE_SCALE
-    store: int = 0                # keyframe store bytes on the host
-    weights: int = 0              # on CPU: the model's weights
-    # on CPU: {phase: (stage, activation bytes, frames per call, bytes per frame)} of the phase's
-    # largest call (invert: "invert" or "vae"; edit: "keyframes" or "propagate"; decode: "vae")
-    calls: Dict[str, Tuple[str, int, int, int]] = field(default_factory=dict)
-    z0_on_host: bool = False      # the CPU is the device
-    held: int = 0                 # already allocated and counted in ``parts`` (the decoded frames; on CPU the weights)
-    margin: int = HOST_MARGIN
-    dtype: str = ""               # the model's compute dtype, once known (advice: --dtype)
-    # (frames, width, height) -> the model-side fields (store, calls) at the smallest calls the
-    # planner would choose: what ``max_frames``/``max_size`` try. None: they stay as they are.
-    rescale: Optional[Callable[[int, int, int], dict]] = field(default=None, repr=False, compare=False)
-
-    @property
-    def parts(self) -> Dict[str, int]:
-        """Bytes of each thing the module doc counts (per output, whole clip; calls: the largest)."""
-        e = self.frames * 3 * self.width * self.height
-        latent = self.frames * self.latent_channels * (self.height // self.vae_scale) * (self.width // self.vae_scale)
-        t = self.timesteps
-        return {"frames_u8": e, "frames": 4 * e, "in_flight": 11 * self.source_pixels + 4 * self.width * self.height,
-                "hash": 8 * e, "z0": 4 * latent if self.z0_on_host else 0,
-                "latents": 4 * t * latent if self.latents_on_host else 0,
-                "cache": 8 * t * latent if self.use_cache else 0, "store": self.store,
-                "calls": max((call[1] for call in self.calls.values()), default=0),
-                "outputs": self.prompts * (4 * e + 4 * latent), "concat": 4 * e if self.prompts else 0,
-                "converting": 8 * e if self.prompts else 0, "weights": self.weights}
-
-    @property
-    def phases(self) -> Dict[str, Dict[str, int]]:
-        """{phase: {part: bytes}} of every phase this run goes through (read: only before decoding)."""
-        p = self.parts
-
-        def pick(phase: str, *names: str) -> Dict[str, int]:
-            out = {n: p[n] for n in names if p[n]}
-            if self.calls.get(phase, ("", 0))[1]:
-                out["calls"] = self.calls[phase][1]
-            return out
-
-        phases = {"hash": pick("hash", "frames", "hash"),
-                  "invert": pick("invert", "frames", "z0", "latents", "cache", "weights"),
-                  "edit": pick("edit", "frames", "z0", "latents", "store", "weights")}
-        if self.source_pixels:
-            phases = {"read": pick("read", "frames_u8", "frames", "in_flight"), **phases}
-        if self.prompts:
-            phases["decode"] = pick("decode", "frames", "z0", "latents", "outputs", "concat", "weights")
-            phases["write"] = pick("write", "frames", "outputs", "converting", "weights")
-        return phases
-
-    @property
-    def peak_phase(self) -> Tuple[str, int]:
-        totals = {name: sum(parts.values()) for name, parts in self.phases.items()}
-        name = max(totals, key=totals.get)
-        return name, totals[name]
-
-    @property
-    def need(self) -> int:
-        return self.peak_phase[1]
-
-    @property
-    def usable(self) -> int:
-        """What the counted parts may take: available + held - margin."""
-        return max(0, self.available + self.held - self.margin)
-
-    @property
-    def fits(self) -> bool:
-        return self.need <= self.usable
-
-    def as_dict(self) -> dict:
-        phase, need = self.peak_phase
-        return {"need": need, "peak_phase": phase, "available": self.available, "held": self.held,
-                "usable": self.usable,
-                "available_source": self.available_source, "frames": self.frames,
-                "frames_source": self.frames_source, "parts": {k: v for k, v in self.parts.items() if v},
-                "calls": {ph: {"stage": stage, "bytes": nbytes, "frames_per_call": per_call}
-                          for ph, (stage, nbytes, per_call, _) in self.calls.items()}}
-
-    def describe(self) -> str:
-        phase, need = self.peak_phase
-        parts = ", ".join(self._part_words(phase, k, v) for k, v in self.phases[phase].items())
-        return f"  host memory: peak {gib(need)} while {PHASE_NAMES[phase]} ({parts}) of {self._usable_words()}"
-
-    def _part_words(self, phase: str, part: str, nbytes: int) -> str:
-        if part != "calls":
-            return f"{PART_NAMES[part]} {gib(nbytes)}"
-        stage, _, per_call, _ = self.calls[phase]
-        return f"{CALL_NAMES[stage]} ({_per_call(stage, per_call)}) {gib(nbytes)}"
-
-    def _usable_words(self) -> str:
-        held = f" + {gib(self.held)} already held" if self.held else ""
-        return f"{gib(self.usable)} usable ({self.available_source}{held}, less a {gib(self.margin)} margin)"
-
-    def with_frames(self, frames: int) -> "HostPlan":
-        return self._resized(frames, self.width, self.height)
-
-    def _resized(self, frames: int, width: int, height: int) -> "HostPlan":
-        model = self.rescale(frames, width, height) if self.rescale else {}
-        return dataclasses.replace(self, frames=frames, width=width, height=height, **model)
-
-    def check(self) -> "HostPlan":
-        """Raise ResourceError (numbers and the flags that fix it) unless the peak phase fits; return self."""
-        if not self.fits:
-            raise self.refusal()
-        return self
-
-    def check_frames(self, n: int) -> None:
-        """For ``io.read.read_video(on_frame=...)``: refuse before the n-th frame when n frames cannot fit."""
-        if n > self.frames and not self.with_frames(n).fits:
-            raise dataclasses.replace(self.with_frames(n), frames_source="counted as they were decoded").refusal()
-
-    def max_frames(self) -> int:
-        """The most frames that fit at this size (0 if not even one does)."""
-        low, high = 0, max(self.frames, 1)
-        while self.with_frames(high).fits and high < 2**40:
-            low, high = high, high * 2
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if self.with_frames(mid).fits else (low, mid)
-        return low
-
-    def max_size(self) -> Optional[Tuple[int, int]]:
-        """The largest size of this aspect (multiples of 8, sides at least 64) at which these frames fit, or None."""
-        def scaled(r: float) -> "HostPlan":
-            return self._resized(self.frames, max(64, int(self.width * r) // 8 * 8),
-                                 max(64, int(self.height * r) // 8 * 8))
-        if not scaled(0).fits:
-            return None
-        low, high = 0.0, 1.0
-        for _ in range(40):
-            mid = (low + high) / 2
-            low, high = (mid, high) if scaled(mid).fits else (low, mid)
-        best = scaled(low)
-        return best.width, best.height
-
-    def refusal(self) -> ResourceError:
-        phase, need = self.peak_phase
-        parts = sorted(self.phases[phase].items(), key=lambda kv: -kv[1])
-        named = ", ".join(self._part_words(phase, k, v) for k, v in parts[:4])
-        top = {k for k, _ in parts[:3]}
-        fixes = []
-        most = self.max_frames()
-        size = self.max_size()
-        # on CPU, the weights or a call among the biggest parts (or the weights alone too many)
-        model_bound = bool(self.weights and (top & {"weights", "calls"} or self.weights > self.usable))
-        model = self._model_words(phase) if model_bound else ""
-        if size is not None and size != (self.width, self.height):
-            fixes.append(f"a smaller --size (at most about {size[0]}x{size[1]} for {self.frames} frames"
-                         + ("; not even one frame fits at this size)" if not most else ")"))
-        if most:
-            fixes.append(f"fewer frames (--frames, --stride: at most {most} fit at {self.width}x{self.height})")
-        elif size is None and not self.weights:
-            fixes.append("a machine with more memory: not even one 64x64 frame fits")
-        if model_bound:
-            fixes += self._model_fixes(phase)
-        if self.weights > self.usable:   # nothing but smaller weights (or another device) can fit
-            top = set()
-        if "latents" in top or "cache" in top:
-            fixes.append("fewer --steps (fewer inverted latents are kept)")
-        if "cache" in top:
-            fixes.append("--no-cache")
-        if "latents" in top and not self.z0_on_host:
-            fixes.append("--inverted-latents device")
-        if "store" in top:
-            fixes.append(("" if self.z0_on_host else "--keyframe-store device or ")
-                         + "a larger --keyframe-spacing (fewer keyframes)")
-        if "outputs" in top and self.prompts > 1:
-            fixes.append("fewer --prompt edits per run (each holds its output frames)")
-        return ResourceError(
-            f"not enough host memory for {self.frames} frame{'s' if self.frames != 1 else ''} at "
-            f"{self.width}x{self.height}"
-            + (f" ({self.frames_source})" if self.frames_source else "")
-            + f": {PHASE_NAMES[phase]} needs {gib(need)} ({named}) of {self._usable_words()}"
-            + (f"; {model}" if model else "") + ". Use " + "; or ".join(fixes))
-
-    def _model_words(self, phase: str) -> str:
-        """On CPU: what the model's part of ``phase`` (the weights and its largest call) takes."""
-        stage, act, per_call, _ = self.calls.get(phase, ("", 0, 0, 0))
-        if not act:
-            return f"the model weights alone take {gib(self.weights)} of it"
-        return (f"the model weights + {CALL_NAMES[stage]} at {_per_call(stage, per_call)} alone take "
-                f"{gib(self.weights + act)} ({gib(self.weights)} + {gib(act)}) of it")
-
-    def _model_fixes(self, phase: str) -> list:
-        """On CPU, where the weights or a call's activations are among the biggest parts: the
-        flags that shrink them (fewer frames per call only where the call takes more than 1)."""
-        stage, act, per_call, per_frame = self.calls.get(phase, ("", 0, 0, 0))
-        fixes = []
-        if stage in CALL_FLAGS and per_call > 1 and per_frame:
-            base = act - per_call * per_frame   # what the call takes whatever its frames
-            most = min(per_call - 1, (self.usable - (self.need - act) - base) // per_frame)
-            if most >= 1:
-                fixes.append(f"a smaller {CALL_FLAGS[stage]} (at most about {_per_call(stage, most)} fit)")
-        if self.dtype in ("", "float32"):
-            fixes.append("--dtype bfloat16 (half the weights and activations)")
-        fixes.append("a GPU (--device cuda: the weights and activations then live in its memory)")
-        return fixes
-
-
-def _per_call(stage: str, n: int) -> str:
-    unit = CALL_UNITS[stage]
-    return f"{n} {unit if n != 1 else unit[:-1]} per call"
-
-
-def before_read(*, frames: Optional[int], frames_source: str, width: int, height: int, source_pixels: int,
-                prompts: int, timesteps: int, device_type: str, inverted_latents: str, use_cache: bool,
-                available: Optional[Tuple[int, str]] = None) -> HostPlan:
-    """The host plan before anything is decoded or loaded (model-free: SD's latent shape assumed;
-    weights, activations and the keyframe store are counted by ``make_plan``). ``frames`` None
-    (unknown before decoding) checks one frame; check the rest with ``HostPlan.check_frames``."""
-    on_cpu = device_type == "cpu"
-    free, source = available or host_available()
-    return HostPlan(frames=frames if frames else 1, width=width, height=height, prompts=prompts,
-                    timesteps=timesteps, latents_on_host=on_cpu or inverted_latents in ("host", "disk"),
-                    use_cache=use_cache, available=free, available_source=source, frames_source=frames_source,
-                    source_pixels=source_pixels, z0_on_host=on_cpu)
-
-
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Chunk sizes and predicted peaks (bytes) of one edit. Print with ``describe()``."""
+    """Chunk sizes and predicted peaks (bytes) of one edit. Print with ``describe()``.
+
+    ``peaks`` are what each stage's largest call holds at once on the device: on CUDA torch's
+    reserved memory (the calls' allocations x ``reserved_factor``), which must fit in ``usable`` =
+    ``budget`` less ``overheads`` (CUDA context, library workspaces, a safety margin)."""
 
     device: str
     dtype: str
@@ -352,39 +119,100 @@ class MemoryPlan:
     chunk_forced: bool = False    # --chunk-frames given
     host: Optional[HostPlan] = None   # host memory, checked with the device's
     made_from: str = ""           # "": the loaded model; else what stood in for it (an architecture, no weights)
+    # {name: bytes} taken off the budget before any call is sized (memory.device_overheads)
+    overheads: Dict[str, int] = field(default_factory=dict)
+    reserved_factor: float = 1.0  # predicted reserved / allocated bytes of the calls' activations
+    # {cap: value} bounding the calls (None: no such cap here) and why (CALL_CAPS_NOTE)
+    call_caps: Dict[str, Optional[int]] = field(default_factory=dict)
+    caps_note: str = ""
+    nearest: str = ""             # the nearest-neighbour search counted (memory.search_bytes kinds)
+    nearest_bytes: int = 0        # its buffers in a propagation call (largest layer)
+    graph_pool_bytes: int = 0     # CUDA graphs' private memory pool (--backend compile on CUDA)
+    graph_pool_note: str = ""
+    pinned_staging_bytes: int = 0   # pinned host buffer the staged keyframes are gathered into
+    largest_tensor: Dict[str, int] = field(default_factory=dict)   # elements of each stage's largest tensor
 
     @property
     def peak(self) -> int:
         return max(self.peaks.values())
 
+    @property
+    def usable(self) -> int:
+        """What the calls, weights and resident tensors may take: the budget less the overheads."""
+        return self.budget - sum(self.overheads.values())
+
+    @property
+    def breakdown(self) -> Dict[str, int]:
+        """Named device (and pinned host) bytes beside the calls' activations, for the plan's output."""
+        lines = {**self.overheads, "weights": self.weights_bytes,
+                 "keyframe_store": self.store_bytes if self.store_on == "device" else 0,
+                 "inverted_latents": self.latents_bytes if self.latents_on == "device" else 0,
+                 "device_staging": self.staging_bytes, "pinned_host_staging": self.pinned_staging_bytes,
+                 f"nearest_{self.nearest or 'search'}": self.nearest_bytes, "graph_pools": self.graph_pool_bytes}
+        return lines
+
     def as_dict(self) -> dict:
         out = asdict(dataclasses.replace(self, host=None))
         out["peak"] = self.peak
+        out["usable"] = self.usable
+        out["breakdown"] = self.breakdown
         out["host"] = self.host.as_dict() if self.host is not None else None
         return out
 
     def describe(self) -> str:
         h, w = self.latent_size
+        staged = (f"; staged per chunk: device {gib(self.staging_bytes)}"
+                  + (f", pinned host {gib(self.pinned_staging_bytes)}" if self.pinned_staging_bytes else "")
+                  if self.store_on == "host" else "")
         rows = [
             f"memory plan on {self.device} ({self.dtype}): budget {gib(self.budget)} ({self.budget_source})",
             f"  {self.frames} frames, latents {h}x{w}, {self.branches} branches, {self.keyframes} keyframes per step",
             f"  weights {gib(self.weights_bytes)}; per UNet row {self.unet_row_bytes / 2**20:.1f} MiB; "
             f"per VAE frame {self.vae_row_bytes / 2**20:.1f} MiB ({self.calibration})",
-            f"  keyframe store {gib(self.store_bytes)} on {self.store_on}"
-            + (f" (device staging {gib(self.staging_bytes)})" if self.store_on == "host" else ""),
+            f"  keyframe store {gib(self.store_bytes)} on {self.store_on}{staged}",
             f"  inverted latents {gib(self.latents_bytes)} on {self.latents_on}",
+        ]
+        if self.nearest:
+            rows.append(f"  nearest-neighbour search ({NEAREST_WORDS[self.nearest]}): {gib(self.nearest_bytes)} "
+                        "per propagation call")
+        if self.graph_pool_bytes:
+            rows.append(f"  CUDA graph pool {gib(self.graph_pool_bytes)} ({self.graph_pool_note})")
+        if self.call_caps:
+            rows.append(f"  call caps: {_caps_words(self.call_caps, self.caps_note)}")
+        rows += [
             f"  keyframe pass: {self.keyframe_call} keyframes per call -> peak {gib(self.peaks['keyframes'])}",
             f"  propagation:   {self.chunk_frames} frames per call"
             + (" (--chunk-frames)" if self.chunk_forced else "") + f" -> peak {gib(self.peaks['propagate'])}",
             f"  inversion:     {self.inversion_frames} frames per call -> peak {gib(self.peaks['invert'])}",
             f"  VAE:           {self.vae_frames} frames per call -> peak {gib(self.peaks['vae'])}",
-            f"  predicted peak {gib(self.peak)} of {gib(self.budget)}",
         ]
+        if self.overheads:
+            taken = ", ".join(f"{OVERHEAD_NAMES[k]} {gib(v)}" for k, v in self.overheads.items())
+            rows.append(f"  off the budget: {taken} -> {gib(self.usable)} usable")
+            rows.append(f"  predicted peak {gib(self.peak)} reserved (activations x {self.reserved_factor:g} for the "
+                        f"allocator's rounding and fragmentation) of {gib(self.usable)} usable")
+        else:
+            rows.append(f"  predicted peak {gib(self.peak)} of {gib(self.budget)}")
         if self.host is not None:
             rows.append(self.host.describe())
         if self.made_from:
             rows.insert(1, f"  made from {self.made_from}")
         return "\n".join(rows)
+
+
+OVERHEAD_NAMES = {"cuda_context": "CUDA context", "cublas_workspace": "cuBLAS workspaces",
+                  "cudnn_workspace": "cuDNN workspace", "margin": "safety margin"}
+NEAREST_WORDS = {"static": "static search tiles", "torch": "torch search tile and float32 copies",
+                 "faiss": "FAISS: counted as the torch search", "triton": "Triton kernel: indices only"}
+CAP_WORDS = {"propagation_rows": "UNet rows per propagation call", "inversion_rows": "UNet rows per inversion call",
+             "vae_frames": "VAE frames per call", "int32_unet_rows": "UNet rows", "int32_vae_frames": "VAE frames"}
+
+
+def _caps_words(caps: Dict[str, Optional[int]], note: str) -> str:
+    def words(*keys: str) -> str:
+        return ", ".join(f"{caps[k]} {CAP_WORDS[k]}" for k in keys if caps.get(k) is not None)
+    return (f"{words('propagation_rows', 'inversion_rows', 'vae_frames')} ({note}); int32 indexing allows "
+            f"{words('int32_unet_rows', 'int32_vae_frames')}")
 
 
 def store_bytes_per_keyframe(unet, h: int, w: int, branches: int, element_size: int) -> int:
@@ -400,20 +228,31 @@ class _Rows:
     vae: int           # of one VAE frame
     keyframe: int      # one keyframe's entry in the store (all layers, source + every branch)
     tokens: int        # the most tokens of an attention layer
+    layers: tuple = ()       # (tokens S, channels C) of each distinct attention layer shape
+    unet_largest: int = 0    # elements of the largest tensor of one UNet row
+    vae_largest: int = 0     # of one VAE frame
 
 
 def _rows(model, h: int, w: int, branches: int, element_size: int, calibration: Calibration) -> _Rows:
     scale = model.vae_scale_factor
+    shapes = attention_layer_shapes(model.unet, h, w)
     return _Rows(unet=int(unet_row_elements(model.unet.config, h, w) * element_size * calibration.unet),
                  vae=int(vae_decode_row_elements(model.vae.config, h * scale, w * scale) * element_size
                          * calibration.vae),
                  keyframe=store_bytes_per_keyframe(model.unet, h, w, branches, element_size),
-                 tokens=max(s for s, _ in attention_layer_shapes(model.unet, h, w).values()))
+                 tokens=max(s for s, _ in shapes.values()), layers=tuple(sorted(set(shapes.values()))),
+                 unet_largest=unet_largest_row_elements(model.unet.config, h, w),
+                 vae_largest=vae_largest_frame_elements(model.vae.config, h * scale, w * scale))
 
 
-def _activations(rows: _Rows, fixed: int, branches: int, sizes: Dict[str, int], staging: int) -> Dict[str, int]:
+def _search(rows: _Rows, kind: str, frames: int, keys: int) -> int:
+    """Bytes of a propagation call's nearest-neighbour search (its largest layer's)."""
+    return max(search_bytes(kind, frames, keys, s, c, GRAPH_PAIRS) for s, c in rows.layers)
+
+
+def _activations(rows: _Rows, fixed: int, branches: int, sizes: Dict[str, int], staging: int,
+                 search: int) -> Dict[str, int]:
     """Activations of each stage's largest call: ``sizes`` {stage: frames (keyframes) per call}."""
-    search = min(SEARCH_TILE, sizes["propagate"] * rows.tokens * rows.tokens) * 4   # the torch search's tile
     return {"keyframes": fixed + branches * sizes["keyframes"] * rows.unet,
             "propagate": fixed + branches * sizes["propagate"] * rows.unet + staging + search,
             "invert": fixed + sizes["invert"] * rows.unet,
@@ -428,18 +267,68 @@ def _host_calls(acts: Dict[str, int], sizes: Dict[str, int], per_frame: Dict[str
     return {"invert": largest("invert", "vae"), "edit": largest("keyframes", "propagate"), "decode": largest("vae")}
 
 
+def nearest_kind(backend: str, nearest: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The nearest-neighbour search a propagation call runs, as the kernel dispatch and
+    ``engine.backends`` choose it: eager ``auto`` runs Triton on CUDA where it is installed, else
+    the torch search (FAISS on large CPU searches is counted as the torch search, its upper bound);
+    graph backends run ``static`` (``compile`` runs ``triton`` on CUDA in fp16/bf16 with Triton).
+    (Should Triton's startup self-check fail, the torch search's float32 copies run instead.)"""
+    triton = device.type == "cuda" and triton_missing() is None
+    if backend == "eager":
+        if nearest == "auto":
+            return "triton" if triton else "torch"
+        return "torch" if nearest == "faiss" else nearest
+    fast = backend == "compile" and triton and dtype in (torch.float16, torch.bfloat16)
+    if nearest == "auto":
+        return "triton" if fast else "static"
+    return "static" if nearest == "torch" else nearest
+
+
+def call_caps(device_type: str, rows: _Rows, branches: int, row_cap: Optional[int] = None,
+              vae_cap: Optional[int] = None) -> Dict[str, Optional[int]]:
+    """Caps on rows and frames per call (module doc); ``row_cap``/``vae_cap`` replace the device's."""
+    int32_rows = INT32_ELEMENTS // max(1, rows.unet_largest)
+    int32_vae = INT32_ELEMENTS // max(1, rows.vae_largest)
+    if device_type == "cpu":
+        caps = {"propagation_rows": row_cap or CPU_PROPAGATE_ROWS, "inversion_rows": row_cap,
+                "vae_frames": vae_cap or CPU_VAE_FRAMES}
+    else:
+        vae = vae_cap or min(GPU_VAE_FRAMES, max(1, GPU_VAE_ELEMENTS // max(1, rows.vae_largest)))
+        caps = {"propagation_rows": row_cap or GPU_UNET_ROWS, "inversion_rows": row_cap or GPU_UNET_ROWS,
+                "vae_frames": vae}
+    return {**caps, "int32_unet_rows": int32_rows, "int32_vae_frames": int32_vae}
+
+
+def _largest(n: int, limit: int, fits: Callable[[int], bool]) -> int:
+    """The largest n' in [1, limit] with fits(n') (fits grows false with n'); 1 when none fits
+    (the plan's check then refuses); ``n`` given (a forced size): n."""
+    if n:
+        return n
+    low, high = 1, max(1, limit)
+    if fits(high):
+        return high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
 def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframes: int, window: int,
               steps: int, budget: int, budget_source: str, calibration: Calibration,
               chunk_frames: Optional[int] = None, inversion_frames: Optional[int] = None,
               keyframe_store: str = "auto", inverted_latents: str = "auto",
               max_chunk: Optional[int] = None, use_cache: bool = True,
-              host: Optional[Tuple[int, str]] = None) -> MemoryPlan:
-    """Choose chunk sizes under ``budget`` and, on CPU, in what the host leaves (module doc);
-    raise ResourceError naming the budget that would fit, or naming the host memory that does
-    not: ``host`` is (bytes available, where from), default ``memory.host_available()`` now; the
-    decoded frames (and on CPU the weights) are already held and counted as such."""
+              host: Optional[Tuple[int, str]] = None, backend: str = "eager", nearest_backend: str = "auto",
+              row_cap: Optional[int] = None, vae_cap: Optional[int] = None) -> MemoryPlan:
+    """Choose chunk sizes under ``budget`` (less the device's overheads) and, on CPU, in what the
+    host leaves (module doc); raise ResourceError naming the budget that would fit, or naming the
+    host memory that does not: ``host`` is (bytes available, where from), default
+    ``memory.host_available()`` now; the decoded frames (and on CPU the weights) are already held
+    and counted as such. ``backend``/``nearest_backend``: the run's (what the search and CUDA
+    graphs hold); ``row_cap``/``vae_cap`` replace the device's call caps (for sweeps)."""
     h, w = latent_size
-    on_cpu = torch.device(model.device).type == "cpu"
+    device = torch.device(model.device)
+    on_cpu = device.type == "cpu"
     size = torch.empty((), dtype=model.dtype).element_size()
     scale = model.vae_scale_factor
     height, width = h * scale, w * scale
@@ -451,28 +340,59 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     store = per_kf * keyframes
     latents = steps * frames * int(model.unet.config["in_channels"]) * h * w * 4
     kf_call = min(window or keyframes, keyframes)
-    cap = max_chunk or frames
-
-    def within(free: int, per_frame: int) -> int:
-        return min(cap, max(0, free // max(1, per_frame)))
-
-    def device_room(resident: int) -> int:   # what a call may take under the budget
-        return budget - weights - resident - fixed - SEARCH_TILE * 4
+    caps = call_caps(device.type, rows, branches, row_cap, vae_cap)
+    overheads = device_overheads(device.type, budget)
+    usable = budget - sum(overheads.values())
+    factor = RESERVED_FACTOR if device.type == "cuda" else 1.0
+    nearest = nearest_kind(backend, nearest_backend, device, model.dtype)
+    pooled = backend == "compile" and device.type == "cuda"   # mode="reduce-overhead": CUDA graphs
 
     # where the store and the latents live: on the device unless the keyframe pass would not fit
     def place(choice: str, nbytes: int, others: int) -> str:
         if choice != "auto":
             return choice
-        need = weights + others + nbytes + branches * kf_call * row
-        return "device" if need <= budget else "host"
+        need = weights + others + nbytes + factor * (fixed + branches * kf_call * row)
+        return "device" if need <= usable else "host"
 
     latents_on = place(inverted_latents, latents, 0)
     store_on = place(keyframe_store, store, latents if latents_on == "device" else 0)
     latents_resident = latents if latents_on == "device" else 0
     resident = (store if store_on == "device" else 0) + latents_resident
+    offloaded = store_on == "host"
+
     # an offloaded store stages at most two keyframes per frame of a chunk (paper: before and
-    # after; original: own and previous), bounded by K
-    staging_per_frame = 2 * per_kf if store_on == "host" else 0
+    # after; original: own and previous), bounded by K; off the CPU they are gathered into a
+    # pinned host buffer of the same size first
+    def staged(chunk: int) -> int:
+        return min(2 * chunk, keyframes) if offloaded else keyframes
+
+    def costs(sizes: Dict[str, int]) -> Tuple[Dict[str, int], Dict[str, int], int, int, int]:
+        """(peaks, raw activations, staging, search, graph pool) at these call sizes."""
+        chunk = sizes["propagate"]
+        staging = staged(chunk) * per_kf if offloaded else 0
+        search = _search(rows, nearest, chunk, staged(chunk))
+        acts = _activations(rows, fixed, branches, sizes, 0, search)
+        held = {k: math.ceil(v * factor) for k, v in acts.items()}
+        # CUDA graph trees give the captured graphs one private pool per device, reused between
+        # them (the runner copies outputs out): about the largest graph's call, held from its
+        # capture on, beside the ordinary allocator's memory (the VAE's)
+        pool = max(held["invert"], held["keyframes"], held["propagate"]) if pooled else 0
+        peaks = {"keyframes": weights + resident + staging + max(pool, held["keyframes"]),
+                 "propagate": weights + resident + staging + max(pool, held["propagate"]),
+                 "invert": weights + latents_resident + held["invert"],
+                 "vae": weights + pool + held["vae"]}
+        return peaks, {**acts, "propagate": acts["propagate"] + staging}, staging, search, pool
+
+    def largest_tensor(sizes: Dict[str, int]) -> Dict[str, int]:
+        chunk = sizes["propagate"]
+        search = max(search_largest_elements(nearest, chunk, s, c, GRAPH_PAIRS) for s, c in rows.layers)
+        return {"keyframes": branches * sizes["keyframes"] * rows.unet_largest,
+                "propagate": max(branches * chunk * rows.unet_largest, search),
+                "invert": sizes["invert"] * rows.unet_largest, "vae": sizes["vae"] * rows.vae_largest}
+
+    def fits(sizes: Dict[str, int]) -> bool:
+        return (max(costs(sizes)[0].values()) <= usable
+                and max(largest_tensor(sizes).values()) <= INT32_ELEMENTS)
 
     # the host: on CPU the latents and the store are host memory wherever the plan puts them
     # (the device peaks count them as resident, the host plan as its own parts: once each)
@@ -481,31 +401,35 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
         frames=frames, width=width, height=height, prompts=max(1, (branches - 1) // 2), timesteps=steps,
         latents_on_host=on_cpu or latents_on == "host", use_cache=use_cache, available=free,
         available_source=source, frames_source="the decoded clip", latent_channels=int(model.unet.config["in_channels"]),
-        vae_scale=scale, store=store if on_cpu or store_on == "host" else 0, weights=weights if on_cpu else 0,
+        vae_scale=scale, store=store if on_cpu or offloaded else 0, weights=weights if on_cpu else 0,
         z0_on_host=on_cpu, held=4 * frames * 3 * height * width + (weights if on_cpu and loaded else 0),
         dtype=str(model.dtype).replace("torch.", ""))
     # on CPU each call gets what its phase leaves after the host parts and the weights
     room = {phase: host_plan.usable - sum(parts.values()) for phase, parts in host_plan.phases.items()}
 
-    def host_room(*phases: str) -> int:
-        return min(room[p] for p in phases) - fixed - SEARCH_TILE * 4 if on_cpu else budget
+    def host_limit(per_frame: int, *phases: str) -> int:
+        if not on_cpu:
+            return frames
+        free_room = min(room[p] for p in phases) - fixed - SEARCH_TILE * 4
+        return max(1, min(frames, free_room // max(1, per_frame)))
 
-    chunk = chunk_frames or max(1, within(min(device_room(resident), host_room("edit")),
-                                          branches * row + staging_per_frame))
-    if chunk_frames is None and on_cpu:
-        chunk = min(chunk, max(1, CPU_PROPAGATE_ROWS // branches))
-    staging = min(2 * chunk, keyframes) * per_kf if store_on == "host" else 0
-    inv = inversion_frames or max(1, within(min(device_room(latents_resident), host_room("invert")), row))
-    vae = max(1, within(min(device_room(0), host_room("invert", "decode")), vae_row))
-    if on_cpu:                             # measured: 40-frame VAE calls run ~2x slower per frame
-        vae = min(vae, CPU_VAE_FRAMES)     # than 8-frame ones on CPU (caches), no memory reason
-    sizes = {"keyframes": kf_call, "propagate": chunk, "invert": inv, "vae": vae}
-    acts = _activations(rows, fixed, branches, sizes, staging)
-    # (an offloaded store receives each layer's outputs while they are alive anyway)
-    peaks = {"keyframes": weights + resident + acts["keyframes"], "propagate": weights + resident + acts["propagate"],
-             "invert": weights + latents_resident + acts["invert"], "vae": weights + acts["vae"]}
-    per_frame = {"keyframes": branches * row, "propagate": branches * row + staging_per_frame, "invert": row,
-                 "vae": vae_row}
+    def rows_limit(cap: Optional[int], per_row: int) -> int:   # frames per call under a rows cap
+        return frames if cap is None else max(1, cap // per_row)
+
+    # sized in this order, each in what the previous ones leave (the later ones at 1 meanwhile)
+    sizes = {"keyframes": kf_call, "propagate": chunk_frames or 1, "invert": inversion_frames or 1, "vae": 1}
+    prop_limit = min(max_chunk or frames, rows_limit(caps["propagation_rows"], branches),
+                     host_limit(branches * row + (2 * per_kf if offloaded else 0), "edit"))
+    sizes["propagate"] = _largest(chunk_frames, prop_limit, lambda n: fits({**sizes, "propagate": n}))
+    inv_limit = min(rows_limit(caps["inversion_rows"], 1), host_limit(row, "invert"))
+    sizes["invert"] = _largest(inversion_frames, inv_limit, lambda n: fits({**sizes, "invert": n}))
+    vae_limit = min(frames, caps["vae_frames"], host_limit(vae_row, "invert", "decode"))
+    sizes["vae"] = _largest(0, vae_limit, lambda n: fits({**sizes, "vae": n}))
+    peaks, acts, staging, search, pool = costs(sizes)
+    chunk, inv, vae = sizes["propagate"], sizes["invert"], sizes["vae"]
+    per_frame = {"keyframes": branches * row, "propagate": branches * row + (2 * per_kf if offloaded else 0),
+                 "invert": row, "vae": vae_row}
+    pinned = staging if offloaded and not on_cpu else 0
 
     def rescale(n: int, px_width: int, px_height: int) -> dict:
         """The model's host parts for n frames at px_width x px_height, at 1 frame per call
@@ -514,15 +438,21 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
         r = _rows(model, max(1, px_height // scale), max(1, px_width // scale), branches, size, calibration)
         least = {"keyframes": min(window or k, k), "propagate": min(chunk_frames or 1, n),
                  "invert": min(inversion_frames or 1, n), "vae": 1}
-        least_staging = min(2 * least["propagate"], k) * r.keyframe if store_on == "host" else 0
+        least_staged = min(2 * least["propagate"], k) if offloaded else k
+        least_staging = least_staged * r.keyframe if offloaded else 0
         least_per_frame = {"keyframes": branches * r.unet, "invert": r.unet, "vae": r.vae,
-                           "propagate": branches * r.unet + (2 * r.keyframe if store_on == "host" else 0)}
-        calls = _activations(r, fixed, branches, least, least_staging)
-        return {"store": r.keyframe * k if on_cpu or store_on == "host" else 0,
+                           "propagate": branches * r.unet + (2 * r.keyframe if offloaded else 0)}
+        calls = _activations(r, fixed, branches, least, least_staging,
+                             _search(r, nearest, least["propagate"], least_staged))
+        return {"store": r.keyframe * k if on_cpu or offloaded else 0,
+                "pinned_staging": least_staging if offloaded and not on_cpu else 0,
                 "calls": _host_calls(calls, least, least_per_frame) if on_cpu else {}}
 
     host_plan = dataclasses.replace(host_plan, calls=_host_calls(acts, sizes, per_frame) if on_cpu else {},
-                                    rescale=rescale)
+                                    pinned_staging=pinned, rescale=rescale)
+    graphs = (f"one pool shared by the captured graphs, about the largest one's call: inversion "
+              f"{inv} rows, keyframe pass {branches * kf_call}, propagation {branches * chunk}; "
+              "estimate, unverified on GPU")
     plan = MemoryPlan(
         device=str(model.device), dtype=str(model.dtype).replace("torch.", ""), budget=budget,
         budget_source=budget_source, frames=frames, latent_size=(h, w), branches=branches,
@@ -530,25 +460,52 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
         weights_bytes=weights, unet_row_bytes=row, vae_row_bytes=vae_row,
         store_bytes=store, store_on=store_on, staging_bytes=staging, latents_bytes=latents,
         latents_on=latents_on, peaks=peaks, calibration=calibration.source, chunk_forced=chunk_frames is not None,
-        host=host_plan)
-    real = torch.device(model.device).type != "meta"   # a meta-device plan is a what-if: nothing is allocated here
+        host=host_plan, overheads=overheads, reserved_factor=factor, call_caps=caps,
+        caps_note=CPU_CAPS_NOTE if on_cpu else GPU_CAPS_NOTE, nearest=nearest, nearest_bytes=search,
+        graph_pool_bytes=pool, graph_pool_note=graphs if pooled else "", pinned_staging_bytes=pinned,
+        largest_tensor=largest_tensor(sizes))
+    real = device.type != "meta"   # a meta-device plan is a what-if: nothing is allocated here
     if on_cpu and real:   # on CPU the host is the device: its check has the better numbers and advice
         host_plan.check()
+    _check_int32(plan)
     _check_fits(plan)
     if real:
         host_plan.check()
     return plan
 
 
+def _check_int32(plan: MemoryPlan) -> None:
+    """Refuse a call with a tensor past int32 indexing (kernels would fail or index wrongly)."""
+    over = {stage: n for stage, n in plan.largest_tensor.items() if n > INT32_ELEMENTS}
+    if not over:
+        return
+    fixes = {"keyframes": "a keyframe window (--keyframe-window W) or fewer --prompt edits per run",
+             "propagate": "a smaller --chunk-frames", "invert": "a smaller --inversion-batch-size",
+             "vae": "a smaller --size"}
+    said = "; ".join(f"{STAGE_NAMES[stage]} would hold a tensor of {n:,} elements" for stage, n in over.items())
+    raise ResourceError(f"{said}, past the {INT32_ELEMENTS:,} that int32 indexing allows. Use "
+                        + "; or ".join(dict.fromkeys(fixes[stage] for stage in over)))
+
+
+def _budget_for(need: int, device_type: str) -> int:
+    """The smallest budget whose usable part (less ``device_overheads``) holds ``need``."""
+    fixed = sum(v for k, v in device_overheads(device_type, need).items() if k != "margin")
+    if device_type != "cuda":
+        return need
+    return max(need + fixed + GPU_MARGIN_MIN, math.ceil((need + fixed) / (1 - GPU_MARGIN_FRACTION)))
+
+
 def _check_fits(plan: MemoryPlan) -> None:
-    over = {stage: peak for stage, peak in plan.peaks.items() if peak > plan.budget}
+    over = {stage: peak for stage, peak in plan.peaks.items() if peak > plan.usable}
     if not over:
         return
     problems = [f"{STAGE_NAMES[stage]} needs {gib(peak)}" for stage, peak in over.items()]
     if "keyframes" in over and plan.keyframe_call == plan.keyframes and plan.keyframes > 2:
         problems.append("a keyframe window (--keyframe-window W) bounds the keyframe pass")
-    need = max(plan.peaks.values())
+    need = _budget_for(max(plan.peaks.values()), torch.device(plan.device).type)
+    usable = (f" ({gib(plan.usable)} usable once the CUDA context, library workspaces and a margin are "
+              "taken off)" if plan.overheads else "")
     raise ResourceError(
-        f"the memory budget {gib(plan.budget)} ({plan.budget_source}) is too small: {'; '.join(problems)}. "
+        f"the memory budget {gib(plan.budget)} ({plan.budget_source}){usable} is too small: {'; '.join(problems)}. "
         f"Set --memory-budget to at least {math.ceil(need / 2**30 * 10) / 10:.1f}GiB if the device has it, "
         "or use fewer frames (--frames), a smaller --size or --dtype float16")

@@ -171,7 +171,8 @@ class Editor:
                              budget_source=source, calibration=calibration, chunk_frames=config.chunk_frames,
                              inversion_frames=config.inversion_batch_size, keyframe_store=config.keyframe_store,
                              inverted_latents="host" if config.inverted_latents == "disk" else config.inverted_latents,
-                             use_cache=config.use_cache)
+                             use_cache=config.use_cache, backend=config.backend,
+                             nearest_backend=config.nearest_backend)
 
     # --- frames <-> latents ----------------------------------------------------------------
 
