@@ -96,7 +96,8 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--seed", type=int, help="seed of the keyframe draws (default 1)")
         g = p.add_argument_group("memory (see --plan)")
         g.add_argument("--memory-budget", metavar="SIZE", help="device memory the edit may use, e.g. 12GB or "
-                       "16GiB (default: what the device has free, minus a margin); sets the chunk sizes")
+                       "16GiB (default: what the device has free; on CUDA the plan keeps the CUDA context, library "
+                       "workspaces and a 5%% margin out of it); sets the chunk sizes")
         g.add_argument("--plan", action="store_true", help="print the memory plan (chunk sizes, predicted peak, "
                        "keyframe store size) and exit without editing")
         g.add_argument("--chunk-frames", type=int, metavar="N", help="frames per UNet call of the propagation "

@@ -267,7 +267,7 @@ def _run_facts(config: EditConfig, editor: Editor, seconds: float) -> Dict:
     device = editor.model.device
     return {"model": str(config.model), "device": str(device), "dtype": str(editor.model.dtype).replace("torch.", ""),
             "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(device),
-            "peak_memory_kind": "allocated tensors" if device.type == "cuda" else "process peak RSS"}
+            "peak_memory_kind": "reserved by torch's allocator" if device.type == "cuda" else "process peak RSS"}
 
 
 def check_host_memory(config: EditConfig, prompts: int, device_type: str) -> HostPlan:
@@ -407,8 +407,9 @@ def _summary(results: List[EditResult], config: EditConfig, seconds: float, edit
 
 
 def _peak_memory(device: torch.device) -> int:
+    """CUDA: torch's reserved peak (what the planner predicts, and what fills a card); else peak RSS."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
+        return int(torch.cuda.max_memory_reserved(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
@@ -418,7 +419,7 @@ def format_summary(s: Dict) -> str:
              f"in {s['seconds']:.1f} s ({s['frames_per_second']:.2f} frames/s) on {s['device']} {s['dtype']}",
              f"  stages: {stages}",
              f"  peak memory: {s['peak_memory_bytes'] / 2**30:.2f} GiB"
-             + ((" (allocated; plan predicted " if s["device"].startswith("cuda") else " (process RSS; plan's tensor peak ")
+             + ((" (reserved; plan predicted " if s["device"].startswith("cuda") else " (process RSS; plan's tensor peak ")
                 + f"{s['plan']['peak'] / 2**30:.2f} GiB)" if s.get("plan") else "")]
     if s.get("report"):   # the page to open, then each prompt's
         lines.append(f"  report: {s['report']}")
