@@ -20,7 +20,7 @@ import torch
 from tokenflow.kernels import nearest, verify
 from tokenflow.kernels.nearest import cosine_nearest
 
-from .kernel_helpers import DTYPES, LOW_PRECISION, generator, nearest_inputs
+from .kernel_helpers import DTYPES, LOW_PRECISION, channels_strided, generator, nearest_inputs
 
 # F frames, N tokens, K keyframes, M keys, C channels, P pairs
 SHAPES = [(3, 9, 2, 11, 5, 2), (1, 4, 1, 4, 3, 1), (4, 37, 3, 29, 40, 2)]
@@ -126,6 +126,24 @@ def test_triton_is_a_float64_argmax(triton_device, dtype, shape):
     assert result.ok, result.describe()
     if dtype == torch.float32:
         assert torch.equal(cosine_nearest(x, keys, pairs, backend="triton"), cosine_nearest(x, keys, pairs, backend="torch"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["transposed", "reversed"])
+def test_triton_channels_not_at_unit_stride(triton_device, dtype, layout):
+    """x and keys with channels at a non-unit stride, pairs transposed: the launcher copies what the
+    kernel reads contiguously, through the public API and through the custom op that traced graphs
+    call without dispatch."""
+    from tokenflow.kernels.nearest.triton import cosine_nearest_triton
+
+    x, keys, pairs = nearest_inputs(generator("layout", dtype, layout), 3, 21, 2, 27, 36, 2, dtype=dtype,
+                                    device=triton_device)
+    x, keys, pairs = channels_strided(x, layout), channels_strided(keys, "reversed"), pairs.T.contiguous().T
+    for impl in (None, cosine_nearest_triton):
+        result = verify.check_nearest("triton", x, keys, pairs, impl=impl)
+        assert result.ok, (impl, result.describe())
+    if dtype == torch.float32:
+        assert torch.equal(cosine_nearest_triton(x, keys, pairs), cosine_nearest(x, keys, pairs, backend="torch"))
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16, 16)])
