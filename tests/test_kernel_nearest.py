@@ -115,6 +115,30 @@ def test_faiss_is_a_float64_argmax(dtype):
         assert torch.equal(cosine_nearest(x, keys, pairs, backend="faiss"), cosine_nearest(x, keys, pairs, backend="torch"))
 
 
+def test_faiss_gpu_resources_are_built_once_per_device(monkeypatch):
+    """A GPU index per call, but one ``StandardGpuResources`` per device for the process (a stand-in
+    faiss module with the faiss-gpu names: the GPU path itself is unverified)."""
+    from types import SimpleNamespace
+
+    from tokenflow.kernels.nearest import faiss as faiss_backend
+
+    built = []
+
+    class Resources:
+        def __init__(self):
+            built.append(self)
+
+    fake = SimpleNamespace(StandardGpuResources=Resources, get_num_gpus=lambda: 2,
+                           GpuIndexFlatConfig=lambda: SimpleNamespace(device=None),
+                           GpuIndexFlatIP=lambda res, channels, config: (res, channels, config.device),
+                           IndexFlatIP=lambda channels: ("cpu", channels))
+    monkeypatch.setattr(faiss_backend, "_GPU_RESOURCES", {})
+    first = [faiss_backend._index(fake, 8, torch.device("cuda", 0)) for _ in range(3)]
+    other = faiss_backend._index(fake, 8, torch.device("cuda", 1))
+    assert len(built) == 2 and all(index == (built[0], 8, 0) for index in first) and other == (built[1], 8, 1)
+    assert faiss_backend._index(fake, 8, torch.device("cpu")) == ("cpu", 8) and len(built) == 2
+
+
 # ----------------------------------------------------------------------------- triton
 
 
