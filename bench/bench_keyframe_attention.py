@@ -4,8 +4,13 @@ Variants (each computes [3, K, S, heads*D] from q, k, v of that shape, branches 
   triton        tokenflow's fused kernel (CUDA; CPU only with --variants triton and TRITON_INTERPRET=1)
   sdpa-<name>   the torch reference (PyTorch SDPA, layout copies included) pinned to one SDPA backend
   xformers      memory-efficient attention, where xFormers imports
-  original      the original implementation's formulation: K/V of all keyframes tiled K times,
-                a Python loop over heads, the score matrix materialised
+  original      the original implementation's compute pattern (``benchmark.original_kernels``): K/V of
+                all keyframes tiled K times, a Python loop over heads, the score matrix materialised
+                for all keyframes up to 12 and one query keyframe at a time above, as the original
+
+A variant whose materialised scores cannot fit in the device's free memory (SDPA's math backend:
+[H, K*S, K*S] float32 scores and their softmax, ~420 GB at K=25, S=4096, 5 heads; the original
+likewise) is not run: its row says so under ``skipped``.
 
 Reports the median time, TFLOP/s (matmul FLOPs: 4*D per query-key pair), GB/s of the q/k/v/out
 traffic, peak memory per call, and each variant's speed relative to the best SDPA backend.
@@ -32,6 +37,8 @@ from tokenflow.benchmark.measure import (  # noqa: E402
     resolve_kernel_args,
     write_results,
 )
+from tokenflow.benchmark.original_kernels import keyframe_attention_original, query_batch  # noqa: E402
+from tokenflow.engine.memory import host_available  # noqa: E402
 from tokenflow.kernels.keyframe_attention import keyframe_attention, keyframe_attention_torch  # noqa: E402
 
 # (tokens S, heads, head dim): SD 2.1 at 512x512 has D = 64 at every resolution; SD 1.5 has 8 heads
@@ -40,26 +47,32 @@ SD15 = [(4096, 8, 40), (1024, 8, 80), (256, 8, 160)]
 PRESETS = {
     "full": [(s, h, d, k) for s, h, d in SD21 + SD15 for k in (5, 13, 25)],
     "small": [(256, 5, 64, 5), (256, 5, 64, 13), (256, 8, 40, 13), (1024, 5, 64, 5), (1024, 8, 80, 5)],
+    "target": [(4096, 5, 64, 25)],   # issue 18's H200 target: SD 2.1's largest attention level, 25 keyframes
 }
 SDPA = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
 
-def original_formulation(q, k, v, heads: int) -> torch.Tensor:
-    """Written from the description of the original: tile K/V per keyframe, loop heads, full scores."""
-    _, n_kf, seq, channels = q.shape
-    dim = channels // heads
-    out = torch.empty_like(q)
-    for b in range(3):
-        if b == 0:
-            keys, vals = k[0], v[0]                                             # [K, S, C]
-        else:
-            keys = k[b].reshape(1, n_kf * seq, channels).repeat(n_kf, 1, 1)     # [K, K*S, C]
-            vals = v[b].reshape(1, n_kf * seq, channels).repeat(n_kf, 1, 1)
-        for h in range(heads):
-            sl = slice(h * dim, (h + 1) * dim)
-            scores = torch.bmm(q[b, :, :, sl], keys[:, :, sl].transpose(1, 2)) * dim ** -0.5
-            out[b, :, :, sl] = torch.bmm(scores.softmax(dim=-1), vals[:, :, sl])
-    return out
+def score_bytes(name: str, case: dict) -> int:
+    """Bytes of the score matrices a variant materialises at once (0: none): float32 scores and
+    their softmax. SDPA's math backend scores the joint K*S sequence of all heads in one call (the
+    reference passes [1, H, K*S, D]); the original one head and ``query_batch(K)`` query keyframes."""
+    n_kf, seq, heads = case["K"], case["S"], case["heads"]
+    if name == "sdpa-math":
+        return 2 * 4 * heads * (n_kf * seq) ** 2
+    if name == "original":
+        return 2 * 4 * query_batch(n_kf) * seq * n_kf * seq
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def free_bytes(device: torch.device) -> int:
+    """What the device can still allocate: CUDA's free memory, else the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return host_available()[0]
 
 
 def make_inputs(case: dict):
@@ -78,7 +91,7 @@ def build(name: str, case: dict):
     if name == "xformers":
         return lambda: keyframe_attention(q, k, v, heads, backend="xformers")
     if name == "original":
-        return lambda: original_formulation(q, k, v, heads)
+        return lambda: keyframe_attention_original(q, k, v, heads)
     if name.startswith("sdpa-"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -121,6 +134,12 @@ def main(argv=None) -> int:
         reference = keyframe_attention_torch(*make_inputs(case), heads).float()
         for name in variants:
             row = dict(case, variant=name)
+            needed, free = score_bytes(name, case), free_bytes(device)
+            if needed > free:
+                row["skipped"] = f"its scores need {_size(needed)} at once; {_size(free)} of {device.type} memory is free"
+                print(f"{name:14s} {n_kf:3d} {seq:5d} {heads:3d} {dim:4d} skipped: {row['skipped']}")
+                case_rows.append(row)
+                continue
             try:
                 fn = build(name, case)
                 # timed variants must compute the same thing: max abs difference to the reference
@@ -140,6 +159,8 @@ def main(argv=None) -> int:
         for row in case_rows:
             if "ms" in row and sdpa:
                 row["speedup_vs_best_sdpa"] = min(sdpa) / row["ms"]
+            if "skipped" in row:
+                continue
             if "error" in row:
                 print(f"{row['variant']:14s} {n_kf:3d} {seq:5d} {heads:3d} {dim:4d} error: {row['error']}")
             else:

@@ -62,3 +62,25 @@ def compile_for_sm90(fn, types, constexprs, warps, stages, aligned):
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+# ----------------------------------------------------------------------------- layouts
+
+LAYOUTS = ["transposed", "reversed", "broadcast"]
+
+
+def channels_strided(t, layout: str):
+    """``t``'s values (``broadcast``: its first channel repeated) in a layout whose channel (last)
+    dim is not at unit stride: ``transposed`` (last two dims swapped in memory), ``reversed``
+    (every stride reversed, column-major) or ``broadcast`` (an expanded view, stride 0)."""
+    if layout == "transposed":
+        view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "reversed":
+        dims = list(range(t.dim()))[::-1]
+        view = t.permute(*dims).contiguous().permute(*dims)
+    elif layout == "broadcast":
+        view = t[..., :1].expand(t.shape)
+    else:
+        raise KeyError(layout)
+    assert view.stride(-1) != 1 and (layout == "broadcast" or torch.equal(view, t))
+    return view

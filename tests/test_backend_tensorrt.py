@@ -331,7 +331,8 @@ def _fake_tensorrt(inputs, outputs, parse_ok=True, build_ok=True):
     mode = _Enum("INPUT", "OUTPUT")
     module = SimpleNamespace(
         __version__="10.0.fake", ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser, Runtime=Runtime,
-        NetworkDefinitionCreationFlag=_Enum("STRONGLY_TYPED"), BuilderFlag=_Enum("FP16", "BF16"),
+        # as TensorRT 11: no BuilderFlag.FP16/BF16 (weak typing was removed); STRONGLY_TYPED not bit 0
+        NetworkDefinitionCreationFlag=_Enum("EXPLICIT_BATCH", "STRONGLY_TYPED"), BuilderFlag=_Enum("DEBUG"),
         MemoryPoolType=_Enum("WORKSPACE"), TensorIOMode=mode, DataType=dt,
         ExecutionContextAllocationStrategy=_Enum("STATIC", "ON_PROFILE_CHANGE", "USER_MANAGED"))
     return module, calls
@@ -364,7 +365,7 @@ def test_fake_tensorrt_engine_build_load_activate_infer(fake_trt, tmp_path):
     timing.write_bytes(b"old")
     engine.build(tmp_path / "unet.onnx", tmp_path / "plain.engine", profile, timing, workspace_bytes=2**30)
     assert calls["parsed"] == str(tmp_path / "unet.onnx")
-    assert calls["network_flags"] == 1 << 0, "strongly typed: precision comes from the fp16 graph"
+    assert calls["network_flags"] == 1 << 1, "strongly typed: precision comes from the fp16 graph"
     assert calls["flags"] == [] and calls["workspace"] == 2**30 and calls["profiles"] == 1
     assert calls["set_shape"] == {"sample": profile["sample"], "text": profile["text"]}
     assert (tmp_path / "plain.engine").read_bytes() == b"PLAN" and timing.read_bytes() == b"old+timings"

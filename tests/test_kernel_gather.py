@@ -21,7 +21,7 @@ import torch
 from tokenflow.kernels import gather, verify
 from tokenflow.kernels.gather import gather_blend
 
-from .kernel_helpers import DTYPES, LOW_PRECISION, gather_inputs, generator
+from .kernel_helpers import DTYPES, LAYOUTS, LOW_PRECISION, channels_strided, gather_inputs, generator
 
 
 def _gather_loops(kf, idx, pairs, w, dtype=torch.float32):
@@ -107,6 +107,23 @@ def test_triton_matches_reference(triton_device, dtype, n_pairs):
     if dtype == torch.float32:
         assert torch.allclose(gather_blend(kf, idx, pairs, weights, backend="triton"),
                               gather_blend(kf, idx, pairs, weights, backend="torch"), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_channels_not_at_unit_stride(triton_device, dtype, layout):
+    """kf_out with channels at a non-unit stride, idx with tokens at one, pairs and weights
+    transposed: the launcher copies what the kernel reads contiguously, through the public API
+    and through the custom op that traced graphs call without dispatch."""
+    from tokenflow.kernels.gather.triton import gather_blend_triton
+
+    kf, idx, pairs, weights = gather_inputs(generator("layout", dtype, layout), 3, 3, 23, 40, 5, 2, 19,
+                                            dtype=dtype, device=triton_device)
+    kf, idx = channels_strided(kf, layout), channels_strided(idx, "transposed")
+    pairs, weights = pairs.T.contiguous().T, weights.T.contiguous().T
+    for impl in (None, gather_blend_triton):
+        result = verify.check_gather("triton", kf, idx, pairs, weights, impl=impl)
+        assert result.ok, (impl, result.describe())
 
 
 def test_triton_custom_op_passes_opcheck(triton_device):

@@ -23,7 +23,7 @@ import torch
 from tokenflow.kernels import verify
 from tokenflow.kernels.keyframe_attention import keyframe_attention
 
-from .kernel_helpers import DTYPES, LOW_PRECISION, generator, rand
+from .kernel_helpers import DTYPES, LAYOUTS, LOW_PRECISION, channels_strided, generator, rand
 
 SHAPES = [(1, 7, 1, 8), (3, 21, 2, 40), (2, 33, 1, 80), (4, 17, 3, 20)]   # n_kf, seq, heads, head dim
 
@@ -130,6 +130,23 @@ def test_triton_strided_inputs(triton_device):
     assert not q.is_contiguous()
     result = verify.check_attention("triton", q, k, v, 2, False)
     assert result.ok, result.describe()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_channels_not_at_unit_stride(triton_device, dtype, layout):
+    """Channels at a non-unit stride (transposed, column-major, expanded views): the launcher copies
+    them, through the public API (eager dispatch) and through the custom op itself, which traced
+    graphs call without dispatch. An expanded v also has stride 0 across branches."""
+    from tokenflow.kernels.keyframe_attention.triton import keyframe_attention_triton
+
+    q, k, v = _qkv(generator("layout", dtype, layout), 3, 19, 3, 12, dtype=dtype, device=triton_device)
+    q, k = channels_strided(q, layout), channels_strided(k, "reversed")
+    v = v[:1].expand(v.shape) if layout == "broadcast" else channels_strided(v, layout)
+    for inject in (False, True):
+        for impl in (None, keyframe_attention_triton):
+            result = verify.check_attention("triton", q, k, v, 3, inject, impl=impl)
+            assert result.ok, (inject, impl, result.describe())
 
 
 def test_triton_with_several_prompts(triton_device):

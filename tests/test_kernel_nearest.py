@@ -20,7 +20,7 @@ import torch
 from tokenflow.kernels import nearest, verify
 from tokenflow.kernels.nearest import cosine_nearest
 
-from .kernel_helpers import DTYPES, LOW_PRECISION, generator, nearest_inputs
+from .kernel_helpers import DTYPES, LOW_PRECISION, channels_strided, generator, nearest_inputs
 
 # F frames, N tokens, K keyframes, M keys, C channels, P pairs
 SHAPES = [(3, 9, 2, 11, 5, 2), (1, 4, 1, 4, 3, 1), (4, 37, 3, 29, 40, 2)]
@@ -115,6 +115,30 @@ def test_faiss_is_a_float64_argmax(dtype):
         assert torch.equal(cosine_nearest(x, keys, pairs, backend="faiss"), cosine_nearest(x, keys, pairs, backend="torch"))
 
 
+def test_faiss_gpu_resources_are_built_once_per_device(monkeypatch):
+    """A GPU index per call, but one ``StandardGpuResources`` per device for the process (a stand-in
+    faiss module with the faiss-gpu names: the GPU path itself is unverified)."""
+    from types import SimpleNamespace
+
+    from tokenflow.kernels.nearest import faiss as faiss_backend
+
+    built = []
+
+    class Resources:
+        def __init__(self):
+            built.append(self)
+
+    fake = SimpleNamespace(StandardGpuResources=Resources, get_num_gpus=lambda: 2,
+                           GpuIndexFlatConfig=lambda: SimpleNamespace(device=None),
+                           GpuIndexFlatIP=lambda res, channels, config: (res, channels, config.device),
+                           IndexFlatIP=lambda channels: ("cpu", channels))
+    monkeypatch.setattr(faiss_backend, "_GPU_RESOURCES", {})
+    first = [faiss_backend._index(fake, 8, torch.device("cuda", 0)) for _ in range(3)]
+    other = faiss_backend._index(fake, 8, torch.device("cuda", 1))
+    assert len(built) == 2 and all(index == (built[0], 8, 0) for index in first) and other == (built[1], 8, 1)
+    assert faiss_backend._index(fake, 8, torch.device("cpu")) == ("cpu", 8) and len(built) == 2
+
+
 # ----------------------------------------------------------------------------- triton
 
 
@@ -126,6 +150,24 @@ def test_triton_is_a_float64_argmax(triton_device, dtype, shape):
     assert result.ok, result.describe()
     if dtype == torch.float32:
         assert torch.equal(cosine_nearest(x, keys, pairs, backend="triton"), cosine_nearest(x, keys, pairs, backend="torch"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["transposed", "reversed"])
+def test_triton_channels_not_at_unit_stride(triton_device, dtype, layout):
+    """x and keys with channels at a non-unit stride, pairs transposed: the launcher copies what the
+    kernel reads contiguously, through the public API and through the custom op that traced graphs
+    call without dispatch."""
+    from tokenflow.kernels.nearest.triton import cosine_nearest_triton
+
+    x, keys, pairs = nearest_inputs(generator("layout", dtype, layout), 3, 21, 2, 27, 36, 2, dtype=dtype,
+                                    device=triton_device)
+    x, keys, pairs = channels_strided(x, layout), channels_strided(keys, "reversed"), pairs.T.contiguous().T
+    for impl in (None, cosine_nearest_triton):
+        result = verify.check_nearest("triton", x, keys, pairs, impl=impl)
+        assert result.ok, (impl, result.describe())
+    if dtype == torch.float32:
+        assert torch.equal(cosine_nearest_triton(x, keys, pairs), cosine_nearest(x, keys, pairs, backend="torch"))
 
 
 @pytest.mark.parametrize("blocks", [None, (16, 16, 16)])

@@ -14,7 +14,6 @@ from PIL import Image
 
 from tokenflow.errors import ConfigError, InputError, OutputError
 from tokenflow.io import outputs, write
-from tokenflow.io import read as video_read
 from tokenflow.io.outputs import check_writable
 from tokenflow.io.read import probe, read_video
 from tokenflow.io.samples import _write_tone, make_sample_clip, render_frames
@@ -223,7 +222,7 @@ def test_decoding_stops_after_the_last_selected_frame(sample, monkeypatch):
                 decoded.append(frame)
                 yield frame
 
-    monkeypatch.setattr(video_read.av, "open", lambda *a, **k: CountingContainer(real_open(*a, **k)))
+    monkeypatch.setattr(av, "open", lambda *a, **k: CountingContainer(real_open(*a, **k)))
     assert read_video(sample, start=2, frames=3, size=(80, 64)).indices == [2, 3, 4]
     assert len(decoded) <= 6
 

@@ -44,6 +44,8 @@ METHODS = ("pnp", "sdedit")
 PLACES = ("auto", "device", "host")
 PROPAGATIONS = ("original", "paper")
 DTYPES = ("float32", "float16", "bfloat16")
+ONNX_BF16 = ("bfloat16 cannot run with --backend onnx (tokenflow passes ONNX Runtime no bfloat16 tensors): "
+             "use --dtype float16 (GPU) or float32 with it, or keep bfloat16 with another --backend")
 BACKENDS = ("eager", "compile", "aot", "onnx", "tensorrt")
 CODECS = ("h264", "hevc", "prores", "ffv1")          # of the output video (io.write.CODECS: encoders, containers)
 FRAME_FORMATS = ("png", "png16", "exr", "exr32")     # of --save-frames: 8/16-bit PNG, half/float OpenEXR
@@ -253,6 +255,8 @@ class EditConfig:
                 "crf", f"applies to {' and '.join(CRF_CODECS)}, not codec {self.codec} "
                        f"({'lossless' if self.codec == 'ffv1' else 'a fixed-quality profile'}): drop --crf or pick "
                        f"--codec {CRF_CODECS[0]}"))
+        if self.backend == "onnx" and self.dtype == "bfloat16" and not bad & {"backend", "dtype"}:
+            found.append(ConfigError.of_field("dtype", ONNX_BF16))
         if need_prompt and "prompt" not in bad:
             prompts = self.prompts
             empty = [k for k, text in enumerate(prompts, 1) if not text.strip()]

@@ -27,8 +27,9 @@ from tokenflow.config import DEFAULT_MODEL
 from tokenflow.device import mps_available, resolve_device, resolve_dtype
 from tokenflow.engine.backends import NAMES, VERIFIED, not_supported_reasons
 from tokenflow.engine.memory import host_available, proc_bytes
-from tokenflow.errors import one_line
+from tokenflow.errors import ConfigError, one_line
 from tokenflow.io import caches
+from tokenflow.io.read import AV_INSTALL
 from tokenflow.io.write import H264_ENCODERS, video_encoder
 from tokenflow.kernels import probe, support, verify
 from tokenflow.models.load import HUB_ALLOW_PATTERNS
@@ -104,7 +105,10 @@ def extras() -> Dict:
         out[name] = {"present": present, "version": version, "for": use}
     with warnings.catch_warnings():   # it warns when it falls back: said here in its own words
         warnings.simplefilter("ignore")
-        encoder = video_encoder()
+        try:
+            encoder = video_encoder()
+        except ConfigError:   # no PyAV: "av" shows as missing among the packages
+            encoder = None
     out["h264"] = {"present": encoder in H264_ENCODERS, "version": None, "encoder": encoder,
                    "for": "H.264 output videos (else MPEG-4)"}
     return out
@@ -252,7 +256,9 @@ def format_setup(setup_: Dict) -> List[str]:
         f"{name} {'yes' if e['present'] else 'no'}" + (f" ({e.get('encoder') or e['version']})"
                                                        if e['present'] and (e.get('encoder') or e['version']) else "")
         for name, e in setup_["extras"].items()))
-    if not setup_["extras"]["h264"]["present"]:
+    if setup_["extras"]["h264"]["encoder"] is None:
+        lines.append(f"  PyAV is missing: videos can be neither read nor written ({AV_INSTALL})")
+    elif not setup_["extras"]["h264"]["present"]:
         lines.append(f"  no H.264 encoder in this PyAV build: videos are written as {setup_['extras']['h264']['encoder']}")
     lines.append(f"caches: {cache['root']} (from {cache['root_from']}), {gb(cache['total_bytes'])} in all"
                  "; `tokenflow cache ls|prune|clear`")

@@ -8,8 +8,12 @@ original way of computing the same results costs. Same semantics as the torch re
 
 * attention: for branches 1.. the keys and values of all K keyframes are concatenated and
   *repeated for every query frame* (``[K, K*S, C]`` copies), then each head is computed on its
-  own in a Python loop with the score matrix ``[K, S, K*S]`` materialised: plain
-  ``softmax(Q K^T * scale) V``. The source branch loops over heads as well (``[K, S, S]``).
+  own in a Python loop with the score matrix materialised: plain ``softmax(Q K^T * scale) V``.
+  Like the original (``single_batch = n_frames <= 12`` in its ``tokenflow_utils.py``), up to
+  ``SINGLE_BATCH_MAX`` = 12 keyframes go in one batch (scores ``[K, S, K*S]``); above that the
+  query keyframes go one at a time (scores ``[1, S, K*S]`` per head: ~1.7 GB in float32 at K=25,
+  S=4096, where the batched form would need ~42 GB). The source branch does the same
+  with ``[K, S, S]`` (or ``[1, S, S]``).
 * nearest: for the frames sharing a row of ``pairs`` (a group of the original), the
   concatenated paired keyframes' features ``[P*M, C]`` are scored against all frames' tokens
   at once: the full ``[(F*N), (P*M)]`` cosine matrix is materialised, then argmax per keyframe
@@ -35,6 +39,7 @@ from tokenflow.kernels import gather, keyframe_attention, nearest
 from tokenflow.kernels.dispatch import Backend, register
 
 HALF = (torch.float16, torch.bfloat16)
+SINGLE_BATCH_MAX = 12   # the original batches the query frames up to 12 keyframes, else loops over them
 NOT_AUTO = "reproduces the original implementation's compute pattern (for benchmarks); only by name"
 _OUT_DTYPE_WORKS: Dict[Tuple[str, torch.dtype], bool] = {}
 
@@ -55,12 +60,18 @@ def _float32_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def query_batch(n_kf: int) -> int:
+    """Query keyframes per batched product: all of them up to ``SINGLE_BATCH_MAX``, else one."""
+    return n_kf if n_kf <= SINGLE_BATCH_MAX else 1
+
+
 def keyframe_attention_original(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                                 inject_qk: bool = False) -> torch.Tensor:
     """q, k, v [B, K, S, heads*D] -> [B, K, S, heads*D] (see ``kernels.keyframe_attention``)."""
     n_branches, n_kf, seq, channels = q.shape
     dim = channels // heads
     scale = dim ** -0.5
+    step = query_batch(n_kf)
     out = torch.empty_like(q)
     for b in range(n_branches):
         if b == 0:  # the source branch: every frame attends to itself
@@ -70,11 +81,13 @@ def keyframe_attention_original(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             # all keyframes' keys / values, concatenated and repeated for every query frame
             keys = own_keys.reshape(1, n_kf * seq, channels).repeat(n_kf, 1, 1)     # [K, K*S, C]
             values = v[b].reshape(1, n_kf * seq, channels).repeat(n_kf, 1, 1)
-        for h in range(heads):
-            cols = slice(h * dim, (h + 1) * dim)
-            scores = _float32_product(queries[..., cols], keys[..., cols].transpose(1, 2))  # [K, S, S_kv]
-            probs = (scores * scale).softmax(dim=-1).to(values.dtype)
-            out[b, :, :, cols] = torch.bmm(probs, values[..., cols])
+        for first in range(0, n_kf, step):       # the original's frame loop (one pass when batched)
+            rows = slice(first, first + step)
+            for h in range(heads):
+                cols = slice(h * dim, (h + 1) * dim)
+                scores = _float32_product(queries[rows, :, cols], keys[rows, :, cols].transpose(1, 2))  # [step, S, S_kv]
+                probs = (scores * scale).softmax(dim=-1).to(values.dtype)
+                out[b, rows, :, cols] = torch.bmm(probs, values[rows, :, cols])
     return out
 
 

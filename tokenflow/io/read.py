@@ -16,8 +16,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
 
-import av
-import av.error
 import numpy as np
 import torch
 from PIL import Image
@@ -28,9 +26,27 @@ from tokenflow.errors import ConfigError, InputError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FOLDER_FPS = 10.0  # image folders carry no frame rate
 
-_DECODE_ERRORS = (av.error.FFmpegError, OSError, EOFError, ValueError)
+AV_INSTALL = "pip install 'av>=12'"
 
 Size = Tuple[int, int]
+
+
+def require_av(what: str = "reading and writing video files"):
+    """PyAV, imported only where a video is read or written: ``tokenflow doctor``, ``tokenflow
+    bench`` on synthetic clips, image folders and the kernels work without it. Missing: one
+    ConfigError line naming the install command."""
+    try:
+        import av  # noqa: PLC0415  (see above)
+        import av.error  # noqa: PLC0415
+    except ImportError as exc:
+        raise ConfigError(f"{what} needs PyAV, which cannot be imported here ({exc}): {AV_INSTALL}") from None
+    return av
+
+
+def _decode_errors(av) -> tuple:
+    return (av.error.FFmpegError, OSError, EOFError, ValueError)
+
+
 FrameCheck = Callable[[int], None]   # called with n before the n-th selected frame takes memory; raises to stop
 
 
@@ -128,6 +144,7 @@ def probe(path) -> dict:
         width, height = _image_size(images[0])
         return {"frames": len(images), "fps": FOLDER_FPS, "width": width, "height": height,
                 "audio": False, "duration": len(images) / FOLDER_FPS}
+    av = require_av(f"reading the video '{path}'")
     try:
         with av.open(path) as container:
             stream = _first_video_stream(container, path)
@@ -137,7 +154,7 @@ def probe(path) -> dict:
             duration = float(container.duration / av.time_base) if container.duration else None
             return {"frames": stream.frames or None, "fps": _stream_fps(stream), "width": width,
                     "height": height, "audio": bool(container.streams.audio), "duration": duration}
-    except _DECODE_ERRORS as error:
+    except _decode_errors(av) as error:
         raise _decode_error(path, error) from error
 
 
@@ -229,6 +246,7 @@ def _round8(value: int) -> int:
 
 def _read_video_file(path: str, selection: _Selection, size: Optional[Size], crop: bool,
                      on_frame: Optional[FrameCheck] = None) -> Clip:
+    av = require_av(f"reading the video '{path}'")
     try:
         with av.open(path) as container:
             stream = _first_video_stream(container, path)
@@ -239,7 +257,7 @@ def _read_video_file(path: str, selection: _Selection, size: Optional[Size], cro
             decoded = _decode_selected(container, stream, selection, size, crop, fps, on_frame)
     except InputError:
         raise
-    except _DECODE_ERRORS as error:
+    except _decode_errors(av) as error:
         raise _decode_error(path, error) from error
     images, indices, times, source_size, total, exhausted, colour = decoded
     if total == 0:

@@ -8,12 +8,11 @@ import os
 from fractions import Fraction
 from typing import Optional, Tuple
 
-import av
 import numpy as np
 import torch
 
 from tokenflow.io.outputs import check_writable, remove_path, temp_sibling
-from tokenflow.io.read import Clip, Colour
+from tokenflow.io.read import Clip, Colour, require_av
 from tokenflow.io.write import write_video
 
 TONE_HZ = 440.0
@@ -91,6 +90,7 @@ def _write_tone(path: str, duration: float) -> None:
     t = np.arange(sample_count) / TONE_SAMPLE_RATE
     loudness = 0.1 + 0.4 * t / max(duration, 1e-9)
     samples = (loudness * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32)[None, :]
+    av = require_av("writing the sample clip's audio")
     with av.open(path, mode="w", format="mp4") as container:
         stream = container.add_stream("aac", rate=TONE_SAMPLE_RATE)
         stream.layout, stream.format = "mono", "fltp"

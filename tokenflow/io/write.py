@@ -14,15 +14,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator, Optional, Tuple
 
-import av
-import av.error
 import numpy as np
 import torch
 from PIL import Image
 
 from tokenflow.errors import ConfigError, OutputError
 from tokenflow.io.outputs import atomic_path, check_frames_target, check_writable
-from tokenflow.io.read import Clip, Colour
+from tokenflow.io.read import Clip, Colour, require_av
 
 H264_ENCODERS = ("libx264", "libopenh264", "h264_videotoolbox", "h264_nvenc", "h264_qsv",
                  "h264_amf", "h264_mf", "h264_vaapi", "h264_v4l2m2m")
@@ -34,7 +32,19 @@ FALLBACK_ENCODER = "mpeg4"
 AAC_SAMPLE_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 
 
-_WRITE_ERRORS = (av.error.FFmpegError, OSError)
+
+
+def _av():
+    """PyAV, imported where a video (or a 16-bit PNG / EXR frame) is written (``read.require_av``)."""
+    return require_av("writing video files (and png16/exr frames)")
+
+
+def _write_errors() -> tuple:
+    """What writing may raise that means "could not write" (PyAV's errors only where it imports)."""
+    try:
+        return (_av().error.FFmpegError, OSError)
+    except ConfigError:
+        return (OSError,)
 
 
 @dataclass(frozen=True)
@@ -128,7 +138,7 @@ def write_video(frames, path, fps, *, audio_from: Optional[Clip] = None, crf: Op
     settings = video_settings(codec, pix_fmt, crf)
     deep = _bits(settings.pix_fmt) > 8
     images = to_uint16_images(frames) if deep else to_uint8_images(frames)
-    layout, (height, width) = av.VideoFormat(settings.pix_fmt), images.shape[1:3]
+    layout, (height, width) = _av().VideoFormat(settings.pix_fmt), images.shape[1:3]
     if (width % 2 and layout.chroma_width(width) != width) or (height % 2 and layout.chroma_height(height) != height):
         raise ValueError(f"frames of {width}x{height} cannot be written as {settings.codec} "
                          f"({settings.pix_fmt}): width and height must be even.")
@@ -138,7 +148,7 @@ def write_video(frames, path, fps, *, audio_from: Optional[Clip] = None, crf: Op
     try:
         with atomic_path(path, suffix=os.path.splitext(path)[1] or ".mp4") as temp_path:
             _encode_video(str(temp_path), images, rate, settings, colour, audio_span, metadata or {})
-    except _WRITE_ERRORS as error:
+    except _write_errors() as error:
         raise OutputError(f"could not write video '{path}': {error}. "
                           "Check free disk space and permissions.") from error
     return path
@@ -164,7 +174,7 @@ def write_frames(frames, folder, format: str = "png") -> str:
             os.mkdir(temp_folder)
             for index, image in enumerate(images):
                 write(image, temp_folder / f"{index:05d}{suffix}")
-    except _WRITE_ERRORS as error:
+    except _write_errors() as error:
         raise OutputError(f"could not write frames to '{folder}': {error}. "
                           "Check free disk space and permissions.") from error
     return folder
@@ -214,7 +224,7 @@ def _write_png(image: np.ndarray, path) -> None:
 
 def _write_png16(image: np.ndarray, path) -> None:
     """uint16 [H, W, 3] as a 16-bit RGB PNG (PIL writes no 16-bit colour PNG: FFmpeg's encoder does)."""
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb48le").reformat(format="rgb48be")
+    frame = _av().VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb48le").reformat(format="rgb48be")
     _write_image("png", frame, path, {})
 
 
@@ -223,13 +233,13 @@ def _write_exr(half: bool):
         """float32 [H, W, 3] as OpenEXR (FFmpeg's encoder; it truncates to half, so round first)."""
         if half:
             image = image.astype(np.float16).astype(np.float32)
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="gbrpf32le")
+        frame = _av().VideoFrame.from_ndarray(np.ascontiguousarray(image), format="gbrpf32le")
         _write_image("exr", frame, path, {"format": "half" if half else "float", "compression": "zip1"})
     return write
 
 
 def _write_image(codec: str, frame, path, options: dict) -> None:
-    context = av.CodecContext.create(codec, "w")
+    context = _av().CodecContext.create(codec, "w")
     context.width, context.height, context.pix_fmt = frame.width, frame.height, frame.format.name
     context.time_base, context.options = Fraction(1, 1), options
     data = b"".join(bytes(packet) for packet in [*context.encode(frame), *context.encode(None)])
@@ -251,7 +261,7 @@ def _encode_video(path: str, images: np.ndarray, rate: Fraction, settings: Video
     muxer = CODECS[settings.codec].muxer
     # use_metadata_tags keeps arbitrary metadata keys; faststart lets players start before the end.
     options = {"movflags": "+faststart+use_metadata_tags"} if muxer in ("mp4", "mov") else {}
-    with av.open(path, mode="w", format=muxer, options=options) as container:
+    with _av().open(path, mode="w", format=muxer, options=options) as container:
         container.metadata.update({str(key): str(value) for key, value in metadata.items()})
         video = _add_video_stream(container, rate, images.shape[2], images.shape[1], settings)
         tags = _colour_tags(colour, settings)
@@ -295,7 +305,7 @@ def _colour_tags(colour: Optional[Colour], settings: VideoSettings) -> Optional[
     full. ProRes is limited range by definition: a full-range source is converted to limited."""
     if colour is None or not colour.specified:
         return None
-    if av.VideoFormat(settings.pix_fmt).is_rgb:
+    if _av().VideoFormat(settings.pix_fmt).is_rgb:
         return colour.primaries, colour.transfer, _RGB_MATRIX, _FULL_RANGE
     limited = settings.codec == "prores" and colour.range == _FULL_RANGE
     return colour.primaries, colour.transfer, colour.matrix, _LIMITED_RANGE if limited else colour.range
@@ -306,7 +316,7 @@ def video_encoder() -> str:
     """The encoder ``write_video`` uses for H.264: libx264 if present, else the first other H.264 encoder
     that opens on this machine, else mpeg4 (MPEG-4 Part 2, still plays almost everywhere)."""
     for name in H264_ENCODERS:
-        if name in av.codecs_available and _encoder_opens(name, "yuv420p"):
+        if name in _av().codecs_available and _encoder_opens(name, "yuv420p"):
             if name != "libx264":
                 warnings.warn(f"libx264 is not available in this PyAV build; writing H.264 with {name}.")
             return name
@@ -319,26 +329,26 @@ def codec_encoder(codec: str) -> Optional[str]:
     """The first encoder of ``CODECS[codec]`` that opens here (None: none does)."""
     spec = CODECS[codec]
     return next((name for name in spec.encoders
-                 if name in av.codecs_available and _encoder_opens(name, spec.pix_fmt)), None)
+                 if name in _av().codecs_available and _encoder_opens(name, spec.pix_fmt)), None)
 
 
 @functools.lru_cache(maxsize=None)
 def _pixel_formats(encoder: str) -> Tuple[str, ...]:
     """The pixel formats ``encoder`` lists (empty: it does not say, e.g. some hardware encoders)."""
     try:
-        return tuple(f.name for f in av.codec.Codec(encoder, "w").video_formats or ())
+        return tuple(f.name for f in _av().codec.Codec(encoder, "w").video_formats or ())
     except Exception:  # an encoder PyAV cannot describe: let opening it decide
         return ()
 
 
 def _bits(pix_fmt: str) -> int:
-    return max(component.bits for component in av.VideoFormat(pix_fmt).components)
+    return max(component.bits for component in _av().VideoFormat(pix_fmt).components)
 
 
 def _encoder_opens(name: str, pix_fmt: str) -> bool:
     """Hardware encoders are listed even without their hardware; only opening one tells."""
     try:
-        context = av.CodecContext.create(name, "w")
+        context = _av().CodecContext.create(name, "w")
         context.width, context.height, context.pix_fmt = 64, 64, pix_fmt
         context.time_base = Fraction(1, 25)
         if name == "libx265":
@@ -352,6 +362,7 @@ def _encoder_opens(name: str, pix_fmt: str) -> bool:
 def _encode_frames(stream, images: np.ndarray, tags: Optional[Tuple[int, int, int, int]]) -> Iterator:
     """Encode uint8 (rgb24) or uint16 (rgb48le) [N, H, W, 3] images, converted with the matrix and
     range of ``tags`` (None: swscale's defaults, BT.601 limited) and tagged with them."""
+    av = _av()
     source = "rgb48le" if images.dtype == np.uint16 else "rgb24"
     convert = {}
     if tags and not av.VideoFormat(stream.pix_fmt).is_rgb:
@@ -413,7 +424,7 @@ def _audio_span(clip: Optional[Clip], rate: Fraction, frame_count: int):
 def _encode_audio_span(container, source: str, start: float, end: float) -> list:
     """Add an AAC stream to ``container`` and return its packets for [start, end) of the
     source's first audio stream, re-timed so that ``start`` plays at 0 s."""
-    with av.open(source) as reader:
+    with _av().open(source) as reader:
         source_stream = reader.streams.audio[0]
         layout = "mono" if source_stream.codec_context.channels == 1 else "stereo"
         sample_rate = _aac_rate(source_stream.codec_context.sample_rate)
@@ -438,7 +449,7 @@ def _trimmed_audio(reader, stream, start: float, end: float, layout: str,
     if start > 0:
         reader.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
     first_sample, end_sample = round(start * sample_rate), round(end * sample_rate)
-    resampler = av.AudioResampler(format="fltp", layout=layout, rate=sample_rate)
+    resampler = _av().AudioResampler(format="fltp", layout=layout, rate=sample_rate)
     position = None
     for frame in reader.decode(stream):
         if position is None:
@@ -463,7 +474,7 @@ def _cut(frame, position: int, first_sample: int, end_sample: int, layout: str,
     if high <= low:
         return
     samples = np.ascontiguousarray(frame.to_ndarray()[:, low:high])  # fltp: [channels, samples]
-    piece = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
+    piece = _av().AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
     piece.sample_rate = sample_rate
     piece.pts = position + low - first_sample
     piece.time_base = Fraction(1, sample_rate)

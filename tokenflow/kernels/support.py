@@ -116,6 +116,13 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied to a contiguous tensor if its last (channel) dim is not at unit stride: the
+    Triton kernels read channels contiguously. Launchers call it, so the eager path and traced
+    graphs (which call the custom ops without dispatch) are both safe."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def upcast_bf16(dtype: torch.dtype) -> bool:
     """The interpreter computes bfloat16 arithmetic wrong: kernels upcast right after loading."""
     return interpreting() and dtype == torch.bfloat16

@@ -12,9 +12,13 @@ input/output names, torch/onnx versions, sha256 of the graph) into
 re-exported. The default folder is ``<tokenflow cache>/onnx``.
 
 Runtime: one ``InferenceSession`` per graph. CPU: numpy views of the torch tensors (no copies).
-CUDA: ``CUDAExecutionProvider`` with IO binding to torch tensors; ``TOKENFLOW_ORT_PROVIDERS``
-(comma-separated, e.g. ``TensorrtExecutionProvider,CUDAExecutionProvider``) overrides the list.
-UNVERIFIED on a GPU: only the CPU provider has been run here.
+CUDA: ``CUDAExecutionProvider`` (cuDNN convolution algorithms chosen by heuristics: an exhaustive
+search would time every convolution shape on the first calls) with IO binding to torch tensors;
+ORT runs on its own stream, so torch's current stream is synchronised before each run (the
+inputs it queued must be written). ``TOKENFLOW_ORT_PROVIDERS`` (comma-separated, e.g.
+``TensorrtExecutionProvider,CUDAExecutionProvider``) overrides the list. bfloat16 is refused
+(``config.ONNX_BF16``): numpy has no bfloat16 for the CPU path and no bfloat16 binding was written
+for CUDA. UNVERIFIED on a GPU: only the CPU provider has been run here.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ import torch
 from torch.export import Dim
 
 from tokenflow import __version__
+from tokenflow.config import ONNX_BF16
+from tokenflow.device import synchronizer
 from tokenflow.engine import passes, processors
 from tokenflow.engine.backends.base import UNetBackend, switch
 from tokenflow.engine.backends.compiled import exported_kernels
@@ -219,9 +225,17 @@ class OnnxSession:
             binding.bind_input(name, "cuda", self.device.index or 0, _numpy_dtype(a.dtype), tuple(a.shape), a.data_ptr())
         for name in self.outputs:
             binding.bind_output(name, "cuda", self.device.index or 0)
+        wait_for_torch(self.device)
         self.session.run_with_iobinding(binding)
         return [torch.from_dlpack(o.to_dlpack()) if hasattr(o, "to_dlpack") else torch.from_numpy(o.numpy()).to(self.device)
                 for o in binding.get_outputs()]
+
+
+def wait_for_torch(device: torch.device) -> None:
+    """Block until the work torch queued on ``device``'s current stream is done (nothing to wait
+    for on synchronous devices): ONNX Runtime reads the bound inputs from its own stream."""
+    if synchronizer(device) is not None:
+        torch.accelerator.current_stream(device).synchronize()
 
 
 def _options(ort, device: torch.device, threads: int):
@@ -248,8 +262,14 @@ def _providers(ort, device: torch.device) -> list:
         if "CUDAExecutionProvider" not in available:
             raise ConfigError("--backend onnx on CUDA needs onnxruntime-gpu (pip install onnxruntime-gpu); "
                               f"this onnxruntime has {', '.join(available)}")
-        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", cuda_provider_options(device)), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def cuda_provider_options(device: torch.device) -> dict:
+    """CUDAExecutionProvider's options: the device, and cuDNN's heuristic convolution algorithm
+    choice (ORT's default, EXHAUSTIVE, benchmarks every algorithm per new shape: slow first calls)."""
+    return {"device_id": device.index or 0, "cudnn_conv_algo_search": "HEURISTIC"}
 
 
 def cpu_key(ort) -> str:
@@ -298,7 +318,10 @@ def _session_keeping_optimized(ort, path: Path, options, providers, optimized: P
 
 
 def _numpy_dtype(dtype: torch.dtype):
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}[dtype]
+    table = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
+    if dtype not in table:
+        raise ConfigError(ONNX_BF16 if dtype == torch.bfloat16 else f"--backend onnx binds no {dtype} tensors")
+    return table[dtype]
 
 
 class OnnxBackend(UNetBackend):
@@ -307,6 +330,8 @@ class OnnxBackend(UNetBackend):
     def __init__(self, tokenflow: TokenFlowUNet, kernels: KernelChoice = KernelChoice(), *, model_identity: str = "",
                  cache_root: Optional[str] = None, folder: Optional[str] = None, log=None):
         param = next(tokenflow.unet.parameters())
+        if param.dtype == torch.bfloat16:   # an Editor loaded in bfloat16 (EditConfig refuses --dtype bfloat16 earlier)
+            raise ConfigError(ONNX_BF16)
         self.tokenflow, self.device, self.dtype = tokenflow, param.device, param.dtype
         self.kernels = exported_kernels(kernels, "onnx", self.dtype)
         self.model_identity = model_identity

@@ -71,8 +71,6 @@ def unsupported(kf_out, idx, pairs, weights) -> List[str]:
 
 def _unsupported_gather_triton(kf_out, idx, pairs, weights) -> List[str]:
     reasons = unsupported(kf_out, idx, pairs, weights) + support.triton_device((kf_out,))
-    if kf_out.stride[-1] != 1:
-        reasons.append("channels are not contiguous")
     return reasons
 
 

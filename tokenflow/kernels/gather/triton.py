@@ -50,6 +50,9 @@ GATHER_BLOCKS = (64, 64)   # BLOCK_N, BLOCK_C (a gather: tile size barely matter
 
 def launch_gather(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor,
                      blocks: Tuple[int, int] = GATHER_BLOCKS) -> torch.Tensor:
+    """Run the gather kernel. Strides of every dim but the last are honoured; kf_out and idx are
+    copied first where their last dim is not at unit stride (the kernel reads them contiguously)."""
+    kf_out, idx = support.unit_channel_stride(kf_out), support.unit_channel_stride(idx)
     n_branches, _, _, channels = kf_out.shape
     n_frames, n_pairs, n_tokens = idx.shape
     # the interpreter truncates fp32 -> bf16 on store; GPUs round to nearest: store fp32, round in torch
@@ -57,7 +60,6 @@ def launch_gather(kf_out: torch.Tensor, idx: torch.Tensor, pairs: torch.Tensor, 
     out = torch.zeros(n_branches, n_frames, n_tokens, channels, dtype=store_dtype, device=kf_out.device)
     if out.numel() == 0 or n_pairs == 0:
         return out.to(kf_out.dtype)
-    idx = idx.contiguous() if idx.stride(-1) != 1 else idx
     block_n, block_c = blocks
     grid = (triton.cdiv(n_tokens, block_n) * triton.cdiv(channels, block_c), n_frames, n_branches)
     with support.on_device(kf_out):

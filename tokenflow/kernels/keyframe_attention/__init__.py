@@ -96,8 +96,6 @@ def _unsupported_triton(q, k, v, heads) -> List[str]:
     dim = q.shape[-1] // heads
     if dim > 256:
         reasons.append(f"head dim {dim} > 256")
-    if any(t.stride[-1] != 1 for t in (q, k, v)):
-        reasons.append("channels are not contiguous")
     return reasons
 
 

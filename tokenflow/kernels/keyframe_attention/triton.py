@@ -149,13 +149,19 @@ INTERPRETER_BLOCKS = (32, 32)
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, inject_qk: bool,
            blocks: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-    """Run the kernel; ``blocks`` = (BLOCK_M, BLOCK_N) skips autotuning (tests, interpreter)."""
+    """Run the kernel; ``blocks`` = (BLOCK_M, BLOCK_N) skips autotuning (tests, interpreter).
+
+    Any strides of the branch, keyframe and token dims are honoured; the kernel reads a head's
+    channels at unit stride, so a tensor whose channel dim is not (a transposed or expanded view)
+    is copied first. Eager dispatch and traced graphs (which call the op directly) both land here.
+    """
+    q, k, v = (support.unit_channel_stride(t) for t in (q, k, v))
     _, n_kf, seq, channels = q.shape
     dim = channels // heads
     if q.numel() == 0:
         return torch.empty_like(q)
     # the interpreter truncates fp32 -> bf16 on store; GPUs round to nearest: store fp32, round in torch
-    out = torch.empty_like(q, dtype=torch.float32 if support.upcast_bf16(q.dtype) else q.dtype)
+    out = torch.empty(q.shape, dtype=torch.float32 if support.upcast_bf16(q.dtype) else q.dtype, device=q.device)
     block_d = max(16, triton.next_power_of_2(dim))
     qk_scale = dim ** -0.5 * LOG2E
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays exact; half inputs ignore it

@@ -98,8 +98,6 @@ def _unsupported_nearest_triton(x, keys, pairs) -> List[str]:
     reasons = unsupported(x, keys, pairs) + support.triton_device((x,))
     if x.dtype != keys.dtype:
         reasons.append("x and keys have different dtypes")
-    if x.stride[-1] != 1 or keys.stride[-1] != 1:
-        reasons.append("channels are not contiguous")
     return reasons
 
 

@@ -3,10 +3,14 @@
 A flat (exact) index per keyframe slot; frames reading the same keyframe are searched together.
 CPU tensors use faiss-cpu. CUDA tensors use a GPU index when faiss-gpu is importable (UNVERIFIED:
 no GPU with faiss-gpu was available while this was written), otherwise they are searched on the
-host. Ties: FAISS does not promise the first maximum, so on exact ties its index may differ from
+host. A GPU index needs ``StandardGpuResources`` (a cuBLAS handle, streams and a scratch
+allocation): built once per device for the process and reused by every call.
+Ties: FAISS does not promise the first maximum, so on exact ties its index may differ from
 torch.argmax (the similarity is the same).
 """
 from __future__ import annotations
+
+from typing import Dict
 
 import numpy as np
 import torch
@@ -18,12 +22,22 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
 
 
+_GPU_RESOURCES: Dict[int, object] = {}   # device index -> faiss.StandardGpuResources, for the process
+
+
+def gpu_resources(faiss, device_index: int):
+    """The one ``StandardGpuResources`` of a CUDA device (built on first use)."""
+    if device_index not in _GPU_RESOURCES:
+        _GPU_RESOURCES[device_index] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[device_index]
+
+
 def _index(faiss, channels: int, device: torch.device):
     if device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        res = faiss.StandardGpuResources()
+        index = torch.cuda.current_device() if device.index is None else device.index
         config = faiss.GpuIndexFlatConfig()
-        config.device = device.index or 0
-        return faiss.GpuIndexFlatIP(res, channels, config)
+        config.device = index
+        return faiss.GpuIndexFlatIP(gpu_resources(faiss, index), channels, config)
     return faiss.IndexFlatIP(channels)
 
 

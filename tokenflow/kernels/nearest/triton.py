@@ -89,7 +89,11 @@ INTERPRETER_NEAREST_BLOCKS = (32, 32, 32)   # BLOCK_N, BLOCK_M, BLOCK_C
 
 def launch_nearest(x: torch.Tensor, keys: torch.Tensor, pairs: torch.Tensor,
                    blocks: Optional[Tuple[int, int, int]] = None) -> torch.Tensor:
-    """Run the cosine-argmax kernel; ``blocks`` = (BLOCK_N, BLOCK_M, BLOCK_C) skips autotuning."""
+    """Run the cosine-argmax kernel; ``blocks`` = (BLOCK_N, BLOCK_M, BLOCK_C) skips autotuning.
+
+    Frame/token and pair strides are honoured; x and keys are copied first where their channel
+    dim is not at unit stride (the kernel reads channels contiguously)."""
+    x, keys = support.unit_channel_stride(x), support.unit_channel_stride(keys)
     n_frames, n_tokens, channels = x.shape
     n_pairs = pairs.shape[1]
     idx = torch.zeros(n_frames, n_pairs, n_tokens, dtype=torch.long, device=x.device)

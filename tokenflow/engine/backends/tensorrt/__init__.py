@@ -8,7 +8,8 @@ Pipeline, per pass graph (plain / keyframes / propagate, per branch count and la
 
     ``onnx.export_pass`` (reused when its manifest matches)
     -> ``Engine.build``: OnnxParser.parse_from_file (external weights next to the graph), a
-       strongly typed network (precision is the graph's: fp16/bf16 UNet -> fp16/bf16 kernels), one
+       strongly typed network (precision is the graph's: fp16/bf16 UNet -> fp16/bf16 kernels; no weak
+       typing, which TensorRT 11 removed), one
        optimization profile (``profile_shapes``: min/opt/max of every dynamic axis), a timing cache
        kept under the cache folder, build_serialized_network, written atomically
     -> ``Engine.load`` (deserialize) -> ``Engine.activate`` (execution context)

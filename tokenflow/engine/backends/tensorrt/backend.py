@@ -40,7 +40,7 @@ class TensorRTBackend(UNetBackend):
     name = "tensorrt"
 
     def __init__(self, tokenflow: TokenFlowUNet, kernels: KernelChoice = KernelChoice(), *, model_identity: str = "",
-                 cache_root: Optional[str] = None, cuda_graphs: bool = True, strongly_typed: bool = True,
+                 cache_root: Optional[str] = None, cuda_graphs: bool = True,
                  workspace_bytes: Optional[int] = None, call_sizes: Optional[CallSizes] = None, log=None):
         param = next(tokenflow.unet.parameters())
         self.tokenflow, self.device, self.dtype = tokenflow, param.device, param.dtype
@@ -53,7 +53,7 @@ class TensorRTBackend(UNetBackend):
         self.onnx_folder, self.folder = root / "onnx", root / "tensorrt"
         self.model_identity, self.log = model_identity, log
         self.cuda_graphs, self.call_sizes = cuda_graphs, call_sizes
-        self.options = {"strongly_typed": strongly_typed, "workspace_bytes": workspace_bytes,
+        self.options = {"network": "strongly typed", "workspace_bytes": workspace_bytes,
                         "dtype": str(self.dtype).replace("torch.", "")}
         self.gpu = (torch.cuda.get_device_name(self.device), tuple(torch.cuda.get_device_capability(self.device)))
         self.timing_cache = self.folder / f"timing-{self.trt.__version__}-sm{self.gpu[1][0]}{self.gpu[1][1]}.cache"
@@ -106,8 +106,7 @@ class TensorRTBackend(UNetBackend):
                 self.log(f"building the TensorRT engine of the {kind} pass (once per model, size, GPU and "
                          f"TensorRT version; minutes for SD): {path}")
             start = time.perf_counter()
-            engine.build(onnx_path, path, profile, self.timing_cache, strongly_typed=self.options["strongly_typed"],
-                         dtype=self.dtype, workspace_bytes=self.options["workspace_bytes"])
+            engine.build(onnx_path, path, profile, self.timing_cache, workspace_bytes=self.options["workspace_bytes"])
             self.seconds["build"] += time.perf_counter() - start
             self.counts["engines_built"] += 1
             with atomic_file(path.with_suffix(".json"), make_parents=True) as f:

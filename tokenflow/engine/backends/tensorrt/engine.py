@@ -1,8 +1,9 @@
 """``--backend tensorrt``: one serialized TensorRT engine (``Engine``: build -> load -> activate -> infer).
 
 THIS BACKEND HAS NEVER BEEN RUN. There was no TensorRT and no GPU where it was written; it is
-written against the TensorRT 10 Python API documentation. Do not assume it works: the pure
-functions (profiles, engine keys, call sizes) are tested, nothing that touches TensorRT is.
+written against the TensorRT 10 Python API documentation, using only what TensorRT 11 (PyPI's current
+major) keeps: strongly typed networks, no builder precision flags. Do not assume it works: the pure
+functions (profiles, engine keys, call sizes, network flags) are tested, nothing that touches TensorRT is.
 Here that means: ``Engine`` is checked only against a stand-in ``tensorrt`` module that follows
 the documented API (tests/test_backend_tensorrt.py), never against TensorRT itself.
 """
@@ -58,6 +59,14 @@ def _logger():
     return _LOGGER
 
 
+def network_flags(trt) -> int:
+    """``create_network``'s flags: strongly typed only. Every tensor keeps the type the ONNX graph
+    gives it (an fp16/bf16 UNet exports fp16/bf16 layers, with the float32 islands torch's export
+    keeps), so no builder precision flag is set. TensorRT 11 (PyPI's current major) removed weak
+    typing (``BuilderFlag.FP16``/``BF16``); TensorRT 10 has both."""
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
 def _torch_dtype(trt, dtype) -> torch.dtype:
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
              trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool, trt.DataType.INT8: torch.int8,
@@ -98,22 +107,18 @@ class Engine:
         self._static: Dict[str, torch.Tensor] = {}
 
     def build(self, onnx_path: Path, engine_path: Path, profile: Profile, timing_cache: Path, *,
-              strongly_typed: bool = True, dtype: torch.dtype = torch.float16,
               workspace_bytes: Optional[int] = None) -> None:
-        """Parse ``onnx_path``, build for ``profile``, write the plan to ``engine_path``."""
+        """Parse ``onnx_path``, build a strongly typed network for ``profile``, write the plan to ``engine_path``."""
         trt, logger = _tensorrt(), _logger()
         logger.errors = []
         builder = trt.Builder(logger)
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-        network = builder.create_network(flags)
+        network = builder.create_network(network_flags(trt))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
             raise ModelError(f"TensorRT {trt.__version__} cannot parse the {self.name} graph {onnx_path}: "
                              f"{errors or 'no error reported'}. Use --backend onnx for this model")
         config = builder.create_builder_config()
-        if not strongly_typed:   # weakly typed: let TensorRT pick reduced precision where it is faster
-            config.set_flag(trt.BuilderFlag.BF16 if dtype == torch.bfloat16 else trt.BuilderFlag.FP16)
         if workspace_bytes:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
         optimization = builder.create_optimization_profile()
