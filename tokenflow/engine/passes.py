@@ -95,9 +95,9 @@ class PropagatePass(_Pass):
 
 
 def store_tensors(view: StoreView, layer_names: Sequence[str]) -> List[torch.Tensor]:
-    """A store view as PropagatePass inputs: features [K,S,C] then outputs folded to [B*K,S,C]."""
-    return ([view.features[n] for n in layer_names] +
-            [view.outputs[n].flatten(0, 1) for n in layer_names])
+    """A store view as PropagatePass inputs: features [K,S,C] then outputs folded to [B*K,S,C];
+    the same tensor objects on every call with the same view (``StoreView.graph_tensors``)."""
+    return view.graph_tensors(layer_names)
 
 
 def input_names(kind: str, layer_names: Sequence[str]) -> List[str]:

@@ -23,6 +23,7 @@ from tokenflow.engine import KeyframeStore, UNetRunner
 from tokenflow.engine.memory import attention_layer_shapes, gib
 from tokenflow.engine.planner import MemoryPlan
 from tokenflow.engine.state import PassKind, StepState
+from tokenflow.engine.store import staging_slots
 from tokenflow.errors import ConfigError, ResourceError
 from tokenflow.io.progress import Reporter
 from tokenflow.kernels import KernelChoice
@@ -66,7 +67,7 @@ class Denoiser:
         latent_hw = tuple(x0.shape[-2:])
         store = KeyframeStore(attention_layer_shapes(self.runner.unet, *latent_hw), n_groups, texts.shape[0],
                               dtype=self.runner.dtype, device=device, on_host=self.plan.store_on == "host",
-                              staging_slots=min(2 * self.frames_per_call, n_groups))
+                              staging_slots=staging_slots(self.frames_per_call, spacing, n_groups))
         xs = x0[None].repeat(n_prompts, 1, 1, 1, 1)
         record: dict = {"timesteps": timesteps, "keyframes": []}
         if record_correspondences:

@@ -134,3 +134,9 @@ def keyframe_windows(n_keyframes: int, window: Optional[int], step: int) -> List
     shift = window // 2 if step % 2 else 0
     starts = ([0] if shift else []) + list(range(shift, n_keyframes, window))
     return [(a, min(b, n_keyframes)) for a, b in zip(starts, starts[1:] + [n_keyframes])]
+
+
+def window_sizes(n_keyframes: int, window: Optional[int]) -> List[int]:
+    """The distinct keyframe-window sizes ``keyframe_windows`` yields over all steps (even and odd),
+    ascending: one keyframe-pass shape each (W, the W//2 head of shifted windows, two tails; <= 4)."""
+    return sorted({b - a for step in (0, 1) for a, b in keyframe_windows(n_keyframes, window, step)})
