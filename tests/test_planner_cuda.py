@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten
 from tokenflow.engine import memory
 from tokenflow.engine.memory import INT32_ELEMENTS, Calibration, LiveTensorTracker
 from tokenflow.engine.planner import GPU_UNET_ROWS, GPU_VAE_ELEMENTS, make_plan
+from tokenflow.engine.store import staging_slots
 from tokenflow.errors import ResourceError
 from tokenflow.kernels.nearest import cosine_nearest_static, cosine_nearest_torch
 from tokenflow.models.architectures import meta_model
@@ -122,7 +123,9 @@ def test_static_search_tiles_and_graph_pools_are_counted_with_compile(sd21_cuda)
 def test_an_offloaded_store_counts_device_and_pinned_host_staging(sd21_cuda):
     plan = _plan(sd21_cuda, 16 * GIB, keyframe_store="host")
     per_keyframe = plan.store_bytes // KEYFRAMES
-    assert plan.staging_bytes == min(2 * plan.chunk_frames, KEYFRAMES) * per_keyframe
+    # the slots a chunk of consecutive frames can read (spacing 8): what the store allocates
+    assert plan.staging_bytes == staging_slots(plan.chunk_frames, FRAMES // KEYFRAMES, KEYFRAMES) * per_keyframe
+    assert plan.staging_bytes < KEYFRAMES * per_keyframe
     assert plan.pinned_staging_bytes == plan.staging_bytes
     assert plan.host.pinned_staging == plan.staging_bytes and "pinned_staging" in plan.host.phases["edit"]
     assert plan.peaks["keyframes"] >= plan.weights_bytes + plan.latents_bytes + plan.staging_bytes

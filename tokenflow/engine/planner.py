@@ -60,6 +60,7 @@ from tokenflow.engine.memory import (
     vae_largest_frame_elements,
 )
 from tokenflow.engine.passes import GRAPH_PAIRS
+from tokenflow.engine.store import staging_slots
 from tokenflow.errors import ResourceError
 from tokenflow.kernels.support import triton_missing
 
@@ -360,11 +361,13 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     resident = (store if store_on == "device" else 0) + latents_resident
     offloaded = store_on == "host"
 
-    # an offloaded store stages at most two keyframes per frame of a chunk (paper: before and
-    # after; original: own and previous), bounded by K; off the CPU they are gathered into a
-    # pinned host buffer of the same size first
+    # an offloaded store stages the slots a chunk of consecutive frames can read, padded to the
+    # fixed count the store allocates (``store.staging_slots``; the spacing rounded down, so never
+    # fewer); off the CPU they are gathered into a pinned host buffer of the same size first
+    spacing = max(1, frames // max(1, keyframes))
+
     def staged(chunk: int) -> int:
-        return min(2 * chunk, keyframes) if offloaded else keyframes
+        return staging_slots(chunk, spacing, keyframes) if offloaded else keyframes
 
     def costs(sizes: Dict[str, int]) -> Tuple[Dict[str, int], Dict[str, int], int, int, int]:
         """(peaks, raw activations, staging, search, graph pool) at these call sizes."""
@@ -438,7 +441,7 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
         r = _rows(model, max(1, px_height // scale), max(1, px_width // scale), branches, size, calibration)
         least = {"keyframes": min(window or k, k), "propagate": min(chunk_frames or 1, n),
                  "invert": min(inversion_frames or 1, n), "vae": 1}
-        least_staged = min(2 * least["propagate"], k) if offloaded else k
+        least_staged = staging_slots(least["propagate"], max(1, n // k), k) if offloaded else k
         least_staging = least_staged * r.keyframe if offloaded else 0
         least_per_frame = {"keyframes": branches * r.unet, "invert": r.unet, "vae": r.vae,
                            "propagate": branches * r.unet + (2 * r.keyframe if offloaded else 0)}
