@@ -6,6 +6,10 @@ summary's targets read}, "details": {...}}. ``dry_run``: the CPU at tiny shapes 
 kernels through the interpreter where the orchestrator set TRITON_INTERPRET=1, the tiny model);
 what needs CUDA is recorded as SKIP with the reason. Everything that needs CUDA here is
 unverified on a GPU until the first recorded run (bench/results/).
+
+Result files may hold NaN / inf (a diff of non-finite latents): the orchestrator writes them as null
+with a note. ``GPU_CHECK_INJECT_NAN=<stage number>`` adds such values to that stage's result (the
+seam tests/test_gpu_check.py uses to check that path).
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ class Result:
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.doc, default=str))
+        tmp.write_text(json.dumps(self.doc, default=str))   # NaN / Infinity tokens allowed: gpu_check.finite
         os.replace(tmp, self.path)
 
 
@@ -173,17 +177,29 @@ def stage_triton_warmup(ctx: Ctx, res: Result) -> Tuple[str, str]:
 # ----------------------------------------------------------------------------- 2 tests/gpu
 
 
+# cheap and important first (pytest keeps this order): the kernels at SD shapes, then whole edits;
+# the compile check (cold inductor compiles) runs in stage 6, where its time is budgeted
+GPU_TESTS = ["tests/gpu/test_kernels_sd.py", "tests/gpu/test_edit_gpu.py"]
+COMPILE_TESTS = ["tests/gpu/test_compile_gpu.py"]
+
+
 def stage_gpu_tests(ctx: Ctx, res: Result) -> Tuple[str, str]:
+    return _pytest(ctx, res, GPU_TESTS, ctx.left() - 3)
+
+
+def _pytest(ctx: Ctx, res: Result, files, timeout: float, key: str = "tests") -> Tuple[str, str]:
+    """``pytest -m gpu files`` in its own process without TRITON_INTERPRET; per-test outcomes in
+    ``details[key]``, counts in ``measured[key_passed]`` etc."""
     import xml.etree.ElementTree as ET
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-v", "-rs", "-m", "gpu", "-p", "no:cacheprovider", "tests/gpu",
+        cmd = [sys.executable, "-m", "pytest", "-v", "-rs", "-m", "gpu", "-p", "no:cacheprovider", *files,
                f"--junitxml={xml}"]
         sys.stdout.flush()
         try:   # its output goes straight to gpu_check.log: test by test, also when it is cut short
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(5.0, ctx.left() - 3))
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=max(5.0, timeout))
         except subprocess.TimeoutExpired as exc:
             return "FAIL", f"pytest did not finish in {exc.timeout:.0f} s (gpu_check.log lists the tests that ran)"
         if not xml.exists():
@@ -197,9 +213,9 @@ def stage_gpu_tests(ctx: Ctx, res: Result) -> Tuple[str, str]:
                     text = (child.get("message") or "")[:300]
             cases.append({"test": f"{case.get('classname')}.{case.get('name')}", "outcome": outcome,
                           "seconds": float(case.get("time") or 0), "message": text})
-    res.detail("tests", cases)
+    res.detail(key, cases)
     counts = {o: sum(c["outcome"] == o for c in cases) for o in ("passed", "failed", "error", "skipped")}
-    res.measure(**{f"tests_{k}": v for k, v in counts.items()})
+    res.measure(**{f"{key}_{k}": v for k, v in counts.items()})
     if counts["failed"] or counts["error"] or proc.returncode not in (0, 5):
         bad = [c["test"] for c in cases if c["outcome"] in ("failed", "error")]
         return "FAIL", f"{len(bad)} failed: {', '.join(bad)[:300]}"
@@ -333,10 +349,9 @@ def _step_clock(device):
 def _edit(model, ctx: Ctx, frames: int, size: int, inv_steps: int, steps: int, spacing: int) -> dict:
     from tokenflow.benchmark import run
     from tokenflow.benchmark.config import BenchConfig, Variant
+    from tokenflow.engine.backends import describe_ran, what_ran
     from tokenflow.io.cache import InversionCache
-    from tokenflow.kernels import check_backends
-    from tokenflow.kernels.dispatch import choose
-    from tokenflow.kernels.probe import sample_args
+    from tokenflow.kernels.dispatch import forget_used, used
     from tokenflow.method.editor import Editor
 
     dtype = model.dtype
@@ -351,26 +366,26 @@ def _edit(model, ctx: Ctx, frames: int, size: int, inv_steps: int, steps: int, s
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(ctx.device)
     sync(ctx.device)
+    forget_used()   # the kernel backends the dispatcher resolves from here on are this edit's
     started = time.perf_counter()
-    result = editor.edit(clip, config=cfg)
-    sync(ctx.device)
-    total = time.perf_counter() - started
+    try:
+        result = editor.edit(clip, config=cfg)
+        sync(ctx.device)
+        total = time.perf_counter() - started
+        ran = what_ran(editor.runner.backend, ctx.device, dtype, used())   # what ran, as the run summary says it
+        backend = editor.runner.backend
+    finally:
+        editor.tokenflow.remove()   # the next run's Editor installs its own processors on the same UNet
     t = {k: float(v) for k, v in result.timings.items()}
     inv, edit = clock.steps("invert"), clock.steps("edit")
     four = sum(t.get(k, 0.0) for k in ("encode", "invert", "edit", "decode"))
     other = max(0.0, total - four)
     extrapolated = (t.get("encode", 0.0) + EXTRAPOLATE_STEPS * statistics.median(inv)
                     + EXTRAPOLATE_STEPS * statistics.median(edit) + t.get("decode", 0.0) + other)
-    choice = check_backends(ctx.device, dtype, cfg.attention_backend, cfg.nearest_backend)
-    ran = {}   # what the dispatcher picks for that choice (SD shapes judge like small ones: kernels.probe)
-    for op, name in (("keyframe_attention", choice.attention), ("cosine_nearest", choice.nearest),
-                     ("gather", choice.gather)):
-        ran[op] = choose(op, name, *sample_args(op, ctx.device, dtype)[0])
-    backend = getattr(editor.runner, "backend", None)
     out = {"frames": frames, "size": size, "inversion_steps": inv_steps, "steps": steps, "wall_s": total,
            "timings_s": t, "inversion_step_s": inv, "edit_step_s": edit, "other_s": other,
            "extrapolated_50_50_s": extrapolated, "finite": bool(torch.isfinite(result.latents).all()),
-           "kernels": ran,
+           "ran": ran, "ran_described": describe_ran(ran),
            "unet_backend": backend.describe() if backend is not None else "eager",
            "plan": result.plan.as_dict() if result.plan is not None else None}
     if ctx.cuda:
@@ -378,8 +393,9 @@ def _edit(model, ctx: Ctx, frames: int, size: int, inv_steps: int, steps: int, s
         out.update(peak_reserved_bytes=torch.cuda.max_memory_reserved(ctx.device),
                    peak_allocated_bytes=torch.cuda.max_memory_allocated(ctx.device),
                    device_used_at_end_bytes=total_mem - torch.cuda.mem_get_info(ctx.device)[0])
-        if out["plan"]:
+        if out["plan"]:   # measured reserved vs the plan's peak (what it predicted) and usable (its bound)
             out["reserved_over_plan"] = out["peak_reserved_bytes"] / out["plan"]["peak"]
+            out["reserved_within_usable"] = out["peak_reserved_bytes"] <= out["plan"]["usable"]
     return out
 
 
@@ -410,13 +426,107 @@ def stage_end_to_end(ctx: Ctx, res: Result) -> Tuple[str, str]:
         res.measure(**{f"extrapolated_s_{key}": out["extrapolated_50_50_s"]})
         if "peak_reserved_bytes" in out:
             res.measure(**{f"peak_reserved_gb_{key}": out["peak_reserved_bytes"] / GB,
-                           f"plan_peak_gb_{key}": out["plan"]["peak"] / GB if out["plan"] else None})
+                           f"plan_peak_gb_{key}": out["plan"]["peak"] / GB if out["plan"] else None,
+                           f"reserved_over_plan_peak_{key}": out.get("reserved_over_plan")})
         if not out["finite"]:
             return "FAIL", f"{frames} frames: non-finite latents"
     return "PASS", ""
 
 
-# ----------------------------------------------------------------------------- 5 compile vs eager
+# ----------------------------------------------------------------------------- 5 call-size sweep
+
+SWEEP_UNET_ROWS = [16, 32, 64, 128, 192, 256]
+SWEEP_VAE_FRAMES = [1, 2, 4, 8, 16]
+FLAT = 0.95   # speed has flattened at the first size within 5% of the best rate
+
+
+def flattens_at(rates: Dict[int, float]) -> Optional[int]:
+    """The first size (ascending) whose rate is within 5% of the best; None without rates."""
+    if not rates:
+        return None
+    best = max(rates.values())
+    return min(n for n, rate in rates.items() if rate >= FLAT * best)
+
+
+def _sweep(ctx: Ctx, sizes, make: Callable[[int], Callable], unit: str) -> Tuple[Dict[int, dict], Dict[int, float]]:
+    """Device-synchronised median seconds of ``make(n)()`` for each n in ``sizes`` ascending; stops at
+    the first size that does not fit (or fails: larger ones would too) or would outlast the stage."""
+    reps, warmup = (3, 1) if ctx.cuda else (2, 1)
+    rows: Dict[int, dict] = {}
+    rates: Dict[int, float] = {}
+    for n in sizes:
+        if rates and (reps + warmup) * n / max(rates.values()) > ctx.left() - 3:
+            rows[n] = {"skipped": "stage time: would not finish"}
+            break
+        try:
+            fn = make(n)
+            seconds = median_seconds(fn, ctx.device, reps=reps, warmup=warmup)
+        except torch.OutOfMemoryError as exc:
+            rows[n] = {"skipped": f"does not fit: {_error(exc)[:120]}"}
+            break
+        except Exception as exc:   # e.g. past a kernel's int32 indexing
+            rows[n] = {"error": _error(exc)}
+            break
+        finally:
+            fn = None
+            if ctx.cuda:
+                torch.cuda.empty_cache()
+        rates[n] = n / seconds
+        rows[n] = {"ms": seconds * 1e3, f"{unit}_per_s": rates[n]}
+    return rows, rates
+
+
+def stage_call_sweep(ctx: Ctx, res: Result) -> Tuple[str, str]:
+    """Where UNet and VAE calls stop getting faster per row / frame, beside the planner's GPU caps
+    (``GPU_UNET_ROWS``, the VAE cap ``call_caps`` derives): the numbers to set them from."""
+    from tokenflow.benchmark import architectures
+    from tokenflow.engine import planner
+    from tokenflow.engine.memory import INT32_ELEMENTS, unet_largest_row_elements, vae_largest_frame_elements
+
+    if not ctx.cuda and not ctx.dry_run:
+        return "SKIP", "no CUDA device"
+    if ctx.cuda:
+        arch, dtype, size, unet_sizes, vae_sizes = "sd21", torch.float16, 512, SWEEP_UNET_ROWS, SWEEP_VAE_FRAMES
+    else:
+        arch, dtype, size, unet_sizes, vae_sizes = "tiny", torch.float32, 64, [1, 2, 4], [1, 2]
+    model = architectures.build_model(arch, ctx.device, dtype)
+    unet, vae, dev = model.unet, model.vae, ctx.device
+    lat = size // model.vae_scale_factor
+    channels = unet.config.in_channels
+
+    def unet_call(n: int) -> Callable:   # the plain UNet (diffusers' attention), one timestep, SD's 77 tokens
+        x = torch.randn(n, channels, lat, lat, device=dev, dtype=dtype)
+        t = torch.full((n,), 500, device=dev, dtype=torch.long)
+        text = torch.randn(n, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
+        return lambda: unet(x, t, encoder_hidden_states=text).sample
+
+    def vae_call(n: int) -> Callable:
+        z = torch.randn(n, vae.config.latent_channels, lat, lat, device=dev, dtype=dtype)
+        return lambda: vae.decode(z).sample
+
+    vae_cap = min(planner.GPU_VAE_FRAMES,
+                  max(1, planner.GPU_VAE_ELEMENTS // vae_largest_frame_elements(vae.config, size, size)))
+    res.measure(planner_unet_rows=planner.GPU_UNET_ROWS, planner_vae_frames=vae_cap)
+    res.detail("case", {"arch": arch, "dtype": str(dtype), "size": size, "rule": (
+        f"flat = the first size within {round((1 - FLAT) * 100)}% of the best rate (device-synchronised medians); "
+        "set GPU_UNET_ROWS / GPU_VAE_FRAMES in tokenflow/engine/planner.py from unet_rows_flat / vae_frames_flat"),
+        "int32_unet_rows": INT32_ELEMENTS // unet_largest_row_elements(unet.config, lat, lat),
+        "int32_vae_frames": INT32_ELEMENTS // vae_largest_frame_elements(vae.config, size, size)})
+    with torch.inference_mode():
+        for key, sizes, make, unit in (("unet", unet_sizes, unet_call, "rows"), ("vae", vae_sizes, vae_call, "frames")):
+            rows, rates = _sweep(ctx, sizes, make, unit)
+            res.detail(key, rows)
+            flat = flattens_at(rates)
+            res.measure(**{f"{key}_{unit}_flat": flat,
+                           f"{key}_best_{unit}_per_s": max(rates.values()) if rates else None})
+            if not rates:
+                return "FAIL", f"{key}: no call size ran ({next(iter(rows.values()), {})})"[:300]
+    m = res.doc["measured"]
+    return "PASS", (f"UNet flat from {m['unet_rows_flat']} rows (planner {m['planner_unet_rows']}), VAE from "
+                    f"{m['vae_frames_flat']} frames (planner {m['planner_vae_frames']})")
+
+
+# ----------------------------------------------------------------------------- 6 compile vs eager
 
 
 def stage_compile(ctx: Ctx, res: Result) -> Tuple[str, str]:
@@ -425,9 +535,13 @@ def stage_compile(ctx: Ctx, res: Result) -> Tuple[str, str]:
 
     if not ctx.cuda and not ctx.dry_run:
         return "SKIP", "no CUDA device"
+    # first tests/gpu's compile check (tiny model: graphs counted, defects 1-4), with under half the time
+    tests, tests_reason = _pytest(ctx, res, COMPILE_TESTS, min(0.45 * ctx.left(), ctx.left() - 10), key="compile_tests")
+    res.detail("compile_tests_status", [tests, tests_reason])
+    # then SD 2.1-base eager vs compile, small so a cold inductor compile + CUDA graph capture fits
     if ctx.cuda:
-        config = BenchConfig(arch="sd21", frames=16, size=(512, 512), inversion_steps=2, steps=2, repeats=1,
-                             warmup=1, device="cuda", dtype="float16")
+        config = BenchConfig(arch="sd21", frames=8, size=(256, 256), inversion_steps=2, steps=2, keyframe_spacing=4,
+                             repeats=1, warmup=1, device="cuda", dtype="float16")
         names = ["eager", "compile"]
     else:   # compiling on a CPU takes minutes: the dry run walks the same loop with eager only
         config = BenchConfig(arch="tiny", frames=2, size=(64, 64), inversion_steps=1, steps=1, keyframe_spacing=2,
@@ -457,12 +571,14 @@ def stage_compile(ctx: Ctx, res: Result) -> Tuple[str, str]:
     graphs = {n: e["unet_backend"].get("stats") for n, e in entries.items() if "unet_backend" in e}
     res.measure(compile_stats=graphs)
     failed = [f"{n}: {e['error']}" for n, e in entries.items() if "error" in e]
+    if tests == "FAIL":
+        failed.insert(0, f"compile check: {tests_reason}")
     if failed:
         return "FAIL", "; ".join(failed)[:300]
-    return "PASS", "" if ctx.cuda else "dry run: eager only (compiling on a CPU takes minutes)"
+    return "PASS", "" if ctx.cuda else f"dry run: eager only (compiling on a CPU takes minutes); compile check {tests}"
 
 
-# ----------------------------------------------------------------------------- 6 the original
+# ----------------------------------------------------------------------------- 7 the original
 
 
 def stage_original(ctx: Ctx, res: Result) -> Tuple[str, str]:
@@ -478,7 +594,10 @@ def stage_original(ctx: Ctx, res: Result) -> Tuple[str, str]:
                           capture_output=True, text=True)
     print(proc.stdout[-8000:], proc.stderr[-4000:], sep="\n")
     line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("GPU_RUN_RESULT ")), None)
+    stopped = proc.returncode in (3, 124, 137)   # its own timeout (3), or killed at a limit: optional, so SKIP
     if line is None:
+        if stopped:
+            return "SKIP", f"optional: the reference run stopped before a result (exit status {proc.returncode})"
         return "FAIL", f"no GPU_RUN_RESULT line (exit status {proc.returncode})"
     found = json.loads(line.split(" ", 1)[1])
     res.detail("original", found)
@@ -486,13 +605,15 @@ def stage_original(ctx: Ctx, res: Result) -> Tuple[str, str]:
     ours = ctx.earlier("end_to_end", "extrapolated_s_40_frames")
     res.measure(original_wall_s_40_frames=wall,
                 original_over_ours_40_frames=wall / ours if wall and ours else None)
+    if stopped:
+        return "SKIP", f"optional: the reference run stopped (exit status {proc.returncode}; 3: its own timeout)"
     if proc.returncode != 0:
-        return "FAIL", f"exit status {proc.returncode} (3: its own timeout)"
+        return "FAIL", f"exit status {proc.returncode}"
     return "PASS", ""
 
 
 STAGE_FUNCTIONS = {0: stage_machine, 1: stage_triton_warmup, 2: stage_gpu_tests, 3: stage_kernels,
-                   4: stage_end_to_end, 5: stage_compile, 6: stage_original}
+                   4: stage_end_to_end, 5: stage_call_sweep, 6: stage_compile, 7: stage_original}
 
 
 def run(number: int, result_path: Path, context: Path, dry_run: bool, time_limit: float) -> int:
@@ -500,6 +621,9 @@ def run(number: int, result_path: Path, context: Path, dry_run: bool, time_limit
     ctx = Ctx(dry_run, time_limit, context)
     try:
         status, reason = STAGE_FUNCTIONS[number](ctx, res)
+        if os.environ.get("GPU_CHECK_INJECT_NAN") == str(number):   # the test seam (module doc)
+            res.measure(injected_nan=float("nan"), injected_inf=float("inf"))
+            res.detail("injected", {"max_abs_latent_diff_vs_eager": float("nan"), "rows": [1.0, float("-inf")]})
     except Exception as exc:
         traceback.print_exc()
         status, reason = "FAIL", _error(exc)

@@ -1,5 +1,6 @@
 """bench/gpu_check.py's CPU dry run (tiny shapes, Triton interpreter, tiny model): every stage's code
-path, the JSON lines, the summary, the per-stage status lines, the global deadline and SIGTERM."""
+path, the JSON lines, the summary, the per-stage status lines, the global deadline and SIGTERM, NaN in
+a stage's result; and the stage time budgets."""
 import json
 import os
 import re
@@ -14,20 +15,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 KIT = ROOT / ".gpu" / "kit" / "gpu_run.sh"   # the reference kit, where one was prepared
-STAGES = ["machine", "triton_warmup", "gpu_tests", "kernels", "end_to_end", "compile", "original"]
+STAGES = ["machine", "triton_warmup", "gpu_tests", "kernels", "end_to_end", "call_sweep", "compile", "original"]
 LINE = re.compile(r"^gpu_check stage (\d) (\S+) +(PASS|FAIL|SKIP) ")
 
 
 def _env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPU_CHECK_INJECT_NAN")}
     env.update(HF_HUB_OFFLINE="1", TOKENFLOW_CACHE=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     return env
 
 
-def _start(tmp_path, *args):
+def _start(tmp_path, *args, **env):
     return subprocess.Popen([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path / "out"), *args],
-                            cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env={**_env(tmp_path), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _gpu_check():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return gpu_check
 
 
 def _outputs(tmp_path):
@@ -54,8 +65,8 @@ def test_dry_run_walks_every_stage_and_ends_with_one_line_per_stage(dry_run):
     assert rc == 0, stdout + stderr + (tmp / "out" / "gpu_check.log").read_text()[-4000:]
     statuses = _statuses(stdout)
     assert list(statuses) == STAGES
-    assert {s: statuses[s] for s in ("machine", "triton_warmup", "kernels", "end_to_end", "compile")} == \
-        dict.fromkeys(("machine", "triton_warmup", "kernels", "end_to_end", "compile"), "PASS")
+    ran = ("machine", "triton_warmup", "kernels", "end_to_end", "call_sweep", "compile")
+    assert {s: statuses[s] for s in ran} == dict.fromkeys(ran, "PASS")
     assert statuses["gpu_tests"] == "SKIP"    # no CUDA device: every tests/gpu check skips
     assert statuses["original"] == "SKIP"     # no CUDA device (and no reference kit unless prepared)
 
@@ -64,13 +75,21 @@ def test_dry_run_writes_json_lines_and_the_summary(dry_run):
     rc, stdout, stderr, tmp = dry_run
     summary, events = _outputs(tmp)
     assert summary["dry_run"] is True and summary["complete"] is True and summary["interrupted"] is None
-    assert [summary["stages"][s]["stage"] for s in STAGES] == list(range(7))
+    assert [summary["stages"][s]["stage"] for s in STAGES] == list(range(8))
+    assert summary["errors"] == []
     assert "needs a CUDA device" in summary["stages"]["gpu_tests"]["reason"]
     machine = summary["stages"]["machine"]["measured"]
     assert machine["d2d_gbps"] > 0 and machine["matmul_tflops_float32"] > 0
     e2e = summary["stages"]["end_to_end"]
     assert "50 * median(inversion step s)" in e2e["details"]["extrapolation"]
     assert e2e["measured"]["extrapolated_s_3_frames"] > 0
+    ran = e2e["details"]["3_frames"]["ran"]   # what the edit ran (dispatcher's record), not a sample choice
+    assert ran["unet"]["backend"] == "eager"
+    assert ran["kernels"]["keyframe_attention"] and all(e["calls"] > 0 for e in ran["kernels"]["keyframe_attention"])
+    sweep = summary["stages"]["call_sweep"]["measured"]
+    assert sweep["unet_rows_flat"] in (1, 2, 4) and sweep["vae_frames_flat"] in (1, 2)
+    assert sweep["unet_best_rows_per_s"] > 0 and sweep["planner_unet_rows"] > 0 and sweep["planner_vae_frames"] > 0
+    assert "compile_tests_status" in summary["stages"]["compile"]["details"]
     kernels = summary["stages"]["kernels"]["measured"]
     assert kernels["attention_triton_tflops"] > 0 and kernels["nearest_speedup_vs_matmul_argmax"] > 0
     targets = {t["key"]: t for t in summary["targets"]}
@@ -85,11 +104,13 @@ def test_dry_run_writes_json_lines_and_the_summary(dry_run):
 
 
 def test_a_tiny_global_deadline_skips_later_stages_and_still_writes_the_summary(tmp_path):
-    """8 s: stage 0 gets 4 s (the deadline less the reserve), which importing torch mostly outlasts."""
-    proc = _start(tmp_path, "--deadline", "8")
+    """16 s: stage 0 gets 6 s (the deadline less the reserve), which importing torch mostly outlasts;
+    the reserve covers killing it, so the run ends inside the deadline."""
+    proc = _start(tmp_path, "--deadline", "16")
     stdout, stderr = proc.communicate(timeout=120)
     summary, events = _outputs(tmp_path)
     assert summary["complete"] is True
+    assert summary["elapsed_s"] <= 16 and events[-1]["elapsed_s"] <= 16
     statuses = _statuses(stdout)
     assert list(statuses) == STAGES
     machine = summary["stages"]["machine"]
@@ -124,3 +145,38 @@ def test_sigterm_stops_the_stage_and_writes_the_summary(tmp_path):
     assert _statuses(stdout) == {"machine": "SKIP", "end_to_end": "SKIP"}
     with pytest.raises(ProcessLookupError):   # the stage's process was ended with the run
         os.kill(child, 0)
+
+
+def test_stage_budgets_fit_the_deadline_and_scale_up_for_a_subset():
+    gc = _gpu_check()
+    assert gc.RESERVE_S >= gc.KILL_WORST_S + 2   # killing a stage and writing the summary fit in the reserve
+    usable = gc.DEADLINE_S - gc.RESERVE_S
+    for dry in (False, True):
+        assert sum(gc.own_timeout(s, dry) for s in gc.STAGES) <= usable
+        # a full run: the first stage gets its own timeout; the optional last stage (0) what is left
+        assert gc.allotment(gc.STAGES[0], gc.STAGES, usable, dry) == pytest.approx(
+            gc.own_timeout(gc.STAGES[0], dry) * max(1.0, usable / sum(gc.own_timeout(s, dry) for s in gc.STAGES)))
+        assert gc.allotment(gc.STAGES[-1], gc.STAGES[-1:], 123.0, dry) == 123.0
+    # the documented rerun --stages 6,7 --deadline 280: compile may use all 270 usable seconds
+    subset = [s for s in gc.STAGES if s.number in (6, 7)]
+    assert gc.allotment(subset[0], subset, 280 - gc.RESERVE_S, False) == pytest.approx(270.0)
+    # an early stage that finished quickly leaves its time to the later ones
+    later = gc.STAGES[4:]
+    assert gc.allotment(later[0], later, 300.0, False) > later[0].timeout_s
+
+
+def test_a_stage_result_with_nan_and_inf_still_gives_the_summary_and_status_lines(tmp_path):
+    """GPU_CHECK_INJECT_NAN=0: stage 0 adds NaN / inf to its result (the seam of gpu_check_stages.run);
+    the summary holds null for each with a note, and the run still ends with its status lines."""
+    proc = _start(tmp_path, "--stages", "0", GPU_CHECK_INJECT_NAN="0")
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stdout + stderr
+    assert _statuses(stdout) == {"machine": "PASS"}
+    summary, events = _outputs(tmp_path)
+    machine = summary["stages"]["machine"]
+    assert machine["measured"]["injected_nan"] is None and machine["measured"]["injected_inf"] is None
+    assert machine["details"]["injected"] == {"max_abs_latent_diff_vs_eager": None, "rows": [1.0, None]}
+    assert any("injected_nan" in note and "nan" in note for note in machine["non_finite"])
+    assert summary["errors"] == [] and summary["complete"] is True
+    ended = next(e for e in events if e["event"] == "stage_end")
+    assert ended["measured"]["injected_nan"] is None

@@ -70,7 +70,8 @@ CPU_VAE_FRAMES = 8      # frames per VAE call on CPU (tiny model, 1 thread: 12 m
 # 4.90 s at 120 (bigger calls touch more fresh memory: the first call alone took 1.2 s at 120 rows)
 CPU_PROPAGATE_ROWS = 32
 CPU_CAPS_NOTE = "measured on CPU: bigger calls ran slower"
-# GPU caps, UNMEASURED ON GPU (bench/gpu_check sweeps them; make_plan's row_cap/vae_cap replace them).
+# GPU caps, UNMEASURED ON GPU: bench/gpu_check.py stage 5 (call_sweep) measures where UNet rows/s and VAE
+# frames/s flatten beside these (set them from its recorded result); make_plan's row_cap/vae_cap replace them.
 # UNet rows per propagation or inversion call: at SD's 64x64 latents one row is already 4096
 # tokens x 320 channels per layer of the widest level, so 128 rows keep every GEMM far past the
 # size where an H100/H200 saturates, while the largest tensor (the GEGLU projection, 10.5M elements
