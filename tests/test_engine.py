@@ -96,7 +96,8 @@ def test_the_plan_counts_the_search_its_backend_runs(editor, sample_clip):
 def test_store_goes_to_the_host_when_the_keyframe_pass_needs_the_room(tiny_sd):
     row = _plan(tiny_sd, 2**40).unet_row_bytes
     weights = memory.module_bytes(tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder)
-    plan = _plan(tiny_sd, weights + 3 * 201 * row, keyframes=200, frames=1600)
+    # room for the keyframe pass (3 branches x 200 rows) and the few slots an offloaded store stages
+    plan = _plan(tiny_sd, weights + 3 * 203 * row, keyframes=200, frames=1600)
     assert plan.store_on == "host" and plan.staging_bytes > 0 and plan.peak <= plan.budget
 
 
