@@ -252,6 +252,16 @@ def tiny_sd(tiny_model_dir):
     return load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
 
 
+@pytest.fixture
+def tokenflow_unet(tiny_sd):
+    """The TokenFlow processors installed on the shared tiny UNet for one test, removed after it."""
+    from tokenflow.engine.processors import TokenFlowUNet
+
+    tf = TokenFlowUNet(tiny_sd.unet)
+    yield tf
+    tf.remove()
+
+
 @pytest.fixture(scope="session")
 def sample_clip(tmp_path_factory):
     from tokenflow.io.samples import make_sample_clip

@@ -24,13 +24,6 @@ from tokenflow.method.editor import Editor
 STATIC = KernelChoice("torch", "static")
 
 
-@pytest.fixture
-def tokenflow_unet(tiny_sd):
-    tf = TokenFlowUNet(tiny_sd.unet)
-    yield tf
-    tf.remove()
-
-
 def _texts(sd, n, g):
     return torch.randn(n, 77, sd.unet.config.cross_attention_dim, generator=g)
 

@@ -11,7 +11,6 @@ import torch
 
 from tokenflow.config import EditConfig
 from tokenflow.engine.backends.compiled import CompiledBackend, graph_kernels
-from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.kernels import BackendUnavailable, KernelChoice, dispatch, probe
 from tokenflow.kernels.keyframe_attention import keyframe_attention_torch
 from tokenflow.method.editor import Editor
@@ -48,13 +47,6 @@ def test_graph_kernels_follow_the_self_check(broken_triton_attention):
     assert checked == KernelChoice("torch", "static")
     with pytest.raises(BackendUnavailable, match="failed its self-check"):
         graph_kernels(KernelChoice("triton", "auto"), cpu, torch.float32, self_check=True)
-
-
-@pytest.fixture
-def tokenflow_unet(tiny_sd):
-    tf = TokenFlowUNet(tiny_sd.unet)
-    yield tf
-    tf.remove()
 
 
 def test_reduce_overhead_mode_runs_on_cpu_through_inductor_and_matches_eager(tiny_sd, tokenflow_unet, tmp_path):
