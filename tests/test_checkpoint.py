@@ -112,7 +112,13 @@ def video_frames(path):
 
 def assert_same_as(reference, out):
     assert np.array_equal(np.load(out / "latents.npy"), reference["latents"])   # bit-identical
-    assert np.array_equal(video_frames(out / "edit.mp4"), reference["frames"])
+    # The resume guarantee is the latents above. The MP4 is their VAE decode, lossily encoded: CI on a
+    # loaded machine saw rare small pixel differences with bit-identical latents (cause not isolated:
+    # CPU decode kernels or the encoder), so the frames must agree closely, not bit for bit.
+    frames = video_frames(out / "edit.mp4").astype(np.int16)
+    assert frames.shape == reference["frames"].shape
+    diff = np.abs(frames - reference["frames"].astype(np.int16))
+    assert diff.max() <= 8 and diff.mean() < 0.5, (diff.max(), diff.mean())
 
 
 def state_files(folder):
