@@ -57,7 +57,7 @@ def test_preprocess_flags_H_W():
     assert from_mapping({"H": 384, "W": 672}).size == (672, 384)
 
 
-@pytest.mark.parametrize("data,match", [({"bogus": 1}, "unknown key 'bogus'"), ({"sd_version": "depth"}, "sd_version")])
+@pytest.mark.parametrize("data,match", [({"bogus": 1}, "unknown key 'bogus'"), ({"sd_version": "ControlNet"}, "sd_version")])
 def test_bad_keys(data, match):
     with pytest.raises(ConfigError, match=match):
         from_mapping(data)

@@ -11,7 +11,7 @@ from tokenflow.method.schedule import inversion_save_timesteps, make_scheduler, 
 from .test_schedule import SD_SCHEDULER
 
 
-def _eps(x, t):
+def _eps(x, t, frames=None):
     return torch.tanh(x) * 0.3 + t / 2000.0
 
 
@@ -54,7 +54,7 @@ def test_constant_noise_round_trip_and_recovered_eps(alpha_to_one):
     g = torch.Generator().manual_seed(2)
     z0 = torch.randn(2, 4, 3, 3, generator=g)
     noise = torch.randn(z0.shape, generator=g)
-    saved = ddim_invert(lambda x, t: noise, z0, scheduler, save=set(), batch_size=2)
+    saved = ddim_invert(lambda x, t, frames: noise, z0, scheduler, save=set(), batch_size=2)
     z_t = saved[981]
     eps = noise_from_inversion(z0, z_t, scheduler.alphas_cumprod[981])
 

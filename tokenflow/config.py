@@ -38,7 +38,10 @@ SD_VERSIONS = {
     "2.1": "stabilityai/stable-diffusion-2-1-base",
     "2.0": "stabilityai/stable-diffusion-2-base",
     "1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # runwayml/... was taken down
+    "2-depth": "stabilityai/stable-diffusion-2-depth",      # the original's sd_version: depth (5-channel UNet)
 }
+# the original's sd_version values that are no SD_VERSIONS key
+SD_VERSION_ALIASES = {"depth": "2-depth"}
 
 METHODS = ("pnp", "sdedit")
 PLACES = ("auto", "device", "host")
@@ -50,6 +53,9 @@ BACKENDS = ("eager", "compile", "aot", "onnx", "tensorrt")
 CODECS = ("h264", "hevc", "prores", "ffv1")          # of the output video (io.write.CODECS: encoders, containers)
 FRAME_FORMATS = ("png", "png16", "exr", "exr32")     # of --save-frames: 8/16-bit PNG, half/float OpenEXR
 CRF_CODECS = ("h264", "hevc")                        # the codecs with a constant-rate factor
+DEPTH_NORMALIZE = ("frame", "clip")                  # per-frame min/max (the original) or one min/max per clip
+CONTROL_BUILTIN = ("canny", "depth")                 # --control conditions computed here (else a folder of images)
+MAX_CONTROLNETS = 8
 
 # Upper limits of the numeric fields (docs/options.md lists every range, generated from the Rules).
 MAX_FRAMES = 100_000               # frames of one edit (about 55 min at 30 fps): more cannot be held in memory
@@ -215,6 +221,30 @@ class EditConfig:
     resume: bool = False                  # continue from the checkpoint in checkpoint_dir
     strict_resume: bool = False           # with resume: refuse a checkpoint saved with other threads/versions/device
     allow_pickle: bool = False            # load .bin/.ckpt (pickle) weights; default safetensors only
+    # single-file checkpoints: which config (1.5, 2.0, 2.1, 2-depth or a diffusers folder); None: from the keys
+    model_config: Optional[str] = _field(None, path=True)
+
+    # adapters (docs/models.md): "PATH_OR_ID[:SCALE]" / "PATH[:TOKEN]", one string or a list
+    lora: Union[str, Tuple[str, ...]] = _field((), description="LoRA weights, PATH_OR_ID[:SCALE]; a list for several")
+    embedding: Union[str, Tuple[str, ...]] = _field(
+        (), description="textual-inversion embeddings, PATH[:TOKEN]; a list for several")
+
+    # depth models (--model 2-depth): where the depth maps come from and how they are normalised
+    # DPT folder / Hub id; None: the model's own depth_estimator/, else Intel/dpt-hybrid-midas
+    depth_model: Optional[str] = _field(None, path=True)
+    depth_maps: Optional[str] = _field(None, path=True)    # raw maps: .npy [N,H,W] or a folder of 16-bit PNGs
+    depth_normalize: str = _field("frame", choices=DEPTH_NORMALIZE)
+
+    # ControlNet: each controlnet "MODEL[:SCALE]" pairs in order with a control "canny", "depth" or a folder
+    controlnet: Union[str, Tuple[str, ...]] = _field(
+        (), description="ControlNet models, MODEL[:SCALE]; a list for several (each pairs with a control)")
+    control: Union[str, Tuple[str, ...]] = _field(
+        (), description="the condition of each ControlNet, in order: canny, depth or a folder of control images")
+    control_start: float = _field(0.0, minimum=0, maximum=1)   # fraction of the edit steps (diffusers' control_guidance_start)
+    control_end: float = _field(1.0, minimum=0, maximum=1)
+    control_during_inversion: bool = False   # also condition the inversion (and the source branch) on the controls
+    canny_low: int = _field(100, minimum=0, maximum=255)
+    canny_high: int = _field(200, minimum=0, maximum=255)
 
     @property
     def prompts(self) -> Tuple[str, ...]:
@@ -222,6 +252,22 @@ class EditConfig:
         if isinstance(self.prompt, str):
             return (self.prompt,) if self.prompt else ()
         return tuple(self.prompt)
+
+    @property
+    def loras(self) -> Tuple[str, ...]:
+        return _as_tuple(self.lora)
+
+    @property
+    def embeddings(self) -> Tuple[str, ...]:
+        return _as_tuple(self.embedding)
+
+    @property
+    def controlnets(self) -> Tuple[str, ...]:
+        return _as_tuple(self.controlnet)
+
+    @property
+    def controls(self) -> Tuple[str, ...]:
+        return _as_tuple(self.control)
 
     def replace(self, **changes: Any) -> "EditConfig":
         return dataclasses.replace(self, **changes)
@@ -257,6 +303,16 @@ class EditConfig:
                        f"--codec {CRF_CODECS[0]}"))
         if self.backend == "onnx" and self.dtype == "bfloat16" and not bad & {"backend", "dtype"}:
             found.append(ConfigError.of_field("dtype", ONNX_BF16))
+        if not bad & {"controlnet", "control"} and len(self.controlnets) != len(self.controls):
+            found.append(ConfigError.of_field(
+                "control", f"{len(self.controlnets)} controlnet(s) but {len(self.controls)} control(s): give one "
+                           f"--control ({', '.join(CONTROL_BUILTIN)} or a folder of images) per --controlnet, in order"))
+        if len(self.controlnets) > MAX_CONTROLNETS and "controlnet" not in bad:
+            found.append(ConfigError.of_field("controlnet", f"{len(self.controlnets)} ControlNets; at most {MAX_CONTROLNETS}"))
+        if not bad & {"control_start", "control_end"} and self.control_start > self.control_end:
+            found.append(ConfigError.of_field(
+                "control_end", f"{self.control_end} is below control_start={self.control_start} (fractions of the "
+                               "edit steps in which the ControlNets act)"))
         if need_prompt and "prompt" not in bad:
             prompts = self.prompts
             empty = [k for k, text in enumerate(prompts, 1) if not text.strip()]
@@ -268,6 +324,15 @@ class EditConfig:
                 found.append(ConfigError.of_field(
                     "prompt", f"prompt {empty[0]} of {len(prompts)} is empty: say what each edit should become"))
         return found
+
+
+def _as_tuple(value: Union[str, Tuple[str, ...], None]) -> Tuple[str, ...]:
+    """A one-or-many string field as a tuple (an empty string is none)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, os.PathLike)):
+        return (os.fspath(value),) if os.fspath(value).strip() else ()
+    return tuple(os.fspath(v) for v in value)
 
 
 # --- what each field accepts ----------------------------------------------------------------
@@ -578,7 +643,7 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
             value = os.path.join(value, "")   # the original writes its videos into this folder
         if name == "device" and value is not None:
             value = str(value)
-        if name == "prompt" and isinstance(value, list):
+        if name in ("prompt", "lora", "embedding", "controlnet", "control") and isinstance(value, list):
             value = tuple(value)
         if name not in fields:
             allowed = ", ".join(sorted(fields | set(ORIGINAL_KEYS) | set(IGNORED_KEYS) | {"H", "W"}))
@@ -620,10 +685,9 @@ def _size_value(value: Any, source: str) -> Tuple[int, int]:
 
 
 def _model_from_sd_version(value: Any, source: str) -> str:
-    key = str(value)
+    key = SD_VERSION_ALIASES.get(str(value), str(value))
     if key not in SD_VERSIONS:
-        variant = {"depth": " (the original's depth variant is not included)",
-                   "ControlNet": " (the original's ControlNet variant is not included)"}.get(key, "")
+        variant = {"ControlNet": " (the original never shipped its ControlNet variant: use --controlnet)"}.get(key, "")
         raise ConfigError(
             f"{source}: sd_version={short_repr(value)} is not supported{variant}; use one of {', '.join(SD_VERSIONS)} "
             "or set `model` to a Hub id / local diffusers folder")

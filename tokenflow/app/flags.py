@@ -12,6 +12,7 @@ from tokenflow.config import (
     BACKENDS,
     CODECS,
     DEFAULT_NEGATIVE_PROMPT,
+    DEPTH_NORMALIZE,
     FRAME_FORMATS,
     METHODS,
     PLACES,
@@ -54,12 +55,44 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     g.add_argument("--crop", action="store_true", default=None,
                    help="centre-crop to the target aspect ratio instead of stretching")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="Hub id, local diffusers folder, SD version (1.5, 2.0, 2.1) or 'tiny' "
-                   "(random weights, offline). Default stabilityai/stable-diffusion-2-1-base")
+    g.add_argument("--model", help="Hub id, local diffusers folder, single-file checkpoint (.safetensors), SD "
+                   "version (1.5, 2.0, 2.1, 2-depth) or 'tiny' (random weights, offline). Default "
+                   "stabilityai/stable-diffusion-2-1-base")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
     g.add_argument("--allow-pickle", action="store_true", default=None, help="also load pickle weights (.bin/.ckpt); "
                    "default: safetensors only (pickle can run code: only for weights you trust)")
+    g.add_argument("--model-config", metavar="NAME|DIR", help="for a single-file checkpoint (--model file.safetensors): "
+                   "which Stable Diffusion it is, 1.5, 2.0, 2.1 (512px base) or 2-depth, or a diffusers folder with its "
+                   "configs (default: read from the checkpoint's keys and shapes)")
+    g.add_argument("--lora", action="append", metavar="PATH_OR_ID[:SCALE]", help="LoRA weights (a .safetensors file, "
+                   "a folder or a Hub id; kohya/A1111 or diffusers layout) fused into the model at SCALE (default 1.0); "
+                   "repeat for several")
+    g.add_argument("--embedding", action="append", metavar="PATH[:TOKEN]", help="a textual-inversion embedding "
+                   "(.safetensors/.pt/.bin) added as TOKEN (default: the token it names, else its file name); repeat "
+                   "for several")
+    g = p.add_argument_group("depth models (--model 2-depth; docs/models.md)")
+    g.add_argument("--depth-maps", metavar="FILE|DIR", help="your own raw depth maps, one per frame: a .npy "
+                   "[N,H,W] float32 or a folder of 16-bit PNGs (default: estimated with --depth-model)")
+    g.add_argument("--depth-model", metavar="MODEL", help="DPT depth estimator, folder or Hub id (default: the "
+                   "model's own depth_estimator/, else Intel/dpt-hybrid-midas)")
+    g.add_argument("--depth-normalize", choices=DEPTH_NORMALIZE, help="frame (default, the original: min/max of "
+                   "each frame to [-1, 1]) or clip (one min/max for the whole clip: no depth-scale flicker)")
+    g = p.add_argument_group("ControlNet (docs/models.md)")
+    g.add_argument("--controlnet", action="append", metavar="MODEL[:SCALE]", help="a ControlNet (folder, Hub id or "
+                   "single file) at SCALE (default 1.0); repeat for several, each paired in order with a --control")
+    g.add_argument("--control", action="append", metavar="canny|depth|DIR", help="the condition of the ControlNet "
+                   "of the same position: canny (OpenCV edges, --canny-low/--canny-high), depth (the DPT depth "
+                   "estimator) or a folder of one control image per frame (your own annotator's: pose, lineart, ...)")
+    g.add_argument("--control-start", type=float, metavar="F", help="fraction of the edit steps at which the "
+                   "ControlNets start (default 0)")
+    g.add_argument("--control-end", type=float, metavar="F", help="fraction of the edit steps at which they stop "
+                   "(default 1)")
+    g.add_argument("--control-during-inversion", action="store_true", default=None, help="also condition the "
+                   "inversion (and with it the source branch) on the controls, as the original's preprocessing did "
+                   "for canny; changes the inverted latents (docs/models.md)")
+    g.add_argument("--canny-low", type=int, metavar="T", help="canny's lower threshold (default 100)")
+    g.add_argument("--canny-high", type=int, metavar="T", help="canny's upper threshold (default 200)")
     g = p.add_argument_group("inversion")
     g.add_argument("--inversion-prompt", help="text describing the source video (default empty)")
     g.add_argument("--inversion-steps", type=int, metavar="N", help="DDIM inversion steps (default 500)")
@@ -188,6 +221,8 @@ def config_from_args(args: argparse.Namespace, note: Optional[Callable[[str], No
             value = not value
         elif name == "prompt":
             value = value[0] if len(value) == 1 else tuple(value)
+        elif name in ("lora", "embedding", "controlnet", "control"):
+            value = tuple(value)
         changes[FLAG_FIELDS.get(name, name)] = value
     if changes.get("frames") == 0:
         changes["frames"] = None

@@ -8,11 +8,13 @@ and padding calls to the planned size for static-shape backends.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 
 from tokenflow.engine.backends.base import UNetBackend
+from tokenflow.engine.conditioning import FrameIndex, UNetConditions
 from tokenflow.engine.passes import GRAPH_PAIRS, store_tensors
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.engine.state import PassKind, StepState, timestep_tensor
@@ -33,28 +35,60 @@ class UNetRunner:
         self.dtype = next(unet.parameters()).dtype
         self.calls = 0
         self.samples = 0   # UNet batch rows evaluated (one per frame per branch), padding excluded
+        self.conditions: Optional[UNetConditions] = None   # depth / ControlNets of the inversion or edit running
+
+    @contextlib.contextmanager
+    def conditioned(self, conditions: Optional[UNetConditions]) -> Iterator[None]:
+        """Apply ``conditions`` (depth channel, ControlNet residuals) to the calls inside; every call
+        then needs its ``frames``."""
+        saved, self.conditions = self.conditions, (None if conditions is None or conditions.empty else conditions)
+        try:
+            yield
+        finally:
+            self.conditions = saved
+
+    def _conditioned_input(self, x: torch.Tensor, t: int, text: torch.Tensor, frames: Optional[FrameIndex],
+                           n_branches: int, plain: bool):
+        """(UNet input with the depth channel, ControlNet residual keywords) of a call."""
+        c = self.conditions
+        if c is None:
+            return x, {}
+        if frames is None:
+            raise ValueError("a conditioned UNet call (depth / ControlNet) needs the clip frames of its rows")
+        x = c.unet_input(x, frames, n_branches)
+        if not c.controls:
+            return x, {}
+        if self.backend is not None:
+            raise ConfigError(f"ControlNet runs with --backend eager only (this run uses {self.backend.name}): the "
+                              "exported UNet graphs take no ControlNet residuals")
+        return x, c.residuals(x, timestep_tensor(t, x.device), text, frames, n_branches, plain)
 
     @property
     def backend_name(self) -> str:
         return "eager" if self.backend is None else self.backend.name
 
-    def eps(self, latents: torch.Tensor, t: int, text: torch.Tensor, pad_to: Optional[int] = None) -> torch.Tensor:
+    def eps(self, latents: torch.Tensor, t: int, text: torch.Tensor, pad_to: Optional[int] = None,
+            frames: Optional[FrameIndex] = None, *, n_branches: int = 1) -> torch.Tensor:
         """Plain UNet noise prediction. latents [R,4,h,w], text [R,77,D] -> [R,4,h,w] float32.
 
-        pad_to: rows a static-shape backend is padded to (the plan's inversion batch)."""
+        pad_to: rows a static-shape backend is padded to (the plan's inversion batch).
+        frames: the clip frames of the rows (needed under ``conditioned``); with ``n_branches`` > 1
+        the rows are that many branches of those frames (a TokenFlow pass run eagerly)."""
         self.calls += 1
         rows = latents.shape[0]
         self.samples += rows
         x, text = latents.to(self.dtype).contiguous(), text.to(self.dtype)
+        x, extra = self._conditioned_input(x, t, text, frames, n_branches, plain=n_branches == 1)
         if self.backend is None:
-            return self.unet(x, timestep_tensor(t, latents.device), encoder_hidden_states=text).sample.float()
+            return self.unet(x, timestep_tensor(t, latents.device), encoder_hidden_states=text,
+                             **extra).sample.float()
         text = text.contiguous()   # static-shape graphs guard on strides (an expanded text has stride 0)
         if self.backend.pads_calls and pad_to and rows < pad_to:
             x, text = _pad_rows(x, pad_to), _pad_rows(text, pad_to)
         return self.backend.plain(x, t, text)[:rows].float()
 
     def branches(self, source: torch.Tensor, xs: torch.Tensor, t: int, texts: torch.Tensor,
-                 state: StepState, pad_to: Optional[int] = None) -> torch.Tensor:
+                 state: StepState, pad_to: Optional[int] = None, frames: Optional[FrameIndex] = None) -> torch.Tensor:
         """One TokenFlow pass over B = 1 + 2P branches.
 
         Args:
@@ -62,6 +96,7 @@ class UNetRunner:
             texts: [B, 77, D] embeddings of [inversion prompt, negative, prompt_1, negative, prompt_2, ...].
             state: what the processors do in this call (``state.n_branches`` = B).
             pad_to: frames per branch a static-shape backend pads propagation calls to.
+            frames: the clip frames of the m rows (an index tensor or a slice; needed under ``conditioned``).
         Returns:
             [B, m, 4, h, w] float32 noise predictions of [source, uncond_1, cond_1, ...].
         """
@@ -71,10 +106,12 @@ class UNetRunner:
         text = texts.repeat_interleave(m, dim=0)
         if self.backend is None or state.kind is PassKind.PLAIN:
             with self.tokenflow.control.active(state):
-                return self.eps(latents, t, text).view(n_branches, m, *source.shape[1:])
+                return self.eps(latents, t, text, frames=frames, n_branches=n_branches).view(
+                    n_branches, m, *source.shape[1:])
         self.calls += 1
         self.samples += n_branches * m
         x, text = latents.to(self.dtype).contiguous(), text.to(self.dtype)
+        x, _ = self._conditioned_input(x, t, text, frames, n_branches, plain=False)
         names = [layer.name for layer in self.tokenflow.layers]
         if state.kind is PassKind.KEYFRAMES:
             eps, features, outputs = self.backend.keyframes(x, t, text, state.inject_qk, state.inject_conv,

@@ -57,9 +57,13 @@ class InversionKey:
     steps: int
     dtype: str
     device: str                     # device type: kernels differ numerically across devices
+    conditions: str = ""            # depth maps / controls of the inversion (method.conditions); "" for none
 
     def digest(self) -> str:
-        blob = json.dumps({"format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if not fields["conditions"]:   # keys without conditions keep the digests they had before the field
+            del fields["conditions"]
+        blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

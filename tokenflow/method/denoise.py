@@ -107,7 +107,7 @@ class Denoiser:
                         idx = kf_idx[a:b]
                         state = StepState(PassKind.KEYFRAMES, t, b - a, store, keyframe_offset=a,
                                           inject_qk=t in qk_ts, inject_conv=t in conv_ts, **common)
-                        self.runner.branches(source.rows(t, idx, device), xs[:, idx], t, texts, state)
+                        self.runner.branches(source.rows(t, idx, device), xs[:, idx], t, texts, state, frames=idx)
                 stage.update(0, partial=1 / passes, step=step, pass_="keyframes")
                 plans = [original_plan(g, n, spacing) if match_on == "input" else
                          paper_plan(g, n, spacing, keyframes) for g in range(n_groups)]
@@ -148,7 +148,7 @@ class Denoiser:
         eps = None
         try:
             eps = self.runner.branches(source.rows(t, slice(a, b), device), xs[:, a:b], t, texts, state,
-                                       pad_to=self.frames_per_call)
+                                       pad_to=self.frames_per_call, frames=slice(a, b))
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise

@@ -34,6 +34,7 @@ from tokenflow.io.progress import Reporter
 from tokenflow.io.read import Clip, FrameCheck, read_video
 from tokenflow.kernels import KernelChoice, check_backends
 from tokenflow.method import schedule
+from tokenflow.method.conditions import EditConditions, build_conditions
 from tokenflow.method.denoise import Denoiser, text_branches
 from tokenflow.method.inversion import (
     EDIT_FIELDS,
@@ -213,10 +214,21 @@ class Editor:
         (``frames``, ``size``, ...) comes from the same config; other fields are ignored."""
         config = (config or EditConfig()).replace(**overrides).validate(need_prompt=False)
         clip = self.load_clip(video, config)
-        return self._invert(clip, config, self._plan(clip, config))
+        conditions = self.conditions(clip, config)
+        return self._invert(clip, config, self._plan(clip, config), conditions=conditions)
+
+    def conditions(self, clip: Clip, config: EditConfig) -> EditConditions:
+        """The depth maps and ControlNets of editing ``clip`` with ``config`` (``method.conditions``)."""
+        if not (config.controlnets or config.depth_maps or self.model.unet.config.in_channels != 4):
+            return EditConditions()
+        with self.reporter.stage("conditions"):
+            found = build_conditions(self, clip, config, self._edit_timesteps(config))
+        for line in found.lines:
+            self.reporter.info(line)
+        return found
 
     def _invert(self, clip: Clip, config: EditConfig, plan: MemoryPlan,
-                checkpoint: Optional[Checkpointer] = None) -> Inversion:
+                checkpoint: Optional[Checkpointer] = None, *, conditions: EditConditions) -> Inversion:
         """The inversion from the cache, else computed (continuing a checkpointed one when
         ``checkpoint`` restored one) and stored in the cache, or in the checkpoint folder when the
         cache cannot hold it, so a resumed edit does not invert again."""
@@ -227,12 +239,13 @@ class Editor:
             z0 = self.encode(clip.frames, plan.vae_frames)
         key = InversionKey(_pixels_sha256(clip.frames), tuple(clip.frames.shape[-1:-3:-1]), self.model.identity,
                            config.inversion_prompt, config.inversion_steps,
-                           str(self.model.dtype).replace("torch.", ""), self.model.device.type)
+                           str(self.model.dtype).replace("torch.", ""), self.model.device.type,
+                           conditions=conditions.key)
         cached = self.cache.load(key, needed)
         if cached is not None:
             self.reporter.info(f"inversion: reusing cached latents ({len(cached)} timesteps)")
             latents = InvertedLatents.stack(cached, z0.device, plan.latents_on)
-            return self._inversion(clip, z0, latents, config, from_cache=True)
+            return self._inversion(clip, z0, latents, config, conditions, from_cache=True)
         start = checkpoint.restored("invert") if checkpoint is not None else None
         if start is not None:   # the interrupted run's z0: the same start, whatever this encode gave
             z0 = start["z0"].to(z0.device)
@@ -245,11 +258,13 @@ class Editor:
             scheduler = schedule.make_scheduler(sched_cfg, config.inversion_steps)
             self.use_backend(config, plan)
 
-            def eps_fn(x: torch.Tensor, t: int) -> torch.Tensor:
-                return self.runner.eps(x, t, cond.expand(x.shape[0], -1, -1), pad_to=plan.inversion_frames)
+            def eps_fn(x: torch.Tensor, t: int, frames: slice) -> torch.Tensor:
+                return self.runner.eps(x, t, cond.expand(x.shape[0], -1, -1), pad_to=plan.inversion_frames,
+                                       frames=frames)
 
             first = int(start["step"]) if start is not None else 0
-            with self.reporter.stage("invert", total=len(inv_ts), done_before=first) as stage:
+            with self.reporter.stage("invert", total=len(inv_ts), done_before=first) as stage, \
+                    self.runner.conditioned(conditions.inversion):
                 latents = ddim_invert(eps_fn, z0, scheduler, needed, plan.inversion_frames,
                                       on_step=lambda i: stage.update(step=i), place=plan.latents_on,
                                       start=start, checkpoint=checkpoint)
@@ -260,13 +275,14 @@ class Editor:
                     checkpoint.save("invert", len(inv_ts), len(inv_ts), {"z0": z0, "latents": dict(latents)})
             else:
                 checkpoint.discard("invert")
-        return self._inversion(clip, z0, latents, config)
+        return self._inversion(clip, z0, latents, config, conditions)
 
     def _inversion(self, clip: Clip, z0: torch.Tensor, latents: Mapping[int, torch.Tensor], config: EditConfig,
-                   from_cache: bool = False) -> Inversion:
+                   conditions: EditConditions, from_cache: bool = False) -> Inversion:
         return Inversion(clip, z0, latents, inversion_prompt=config.inversion_prompt,
                          inversion_steps=config.inversion_steps, steps=config.steps, method=config.method,
-                         sdedit_start=config.sdedit_start, model=self.model.identity, from_cache=from_cache)
+                         sdedit_start=config.sdedit_start, model=self.model.identity, from_cache=from_cache,
+                         conditions=conditions.key)
 
     def _edit_timesteps(self, config: EditConfig) -> List[int]:
         return edit_timesteps(self.model.scheduler_config, config.steps, config.method, config.sdedit_start)
@@ -319,6 +335,11 @@ class Editor:
         config.validate()
         choice = check_backends(self.model.device, self.model.dtype, config.attention_backend, config.nearest_backend)
         clip = video.clip if isinstance(video, Inversion) else self.load_clip(video, config)
+        conditions = self.conditions(clip, config)
+        if isinstance(video, Inversion) and video.conditions != conditions.key:
+            raise ConfigError("the given Inversion was made with other depth maps or controls than this edit's "
+                              "(--depth-maps, --depth-normalize, --control-during-inversion): invert the video "
+                              "with this edit's settings")
         plan = self._plan(clip, config)
         checkpoint = self._checkpointer(clip, config, interrupt)   # a mismatching checkpoint fails here
         if checkpoint is not None:
@@ -328,8 +349,9 @@ class Editor:
         if isinstance(video, Inversion):
             inversion = video
         else:
-            inversion = self._invert(clip, config, plan, checkpoint)
-        xs, record = self._denoise(inversion, config, plan, record_correspondences, choice, checkpoint)
+            inversion = self._invert(clip, config, plan, checkpoint, conditions=conditions)
+        with self.runner.conditioned(conditions.edit):
+            xs, record = self._denoise(inversion, config, plan, record_correspondences, choice, checkpoint)
         results = []
         for prompt, latents in zip(config.prompts, xs):
             with self.reporter.stage("decode"):

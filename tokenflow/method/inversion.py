@@ -37,6 +37,8 @@ class Inversion:
         names). ``Editor.edit(inversion, prompt)`` runs that edit unless the call names other
         values; any edit whose timesteps it holds works (``serves``).
     model: identity of the model that inverted it ("" if unknown); another model's edit is refused.
+    conditions: ``method.conditions.EditConditions.key`` of its depth maps / controls; an edit with
+        others is refused.
     """
 
     clip: Clip
@@ -49,6 +51,7 @@ class Inversion:
     sdedit_start: float = 0.9
     model: str = ""
     from_cache: bool = False
+    conditions: str = ""   # key of the depth maps / controls it was inverted with ("" for none)
 
     def made_for(self) -> str:
         """The edit it was made for, as keywords: "steps=10" (+ method and start for SDEdit)."""
@@ -133,7 +136,8 @@ def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
     with a_prev = alpha_bar[t_{i-1}], or ``final_alpha_cumprod`` (alpha_bar[0] for SD) at i = 0.
 
     Args:
-        eps_fn: (latents [b,4,h,w], t) -> noise prediction [b,4,h,w] float32.
+        eps_fn: (latents [b,4,h,w], t, frames) -> noise prediction [b,4,h,w] float32; frames: the
+            slice of z0's frames the batch holds (for per-frame conditions: depth, ControlNets).
         z0: [N,4,h,w] float32 clean latents.
         save: timesteps whose latents to return; the noisiest one is always returned.
         place: where the saved latents live: "device" (z0's) or "host" (pinned when z0 is on CUDA).
@@ -172,7 +176,7 @@ def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.T
         sigma, sigma_prev = (1 - alpha_t) ** 0.5, (1 - alpha_prev) ** 0.5
         for b in range(0, x.shape[0], batch_size):
             xb = x[b:b + batch_size]
-            eps = eps_fn(xb, t)
+            eps = eps_fn(xb, t, slice(b, b + xb.shape[0]))
             pred_x0 = (xb - sigma_prev.to(xb.device) * eps) / mu_prev.to(xb.device)
             x[b:b + batch_size] = mu.to(xb.device) * pred_x0 + sigma.to(xb.device) * eps
         if t in save:
