@@ -19,3 +19,10 @@ def depth_condition(editor, clip: Clip, config: EditConfig) -> Tuple[Optional[to
                               "model (its UNet has no depth input): use --model 2-depth, or drop --depth-maps")
         return None, "", []
     raise ConfigError("depth models are not supported yet")
+
+
+def raw_depth_maps(editor, clip: Clip, config: EditConfig) -> torch.Tensor:
+    """Raw depth of every frame, ``[N,H,W]`` float32 at frame resolution (what DPT returns, larger =
+    nearer): ``--depth-maps`` when given, else estimated with ``--depth-model`` (``--control depth``
+    uses it too)."""
+    raise ConfigError("depth estimation is not supported yet")
