@@ -137,6 +137,9 @@ def resolve_source(model: str, *, model_config: Optional[str] = None) -> ModelSo
     """Map a ``--model`` string to a local folder (downloading from the Hub if needed) or a
     single-file checkpoint (``model_config``: its --model-config; the file is read when it loads)."""
     kind, value = model_kind(model)
+    if model_config is not None and kind != "file":
+        raise ModelError(f"--model-config is for single-file checkpoints (--model FILE.safetensors); model '{model}' "
+                         "brings its own configs: drop --model-config")
     if kind == "tiny":
         return tiny_source(str(model).strip(), value)
     if kind == "file":
