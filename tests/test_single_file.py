@@ -297,3 +297,16 @@ def test_outputs_never_land_on_the_model_file_or_in_the_model_config_folder(tmp_
                          model_config=str(configs), save_frames=str(output))
         found = paths.aliasing_problems(paths.job_output_paths(cfg), paths.job_inputs(cfg))
         assert found and (str(configs) if field == "model_config" else str(model)) in str(found), found
+
+
+def test_job_file_model_config_is_a_name_or_a_folder_next_to_the_job(tmp_path):
+    from tokenflow.app.jobfile.load import parse_job
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    job = tmp_path / "job.yaml"
+    for given, expected in (("2.1", "2.1"), ("configs", str(tmp_path / "configs"))):
+        parsed = parse_job({"video": "v.mp4", "prompt": "x", "output": "o.mp4", "model": "m.safetensors",
+                            "model_config": given}, str(job))
+        assert not parsed.problems and parsed.config.model_config == expected
+        assert parsed.config.model == str(tmp_path / "m.safetensors")
