@@ -75,6 +75,7 @@ def test_depth_checkpoint_loads_a_five_channel_unet(tmp_path):
     from diffusers import UNet2DConditionModel
 
     from tokenflow.models.tiny import UNET_CONFIG
+
     from .ldm_layout import unet_to_ldm
 
     unet = UNet2DConditionModel(**dict(UNET_CONFIG, in_channels=5))
