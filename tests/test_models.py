@@ -283,7 +283,7 @@ def test_folder_missing_a_component(tiny_copy):
 
 
 def test_file_instead_of_folder(tiny_dir):
-    with pytest.raises(ModelError, match="is a file"):
+    with pytest.raises(ModelError, match="is not a Stable Diffusion checkpoint"):   # a diffusers part, not an LDM file
         load_model(str(tiny_dir / WEIGHT_FILES["unet"]), CPU, torch.float32)
 
 

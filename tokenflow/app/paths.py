@@ -27,6 +27,7 @@ INPUT_FIELDS = {
     "video": ("input video", False),
     "model": ("model folder", True),
     "clip_model": ("CLIP model folder", True),
+    "model_config": ("--model-config folder", True),
 }
 # fields a job writes besides its videos (per prompt where the job has several), in the order of the checks
 OUTPUT_FIELDS = ("save_latents", "save_frames", "report", "checkpoint_dir")

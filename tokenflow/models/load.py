@@ -2,12 +2,14 @@
 
 ``load_model`` accepts ``"tiny"`` / ``"tiny:SEED"`` (a random-weight offline model, see
 ``tokenflow.models.tiny``), a short SD version (``"1.5"``, ``"2.0"``, ``"2.1"``), a local diffusers
-folder or a Hugging Face Hub id. Every problem surfaces as a one-line ``ModelError`` (or
-``ResourceError`` when the device runs out of memory).
+folder, a single-file checkpoint (``tokenflow.models.single_file``) or a Hugging Face Hub id.
+Every problem surfaces as a one-line ``ModelError`` (or ``ResourceError`` when the device runs out
+of memory).
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import re
 import warnings
@@ -19,7 +21,7 @@ import torch
 
 from tokenflow.config import SD_VERSIONS
 from tokenflow.errors import ModelError, ResourceError, one_line
-from tokenflow.models import tiny
+from tokenflow.models import single_file, tiny
 from tokenflow.models.hf import download_command, quiet_hf_libraries
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -72,25 +74,32 @@ class ModelSource:
     path: Path
     identity: str
     is_tiny: bool
+    kind: str = "folder"                   # or "file": a single-file checkpoint (path is the file)
+    model_config: Optional[str] = None     # --model-config, for a file
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False) -> SDModel:
-    """Load ``model`` (tiny[:SEED], 1.5/2.0/2.1, local folder or Hub id) onto ``device``.
+def load_model(model: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
+               model_config: Optional[str] = None) -> SDModel:
+    """Load ``model`` (tiny[:SEED], 1.5/2.0/2.1, local folder, single file or Hub id) onto ``device``.
 
     Weights load from safetensors only unless ``allow_pickle`` (pickle files can run code when
-    loaded); remote code is never trusted."""
+    loaded); remote code is never trusted. ``model_config``: a single file's configs (--model-config)."""
     device = torch.device(device)
     with quiet_hf_libraries():
-        source = resolve_source(model)
-        scheduler_config = load_scheduler_config(source)
-        unet = load_component(source, "unet", dtype, allow_pickle)
-        check_unet_layout(unet, source.name)
-        vae = load_component(source, "vae", dtype, allow_pickle)
-        text_encoder = load_component(source, "text_encoder", dtype, allow_pickle)
-        tokenizer = load_component(source, "tokenizer", dtype)
+        source = resolve_source(model, model_config=model_config)
+        if source.kind == "file":
+            source, (scheduler_config, unet, vae, text_encoder, tokenizer) = load_single_file(source, dtype, allow_pickle)
+            check_unet_layout(unet, source.name)
+        else:
+            scheduler_config = load_scheduler_config(source)
+            unet = load_component(source, "unet", dtype, allow_pickle)
+            check_unet_layout(unet, source.name)
+            vae = load_component(source, "vae", dtype, allow_pickle)
+            text_encoder = load_component(source, "text_encoder", dtype, allow_pickle)
+            tokenizer = load_component(source, "tokenizer", dtype)
     modules = move_to_device([unet, vae, text_encoder], device, dtype, source.name)
     for module in modules:
         module.eval().requires_grad_(False)
@@ -124,18 +133,25 @@ def encode_prompt(model: SDModel, text: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- sources
 
 
-def resolve_source(model: str) -> ModelSource:
-    """Map a ``--model`` string to a local folder (downloading from the Hub if needed)."""
+def resolve_source(model: str, *, model_config: Optional[str] = None) -> ModelSource:
+    """Map a ``--model`` string to a local folder (downloading from the Hub if needed) or a
+    single-file checkpoint (``model_config``: its --model-config; the file is read when it loads)."""
     kind, value = model_kind(model)
+    if model_config is not None and kind != "file":
+        raise ModelError(f"--model-config is for single-file checkpoints (--model FILE.safetensors); model '{model}' "
+                         "brings its own configs: drop --model-config")
     if kind == "tiny":
         return tiny_source(str(model).strip(), value)
+    if kind == "file":
+        return file_source(value, model_config)
     return local_source(value) if kind == "path" else hub_source(value)
 
 
 def model_kind(model: str) -> Tuple[str, Optional[str]]:
-    """What a ``--model`` string names: ("tiny", its seed text or None), ("path", the path) or
-    ("hub", the repo id; a version name gives its repository). ModelError for a known
-    v-prediction model."""
+    """What a ``--model`` string names: ("tiny", its seed text or None), ("path", the path),
+    ("file", the path of a single-file checkpoint: an existing file, or any name ending in a
+    checkpoint suffix) or ("hub", the repo id; a version name gives its repository). ModelError for a
+    known v-prediction model."""
     model = str(model).strip()
     tiny_match = _TINY_PATTERN.match(model)
     if tiny_match:
@@ -143,6 +159,8 @@ def model_kind(model: str) -> Tuple[str, Optional[str]]:
     refuse_known_v_prediction(model)
     if model in SD_VERSIONS:
         return "hub", SD_VERSIONS[model]
+    if model.lower().endswith(single_file.SUFFIXES) or Path(model).expanduser().is_file():
+        return "file", model
     if looks_like_path(model) or Path(model).expanduser().exists():
         return "path", model
     return "hub", model
@@ -176,13 +194,46 @@ def local_source(model: str) -> ModelSource:
     folder = Path(model).expanduser()
     if not folder.exists():
         raise ModelError(f"model folder '{model}' does not exist")
-    if folder.is_file():
-        raise ModelError(f"model '{model}' is a file, not a diffusers folder: TokenFlow needs a "
-                         "folder with unet/ vae/ text_encoder/ tokenizer/ scheduler/ (convert a "
-                         "single-file checkpoint with diffusers' from_single_file + save_pretrained)")
     check_components(folder, f"model folder '{model}'")
     return ModelSource(model, folder.resolve(), folder_fingerprint(folder),
                        is_tiny=tiny.read_marker(folder) is not None)
+
+
+def file_source(model: str, model_config: Optional[str]) -> ModelSource:
+    """A single-file checkpoint; its identity (file and configs) is completed when it loads."""
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise ModelError(f"model file '{model}' does not exist: pass an existing .safetensors checkpoint, "
+                         "a diffusers folder, a Hub id or an SD version (1.5, 2.0, 2.1, 2-depth)")
+    return ModelSource(model, path.resolve(), single_file.file_fingerprint(path), is_tiny=False, kind="file",
+                       model_config=model_config)
+
+
+def load_single_file(source: ModelSource, dtype: torch.dtype, allow_pickle: bool) -> Tuple[ModelSource, tuple]:
+    """(the source with its full identity, (scheduler config, unet, vae, text encoder, tokenizer)) of a
+    single-file checkpoint: configs chosen from its keys and shapes or ``source.model_config``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415  start-up time (see component_loader)
+
+    name, path = source.name, source.path
+    single_file.check_file(path, name, allow_pickle)
+    if path.suffix.lower() in single_file.SAFE_SUFFIXES:
+        shapes, metadata = single_file.read_header(path, name)
+        state = None
+    else:
+        state, metadata = single_file.read_state_dict(path, name)
+        shapes = {key: tuple(value.shape) for key, value in state.items()}
+    choice = single_file.choose_config(name, path, shapes, metadata, source.model_config)
+    scheduler_config = check_prediction(single_file.scheduler_config(choice), name)
+    tokenizer = single_file.load_tokenizer(choice, name)   # before the weights: the missing-vocabulary error is quick
+    if state is None:
+        state, _ = single_file.read_state_dict(path, name)
+    dtype_kwarg = component_loader("unet")[1]
+    unet = single_file.load_diffusers_part(UNet2DConditionModel, state, choice, "unet", dtype, dtype_kwarg, name)
+    vae = single_file.load_diffusers_part(AutoencoderKL, state, choice, "vae", dtype, dtype_kwarg, name)
+    text_encoder = single_file.load_text_encoder(state, choice, dtype, name)
+    identity = f"{source.identity}+{single_file.config_fingerprint(choice)}"
+    return (ModelSource(name, path, identity, is_tiny=False, kind="file", model_config=source.model_config),
+            (scheduler_config, unet, vae, text_encoder, tokenizer))
 
 
 def hub_source(repo_id: str) -> ModelSource:
@@ -259,8 +310,10 @@ def comparable_identity(model: str) -> str:
     kind, value = model_kind(model)
     if kind == "tiny":
         return _tiny_identity(str(model).strip(), value)
-    if kind == "path":
+    if kind in ("path", "file"):
         folder = Path(value).expanduser().resolve()
+        if kind == "file" and folder.is_file():
+            return single_file.file_fingerprint(folder, mtimes=False)
         return folder_fingerprint(folder, mtimes=False) if folder.is_dir() else f"path:{folder}"
     return f"hub:{value}"
 
@@ -394,19 +447,24 @@ def component_loader(component: str):
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415  start-up time
 
     transformers_dtype_kwarg = "dtype" if transformers_major_minor() >= (4, 56) else "torch_dtype"
+    diffusers_dtype_kwarg = "dtype" if major_minor("diffusers") >= (0, 40) else "torch_dtype"
     return {
-        "unet": (UNet2DConditionModel, "torch_dtype"),
-        "vae": (AutoencoderKL, "torch_dtype"),
+        "unet": (UNet2DConditionModel, diffusers_dtype_kwarg),
+        "vae": (AutoencoderKL, diffusers_dtype_kwarg),
         "text_encoder": (CLIPTextModel, transformers_dtype_kwarg),
         "tokenizer": (CLIPTokenizer, None),
     }[component]
 
 
 def transformers_major_minor() -> tuple[int, int]:
-    import transformers  # noqa: PLC0415  start-up time (see component_loader)
+    return major_minor("transformers")
 
+
+def major_minor(package: str) -> tuple[int, int]:
+    """(major, minor) of an installed package's version (diffusers 0.40 and transformers 4.56 renamed
+    ``torch_dtype`` to ``dtype``: the old name warns)."""
     major, minor = (int(re.match(r"\d+", part).group()) for part in
-                    transformers.__version__.split(".")[:2])
+                    importlib.metadata.version(package).split(".")[:2])
     return major, minor
 
 
