@@ -35,6 +35,7 @@ from tokenflow.io.read import Clip, FrameCheck, read_video
 from tokenflow.kernels import KernelChoice, check_backends
 from tokenflow.method import schedule
 from tokenflow.method.conditions import EditConditions, build_conditions
+from tokenflow.method.control import refuse_graph_backend
 from tokenflow.method.denoise import Denoiser, text_branches
 from tokenflow.method.inversion import (
     EDIT_FIELDS,
@@ -110,6 +111,7 @@ class Editor:
         self.tokenflow = TokenFlowUNet(model.unet)
         self.runner = UNetRunner(model.unet, self.tokenflow)
         self._backends: Dict[tuple, object] = {}   # compiled graphs / sessions, reused across calls
+        self.controlnets: Dict[tuple, tuple] = {}   # (model, dtype, device) -> (ControlNet, identity): method.control
 
     def use_backend(self, config: EditConfig, plan: Optional[MemoryPlan] = None) -> str:
         """Run the UNet through ``config.backend`` (built once per backend and kernel choice); a
@@ -213,6 +215,7 @@ class Editor:
         carries those settings: ``edit(inversion, prompt)`` runs that edit. Frame selection
         (``frames``, ``size``, ...) comes from the same config; other fields are ignored."""
         config = (config or EditConfig()).replace(**overrides).validate(need_prompt=False)
+        refuse_graph_backend(config)   # before reading the clip
         clip = self.load_clip(video, config)
         conditions = self.conditions(clip, config)
         return self._invert(clip, config, self._plan(clip, config), conditions=conditions)
@@ -333,6 +336,7 @@ class Editor:
             refuse_clip_keywords(video, set(overrides))
             config = edit_config_for(video, config, named, self.model.scheduler_config, self.model.identity)
         config.validate()
+        refuse_graph_backend(config)   # ControlNet with compile/aot/onnx/tensorrt: before any work
         choice = check_backends(self.model.device, self.model.dtype, config.attention_backend, config.nearest_backend)
         clip = video.clip if isinstance(video, Inversion) else self.load_clip(video, config)
         conditions = self.conditions(clip, config)
@@ -341,7 +345,7 @@ class Editor:
                               "(--depth-maps, --depth-normalize, --control-during-inversion): invert the video "
                               "with this edit's settings")
         plan = self._plan(clip, config)
-        checkpoint = self._checkpointer(clip, config, interrupt)   # a mismatching checkpoint fails here
+        checkpoint = self._checkpointer(clip, config, interrupt, conditions)   # a mismatching checkpoint fails here
         if checkpoint is not None:
             plan = checkpoint.keep_plan(plan)
         self.reporter.event("plan", **plan.as_dict())
@@ -364,7 +368,8 @@ class Editor:
             checkpoint.check_stop("edit", len(record["timesteps"]), len(record["timesteps"]))
         return results
 
-    def _checkpointer(self, clip: Clip, config: EditConfig, interrupt: Optional[StopFlag]) -> Optional[Checkpointer]:
+    def _checkpointer(self, clip: Clip, config: EditConfig, interrupt: Optional[StopFlag],
+                      conditions: Optional[EditConditions] = None) -> Optional[Checkpointer]:
         """The edit's Checkpointer (opened: with ``resume``, a checkpoint made with other settings
         raises ConfigError here), or None without a checkpoint folder and a stop flag."""
         if not config.checkpoint_dir:
@@ -372,6 +377,8 @@ class Editor:
         fields = fingerprint_fields(config, model_identity=self.model.identity,
                                     dtype=str(self.model.dtype).replace("torch.", ""),
                                     device_type=self.model.device.type, frames_sha256=_pixels_sha256(clip.frames))
+        if conditions is not None and conditions.edit.controls:   # other ControlNet weights or images: another run
+            fields["controls"] = [unit.key for unit in conditions.edit.controls]
         return Checkpointer(config.checkpoint_dir, every=config.checkpoint_every, fields=fields, resume=config.resume,
                             stop=interrupt, reporter=self.reporter, strict=config.strict_resume,
                             device=self.model.device).open()
