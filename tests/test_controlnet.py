@@ -5,6 +5,7 @@ file in the original (LDM) key layout, loaded through the real paths.
 Edits use 4 frames of 64x64, 4 inversion and 2 edit steps on the CPU. ``runs`` keeps the latents of
 each distinct command line of this module, so tests that compare against the same edit share it.
 """
+import json
 import os
 import re
 import signal
@@ -169,6 +170,43 @@ def test_control_window_follows_diffusers_control_guidance():
         assert c.controls_active(7)   # an inversion timestep: always
 
 
+class RecordingNet(torch.nn.Module):
+    """A stand-in ControlNet: residuals of ones, recording the rows, text and images of each call."""
+
+    config = type("Config", (), {"in_channels": 4})()
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, sample, t, encoder_hidden_states, controlnet_cond, conditioning_scale, return_dict):
+        self.calls.append((sample.shape[0], encoder_hidden_states[:, 0, 0].tolist(), controlnet_cond[:, 0, 0, 0].tolist()))
+        ones = torch.ones(sample.shape[0], 2, 1, 1) * conditioning_scale
+        return (ones, ones), ones
+
+
+def test_residuals_reach_uncond_and_cond_and_the_source_only_when_it_was_inverted_with_them():
+    from tokenflow.engine.conditioning import ControlUnit, UNetConditions
+
+    m, branches = 2, 3   # rows [source x 2, uncond x 2, cond x 2] of frames 1 and 3
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 3, 4, 4) * 50
+    x, text = torch.zeros(m * branches, 4, 1, 1), torch.arange(m * branches).float().view(-1, 1, 1).expand(-1, 77, 8)
+    frames = torch.tensor([1, 3])
+    for control_source in (False, True):
+        net = RecordingNet()
+        c = UNetConditions(controls=[ControlUnit(net, images, 0.5, "n")], control_source=control_source)
+        out = c.residuals(x, torch.tensor(10), text, frames, branches, plain=False)
+        skip = 0 if control_source else m
+        rows, texts, pixels = net.calls[0]
+        assert rows == m * branches - skip and texts == list(range(skip, m * branches))
+        assert pixels == pytest.approx([v / 255 for v in [50, 150] * (branches - skip // m)])   # each row's own frame
+        mid = out["mid_block_additional_residual"][:, 0, 0, 0].tolist()
+        assert mid == [0.0] * skip + [0.5] * (m * branches - skip)   # source rows: no residual
+    plain = UNetConditions(controls=[ControlUnit(RecordingNet(), images, 1.0, "n")])
+    assert plain.residuals(x[:m], torch.tensor(10), text[:m], slice(0, 2), 1, plain=True)[
+        "mid_block_additional_residual"].flatten().tolist() == [1.0] * (2 * m)   # the inversion: every row
+
+
 def test_control_during_inversion_is_another_inversion(edit, nets):
     """With a keyframe window and a control window too (every option in one edit)."""
     flags = ("--controlnet", nets / "A", "--control", "canny")
@@ -227,7 +265,6 @@ def test_job_files_take_lists(edit, nets, tmp_path, tiny_model_dir, sample_clip,
     (("--controlnet", "{A}", "--control", "canny", "--control", "canny"), 2, "1 controlnet(s) but 2 control(s)"),
     (("--controlnet", "{nets}/sd-other", "--control", "canny"), 4, "made for another base model"),
     (("--controlnet", "{nets}/sd-other.safetensors", "--control", "canny"), 4, "made for another base model"),
-    (("--controlnet", "{A}", "--control", "canny", "--backend", "compile"), 2, "--backend eager only"),
     (("--controlnet", "{A}", "--control", "{nets}/poses", "--frames", "3"), 3, "holds 4 images but the edit has 3"),
     (("--controlnet", "{A}:-1", "--control", "canny"), 2, "scale -1.0 is out of range"),
     (("--controlnet", "{nets}/poses", "--control", "canny"), 4, "has no config.json"),
@@ -238,6 +275,16 @@ def test_bad_controlnets_are_refused_before_any_work(edit, nets, flags, status, 
     lines = [line for line in err.splitlines() if line.startswith("tokenflow: error:")]
     assert code == status and len(lines) == 1 and message in lines[0], err
     assert latents is None and "invert:" not in err
+
+
+def test_graph_backends_are_refused_before_anything_is_read_or_loaded(nets, sample_clip, tiny_model_dir, capsys):
+    for backend in ("compile", "aot", "onnx", "tensorrt"):
+        code = main(["edit", str(sample_clip), "--model", str(tiny_model_dir), *BASE, "--log-json", "--backend", backend,
+                     "--controlnet", str(nets / "A"), "--control", "canny"])
+        out, err = capsys.readouterr()
+        events = [json.loads(line) for line in out.splitlines()]
+        assert code == 2 and f"backend: {backend} cannot run ControlNets" in err, err
+        assert [e["event"] for e in events] == ["start", "error"]   # nothing read, nothing loaded
 
 
 def test_without_opencv_canny_names_the_install(edit, nets, monkeypatch):

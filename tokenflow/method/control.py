@@ -13,23 +13,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from tokenflow.config import BACKENDS, EditConfig
+from tokenflow.config import EditConfig
 from tokenflow.engine.conditioning import ControlUnit
 from tokenflow.errors import ConfigError
 from tokenflow.io import control_images
 from tokenflow.io.read import Clip
 from tokenflow.method import depth
 from tokenflow.models.controlnet import load_controlnet, parse_spec
-
-GRAPH_BACKENDS = tuple(b for b in BACKENDS if b != "eager")
-
-
-def refuse_graph_backend(config: EditConfig) -> None:
-    """ConfigError for ControlNets with a graph backend (checked before any work)."""
-    if config.controlnets and config.backend in GRAPH_BACKENDS:
-        raise ConfigError(f"--controlnet runs with --backend eager only, not --backend {config.backend}: the "
-                          f"exported UNet graphs ({', '.join(GRAPH_BACKENDS)}) take no ControlNet residual inputs; "
-                          "drop --backend (eager is the default) or the --controlnet")
 
 
 def control_units(editor, clip: Clip, config: EditConfig) -> Tuple[Tuple[ControlUnit, ...], str, List[str]]:
@@ -39,7 +29,6 @@ def control_units(editor, clip: Clip, config: EditConfig) -> Tuple[Tuple[Control
     keys mean the same residuals for the same latents."""
     if not config.controlnets:
         return (), "", []
-    refuse_graph_backend(config)
     specs = [parse_spec(text) for text in config.controlnets]   # every spec checked before any load
     units, parts, lines = [], [], []
     raw_depth: Optional[torch.Tensor] = None

@@ -35,7 +35,6 @@ from tokenflow.io.read import Clip, FrameCheck, read_video
 from tokenflow.kernels import KernelChoice, check_backends
 from tokenflow.method import schedule
 from tokenflow.method.conditions import EditConditions, build_conditions
-from tokenflow.method.control import refuse_graph_backend
 from tokenflow.method.denoise import Denoiser, text_branches
 from tokenflow.method.inversion import (
     EDIT_FIELDS,
@@ -215,7 +214,6 @@ class Editor:
         carries those settings: ``edit(inversion, prompt)`` runs that edit. Frame selection
         (``frames``, ``size``, ...) comes from the same config; other fields are ignored."""
         config = (config or EditConfig()).replace(**overrides).validate(need_prompt=False)
-        refuse_graph_backend(config)   # before reading the clip
         clip = self.load_clip(video, config)
         conditions = self.conditions(clip, config)
         return self._invert(clip, config, self._plan(clip, config), conditions=conditions)
@@ -336,7 +334,6 @@ class Editor:
             refuse_clip_keywords(video, set(overrides))
             config = edit_config_for(video, config, named, self.model.scheduler_config, self.model.identity)
         config.validate()
-        refuse_graph_backend(config)   # ControlNet with compile/aot/onnx/tensorrt: before any work
         choice = check_backends(self.model.device, self.model.dtype, config.attention_backend, config.nearest_backend)
         clip = video.clip if isinstance(video, Inversion) else self.load_clip(video, config)
         conditions = self.conditions(clip, config)

@@ -70,7 +70,8 @@ def load_controlnet(model: str, unet: Any, device: torch.device, dtype: torch.dt
     ``model``: a diffusers ControlNet folder, a single weights file or a Hub id; ``unet``: the base
     model's UNet (a single file takes its architecture; every ControlNet must match it)."""
     with quiet_hf_libraries():
-        kind = "path" if looks_like_path(model) or Path(model).expanduser().exists() else "hub"
+        is_file_name = model.lower().endswith(SINGLE_FILE_SUFFIXES)
+        kind = "path" if is_file_name or looks_like_path(model) or Path(model).expanduser().exists() else "hub"
         if kind == "path":
             path = Path(model).expanduser()
             if not path.exists():
@@ -159,7 +160,7 @@ def _from_file(path: Path, name: str, unet: Any, allow_pickle: bool) -> Tuple[An
                          "pickle files can run code: convert it to .safetensors, or for weights you trust pass "
                          "--allow-pickle")
     checkpoint = _read_state_dict(path, name)
-    config = dict(ControlNetModel.from_unet(_meta_unet(unet), load_weights_from_unet=False).config)
+    config = controlnet_config(unet)
     try:
         converted = convert_controlnet_checkpoint(checkpoint, config)
     except Exception as error:
@@ -174,12 +175,14 @@ def _from_file(path: Path, name: str, unet: Any, allow_pickle: bool) -> Tuple[An
     return net, _fingerprint(path)
 
 
-def _meta_unet(unet: Any) -> Any:
-    """An empty copy of ``unet``'s architecture (``from_unet`` reads its config only)."""
-    from diffusers import UNet2DConditionModel  # noqa: PLC0415  start-up time
+def controlnet_config(unet: Any) -> Dict[str, Any]:
+    """The config of a ControlNet for ``unet`` (``ControlNetModel.from_unet``, built on ``meta``:
+    nothing is allocated)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel  # noqa: PLC0415  start-up time
 
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(unet.config)
+        empty = UNet2DConditionModel.from_config(unet.config)
+        return dict(ControlNetModel.from_unet(empty, load_weights_from_unet=False).config)
 
 
 def _read_state_dict(path: Path, name: str) -> Dict[str, torch.Tensor]:
