@@ -146,12 +146,12 @@ def test_a_single_ldm_file_loads_offline_as_the_same_controlnet(edit, nets):
 
 
 def test_several_prompts_share_the_controlnets_whatever_the_chunks(edit, nets, tmp_path):
-    """Two prompts in one edit with one-frame chunks: the first prompt's latents are the one-prompt
+    """Two prompts in one edit in chunks of 3 frames (3 + 1): the first prompt's latents are the one-prompt
     edit's (other chunks, another batch: the same result)."""
     flags = ("--controlnet", nets / "A", "--control", "canny")
     _, _, single = edit(*flags)
     out = tmp_path / "prompts"
-    code, err, _ = edit(*flags, "--prompt", "marble", "--chunk-frames", "1", outputs=out)   # a second --prompt
+    code, err, _ = edit(*flags, "--prompt", "marble", "--chunk-frames", "3", outputs=out)   # a second --prompt
     assert code == 0, err
     first, second = np.load(out / "l-1-glass.npy"), np.load(out / "l-2-marble.npy")
     assert rel(first, single) < 1e-5 and rel(second, first) > 1e-3
