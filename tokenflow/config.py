@@ -309,6 +309,10 @@ class EditConfig:
                            f"--control ({', '.join(CONTROL_BUILTIN)} or a folder of images) per --controlnet, in order"))
         if len(self.controlnets) > MAX_CONTROLNETS and "controlnet" not in bad:
             found.append(ConfigError.of_field("controlnet", f"{len(self.controlnets)} ControlNets; at most {MAX_CONTROLNETS}"))
+        if self.controlnets and self.backend != "eager" and not bad & {"controlnet", "backend"}:
+            found.append(ConfigError.of_field(
+                "backend", f"{self.backend} cannot run ControlNets (--controlnet runs with --backend eager only): its "
+                           "exported UNet graphs take no ControlNet residual inputs; drop --backend or the ControlNets"))
         if not bad & {"control_start", "control_end"} and self.control_start > self.control_end:
             found.append(ConfigError.of_field(
                 "control_end", f"{self.control_end} is below control_start={self.control_start} (fractions of the "

@@ -33,12 +33,14 @@ class ControlUnit:
     images: ``[N,3,H,W]`` uint8 control images, one per clip frame, at the frame size (CPU).
     scale: its ``conditioning_scale``.
     name: what the user named (for messages and the run summary).
+    key: identity of the model, scale and images (``method.control``; for checkpoint fingerprints).
     """
 
     net: torch.nn.Module
     images: torch.Tensor
     scale: float
     name: str
+    key: str = ""
 
 
 @dataclass

@@ -110,6 +110,7 @@ class Editor:
         self.tokenflow = TokenFlowUNet(model.unet)
         self.runner = UNetRunner(model.unet, self.tokenflow)
         self._backends: Dict[tuple, object] = {}   # compiled graphs / sessions, reused across calls
+        self.controlnets: Dict[tuple, tuple] = {}   # (model, dtype, device) -> (ControlNet, identity): method.control
 
     def use_backend(self, config: EditConfig, plan: Optional[MemoryPlan] = None) -> str:
         """Run the UNet through ``config.backend`` (built once per backend and kernel choice); a
@@ -342,7 +343,7 @@ class Editor:
                               "(--depth-maps, --depth-normalize, --control-during-inversion): invert the video "
                               "with this edit's settings")
         plan = self._plan(clip, config)
-        checkpoint = self._checkpointer(clip, config, interrupt)   # a mismatching checkpoint fails here
+        checkpoint = self._checkpointer(clip, config, interrupt, conditions)   # a mismatching checkpoint fails here
         if checkpoint is not None:
             plan = checkpoint.keep_plan(plan)
         self.reporter.event("plan", **plan.as_dict())
@@ -365,7 +366,8 @@ class Editor:
             checkpoint.check_stop("edit", len(record["timesteps"]), len(record["timesteps"]))
         return results
 
-    def _checkpointer(self, clip: Clip, config: EditConfig, interrupt: Optional[StopFlag]) -> Optional[Checkpointer]:
+    def _checkpointer(self, clip: Clip, config: EditConfig, interrupt: Optional[StopFlag],
+                      conditions: Optional[EditConditions] = None) -> Optional[Checkpointer]:
         """The edit's Checkpointer (opened: with ``resume``, a checkpoint made with other settings
         raises ConfigError here), or None without a checkpoint folder and a stop flag."""
         if not config.checkpoint_dir:
@@ -373,6 +375,8 @@ class Editor:
         fields = fingerprint_fields(config, model_identity=self.model.identity,
                                     dtype=str(self.model.dtype).replace("torch.", ""),
                                     device_type=self.model.device.type, frames_sha256=_pixels_sha256(clip.frames))
+        if conditions is not None and conditions.edit.controls:   # other ControlNet weights or images: another run
+            fields["controls"] = [unit.key for unit in conditions.edit.controls]
         return Checkpointer(config.checkpoint_dir, every=config.checkpoint_every, fields=fields, resume=config.resume,
                             stop=interrupt, reporter=self.reporter, strict=config.strict_resume,
                             device=self.model.device).open()
