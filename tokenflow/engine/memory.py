@@ -12,6 +12,11 @@ Analytic model (elements per batch row, in the compute dtype), for latents h x w
                feed-forward's 8C projection, 4C gate and 4C product alive at once)
     unet row = skips + working
 
+    ControlNet row = max(skips + max(working, (3 + 2 E_0) H W), 2 residuals)   (one controlled row
+               through one ControlNet: its down and mid half, its conditioning embedding at full
+               size H x W, or its zero-conv outputs and their scaled copies)
+    residuals      = skips + C_{L-1} S_{L-1}   (12 down + 1 mid for SD; summed over the ControlNets)
+
     vae decode row = 10 * C_top * H * W    (C_top: the decoder's last-level width at full resolution
                                             H x W; a ResNet's input, norm, activation and conv out)
 

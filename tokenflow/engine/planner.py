@@ -23,6 +23,11 @@ no tensor past int32 indexing (``memory.INT32_ELEMENTS``, from the architecture'
 that cannot be split, such as the keyframe pass, is refused). Chunk sizes never change results
 (``tests/test_edit_invariance.py``), only speed and memory.
 
+ControlNets (``Controls``: their weights beside the model's; a call's activations are the larger of
+the ControlNet moment, controlled rows x (ControlNet row + previous residual sum + control image),
+and the UNet moment, every row x (UNet row + summed residuals)) and a depth UNet's maps
+``[N,1,h,w]`` float32 on the device are counted; their share is a line of the plan.
+
 Host memory is planned too (``engine.host_plan.HostPlan``): before anything is decoded, and
 again here with the model's numbers; on CPU the calls are sized in what each host phase leaves.
 """
