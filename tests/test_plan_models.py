@@ -73,6 +73,8 @@ def test_controlnets_raise_the_peaks_and_shrink_the_calls(tiny_sd, nets, calibra
     assert two.weights_bytes == plain.weights_bytes   # the model's; the ControlNets' are their own line
     assert two.control_images_bytes == 2 * 40 * 3 * 96 * 96
     assert two.breakdown["controlnet_weights"] == two.controlnet_weights_bytes
+    assert two.host.parts["conditions"] == two.control_images_bytes   # host memory: the control images
+    assert two.host.weights == plain.host.weights + two.controlnet_weights_bytes   # on CPU: host memory too
     assert "ControlNets: 2" in two.describe() and "ControlNets' share of the peaks" in two.describe()
     # not controlled during the inversion: its calls cost what they cost without ControlNets
     assert two.peaks["invert"] - at_eight[0].peaks["invert"] == two.controlnet_weights_bytes
