@@ -20,10 +20,16 @@ from a generator seeded by its name; norms near 1, other weights U(+-1/sqrt(fan_
 activations O(1) through the residual stacks, so float16 runs stay finite. Outputs are noise:
 these models time edits, nothing else.
 
+``"sd2-depth"`` is SD 2.1-base's shapes with SD 2-depth's 5-channel UNet input (the benchmark
+supplies depth maps: ``benchmark.conditions``); ``"tiny-depth"`` the tiny model with a random
+5-channel UNet of the tiny widths, built in memory.
+
 ``"tiny"`` is ``tokenflow.models.load.load_model("tiny")``; any other string (a folder, a Hub id, an
 SD version) is loaded with ``load_model`` as well, i.e. real weights.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -34,17 +40,26 @@ from tokenflow.models.hf import quiet_hf_libraries
 from tokenflow.models.load import SDModel, load_model, move_to_device
 from tokenflow.models.random_weights import build_random, clip_text_encoder, load_tokenizer, scheduler_config
 
-ARCH_CHOICES = ("sd15", "sd21", "tiny")
+ARCH_CHOICES = ("sd15", "sd21", "sd2-depth", "tiny", "tiny-depth")
 TEXT_LAYERS = 1
 SEED = 0   # random_weights seed of every architecture (values never matter here, only reproducibility)
 
 
 def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> SDModel:
-    """``"sd15"`` / ``"sd21"``: random-weight SD model on ``device`` in ``dtype``;
-    ``"tiny"``: the tiny offline model."""
+    """``"sd15"`` / ``"sd21"`` / ``"sd2-depth"``: random-weight SD model on ``device`` in ``dtype``;
+    ``"tiny"``: the tiny offline model; ``"tiny-depth"``: it with a random 5-channel UNet."""
     device = torch.device(device)
     if arch == "tiny":
         return load_model("tiny", device, dtype)
+    if arch == "tiny-depth":
+        from tokenflow.models.tiny import UNET_CONFIG  # noqa: PLC0415  (the tiny widths)
+
+        tiny = load_model("tiny", device, dtype)
+        with quiet_hf_libraries():
+            unet = build_random(lambda: UNet2DConditionModel(**dict(UNET_CONFIG, in_channels=5)), SEED,
+                                "tiny-depth/unet", device=device, dtype=dtype)
+        return dataclasses.replace(tiny, unet=unet.eval().requires_grad_(False), name="bench-random:tiny-depth",
+                                   identity="bench-random:tiny-depth")
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
     unet_config = ARCHITECTURES[arch][0]

@@ -19,6 +19,7 @@ from typing import Optional
 
 from tokenflow.benchmark import report, run
 from tokenflow.benchmark.config import (
+    ARCHES,
     KERNEL_VARIANTS,
     PRESETS,
     UNET_BACKENDS,
@@ -35,6 +36,8 @@ EPILOG = f"""examples:
   tokenflow bench --preset smoke --compare torch,original          # tiny model, seconds on a CPU
   tokenflow bench --arch sd15 --frames 40 --size 672x384 --compare chunk4,chunk8,chunk16
   tokenflow bench --device cuda --compare eager,compile,onnx        # UNet backends (build time in the warm-up)
+  tokenflow bench --device cuda --compare plain,controlnet1,controlnet2   # the cost of N ControlNets
+  tokenflow bench --device cuda --arch sd2-depth                    # SD 2-depth's 5-channel UNet
 variants for --compare (join parts with '+', e.g. triton+chunk4 or onnx+chunk8):
 {textwrap.fill(VARIANT_NAMES, width=100, initial_indent='  ', subsequent_indent='  ')}
   (original: the original implementation's compute pattern)"""
@@ -54,8 +57,9 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset (default 'default': "
                    "sd21, 16 frames 512x512, 20 inversion / 10 edit steps); flags override it")
     g = p.add_argument_group("model and clip")
-    g.add_argument("--arch", choices=["sd15", "sd21", "tiny"], help="architecture with random weights, built "
-                   "in memory (default sd21); tiny = the tiny offline model")
+    g.add_argument("--arch", choices=list(ARCHES), help="architecture with random weights, built "
+                   "in memory (default sd21); sd2-depth: SD 2-depth's 5-channel UNet (random depth maps); "
+                   "tiny = the tiny offline model, tiny-depth its 5-channel variant")
     g.add_argument("--model", help="time a real model instead (Hub id, local diffusers folder, 1.5/2.1)")
     g.add_argument("--video", help="time this video instead of a synthetic clip")
     g.add_argument("--frames", type=Ranged("--frames", field="frames"), metavar="N", help="frames (default 16)")

@@ -3,7 +3,8 @@
 A variant is a named set of ``EditConfig`` overrides applied on top of the benchmark's base
 settings; names combine with ``+`` (``triton+chunk4``):
 
-    default    the base settings as given (kernel backends "auto" unless flags say otherwise)
+    default    the base settings as given (kernel backends "auto" unless flags say otherwise);
+               ``plain`` is the same (the name reads better beside ``controlnetN``)
     auto       both kernel backends "auto"
     torch      the torch reference kernels           triton   the Triton kernels
     faiss      FAISS nearest-neighbour search         xformers xFormers attention
@@ -12,6 +13,8 @@ settings; names combine with ``+`` (``triton+chunk4``):
     chunkN / chunk=N   N frames per propagation UNet call
     latents=PLACE      where inverted latents live: auto, device, host, disk
     window=W   keyframe windows of W keyframes (extended attention within each window)
+    controlnetN / controlnet=N   N random-weight ControlNets (``benchmark.conditions``) on the edit's
+               non-source rows at every step, random control images (N in 1..8)
     original   the original implementation's compute pattern: "original" kernel backends
                (tokenflow/benchmark/original_kernels.py), one propagation call per keyframe group
                (chunk = keyframe spacing), inverted latents re-read from disk for every group
@@ -25,6 +28,8 @@ from typing import Dict, List, Optional, Tuple
 
 from tokenflow.errors import ConfigError
 
+ARCHES = ("sd15", "sd21", "sd2-depth", "tiny", "tiny-depth")   # --arch (benchmark.architectures)
+MAX_CONTROLNETS = 8
 STAGES = ("encode", "invert", "keyframes", "propagate", "edit", "decode", "total")
 STAGE_LABELS = {"encode": "encode", "invert": "inversion", "keyframes": "keyframe pass",
                 "propagate": "propagation", "edit": "edit (kf+prop)", "decode": "decode", "total": "total"}
@@ -39,7 +44,7 @@ class BenchConfig:
     of the printed ratios.
     """
 
-    arch: str = "sd21"                     # sd15, sd21 (random weights), tiny
+    arch: str = "sd21"                     # sd15, sd21, sd2-depth (random weights), tiny, tiny-depth
     model: Optional[str] = None            # a real model instead (load_model string)
     video: Optional[str] = None            # None: a synthetic clip
     frames: int = 16
@@ -81,8 +86,8 @@ class BenchConfig:
         if isinstance(self.idle_wait_s, bool) or not isinstance(self.idle_wait_s, (int, float)) \
                 or not self.idle_wait_s >= 0:
             raise ConfigError(f"idle-wait={self.idle_wait_s!r} must be a number of seconds >= 0")
-        if self.arch not in ("sd15", "sd21", "tiny"):
-            raise ConfigError(f"arch={self.arch!r} is not one of: sd15, sd21, tiny")
+        if self.arch not in ARCHES:
+            raise ConfigError(f"arch={self.arch!r} is not one of: {', '.join(ARCHES)}")
         if not self.variants:
             raise ConfigError("--compare needs at least one variant name")
         for name in self.variants:
@@ -111,13 +116,14 @@ PRESETS: Dict[str, BenchConfig] = {
 _BACKENDS = {"torch": ("torch", "torch"), "triton": ("triton", "triton"), "faiss": (None, "faiss"),
              "xformers": ("xformers", None), "auto": ("auto", "auto"), "default": (None, None)}
 _CHUNK = re.compile(r"^chunk(?:=)?(\d+)$")
+_CONTROLNETS = re.compile(r"^controlnet(?:=)?(\d+)$")
 LATENT_PLACES = ("auto", "device", "host", "disk")
 UNET_BACKENDS = ("eager", "compile", "aot", "onnx", "tensorrt")   # --backend; compile/export time falls in the warm-up
 KERNEL_VARIANTS = tuple(_BACKENDS)
 # every variant word, as `--help` and the unknown-variant error list them
 VARIANT_NAMES = (f"{', '.join(KERNEL_VARIANTS)} (kernel backends), {', '.join(UNET_BACKENDS)} (UNet backends: --backend), "
                  f"original, chunkN (or chunk=N), attn=NAME, nearest=NAME, latents={{{','.join(LATENT_PLACES)}}}, "
-                 "window=W")
+                 "window=W, plain, controlnetN (or controlnet=N: N random ControlNets)")
 
 
 def variant_overrides(name: str) -> dict:
@@ -129,7 +135,14 @@ def variant_overrides(name: str) -> dict:
     for part in name.split("+"):
         part = part.strip()
         chunk = _CHUNK.match(part)
-        if part in _BACKENDS:
+        controlnets = _CONTROLNETS.match(part)
+        if part == "plain":
+            continue
+        if controlnets:
+            if not 1 <= int(controlnets.group(1)) <= MAX_CONTROLNETS:
+                raise ConfigError(f"variant {name!r}: 1 to {MAX_CONTROLNETS} ControlNets")
+            overrides["_controlnets"] = int(controlnets.group(1))
+        elif part in _BACKENDS:
             attention, nearest = _BACKENDS[part]
             if attention is not None:
                 overrides["attention_backend"] = attention

@@ -47,13 +47,25 @@ VAE (per frame, from ``AutoencoderKL``'s config): encoder convs and ResNets down
 mid block's single-head attention (4 linear projections + 4 S^2 C at S = h * w), ``quant_conv``;
 the decoder mirrors it with one more ResNet per block and 3x3 convs after each 2x up-sampling.
 
-The counts are checked against ``FlopCounterMode`` in ``tests/test_benchmark.py``.
+A depth UNet (SD 2-depth) differs only in ``conv_in``'s 5 input channels (its config's ``in_channels``).
+
+ControlNet (``controlnet_cost``, per controlled sample): the UNet's down and mid blocks with plain
+self-attention (TokenFlow's processors are not installed on it), its ``conv_in`` and time MLP,
+the conditioning embedding on the control image at full resolution H x W (3x3 convs 3 -> E_0,
+then per width E_i -> E_i and a stride-2 E_i -> E_{i+1}, then E_last -> C_0 at h x w), and one
+1x1 zero convolution per residual (12 down + 1 mid for SD). N ControlNets run on the controlled
+rows of every call whose step lies in the control window: the 2P non-source rows of each
+TokenFlow pass (all B rows with the source controlled), every inversion row when the inversion
+is controlled. ``edit_work(controlnet_config=..., controlnets=N, ...)`` adds them per stage.
+
+The counts are checked against ``FlopCounterMode`` in ``tests/test_benchmark.py`` (UNet, VAE) and
+``tests/test_plan_models.py`` (ControlNet, depth UNet).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 TEXT_TOKENS = 77
 
@@ -210,6 +222,52 @@ def unet_cost(config, h: int, w: int, text_tokens: int = TEXT_TOKENS) -> UNetCos
     return UNetCost(base=base, layers=tuple(layers))
 
 
+def controlnet_cost(config, h: int, w: int, height: int, width: int, text_tokens: int = TEXT_TOKENS) -> float:
+    """FLOPs of one sample through a diffusers ``ControlNetModel`` (config) on latents h x w and a
+    control image height x width (module docstring): its self-attention is always plain."""
+    channels = list(_get(config, "block_out_channels"))
+    n = len(channels)
+    per_block = _get(config, "layers_per_block")
+    depth = _get(config, "transformer_layers_per_block", 1)
+    if not isinstance(per_block, int) or not isinstance(depth, int):
+        raise ValueError("per-block layer counts must be single integers for the FLOP model")
+    cross = _get(config, "cross_attention_dim")
+    temb = 4 * channels[0]
+    res = resolutions(h, w, n)
+    flops = linear(channels[0], temb, 1) + linear(temb, temb, 1)
+    flops += conv(_get(config, "in_channels"), channels[0], _get(config, "conv_in_kernel", 3) or 3, h, w)
+    widths = list(_get(config, "conditioning_embedding_out_channels") or (16, 32, 96, 256))
+    eh, ew = height, width
+    flops += conv(_get(config, "conditioning_channels", 3) or 3, widths[0], 3, eh, ew)
+    for a, b in zip(widths, widths[1:]):
+        flops += conv(a, a, 3, eh, ew)
+        eh, ew = math.ceil(eh / 2), math.ceil(ew / 2)
+        flops += conv(a, b, 3, eh, ew)
+    flops += conv(widths[-1], channels[0], 3, h, w)
+    flops += conv(channels[0], channels[0], 1, h, w)                     # zero conv of conv_in's output
+
+    def transformer(c: int, hw: Tuple[int, int]) -> float:
+        layer = SelfAttentionLayer(hw[0] * hw[1], c)
+        return depth * (layer.projections + layer.core(layer.tokens)) + \
+            _transformer_base(c, layer.tokens, cross, text_tokens, depth)
+
+    previous = channels[0]
+    for i, kind in enumerate(_get(config, "down_block_types")):
+        out, hw = channels[i], res[i]
+        for j in range(per_block):
+            flops += _resnet(previous if j == 0 else out, out, *hw, temb) + conv(out, out, 1, *hw)
+            if "CrossAttn" in kind:
+                flops += transformer(out, hw)
+        if i < n - 1:
+            flops += conv(out, out, 3, *res[i + 1]) + conv(out, out, 1, *res[i + 1])
+        previous = out
+    mid = channels[-1]
+    flops += 2 * _resnet(mid, mid, *res[-1], temb) + conv(mid, mid, 1, *res[-1])
+    if "CrossAttn" in str(_get(config, "mid_block_type", "UNetMidBlock2DCrossAttn")):
+        flops += transformer(mid, res[-1])
+    return flops
+
+
 def _vae_mid(c: int, h: int, w: int, attention_layer: bool) -> float:
     flops = 2 * _resnet(c, c, h, w, 0)
     if attention_layer:
@@ -269,7 +327,9 @@ class EditWork:
 def edit_work(unet_config, vae_config, n_frames: int, latent_hw: Tuple[int, int],
               inversion_steps: int, keyframe_calls: Sequence[Sequence[int]],
               pairs_per_step: Sequence[Sequence[int]], propagation: str = "original",
-              branches: int = 3, text_tokens: int = TEXT_TOKENS) -> EditWork:
+              branches: int = 3, text_tokens: int = TEXT_TOKENS, controlnet_config=None, controlnets: int = 0,
+              control_source: bool = False, control_inversion: bool = False,
+              control_steps: Optional[Sequence[bool]] = None) -> EditWork:
     """Work of a whole edit.
 
     Args:
@@ -279,6 +339,10 @@ def edit_work(unet_config, vae_config, n_frames: int, latent_hw: Tuple[int, int]
             (one call of all K keyframes unless a keyframe window splits them).
         pairs_per_step: per edit step, the number of valid keyframe pairs P_f of each frame.
         branches: B = 1 + 2 * prompts rows per frame in the edit's UNet calls.
+        controlnet_config, controlnets: N ControlNets of that config on every controlled row
+            (``controlnet_cost``): the edit's non-source rows (all with ``control_source``), every
+            inversion row with ``control_inversion``; ``control_steps``: per edit step, whether it
+            lies in the control window (default: every step).
     Returns:
         ``EditWork`` with per-stage dicts keyed encode, invert, keyframes, propagate, edit,
         decode, total.
@@ -298,6 +362,14 @@ def edit_work(unet_config, vae_config, n_frames: int, latent_hw: Tuple[int, int]
         "keyframes": sum(branches * k for step in keyframe_calls for k in step),
         "propagate": sum(branches * len(step) for step in pairs_per_step), "decode": 0,
     }
+    if controlnets and controlnet_config is not None:
+        per = controlnets * controlnet_cost(controlnet_config, h, w, h * scale, w * scale, text_tokens)
+        rows = branches - (0 if control_source else 1)
+        active = list(control_steps) if control_steps is not None else [True] * len(keyframe_calls)
+        flops["keyframes"] += per * rows * sum(k for on, step in zip(active, keyframe_calls) if on for k in step)
+        flops["propagate"] += per * rows * sum(len(step) for on, step in zip(active, pairs_per_step) if on)
+        if control_inversion:
+            flops["invert"] += per * n_frames * inversion_steps
     for table in (flops, samples):
         table["edit"] = table["keyframes"] + table["propagate"]
         table["total"] = table["encode"] + table["invert"] + table["edit"] + table["decode"]

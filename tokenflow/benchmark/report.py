@@ -76,10 +76,21 @@ def format_tables(doc: dict) -> str:
                 else f"{'-':>{w}s}" for n, w in zip(names, widths)))
         lines.append(f"{'max |dlatent|':16s} " + " ".join(
             _num(e["max_abs_latent_diff_vs_first"], ".2e", w) for e, w in zip(doc["variants"], widths)))
+        # what a variant costs beside its time (ControlNets: more work and memory), vs the first variant
+        for label, key in (("FLOPs x first", "flops"), ("peak mem x first", "peak_memory_bytes")):
+            base = doc["variants"][0]["stages"]["total"].get(key)
+            lines.append(f"{label:16s} " + " ".join(
+                _num(_ratio(e["stages"]["total"].get(key), base), ".2f", w - 1) + "x"
+                if _ratio(e["stages"]["total"].get(key), base) is not None else f"{'-':>{w}s}"
+                for e, w in zip(doc["variants"], widths)))
     method = next((e["memory_method"] for e in doc["variants"] if e.get("memory_method")), "-")
     lines.append(f"(peak memory: {method}; TFLOP/s: analytic FLOPs / median "
                  f"seconds; % peak: of the {doc['peak_dtype']} matmul peak {peak.get('tflops', 0):.2f} TFLOP/s)")
     return "\n".join(lines)
+
+
+def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
+    return value / base if isinstance(value, (int, float)) and isinstance(base, (int, float)) and base else None
 
 
 def print_tables(doc: dict, stream: Optional[TextIO] = None) -> None:

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from tokenflow.benchmark import architectures, flops, original_kernels, peak, system  # noqa: F401  original: registers its backends
+from tokenflow.benchmark.conditions import BenchEditor, build_controlnets
 from tokenflow.benchmark.config import STAGES, BenchConfig, Variant, variant_overrides
 from tokenflow.config import EditConfig
 from tokenflow.device import device_name, resolve_device, resolve_dtype, sync, versions
@@ -36,7 +37,6 @@ from tokenflow.io.samples import render_frames
 from tokenflow.kernels import check_backends
 from tokenflow.kernels.dispatch import forget_used, used
 from tokenflow.method import schedule
-from tokenflow.method.editor import Editor
 from tokenflow.method.keyframes import groups, keyframe_windows, original_plan, paper_plan
 from tokenflow.models.random_weights import scheduler_config
 
@@ -84,6 +84,7 @@ def edit_config(config: BenchConfig, variant: Variant, device: torch.device, dty
                 attention_backend=config.attention_backend, nearest_backend=config.nearest_backend,
                 seed=config.seed)
     overrides = dict(variant.overrides)
+    overrides.pop("_controlnets", None)   # the runner gives the editor its ControlNets
     if overrides.pop("_original", False):  # the original propagates one keyframe group per UNet call
         overrides.setdefault("chunk_frames", min(config.keyframe_spacing, config.frames))
     for key in list(overrides):
@@ -93,8 +94,9 @@ def edit_config(config: BenchConfig, variant: Variant, device: torch.device, dty
     return cfg.validate()
 
 
-def work_of(model, result, cfg: EditConfig, n_frames: int, latent_hw) -> flops.EditWork:
-    """Analytic work of the edit that produced ``result`` (its keyframes, windows and pairs)."""
+def work_of(model, result, cfg: EditConfig, n_frames: int, latent_hw, nets=()) -> flops.EditWork:
+    """Analytic work of the edit that produced ``result`` (its keyframes, windows and pairs; ``nets``:
+    the ControlNets it ran on the non-source rows of every step)."""
     spacing = min(cfg.keyframe_spacing, n_frames)
     n_groups = len(groups(n_frames, spacing))
     window = getattr(cfg, "keyframe_window", None)
@@ -108,7 +110,8 @@ def work_of(model, result, cfg: EditConfig, n_frames: int, latent_hw) -> flops.E
     prompts = len(cfg.prompts) if hasattr(cfg, "prompts") else 1
     return flops.edit_work(model.unet.config, model.vae.config, n_frames, latent_hw, cfg.inversion_steps,
                            calls, pairs, propagation=cfg.propagation, branches=1 + 2 * prompts,
-                           text_tokens=int(getattr(model.tokenizer, "model_max_length", flops.TEXT_TOKENS)))
+                           text_tokens=int(getattr(model.tokenizer, "model_max_length", flops.TEXT_TOKENS)),
+                           controlnet_config=nets[0].config if nets else None, controlnets=len(nets))
 
 
 def timed_edit(editor, clip: Clip, cfg: EditConfig, device: torch.device) -> dict:
@@ -157,9 +160,11 @@ def summarise(runs: List[dict], work: flops.EditWork, peak_tflops: Optional[floa
 
 
 def run_variant(model, clip: Clip, config: BenchConfig, variant: Variant, device, dtype,
-                peak_tflops: Optional[float], model_name: str) -> dict:
+                peak_tflops: Optional[float], model_name: str, controlnets=()) -> dict:
+    """``controlnets``: the run's random ControlNets; the variant uses its first ``controlnetN``."""
     cfg = edit_config(config, variant, device, dtype, model_name)
-    editor = Editor(model, cache=InversionCache(enabled=False), reporter=Reporter(quiet=True))
+    nets = tuple(controlnets[:variant.overrides.get("_controlnets", 0)])
+    editor = BenchEditor(model, nets=nets, cache=InversionCache(enabled=False), reporter=Reporter(quiet=True))
     warmup_s = []
     forget_used()   # the kernel backends the dispatcher resolves from here on are this variant's
     try:
@@ -197,7 +202,7 @@ def run_variant(model, clip: Clip, config: BenchConfig, variant: Variant, device
     last = runs[-1]["result"]
     n, _, height, width = clip.frames.shape
     latent_hw = (height // model.vae_scale_factor, width // model.vae_scale_factor)
-    work = work_of(model, last, cfg, n, latent_hw)
+    work = work_of(model, last, cfg, n, latent_hw, nets)
     counted = runs[-1]["samples_counted"]
     if counted is not None and counted != work.samples["total"]:
         variant.notes.append(f"the runner counted {counted} UNet samples, the FLOP model {work.samples['total']}")
@@ -209,7 +214,7 @@ def run_variant(model, clip: Clip, config: BenchConfig, variant: Variant, device
     backend = getattr(getattr(editor, "runner", None), "backend", None)
     return {
         "name": variant.name, "overrides": {k: v for k, v in variant.overrides.items() if not k.startswith("_")},
-        "edit_config": _jsonable(asdict(cfg)), "notes": variant.notes,
+        "controlnets": len(nets), "edit_config": _jsonable(asdict(cfg)), "notes": variant.notes,
         "idle_wait": waited or None, "load_before": load_before, "load_after": load_after,
         "others_busy_cpus": [r["others_busy_cpus"] for r in runs],
         "unet_samples_counted": counted, "memory_method": runs[-1]["memory_method"], "finite": finite,
@@ -276,6 +281,8 @@ def _run(config: BenchConfig, device: torch.device, dtype: torch.dtype,
     started = time.perf_counter()
     model = architectures.load(config.model, device, dtype) if config.model else \
         architectures.build_model(config.arch, device, dtype)
+    most = max((v.overrides.get("_controlnets", 0) for v in variants), default=0)
+    controlnets = build_controlnets(model, most, device, dtype, config.model or config.arch) if most else []
     build_s = time.perf_counter() - started
     peak_wait = system.wait_until_idle(config.idle_wait_s) if device.type == "cpu" else None
     log("measuring the matmul peak")
@@ -292,7 +299,8 @@ def _run(config: BenchConfig, device: torch.device, dtype: torch.dtype,
         "settings": _jsonable({**asdict(config), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}),
         "model": {"name": model.name, "identity": model.identity, "arch": None if config.model else config.arch,
                   "random_weights": config.model is None or model.is_tiny,
-                  "is_tiny": model.is_tiny, "build_s": build_s},
+                  "is_tiny": model.is_tiny, "build_s": build_s, "in_channels": int(model.unet.config.in_channels),
+                  "controlnets_built": len(controlnets)},
         "clip": {"source": clip.source, "frames": n, "size": [width, height],
                  "latent": [height // model.vae_scale_factor, width // model.vae_scale_factor]},
         "load": {"start": load_start, "end": None},
@@ -310,7 +318,7 @@ def _run(config: BenchConfig, device: torch.device, dtype: torch.dtype,
     baseline = None
     for index, variant in enumerate(variants):
         try:
-            entry = run_variant(model, clip, config, variant, device, dtype, peak_tflops, model.name)
+            entry = run_variant(model, clip, config, variant, device, dtype, peak_tflops, model.name, controlnets)
         except Exception as exc:   # out of memory, a kernel that raised, a bug: recorded, the others still run
             entry = failed_variant(variant, exc)
             log(f"{variant.name}: failed: {entry['error']}")

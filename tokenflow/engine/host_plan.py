@@ -9,8 +9,8 @@ prompts and S source pixels per frame, the bytes held at each phase are
     read    E (uint8 frames) + 4E (float32 frames) + 11 S + 4 H W (one frame in flight: decoded
             RGB, PIL copies, the resized picture)
     hash    4E + 8E (the frames' sha256 goes through two float32 copies)
-    invert  4E + z0 + latents + cache + weights + max(an inversion call, a VAE encode call)
-    edit    4E + z0 + latents + store + weights + max(the keyframe pass, a propagation call)
+    invert  4E + z0 + latents + cache + conditions + weights + max(an inversion call, a VAE encode call)
+    edit    4E + z0 + latents + store + conditions + weights + max(the keyframe pass, a propagation call)
     decode  4E + z0 + latents + P (4E + 4L) + 4E (the decoded chunks and their concatenation)
             + weights + a VAE decode call
     write   4E + P (4E + 4L) + 8E (one output converted to uint8: two float32 temporaries) + weights
@@ -18,7 +18,8 @@ prompts and S source pixels per frame, the bytes held at each phase are
 with z0 = 4L and latents = 4 T L when they live on the host (the CPU is the device, or
 --inverted-latents host/disk), cache = 8 T L with the inversion cache (its serialised file and
 a host copy while saving or loading), store = the keyframe store when it is on the host (offloaded,
-or the CPU is the device) and its pinned staging buffer (off the CPU), and, on CPU only (device
+or the CPU is the device) and its pinned staging buffer (off the CPU), conditions = the ControlNets'
+uint8 control images (E per ControlNet; on CPU also a depth model's maps), and, on CPU only (device
 memory is host memory), weights = the model's weights and a call = that call's activations (the
 stage's device peak less the weights and what is counted above; a propagation call includes its
 staged keyframes and search buffers). The peak
@@ -48,6 +49,7 @@ PHASE_NAMES = {"read": "decoding the frames", "hash": "hashing the frames", "inv
 PART_NAMES = {"frames_u8": "decoded uint8 frames", "frames": "float32 frames", "in_flight": "one frame in flight",
               "hash": "hash copies", "z0": "clean latents", "latents": "inverted latents", "cache": "cache traffic",
               "store": "keyframe store", "pinned_staging": "pinned keyframe staging",
+              "conditions": "control images and depth maps",
               "calls": "one call's activations", "outputs": "edited frames",
               "concat": "decode concatenation", "converting": "output conversion", "weights": "model weights"}
 CALL_NAMES = {"keyframes": "the keyframe pass's activations", "propagate": "a propagation call's activations",
@@ -78,6 +80,7 @@ class HostPlan:
     store: int = 0                # keyframe store bytes on the host
     pinned_staging: int = 0       # pinned host buffer an offloaded store's staged keyframes go through
     weights: int = 0              # on CPU: the model's weights
+    conditions: int = 0           # control images of every ControlNet (uint8, host), on CPU with the depth maps
     # on CPU: {phase: (stage, activation bytes, frames per call, bytes per frame)} of the phase's
     # largest call (invert: "invert" or "vae"; edit: "keyframes" or "propagate"; decode: "vae")
     calls: Dict[str, Tuple[str, int, int, int]] = field(default_factory=dict)
@@ -99,7 +102,7 @@ class HostPlan:
                 "hash": 8 * e, "z0": 4 * latent if self.z0_on_host else 0,
                 "latents": 4 * t * latent if self.latents_on_host else 0,
                 "cache": 8 * t * latent if self.use_cache else 0, "store": self.store,
-                "pinned_staging": self.pinned_staging,
+                "pinned_staging": self.pinned_staging, "conditions": self.conditions,
                 "calls": max((call[1] for call in self.calls.values()), default=0),
                 "outputs": self.prompts * (4 * e + 4 * latent), "concat": 4 * e if self.prompts else 0,
                 "converting": 8 * e if self.prompts else 0, "weights": self.weights}
@@ -116,8 +119,8 @@ class HostPlan:
             return out
 
         phases = {"hash": pick("hash", "frames", "hash"),
-                  "invert": pick("invert", "frames", "z0", "latents", "cache", "weights"),
-                  "edit": pick("edit", "frames", "z0", "latents", "store", "pinned_staging", "weights")}
+                  "invert": pick("invert", "frames", "z0", "latents", "cache", "conditions", "weights"),
+                  "edit": pick("edit", "frames", "z0", "latents", "store", "pinned_staging", "conditions", "weights")}
         if self.source_pixels:
             phases = {"read": pick("read", "frames_u8", "frames", "in_flight"), **phases}
         if self.prompts:

@@ -12,6 +12,11 @@ Analytic model (elements per batch row, in the compute dtype), for latents h x w
                feed-forward's 8C projection, 4C gate and 4C product alive at once)
     unet row = skips + working
 
+    ControlNet row = max(skips + max(working, (3 + 2 E_0) H W), 2 residuals)   (one controlled row
+               through one ControlNet: its down and mid half, its conditioning embedding at full
+               size H x W, or its zero-conv outputs and their scaled copies)
+    residuals      = skips + C_{L-1} S_{L-1}   (12 down + 1 mid for SD; summed over the ControlNets)
+
     vae decode row = 10 * C_top * H * W    (C_top: the decoder's last-level width at full resolution
                                             H x W; a ResNet's input, norm, activation and conv out)
 
@@ -78,8 +83,9 @@ def level_tokens(h: int, w: int, levels: int) -> list:
     return out
 
 
-def unet_row_elements(unet_config, h: int, w: int) -> int:
-    """Analytic activation elements of one UNet batch row at latents h x w (see module doc)."""
+def skip_elements(unet_config, h: int, w: int) -> int:
+    """Elements of one row's down-block outputs (``skips`` of the module doc): what the decoder
+    consumes, and the shapes of a ControlNet's 12 down residuals (SD)."""
     channels = list(unet_config["block_out_channels"])
     tokens = level_tokens(h, w, len(channels))
     per_block = int(unet_config["layers_per_block"])
@@ -88,8 +94,40 @@ def unet_row_elements(unet_config, h: int, w: int) -> int:
         skips += per_block * c * s
         if level + 1 < len(channels):
             skips += c * tokens[level + 1]
-    working = max(20 * c * s for c, s in zip(channels, tokens))
-    return skips + working
+    return skips
+
+
+def _working(unet_config, h: int, w: int) -> int:
+    channels = list(unet_config["block_out_channels"])
+    return max(20 * c * s for c, s in zip(channels, level_tokens(h, w, len(channels))))
+
+
+def unet_row_elements(unet_config, h: int, w: int) -> int:
+    """Analytic activation elements of one UNet batch row at latents h x w (see module doc)."""
+    return skip_elements(unet_config, h, w) + _working(unet_config, h, w)
+
+
+def control_residual_elements(controlnet_config, h: int, w: int) -> int:
+    """Elements of one row's ControlNet residuals: the down residuals (the skips' shapes) and the
+    mid one [C_last, S_last]. N ControlNets' residuals are summed: one such set per row."""
+    channels = list(controlnet_config["block_out_channels"])
+    return skip_elements(controlnet_config, h, w) + channels[-1] * level_tokens(h, w, len(channels))[-1]
+
+
+def controlnet_row_elements(controlnet_config, h: int, w: int, height: int, width: int) -> int:
+    """Analytic activation elements of one row through one ControlNet (latents h x w, control
+    images height x width): a ControlNet is the UNet's down and mid half, so
+
+        max(skips + max(working, embedding), 2 x residuals)
+
+    with ``embedding`` = (3 + 2 E_0) H W, the conditioning embedding's full-size moment (the image
+    and two tensors of its first width E_0, 16 in SD's ControlNets), and at the end its residuals
+    twice (the zero convolutions' outputs and their copies scaled by ``conditioning_scale``)."""
+    widths = list(controlnet_config.get("conditioning_embedding_out_channels") or (16,))
+    embedding = (3 + 2 * int(widths[0])) * height * width
+    skips = skip_elements(controlnet_config, h, w)
+    return max(skips + max(_working(controlnet_config, h, w), embedding),
+               2 * control_residual_elements(controlnet_config, h, w))
 
 
 def vae_decode_row_elements(vae_config, height: int, width: int) -> int:
@@ -194,7 +232,8 @@ class LiveTensorTracker(TorchDispatchMode):
     """Peak bytes of tensor storages created inside the block (any device, including CPU).
 
     Storages are counted once when an op first returns them and released when their Python storage
-    object is collected. Kernel workspaces outside tensors are not seen; the CUDA probe uses the
+    object is collected; ops whose results alias an input (views such as a weight's ``t()``,
+    in-place ops) allocate nothing and are not counted. Kernel workspaces outside tensors are not seen; the CUDA probe uses the
     allocator's own statistics instead.
     """
 
@@ -205,6 +244,8 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out   # a view or an in-place result: an input's storage (a weight's ``t()``), nothing new
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()

@@ -23,6 +23,11 @@ no tensor past int32 indexing (``memory.INT32_ELEMENTS``, from the architecture'
 that cannot be split, such as the keyframe pass, is refused). Chunk sizes never change results
 (``tests/test_edit_invariance.py``), only speed and memory.
 
+ControlNets (``Controls``: their weights beside the model's; a call's activations are the larger of
+the ControlNet moment, controlled rows x (ControlNet row + previous residual sum + control image),
+and the UNet moment, every row x (UNet row + summed residuals)) and a depth UNet's maps
+``[N,1,h,w]`` float32 on the device are counted; their share is a line of the plan.
+
 Host memory is planned too (``engine.host_plan.HostPlan``): before anything is decoded, and
 again here with the model's numbers; on CPU the calls are sized in what each host phase leaves.
 """
@@ -31,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,6 +53,8 @@ from tokenflow.engine.memory import (
     SEARCH_TILE,
     Calibration,
     attention_layer_shapes,
+    control_residual_elements,
+    controlnet_row_elements,
     device_overheads,
     gib,
     host_available,
@@ -133,6 +140,15 @@ class MemoryPlan:
     graph_pool_note: str = ""
     pinned_staging_bytes: int = 0   # pinned host buffer the staged keyframes are gathered into
     largest_tensor: Dict[str, int] = field(default_factory=dict)   # elements of each stage's largest tensor
+    # ControlNets (planner.Controls) and depth maps
+    controlnets: int = 0
+    controlnet_note: str = ""
+    controlnet_weights_bytes: int = 0
+    control_row_bytes: int = 0        # one controlled row while a ControlNet runs (planner._Rows.control)
+    control_residual_bytes: int = 0   # one row's summed residuals, held through the UNet call
+    control_images_bytes: int = 0     # uint8 control images of every frame and ControlNet (host)
+    control_share: Dict[str, int] = field(default_factory=dict)   # per stage: peak with - without the ControlNets
+    depth_bytes: int = 0              # depth maps [N,1,h,w] float32 on the device (depth UNets)
 
     @property
     def peak(self) -> int:
@@ -151,6 +167,11 @@ class MemoryPlan:
                  "inverted_latents": self.latents_bytes if self.latents_on == "device" else 0,
                  "device_staging": self.staging_bytes, "pinned_host_staging": self.pinned_staging_bytes,
                  f"nearest_{self.nearest or 'search'}": self.nearest_bytes, "graph_pools": self.graph_pool_bytes}
+        if self.controlnets:
+            lines["controlnet_weights"] = self.controlnet_weights_bytes
+            lines["controlnet_activations"] = max(self.control_share.values(), default=0) - self.controlnet_weights_bytes
+        if self.depth_bytes:
+            lines["depth_maps"] = self.depth_bytes
         return lines
 
     def as_dict(self) -> dict:
@@ -177,6 +198,15 @@ class MemoryPlan:
         if self.nearest:
             rows.append(f"  nearest-neighbour search ({NEAREST_WORDS[self.nearest]}): {gib(self.nearest_bytes)} "
                         "per propagation call")
+        if self.controlnets:
+            share = ", ".join(f"{STAGE_NAMES[k].split(' ', 1)[1]} {gib(v)}" for k, v in self.control_share.items() if v)
+            rows.append(f"  ControlNets: {self.controlnets} ({self.controlnet_note}): weights "
+                        f"{gib(self.controlnet_weights_bytes)}; per controlled row {self.control_row_bytes / 2**20:.1f} "
+                        f"MiB, residuals {self.control_residual_bytes / 2**20:.1f} MiB per UNet row; control images "
+                        f"{gib(self.control_images_bytes)} on the host")
+            rows.append(f"  ControlNets' share of the peaks: {share}")
+        if self.depth_bytes:
+            rows.append(f"  depth maps {gib(self.depth_bytes)} on the device (5-channel UNet input)")
         if self.graph_pool_bytes:
             rows.append(f"  CUDA graph pool {gib(self.graph_pool_bytes)} ({self.graph_pool_note})")
         if self.call_caps:
@@ -233,18 +263,66 @@ class _Rows:
     layers: tuple = ()       # (tokens S, channels C) of each distinct attention layer shape
     unet_largest: int = 0    # elements of the largest tensor of one UNet row
     vae_largest: int = 0     # of one VAE frame
+    # ControlNets (none: all 0): bytes of one controlled row while a ControlNet runs (its
+    # activations and residuals, the sum of the previous ones' and the row's control image) and
+    # of one row's summed residuals, held through the UNet call (every row: uncontrolled rows get zeros)
+    control: int = 0
+    residual: int = 0
+    controlled_edit: int = 0     # controlled rows per frame of a TokenFlow pass (2P, or B with control_source)
+    controlled_invert: int = 0   # per frame of an inversion call (1 with controls during the inversion)
 
 
-def _rows(model, h: int, w: int, branches: int, element_size: int, calibration: Calibration) -> _Rows:
+@dataclass(frozen=True)
+class Controls:
+    """The ControlNets an edit runs (``engine.conditioning.UNetConditions.controls``' nets, or
+    weightless stand-ins for a plan): modules with a diffusers ``ControlNetModel`` config."""
+
+    nets: Sequence[torch.nn.Module] = ()
+    source: bool = False       # the source branch of TokenFlow passes is controlled too
+    inversion: bool = False    # the inversion's calls are controlled
+    note: str = ""             # what they are, for the plan's text
+
+
+def _rows(model, h: int, w: int, branches: int, element_size: int, calibration: Calibration,
+          controls: Controls = Controls()) -> _Rows:
     scale = model.vae_scale_factor
     shapes = attention_layer_shapes(model.unet, h, w)
+    unet_largest = unet_largest_row_elements(model.unet.config, h, w)
+    control = residual = 0
+    if controls.nets:
+        height, width = h * scale, w * scale
+        configs = [net.config for net in controls.nets]
+        res = max(control_residual_elements(c, h, w) for c in configs)
+        net = max(controlnet_row_elements(c, h, w, height, width) for c in configs)
+        images = 3 * 3 * height * width * element_size   # a row's control image: copied, cast and scaled
+        control = int((net + (res if len(configs) > 1 else 0)) * element_size * calibration.unet) + images
+        residual = int(res * element_size * calibration.unet)
+        widths = [int((c.get("conditioning_embedding_out_channels") or (16,))[0]) for c in configs]
+        unet_largest = max(unet_largest, max(widths) * height * width)
     return _Rows(unet=int(unet_row_elements(model.unet.config, h, w) * element_size * calibration.unet),
                  vae=int(vae_decode_row_elements(model.vae.config, h * scale, w * scale) * element_size
                          * calibration.vae),
                  keyframe=store_bytes_per_keyframe(model.unet, h, w, branches, element_size),
                  tokens=max(s for s, _ in shapes.values()), layers=tuple(sorted(set(shapes.values()))),
-                 unet_largest=unet_largest_row_elements(model.unet.config, h, w),
-                 vae_largest=vae_largest_frame_elements(model.vae.config, h * scale, w * scale))
+                 unet_largest=unet_largest,
+                 vae_largest=vae_largest_frame_elements(model.vae.config, h * scale, w * scale),
+                 control=control, residual=residual,
+                 controlled_edit=(branches - (0 if controls.source else 1)) if controls.nets else 0,
+                 controlled_invert=1 if controls.nets and controls.inversion else 0)
+
+
+def _call(rows: _Rows, fixed: int, n_rows: int, controlled: int, extra: int = 0) -> int:
+    """Activations of one UNet call of ``n_rows`` rows, ``controlled`` of them through the ControlNets:
+    the larger of the ControlNets' moment and the UNet's (with the residuals it consumes)."""
+    unet = n_rows * (rows.unet + (rows.residual if controlled else 0)) + extra
+    return fixed + max(unet, controlled * rows.control)
+
+
+def _per_frame(rows: _Rows, stage: str, branches: int) -> int:
+    """Activation bytes one more frame adds to a call of ``stage`` (the host plan's advice, limits)."""
+    if stage == "invert":
+        return _call(rows, 0, 1, rows.controlled_invert)
+    return _call(rows, 0, branches, rows.controlled_edit)
 
 
 def _search(rows: _Rows, kind: str, frames: int, keys: int) -> int:
@@ -255,9 +333,10 @@ def _search(rows: _Rows, kind: str, frames: int, keys: int) -> int:
 def _activations(rows: _Rows, fixed: int, branches: int, sizes: Dict[str, int], staging: int,
                  search: int) -> Dict[str, int]:
     """Activations of each stage's largest call: ``sizes`` {stage: frames (keyframes) per call}."""
-    return {"keyframes": fixed + branches * sizes["keyframes"] * rows.unet,
-            "propagate": fixed + branches * sizes["propagate"] * rows.unet + staging + search,
-            "invert": fixed + sizes["invert"] * rows.unet,
+    kf, chunk, inv = sizes["keyframes"], sizes["propagate"], sizes["invert"]
+    return {"keyframes": _call(rows, fixed, branches * kf, rows.controlled_edit * kf),
+            "propagate": _call(rows, fixed, branches * chunk, rows.controlled_edit * chunk, staging + search),
+            "invert": _call(rows, fixed, inv, rows.controlled_invert * inv),
             "vae": sizes["vae"] * rows.vae}
 
 
@@ -321,26 +400,37 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
               keyframe_store: str = "auto", inverted_latents: str = "auto",
               max_chunk: Optional[int] = None, use_cache: bool = True,
               host: Optional[Tuple[int, str]] = None, backend: str = "eager", nearest_backend: str = "auto",
-              row_cap: Optional[int] = None, vae_cap: Optional[int] = None) -> MemoryPlan:
+              row_cap: Optional[int] = None, vae_cap: Optional[int] = None,
+              controls: Controls = Controls()) -> MemoryPlan:
     """Choose chunk sizes under ``budget`` (less the device's overheads) and, on CPU, in what the
     host leaves (module doc); raise ResourceError naming the budget that would fit, or naming the
     host memory that does not: ``host`` is (bytes available, where from), default
     ``memory.host_available()`` now; the decoded frames (and on CPU the weights) are already held
     and counted as such. ``backend``/``nearest_backend``: the run's (what the search and CUDA
-    graphs hold); ``row_cap``/``vae_cap`` replace the device's call caps (for sweeps)."""
+    graphs hold); ``row_cap``/``vae_cap`` replace the device's call caps (for sweeps). ``controls``: the
+    ControlNets every controlled UNet call runs (weights on the device, activations per controlled
+    row, residuals per row, control images on the host); a depth UNet (more input than latent
+    channels) keeps its depth maps ``[N,1,h,w]`` float32 on the device."""
     h, w = latent_size
     device = torch.device(model.device)
     on_cpu = device.type == "cpu"
     size = torch.empty((), dtype=model.dtype).element_size()
     scale = model.vae_scale_factor
     height, width = h * scale, w * scale
-    weights = module_bytes(model.unet, model.vae, model.text_encoder)
+    model_weights = module_bytes(model.unet, model.vae, model.text_encoder)
+    control_weights = module_bytes(*controls.nets)
     loaded = getattr(model, "weights_loaded", True)   # False: an architecture, whose weights no one holds yet
+    nets_loaded = not any(p.is_meta for net in controls.nets for p in net.parameters())
     fixed = calibration.unet_fixed
-    rows = _rows(model, h, w, branches, size, calibration)
+    rows = _rows(model, h, w, branches, size, calibration, controls)
     row, vae_row, per_kf = rows.unet, rows.vae, rows.keyframe
     store = per_kf * keyframes
-    latents = steps * frames * int(model.unet.config["in_channels"]) * h * w * 4
+    channels = int(model.vae.config["latent_channels"])   # latents; a depth UNet takes one channel more
+    latents = steps * frames * channels * h * w * 4
+    depth = frames * h * w * 4 if int(model.unet.config["in_channels"]) > channels else 0
+    images = len(controls.nets) * frames * 3 * height * width   # uint8 control images, on the host
+    # what the device holds through every stage: the weights (model and ControlNets), the depth maps
+    weights = model_weights + control_weights + depth
     kf_call = min(window or keyframes, keyframes)
     caps = call_caps(device.type, rows, branches, row_cap, vae_cap)
     overheads = device_overheads(device.type, budget)
@@ -353,7 +443,8 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     def place(choice: str, nbytes: int, others: int) -> str:
         if choice != "auto":
             return choice
-        need = weights + others + nbytes + factor * (fixed + branches * kf_call * row)
+        need = weights + others + nbytes + factor * _call(rows, fixed, branches * kf_call,
+                                                          rows.controlled_edit * kf_call)
         return "device" if need <= usable else "host"
 
     latents_on = place(inverted_latents, latents, 0)
@@ -404,9 +495,12 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     host_plan = HostPlan(
         frames=frames, width=width, height=height, prompts=max(1, (branches - 1) // 2), timesteps=steps,
         latents_on_host=on_cpu or latents_on == "host", use_cache=use_cache, available=free,
-        available_source=source, frames_source="the decoded clip", latent_channels=int(model.unet.config["in_channels"]),
-        vae_scale=scale, store=store if on_cpu or offloaded else 0, weights=weights if on_cpu else 0,
-        z0_on_host=on_cpu, held=4 * frames * 3 * height * width + (weights if on_cpu and loaded else 0),
+        available_source=source, frames_source="the decoded clip", latent_channels=channels,
+        vae_scale=scale, store=store if on_cpu or offloaded else 0,
+        weights=model_weights + control_weights if on_cpu else 0,
+        conditions=images + (depth if on_cpu else 0), z0_on_host=on_cpu,
+        held=4 * frames * 3 * height * width + (model_weights + depth if on_cpu and loaded else 0)
+        + (control_weights if on_cpu and nets_loaded else 0) + (images if nets_loaded else 0),
         dtype=str(model.dtype).replace("torch.", ""))
     # on CPU each call gets what its phase leaves after the host parts and the weights
     room = {phase: host_plan.usable - sum(parts.values()) for phase, parts in host_plan.phases.items()}
@@ -423,32 +517,42 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     # sized in this order, each in what the previous ones leave (the later ones at 1 meanwhile)
     sizes = {"keyframes": kf_call, "propagate": chunk_frames or 1, "invert": inversion_frames or 1, "vae": 1}
     prop_limit = min(max_chunk or frames, rows_limit(caps["propagation_rows"], branches),
-                     host_limit(branches * row + (2 * per_kf if offloaded else 0), "edit"))
+                     host_limit(_per_frame(rows, "propagate", branches) + (2 * per_kf if offloaded else 0), "edit"))
     sizes["propagate"] = _largest(chunk_frames, prop_limit, lambda n: fits({**sizes, "propagate": n}))
-    inv_limit = min(rows_limit(caps["inversion_rows"], 1), host_limit(row, "invert"))
+    inv_limit = min(rows_limit(caps["inversion_rows"], 1), host_limit(_per_frame(rows, "invert", branches), "invert"))
     sizes["invert"] = _largest(inversion_frames, inv_limit, lambda n: fits({**sizes, "invert": n}))
     vae_limit = min(frames, caps["vae_frames"], host_limit(vae_row, "invert", "decode"))
     sizes["vae"] = _largest(0, vae_limit, lambda n: fits({**sizes, "vae": n}))
     peaks, acts, staging, search, pool = costs(sizes)
+    share = {}
+    if controls.nets:   # the ControlNets' part of each stage's peak: their weights and what they add to the call
+        bare = dataclasses.replace(rows, control=0, residual=0, controlled_edit=0, controlled_invert=0)
+        with_nets = _activations(rows, fixed, branches, sizes, 0, search)
+        without = _activations(bare, fixed, branches, sizes, 0, search)
+        share = {k: control_weights + math.ceil((with_nets[k] - without[k]) * factor) for k in with_nets}
     chunk, inv, vae = sizes["propagate"], sizes["invert"], sizes["vae"]
-    per_frame = {"keyframes": branches * row, "propagate": branches * row + (2 * per_kf if offloaded else 0),
-                 "invert": row, "vae": vae_row}
+    per_frame = {"keyframes": _per_frame(rows, "keyframes", branches),
+                 "propagate": _per_frame(rows, "propagate", branches) + (2 * per_kf if offloaded else 0),
+                 "invert": _per_frame(rows, "invert", branches), "vae": vae_row}
     pinned = staging if offloaded and not on_cpu else 0
 
     def rescale(n: int, px_width: int, px_height: int) -> dict:
         """The model's host parts for n frames at px_width x px_height, at 1 frame per call
         (or the forced sizes) and the keyframes scaled with the frames: for the refusal's advice."""
         k = max(1, math.ceil(keyframes * n / frames))
-        r = _rows(model, max(1, px_height // scale), max(1, px_width // scale), branches, size, calibration)
+        r = _rows(model, max(1, px_height // scale), max(1, px_width // scale), branches, size, calibration, controls)
         least = {"keyframes": min(window or k, k), "propagate": min(chunk_frames or 1, n),
                  "invert": min(inversion_frames or 1, n), "vae": 1}
         least_staged = staging_slots(least["propagate"], max(1, n // k), k) if offloaded else k
         least_staging = least_staged * r.keyframe if offloaded else 0
-        least_per_frame = {"keyframes": branches * r.unet, "invert": r.unet, "vae": r.vae,
-                           "propagate": branches * r.unet + (2 * r.keyframe if offloaded else 0)}
+        least_per_frame = {"keyframes": _per_frame(r, "keyframes", branches), "vae": r.vae,
+                           "invert": _per_frame(r, "invert", branches),
+                           "propagate": _per_frame(r, "propagate", branches) + (2 * r.keyframe if offloaded else 0)}
         calls = _activations(r, fixed, branches, least, least_staging,
                              _search(r, nearest, least["propagate"], least_staged))
         return {"store": r.keyframe * k if on_cpu or offloaded else 0,
+                "conditions": len(controls.nets) * n * 3 * px_width * px_height
+                + (n * (px_height // scale) * (px_width // scale) * 4 if depth and on_cpu else 0),
                 "pinned_staging": least_staging if offloaded and not on_cpu else 0,
                 "calls": _host_calls(calls, least, least_per_frame) if on_cpu else {}}
 
@@ -461,13 +565,15 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
         device=str(model.device), dtype=str(model.dtype).replace("torch.", ""), budget=budget,
         budget_source=budget_source, frames=frames, latent_size=(h, w), branches=branches,
         keyframes=keyframes, keyframe_call=kf_call, chunk_frames=chunk, inversion_frames=inv, vae_frames=vae,
-        weights_bytes=weights, unet_row_bytes=row, vae_row_bytes=vae_row,
+        weights_bytes=model_weights, unet_row_bytes=row, vae_row_bytes=vae_row,
         store_bytes=store, store_on=store_on, staging_bytes=staging, latents_bytes=latents,
         latents_on=latents_on, peaks=peaks, calibration=calibration.source, chunk_forced=chunk_frames is not None,
         host=host_plan, overheads=overheads, reserved_factor=factor, call_caps=caps,
         caps_note=CPU_CAPS_NOTE if on_cpu else GPU_CAPS_NOTE, nearest=nearest, nearest_bytes=search,
         graph_pool_bytes=pool, graph_pool_note=graphs if pooled else "", pinned_staging_bytes=pinned,
-        largest_tensor=largest_tensor(sizes))
+        largest_tensor=largest_tensor(sizes), controlnets=len(controls.nets), controlnet_note=controls.note,
+        controlnet_weights_bytes=control_weights, control_row_bytes=rows.control,
+        control_residual_bytes=rows.residual, control_images_bytes=images, control_share=share, depth_bytes=depth)
     real = device.type != "meta"   # a meta-device plan is a what-if: nothing is allocated here
     if on_cpu and real:   # on CPU the host is the device: its check has the better numbers and advice
         host_plan.check()

@@ -24,7 +24,7 @@ from tokenflow.engine import UNetRunner
 from tokenflow.engine.backends import make_backend
 from tokenflow.engine.latents import DiskLatents, InvertedLatents
 from tokenflow.engine.memory import calibrate, default_budget
-from tokenflow.engine.planner import MemoryPlan, make_plan
+from tokenflow.engine.planner import Controls, MemoryPlan, make_plan
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.errors import ConfigError, ResourceError
 from tokenflow.interrupt import StopFlag
@@ -45,6 +45,7 @@ from tokenflow.method.inversion import (
     noise_from_inversion,
     refuse_clip_keywords,
 )
+from tokenflow.models.architectures import controlnet_stand_ins
 from tokenflow.models.load import SDModel, encode_prompt, is_out_of_memory, load_model
 
 
@@ -155,7 +156,9 @@ class Editor:
         config = (config or EditConfig()).replace(**overrides)
         return self._plan(self.load_clip(video, config), config)
 
-    def _plan(self, clip: Clip, config: EditConfig) -> MemoryPlan:
+    def _plan(self, clip: Clip, config: EditConfig, conditions: Optional[EditConditions] = None) -> MemoryPlan:
+        """The plan; ``conditions``: the edit's (its ControlNets are counted), else (``plan``, ``--plan``)
+        ``config.controlnet``'s counted by their shapes without loading them."""
         n, _, height, width = clip.frames.shape
         scale = self.model.vae_scale_factor
         spacing = min(config.keyframe_spacing, n)
@@ -166,6 +169,17 @@ class Editor:
         else:
             budget, source = default_budget(self.model.device)
         cache_root = Path(config.cache_dir) if config.cache_dir else None
+        if conditions is not None:
+            units = conditions.edit.controls
+            controls = Controls(nets=tuple(u.net for u in units), source=conditions.edit.control_source,
+                                inversion=bool(conditions.inversion.controls),
+                                note=", ".join(u.name for u in units))
+        elif config.controlnets:
+            nets, note = controlnet_stand_ins(config.controlnets, self.model.unet, self.model.dtype)
+            controls = Controls(nets=tuple(nets), source=config.control_during_inversion,
+                                inversion=config.control_during_inversion, note=note)
+        else:
+            controls = Controls()
         with self.reporter.stage("plan"):
             calibration = calibrate(self.model, cache_root)  # its own small cache, also with --no-cache
             return make_plan(self.model, frames=n, latent_size=(height // scale, width // scale),
@@ -175,7 +189,7 @@ class Editor:
                              inversion_frames=config.inversion_batch_size, keyframe_store=config.keyframe_store,
                              inverted_latents="host" if config.inverted_latents == "disk" else config.inverted_latents,
                              use_cache=config.use_cache, backend=config.backend,
-                             nearest_backend=config.nearest_backend)
+                             nearest_backend=config.nearest_backend, controls=controls)
 
     # --- frames <-> latents ----------------------------------------------------------------
 
@@ -217,7 +231,7 @@ class Editor:
         config = (config or EditConfig()).replace(**overrides).validate(need_prompt=False)
         clip = self.load_clip(video, config)
         conditions = self.conditions(clip, config)
-        return self._invert(clip, config, self._plan(clip, config), conditions=conditions)
+        return self._invert(clip, config, self._plan(clip, config, conditions), conditions=conditions)
 
     def conditions(self, clip: Clip, config: EditConfig) -> EditConditions:
         """The depth maps and ControlNets of editing ``clip`` with ``config`` (``method.conditions``)."""
@@ -342,7 +356,7 @@ class Editor:
             raise ConfigError("the given Inversion was made with other depth maps or controls than this edit's "
                               "(--depth-maps, --depth-normalize, --control-during-inversion): invert the video "
                               "with this edit's settings")
-        plan = self._plan(clip, config)
+        plan = self._plan(clip, config, conditions)
         checkpoint = self._checkpointer(clip, config, interrupt, conditions)   # a mismatching checkpoint fails here
         if checkpoint is not None:
             plan = checkpoint.keep_plan(plan)

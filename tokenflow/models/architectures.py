@@ -12,12 +12,18 @@ so the weights' size and the layers' shapes are known and nothing is allocated o
 * Text encoder: CLIP ViT-L/14's (SD 1.5: 12 layers of 768) or OpenCLIP ViT-H/14's as SD 2.x
   ships it (23 layers of 1024): ``[1, 77, 768]`` / ``[1, 77, 1024]``.
 
-SD 2.0-base and 2.1-base share one architecture (2.1 is 2.0 fine-tuned).
+SD 2.0-base and 2.1-base share one architecture (2.1 is 2.0 fine-tuned). SD 2-depth is SD 2-base
+with a 5-channel UNet input (latents and a depth map: ``[N, 5, H/8, W/8]``), otherwise the same.
+
+ControlNets a plan cannot load (``controlnet_stand_ins``) stand in with their ``config.json`` when it is
+on this machine (a folder, or the Hugging Face cache), else with the shape ``ControlNetModel.from_unet``
+gives the model's UNet (what every SD 1.5 / 2.1 ControlNet has), on the ``meta`` device.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,6 +38,7 @@ _SD_UNET_COMMON = dict(SD_UNET_LAYOUT, sample_size=64, block_out_channels=(320, 
 SD15_UNET = dict(_SD_UNET_COMMON, attention_head_dim=8, cross_attention_dim=768, use_linear_projection=False)
 SD21_UNET = dict(_SD_UNET_COMMON, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
                  use_linear_projection=True)
+SD2_DEPTH_UNET = dict(SD21_UNET, in_channels=5)
 
 SD_VAE = dict(SD_VAE_LAYOUT, sample_size=512, block_out_channels=(128, 256, 512, 512), norm_num_groups=32)
 
@@ -39,12 +46,14 @@ SD_VAE = dict(SD_VAE_LAYOUT, sample_size=512, block_out_channels=(128, 256, 512,
 ARCHITECTURES: Dict[str, tuple] = {
     "sd15": (SD15_UNET, 768, 12, "quick_gelu"),
     "sd21": (SD21_UNET, 1024, 16, "gelu"),
+    "sd2-depth": (SD2_DEPTH_UNET, 1024, 16, "gelu"),
 }
 # the released text encoders: (layers, projection dim); vocabulary and positions are CLIP's
-TEXT_ENCODERS = {"sd15": (12, 768), "sd21": (23, 512)}
+TEXT_ENCODERS = {"sd15": (12, 768), "sd21": (23, 512), "sd2-depth": (23, 512)}
 CLIP_VOCAB, CLIP_POSITIONS = 49408, 77
 # what each named version is, by its short name and its Hub id
-NAMES = {"1.5": ("sd15", "SD 1.5"), "2.0": ("sd21", "SD 2.0-base"), "2.1": ("sd21", "SD 2.1-base")}
+NAMES = {"1.5": ("sd15", "SD 1.5"), "2.0": ("sd21", "SD 2.0-base"), "2.1": ("sd21", "SD 2.1-base"),
+         "2-depth": ("sd2-depth", "SD 2-depth")}
 
 
 def architecture_of(model: str) -> Optional[tuple]:
@@ -57,7 +66,7 @@ def architecture_of(model: str) -> Optional[tuple]:
 
 
 def meta_model(arch: str, name: str, device: torch.device, dtype: torch.dtype) -> SDModel:
-    """An ``SDModel`` of ``arch`` ("sd15"/"sd21") whose weights are all on the ``meta`` device: sizes
+    """An ``SDModel`` of ``arch`` ("sd15"/"sd21"/"sd2-depth") whose weights are all on the ``meta`` device: sizes
     and shapes only. ``device``/``dtype`` are what the plan is for; its modules cannot run."""
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415  start-up time (as models.load)
     from transformers import CLIPTextConfig, CLIPTextModel  # noqa: PLC0415  start-up time
@@ -91,3 +100,74 @@ def weights_on_disk(model: str) -> bool:
         return False
     root = Path(folder)
     return all((root / c).is_dir() for c in COMPONENTS) and any((root / "unet").glob("*.safetensors"))
+
+
+def controlnet_model(spec: str) -> str:
+    """The model part of a ``--controlnet MODEL[:SCALE]`` value."""
+    model, sep, scale = str(spec).rpartition(":")
+    try:
+        float(scale)
+    except ValueError:
+        return str(spec)
+    return model if sep and model else str(spec)
+
+
+def _local_controlnet_config(model: str) -> Optional[dict]:
+    """A ControlNet's ``config.json`` found on this machine without downloading: a folder's, or the
+    Hugging Face cache's for a Hub id; None for a single file or a model not here."""
+    path = Path(model).expanduser()
+    found = path / "config.json" if path.is_dir() else None
+    if found is None and not path.exists() and model.count("/") == 1:
+        try:
+            from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415  start-up time
+
+            cached = try_to_load_from_cache(model, "config.json")
+            found = Path(cached) if isinstance(cached, str) else None
+        except Exception:   # an id the hub library refuses: no config here
+            found = None
+    if found is None or not found.is_file():
+        return None
+    try:
+        config = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and config.get("_class_name", "ControlNetModel") == "ControlNetModel" \
+        else None
+
+
+def controlnet_from_unet_config(unet) -> dict:
+    """The config ``ControlNetModel.from_unet(unet)`` gives, with the UNet's latent channels as its
+    input (a depth UNet's fifth channel is no ControlNet input)."""
+    from diffusers import ControlNetModel  # noqa: PLC0415  start-up time
+
+    with torch.device("meta"), quiet_hf_libraries():
+        net = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    config = {k: v for k, v in dict(net.config).items() if not k.startswith("_")}
+    config["in_channels"] = int(unet.config.out_channels)
+    return config
+
+
+def controlnet_stand_ins(specs: Sequence[str], unet, dtype: torch.dtype) -> Tuple[List[torch.nn.Module], str]:
+    """Weightless (``meta``) ControlNets of the shapes the ``--controlnet`` values ``specs`` will
+    load, for a memory plan made before they load; and a note of where each shape came from."""
+    from diffusers import ControlNetModel  # noqa: PLC0415  start-up time
+
+    nets, sources = [], []
+    fallback = None
+    for spec in specs:
+        config = _local_controlnet_config(controlnet_model(spec))
+        if config is None:
+            fallback = fallback or controlnet_from_unet_config(unet)
+        try:
+            with torch.device("meta"), quiet_hf_libraries():
+                net = ControlNetModel.from_config(config or fallback).to(dtype)
+        except Exception:   # a config diffusers cannot build: the loader will say so; plan the usual shape
+            fallback = fallback or controlnet_from_unet_config(unet)
+            config = None
+            with torch.device("meta"), quiet_hf_libraries():
+                net = ControlNetModel.from_config(fallback).to(dtype)
+        nets.append(net)
+        sources.append("its config" if config is not None else "the model's UNet's shape")
+    counts = {s: sources.count(s) for s in dict.fromkeys(sources)}
+    note = "planned from " + " and ".join(f"{s}" if len(sources) == 1 else f"{s} ({n})" for s, n in counts.items())
+    return nets, note + ", not loaded"

@@ -478,7 +478,7 @@ def check_unet_layout(unet, name: str) -> None:
     from diffusers.models.attention import BasicTransformerBlock  # noqa: PLC0415  start-up time (see component_loader)
 
     problems = []
-    if unet.config.in_channels != 4:
+    if unet.config.in_channels not in (4, 5):   # 5: a depth model (latents + depth); the depth branch words this
         problems.append(f"{unet.config.in_channels} input channels instead of 4 "
                         "(inpainting / depth models are not supported)")
     up_blocks = list(getattr(unet, "up_blocks", []))
