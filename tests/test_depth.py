@@ -190,3 +190,29 @@ def test_compile_backend_gives_the_eager_depth_edit(clip, raw, npy_edit, tmp_pat
                           capsys)
     assert "UNet: compile" in err
     np.testing.assert_allclose(latents, npy_edit, rtol=0, atol=1e-4 * np.abs(npy_edit).max())
+
+
+def test_outputs_never_overwrite_the_depth_maps(clip, raw, tmp_path, capsys):
+    import shutil
+
+    maps = tmp_path / "maps.npy"
+    shutil.copy(raw["npy"], maps)
+    before = maps.read_bytes()
+    args = edit(clip, tmp_path, "--depth-maps", maps, "--overwrite")
+    args[args.index("--save-latents") + 1] = str(maps)
+    assert main(args) == 5
+    err = capsys.readouterr().err
+    assert "depth maps" in err and maps.read_bytes() == before
+
+
+def test_job_file_depth_keys(tmp_path):
+    from tokenflow.app.jobfile.load import load_job
+
+    job = tmp_path / "jobs" / "depth.yaml"
+    job.parent.mkdir()
+    job.write_text("video: clip.mp4\noutput: out.mp4\nprompt: glass\nmodel: tiny-depth\n"
+                   "depth-maps: maps/raw.npy\ndepth_model: Intel/dpt-hybrid-midas\ndepth_normalize: clip\n")
+    config = load_job(str(job)).config
+    assert config.depth_maps == str(job.parent / "maps" / "raw.npy")   # relative to the job file
+    assert config.depth_model == "Intel/dpt-hybrid-midas"                # a Hub id stays one
+    assert config.depth_normalize == "clip" and config.model == "tiny-depth"
