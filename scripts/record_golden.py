@@ -188,7 +188,8 @@ def record(folder: Path, model: Path, cross_checks: list, upstream_commit: str, 
             "patches": [f"{p['file']}: {p['why']}" if isinstance(p, dict) else p for p in result.get("patches", [])],
             "command": harness_command(f"<dir>/{args['frames_dir']}", f"<dir>/{args['model']}", "<out>",
                                        result.get("stack", "new"), "<dir>/raw.npy" if depth else ""),
-            "recorded_by": "scripts/record_golden.py record <out> --model <dir>/" + str(args["model"]),
+            "recorded_by": "scripts/record_golden.py record <out> " + ("--depth " if depth else "")
+                           + "--model <dir>/" + str(args["model"]),
         },
         "cross_checks": {},
     }

@@ -164,6 +164,8 @@ def test_depth_maps_need_a_depth_model_and_a_missing_dpt_says_how_to_get_it(clip
               "no depth model", "--model 2-depth")
     run_fails(edit(clip, tmp_path / "b", "--depth-model", "Intel/dpt-hybrid-midas"), capsys, 4,
               "Intel/dpt-hybrid-midas", "download Intel/dpt-hybrid-midas", "--depth-maps")
+    run_fails(edit(clip, tmp_path / "c", "--depth-model", tmp_path / "no-dpt"), capsys, 4,
+              "--depth-model", "does not exist")
 
 
 def test_layout_check_takes_depth_unets_and_names_other_channel_counts(tmp_path):

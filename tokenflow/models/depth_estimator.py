@@ -52,8 +52,9 @@ def depth_model_location(spec: Optional[str], model_path: Optional[Path]) -> Tup
     local = Path(spec).expanduser()
     if looks_like_path(spec) or local.exists():
         if not local.is_dir():
-            raise ModelError(f"--depth-model '{spec}' is no folder: give a DPT model folder (config.json + "
-                             "weights), a depth pipeline folder with depth_estimator/, or a Hub id")
+            what = "is a file, not a folder" if local.exists() else "does not exist"
+            raise ModelError(f"--depth-model '{spec}' {what}: give a DPT model folder (config.json + weights), "
+                             "a depth pipeline folder with depth_estimator/, or a Hub id")
         if (local / ESTIMATOR_FOLDER).is_dir():
             processor = local / PROCESSOR_FOLDER
             return (str(local / ESTIMATOR_FOLDER), str(processor if processor.is_dir() else local / ESTIMATOR_FOLDER),
