@@ -20,6 +20,19 @@ edit_tensors.pt for the input pixels).
     python scripts/record_golden.py record /tmp/golden/ref_new --model /tmp/golden/tiny-sd \\
         --cross-check "threads 2=/tmp/golden/ref_new_t2" [--upstream-commit SHA] [--json tests/data/golden_original.json]
 
+Depth variant (tests/test_golden_depth.py, tests/data/golden_original_depth.json): the same clip and
+settings with the tiny DEPTH model (``build_tiny_model(DIR, seed=0, depth=True)`` = ``--model tiny-depth``)
+and injected raw depth maps (``make_raw_depth`` of the test, frame resolution), the original in
+``--sd_version depth --raw_depth raw.npy`` mode:
+
+    python scripts/record_golden.py frames /tmp/gd/clip/golden_clip --depth /tmp/gd/raw.npy
+    python -c "from pathlib import Path; from tokenflow.models.tiny import build_tiny_model; \\
+               build_tiny_model(Path('/tmp/gd/tiny-sd-depth'), seed=0, depth=True)"
+    python scripts/record_golden.py command --depth /tmp/gd/raw.npy --frames-dir /tmp/gd/clip/golden_clip \\
+        --model /tmp/gd/tiny-sd-depth --out /tmp/gd/ref_new
+    python scripts/record_golden.py record /tmp/gd/ref_new --depth --model /tmp/gd/tiny-sd-depth \\
+        --cross-check "threads 2=/tmp/gd/ref_new_t2"
+
 Why --stack new (the harness's venv-new: diffusers 0.42 / transformers 5) and not the diffusers 0.19.3
 stack: the tiny folder written by tokenflow under transformers 5 stores the CLIP text encoder's
 weights without the ``text_model.`` prefix, which transformers 4.31 does not recognise: it warns and
@@ -38,6 +51,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "tests" / "data" / "golden_original.json"
+DEPTH_JSON = ROOT / "tests" / "data" / "golden_original_depth.json"
 
 # the edit of the golden test (the harness's argument names)
 SETTINGS = dict(n_frames=8, H=64, W=96, inversion_steps=20, save_steps=5, edit_steps=5, batch_size=4,
@@ -58,9 +72,18 @@ def golden_test_module():
     return test_golden_original
 
 
-def harness_command(frames_dir: str, model: str, out: str, stack: str = "new") -> str:
+def golden_depth_module():
+    sys.path.insert(0, str(ROOT))
+    from tests import test_golden_depth
+
+    return test_golden_depth
+
+
+def harness_command(frames_dir: str, model: str, out: str, stack: str = "new", raw_depth: str = "") -> str:
     s = SETTINGS
     args = ["$PYTHON", "$RUN_REFERENCE", "--model", model, "--frames_dir", frames_dir, "--out", out]
+    if raw_depth:
+        args += ["--sd_version", "depth", "--raw_depth", raw_depth]
     for name in ("n_frames", "H", "W", "inversion_steps", "save_steps", "edit_steps", "batch_size", "pnp_attn_t",
                  "pnp_f_t", "seed", "threads", "inversion_prompt", "prompt", "negative_prompt"):
         args += [f"--{name}", str(s[name])]
@@ -111,12 +134,14 @@ def check_input_pixels(folder: Path, frames: np.ndarray) -> None:
         raise SystemExit("the original read other pixels than make_golden_frames gives (resized or other frames?)")
 
 
-def record(folder: Path, model: Path, cross_checks: list, upstream_commit: str) -> dict:
+def record(folder: Path, model: Path, cross_checks: list, upstream_commit: str, depth: bool = False) -> dict:
     tests = golden_test_module()
     run = load_run(folder)
     result, final = run["result"], run["final"]
     args = result["args"]
     check_settings(args)
+    if depth != (args.get("sd_version") == "depth"):
+        raise SystemExit(f"the harness run used --sd_version {args.get('sd_version')}; record --depth needs depth")
     frames = tests.make_golden_frames(SETTINGS["n_frames"], SETTINGS["W"], SETTINGS["H"], GENERATOR_SEED)
     check_input_pixels(folder, frames)
     if result["edit"]["n_frames_used"] != SETTINGS["n_frames"]:
@@ -162,11 +187,14 @@ def record(folder: Path, model: Path, cross_checks: list, upstream_commit: str) 
             "torch_num_threads": result.get("torch_num_threads"),
             "patches": [f"{p['file']}: {p['why']}" if isinstance(p, dict) else p for p in result.get("patches", [])],
             "command": harness_command(f"<dir>/{args['frames_dir']}", f"<dir>/{args['model']}", "<out>",
-                                       result.get("stack", "new")),
-            "recorded_by": "scripts/record_golden.py record <out> --model <dir>/" + str(args["model"]),
+                                       result.get("stack", "new"), "<dir>/raw.npy" if depth else ""),
+            "recorded_by": "scripts/record_golden.py record <out> " + ("--depth " if depth else "")
+                           + "--model <dir>/" + str(args["model"]),
         },
         "cross_checks": {},
     }
+    if depth:
+        add_depth(golden, folder, result, frames)
     for label, other in cross_checks:
         other_run = load_run(Path(other))
         check_settings(dict(other_run["result"]["args"], threads=SETTINGS["threads"]))
@@ -176,6 +204,31 @@ def record(folder: Path, model: Path, cross_checks: list, upstream_commit: str) 
             transformers=other_run["result"]["versions"].get("transformers"),
             threads=other_run["result"].get("torch_num_threads"))
     return golden
+
+
+def add_depth(golden: dict, folder: Path, result: dict, frames: np.ndarray) -> None:
+    """The depth run's extra fields: the raw maps it was given (they must be the test's), the maps
+    that entered its UNet (all of them: [N,1,h,w] is small), the harness's check of the UNet input."""
+    depth_tests = golden_depth_module()
+    raw = np.load(folder / "depth_raw.npy")
+    expected = depth_tests.make_raw_depth(frames)
+    if raw.shape != expected.shape or not np.array_equal(raw, expected):
+        raise SystemExit("the original got other raw depth maps than make_raw_depth gives (--raw_depth raw.npy?)")
+    maps = np.load(folder / "depth_maps.npy")
+    info = result["depth"]
+    golden["what"] = golden["what"].replace("the tiny model (seed 0)", "the tiny DEPTH model (tiny-depth, seed 0)") \
+        .replace("tests/test_golden_original.py", "tests/test_golden_depth.py") + \
+        ", with injected raw depth maps (make_raw_depth)"
+    golden["model"]["builder"] = "tokenflow tiny depth model (build_tiny_model(DIR, seed=0, depth=True) = --model tiny-depth)"
+    golden["depth"] = {
+        "raw": {"generator": "tests/test_golden_depth.py:make_raw_depth", "shape": list(raw.shape),
+                "sha256": depth_tests.array_sha256(raw), "min": f32(raw.min()), "max": f32(raw.max())},
+        "maps": {"shape": list(maps.shape), "sha256": depth_tests.array_sha256(maps),
+                 "values": [f32(v) for v in maps.reshape(-1)]},
+        "edit_maps_equal_preprocess_maps": info.get("edit_maps_equal_preprocess_maps"),
+        "unet_input": info.get("unet_input"),
+        "source": info.get("source"), "stage_injected": info.get("stage_injected"),
+    }
 
 
 def dumps(content: dict) -> str:
@@ -190,31 +243,38 @@ def main() -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_frames = sub.add_parser("frames", help="write the golden clip as numbered PNGs into DIR")
     p_frames.add_argument("dir")
+    p_frames.add_argument("--depth", metavar="RAW_NPY", help="also write the golden raw depth maps (depth variant)")
     p_cmd = sub.add_parser("command", help="print the harness command of the golden run")
     p_cmd.add_argument("--frames-dir", required=True)
     p_cmd.add_argument("--model", required=True)
     p_cmd.add_argument("--out", required=True)
     p_cmd.add_argument("--stack", default="new")
+    p_cmd.add_argument("--depth", metavar="RAW_NPY", default="", help="the depth variant with these raw maps")
     p_rec = sub.add_parser("record", help="write the golden JSON from a harness output folder")
     p_rec.add_argument("out", help="--out folder of run_reference.py")
     p_rec.add_argument("--model", required=True, help="the tiny model folder the run used")
     p_rec.add_argument("--cross-check", action="append", default=[], metavar="LABEL=DIR",
                        help="another harness run of the same edit, reported against the golden run")
     p_rec.add_argument("--upstream-commit", default=UPSTREAM_COMMIT)
-    p_rec.add_argument("--json", default=str(DEFAULT_JSON))
+    p_rec.add_argument("--depth", action="store_true", help="a --sd_version depth run (default JSON: "
+                       "tests/data/golden_original_depth.json)")
+    p_rec.add_argument("--json", default=None)
     args = parser.parse_args()
 
     if args.cmd == "frames":
         tests = golden_test_module()
         frames = tests.make_golden_frames(SETTINGS["n_frames"], SETTINGS["W"], SETTINGS["H"], GENERATOR_SEED)
         print(tests.write_golden_frames(Path(args.dir), frames))
+        if args.depth:
+            np.save(args.depth, golden_depth_module().make_raw_depth(frames))
+            print(args.depth)
         return 0
     if args.cmd == "command":
-        print(harness_command(args.frames_dir, args.model, args.out, args.stack))
+        print(harness_command(args.frames_dir, args.model, args.out, args.stack, args.depth))
         return 0
     cross = [tuple(item.split("=", 1)) for item in args.cross_check]
-    golden = record(Path(args.out), Path(args.model), cross, args.upstream_commit)
-    path = Path(args.json)
+    golden = record(Path(args.out), Path(args.model), cross, args.upstream_commit, args.depth)
+    path = Path(args.json or (DEPTH_JSON if args.depth else DEFAULT_JSON))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dumps(golden) + "\n", encoding="utf-8")
     print(f"wrote {path} ({path.stat().st_size} bytes): keyframes {golden['keyframes']}, "

@@ -28,6 +28,8 @@ INPUT_FIELDS = {
     "model": ("model folder", True),
     "clip_model": ("CLIP model folder", True),
     "model_config": ("--model-config folder", True),
+    "depth_maps": ("depth maps", False),
+    "depth_model": ("depth model folder", True),
 }
 # fields a job writes besides its videos (per prompt where the job has several), in the order of the checks
 OUTPUT_FIELDS = ("save_latents", "save_frames", "report", "checkpoint_dir")
@@ -37,7 +39,7 @@ _OWN_FILES_ONLY = ("checkpoint_dir",)
 _WHOLE_FOLDERS = ("save_frames", "report")
 ALIAS_ADVICE = ("tokenflow never writes over or into an input, with or without --overwrite: "
                 "choose an output path outside the job's inputs")
-_TINY = re.compile(r"^tiny(?::.*)?$")
+_TINY = re.compile(r"^tiny(?:-depth)?(?::.*)?$")
 
 
 # ----------------------------------------------------------------------------- what a job reads and writes

@@ -34,8 +34,13 @@ HUB_ALLOW_PATTERNS = [
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    # SD 2 depth: its DPT depth estimator (the default of --depth-model) and its image processor
+    *(f"{component}/*{suffix}" for component in ("depth_estimator", "feature_extractor")
+      for suffix in CONFIG_SUFFIXES),
+    "depth_estimator/model.safetensors",
 ]
-_TINY_PATTERN = re.compile(r"^tiny(?::(.*))?$")
+# tiny[:SEED] or tiny-depth[:SEED] (group 1: "-depth" or None, group 2: the seed text)
+_TINY_PATTERN = re.compile(r"^tiny(-depth)?(?::(.*))?$")
 # torch >= 2.5 names it torch.OutOfMemoryError; older releases only have the CUDA alias
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -155,7 +160,7 @@ def model_kind(model: str) -> Tuple[str, Optional[str]]:
     model = str(model).strip()
     tiny_match = _TINY_PATTERN.match(model)
     if tiny_match:
-        return "tiny", tiny_match.group(1)
+        return "tiny", tiny_match.group(2)
     refuse_known_v_prediction(model)
     if model in SD_VERSIONS:
         return "hub", SD_VERSIONS[model]
@@ -167,21 +172,27 @@ def model_kind(model: str) -> Tuple[str, Optional[str]]:
 
 
 def tiny_source(model: str, seed_text: Optional[str]) -> ModelSource:
-    seed = _tiny_seed(model, seed_text)
-    folder = tiny.tiny_model_dir(seed)
-    return ModelSource(model, folder, tiny.tiny_identity(seed), is_tiny=True)
+    seed, depth = _tiny_seed(model, seed_text), _tiny_is_depth(model)
+    folder = tiny.tiny_model_dir(seed, depth=depth)
+    return ModelSource(model, folder, tiny.tiny_identity(seed, depth), is_tiny=True)
+
+
+def _tiny_is_depth(model: str) -> bool:
+    """``tiny-depth[:SEED]``: the tiny SD-2-depth model (5-channel UNet and a tiny DPT)."""
+    return model.startswith("tiny-depth")
 
 
 def _tiny_seed(model: str, seed_text: Optional[str]) -> int:
     try:
         return 0 if seed_text is None else int(seed_text)
     except ValueError:
+        name = "tiny-depth" if _tiny_is_depth(model) else "tiny"
         raise ModelError(f"bad model '{model}': the tiny model's seed must be an integer, "
-                         "e.g. --model tiny:1") from None
+                         f"e.g. --model {name}:1") from None
 
 
 def _tiny_identity(model: str, seed_text: Optional[str]) -> str:
-    return tiny.tiny_identity(_tiny_seed(model, seed_text))
+    return tiny.tiny_identity(_tiny_seed(model, seed_text), _tiny_is_depth(model))
 
 
 def looks_like_path(model: str) -> bool:
@@ -471,16 +482,21 @@ def major_minor(package: str) -> tuple[int, int]:
 def check_unet_layout(unet, name: str) -> None:
     """Raise ModelError unless ``unet`` has the SD 1.x/2.x layout TokenFlow hooks into.
 
-    Needed: 4 input channels, 4 up blocks, ``up_blocks[1].resnets[1]`` (conv injection),
+    Needed: 4 input channels (or 5: 4 latent + 1 depth, SD 2 depth) and 4 output channels, 4 up
+    blocks, ``up_blocks[1].resnets[1]`` (conv injection),
     3 single-block transformers in each of ``up_blocks[1..3]`` (QK injection) and 16
     ``BasicTransformerBlock``s in total (extended attention / propagation).
     """
     from diffusers.models.attention import BasicTransformerBlock  # noqa: PLC0415  start-up time (see component_loader)
 
     problems = []
-    if unet.config.in_channels not in (4, 5):   # 5: a depth model (latents + depth); the depth branch words this
-        problems.append(f"{unet.config.in_channels} input channels instead of 4 "
-                        "(inpainting / depth models are not supported)")
+    in_channels, out_channels = unet.config.in_channels, unet.config.out_channels
+    if in_channels not in (4, 5):
+        what = " (an inpainting model: not supported)" if in_channels == 9 else ""
+        problems.append(f"{in_channels} input channels instead of 4 (or 5 for a depth model: 4 latent + 1 "
+                        f"depth){what}")
+    if out_channels != 4:
+        problems.append(f"{out_channels} output channels instead of 4")
     up_blocks = list(getattr(unet, "up_blocks", []))
     if len(up_blocks) != 4:
         problems.append(f"{len(up_blocks)} up blocks instead of 4")

@@ -15,6 +15,13 @@ Weights, tokenizer and scheduler follow the one random-weight recipe of
 but deterministic, every parameter drawn from its own generator seeded by
 ``sha256(seed, component, parameter name)``, so they depend neither on module construction order
 nor on the diffusers / transformers version. Outputs are *not* real edits.
+
+The depth variant (``--model tiny-depth[:SEED]``, ``depth=True``) has the layout of
+stabilityai/stable-diffusion-2-depth: the same components with a UNet of 5 input channels (4 latent
++ 1 depth; ``conv_in`` ``[32,5,3,3]``, every other tensor equal to the plain tiny model's), a tiny
+random ``DPTForDepthEstimation`` in ``depth_estimator/`` (ViT, hidden size 32, 4 layers, 32x32
+input -> ``[N, 64, 64]`` depth) and its ``DPTImageProcessor`` in ``feature_extractor/``;
+``model_index.json`` names ``StableDiffusionDepth2ImgPipeline``.
 """
 from __future__ import annotations
 
@@ -32,8 +39,10 @@ from tokenflow.models.layouts import SD_UNET_LAYOUT, SD_VAE_LAYOUT
 # cached folders carry it in their name and marker, so stale ones are rebuilt.
 RECIPE = 1
 KIND = "tiny-sd21"
+DEPTH_KIND = "tiny-sd2-depth"
 MARKER_NAME = "tokenflow_tiny.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DEPTH_COMPONENTS = COMPONENTS + ("depth_estimator", "feature_extractor")
 
 UNET_CONFIG = dict(
     SD_UNET_LAYOUT,
@@ -47,6 +56,16 @@ UNET_CONFIG = dict(
 )
 
 VAE_CONFIG = dict(SD_VAE_LAYOUT, sample_size=128, block_out_channels=(16, 32, 32, 32), norm_num_groups=8)
+
+DEPTH_UNET_CONFIG = dict(UNET_CONFIG, in_channels=5)   # 4 latent channels + 1 depth channel; 4 out
+
+# the tiny DPT (transformers DPTConfig; plain ViT backbone, 4 layers, all four feed the neck)
+DPT_CONFIG = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                  image_size=32, patch_size=8, backbone_out_indices=[0, 1, 2, 3], is_hybrid=False,
+                  neck_hidden_sizes=[8, 16, 32, 32], reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=16)
+DPT_PROCESSOR = dict(do_resize=True, size={"height": 32, "width": 32}, keep_aspect_ratio=False,
+                     ensure_multiple_of=1, resample=3, do_rescale=True, rescale_factor=1 / 255,
+                     do_normalize=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 # CLIP text encoder widths (random_weights.clip_text_encoder): prompt embeddings [1, 77, 32]
 TEXT_ENCODER = dict(hidden=32, intermediate=64, layers=2, heads=2, act="gelu")
@@ -64,9 +83,23 @@ MODEL_INDEX = {
 }
 
 
-def marker(seed: int) -> dict:
+# like stabilityai/stable-diffusion-2-depth's (no safety checker in a depth2img pipeline)
+DEPTH_MODEL_INDEX = {
+    **{k: v for k, v in MODEL_INDEX.items() if k not in ("requires_safety_checker", "safety_checker")},
+    "_class_name": "StableDiffusionDepth2ImgPipeline",
+    "depth_estimator": ["transformers", "DPTForDepthEstimation"],
+    "feature_extractor": ["transformers", "DPTImageProcessor"],
+}
+
+
+def kind_of(depth: bool) -> str:
+    return DEPTH_KIND if depth else KIND
+
+
+def marker(seed: int, depth: bool = False) -> dict:
     """The contents of ``MARKER_NAME``: what the folder is (written last: its presence means complete)."""
-    return {"kind": KIND, "seed": seed, "recipe": RECIPE, "note": "random weights: outputs are not real edits"}
+    return {"kind": kind_of(depth), "seed": seed, "recipe": RECIPE,
+            "note": "random weights: outputs are not real edits"}
 
 
 def read_marker(folder: Path) -> Optional[dict]:
@@ -78,8 +111,9 @@ def read_marker(folder: Path) -> Optional[dict]:
     return marker if isinstance(marker, dict) else None
 
 
-def write_pipeline(folder: Path, seed: int) -> None:
-    """Write the complete pipeline folder (marker last) into an existing empty ``folder``."""
+def write_pipeline(folder: Path, seed: int, depth: bool = False) -> None:
+    """Write the complete pipeline folder (marker last) into an existing empty ``folder``; ``depth``:
+    the SD-2-depth layout (5-channel UNet, tiny DPT)."""
     import diffusers  # noqa: PLC0415  start-up time: models.load imports this module; diffusers loads only to build
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415  (as above)
 
@@ -87,20 +121,36 @@ def write_pipeline(folder: Path, seed: int) -> None:
 
     random_weights.write_tokenizer(folder / "tokenizer")
     random_weights.write_scheduler(folder / "scheduler")
-    unet = random_weights.build_random(lambda: UNet2DConditionModel(**UNET_CONFIG), seed, "unet")
+    unet_config = DEPTH_UNET_CONFIG if depth else UNET_CONFIG
+    unet = random_weights.build_random(lambda: UNet2DConditionModel(**unet_config), seed, "unet")
     vae = random_weights.build_random(lambda: AutoencoderKL(**VAE_CONFIG), seed, "vae")
     text_encoder = random_weights.clip_text_encoder(seed, "text_encoder", **TEXT_ENCODER)
     for component, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         model.eval().save_pretrained(folder / component, safe_serialization=True)
-    random_weights.write_json(folder / "model_index.json", {"_diffusers_version": diffusers.__version__, **MODEL_INDEX})
-    random_weights.write_json(folder / MARKER_NAME, marker(seed))
+    if depth:
+        write_depth_estimator(folder, seed)
+    index = DEPTH_MODEL_INDEX if depth else MODEL_INDEX
+    random_weights.write_json(folder / "model_index.json", {"_diffusers_version": diffusers.__version__, **index})
+    random_weights.write_json(folder / MARKER_NAME, marker(seed, depth))
+
+
+def write_depth_estimator(folder: Path, seed: int) -> None:
+    """The tiny random DPT into ``folder/depth_estimator`` and its processor into ``feature_extractor``."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor  # noqa: PLC0415  (as above)
+
+    from tokenflow.models import random_weights  # noqa: PLC0415  (as above)
+
+    dpt = random_weights.build_random(lambda: DPTForDepthEstimation(DPTConfig(**DPT_CONFIG)), seed, "depth_estimator")
+    dpt.eval().save_pretrained(folder / "depth_estimator", safe_serialization=True)
+    DPTImageProcessor(**DPT_PROCESSOR).save_pretrained(folder / "feature_extractor")
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def build_tiny_model(folder: Union[str, os.PathLike], seed: int = 0) -> Path:
-    """Build the tiny pipeline into ``folder`` (replacing it) and return its path.
+def build_tiny_model(folder: Union[str, os.PathLike], seed: int = 0, depth: bool = False) -> Path:
+    """Build the tiny pipeline (``depth``: the tiny SD-2-depth one) into ``folder`` (replacing it)
+    and return its path.
 
     The folder is written under a temporary sibling name and swapped into place
     (``io.outputs.atomic_path``), so readers never see a half-written model: if the marker is
@@ -110,29 +160,29 @@ def build_tiny_model(folder: Union[str, os.PathLike], seed: int = 0) -> Path:
     with atomic_path(folder, make_parents=True) as staging:
         staging.mkdir()
         with quiet_hf_libraries():
-            write_pipeline(staging, seed)
+            write_pipeline(staging, seed, depth)
     return folder
 
 
-def tiny_model_dir(seed: int = 0, root: Union[str, os.PathLike, None] = None) -> Path:
-    """Path of the cached tiny model for ``seed``; built on first use, reused afterwards."""
+def tiny_model_dir(seed: int = 0, root: Union[str, os.PathLike, None] = None, depth: bool = False) -> Path:
+    """Path of the cached tiny model (``depth``: tiny-depth) for ``seed``; built on first use, reused afterwards."""
     root = Path(root).expanduser() if root is not None else default_cache_root() / "models"
-    folder = root / f"{KIND}-seed{seed}-r{RECIPE}"
-    if not is_tiny_model_dir(folder, seed):
-        build_tiny_model(folder, seed)
+    folder = root / f"{kind_of(depth)}-seed{seed}-r{RECIPE}"
+    if not is_tiny_model_dir(folder, seed, depth):
+        build_tiny_model(folder, seed, depth)
     return folder
 
 
-def is_tiny_model_dir(folder: Union[str, os.PathLike], seed: Optional[int] = None) -> bool:
-    """True if ``folder`` holds a complete tiny model of the current recipe (and ``seed``)."""
+def is_tiny_model_dir(folder: Union[str, os.PathLike], seed: Optional[int] = None, depth: bool = False) -> bool:
+    """True if ``folder`` holds a complete tiny model (``depth``: tiny-depth) of the current recipe (and ``seed``)."""
     marker = read_marker(Path(folder))
-    if marker is None or marker.get("kind") != KIND or marker.get("recipe") != RECIPE:
+    if marker is None or marker.get("kind") != kind_of(depth) or marker.get("recipe") != RECIPE:
         return False
     if seed is not None and marker.get("seed") != seed:
         return False
-    return all((Path(folder) / component).is_dir() for component in COMPONENTS)
+    return all((Path(folder) / component).is_dir() for component in (DEPTH_COMPONENTS if depth else COMPONENTS))
 
 
-def tiny_identity(seed: int) -> str:
-    """Cache-key fingerprint of the tiny model: fully determined by seed and recipe."""
-    return f"{KIND}:seed{seed}:r{RECIPE}"
+def tiny_identity(seed: int, depth: bool = False) -> str:
+    """Cache-key fingerprint of the tiny model: fully determined by kind, seed and recipe."""
+    return f"{kind_of(depth)}:seed{seed}:r{RECIPE}"

@@ -104,7 +104,8 @@ def _example(tokenflow: TokenFlowUNet, spec: dict, frames: int = 2):
     b = spec["n_branches"] or 1
     m = Dim("frames", min=1, max=MAX_ROWS // b)
     rows = b * frames
-    base = (torch.randn(rows, 4, h, w, device=dev, dtype=dt), timestep_tensor(501, dev),
+    channels = int(tokenflow.unet.config.in_channels)   # 4, or 5 for a depth model (latents + depth)
+    base = (torch.randn(rows, channels, h, w, device=dev, dtype=dt), timestep_tensor(501, dev),
             torch.randn(rows, 77, spec["text_dim"], device=dev, dtype=dt))
     dyn = {"sample": {0: b * m}, "timestep": None, "text": {0: b * m}}
     if spec["pass"] == "plain":
