@@ -329,14 +329,11 @@ def test_controlnet_attention_keeps_diffusers_processors(tiny_sd, nets):
 
 
 def test_control_depth_uses_the_raw_depth_maps(edit, nets, tmp_path):
-    """--control depth: the depth maps of method.depth.raw_depth_maps (here --depth-maps), normalised
-    per frame. Needs the depth work (method.depth); until it is merged this test is xfail."""
+    """--control depth: the depth maps of method.depth.raw_depth_maps (here --depth-maps on a model
+    without a depth input), normalised per frame."""
     raw = np.random.default_rng(1).random((4, 64, 64), dtype=np.float32)
     np.save(tmp_path / "raw.npy", raw)
     code, err, latents = edit("--controlnet", nets / "A", "--control", "depth", "--depth-maps", tmp_path / "raw.npy",
                               cached=False)
-    if "not supported yet" in err or "is no depth model" in err:   # the skeleton of method.depth
-        pytest.xfail("needs the depth work: method.depth.raw_depth_maps, and --depth-maps accepted for --control "
-                     "depth on a model without a depth input")
     assert code == 0, err
     assert "depth (normalised per frame)" in err and np.isfinite(latents).all()

@@ -38,12 +38,13 @@ def depth_condition(editor, clip: Clip, config: EditConfig) -> Tuple[Optional[to
     """(maps ``[N,1,h,w]`` float32 on the model's device or None, key of the maps, summary lines).
 
     None, "" and no lines for a model without a depth input; ``--depth-maps`` with such a model is
-    a ConfigError."""
+    a ConfigError unless a ``--control depth`` reads them."""
     model = editor.model
     if model.unet.config.in_channels != DEPTH_CHANNELS:
-        if config.depth_maps:
+        if config.depth_maps and "depth" not in config.controls:
             raise ConfigError(f"--depth-maps {config.depth_maps} given, but model {model.name} is no depth "
-                              "model (its UNet has no depth input): use --model 2-depth, or drop --depth-maps")
+                              "model (its UNet has no depth input) and no --control depth reads them: use --model 2-depth, "
+                              "add --controlnet MODEL --control depth, or drop --depth-maps")
         return None, "", []
     raw = raw_depth_maps(editor, clip, config)
     width, height = clip.size
