@@ -189,6 +189,32 @@ def test_relative_paths_resolve_against_the_job_folder(folder, monkeypatch):
     assert c.save_frames == str(folder / "abs") and job.name == "j"
 
 
+def test_adapter_and_control_paths_resolve_against_the_job_folder(folder, monkeypatch):
+    """lora / embedding / controlnet / control items: a local PATH (with its :SCALE or :TOKEN) is
+    resolved against the job file's folder; Hub ids and the built-in controls stay; and they are
+    inputs, so an output over one of them is refused."""
+    jobs = folder / "jobs"
+    for name in ("styles/ink.safetensors", "emb/cat.pt"):
+        (jobs / name).parent.mkdir(parents=True, exist_ok=True)
+        (jobs / name).write_bytes(b"x")
+    (jobs / "poses").mkdir()
+    monkeypatch.chdir(folder)
+    base = {"video": "../clip.mp4", "prompt": "x", "output": "out/",
+            "lora": ["styles/ink.safetensors:0.7", "someone/hub-lora"], "embedding": "emb/cat.pt:<cat>",
+            "controlnet": ["lllyasviel/sd-controlnet-canny", "nets/pose:0.5"], "control": ["canny", "poses"]}
+    job = jobfile.parse_job(base, "jobs/j.yaml")
+    assert not job.problems, job.problems
+    c = job.config
+    assert c.loras == (f"{jobs / 'styles' / 'ink.safetensors'}:0.7", "someone/hub-lora")
+    assert c.embeddings == (f"{jobs / 'emb' / 'cat.pt'}:<cat>",)
+    assert c.controlnets == ("lllyasviel/sd-controlnet-canny", "nets/pose:0.5")   # no such folder: left as given
+    assert c.controls == ("canny", str(jobs / "poses"))
+    job = jobfile.parse_job({**base, "save_frames": "poses"}, "jobs/j.yaml")
+    assert any("control image folder" in p.message for p in job.problems), job.problems
+    job = jobfile.parse_job({**base, "save_latents": "styles/ink.safetensors"}, "jobs/j.yaml")
+    assert any("LoRA weights" in p.message for p in job.problems), job.problems
+
+
 def test_folders_and_globs_expand_to_sorted_job_lists(tmp_path):
     for name in ("b.yaml", "a.yml", "c.yaml", "notes.txt", ".hidden.yaml"):
         write(tmp_path / "jobs" / name, "x: 1\n")

@@ -72,11 +72,35 @@ def _field_inputs(config: EditConfig) -> List[Tuple[str, str, str]]:
     return found
 
 
+# one-or-many fields whose items may name local files or folders ("PATH[:SCALE]", "PATH[:TOKEN]")
+SPEC_INPUTS = {"lora": "LoRA weights", "embedding": "embedding", "controlnet": "ControlNet",
+               "control": "control image folder"}
+
+
+def _spec_inputs(config: EditConfig) -> List[Tuple[str, str, str]]:
+    """(field, label, path) of the local files and folders named by the list fields (SPEC_INPUTS)."""
+    found = []
+    for name, label in SPEC_INPUTS.items():
+        for item in _as_items(getattr(config, name, ())):
+            for candidate in (item, item.rpartition(":")[0]):
+                path = os.path.expanduser(candidate) if candidate else ""
+                if path and os.path.lexists(path):
+                    found.append((name, label, path))
+                    break
+    return found
+
+
+def _as_items(value) -> List[str]:
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    return [v for v in value or () if isinstance(v, str) and v.strip()]
+
+
 def job_inputs(config: EditConfig, extra: Iterable[Optional[Pair]] = ()) -> List[Pair]:
     """Every input of a job as (label, path): the video (a file or a folder of frames), the model
     and CLIP model when they are local folders, then ``extra`` (``("--config file", path)``,
     ``("job file", path)``; ``None`` entries and empty paths are skipped)."""
-    found = [(label, path) for _, label, path in _field_inputs(config)]
+    found = [(label, path) for _, label, path in _field_inputs(config) + _spec_inputs(config)]
     return found + [(label, os.fspath(path)) for label, path in (p for p in extra if p) if path]
 
 
@@ -228,7 +252,7 @@ def root_problems(config: EditConfig, *, output_root: Optional[str] = None, inpu
             if reason:
                 problems.append((field, reason))
     if input_root:
-        for field, _, path in _field_inputs(config):
+        for field, _, path in _field_inputs(config) + _spec_inputs(config):
             reason = outside_reason(path, input_root, "--input-root")
             if reason:
                 problems.append((field, reason))

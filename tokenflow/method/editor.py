@@ -391,6 +391,8 @@ class Editor:
                                     device_type=self.model.device.type, frames_sha256=_pixels_sha256(clip.frames))
         if conditions is not None and conditions.edit.controls:   # other ControlNet weights or images: another run
             fields["controls"] = [unit.key for unit in conditions.edit.controls]
+        if conditions is not None and conditions.key:   # other depth maps (or controlled inversion): another run
+            fields["conditions"] = conditions.key
         return Checkpointer(config.checkpoint_dir, every=config.checkpoint_every, fields=fields, resume=config.resume,
                             stop=interrupt, reporter=self.reporter, strict=config.strict_resume,
                             device=self.model.device).open()

@@ -21,7 +21,7 @@ import yaml
 
 from tokenflow.app.outputs import VIDEO_SUFFIXES, prompt_outputs, resolve_output
 from tokenflow.app.paths import aliasing_problems, job_inputs, job_output_paths, root_problems
-from tokenflow.config import PRESETS, EditConfig, coerce, field_specs, kind_name
+from tokenflow.config import CONTROL_BUILTIN, PRESETS, EditConfig, coerce, field_specs, kind_name
 from tokenflow.errors import ConfigError, first_line, short_repr
 
 REQUIRED = {   # job keys that must be given, and what they are
@@ -38,6 +38,8 @@ EXTRA_KEYS = {   # job keys that are not EditConfig fields: what they accept, an
 }
 MODEL_FIELDS = ("model", "clip_model", "model_config", "depth_model")   # resolved only when they name a path next to the job file
 PATH_FIELDS = tuple(name for name, spec in field_specs().items() if spec.rule.path and name not in MODEL_FIELDS)
+# one-or-many "PATH[:SUFFIX]" fields: a local PATH is resolved against the job file's folder
+SPEC_FIELDS = ("lora", "embedding", "controlnet", "control")
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,20 @@ def _resolve(folder: Path, value: str) -> str:
     return path + os.sep if value.endswith(("/", os.sep)) and not path.endswith(os.sep) else path
 
 
+def _resolve_spec(folder: Path, item: str, key: str) -> str:
+    """A ``PATH[:SCALE]`` / ``PATH[:TOKEN]`` list item (lora, embedding, controlnet) or a control
+    folder, with a local PATH resolved against the job file's folder; Hub ids and the built-in
+    controls (canny, depth) stay as they are."""
+    if not item.strip() or (key == "control" and item in CONTROL_BUILTIN):
+        return item
+    if _local_model(folder, item):
+        return _resolve(folder, item)
+    head, sep, tail = item.rpartition(":")
+    if sep and head and tail and _local_model(folder, head):
+        return f"{_resolve(folder, head)}:{tail}"
+    return item
+
+
 def _local_model(folder: Path, value: str) -> bool:
     if value.startswith("~") or Path(value).is_absolute():
         return True
@@ -178,6 +194,12 @@ def parse_job(mapping: Any, job_path: str, *, overrides: Optional[Dict[str, Any]
         value = changes.get(key)
         if isinstance(value, str) and value and (key in PATH_FIELDS or _local_model(folder, value)):
             changes[key] = _resolve(folder, value)
+    for key in SPEC_FIELDS:
+        value = changes.get(key)
+        if isinstance(value, (str, tuple)):
+            items = (value,) if isinstance(value, str) else value
+            resolved = tuple(_resolve_spec(folder, item, key) if isinstance(item, str) else item for item in items)
+            changes[key] = resolved[0] if isinstance(value, str) else resolved
     changes.update(overrides or {})
     config = own = dataclasses.replace(PRESETS[preset] if preset else EditConfig(), **changes)
     if checkpoint_root and not config.checkpoint_dir:   # the command line's choice: not confined by the roots
