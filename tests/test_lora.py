@@ -241,3 +241,36 @@ def test_the_skip_rule_compares_adapter_contents_not_only_paths(loras, sample_cl
     lora.write_bytes(loras["first"].read_bytes())   # another LoRA under the same name: another job
     assert job_fields(config)["adapters"] != before["adapters"]
     assert "adapters" not in job_fields(config.replace(lora=())), "jobs without adapters record what they did"
+
+
+def test_a_hub_lora_is_its_cached_snapshot_named_by_commit(tiny_model_dir, loras, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    shutil.copy(loras["second"], snapshot / "pytorch_lora_weights.safetensors")
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sd = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32, loras=["someone/style-lora:0.5"])
+    assert calls == [("someone/style-lora", {"allow_patterns": ["*.safetensors", "*.json"], "local_files_only": True})]
+    assert sd.identity.endswith(f"+lora:someone/style-lora@{commit}/pytorch_lora_weights.safetensors*0.5")
+
+
+def test_yaml_lora_and_embedding_keys_reach_the_loader(tiny_model_dir, sample_clip, loras, tmp_path, capsys):
+    config = tmp_path / "edit.yaml"
+    config.write_text(f"lora:\n  - {loras['first']}:0.5\n  - {tmp_path / 'gone.safetensors'}:0.3\n"
+                      f"embedding: {tmp_path / 'emb.safetensors'}\n")
+    code = main(["edit", str(sample_clip), "--config", str(config), "--model", str(tiny_model_dir), "--prompt", "x",
+                 *FAST, "-o", str(tmp_path / "out.mp4")])
+    err = capsys.readouterr().err
+    assert code == 4 and f"LoRA '{tmp_path / 'gone.safetensors'}' does not exist" in err, err
+    assert not (tmp_path / "out.mp4").exists()
