@@ -274,3 +274,12 @@ def test_yaml_lora_and_embedding_keys_reach_the_loader(tiny_model_dir, sample_cl
     err = capsys.readouterr().err
     assert code == 4 and f"LoRA '{tmp_path / 'gone.safetensors'}' does not exist" in err, err
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_a1111_embedding_names_its_token_and_needs_allow_pickle(tiny_model_dir, tmp_path):
+    torch.save({"string_to_param": {"*": torch.randn(2, 32)}, "name": "toy"}, tmp_path / "a1111.pt")
+    cpu = torch.device("cpu")
+    with pytest.raises(ModelError, match="is a pickle file.*--allow-pickle"):
+        load_model(str(tiny_model_dir), cpu, torch.float32, embeddings=[str(tmp_path / "a1111.pt")])
+    sd = load_model(str(tiny_model_dir), cpu, torch.float32, embeddings=[str(tmp_path / "a1111.pt")], allow_pickle=True)
+    assert sd.embedding_tokens == {"toy": ("toy", "toy_1")} and sd.identity.endswith("=toy")
