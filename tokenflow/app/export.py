@@ -2,6 +2,7 @@
 
     tokenflow export --model stabilityai/stable-diffusion-2-1-base --size 512x512 --device cuda
     tokenflow export --model tiny --size 64x64 --out graphs/ --json
+    tokenflow export --model 2.1 --lora style.safetensors:0.8 --device cuda   # graphs of the fused model
 
 Graphs go to ``--out`` or to the cache folder ``--backend onnx`` reads (``<cache>/onnx``), each
 with its manifest; a graph whose manifest matches is reused, not exported again.
@@ -23,6 +24,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export the UNet passes to ONNX (for --backend onnx / tensorrt)")
     p.add_argument("--model", default=None, help="Hub id, local diffusers folder, SD version or 'tiny' "
                    "(default stabilityai/stable-diffusion-2-1-base)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]", help="LoRA fused into the "
+                   "UNet before the export, as in `tokenflow edit --lora` (the graphs' key names it); repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]", help="as in `tokenflow edit "
+                   "--embedding`: give the edit's embeddings too, so that its model identity finds these graphs")
     p.add_argument("--size", default="512x512", metavar="WxH", help="frame size the graphs are for (default 512x512)")
     p.add_argument("--prompts", type=Ranged("--prompts", int, Rule(minimum=1, maximum=MAX_PROMPTS)), default=1,
                    metavar="P", help="prompts per edit: B = 1 + 2P branches (default 1)")
@@ -53,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
     reasons = not_supported_reasons("onnx", device, dtype)
     if reasons:
         raise ConfigError(f"tokenflow export needs the ONNX packages: {'; '.join(reasons)}")
-    sd = load_model(args.model or DEFAULT_MODEL, device, dtype)
+    sd = load_model(args.model or DEFAULT_MODEL, device, dtype, loras=args.lora, embeddings=args.embedding)
     scale = sd.vae_scale_factor
     folder = Path(args.out) if args.out else Path(args.cache_dir or default_cache_root()) / "onnx"
     tokenflow = TokenFlowUNet(sd.unet)

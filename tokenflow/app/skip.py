@@ -30,6 +30,7 @@ from tokenflow.errors import OutputError
 from tokenflow.io.checkpoint import fingerprint_fields
 from tokenflow.io.progress import Reporter
 from tokenflow.io.stamps import differences, input_hash, read_stamp
+from tokenflow.models.adapters import comparable_adapters
 from tokenflow.models.load import comparable_identity
 
 SPEED_ONLY = ("backend", "attention_backend", "nearest_backend")
@@ -58,6 +59,8 @@ def job_fields(config: EditConfig, *, input_sha256: Optional[str] = None) -> Dic
         fields.pop(name, None)
     fields.update({name: getattr(config, name) for name in ENCODING if hasattr(config, name)})
     fields["clip_model"] = config.clip_model if config.report else None
+    if config.loras or config.embeddings:   # their files' contents, not only their paths (models.adapters)
+        fields["adapters"] = comparable_adapters(list(config.loras), list(config.embeddings))
     return fields
 
 

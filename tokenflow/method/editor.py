@@ -14,7 +14,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -137,15 +137,18 @@ class Editor:
     def from_pretrained(cls, model: str = DEFAULT_MODEL, *, device: Union[str, torch.device, None] = None,
                         dtype: Union[str, torch.dtype, None] = None, cache_dir: Optional[str] = None,
                         use_cache: bool = True, reporter: Optional[Reporter] = None,
-                        allow_pickle: bool = False, model_config: Optional[str] = None) -> "Editor":
+                        allow_pickle: bool = False, model_config: Optional[str] = None, loras: Sequence[str] = (),
+                        embeddings: Sequence[str] = ()) -> "Editor":
         """Load a Hub id, a local diffusers folder, a single-file checkpoint (``model_config``: its
-        --model-config), an SD version ('1.5', '2.0', '2.1') or 'tiny' (safetensors weights only
-        unless ``allow_pickle``)."""
+        --model-config), an SD version ('1.5', '2.0', '2.1', '2-depth') or 'tiny' (safetensors weights
+        only unless ``allow_pickle``), with ``loras`` ("PATH_OR_ID[:SCALE]", fused into the weights)
+        and textual-inversion ``embeddings`` ("PATH[:TOKEN]")."""
         dev = resolve_device(None if device is None else str(device))
         dt = resolve_dtype(dtype, dev)
         reporter = reporter or Reporter(quiet=True)
         with reporter.stage("load"):
-            sd = load_model(model, dev, dt, allow_pickle=allow_pickle, model_config=model_config)
+            sd = load_model(model, dev, dt, allow_pickle=allow_pickle, model_config=model_config, loras=loras,
+                            embeddings=embeddings)
         cache = InversionCache(Path(cache_dir) if cache_dir else None, enabled=use_cache)
         return cls(sd, cache=cache, reporter=reporter)
 

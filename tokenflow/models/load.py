@@ -15,13 +15,13 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from tokenflow.config import SD_VERSIONS
 from tokenflow.errors import ModelError, ResourceError, one_line
-from tokenflow.models import single_file, tiny
+from tokenflow.models import adapters, single_file, tiny
 from tokenflow.models.hf import download_command, quiet_hf_libraries
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -68,6 +68,8 @@ class SDModel:
     scaling_factor: float = 0.18215
     path: Optional[Path] = field(default=None, repr=False)
     weights_loaded: bool = True   # False: an architecture on the meta device (models.architectures), for plans
+    # multi-vector embedding tokens (--embedding): TOKEN -> (TOKEN, TOKEN_1, ...), expanded in prompts
+    embedding_tokens: Dict[str, Tuple[str, ...]] = field(default_factory=dict, repr=False)
 
 
 
@@ -87,12 +89,18 @@ class ModelSource:
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
-               model_config: Optional[str] = None) -> SDModel:
-    """Load ``model`` (tiny[:SEED], 1.5/2.0/2.1, local folder, single file or Hub id) onto ``device``.
+               model_config: Optional[str] = None, loras: Sequence[str] = (),
+               embeddings: Sequence[str] = ()) -> SDModel:
+    """Load ``model`` (tiny[:SEED], 1.5/2.0/2.1/2-depth, local folder, single file or Hub id) onto ``device``.
 
-    Weights load from safetensors only unless ``allow_pickle`` (pickle files can run code when
-    loaded); remote code is never trusted. ``model_config``: a single file's configs (--model-config)."""
+    ``model_config``: a single file's configs (--model-config). ``loras`` ("PATH_OR_ID[:SCALE]") are
+    fused into the weights and ``embeddings`` ("PATH[:TOKEN]") added to the tokenizer and text
+    encoder before the model moves (``models.adapters``); the identity then names each one's content
+    and scale or token. Weights load from safetensors only unless ``allow_pickle`` (pickle files can
+    run code when loaded); remote code is never trusted."""
     device = torch.device(device)
+    lora_specs = [adapters.parse_lora(text) for text in loras]
+    embedding_specs = [adapters.parse_embedding(text) for text in embeddings]
     with quiet_hf_libraries():
         source = resolve_source(model, model_config=model_config)
         if source.kind == "file":
@@ -105,15 +113,20 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, *, allow_pi
             vae = load_component(source, "vae", dtype, allow_pickle)
             text_encoder = load_component(source, "text_encoder", dtype, allow_pickle)
             tokenizer = load_component(source, "tokenizer", dtype)
+        parts = adapters.apply_loras(lora_specs, unet, text_encoder, model_name=model, allow_pickle=allow_pickle,
+                                     hub_offline=hub_offline())
+        embedding_parts, embedding_tokens = adapters.apply_embeddings(
+            embedding_specs, tokenizer, text_encoder, model_name=model, allow_pickle=allow_pickle)
     modules = move_to_device([unet, vae, text_encoder], device, dtype, source.name)
     for module in modules:
         module.eval().requires_grad_(False)
     return SDModel(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler_config=scheduler_config, name=model, identity=source.identity,
+        scheduler_config=scheduler_config, name=model,
+        identity=adapters.adapters_identity(source.identity, parts + embedding_parts),
         is_tiny=source.is_tiny, device=device, dtype=dtype,
         vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
-        scaling_factor=float(vae.config.scaling_factor), path=source.path,
+        scaling_factor=float(vae.config.scaling_factor), path=source.path, embedding_tokens=embedding_tokens,
     )
 
 
@@ -121,8 +134,10 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, *, allow_pi
 def encode_prompt(model: SDModel, text: str) -> torch.Tensor:
     """CLIP last hidden state of ``text``, padded to the tokenizer's max length: ``[1, 77, D]``.
 
-    No attention mask, as in the original; warns when the prompt is cut at 77 tokens.
+    No attention mask, as in the original; warns when the prompt is cut at 77 tokens. A
+    multi-vector embedding's token stands for all its vectors (``adapters.expand_prompt``).
     """
+    text = adapters.expand_prompt(text, model.embedding_tokens)
     tokenizer = model.tokenizer
     max_length = tokenizer.model_max_length
     with quiet_hf_libraries():
