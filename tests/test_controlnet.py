@@ -145,6 +145,14 @@ def test_a_single_ldm_file_loads_offline_as_the_same_controlnet(edit, nets):
     assert np.array_equal(single, folder)
 
 
+def test_a_4_channel_controlnet_file_runs_on_a_depth_model(edit, nets):
+    """A depth UNet has 5 input channels; a ControlNet file made for SD 2 (4 channels) reads the latents."""
+    code, err, latents = edit("--model", "tiny-depth", "--controlnet", nets / "A.safetensors", "--control", "canny",
+                              cached=False)
+    assert code == 0, err
+    assert "ControlNet 1: " in err and np.isfinite(latents).all()
+
+
 def test_several_prompts_share_the_controlnets_whatever_the_chunks(edit, nets, tmp_path):
     """Two prompts in one edit in chunks of 3 frames (3 + 1): the first prompt's latents are the one-prompt
     edit's (other chunks, another batch: the same result)."""
@@ -168,6 +176,13 @@ def test_control_window_follows_diffusers_control_guidance():
         expected = [not (i / n < start or (i + 1) / n > end) for i in range(n)]   # diffusers' keep
         assert [c.controls_active(t) for t in steps] == expected
         assert c.controls_active(7)   # an inversion timestep: always
+    # rows of a 3-branch pass of 4 frames: the source rows follow --control-during-inversion at every step
+    # (the inversion was controlled at every step), the edit rows follow the window
+    late = UNetConditions(controls=[unit], window=(0.0, 0.5), timesteps=steps)
+    for source, t, expected in [(False, 900, (4, 12)), (False, 0, (0, 0)), (True, 900, (0, 12)), (True, 0, (0, 4))]:
+        late.control_source = source
+        assert late.controlled_rows(t, 12, 3, plain=False) == expected, (source, t)
+    assert late.controlled_rows(0, 5, 1, plain=True) == (0, 0) and late.controlled_rows(7, 5, 1, plain=True) == (0, 5)
 
 
 class RecordingNet(torch.nn.Module):
@@ -302,8 +317,9 @@ def test_control_images_and_scale_parsing():
     assert parse_spec(r"C:\nets\canny.safetensors").scale == 1.0
     assert parse_spec("./nets/a:b:.25").scale == 0.25 and parse_spec("./nets/a:b:.25").model == "./nets/a:b"
     raw = torch.tensor([[[1.0, 2.0], [3.0, 5.0]], [[7.0, 7.0], [7.0, 7.0]]])
-    d = depth_images(raw)
+    d = depth_images(raw, (2, 2))
     assert d.shape == (2, 3, 2, 2) and d.dtype == torch.uint8
+    assert depth_images(raw, (6, 4)).shape == (2, 3, 4, 6)   # DPT's resolution -> the frame size
     assert d[0, 0].tolist() == [[0, 63], [127, 255]] and d[1].max() == 0   # (d - min) / (max - min) * 255, floored
     frames = torch.zeros(1, 3, 32, 32)
     frames[..., 8:24, 8:24] = 1
@@ -337,3 +353,29 @@ def test_control_depth_uses_the_raw_depth_maps(edit, nets, tmp_path):
                               cached=False)
     assert code == 0, err
     assert "depth (normalised per frame)" in err and np.isfinite(latents).all()
+
+
+def test_the_skip_rule_compares_condition_inputs_by_content(nets, sample_clip, tmp_path):
+    """Depth maps, control image folders and ControlNet weights regenerated at the same path make
+    another job; copies elsewhere (another node) are the same; Hub ids and built-ins stay as named."""
+    import shutil
+
+    from tokenflow.app.skip import job_fields
+    from tokenflow.config import EditConfig
+
+    maps = tmp_path / "raw.npy"
+    np.save(maps, np.ones((4, 8, 8), np.float32))
+    poses = tmp_path / "poses"
+    shutil.copytree(nets / "poses", poses)
+    config = EditConfig(video=sample_clip, prompt="x", depth_maps=str(maps),
+                        controlnet=(f"{nets / 'A.safetensors'}:0.5", "owner/net"), control=(str(poses), "canny"))
+    before = job_fields(config)["condition_inputs"]
+    assert before["controlnet"][1] == "owner/net" and before["control"][1] == "canny"
+    copy = tmp_path / "copy"
+    shutil.copytree(poses, copy)
+    assert job_fields(config.replace(control=(str(copy), "canny")))["condition_inputs"] == before
+    np.save(maps, np.zeros((4, 8, 8), np.float32))
+    assert job_fields(config)["condition_inputs"]["depth_maps"] != before["depth_maps"]
+    (poses / "frame1.png").write_bytes((poses / "frame4.png").read_bytes())
+    assert job_fields(config)["condition_inputs"]["control"] != before["control"]
+    assert "condition_inputs" not in job_fields(EditConfig(video=sample_clip, prompt="x"))

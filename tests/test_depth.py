@@ -106,6 +106,24 @@ def test_builtin_dpt_estimates_the_depth(clip, tmp_path, capsys):
     assert latents.shape == (FRAMES, 4, SIZE // 8, SIZE // 8) and np.isfinite(latents).all()
 
 
+def test_dpt_depth_is_resized_once_to_the_latent_size(clip):
+    """As the original: the network's prediction goes straight to the latent size (one bicubic
+    resize), not through the frame size first."""
+    from tokenflow.config import EditConfig
+    from tokenflow.io.read import read_video
+    from tokenflow.method.depth import depth_condition, depth_estimator, normalise_depth
+    from tokenflow.method.editor import Editor
+    from tokenflow.models.depth_estimator import estimate_depth
+
+    editor = Editor.from_pretrained("tiny-depth", device="cpu", use_cache=False)
+    frames = read_video(str(clip), frames=FRAMES, size=(96, 64))
+    maps, _, _ = depth_condition(editor, frames, EditConfig())
+    raw = estimate_depth(depth_estimator(editor, EditConfig()), frames.frames)
+    assert raw.shape[0] == FRAMES and tuple(raw.shape[1:]) != (64, 96)   # the network's own resolution
+    assert torch.equal(maps.cpu(), normalise_depth(raw, (8, 12)))
+    editor.tokenflow.remove()
+
+
 def test_normalisation_is_the_originals():
     """Bicubic (no antialias) to the latent size, then min/max after the resize: per frame each map
     spans exactly [-1, 1]; per clip only the clip does."""

@@ -21,17 +21,21 @@ rule: ``tokenflow edit``, ``tokenflow run`` and ``tokenflow farm`` all reach it 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+from pathlib import Path
 from typing import Any, Dict, Optional
 
-from tokenflow.config import EditConfig
+from tokenflow.config import CONTROL_BUILTIN, EditConfig
 from tokenflow.errors import OutputError
 from tokenflow.io.checkpoint import fingerprint_fields
 from tokenflow.io.progress import Reporter
 from tokenflow.io.stamps import differences, input_hash, read_stamp
 from tokenflow.models.adapters import comparable_adapters
+from tokenflow.models.controlnet import parse_spec
 from tokenflow.models.load import comparable_identity
+from tokenflow.models.single_file import file_fingerprint
 
 SPEED_ONLY = ("backend", "attention_backend", "nearest_backend")
 # how the output files are made from the result: the checkpoint leaves them out (its latents are the
@@ -61,7 +65,36 @@ def job_fields(config: EditConfig, *, input_sha256: Optional[str] = None) -> Dic
     fields["clip_model"] = config.clip_model if config.report else None
     if config.loras or config.embeddings:   # their files' contents, not only their paths (models.adapters)
         fields["adapters"] = comparable_adapters(list(config.loras), list(config.embeddings))
+    contents = conditions_contents(config)
+    if contents:   # regenerated depth maps, control images or ControlNet weights at the same path: another job
+        fields["condition_inputs"] = contents
     return fields
+
+
+def conditions_contents(config: EditConfig) -> Dict[str, Any]:
+    """Fingerprints of the local files behind --depth-maps, --control DIR and --controlnet (sampled
+    content, no modification times: copies on other nodes agree); Hub ids and built-ins as named."""
+    found: Dict[str, Any] = {}
+    if config.depth_maps:
+        found["depth_maps"] = _content(config.depth_maps)
+    if config.controls:
+        found["control"] = [c if c in CONTROL_BUILTIN else _content(c) for c in config.controls]
+    if config.controlnets:
+        found["controlnet"] = [_content(parse_spec(text).model) for text in config.controlnets]
+    return found
+
+
+def _content(text: str) -> str:
+    """A local file's or folder's sampled content fingerprint, else the text itself (a Hub id)."""
+    path = Path(os.path.expanduser(text))
+    if path.is_file():
+        return file_fingerprint(path, mtimes=False)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{item.relative_to(path).as_posix()}\0{file_fingerprint(item, mtimes=False)}\0".encode())
+        return f"folder:sha256:{digest.hexdigest()}"
+    return text
 
 
 def job_outputs(outputs, latents_out, frames_out, reports_out) -> list:

@@ -62,6 +62,9 @@ class UNetConditions:
     window: Tuple[float, float] = (0.0, 1.0)
     timesteps: Sequence[int] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        self._step_of = {int(t): i for i, t in enumerate(self.timesteps)}
+
     @property
     def empty(self) -> bool:
         return self.depth is None and not self.controls
@@ -70,10 +73,10 @@ class UNetConditions:
         """diffusers' rule: step i of n keeps the controls unless i/n < start or (i+1)/n > end."""
         if not self.controls:
             return False
-        steps = [int(s) for s in self.timesteps]
-        if int(t) not in steps:
+        i = self._step_of.get(int(t))
+        if i is None:
             return True
-        i, n = steps.index(int(t)), len(steps)
+        n = len(self._step_of)
         start, end = self.window
         return not (i / n < start or (i + 1) / n > end)
 
@@ -84,30 +87,46 @@ class UNetConditions:
         depth = _rows(self.depth, frames).to(x.device, x.dtype)            # [m,1,h,w]
         return torch.cat([x, depth.repeat(n_branches, 1, 1, 1)], dim=1)
 
+    def controlled_rows(self, t: int, rows: int, n_branches: int, plain: bool) -> Tuple[int, int]:
+        """The rows ``[lo, hi)`` of a call that get ControlNet residuals (``lo == hi``: none).
+
+        A plain call (the inversion): all rows at an active ``t``. A TokenFlow pass: the source rows
+        (the first ``rows // n_branches``) exactly when ``control_source``, at every ``t`` (the
+        inversion was controlled at every step, so the source branch must be too, or it stops
+        being the function that inverted the source); the edit rows at an active ``t``."""
+        active = self.controls_active(int(t))
+        if plain or not self.controls:
+            return (0, rows) if active else (0, 0)
+        m = rows // n_branches
+        lo = 0 if self.control_source else m
+        hi = rows if active else (m if self.control_source else 0)
+        return (lo, hi) if hi > lo else (0, 0)
+
     def residuals(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, frames: FrameIndex,
                   n_branches: int, plain: bool) -> Dict[str, object]:
         """The UNet's ``down_block_additional_residuals`` / ``mid_block_additional_residual``
-        keywords for a call with input ``x`` ``[R,C,h,w]`` (empty: no controls at ``t``).
+        keywords for a call with input ``x`` ``[R,C,h,w]`` (empty: no controls at ``t``): the sum
+        over the ControlNets of their residuals on ``controlled_rows``, zeros on the other rows.
 
         plain: an ordinary call (every row controlled); else a TokenFlow pass whose first m rows
-        are the source branch, controlled only with ``control_source``."""
-        if not self.controls_active(int(t)):
+        are the source branch."""
+        rows = x.shape[0]
+        lo, hi = self.controlled_rows(int(t), rows, n_branches, plain)
+        if hi == lo:
             return {}
-        m = x.shape[0] // n_branches
-        skip = 0 if plain or self.control_source else m
+        m = rows // n_branches
         down, mid = None, None
         for unit in self.controls:
             image = _rows(unit.images, frames).to(x.device, x.dtype) / 255.0     # [m,3,H,W] in [0,1]
-            rows = x.shape[0] - skip
-            image = image.repeat(rows // m, 1, 1, 1)
-            sample = x[skip:, : unit.net.config.in_channels]
-            d, md = unit.net(sample, t, encoder_hidden_states=text[skip:], controlnet_cond=image,
+            image = image.repeat((hi - lo) // m, 1, 1, 1)
+            sample = x[lo:hi, : unit.net.config.in_channels]
+            d, md = unit.net(sample, t, encoder_hidden_states=text[lo:hi], controlnet_cond=image,
                              conditioning_scale=unit.scale, return_dict=False)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = md if mid is None else mid + md
-        if skip:
-            down = [_pad_front(r, skip) for r in down]
-            mid = _pad_front(mid, skip)
+        if (lo, hi) != (0, rows):
+            down = [_pad(r, lo, rows - hi) for r in down]
+            mid = _pad(mid, lo, rows - hi)
         return {"down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
 
 
@@ -118,6 +137,6 @@ def _rows(per_frame: torch.Tensor, frames: FrameIndex) -> torch.Tensor:
     return per_frame[frames]
 
 
-def _pad_front(r: torch.Tensor, rows: int) -> torch.Tensor:
-    """[R - rows, ...] -> [R, ...] with zero rows first (uncontrolled source rows)."""
-    return torch.cat([r.new_zeros(rows, *r.shape[1:]), r])
+def _pad(r: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """[R', ...] -> [before + R' + after, ...] with zero rows (uncontrolled rows) around it."""
+    return torch.cat([r.new_zeros(before, *r.shape[1:]), r, r.new_zeros(after, *r.shape[1:])])

@@ -41,10 +41,13 @@ def canny_images(frames: torch.Tensor, low: int, high: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(edges))[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
-def depth_images(raw: torch.Tensor) -> torch.Tensor:
-    """raw depth ``[N,H,W]`` float (larger = nearer) -> ``[N,3,H,W]`` uint8, min/max per frame to
-    0..255 (a flat map gives 0)."""
+def depth_images(raw: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """raw depth ``[N,H',W']`` float (larger = nearer) -> ``[N,3,H,W]`` uint8 at ``size`` (W, H):
+    bicubic resize when the maps have another size, then min/max per frame to 0..255 (a flat map gives 0)."""
     d = raw.detach().cpu().double()
+    width, height = size
+    if tuple(d.shape[-2:]) != (height, width):
+        d = torch.nn.functional.interpolate(d[:, None], size=(height, width), mode="bicubic", align_corners=False)[:, 0]
     low = d.amin(dim=(1, 2), keepdim=True)
     span = d.amax(dim=(1, 2), keepdim=True) - low
     scaled = torch.where(span > 0, (d - low) / span.clamp_min(1e-30), torch.zeros_like(d)) * 255

@@ -32,15 +32,15 @@ def control_units(editor, clip: Clip, config: EditConfig) -> Tuple[Tuple[Control
     specs = [parse_spec(text) for text in config.controlnets]   # every spec checked before any load
     units, parts, lines = [], [], []
     raw_depth: Optional[torch.Tensor] = None
-    for index, (spec, control) in enumerate(zip(specs, config.controls), 1):
-        net, identity = _load(editor, spec.model, config.allow_pickle)
+    conditions = []   # every control image set is made (and checked) before any ControlNet loads or downloads
+    for control in config.controls:
         if control == "canny":
             images = control_images.canny_images(clip.frames, config.canny_low, config.canny_high)
             what = f"canny edges ({config.canny_low}/{config.canny_high})"
         elif control == "depth":
             if raw_depth is None:
                 raw_depth = depth.raw_depth_maps(editor, clip, config)
-            images = control_images.depth_images(raw_depth)
+            images = control_images.depth_images(raw_depth, clip.size)
             what = "depth (normalised per frame)"
         else:
             images = control_images.folder_images(control, clip.frames.shape[0], clip.size, config.crop)
@@ -48,6 +48,9 @@ def control_units(editor, clip: Clip, config: EditConfig) -> Tuple[Tuple[Control
         if tuple(images.shape[-2:]) != tuple(clip.frames.shape[-2:]):
             raise ConfigError(f"--control {control}: control images of {images.shape[-1]}x{images.shape[-2]} for "
                               f"frames of {clip.size[0]}x{clip.size[1]}")
+        conditions.append((images, what))
+    for index, (spec, (images, what)) in enumerate(zip(specs, conditions), 1):
+        net, identity = _load(editor, spec.model, config.allow_pickle)
         sha = _sha256(images)
         key = json.dumps({"model": identity, "scale": spec.scale, "images": sha}, sort_keys=True)
         units.append(ControlUnit(net=net, images=images, scale=spec.scale, name=spec.model, key=key))

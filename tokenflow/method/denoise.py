@@ -107,7 +107,9 @@ class Denoiser:
                         idx = kf_idx[a:b]
                         state = StepState(PassKind.KEYFRAMES, t, b - a, store, keyframe_offset=a,
                                           inject_qk=t in qk_ts, inject_conv=t in conv_ts, **common)
-                        self.runner.branches(source.rows(t, idx, device), xs[:, idx], t, texts, state, frames=idx)
+                        # frames: the host index (per-frame conditions are indexed without a device sync)
+                        self.runner.branches(source.rows(t, idx, device), xs[:, idx], t, texts, state,
+                                             frames=keyframes[a:b])
                 stage.update(0, partial=1 / passes, step=step, pass_="keyframes")
                 plans = [original_plan(g, n, spacing) if match_on == "input" else
                          paper_plan(g, n, spacing, keyframes) for g in range(n_groups)]

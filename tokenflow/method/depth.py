@@ -57,9 +57,9 @@ def depth_condition(editor, clip: Clip, config: EditConfig) -> Tuple[Optional[to
 
 
 def raw_depth_maps(editor, clip: Clip, config: EditConfig) -> torch.Tensor:
-    """Raw depth of every frame, ``[N,H,W]`` float32 at frame resolution (what DPT returns, larger =
-    nearer): ``--depth-maps`` when given, else estimated with ``--depth-model`` (``--control depth``
-    uses it too)."""
+    """Raw depth of every frame, ``[N,H',W']`` float32 (larger = nearer): ``--depth-maps`` when
+    given (at frame resolution), else estimated with ``--depth-model`` (at the network's output
+    resolution, as the original resizes it once, to the latent size). ``--control depth`` uses it too."""
     if config.depth_maps:
         return read_depth_maps(config.depth_maps, clip.frames.shape[0], clip.size)
     return estimate_depth(depth_estimator(editor, config), clip.frames, ESTIMATOR_BATCH)

@@ -124,7 +124,7 @@ def _describe(steps: int, method: str, sdedit_start: float) -> str:
     return f"steps={steps}" + (f", method='sdedit', sdedit_start={sdedit_start}" if method == "sdedit" else "")
 
 
-def ddim_invert(eps_fn: Callable[[torch.Tensor, int], torch.Tensor], z0: torch.Tensor,
+def ddim_invert(eps_fn: Callable[[torch.Tensor, int, slice], torch.Tensor], z0: torch.Tensor,
                 scheduler: DDIMScheduler, save: Iterable[int], batch_size: int,
                 on_step: Optional[Callable[[int], None]] = None, place: str = "device",
                 start: Optional[Mapping] = None, checkpoint=None) -> InvertedLatents:

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -160,7 +160,7 @@ def _from_file(path: Path, name: str, unet: Any, allow_pickle: bool) -> Tuple[An
                          "pickle files can run code: convert it to .safetensors, or for weights you trust pass "
                          "--allow-pickle")
     checkpoint = _read_state_dict(path, name)
-    config = controlnet_config(unet)
+    config = controlnet_config(unet, in_channels=_file_in_channels(checkpoint))
     try:
         converted = convert_controlnet_checkpoint(checkpoint, config)
     except Exception as error:
@@ -175,14 +175,26 @@ def _from_file(path: Path, name: str, unet: Any, allow_pickle: bool) -> Tuple[An
     return net, _fingerprint(path)
 
 
-def controlnet_config(unet: Any) -> Dict[str, Any]:
+def controlnet_config(unet: Any, in_channels: Optional[int] = None) -> Dict[str, Any]:
     """The config of a ControlNet for ``unet`` (``ControlNetModel.from_unet``, built on ``meta``:
-    nothing is allocated)."""
+    nothing is allocated), with ``in_channels`` latent input channels when given (a 4-channel
+    ControlNet on a depth UNet's 5-channel input reads its first 4)."""
     from diffusers import ControlNetModel, UNet2DConditionModel  # noqa: PLC0415  start-up time
 
     with torch.device("meta"):
         empty = UNet2DConditionModel.from_config(unet.config)
-        return dict(ControlNetModel.from_unet(empty, load_weights_from_unet=False).config)
+        config = dict(ControlNetModel.from_unet(empty, load_weights_from_unet=False).config)
+    if in_channels is not None:
+        config["in_channels"] = in_channels
+    return config
+
+
+def _file_in_channels(checkpoint: Dict[str, torch.Tensor]) -> Optional[int]:
+    """The latent input channels of a single-file ControlNet (its first conv), if the keys say."""
+    for key, value in checkpoint.items():
+        if key.endswith(("input_blocks.0.0.weight", "conv_in.weight")) and getattr(value, "ndim", 0) == 4:
+            return int(value.shape[1])
+    return None
 
 
 def _read_state_dict(path: Path, name: str) -> Dict[str, torch.Tensor]:

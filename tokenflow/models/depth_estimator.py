@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from tokenflow.errors import ModelError, one_line
 from tokenflow.models.hf import download_command, quiet_hf_libraries
@@ -89,8 +88,10 @@ def load_depth_estimator(spec: Optional[str], model_path: Optional[Path], device
 
 @torch.no_grad()
 def estimate_depth(estimator: DepthEstimator, frames: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """Raw depth of ``frames`` ``[N,3,H,W]`` float in [0, 1]: ``[N,H,W]`` float32 (CPU), ``batch``
-    frames per network call. The processor gets uint8 RGB images, as from a PIL image."""
+    """Raw depth of ``frames`` ``[N,3,H,W]`` float in [0, 1]: ``[N,h',w']`` float32 (CPU) at the
+    network's output resolution, ``batch`` frames per network call. Not resized here: the original
+    resizes the network's prediction once, straight to the latent size (``method.depth.normalise_depth``).
+    The processor gets uint8 RGB images, as from a PIL image."""
     n, _, height, width = frames.shape
     out = []
     for start in range(0, n, max(1, batch)):
@@ -99,7 +100,5 @@ def estimate_depth(estimator: DepthEstimator, frames: torch.Tensor, batch: int =
         with quiet_hf_libraries():
             pixels = estimator.processor(images=images, return_tensors="pt")["pixel_values"]
         predicted = estimator.network(pixel_values=pixels.to(estimator.device, estimator.dtype)).predicted_depth
-        resized = F.interpolate(predicted.float().unsqueeze(1), size=(height, width), mode="bicubic",
-                                align_corners=False)
-        out.append(resized[:, 0].cpu())
+        out.append(predicted.float().cpu())
     return torch.cat(out) if out else frames.new_zeros((0, height, width))
