@@ -869,7 +869,51 @@ MODEL = [
          lambda x: ["edit", x.clip, "--model", model_copy(x, "truncated", _truncate_unet), "--prompt", "x"]),
     Case("bad-tiny-seed", "model", "`--model tiny:abc`", "flag", 4, "tiny:abc",
          lambda x: ["edit", x.clip, "--model", "tiny:abc", "--prompt", "x"]),
+    Case("missing-lora", "model", "`--lora` names a file that does not exist", "`--lora work/no.safetensors:0.8`", 4,
+         "no.safetensors", lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "--lora",
+                                      f"{x.work / 'no.safetensors'}:0.8"]),
+    Case("not-a-lora", "model", "`--lora` names a safetensors file without LoRA weights", "one tensor `foo.weight`",
+         4, "is not a LoRA", lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "--lora",
+                                         _tensors_file(x, "plain.safetensors", {"foo.weight": (3, 3)})]),
+    Case("embedding-of-another-width", "model", "`--embedding` trained for SD 1.x (768 wide) on the tiny model (32)",
+         "`{'<x>': [1, 768]}`", 4, "width 768", lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "a <x>",
+                                                            "--embedding", _tensors_file(x, "e.safetensors",
+                                                                                         {"<x>": (1, 768)})]),
+    Case("controlnet-without-control", "config", "`--controlnet` without its `--control`", "flags", 2,
+         "1 controlnet(s) but 0 control(s)", lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x",
+                                                         "--controlnet", x.work / "net"]),
+    Case("depth-maps-on-a-plain-model", "config", "`--depth-maps` for a model without a depth input",
+         "the tiny (4-channel) model", 2, "no depth model",
+         lambda x: ["edit", x.clip, *FAST, "--model", x.model, "--prompt", "x", "--depth-maps", _depth_maps(x, 5)]),
+    Case("depth-maps-count", "model", "`--depth-maps` with fewer maps than edited frames", "2 maps for 5 frames, "
+         "`--model tiny-depth`", 3, "has 2 depth maps but the edit has 5 frames",
+         lambda x: ["edit", x.clip, *FAST, "--model", "tiny-depth", "--prompt", "x", "--depth-maps", _depth_maps(x, 2)]),
+    Case("pickle-single-file", "model", "`--model file.ckpt` without `--allow-pickle`", "a small pickle file", 4,
+         "--allow-pickle", lambda x: ["edit", x.clip, "--model", _pickle_file(x), "--prompt", "x"],
+         answer="one line naming the .ckpt, safetensors and `--allow-pickle`; nothing unpickled; no output"),
 ]
+
+
+def _tensors_file(ctx: Ctx, name: str, shapes: Dict[str, tuple]) -> Path:
+    """A safetensors file of zero tensors of ``shapes`` in the case's work folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = ctx.work / name
+    save_file({key: torch.zeros(shape) for key, shape in shapes.items()}, str(path))
+    return path
+
+
+def _depth_maps(ctx: Ctx, count: int) -> Path:
+    path = ctx.work / f"depth-{count}.npy"
+    np.save(path, np.random.default_rng(0).random((count, 64, 64), dtype=np.float32))
+    return path
+
+
+def _pickle_file(ctx: Ctx) -> Path:
+    path = ctx.work / "model.ckpt"
+    path.write_bytes(b"\x80\x02}q\x00.")   # an empty dict, pickled: never unpickled without --allow-pickle
+    return path
 
 
 ENVIRONMENT = [

@@ -94,7 +94,7 @@ def _check(maps: np.ndarray, path: str, frames: int, size: Tuple[int, int]) -> N
     width, height = size
     if len(maps) != frames:
         raise InputError(f"{_FLAG} '{path}' has {len(maps)} depth maps but the edit has {frames} frames: give exactly "
-                         "one raw map per edited frame (same --frames / --start-frame / --stride selection)")
+                         "one raw map per edited frame (same --frames / --start / --stride selection)")
     if tuple(maps.shape[1:]) != (height, width):
         raise InputError(f"{_FLAG} '{path}': the maps are {maps.shape[2]}x{maps.shape[1]} (WxH), the frames "
                          f"{width}x{height}: give raw maps at the frame size (--size), not resized to the latents")
