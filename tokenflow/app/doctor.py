@@ -34,7 +34,7 @@ from tokenflow.io.write import H264_ENCODERS, video_encoder
 from tokenflow.kernels import probe, support, verify
 from tokenflow.models.load import HUB_ALLOW_PATTERNS
 
-PACKAGES = ("torch", "diffusers", "transformers", "triton", "faiss-cpu", "faiss-gpu-cu12", "xformers", "av", "numpy",
+PACKAGES = ("torch", "diffusers", "transformers", "peft", "triton", "faiss-cpu", "faiss-gpu-cu12", "xformers", "av", "numpy",
             "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
@@ -60,7 +60,7 @@ def environment() -> Dict:
 
 # extra: (module to look for, distributions that provide it, what it gives)
 EXTRAS = {"opencv": ("cv2", ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
-                             "opencv-contrib-python-headless"), "tokenflow metrics and --report (optical flow)"),
+                             "opencv-contrib-python-headless"), "tokenflow metrics, --report (optical flow) and --control canny"),
           "matplotlib": ("matplotlib", ("matplotlib",), "--report and bench plots"),
           "onnxruntime": ("onnxruntime", ("onnxruntime", "onnxruntime-gpu"), "--backend onnx"),
           "ray": ("ray", ("ray",), "tokenflow farm"),
