@@ -21,7 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_golden_original import make_golden_frames, rel_l2, tiny_weights_sha256, write_golden_frames
+from tests.test_golden_original import (
+    check_against_golden,
+    make_golden_frames,
+    tiny_weights_sha256,
+    write_golden_frames,
+)
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_original_depth.json"
 
@@ -108,16 +113,4 @@ def test_depth_edit_matches_the_original(golden, depth_model_dir, golden_inputs)
         result = editor.edit(str(clip), config=config)
     finally:
         torch.set_num_threads(threads)
-    assert result.timesteps == golden["timesteps"]
-    assert result.keyframes == golden["keyframes"]
-
-    ref = golden["final_latents"]
-    latents = result.latents.double().numpy()
-    assert list(latents.shape) == ref["shape"]
-    ours = latents.reshape(-1)[np.asarray(ref["sample_flat_indices"])]
-    expected = np.asarray(ref["sample_values"], dtype=np.float64)
-    report = {"sample_rel_l2": rel_l2(ours, expected), "sample_max_abs": float(np.abs(ours - expected).max()),
-              "norm_rel_diff": abs(float(np.linalg.norm(latents)) - ref["l2_norm"]) / ref["l2_norm"],
-              "means_rel_l2": rel_l2(latents.mean(axis=(2, 3)), np.asarray(ref["frame_channel_means"]))}
-    assert report["sample_rel_l2"] <= 1e-4 and report["sample_max_abs"] <= 1e-2, report
-    assert report["norm_rel_diff"] <= 1e-4 and report["means_rel_l2"] <= 1e-4, report
+    check_against_golden(result, golden)

@@ -169,15 +169,19 @@ def _transformer_base(channels: int, tokens: int, cross_dim: int, text_tokens: i
     return 2 * linear(c, c, s) + depth * per_block                        # proj_in / proj_out
 
 
-def unet_cost(config, h: int, w: int, text_tokens: int = TEXT_TOKENS) -> UNetCost:
-    """Per-sample FLOPs of an SD 1.x/2.x ``UNet2DConditionModel`` (config) on latents h x w."""
-    channels = list(_get(config, "block_out_channels"))
-    n = len(channels)
+def _block_shape(config):
+    """(block widths, layers per block, transformer depth, cross-attention width) of a UNet or ControlNet config."""
     per_block = _get(config, "layers_per_block")
     depth = _get(config, "transformer_layers_per_block", 1)
     if not isinstance(per_block, int) or not isinstance(depth, int):
         raise ValueError("per-block layer counts must be single integers for the FLOP model")
-    cross = _get(config, "cross_attention_dim")
+    return list(_get(config, "block_out_channels")), per_block, depth, _get(config, "cross_attention_dim")
+
+
+def unet_cost(config, h: int, w: int, text_tokens: int = TEXT_TOKENS) -> UNetCost:
+    """Per-sample FLOPs of an SD 1.x/2.x ``UNet2DConditionModel`` (config) on latents h x w."""
+    channels, per_block, depth, cross = _block_shape(config)
+    n = len(channels)
     k_in, k_out = _get(config, "conv_in_kernel", 3), _get(config, "conv_out_kernel", 3)
     temb = 4 * channels[0]
     res = resolutions(h, w, n)
@@ -225,13 +229,8 @@ def unet_cost(config, h: int, w: int, text_tokens: int = TEXT_TOKENS) -> UNetCos
 def controlnet_cost(config, h: int, w: int, height: int, width: int, text_tokens: int = TEXT_TOKENS) -> float:
     """FLOPs of one sample through a diffusers ``ControlNetModel`` (config) on latents h x w and a
     control image height x width (module docstring): its self-attention is always plain."""
-    channels = list(_get(config, "block_out_channels"))
+    channels, per_block, depth, cross = _block_shape(config)
     n = len(channels)
-    per_block = _get(config, "layers_per_block")
-    depth = _get(config, "transformer_layers_per_block", 1)
-    if not isinstance(per_block, int) or not isinstance(depth, int):
-        raise ValueError("per-block layer counts must be single integers for the FLOP model")
-    cross = _get(config, "cross_attention_dim")
     temb = 4 * channels[0]
     res = resolutions(h, w, n)
     flops = linear(channels[0], temb, 1) + linear(temb, temb, 1)
