@@ -39,6 +39,7 @@ SD_VERSIONS = {
     "2.0": "stabilityai/stable-diffusion-2-base",
     "1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",  # runwayml/... was taken down
     "2-depth": "stabilityai/stable-diffusion-2-depth",      # the original's sd_version: depth (5-channel UNet)
+    "xl": "stabilityai/stable-diffusion-xl-base-1.0",       # SDXL base 1.0 (two text encoders, 1024x1024)
 }
 # the original's sd_version values that are no SD_VERSIONS key
 SD_VERSION_ALIASES = {"depth": "2-depth"}
@@ -223,6 +224,7 @@ class EditConfig:
     allow_pickle: bool = False            # load .bin/.ckpt (pickle) weights; default safetensors only
     # single-file checkpoints: which config (1.5, 2.0, 2.1, 2-depth or a diffusers folder); None: from the keys
     model_config: Optional[str] = _field(None, path=True)
+    vae: Optional[str] = _field(None, path=True)   # another VAE (diffusers folder or Hub id); None: the model's own
 
     # adapters (docs/models.md): "PATH_OR_ID[:SCALE]" / "PATH[:TOKEN]", one string or a list
     lora: Union[str, Tuple[str, ...]] = _field((), description="LoRA weights, PATH_OR_ID[:SCALE]; a list for several")

@@ -56,8 +56,8 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
                    help="centre-crop to the target aspect ratio instead of stretching")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="Hub id, local diffusers folder, single-file checkpoint (.safetensors), SD "
-                   "version (1.5, 2.0, 2.1, 2-depth) or 'tiny' (random weights, offline). Default "
-                   "stabilityai/stable-diffusion-2-1-base")
+                   "version (1.5, 2.0, 2.1, 2-depth, xl = SDXL base 1.0) or 'tiny' / 'tiny-xl' (random weights, "
+                   "offline). Default stabilityai/stable-diffusion-2-1-base")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
     g.add_argument("--dtype", help="float32, float16 or bfloat16 (default float16 on GPUs, float32 on CPU)")
     g.add_argument("--allow-pickle", action="store_true", default=None, help="also load pickle weights (.bin/.ckpt); "
@@ -65,6 +65,9 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     g.add_argument("--model-config", metavar="NAME|DIR", help="for a single-file checkpoint (--model file.safetensors): "
                    "which Stable Diffusion it is, 1.5, 2.0, 2.1 (512px base) or 2-depth, or a diffusers folder with its "
                    "configs (default: read from the checkpoint's keys and shapes)")
+    g.add_argument("--vae", metavar="DIR|ID", help="another VAE instead of the model's own (a diffusers AutoencoderKL "
+                   "folder or Hub id), e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in float16, so "
+                   "without one it runs in float32 under --dtype float16/bfloat16 (docs/models.md)")
     g.add_argument("--lora", action="append", metavar="PATH_OR_ID[:SCALE]", help="LoRA weights (a .safetensors file, "
                    "a folder or a Hub id; kohya/A1111 or diffusers layout) fused into the model at SCALE (default 1.0); "
                    "repeat for several")

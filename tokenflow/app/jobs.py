@@ -339,7 +339,7 @@ def _load_editor(config: EditConfig, reporter: Reporter) -> Editor:
     editor = Editor.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                     cache_dir=config.cache_dir, use_cache=config.use_cache, reporter=reporter,
                                     allow_pickle=config.allow_pickle, model_config=config.model_config,
-                                    loras=config.loras, embeddings=config.embeddings)
+                                    loras=config.loras, embeddings=config.embeddings, vae=config.vae)
     if editor.model.is_tiny:
         reporter.info(f"NOTE: {TINY_NOTE}")
     return editor

@@ -28,6 +28,7 @@ INPUT_FIELDS = {
     "model": ("model folder", True),
     "clip_model": ("CLIP model folder", True),
     "model_config": ("--model-config folder", True),
+    "vae": ("--vae folder", True),
     "depth_maps": ("depth maps", False),
     "depth_model": ("depth model folder", True),
 }
@@ -39,7 +40,7 @@ _OWN_FILES_ONLY = ("checkpoint_dir",)
 _WHOLE_FOLDERS = ("save_frames", "report")
 ALIAS_ADVICE = ("tokenflow never writes over or into an input, with or without --overwrite: "
                 "choose an output path outside the job's inputs")
-_TINY = re.compile(r"^tiny(?:-depth)?(?::.*)?$")
+_TINY = re.compile(r"^tiny(?:-depth|-xl)?(?::.*)?$")
 
 
 # ----------------------------------------------------------------------------- what a job reads and writes

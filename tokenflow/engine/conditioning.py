@@ -22,6 +22,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from tokenflow.models.text import unet_keywords
+
 FrameIndex = Union[slice, torch.Tensor]   # the clip frames of a call's m rows per branch
 
 
@@ -120,7 +122,7 @@ class UNetConditions:
             image = _rows(unit.images, frames).to(x.device, x.dtype) / 255.0     # [m,3,H,W] in [0,1]
             image = image.repeat((hi - lo) // m, 1, 1, 1)
             sample = x[lo:hi, : unit.net.config.in_channels]
-            d, md = unit.net(sample, t, encoder_hidden_states=text[lo:hi], controlnet_cond=image,
+            d, md = unit.net(sample, t, **unet_keywords(unit.net, text[lo:hi]), controlnet_cond=image,
                              conditioning_scale=unit.scale, return_dict=False)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = md if mid is None else mid + md

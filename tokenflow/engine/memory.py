@@ -62,6 +62,7 @@ from tokenflow.engine.processors import self_attention_layers
 from tokenflow.engine.state import timestep_tensor
 from tokenflow.io.caches import CALIBRATION, default_cache_root
 from tokenflow.io.outputs import atomic_file
+from tokenflow.models.text import layout_of, unet_keywords
 
 PROBE_LATENT = 32
 
@@ -324,25 +325,26 @@ def calibrate(model, cache_root: Optional[Path] = None, use_cache: bool = True) 
 @torch.no_grad()
 def _probe(model, device: torch.device, dtype: torch.dtype) -> Tuple[float, float, int]:
     side = PROBE_LATENT
-    cross = int(model.unet.config["cross_attention_dim"])
+    layout = layout_of(model.unet.config)
     channels = int(model.unet.config["in_channels"])
 
     def unet(b: int):
         x = torch.zeros(b, channels, side, side, device=device, dtype=dtype)
-        text = torch.zeros(b, 77, cross, device=device, dtype=dtype)
-        return lambda: model.unet(x, timestep_tensor(1, device), encoder_hidden_states=text)
+        text = torch.zeros(b, layout.rows_tokens, layout.dim, device=device, dtype=dtype)
+        return lambda: model.unet(x, timestep_tensor(1, device), **unet_keywords(model.unet, text))
 
     def vae(b: int):
-        z = torch.zeros(b, int(model.vae.config["latent_channels"]), side, side, device=device, dtype=dtype)
+        z = torch.zeros(b, int(model.vae.config["latent_channels"]), side, side, device=device, dtype=vae_dtype)
         return lambda: model.vae.decode(z)
 
-    size = torch.empty((), dtype=dtype).element_size()
+    vae_dtype = next(model.vae.parameters()).dtype   # float32 for an upcast SDXL VAE (SDModel.vae_upcast)
+    size, vae_size = (torch.empty((), dtype=d).element_size() for d in (dtype, vae_dtype))
     unet(1)(), vae(1)()  # warm-up: lazy one-time allocations are not a per-call cost
     unet_rows = [measure_peak(unet(b), device) for b in (1, 2)]
     vae_rows = [measure_peak(vae(b), device) for b in (1, 2)]
     pixels = side * model.vae_scale_factor
     unet_factor = (unet_rows[1] - unet_rows[0]) / (unet_row_elements(model.unet.config, side, side) * size)
-    vae_factor = (vae_rows[1] - vae_rows[0]) / (vae_decode_row_elements(model.vae.config, pixels, pixels) * size)
+    vae_factor = (vae_rows[1] - vae_rows[0]) / (vae_decode_row_elements(model.vae.config, pixels, pixels) * vae_size)
     fixed = max(0, 2 * unet_rows[0] - unet_rows[1])   # the intercept of peak = fixed + rows * per_row
     return max(unet_factor, 0.1), max(vae_factor, 0.1), int(fixed)
 

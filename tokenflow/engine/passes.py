@@ -24,6 +24,7 @@ from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.engine.state import PassKind, StepState
 from tokenflow.engine.store import StoreView
 from tokenflow.kernels import KernelChoice
+from tokenflow.models.text import unet_keywords
 
 GRAPH_PAIRS = 2   # P: keyframes a frame blends (previous and next, or own and previous group's)
 
@@ -51,7 +52,7 @@ class _Pass(torch.nn.Module):
         previous = self._control.state
         self._control.state = state
         try:
-            return self.unet(sample, timestep, encoder_hidden_states=text).sample
+            return self.unet(sample, timestep, **unet_keywords(self.unet, text)).sample
         finally:
             self._control.state = previous
 
@@ -64,7 +65,7 @@ class PlainPass(torch.nn.Module):
         self.unet = tokenflow.unet
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=text).sample
+        return self.unet(sample, timestep, **unet_keywords(self.unet, text)).sample
 
 
 class KeyframePass(_Pass):

@@ -300,8 +300,8 @@ def _rows(model, h: int, w: int, branches: int, element_size: int, calibration: 
         widths = [int((c.get("conditioning_embedding_out_channels") or (16,))[0]) for c in configs]
         unet_largest = max(unet_largest, max(widths) * height * width)
     return _Rows(unet=int(unet_row_elements(model.unet.config, h, w) * element_size * calibration.unet),
-                 vae=int(vae_decode_row_elements(model.vae.config, h * scale, w * scale) * element_size
-                         * calibration.vae),
+                 vae=int(vae_decode_row_elements(model.vae.config, h * scale, w * scale)
+                         * (4 if getattr(model, "vae_upcast", False) else element_size) * calibration.vae),
                  keyframe=store_bytes_per_keyframe(model.unet, h, w, branches, element_size),
                  tokens=max(s for s, _ in shapes.values()), layers=tuple(sorted(set(shapes.values()))),
                  unet_largest=unet_largest,

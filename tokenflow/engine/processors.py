@@ -1,10 +1,12 @@
 """TokenFlow inside diffusers' UNet, through its public extension points only.
 
-- Every self-attention (``attn1``) of the 16 transformer blocks gets a ``TokenFlowAttention``
-  processor (diffusers' attention-processor API).
+- Every self-attention (``attn1``) of the transformer blocks (16 in SD 1.x/2.x, 70 in SDXL) gets a
+  ``TokenFlowAttention`` processor (diffusers' attention-processor API).
 - Plug-and-Play feature injection is a forward hook on ``conv2`` of one decoder ResNet
   (``register_forward_hook``): the hook's return value replaces conv2's output, i.e. the
   residual branch before the shortcut add, which is exactly where the original injects.
+  Which layers play which role: ``tokenflow.models.unet_layout`` (derived from the layout, so the
+  same rules place them in SD and SDXL).
 
 Per-call state (pass kind, timestep, injection switches, keyframe store, pairs and weights)
 lives in one ``StepState`` object that the engine hands to ``TokenFlowControl.active``; the
@@ -32,14 +34,13 @@ from tokenflow.errors import ModelError
 from tokenflow.kernels.gather import gather_blend
 from tokenflow.kernels.keyframe_attention import keyframe_attention
 from tokenflow.kernels.nearest import cosine_nearest
-from tokenflow.models.load import check_unet_layout
+from tokenflow.models.unet_layout import PNP_QK_SKIP_FIRST_DECODER_LAYERS, check_unet_layout, pnp_feature_resnet
 
 # Plug-and-Play (Tumanyan et al.) injects Q/K in the decoder's self-attention layers "4-11": all
 # decoder self-attention layers except the first one at the lowest resolution. For SD 1.x/2.x
 # those are up_blocks[1].attentions[1, 2], up_blocks[2].attentions[0..2], up_blocks[3].attentions[0..2].
-PNP_QK_SKIP_FIRST_DECODER_LAYERS = 1
-# ... and the residual features of the second ResNet of the first attention decoder block
-# (1/16 resolution; up_blocks[0] has no attention in SD).
+# ... and the residual features of the second ResNet of the decoder block at 1/4 of the latent
+# resolution: SD 1.x/2.x's (up_blocks[0] has no attention in SD); SDXL's is up_blocks.0.resnets.1.
 PNP_FEATURE_RESNET = "up_blocks.1.resnets.1"
 
 
@@ -148,7 +149,8 @@ class TokenFlowUNet:
         for layer in self.layers:
             processors[f"{layer.name}.processor"] = TokenFlowAttention(self.control, layer)
         unet.set_attn_processor(processors)
-        conv2 = unet.get_submodule(PNP_FEATURE_RESNET).conv2
+        self.feature_resnet = pnp_feature_resnet(unet)
+        conv2 = unet.get_submodule(self.feature_resnet).conv2
         self._hook = conv2.register_forward_hook(self._inject_residual_features)
 
     def _check_layout(self) -> None:

@@ -19,13 +19,15 @@ from tokenflow.engine.passes import GRAPH_PAIRS, store_tensors
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.engine.state import PassKind, StepState, timestep_tensor
 from tokenflow.errors import ConfigError
+from tokenflow.models.text import unet_keywords
 
 
 class UNetRunner:
     """Evaluates the TokenFlow UNet.
 
-    Text embeddings are [1, 77, D] each; latents are float32 and cast to the UNet dtype on entry;
-    noise predictions come back as float32.
+    Text rows are [1, 77, D] each (SDXL: [1, 77 + 1, D], its pooled embedding and time ids packed
+    in, ``models.text``); latents are float32 and cast to the UNet dtype on entry; noise
+    predictions come back as float32.
     """
 
     def __init__(self, unet: torch.nn.Module, tokenflow: TokenFlowUNet, backend: Optional[UNetBackend] = None):
@@ -80,7 +82,7 @@ class UNetRunner:
         x, text = latents.to(self.dtype).contiguous(), text.to(self.dtype)
         x, extra = self._conditioned_input(x, t, text, frames, n_branches, plain=n_branches == 1)
         if self.backend is None:
-            return self.unet(x, timestep_tensor(t, latents.device), encoder_hidden_states=text,
+            return self.unet(x, timestep_tensor(t, latents.device), **unet_keywords(self.unet, text),
                              **extra).sample.float()
         text = text.contiguous()   # static-shape graphs guard on strides (an expanded text has stride 0)
         if self.backend.pads_calls and pad_to and rows < pad_to:

@@ -138,17 +138,17 @@ class Editor:
                         dtype: Union[str, torch.dtype, None] = None, cache_dir: Optional[str] = None,
                         use_cache: bool = True, reporter: Optional[Reporter] = None,
                         allow_pickle: bool = False, model_config: Optional[str] = None, loras: Sequence[str] = (),
-                        embeddings: Sequence[str] = ()) -> "Editor":
+                        embeddings: Sequence[str] = (), vae: Optional[str] = None) -> "Editor":
         """Load a Hub id, a local diffusers folder, a single-file checkpoint (``model_config``: its
         --model-config), an SD version ('1.5', '2.0', '2.1', '2-depth') or 'tiny' (safetensors weights
         only unless ``allow_pickle``), with ``loras`` ("PATH_OR_ID[:SCALE]", fused into the weights)
-        and textual-inversion ``embeddings`` ("PATH[:TOKEN]")."""
+        and textual-inversion ``embeddings`` ("PATH[:TOKEN]"); ``vae``: another VAE (folder or Hub id)."""
         dev = resolve_device(None if device is None else str(device))
         dt = resolve_dtype(dtype, dev)
         reporter = reporter or Reporter(quiet=True)
         with reporter.stage("load"):
             sd = load_model(model, dev, dt, allow_pickle=allow_pickle, model_config=model_config, loras=loras,
-                            embeddings=embeddings)
+                            embeddings=embeddings, vae=vae)
         cache = InversionCache(Path(cache_dir) if cache_dir else None, enabled=use_cache)
         return cls(sd, cache=cache, reporter=reporter)
 
@@ -195,6 +195,10 @@ class Editor:
                              nearest_backend=config.nearest_backend, controls=controls)
 
     # --- frames <-> latents ----------------------------------------------------------------
+
+    def frame_size(self, latents: torch.Tensor) -> tuple:
+        """(width, height) in pixels of frames with ``latents`` [..., h, w] (SDXL's time ids)."""
+        return (latents.shape[-1] * self.model.vae_scale_factor, latents.shape[-2] * self.model.vae_scale_factor)
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor, frames_per_call: int = 8) -> torch.Tensor:
@@ -273,7 +277,7 @@ class Editor:
         else:
             if checkpoint is not None and checkpoint.restored("edit") is not None:
                 self.reporter.info("inversion: neither the cache nor the checkpoint holds it; inverting again")
-            cond = encode_prompt(self.model, config.inversion_prompt)
+            cond = encode_prompt(self.model, config.inversion_prompt, self.frame_size(z0))
             scheduler = schedule.make_scheduler(sched_cfg, config.inversion_steps)
             self.use_backend(config, plan)
 
@@ -405,8 +409,8 @@ class Editor:
         """-> (final latents [P,N,4,h,w] float32, record of keyframes and correspondences)."""
         scheduler = schedule.make_scheduler(self.model.scheduler_config, config.steps)
         timesteps = self._edit_timesteps(config)
-        embed = functools.partial(encode_prompt, self.model)
-        texts = text_branches(embed(config.inversion_prompt), embed(config.negative_prompt),
+        embed = functools.partial(encode_prompt, self.model, size=self.frame_size(inversion.z0))
+        texts = text_branches(embed(config.inversion_prompt), embed(config.negative_prompt, negative=True),
                               [embed(p) for p in config.prompts])
         x0 = self._initial_latents(inversion, timesteps[0], config, scheduler)
         source = inversion.latents

@@ -34,3 +34,19 @@ SD_VAE_LAYOUT = dict(
     latent_channels=4,
     scaling_factor=0.18215,
 )
+
+# The SDXL UNet block layout (stabilityai/stable-diffusion-xl-base-1.0) without its widths: three
+# levels, attention only at the last two, 2 and 10 transformer blocks per attention there (and 10 in
+# the mid block): 70 transformer blocks; the added text/time embedding ("text_time": the pooled
+# text embedding and 6 micro-conditioning time ids, each id embedded with addition_time_embed_dim).
+SDXL_UNET_LAYOUT = dict(
+    SD_UNET_LAYOUT,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    addition_embed_type="text_time",
+    use_linear_projection=True,
+)
+
+# The SDXL VAE: SD's layout with another scaling factor; it overflows in float16 (force_upcast).
+SDXL_VAE_LAYOUT = dict(SD_VAE_LAYOUT, scaling_factor=0.13025, force_upcast=True)

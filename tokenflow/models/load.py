@@ -1,7 +1,8 @@
-"""Load a Stable Diffusion model (UNet, VAE, CLIP text encoder, tokenizer, DDIM config).
+"""Load a Stable Diffusion model (UNet, VAE, CLIP text encoder(s), tokenizer(s), DDIM config).
 
 ``load_model`` accepts ``"tiny"`` / ``"tiny:SEED"`` (a random-weight offline model, see
-``tokenflow.models.tiny``), a short SD version (``"1.5"``, ``"2.0"``, ``"2.1"``), a local diffusers
+``tokenflow.models.tiny``; ``tiny-depth``, ``tiny-xl`` its SD 2 depth and SDXL layouts), a short
+version (``"1.5"``, ``"2.0"``, ``"2.1"``, ``"2-depth"``, ``"xl"``), a local diffusers
 folder, a single-file checkpoint (``tokenflow.models.single_file``) or a Hugging Face Hub id.
 Every problem surfaces as a one-line ``ModelError`` (or ``ResourceError`` when the device runs out
 of memory).
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
@@ -21,37 +22,43 @@ import torch
 
 from tokenflow.config import SD_VERSIONS
 from tokenflow.errors import ModelError, ResourceError, one_line
-from tokenflow.models import adapters, single_file, tiny
+from tokenflow.models import adapters, single_file, text, tiny
 from tokenflow.models.hf import download_command, quiet_hf_libraries
+from tokenflow.models.unet_layout import check_unet_layout  # noqa: F401  (re-exported: its users import it from here)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")   # SDXL's second text encoder, present together
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx")
 CONFIG_SUFFIXES = (".json", ".txt")
-SD_TRANSFORMER_BLOCKS = 16
 HUB_ALLOW_PATTERNS = [
     "model_index.json",
     *(f"{component}/*{suffix}" for component in COMPONENTS for suffix in CONFIG_SUFFIXES),
     "unet/diffusion_pytorch_model.safetensors",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder/model.safetensors",
+    # SDXL: the second text encoder
+    *(f"{component}/*{suffix}" for component in XL_COMPONENTS for suffix in CONFIG_SUFFIXES),
+    "text_encoder_2/model.safetensors",
     # SD 2 depth: its DPT depth estimator (the default of --depth-model) and its image processor
     *(f"{component}/*{suffix}" for component in ("depth_estimator", "feature_extractor")
       for suffix in CONFIG_SUFFIXES),
     "depth_estimator/model.safetensors",
 ]
-# tiny[:SEED] or tiny-depth[:SEED] (group 1: "-depth" or None, group 2: the seed text)
-_TINY_PATTERN = re.compile(r"^tiny(-depth)?(?::(.*))?$")
+# tiny[:SEED], tiny-depth[:SEED] or tiny-xl[:SEED] (group 1: "-depth", "-xl" or None, group 2: the seed text)
+_TINY_PATTERN = re.compile(r"^tiny(-depth|-xl)?(?::(.*))?$")
 # torch >= 2.5 names it torch.OutOfMemoryError; older releases only have the CUDA alias
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
 class SDModel:
-    """A loaded Stable Diffusion model, on ``device`` in ``dtype``, eval mode, no gradients.
+    """A loaded Stable Diffusion (1.x/2.x or XL) model, on ``device`` in ``dtype``, eval mode, no gradients.
 
     ``identity`` fingerprints the weights for cache keys; ``scheduler_config`` builds fresh
     DDIM schedulers. Latents are ``[N, 4, H / vae_scale_factor, W / vae_scale_factor]``;
-    ``z = vae.encode(x).mean * scaling_factor``.
+    ``z = vae.encode(x).mean * scaling_factor``. SDXL: ``text_encoder_2`` / ``tokenizer_2`` are
+    set; its prompts are packed text rows (``models.text``); ``vae_upcast``: the VAE runs in
+    float32 whatever ``dtype`` (its config's ``force_upcast``: SDXL's VAE overflows in float16).
     """
 
     unet: Any
@@ -70,7 +77,20 @@ class SDModel:
     weights_loaded: bool = True   # False: an architecture on the meta device (models.architectures), for plans
     # multi-vector embedding tokens (--embedding): TOKEN -> (TOKEN, TOKEN_1, ...), expanded in prompts
     embedding_tokens: Dict[str, Tuple[str, ...]] = field(default_factory=dict, repr=False)
+    text_encoder_2: Any = None       # SDXL: CLIPTextModelWithProjection
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False   # SDXL pipelines: an empty negative prompt is zeros
+    vae_upcast: bool = False         # the VAE is float32 (force_upcast with a 16-bit dtype)
+    vae_name: str = ""               # where the VAE came from: the model's own, or --vae
 
+    @property
+    def family(self) -> str:
+        """``"sdxl"`` (two text encoders, added text/time conditioning) or ``"sd"`` (1.x/2.x)."""
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
+
+    @property
+    def text_encoders(self) -> list:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
 
 @dataclass(frozen=True)
@@ -90,8 +110,12 @@ class ModelSource:
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
                model_config: Optional[str] = None, loras: Sequence[str] = (),
-               embeddings: Sequence[str] = ()) -> SDModel:
-    """Load ``model`` (tiny[:SEED], 1.5/2.0/2.1/2-depth, local folder, single file or Hub id) onto ``device``.
+               embeddings: Sequence[str] = (), vae: Optional[str] = None) -> SDModel:
+    """Load ``model`` (tiny[:SEED], 1.5/2.0/2.1/2-depth/xl, local folder, single file or Hub id) onto ``device``.
+
+    ``vae``: another VAE (a diffusers folder or Hub id, --vae) instead of the model's own, e.g. a
+    float16-safe SDXL VAE. An SDXL model's VAE whose config says ``force_upcast`` stays in float32
+    under a 16-bit ``dtype`` (``SDModel.vae_upcast``); a given ``vae`` follows its own config.
 
     ``model_config``: a single file's configs (--model-config). ``loras`` ("PATH_OR_ID[:SCALE]") are
     fused into the weights and ``embeddings`` ("PATH[:TOKEN]") added to the tokenizer and text
@@ -103,51 +127,96 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, *, allow_pi
     embedding_specs = [adapters.parse_embedding(text) for text in embeddings]
     with quiet_hf_libraries():
         source = resolve_source(model, model_config=model_config)
+        text_encoder_2 = tokenizer_2 = None
         if source.kind == "file":
-            source, (scheduler_config, unet, vae, text_encoder, tokenizer) = load_single_file(source, dtype, allow_pickle)
+            source, (scheduler_config, unet, vae_module, text_encoder, tokenizer) = load_single_file(
+                source, dtype, allow_pickle)
             check_unet_layout(unet, source.name)
         else:
             scheduler_config = load_scheduler_config(source)
             unet = load_component(source, "unet", dtype, allow_pickle)
             check_unet_layout(unet, source.name)
-            vae = load_component(source, "vae", dtype, allow_pickle)
+            xl = text.is_text_time(unet.config)
+            vae_module = load_component(source, "vae", torch.float32 if xl else dtype, allow_pickle)
             text_encoder = load_component(source, "text_encoder", dtype, allow_pickle)
             tokenizer = load_component(source, "tokenizer", dtype)
+            if xl:
+                check_xl_components(source.path, source.name)
+                text_encoder_2 = load_component(source, "text_encoder_2", dtype, allow_pickle)
+                tokenizer_2 = load_component(source, "tokenizer_2", dtype)
+        vae_name, vae_identity = "the model's own", ""
+        if vae is not None:
+            vae_source = resolve_vae_source(vae)
+            vae_module = load_component(vae_source, "", torch.float32 if text_encoder_2 is not None else dtype,
+                                        allow_pickle, loader="vae", what=f"VAE '{vae}' (--vae)")
+            vae_name, vae_identity = vae, f"+vae:{vae_source.identity}"
+        upcast = (text_encoder_2 is not None and dtype != torch.float32
+                  and bool(getattr(vae_module.config, "force_upcast", False)))
+        vae_module = vae_module.to(torch.float32 if upcast else dtype)
         parts = adapters.apply_loras(lora_specs, unet, text_encoder, model_name=model, allow_pickle=allow_pickle,
                                      hub_offline=hub_offline())
         embedding_parts, embedding_tokens = adapters.apply_embeddings(
             embedding_specs, tokenizer, text_encoder, model_name=model, allow_pickle=allow_pickle)
-    modules = move_to_device([unet, vae, text_encoder], device, dtype, source.name)
+    modules = move_to_device([m for m in (unet, vae_module, text_encoder, text_encoder_2) if m is not None],
+                             device, dtype, source.name)
     for module in modules:
         module.eval().requires_grad_(False)
     return SDModel(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=unet, vae=vae_module, text_encoder=text_encoder, tokenizer=tokenizer,
         scheduler_config=scheduler_config, name=model,
-        identity=adapters.adapters_identity(source.identity, parts + embedding_parts),
+        identity=adapters.adapters_identity(source.identity + vae_identity, parts + embedding_parts),
         is_tiny=source.is_tiny, device=device, dtype=dtype,
-        vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
-        scaling_factor=float(vae.config.scaling_factor), path=source.path, embedding_tokens=embedding_tokens,
+        vae_scale_factor=2 ** (len(vae_module.config.block_out_channels) - 1),
+        scaling_factor=float(vae_module.config.scaling_factor), path=source.path, embedding_tokens=embedding_tokens,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        force_zeros_for_empty_prompt=text_encoder_2 is not None and read_force_zeros(source.path),
+        vae_upcast=upcast, vae_name=vae_name,
     )
 
 
-@torch.no_grad()
-def encode_prompt(model: SDModel, text: str) -> torch.Tensor:
-    """CLIP last hidden state of ``text``, padded to the tokenizer's max length: ``[1, 77, D]``.
+def encode_prompt(model: SDModel, prompt: str, size: Optional[Tuple[int, int]] = None, *,
+                  negative: bool = False) -> torch.Tensor:
+    """The text rows of ``prompt`` (``models.text.encode_prompt``): ``[1, 77, D]`` for SD; SDXL
+    needs the frame ``size`` (width, height) and packs its added conditioning (``[1, 78, 2048]``)."""
+    return text.encode_prompt(model, prompt, size, negative=negative)
 
-    No attention mask, as in the original; warns when the prompt is cut at 77 tokens. A
-    multi-vector embedding's token stands for all its vectors (``adapters.expand_prompt``).
-    """
-    text = adapters.expand_prompt(text, model.embedding_tokens)
-    tokenizer = model.tokenizer
-    max_length = tokenizer.model_max_length
-    with quiet_hf_libraries():
-        full_length = len(tokenizer(text, truncation=False).input_ids)
-        ids = tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
-                        return_tensors="pt").input_ids
-    if full_length > max_length:
-        warnings.warn(f"prompt {text[:40]!r}... is {full_length} tokens long; the text encoder "
-                      f"only sees the first {max_length}", stacklevel=2)
-    return model.text_encoder(ids.to(model.device))[0]
+
+def check_xl_components(folder: Path, name: str) -> None:
+    """ModelError naming what an SDXL folder (its UNet wants added text/time conditioning) lacks."""
+    missing = [f"{component}/" for component in XL_COMPONENTS if not (folder / component).is_dir()]
+    if missing:
+        raise ModelError(f"model '{name}' has an SDXL UNet but no {', '.join(missing)}: an SDXL base folder has two "
+                         "text encoders (text_encoder/, text_encoder_2/ and their tokenizers); the refiner (one "
+                         "encoder, 5 time ids) is not supported")
+
+
+def read_force_zeros(folder: Optional[Path]) -> bool:
+    """``force_zeros_for_empty_prompt`` of an SDXL folder's model_index.json (diffusers' default True)."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return True
+    return bool(index.get("force_zeros_for_empty_prompt", True)) if isinstance(index, dict) else True
+
+
+def resolve_vae_source(vae: str) -> ModelSource:
+    """A ``--vae`` value: a local diffusers VAE folder (config.json and weights) or a Hub id."""
+    folder = Path(vae).expanduser()
+    if folder.is_dir() or looks_like_path(vae):
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"--vae '{vae}' is not a diffusers VAE folder (no config.json): pass a folder saved by "
+                             "AutoencoderKL.save_pretrained or a Hub id such as madebyollin/sdxl-vae-fp16-fix")
+        return ModelSource(vae, folder.resolve(), folder_fingerprint(folder), is_tiny=False)
+    from huggingface_hub import snapshot_download  # noqa: PLC0415  only for Hub ids
+
+    try:
+        snapshot = Path(snapshot_download(vae, allow_patterns=["config.json", "diffusion_pytorch_model.safetensors"],
+                                          local_files_only=hub_offline()))
+    except Exception as error:
+        raise ModelError(f"could not load VAE '{vae}' (--vae; {hub_error_reason(error)}): download it once with "
+                         f"`{download_command(vae)}` and pass --vae DIR") from None
+    commit = snapshot.name if re.fullmatch(r"[0-9a-f]{40}", snapshot.name) else None
+    return ModelSource(vae, snapshot, f"{vae}@{commit}" if commit else folder_fingerprint(snapshot), is_tiny=False)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -187,9 +256,9 @@ def model_kind(model: str) -> Tuple[str, Optional[str]]:
 
 
 def tiny_source(model: str, seed_text: Optional[str]) -> ModelSource:
-    seed, depth = _tiny_seed(model, seed_text), _tiny_is_depth(model)
-    folder = tiny.tiny_model_dir(seed, depth=depth)
-    return ModelSource(model, folder, tiny.tiny_identity(seed, depth), is_tiny=True)
+    seed, depth, xl = _tiny_seed(model, seed_text), _tiny_is_depth(model), _tiny_is_xl(model)
+    folder = tiny.tiny_model_dir(seed, depth=depth, xl=xl)
+    return ModelSource(model, folder, tiny.tiny_identity(seed, depth, xl), is_tiny=True)
 
 
 def _tiny_is_depth(model: str) -> bool:
@@ -197,17 +266,22 @@ def _tiny_is_depth(model: str) -> bool:
     return model.startswith("tiny-depth")
 
 
+def _tiny_is_xl(model: str) -> bool:
+    """``tiny-xl[:SEED]``: the tiny SDXL model (SDXL's block layout, two text encoders)."""
+    return model.startswith("tiny-xl")
+
+
 def _tiny_seed(model: str, seed_text: Optional[str]) -> int:
     try:
         return 0 if seed_text is None else int(seed_text)
     except ValueError:
-        name = "tiny-depth" if _tiny_is_depth(model) else "tiny"
+        name = "tiny-depth" if _tiny_is_depth(model) else "tiny-xl" if _tiny_is_xl(model) else "tiny"
         raise ModelError(f"bad model '{model}': the tiny model's seed must be an integer, "
                          f"e.g. --model {name}:1") from None
 
 
 def _tiny_identity(model: str, seed_text: Optional[str]) -> str:
-    return tiny.tiny_identity(_tiny_seed(model, seed_text), _tiny_is_depth(model))
+    return tiny.tiny_identity(_tiny_seed(model, seed_text), _tiny_is_depth(model), _tiny_is_xl(model))
 
 
 def looks_like_path(model: str) -> bool:
@@ -348,7 +422,9 @@ def fingerprinted_files(folder: Path) -> Iterator[Path]:
     index = folder / "model_index.json"
     if index.is_file():
         yield index
-    for component in COMPONENTS:
+    if not index.is_file() and (folder / "config.json").is_file():   # a component folder itself (--vae)
+        yield from sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in CONFIG_SUFFIXES + WEIGHT_SUFFIXES)
+    for component in COMPONENTS + XL_COMPONENTS:
         for path in sorted((folder / component).rglob("*")):
             if path.is_file() and path.suffix in CONFIG_SUFFIXES + WEIGHT_SUFFIXES:
                 yield path
@@ -440,26 +516,32 @@ def _cached_hub_file(repo_id: str, filename: str) -> Optional[Path]:
     return Path(found) if isinstance(found, str) else None
 
 
-def load_component(source: ModelSource, component: str, dtype: torch.dtype, allow_pickle: bool = False):
+def load_component(source: ModelSource, component: str, dtype: torch.dtype, allow_pickle: bool = False, *,
+                   loader: Optional[str] = None, what: Optional[str] = None):
     """``from_pretrained`` of one pipeline component (on CPU, in ``dtype``); safetensors only
-    unless ``allow_pickle``."""
-    loader, dtype_kwarg = component_loader(component)
-    if component == "tokenizer":
+    unless ``allow_pickle``. ``component`` "" with ``loader``: a folder that is the component itself
+    (--vae); ``what`` names it in errors."""
+    kind = loader or component
+    what = what or f"the {component} of model '{source.name}'"
+    loader_class, dtype_kwarg = component_loader(kind)
+    folder = source.path / component if component else source.path
+    if kind.startswith("tokenizer"):
         kwargs = {}
     else:
         kwargs = {dtype_kwarg: dtype, "use_safetensors": None if allow_pickle else True}
-        if not allow_pickle and not any((source.path / component).glob("*.safetensors")):
-            pickled = sorted(p.name for p in (source.path / component).glob("*") if p.suffix in PICKLE_SUFFIXES)
+        if not allow_pickle and not any(folder.glob("*.safetensors")):
+            pickled = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
             if pickled:
-                raise ModelError(f"the {component} of model '{source.name}' has only pickle weights ({pickled[0]}); "
+                raise ModelError(f"{what} has only pickle weights ({pickled[0]}); "
                                  "tokenflow loads safetensors only, because pickle files can run code. Convert "
                                  "them (diffusers: from_pretrained(DIR).save_pretrained(DIR)) or, for weights "
                                  "you trust, pass --allow-pickle")
     try:
-        return loader.from_pretrained(source.path, subfolder=component, **kwargs)
+        if component:
+            return loader_class.from_pretrained(source.path, subfolder=component, **kwargs)
+        return loader_class.from_pretrained(source.path, **kwargs)
     except Exception as error:
-        raise ModelError(f"could not load the {component} of model '{source.name}' "
-                         f"({one_line(error)})") from None
+        raise ModelError(f"could not load {what} ({one_line(error)})") from None
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -470,7 +552,7 @@ def component_loader(component: str):
     # diffusers / transformers load (seconds) when a pipeline is loaded, not with this module:
     # `tokenflow metrics` imports it (through quality.clip_metrics) and loads no pipeline
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415  start-up time
-    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: PLC0415  start-up time
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: PLC0415  start-up time
 
     transformers_dtype_kwarg = "dtype" if transformers_major_minor() >= (4, 56) else "torch_dtype"
     diffusers_dtype_kwarg = "dtype" if major_minor("diffusers") >= (0, 40) else "torch_dtype"
@@ -479,6 +561,8 @@ def component_loader(component: str):
         "vae": (AutoencoderKL, diffusers_dtype_kwarg),
         "text_encoder": (CLIPTextModel, transformers_dtype_kwarg),
         "tokenizer": (CLIPTokenizer, None),
+        "text_encoder_2": (CLIPTextModelWithProjection, transformers_dtype_kwarg),
+        "tokenizer_2": (CLIPTokenizer, None),
     }[component]
 
 
@@ -492,45 +576,6 @@ def major_minor(package: str) -> tuple[int, int]:
     major, minor = (int(re.match(r"\d+", part).group()) for part in
                     importlib.metadata.version(package).split(".")[:2])
     return major, minor
-
-
-def check_unet_layout(unet, name: str) -> None:
-    """Raise ModelError unless ``unet`` has the SD 1.x/2.x layout TokenFlow hooks into.
-
-    Needed: 4 input channels (or 5: 4 latent + 1 depth, SD 2 depth) and 4 output channels, 4 up
-    blocks, ``up_blocks[1].resnets[1]`` (conv injection),
-    3 single-block transformers in each of ``up_blocks[1..3]`` (QK injection) and 16
-    ``BasicTransformerBlock``s in total (extended attention / propagation).
-    """
-    from diffusers.models.attention import BasicTransformerBlock  # noqa: PLC0415  start-up time (see component_loader)
-
-    problems = []
-    in_channels, out_channels = unet.config.in_channels, unet.config.out_channels
-    if in_channels not in (4, 5):
-        what = " (an inpainting model: not supported)" if in_channels == 9 else ""
-        problems.append(f"{in_channels} input channels instead of 4 (or 5 for a depth model: 4 latent + 1 "
-                        f"depth){what}")
-    if out_channels != 4:
-        problems.append(f"{out_channels} output channels instead of 4")
-    up_blocks = list(getattr(unet, "up_blocks", []))
-    if len(up_blocks) != 4:
-        problems.append(f"{len(up_blocks)} up blocks instead of 4")
-    else:
-        if len(getattr(up_blocks[1], "resnets", [])) < 2:
-            problems.append("no up_blocks[1].resnets[1]")
-        for index in (1, 2, 3):
-            attentions = list(getattr(up_blocks[index], "attentions", None) or [])
-            sizes = [len(getattr(a, "transformer_blocks", [])) for a in attentions]
-            if sizes != [1, 1, 1]:
-                problems.append(f"up_blocks[{index}] has {len(attentions)} attention modules "
-                                "instead of 3 with one transformer block each")
-    blocks = sum(isinstance(module, BasicTransformerBlock) for module in unet.modules())
-    if blocks != SD_TRANSFORMER_BLOCKS:
-        problems.append(f"{blocks} transformer blocks instead of {SD_TRANSFORMER_BLOCKS}")
-    if problems:
-        raise ModelError(f"model '{name}' does not have the Stable Diffusion 1.x/2.x UNet layout "
-                         f"TokenFlow needs ({'; '.join(problems)}); SDXL, SD 3 and other "
-                         "architectures are not supported")
 
 
 def move_to_device(modules: list, device: torch.device, dtype: torch.dtype, name: str) -> list:

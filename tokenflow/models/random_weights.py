@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 from diffusers import DDIMScheduler
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 MAX_TOKENS = 77
 BOS_TOKEN = "<|startoftext|>"
@@ -169,8 +169,9 @@ def load_tokenizer() -> CLIPTokenizer:
 
 
 def clip_text_encoder(seed: int, component: str, *, hidden: int, intermediate: int, layers: int, heads: int,
-                      act: str = "gelu", projection: int = 0) -> CLIPTextModel:
-    """A CLIP text encoder for the byte-level vocabulary (CPU, float32) with random weights."""
+                      act: str = "gelu", projection: int = 0, with_projection: bool = False) -> CLIPTextModel:
+    """A CLIP text encoder for the byte-level vocabulary (CPU, float32) with random weights;
+    ``with_projection``: a ``CLIPTextModelWithProjection`` (SDXL's second encoder: pooled, projected)."""
     vocab = tokenizer_vocab()
     config = CLIPTextConfig(
         vocab_size=len(vocab),
@@ -186,7 +187,8 @@ def clip_text_encoder(seed: int, component: str, *, hidden: int, intermediate: i
         bos_token_id=vocab[BOS_TOKEN],
         eos_token_id=vocab[EOS_TOKEN],
     )
-    text_encoder = build_random(lambda: CLIPTextModel(config), seed, component)
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    text_encoder = build_random(lambda: model_class(config), seed, component)
     return text_encoder
 
 

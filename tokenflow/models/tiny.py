@@ -22,6 +22,16 @@ stabilityai/stable-diffusion-2-depth: the same components with a UNet of 5 input
 random ``DPTForDepthEstimation`` in ``depth_estimator/`` (ViT, hidden size 32, 4 layers, 32x32
 input -> ``[N, 64, 64]`` depth) and its ``DPTImageProcessor`` in ``feature_extractor/``;
 ``model_index.json`` names ``StableDiffusionDepth2ImgPipeline``.
+
+The SDXL variant (``--model tiny-xl[:SEED]``, ``xl=True``) has the layout of
+stabilityai/stable-diffusion-xl-base-1.0 (``layouts.SDXL_UNET_LAYOUT``): three UNet levels, attention
+at the last two with 2 and 10 transformer blocks per attention (70 self-attention layers, the real
+count), the added text/time embedding, two text encoders (a ``CLIPTextModel`` and a
+``CLIPTextModelWithProjection``, hidden size 32 each -> text rows ``[1, 77 + 1, 64]``, pooled 32)
+and their tokenizers, and a VAE with SDXL's scaling factor and ``force_upcast``:
+
+* UNet: 128x128 frames -> latents ``[N, 4, 16, 16]``, attention at 8x8 and 4x4 latents, head dim 16.
+* ``model_index.json`` names ``StableDiffusionXLPipeline`` (``force_zeros_for_empty_prompt``).
 """
 from __future__ import annotations
 
@@ -33,16 +43,18 @@ from typing import Optional, Union
 from tokenflow.io.caches import default_cache_root
 from tokenflow.io.outputs import atomic_path
 from tokenflow.models.hf import quiet_hf_libraries
-from tokenflow.models.layouts import SD_UNET_LAYOUT, SD_VAE_LAYOUT
+from tokenflow.models.layouts import SD_UNET_LAYOUT, SD_VAE_LAYOUT, SDXL_UNET_LAYOUT, SDXL_VAE_LAYOUT
 
 # Bump whenever the architecture, the weight recipe or the folder layout changes:
 # cached folders carry it in their name and marker, so stale ones are rebuilt.
 RECIPE = 1
 KIND = "tiny-sd21"
 DEPTH_KIND = "tiny-sd2-depth"
+XL_KIND = "tiny-sdxl"
 MARKER_NAME = "tokenflow_tiny.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DEPTH_COMPONENTS = COMPONENTS + ("depth_estimator", "feature_extractor")
+XL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")
 
 UNET_CONFIG = dict(
     SD_UNET_LAYOUT,
@@ -58,6 +70,21 @@ UNET_CONFIG = dict(
 VAE_CONFIG = dict(SD_VAE_LAYOUT, sample_size=128, block_out_channels=(16, 32, 32, 32), norm_num_groups=8)
 
 DEPTH_UNET_CONFIG = dict(UNET_CONFIG, in_channels=5)   # 4 latent channels + 1 depth channel; 4 out
+
+# SDXL's layout, tiny widths: text rows are both encoders' hidden states (32 + 32), the added
+# embedding takes the pooled text (32) and 6 time ids embedded with 8 channels each
+XL_TIME_EMBED_DIM = 8
+XL_UNET_CONFIG = dict(
+    SDXL_UNET_LAYOUT,
+    sample_size=16,
+    block_out_channels=(32, 64, 64),
+    norm_num_groups=8,
+    cross_attention_dim=64,
+    attention_head_dim=(2, 4, 4),   # heads per level (diffusers' legacy name, as SDXL's config) -> head dim 16
+    addition_time_embed_dim=XL_TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=32 + 6 * XL_TIME_EMBED_DIM,
+)
+XL_VAE_CONFIG = dict(SDXL_VAE_LAYOUT, sample_size=128, block_out_channels=(16, 32, 32, 32), norm_num_groups=8)
 
 # the tiny DPT (transformers DPTConfig; plain ViT backbone, 4 layers, all four feed the neck)
 DPT_CONFIG = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
@@ -83,6 +110,19 @@ MODEL_INDEX = {
 }
 
 
+XL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
 # like stabilityai/stable-diffusion-2-depth's (no safety checker in a depth2img pipeline)
 DEPTH_MODEL_INDEX = {
     **{k: v for k, v in MODEL_INDEX.items() if k not in ("requires_safety_checker", "safety_checker")},
@@ -92,13 +132,19 @@ DEPTH_MODEL_INDEX = {
 }
 
 
-def kind_of(depth: bool) -> str:
-    return DEPTH_KIND if depth else KIND
+def kind_of(depth: bool, xl: bool = False) -> str:
+    if depth and xl:
+        raise ValueError("there is no tiny SDXL depth model")
+    return DEPTH_KIND if depth else XL_KIND if xl else KIND
 
 
-def marker(seed: int, depth: bool = False) -> dict:
+def components_of(depth: bool, xl: bool = False) -> tuple:
+    return DEPTH_COMPONENTS if depth else XL_COMPONENTS if xl else COMPONENTS
+
+
+def marker(seed: int, depth: bool = False, xl: bool = False) -> dict:
     """The contents of ``MARKER_NAME``: what the folder is (written last: its presence means complete)."""
-    return {"kind": kind_of(depth), "seed": seed, "recipe": RECIPE,
+    return {"kind": kind_of(depth, xl), "seed": seed, "recipe": RECIPE,
             "note": "random weights: outputs are not real edits"}
 
 
@@ -111,9 +157,9 @@ def read_marker(folder: Path) -> Optional[dict]:
     return marker if isinstance(marker, dict) else None
 
 
-def write_pipeline(folder: Path, seed: int, depth: bool = False) -> None:
+def write_pipeline(folder: Path, seed: int, depth: bool = False, xl: bool = False) -> None:
     """Write the complete pipeline folder (marker last) into an existing empty ``folder``; ``depth``:
-    the SD-2-depth layout (5-channel UNet, tiny DPT)."""
+    the SD-2-depth layout (5-channel UNet, tiny DPT); ``xl``: SDXL's (module docstring)."""
     import diffusers  # noqa: PLC0415  start-up time: models.load imports this module; diffusers loads only to build
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415  (as above)
 
@@ -121,17 +167,22 @@ def write_pipeline(folder: Path, seed: int, depth: bool = False) -> None:
 
     random_weights.write_tokenizer(folder / "tokenizer")
     random_weights.write_scheduler(folder / "scheduler")
-    unet_config = DEPTH_UNET_CONFIG if depth else UNET_CONFIG
+    unet_config = DEPTH_UNET_CONFIG if depth else XL_UNET_CONFIG if xl else UNET_CONFIG
     unet = random_weights.build_random(lambda: UNet2DConditionModel(**unet_config), seed, "unet")
-    vae = random_weights.build_random(lambda: AutoencoderKL(**VAE_CONFIG), seed, "vae")
+    vae = random_weights.build_random(lambda: AutoencoderKL(**(XL_VAE_CONFIG if xl else VAE_CONFIG)), seed, "vae")
     text_encoder = random_weights.clip_text_encoder(seed, "text_encoder", **TEXT_ENCODER)
-    for component, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+    parts = [("unet", unet), ("vae", vae), ("text_encoder", text_encoder)]
+    if xl:
+        random_weights.write_tokenizer(folder / "tokenizer_2")
+        parts.append(("text_encoder_2", random_weights.clip_text_encoder(seed, "text_encoder_2", **TEXT_ENCODER,
+                                                                         with_projection=True)))
+    for component, model in parts:
         model.eval().save_pretrained(folder / component, safe_serialization=True)
     if depth:
         write_depth_estimator(folder, seed)
-    index = DEPTH_MODEL_INDEX if depth else MODEL_INDEX
+    index = DEPTH_MODEL_INDEX if depth else XL_MODEL_INDEX if xl else MODEL_INDEX
     random_weights.write_json(folder / "model_index.json", {"_diffusers_version": diffusers.__version__, **index})
-    random_weights.write_json(folder / MARKER_NAME, marker(seed, depth))
+    random_weights.write_json(folder / MARKER_NAME, marker(seed, depth, xl))
 
 
 def write_depth_estimator(folder: Path, seed: int) -> None:
@@ -148,9 +199,9 @@ def write_depth_estimator(folder: Path, seed: int) -> None:
 # ----------------------------------------------------------------------------- public API
 
 
-def build_tiny_model(folder: Union[str, os.PathLike], seed: int = 0, depth: bool = False) -> Path:
-    """Build the tiny pipeline (``depth``: the tiny SD-2-depth one) into ``folder`` (replacing it)
-    and return its path.
+def build_tiny_model(folder: Union[str, os.PathLike], seed: int = 0, depth: bool = False, xl: bool = False) -> Path:
+    """Build the tiny pipeline (``depth``: the tiny SD-2-depth one; ``xl``: the tiny SDXL) into
+    ``folder`` (replacing it) and return its path.
 
     The folder is written under a temporary sibling name and swapped into place
     (``io.outputs.atomic_path``), so readers never see a half-written model: if the marker is
@@ -160,29 +211,32 @@ def build_tiny_model(folder: Union[str, os.PathLike], seed: int = 0, depth: bool
     with atomic_path(folder, make_parents=True) as staging:
         staging.mkdir()
         with quiet_hf_libraries():
-            write_pipeline(staging, seed, depth)
+            write_pipeline(staging, seed, depth, xl)
     return folder
 
 
-def tiny_model_dir(seed: int = 0, root: Union[str, os.PathLike, None] = None, depth: bool = False) -> Path:
-    """Path of the cached tiny model (``depth``: tiny-depth) for ``seed``; built on first use, reused afterwards."""
+def tiny_model_dir(seed: int = 0, root: Union[str, os.PathLike, None] = None, depth: bool = False,
+                   xl: bool = False) -> Path:
+    """Path of the cached tiny model (``depth``: tiny-depth, ``xl``: tiny-xl) for ``seed``; built on
+    first use, reused afterwards."""
     root = Path(root).expanduser() if root is not None else default_cache_root() / "models"
-    folder = root / f"{kind_of(depth)}-seed{seed}-r{RECIPE}"
-    if not is_tiny_model_dir(folder, seed, depth):
-        build_tiny_model(folder, seed, depth)
+    folder = root / f"{kind_of(depth, xl)}-seed{seed}-r{RECIPE}"
+    if not is_tiny_model_dir(folder, seed, depth, xl):
+        build_tiny_model(folder, seed, depth, xl)
     return folder
 
 
-def is_tiny_model_dir(folder: Union[str, os.PathLike], seed: Optional[int] = None, depth: bool = False) -> bool:
-    """True if ``folder`` holds a complete tiny model (``depth``: tiny-depth) of the current recipe (and ``seed``)."""
+def is_tiny_model_dir(folder: Union[str, os.PathLike], seed: Optional[int] = None, depth: bool = False,
+                      xl: bool = False) -> bool:
+    """True if ``folder`` holds a complete tiny model of the kind (``depth``, ``xl``) and current recipe (and ``seed``)."""
     marker = read_marker(Path(folder))
-    if marker is None or marker.get("kind") != kind_of(depth) or marker.get("recipe") != RECIPE:
+    if marker is None or marker.get("kind") != kind_of(depth, xl) or marker.get("recipe") != RECIPE:
         return False
     if seed is not None and marker.get("seed") != seed:
         return False
-    return all((Path(folder) / component).is_dir() for component in (DEPTH_COMPONENTS if depth else COMPONENTS))
+    return all((Path(folder) / component).is_dir() for component in components_of(depth, xl))
 
 
-def tiny_identity(seed: int, depth: bool = False) -> str:
+def tiny_identity(seed: int, depth: bool = False, xl: bool = False) -> str:
     """Cache-key fingerprint of the tiny model: fully determined by kind, seed and recipe."""
-    return f"{kind_of(depth)}:seed{seed}:r{RECIPE}"
+    return f"{kind_of(depth, xl)}:seed{seed}:r{RECIPE}"
