@@ -36,7 +36,8 @@ EXTRA_KEYS = {   # job keys that are not EditConfig fields: what they accept, an
              "job name in events, summaries and --checkpoint-root folders (default: the file name without .yaml)"),
     "preset": ("one of: " + ", ".join(sorted(PRESETS)), "start from a named preset before applying this file's settings"),
 }
-MODEL_FIELDS = ("model", "clip_model", "model_config", "depth_model", "vae")   # resolved only when they name a path next to the job file
+# resolved only when they name a path next to the job file
+MODEL_FIELDS = ("model", "clip_model", "model_config", "depth_model", "vae")
 PATH_FIELDS = tuple(name for name, spec in field_specs().items() if spec.rule.path and name not in MODEL_FIELDS)
 # one-or-many "PATH[:SUFFIX]" fields: a local PATH is resolved against the job file's folder
 SPEC_FIELDS = ("lora", "embedding", "controlnet", "control")
