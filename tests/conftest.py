@@ -243,6 +243,24 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_xl_dir(tmp_path_factory):
+    """The tiny SDXL folder (``--model tiny-xl``'s layout: 70 attn1 layers, two text encoders), once per session."""
+    from tokenflow.models.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-xl", seed=0, xl=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_xl(tiny_xl_dir):
+    """The tiny SDXL loaded on CPU in float32 (shared: tests must not keep processors installed)."""
+    import torch
+
+    from tokenflow.models.load import load_model
+
+    return load_model(str(tiny_xl_dir), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tiny_model_dir):
     """The tiny model loaded on CPU in float32 (shared: tests must not keep processors installed)."""
     import torch
