@@ -15,6 +15,10 @@ VAE (``first_stage_model.``): ``encoder.down.{i}.block.{j}``, ``decoder.up.{3-i}
 Text encoder: SD 1 keeps Hugging Face CLIP under ``cond_stage_model.transformer.text_model.``; SD 2
 stores OpenCLIP under ``cond_stage_model.model.`` (fused q/k/v ``in_proj``, one more resblock than
 the penultimate-layer encoder uses, ``text_projection``).
+SDXL (SGM layout, ``write_sdxl_checkpoint``): the same UNet names over three levels plus the added
+embedding ``label_emb.0.{0,2}``; CLIP ViT-L under ``conditioner.embedders.0.transformer.text_model.``,
+OpenCLIP bigG under ``conditioner.embedders.1.model.`` (all its blocks used, ``text_projection``
+stored as ``x @ P``: the transpose of transformers' ``text_projection.weight``).
 """
 from __future__ import annotations
 
@@ -39,7 +43,8 @@ def unet_to_ldm(weights: Dict[str, torch.Tensor], levels: int = 4, layers: int =
     """diffusers UNet2DConditionModel names -> ``model.diffusion_model.*``."""
     out = {}
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     for name, value in weights.items():
         parts = name.split(".")
         module, leaf = ".".join(parts[:-1]), parts[-1]
@@ -120,9 +125,10 @@ def clip_to_ldm(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {f"cond_stage_model.transformer.text_model.{k}": v for k, v in weights.items()}
 
 
-def open_clip_to_ldm(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """SD 2 layout: OpenCLIP, with one extra (unused) final resblock and a text projection."""
-    prefix = "cond_stage_model.model."
+def open_clip_to_ldm(weights: Dict[str, torch.Tensor], prefix: str = "cond_stage_model.model.",
+                     extra_block: bool = True) -> Dict[str, torch.Tensor]:
+    """SD 2 layout: OpenCLIP, with one extra (unused) final resblock and a text projection (SDXL's
+    bigG: ``extra_block`` False, the projection from ``text_projection.weight``)."""
     out = {prefix + "token_embedding.weight": weights["embeddings.token_embedding.weight"],
            prefix + "positional_embedding": weights["embeddings.position_embedding.weight"],
            prefix + "ln_final.weight": weights["final_layer_norm.weight"],
@@ -130,7 +136,7 @@ def open_clip_to_ldm(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
     renames = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                "self_attn.out_proj": "attn.out_proj"}
     layers = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("encoder.layers."))
-    for index in range(layers + 1):
+    for index in range(layers + int(extra_block)):
         source = min(index, layers - 1)   # the extra last block: a copy, never used by SD 2
         block = f"{prefix}transformer.resblocks.{index}."
         scale = 1.0 if index < layers else -3.0   # distinct values: using it would change the output
@@ -140,7 +146,8 @@ def open_clip_to_ldm(weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
             for ours, theirs in renames.items():
                 out[f"{block}{theirs}.{kind}"] = weights[f"encoder.layers.{source}.{ours}.{kind}"] * scale
     width = weights["final_layer_norm.weight"].shape[0]
-    out[prefix + "text_projection"] = torch.eye(width)
+    projection = weights.get("text_projection.weight")
+    out[prefix + "text_projection"] = torch.eye(width) if projection is None else projection.T
     out[prefix + "logit_scale"] = torch.tensor(4.6052)
     return out
 
@@ -155,4 +162,16 @@ def write_ldm_checkpoint(folder: Path, path: Path, *, text: str = "open_clip", e
              **(open_clip_to_ldm if text == "open_clip" else clip_to_ldm)(_weights(folder, "text_encoder"))}
     state.update(extra or {})
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    return Path(path)
+
+
+def write_sdxl_checkpoint(folder: Path, path: Path, *, extra: Optional[dict] = None) -> Path:
+    """The diffusers SDXL model in ``folder`` as one SGM-layout safetensors file at ``path``."""
+    folder = Path(folder)
+    state = {**unet_to_ldm(_weights(folder, "unet"), levels=3), **vae_to_ldm(_weights(folder, "vae")),
+             **{f"conditioner.embedders.0.transformer.text_model.{k}": v
+                for k, v in _weights(folder, "text_encoder").items()},
+             **open_clip_to_ldm(_weights(folder, "text_encoder_2"), "conditioner.embedders.1.model.", False)}
+    state.update(extra or {})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return Path(path)

@@ -70,7 +70,7 @@ def _load(editor, model: str, allow_pickle: bool):
     key = (model, str(editor.model.dtype), str(editor.model.device))
     if key not in cache:
         cache[key] = load_controlnet(model, editor.model.unet, editor.model.device, editor.model.dtype,
-                                     allow_pickle=allow_pickle)
+                                     allow_pickle=allow_pickle, model_name=editor.model.name)
     return cache[key]
 
 

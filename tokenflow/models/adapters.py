@@ -1,15 +1,18 @@
 """LoRA weights and textual-inversion embeddings, applied to a loaded model before anything runs.
 
 ``--lora PATH_OR_ID[:SCALE]``: a ``.safetensors`` file, a folder holding one, or a Hub id, in the
-kohya/A1111 (``lora_unet_*.lora_down``), diffusers (``unet.*.lora.down``, ``*.lora_linear_layer``,
+kohya/A1111 (``lora_unet_*.lora_down``, ``lora_te[1|2]_*``; SDXL UNet layers by their original
+``input_blocks``/``middle_block``/``output_blocks`` names (``models.ldm_names``) or diffusers'),
+diffusers (``unet.*.lora.down``, ``text_encoder[_2].*``, ``*.lora_linear_layer``,
 ``*.processor.to_q_lora``) or PEFT (``*.lora_A``) layout. Each LoRA is injected with PEFT, merged
-into the UNet's (and, when the file has them, the text encoder's) weights at its scale, and the
+into the UNet's (and, when the file has them, the text encoders') weights at its scale, and the
 adapter modules are removed again: every backend (eager processors, torch.compile, AOTInductor,
 ONNX, TensorRT) sees plain fused weights.
 
 ``--embedding PATH[:TOKEN]``: diffusers' ``{token: [n, D]}``, A1111's ``{"string_to_param": {"*":
-[n, D]}, "name": ...}`` or ``{"emb_params": [n, D]}``. A multi-vector embedding adds TOKEN, TOKEN_1,
-..., TOKEN_{n-1}; ``expand_prompt`` turns TOKEN in a prompt into all of them.
+[n, D]}, "name": ...}`` or ``{"emb_params": [n, D]}``; for SDXL ``{"clip_l": [n, D1], "clip_g":
+[n, D2]}`` (one set per text encoder). A multi-vector embedding adds TOKEN, TOKEN_1, ...,
+TOKEN_{n-1}; ``expand_prompt`` turns TOKEN in a prompt into all of them.
 
 Each adapter contributes one ``identity`` part (content sha256 or Hub commit, and scale or token)
 that ``models.load`` appends to the model identity, so inversion caches, checkpoints and exported
@@ -31,6 +34,7 @@ import torch
 
 from tokenflow.errors import ModelError, one_line
 from tokenflow.models.hf import download_command
+from tokenflow.models.ldm_names import ldm_module_names
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
@@ -167,28 +171,38 @@ class LoraPair:
     alpha: Optional[float] = None
 
 
-_COMPONENT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "lora_unet_": "unet",
-                       "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
+_COMPONENT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
+                       "lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                       "lora_te2_": "text_encoder_2"}
 _OLD_PROCESSOR = re.compile(r"^(?P<m>.+?)(?:\.processor)?\.(?P<p>to_q|to_k|to_v|to_out)_lora\.(?P<d>down|up)$")
 _DIFFUSERS = re.compile(r"^(?P<m>.+)\.(?:lora|lora_linear_layer)\.(?P<d>down|up)$")
 _PEFT = re.compile(r"^(?P<m>.+)\.lora_(?P<d>A|B)$")
 _KOHYA = re.compile(r"^(?P<m>.+)\.lora_(?P<d>down|up)$")
 _PROCESSOR_NAMES = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
                     "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
+_PROCESSOR_NAMES["text_encoder_2"] = _PROCESSOR_NAMES["text_encoder"]
 
 
 def lora_layers(tensors: dict, modules: Dict[str, Dict[str, torch.nn.Module]], what: str) -> Dict[str, Dict[str, LoraPair]]:
     """``{component: {module name: LoraPair}}`` from a LoRA file's tensors in any supported layout;
-    ``modules``: each component's ``named_modules()`` (kohya names are matched against them)."""
+    ``modules``: each component's ``named_modules()`` (kohya names are matched against them, the
+    UNet's also by their original names: SDXL kohya LoRAs use those)."""
     if not any("lora" in str(key).lower() for key in tensors):
         raise ModelError(f"{what} is not a LoRA: it has no LoRA weights (keys like ...lora_down.weight or "
                          "...lora_A.weight); a full checkpoint goes to --model, a textual inversion to --embedding")
-    layers: Dict[str, Dict[str, LoraPair]] = {"unet": defaultdict(LoraPair), "text_encoder": defaultdict(LoraPair)}
+    layers: Dict[str, Dict[str, LoraPair]] = {c: defaultdict(LoraPair) for c in modules}
     kohya_names = {c: {name.replace(".", "_"): name for name in named} for c, named in modules.items()}
+    unet = modules.get("unet", {}).get("")
+    if unet is not None:
+        original = ldm_module_names(modules["unet"], unet.config)
+        kohya_names["unet"].update({ldm.replace(".", "_"): name for name, ldm in original.items()})
     for key, value in tensors.items():
         if not isinstance(value, torch.Tensor):
             continue
         component, name = _component_of(key, what)
+        if component not in layers:
+            raise ModelError(f"{what} is a LoRA for SDXL (it has weights for a second text encoder, '{key}'), but "
+                             "the model is Stable Diffusion 1.x/2.x: use a LoRA trained for this model's base")
         name = name.removeprefix("base_model.model.")
         if key.startswith("lora_") and "." in name:   # kohya: lora_unet_<module_with_underscores>.lora_down.weight
             module, _, rest = name.partition(".")
@@ -214,9 +228,6 @@ def lora_layers(tensors: dict, modules: Dict[str, Dict[str, torch.nn.Module]], w
 
 def _component_of(key: str, what: str) -> Tuple[str, str]:
     """(component, the key without its component prefix)."""
-    if key.startswith(("text_encoder_2.", "lora_te2_")):
-        raise ModelError(f"{what} is a LoRA for SDXL (it has weights for a second text encoder): TokenFlow runs "
-                         "Stable Diffusion 1.x/2.x; use a LoRA trained for this model's base")
     for prefix, component in _COMPONENT_PREFIXES.items():
         if key.startswith(prefix):
             return component, key[len(prefix):]
@@ -305,10 +316,13 @@ def fuse_lora(model: torch.nn.Module, layers: Dict[str, LoraPair], scale: float,
 
 
 def apply_loras(specs: List[LoraSpec], unet, text_encoder, *, model_name: str, allow_pickle: bool,
-                hub_offline: bool) -> List[str]:
-    """Fuse each LoRA into ``unet`` / ``text_encoder`` at its scale; their identity parts."""
+                hub_offline: bool, text_encoder_2=None) -> List[str]:
+    """Fuse each LoRA into ``unet`` / ``text_encoder`` / (SDXL) ``text_encoder_2`` at its scale;
+    their identity parts."""
     parts = []
     components = {"unet": unet, "text_encoder": text_encoder}
+    if text_encoder_2 is not None:
+        components["text_encoder_2"] = text_encoder_2
     modules = {c: dict(m.named_modules()) for c, m in components.items()}
     for index, spec in enumerate(specs):
         path, fingerprint = resolve_lora_file(spec.source, allow_pickle, hub_offline)
@@ -339,8 +353,8 @@ def embedding_vectors(tensors, path: Path) -> Tuple[torch.Tensor, Optional[str]]
     elif "emb_params" in tensors:
         vectors, token = tensors["emb_params"], None
     elif {"clip_l", "clip_g"} & set(tensors):
-        raise ModelError(f"{what} is an SDXL embedding (clip_l/clip_g vectors): TokenFlow runs Stable Diffusion "
-                         "1.x/2.x; use an embedding trained for this model's base")
+        raise ModelError(f"{what} is an SDXL embedding (clip_l/clip_g vectors), but the model is Stable Diffusion "
+                         "1.x/2.x (one text encoder): use an embedding trained for this model's base")
     else:
         tensor_items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
         if len(tensor_items) != 1:
@@ -353,41 +367,82 @@ def embedding_vectors(tensors, path: Path) -> Tuple[torch.Tensor, Optional[str]]
     return vectors.reshape(-1, vectors.shape[-1]).detach(), token
 
 
+def xl_embedding_vectors(tensors, path: Path) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(clip_l ``[n, D1]``, clip_g ``[n, D2]``) of an SDXL textual-inversion file; ModelError for an
+    SD 1.x/2.x file (one set of vectors) or mismatched counts."""
+    what = f"embedding '{path}'"
+    if not (isinstance(tensors, dict) and isinstance(tensors.get("clip_l"), torch.Tensor)
+            and isinstance(tensors.get("clip_g"), torch.Tensor)):
+        raise ModelError(f"{what} is no SDXL embedding (it lacks clip_l and clip_g vectors, one set per text "
+                         "encoder: a Stable Diffusion 1.x/2.x embedding?), but the model is SDXL: use an embedding "
+                         "trained for SDXL")
+    clip_l, clip_g = (tensors[k].detach().reshape(-1, tensors[k].shape[-1]) for k in ("clip_l", "clip_g"))
+    if len(clip_l) != len(clip_g):
+        raise ModelError(f"{what} has {len(clip_l)} clip_l but {len(clip_g)} clip_g vectors: a damaged file?")
+    return clip_l, clip_g
+
+
 def apply_embeddings(specs: List[EmbeddingSpec], tokenizer, text_encoder, *, model_name: str,
-                     allow_pickle: bool) -> Tuple[List[str], Dict[str, Tuple[str, ...]]]:
+                     allow_pickle: bool, tokenizer_2=None, text_encoder_2=None
+                     ) -> Tuple[List[str], Dict[str, Tuple[str, ...]]]:
     """Add each embedding's tokens to ``tokenizer`` and its vectors to ``text_encoder``'s token
-    embeddings; (identity parts, {token: its tokens} of the multi-vector ones, for ``expand_prompt``)."""
+    embeddings (SDXL, ``text_encoder_2`` given: ``clip_l`` to the first pair, ``clip_g`` to
+    ``tokenizer_2`` / ``text_encoder_2``); (identity parts, {token: its tokens} of the multi-vector
+    ones, for ``expand_prompt``)."""
     parts, multi = [], {}
     for spec in specs:
         path = Path(spec.path).expanduser()
         if not path.is_file():
             raise ModelError(f"embedding '{spec.path}' does not exist: pass a textual-inversion file "
                              "(.safetensors; .pt/.bin with --allow-pickle) as --embedding FILE[:TOKEN]")
-        vectors, named = embedding_vectors(read_tensors(path, "embedding", allow_pickle), path)
-        token = spec.token or named or path.stem
-        table = text_encoder.get_input_embeddings().weight
-        if vectors.shape[1] != table.shape[1]:
-            bases = {768: " (SD 1.x)", 1024: " (SD 2.x)"}
-            raise ModelError(f"embedding '{spec.path}' has vectors of width {vectors.shape[1]}"
-                             f"{bases.get(vectors.shape[1], '')}, but model '{model_name}' takes {table.shape[1]}"
-                             f"{bases.get(table.shape[1], '')}: use an embedding trained for this model's base")
-        tokens = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
-        taken = [t for t in tokens if t in tokenizer.get_vocab()]
-        if taken:
-            other = f"<{token}>" if token.strip("<>") == token else f"<{token.strip('<>')}-2>"
-            raise ModelError(f"the token '{taken[0]}' of embedding '{spec.path}' is already in the tokenizer's "
-                             f"vocabulary (a word, or another embedding's): name another with --embedding "
-                             f"{spec.path}:{other}")
-        tokenizer.add_tokens(tokens)
-        ids = tokenizer.convert_tokens_to_ids(tokens)
-        resize = text_encoder.resize_token_embeddings   # the new rows are set below: no mean init (transformers >= 4.46)
-        resize(len(tokenizer), **({"mean_resizing": False} if "mean_resizing" in inspect.signature(resize).parameters else {}))
-        with torch.no_grad():
-            text_encoder.get_input_embeddings().weight[ids] = vectors.to(table.dtype)
+        tensors = read_tensors(path, "embedding", allow_pickle)
+        if text_encoder_2 is not None:
+            clip_l, clip_g = xl_embedding_vectors(tensors, path)
+            token = spec.token or path.stem
+            pairs = [(tokenizer, text_encoder, clip_l), (tokenizer_2, text_encoder_2, clip_g)]
+        else:
+            vectors, named = embedding_vectors(tensors, path)
+            token = spec.token or named or path.stem
+            pairs = [(tokenizer, text_encoder, vectors)]
+        tokens = [token] + [f"{token}_{i}" for i in range(1, len(pairs[0][2]))]
+        for index, (tok, encoder, vectors) in enumerate(pairs):
+            _check_embedding(spec, tok, encoder, vectors, tokens, model_name, "clip_g" if index else "clip_l"
+                             if len(pairs) > 1 else "")
+        for tok, encoder, vectors in pairs:
+            _add_tokens(tok, encoder, vectors, tokens)
         if len(tokens) > 1:
             multi[token] = tuple(tokens)
         parts.append(f"emb:sha256:{sha256_of(path)[:64]}={token}")
     return parts, multi
+
+
+def _check_embedding(spec: EmbeddingSpec, tokenizer, text_encoder, vectors: torch.Tensor, tokens: List[str],
+                     model_name: str, which: str) -> None:
+    """ModelError for vectors of another width than ``text_encoder``'s or a token already in ``tokenizer``."""
+    table = text_encoder.get_input_embeddings().weight
+    if vectors.shape[1] != table.shape[1]:
+        bases = {768: " (SD 1.x)", 1024: " (SD 2.x)"} if not which else {}
+        label = f"{which} " if which else ""
+        raise ModelError(f"embedding '{spec.path}' has {label}vectors of width {vectors.shape[1]}"
+                         f"{bases.get(vectors.shape[1], '')}, but model '{model_name}' takes {table.shape[1]}"
+                         f"{bases.get(table.shape[1], '')}: use an embedding trained for this model's base")
+    taken = [t for t in tokens if t in tokenizer.get_vocab()]
+    if taken:
+        token = tokens[0]
+        other = f"<{token}>" if token.strip("<>") == token else f"<{token.strip('<>')}-2>"
+        raise ModelError(f"the token '{taken[0]}' of embedding '{spec.path}' is already in the tokenizer's "
+                         f"vocabulary (a word, or another embedding's): name another with --embedding "
+                         f"{spec.path}:{other}")
+
+
+def _add_tokens(tokenizer, text_encoder, vectors: torch.Tensor, tokens: List[str]) -> None:
+    table = text_encoder.get_input_embeddings().weight
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    resize = text_encoder.resize_token_embeddings   # the new rows are set below: no mean init (transformers >= 4.46)
+    resize(len(tokenizer), **({"mean_resizing": False} if "mean_resizing" in inspect.signature(resize).parameters else {}))
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[ids] = vectors.to(table.dtype)
 
 
 def expand_prompt(text: str, multi: Dict[str, Tuple[str, ...]]) -> str:

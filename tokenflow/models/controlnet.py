@@ -3,8 +3,10 @@ Hub id, or a single weights file in the original (LDM) or diffusers key layout.
 
 A single file carries no config: its architecture is the base model's UNet's
 (``ControlNetModel.from_unet``), and diffusers' single-file conversion maps its keys, offline.
-Every ControlNet is checked against the UNet it will feed (cross-attention width, block widths,
-layers): a ControlNet made for another base model (SD 1.5's on an SD 2 model) is refused by name.
+Every ControlNet is checked against the UNet it will feed (the family: SDXL ControlNets take the
+added text/time conditioning, SD 1.x/2.x ones do not; cross-attention width, block widths, layers):
+a ControlNet made for another base model (SD 1.5's on an SD 2 model, SD's on SDXL) is refused by name.
+SDXL ControlNets get the same packed text rows as the UNet (``models.text.unet_keywords``).
 Weights load from safetensors only unless ``allow_pickle``. Every problem is a one-line
 ``ModelError`` naming the file and the fix.
 """
@@ -27,6 +29,7 @@ from tokenflow.models.load import (
     looks_like_path,
     move_to_device,
 )
+from tokenflow.models.text import is_text_time
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -64,11 +67,13 @@ def parse_spec(text: str) -> ControlNetSpec:
 
 
 def load_controlnet(model: str, unet: Any, device: torch.device, dtype: torch.dtype, *,
-                    allow_pickle: bool = False) -> Tuple[Any, str]:
+                    allow_pickle: bool = False, model_name: str = "") -> Tuple[Any, str]:
     """(``ControlNetModel`` on ``device`` in ``dtype``, eval, no gradients; its identity for cache keys).
 
     ``model``: a diffusers ControlNet folder, a single weights file or a Hub id; ``unet``: the base
-    model's UNet (a single file takes its architecture; every ControlNet must match it)."""
+    model's UNet (a single file takes its architecture; every ControlNet must match it);
+    ``model_name``: the base model, for messages."""
+    base = f"model '{model_name}'" if model_name else "the model"
     with quiet_hf_libraries():
         is_file_name = model.lower().endswith(SINGLE_FILE_SUFFIXES)
         kind = "path" if is_file_name or looks_like_path(model) or Path(model).expanduser().exists() else "hub"
@@ -77,11 +82,11 @@ def load_controlnet(model: str, unet: Any, device: torch.device, dtype: torch.dt
             if not path.exists():
                 raise ModelError(f"ControlNet '{model}' does not exist: give a ControlNet folder (with {CONFIG_NAME}), "
                                  "a .safetensors file or a Hub id")
-            net, identity = (_from_folder(path, model, unet, allow_pickle) if path.is_dir()
-                             else _from_file(path, model, unet, allow_pickle))
+            net, identity = (_from_folder(path, model, unet, allow_pickle, base) if path.is_dir()
+                             else _from_file(path, model, unet, allow_pickle, base))
         else:
             folder, identity = _hub_snapshot(model, allow_pickle)
-            net, _ = _from_folder(folder, model, unet, allow_pickle)
+            net, _ = _from_folder(folder, model, unet, allow_pickle, base)
         (net,) = move_to_device([net.to(dtype=dtype)], torch.device(device), dtype, f"ControlNet {model}")
     net.eval().requires_grad_(False)
     return net, identity
@@ -118,7 +123,7 @@ def _fingerprint(path: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _from_folder(folder: Path, name: str, unet: Any, allow_pickle: bool) -> Tuple[Any, str]:
+def _from_folder(folder: Path, name: str, unet: Any, allow_pickle: bool, base: str) -> Tuple[Any, str]:
     from diffusers import ControlNetModel  # noqa: PLC0415  start-up time (see models.load.component_loader)
 
     if not (folder / CONFIG_NAME).is_file():
@@ -129,7 +134,7 @@ def _from_folder(folder: Path, name: str, unet: Any, allow_pickle: bool) -> Tupl
     except Exception as error:
         raise ModelError(f"could not read the config of ControlNet '{name}' ({one_line(error)}): "
                          f"fix or replace {folder / CONFIG_NAME}") from None
-    check_base(config, unet, name)
+    check_base(config, unet, name, base)
     if not (folder / SAFE_WEIGHTS).is_file():
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not pickled:
@@ -146,7 +151,7 @@ def _from_folder(folder: Path, name: str, unet: Any, allow_pickle: bool) -> Tupl
     return net, _fingerprint(folder)
 
 
-def _from_file(path: Path, name: str, unet: Any, allow_pickle: bool) -> Tuple[Any, str]:
+def _from_file(path: Path, name: str, unet: Any, allow_pickle: bool, base: str) -> Tuple[Any, str]:
     """A single weights file: the architecture of ``unet``'s ControlNet, keys converted by diffusers."""
     from diffusers import ControlNetModel  # noqa: PLC0415  start-up time
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint  # noqa: PLC0415  start-up time
@@ -160,6 +165,8 @@ def _from_file(path: Path, name: str, unet: Any, allow_pickle: bool) -> Tuple[An
                          "pickle files can run code: convert it to .safetensors, or for weights you trust pass "
                          "--allow-pickle")
     checkpoint = _read_state_dict(path, name)
+    xl_file = any(".label_emb." in f".{k}" or k.startswith("add_embedding.") for k in checkpoint)
+    _check_family(xl_file, is_text_time(unet.config), name, base)
     config = controlnet_config(unet, in_channels=_file_in_channels(checkpoint))
     try:
         converted = convert_controlnet_checkpoint(checkpoint, config)
@@ -229,8 +236,17 @@ def _check_tensors(found: Dict[str, torch.Tensor], expected: Dict[str, torch.Ten
                          f"{missing[0]}): it is no ControlNet for a Stable Diffusion 1.x/2.x UNet, or incomplete")
 
 
-def check_base(config: Dict[str, Any], unet: Any, name: str) -> None:
+def _check_family(xl_net: bool, xl_model: bool, name: str, base: str) -> None:
+    """ModelError naming both when an SDXL ControlNet meets an SD 1.x/2.x model or the reverse."""
+    if xl_net != xl_model:
+        words = {True: "SDXL", False: "Stable Diffusion 1.x/2.x"}
+        raise ModelError(f"ControlNet '{name}' is {'an' if xl_net else 'a'} {words[xl_net]} ControlNet but {base} "
+                         f"is {words[xl_model]}: use a ControlNet made for {words[xl_model]}")
+
+
+def check_base(config: Dict[str, Any], unet: Any, name: str, base: str = "the model") -> None:
     """ModelError when a ControlNet config does not fit ``unet`` (another base model's ControlNet)."""
+    _check_family(is_text_time(config), is_text_time(unet.config), name, base)
     differ = []
     for key in MATCHING:
         mine, theirs = config.get(key), unet.config.get(key)

@@ -129,8 +129,8 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, *, allow_pi
         source = resolve_source(model, model_config=model_config)
         text_encoder_2 = tokenizer_2 = None
         if source.kind == "file":
-            source, (scheduler_config, unet, vae_module, text_encoder, tokenizer) = load_single_file(
-                source, dtype, allow_pickle)
+            source, (scheduler_config, unet, vae_module, text_encoder, tokenizer, text_encoder_2,
+                     tokenizer_2) = load_single_file(source, dtype, allow_pickle)
             check_unet_layout(unet, source.name)
         else:
             scheduler_config = load_scheduler_config(source)
@@ -154,9 +154,10 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, *, allow_pi
                   and bool(getattr(vae_module.config, "force_upcast", False)))
         vae_module = vae_module.to(torch.float32 if upcast else dtype)
         parts = adapters.apply_loras(lora_specs, unet, text_encoder, model_name=model, allow_pickle=allow_pickle,
-                                     hub_offline=hub_offline())
+                                     hub_offline=hub_offline(), text_encoder_2=text_encoder_2)
         embedding_parts, embedding_tokens = adapters.apply_embeddings(
-            embedding_specs, tokenizer, text_encoder, model_name=model, allow_pickle=allow_pickle)
+            embedding_specs, tokenizer, text_encoder, model_name=model, allow_pickle=allow_pickle,
+            tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2)
     modules = move_to_device([m for m in (unet, vae_module, text_encoder, text_encoder_2) if m is not None],
                              device, dtype, source.name)
     for module in modules:
@@ -310,8 +311,9 @@ def file_source(model: str, model_config: Optional[str]) -> ModelSource:
 
 
 def load_single_file(source: ModelSource, dtype: torch.dtype, allow_pickle: bool) -> Tuple[ModelSource, tuple]:
-    """(the source with its full identity, (scheduler config, unet, vae, text encoder, tokenizer)) of a
-    single-file checkpoint: configs chosen from its keys and shapes or ``source.model_config``."""
+    """(the source with its full identity, (scheduler config, unet, vae, text encoder, tokenizer,
+    text encoder 2, tokenizer 2)) of a single-file checkpoint: configs chosen from its keys and shapes
+    or ``source.model_config``; the last two are None but for SDXL."""
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: PLC0415  start-up time (see component_loader)
 
     name, path = source.name, source.path
@@ -325,15 +327,21 @@ def load_single_file(source: ModelSource, dtype: torch.dtype, allow_pickle: bool
     choice = single_file.choose_config(name, path, shapes, metadata, source.model_config)
     scheduler_config = check_prediction(single_file.scheduler_config(choice), name)
     tokenizer = single_file.load_tokenizer(choice, name)   # before the weights: the missing-vocabulary error is quick
+    xl = single_file.detect(shapes, name).family == "sdxl"
+    tokenizer_2 = single_file.load_tokenizer(choice, name, "tokenizer_2") if xl else None
     if state is None:
         state, _ = single_file.read_state_dict(path, name)
     dtype_kwarg = component_loader("unet")[1]
     unet = single_file.load_diffusers_part(UNet2DConditionModel, state, choice, "unet", dtype, dtype_kwarg, name)
     vae = single_file.load_diffusers_part(AutoencoderKL, state, choice, "vae", dtype, dtype_kwarg, name)
-    text_encoder = single_file.load_text_encoder(state, choice, dtype, name)
+    if xl:
+        text_encoder = single_file.load_xl_text_encoder(state, choice, "text_encoder", dtype, name)
+        text_encoder_2 = single_file.load_xl_text_encoder(state, choice, "text_encoder_2", dtype, name)
+    else:
+        text_encoder, text_encoder_2 = single_file.load_text_encoder(state, choice, dtype, name), None
     identity = f"{source.identity}+{single_file.config_fingerprint(choice)}"
     return (ModelSource(name, path, identity, is_tiny=False, kind="file", model_config=source.model_config),
-            (scheduler_config, unet, vae, text_encoder, tokenizer))
+            (scheduler_config, unet, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2))
 
 
 def hub_source(repo_id: str) -> ModelSource:

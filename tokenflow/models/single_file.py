@@ -1,13 +1,16 @@
-"""Single-file Stable Diffusion 1.x / 2.x checkpoints (``--model file.safetensors``, CivitAI-style).
+"""Single-file Stable Diffusion 1.x / 2.x / XL checkpoints (``--model file.safetensors``, CivitAI-style).
 
-A single file holds the original (LDM / CompVis) layout: the UNet under ``model.diffusion_model.``,
-the VAE under ``first_stage_model.``, the text encoder under ``cond_stage_model.`` (SD 1: Hugging
-Face CLIP ``cond_stage_model.transformer.*``; SD 2: OpenCLIP ``cond_stage_model.model.*``). Which
-Stable Diffusion it is comes from the keys and shapes (``detect``), never from a download:
+A single file holds the original (LDM / CompVis, SGM for SDXL) layout: the UNet under
+``model.diffusion_model.``, the VAE under ``first_stage_model.``, the text encoder under
+``cond_stage_model.`` (SD 1: Hugging Face CLIP ``cond_stage_model.transformer.*``; SD 2: OpenCLIP
+``cond_stage_model.model.*``) or, for SDXL, both under ``conditioner.embedders.`` (``0.transformer.*``:
+CLIP ViT-L, Hugging Face layout; ``1.model.*``: OpenCLIP ViT-bigG). Which Stable Diffusion it is
+comes from the keys and shapes (``detect``), never from a download:
 
     SD 1.x    CLIP text encoder, context width 768, 4 UNet input channels   -> configs/sd15
     SD 2.x    OpenCLIP text encoder, context width 1024, 4 input channels   -> configs/sd2-base
     2-depth   OpenCLIP, 1024, 5 input channels (latents + depth)           -> configs/sd2-depth
+    SDXL      CLIP-L + OpenCLIP bigG (conditioner.embedders.0/1), context 2048 -> configs/sdxl
 
 SD 2.x base (512px, epsilon) and 768-v (v-prediction) have the same shapes: the file's metadata
 (``modelspec.prediction_type`` / ``modelspec.architecture``), a ``v_pred`` key or a sibling
@@ -19,7 +22,8 @@ The small configs ship in ``tokenflow/models/configs`` (offline); the CLIP token
 ``tokenizer/``, else the Hugging Face cache (``tokenizer_files``). UNet and VAE are converted by
 diffusers' ``from_single_file`` (given the state dict and our config folder); the text encoder by
 ``text_encoder_state_dict`` here (diffusers has no public single-file loader for transformers'
-``CLIPTextModel``).
+``CLIPTextModel``); SDXL's two by diffusers' ``convert_ldm_clip_checkpoint`` /
+``convert_open_clip_checkpoint`` (``load_xl_text_encoder``).
 """
 from __future__ import annotations
 
@@ -39,9 +43,11 @@ from tokenflow.errors import ModelError, one_line
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 # --model-config names -> the shipped config folder (2.0 and 2.1 base share one architecture)
-CONFIG_NAMES = {"1.5": "sd15", "2.0": "sd2-base", "2.1": "sd2-base", "2-depth": "sd2-depth"}
-FAMILY_CONFIG = {"sd1": "1.5", "sd2": "2.1", "sd2-depth": "2-depth"}
-FAMILY_WORDS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sd2-depth": "Stable Diffusion 2 depth"}
+CONFIG_NAMES = {"1.5": "sd15", "2.0": "sd2-base", "2.1": "sd2-base", "2-depth": "sd2-depth", "xl": "sdxl"}
+FAMILY_CONFIG = {"sd1": "1.5", "sd2": "2.1", "sd2-depth": "2-depth", "sdxl": "xl"}
+FAMILY_OF_FOLDER = {"sd15": "sd1", "sd2-base": "sd2", "sd2-depth": "sd2-depth", "sdxl": "sdxl"}
+FAMILY_WORDS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sd2-depth": "Stable Diffusion 2 depth",
+                "sdxl": "SDXL"}
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SUFFIXES = SAFE_SUFFIXES + PICKLE_SUFFIXES
@@ -50,9 +56,12 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer."      # SD 1: Hugging Face CLIP (text_model. optional)
 OPEN_CLIP = "cond_stage_model.model."       # SD 2: OpenCLIP
+XL_CLIP = "conditioner.embedders.0.transformer."   # SDXL: CLIP ViT-L (Hugging Face layout)
+XL_OPEN_CLIP = "conditioner.embedders.1.model."    # SDXL: OpenCLIP ViT-bigG
 IN_CONV = UNET + "input_blocks.0.0.weight"  # [model channels, in channels, 3, 3]
-CONTEXT = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"   # [width, context dim]
-CONTEXT_WIDTHS = {"sd1": 768, "sd2": 1024, "sd2-depth": 1024}
+# the first cross-attention's key projection [width, context dim] (SD: input_blocks.1; SDXL: input_blocks.4)
+_CONTEXT = re.compile(re.escape(UNET) + r"input_blocks\.(\d+)\.1\.transformer_blocks\.0\.attn2\.to_k\.weight$")
+CONTEXT_WIDTHS = {"sd1": 768, "sd2": 1024, "sd2-depth": 1024, "sdxl": 2048}
 
 # vocabulary files of the CLIP BPE tokenizer SD 1.x and 2.x share: (repository, folder in it)
 TOKENIZER_REPOS = (
@@ -65,6 +74,8 @@ TOKENIZER_REPOS = (
     ("stabilityai/stable-diffusion-2-1", "tokenizer/"),
     ("openai/clip-vit-large-patch14", ""),
     ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", ""),
+    ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer/"),
+    ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2/"),
 )
 VOCAB_FILES = ("vocab.json", "merges.txt")
 CLIP_VOCAB_SIZE = 49408
@@ -72,7 +83,8 @@ CLIP_VOCAB_SIZE = 49408
 
 @dataclass(frozen=True)
 class Detected:
-    """What a checkpoint's keys and shapes say: ``family`` (sd1, sd2, sd2-depth) and the widths."""
+    """What a checkpoint's keys and shapes say: ``family`` (sd1, sd2, sd2-depth, sdxl) and the widths
+    (``text_width``: SDXL's is both encoders' summed, the width of its text rows)."""
 
     family: str
     in_channels: int
@@ -151,29 +163,40 @@ def detect(shapes: Mapping[str, tuple], name: str) -> Detected:
         hint = " (it looks like a LoRA: pass it with --lora)" if any("lora" in key for key in shapes) else ""
         raise ModelError(f"model file '{name}' is not a Stable Diffusion checkpoint: no UNet weights "
                          f"({UNET}*){hint}; pass a full SD 1.x/2.x checkpoint or a diffusers folder")
-    if any(key.startswith(("conditioner.embedders.", UNET + "label_emb.")) for key in shapes):
-        raise ModelError(f"model file '{name}' is an SDXL (or other conditioned) checkpoint: TokenFlow runs "
-                         "Stable Diffusion 1.x and 2.x only; pass an SD 1.5 / 2.x checkpoint")
+    xl = any(key.startswith("conditioner.embedders.") for key in shapes)
+    if xl:
+        check_xl_conditioner(shapes, name)
+    elif any(key.startswith(UNET + "label_emb.") for key in shapes):
+        raise ModelError(f"model file '{name}' is a class-conditioned checkpoint (label_emb, e.g. unCLIP): TokenFlow "
+                         "runs Stable Diffusion 1.x, 2.x and SDXL base; pass one of those")
     missing = [prefix + "*" for prefix in (VAE,) if not any(key.startswith(prefix) for key in shapes)]
-    if not any(key.startswith((CLIP, OPEN_CLIP)) for key in shapes):
+    if not xl and not any(key.startswith((CLIP, OPEN_CLIP)) for key in shapes):
         missing.append("cond_stage_model.*")
-    if missing or IN_CONV not in shapes or CONTEXT not in shapes:
-        parts = ", ".join(missing) or f"{IN_CONV if IN_CONV not in shapes else CONTEXT}"
-        raise ModelError(f"model file '{name}' lacks {parts}: TokenFlow needs a full Stable Diffusion 1.x/2.x "
+    contexts = sorted((int(m.group(1)), key) for key in shapes if (m := _CONTEXT.match(key)))
+    if missing or IN_CONV not in shapes or not contexts:
+        parts = ", ".join(missing) or (IN_CONV if IN_CONV not in shapes else "a cross-attention (attn2.to_k)")
+        raise ModelError(f"model file '{name}' lacks {parts}: TokenFlow needs a full Stable Diffusion 1.x/2.x/XL "
                          "checkpoint (UNet, VAE and text encoder in one file) or a diffusers folder")
     model_channels, in_channels = int(shapes[IN_CONV][0]), int(shapes[IN_CONV][1])
-    context_dim = int(shapes[CONTEXT][-1])
+    context_dim = int(shapes[contexts[0][1]][-1])
     open_clip = any(key.startswith(OPEN_CLIP) for key in shapes)
-    token = OPEN_CLIP + "token_embedding.weight" if open_clip else next(
-        (key for key in shapes if key.startswith(CLIP) and key.endswith("embeddings.token_embedding.weight")), None)
-    text_width = int(shapes[token][-1]) if token in shapes else 0
+    if xl:
+        token = next(key for key in shapes if key.startswith(XL_CLIP) and key.endswith("token_embedding.weight"))
+        text_width = int(shapes[token][-1]) + int(shapes[XL_OPEN_CLIP + "token_embedding.weight"][-1])
+    else:
+        token = OPEN_CLIP + "token_embedding.weight" if open_clip else next(
+            (key for key in shapes if key.startswith(CLIP) and key.endswith("embeddings.token_embedding.weight")), None)
+        text_width = int(shapes[token][-1]) if token in shapes else 0
     if in_channels == 9:
         raise ModelError(f"model file '{name}' is an inpainting checkpoint (9 UNet input channels): TokenFlow "
                          "needs a text-to-image (4 channels) or depth (5) Stable Diffusion checkpoint")
     if in_channels not in (4, 5):
         raise ModelError(f"model file '{name}' has {in_channels} UNet input channels: TokenFlow needs a "
                          "Stable Diffusion 1.x/2.x text-to-image (4) or depth (5) checkpoint")
-    family = ("sd2-depth" if in_channels == 5 else "sd2") if open_clip else "sd1"
+    family = "sdxl" if xl else ("sd2-depth" if in_channels == 5 else "sd2") if open_clip else "sd1"
+    if in_channels == 5 and xl:
+        raise ModelError(f"model file '{name}' is an SDXL checkpoint with a 5-channel UNet: TokenFlow runs SDXL "
+                         "text-to-image (4 channels); there is no SDXL depth model (use an SDXL depth ControlNet)")
     if in_channels == 5 and not open_clip:
         raise ModelError(f"model file '{name}' has a 5-channel (depth) UNet but an SD 1 text encoder: only "
                          "Stable Diffusion 2 depth is supported; pass --model-config DIR with its configs")
@@ -181,6 +204,20 @@ def detect(shapes: Mapping[str, tuple], name: str) -> Detected:
         raise ModelError(f"model file '{name}': its text encoder is {text_width} wide but its UNet expects "
                          f"{context_dim}: the file is damaged or a mix of models")
     return Detected(family, in_channels, model_channels, context_dim, text_width)
+
+
+def check_xl_conditioner(shapes: Mapping[str, tuple], name: str) -> None:
+    """ModelError unless a ``conditioner.embedders.*`` file is SDXL base's: CLIP ViT-L at 0, OpenCLIP at 1."""
+    has_l = any(key.startswith(XL_CLIP) and key.endswith("token_embedding.weight") for key in shapes)
+    has_g = XL_OPEN_CLIP + "token_embedding.weight" in shapes
+    if has_l and has_g:
+        return
+    if not has_l and any(key.startswith("conditioner.embedders.0.model.") for key in shapes):
+        raise ModelError(f"model file '{name}' is an SDXL refiner checkpoint (one OpenCLIP text encoder): TokenFlow "
+                         "runs SDXL base 1.0 and its fine-tunes; pass a base checkpoint")
+    lacking = " and ".join(p + "*" for p, ok in ((XL_CLIP, has_l), (XL_OPEN_CLIP, has_g)) if not ok)
+    raise ModelError(f"model file '{name}' is an SDXL-type checkpoint without {lacking}: TokenFlow needs an SDXL "
+                     "base checkpoint with both text encoders (CLIP ViT-L and OpenCLIP ViT-bigG)")
 
 
 def prediction_evidence(path: Path, shapes: Mapping[str, tuple], metadata: Mapping[str, str]) -> Optional[Tuple[str, str]]:
@@ -220,8 +257,7 @@ def choose_config(name: str, path: Path, shapes: Mapping[str, tuple], metadata: 
     if model_config is not None:
         choice = config_from_option(model_config)
         if choice.named:
-            wanted = {"sd15": "sd1", "sd2-base": "sd2", "sd2-depth": "sd2-depth"}[choice.folder.name]
-            if wanted != detected.family:
+            if FAMILY_OF_FOLDER[choice.folder.name] != detected.family:
                 raise ModelError(f"model file '{name}' is a {FAMILY_WORDS[detected.family]} checkpoint "
                                  f"({describe(detected)}), not {choice.label}: pass --model-config "
                                  f"{FAMILY_CONFIG[detected.family]}, or DIR with its own configs")
@@ -240,7 +276,7 @@ def describe(detected: Detected) -> str:
 
 
 def config_from_option(model_config: str) -> ConfigChoice:
-    """``--model-config``: a name (1.5, 2.0, 2.1, 2-depth) or a diffusers folder with the configs."""
+    """``--model-config``: a name (1.5, 2.0, 2.1, 2-depth, xl) or a diffusers folder with the configs."""
     value = str(model_config).strip()
     if value in CONFIG_NAMES:
         return named_config(value)
@@ -275,6 +311,12 @@ def check_widths(name: str, detected: Detected, choice: ConfigChoice) -> None:
     """ModelError when the checkpoint's widths (from its shapes) do not fit the chosen configs."""
     unet = read_json(choice.folder / "unet" / "config.json")
     text = read_json(choice.folder / "text_encoder" / "config.json")
+    if detected.family == "sdxl":
+        second = choice.folder / "text_encoder_2" / "config.json"
+        if not second.is_file():
+            raise ModelError(f"model file '{name}' is an SDXL checkpoint but the {choice.label} configs have no "
+                             "text_encoder_2/config.json: pass --model-config xl, or DIR with an SDXL folder's configs")
+        text = {"hidden_size": (text.get("hidden_size") or 0) + (read_json(second).get("hidden_size") or 0)}
     expected = {"UNet input channels": (unet.get("in_channels"), detected.in_channels),
                 "UNet width": ((unet.get("block_out_channels") or [None])[0], detected.model_channels),
                 "context width": (unet.get("cross_attention_dim"), detected.context_dim)}
@@ -306,7 +348,8 @@ def config_fingerprint(choice: ConfigChoice) -> str:
     digest = hashlib.sha256()
     for path in sorted(choice.folder.rglob("*.json")):
         relative = path.relative_to(choice.folder).as_posix()
-        if relative.split("/")[0] in ("unet", "vae", "text_encoder", "scheduler", "tokenizer"):
+        if relative.split("/")[0] in ("unet", "vae", "text_encoder", "scheduler", "tokenizer", "text_encoder_2",
+                                      "tokenizer_2"):
             digest.update(f"{relative}\0".encode() + path.read_bytes() + b"\0")
     return f"config:{choice.folder.name if choice.named else 'folder'}:sha256:{digest.hexdigest()[:16]}"
 
@@ -323,12 +366,14 @@ def hub_cache_dir() -> Optional[str]:
     return None
 
 
-def tokenizer_files(choice: ConfigChoice) -> Optional[Tuple[Path, Path]]:
-    """(vocab.json, merges.txt) of the CLIP tokenizer: ``--model-config DIR``'s ``tokenizer/``, else a
-    cached SD or CLIP repository's (known ones first, then any cached repository's ``tokenizer/``)."""
-    own = choice.folder / "tokenizer"
-    if all((own / f).is_file() for f in VOCAB_FILES):
-        return own / VOCAB_FILES[0], own / VOCAB_FILES[1]
+def tokenizer_files(choice: ConfigChoice, part: str = "tokenizer") -> Optional[Tuple[Path, Path]]:
+    """(vocab.json, merges.txt) of the CLIP tokenizer: ``--model-config DIR``'s ``part`` folder
+    (``tokenizer/``, SDXL's ``tokenizer_2/``; then its ``tokenizer/``), else a cached SD or CLIP
+    repository's (known ones first, then any cached repository's ``tokenizer/``). SD 1.x, 2.x and
+    both SDXL tokenizers share one vocabulary."""
+    for own in dict.fromkeys((choice.folder / part, choice.folder / "tokenizer")):
+        if all((own / f).is_file() for f in VOCAB_FILES):
+            return own / VOCAB_FILES[0], own / VOCAB_FILES[1]
     from huggingface_hub import scan_cache_dir, try_to_load_from_cache  # noqa: PLC0415  only for single files
 
     cache = hub_cache_dir()
@@ -365,12 +410,13 @@ def tokenizer_download_command() -> str:
     return f"{hub_cli()} download openai/clip-vit-large-patch14 vocab.json merges.txt"
 
 
-def load_tokenizer(choice: ConfigChoice, name: str):
-    """The CLIP tokenizer: the vocabulary files (``tokenizer_files``) with the chosen configs'
-    tokenizer settings (SD 2.x pads with ``!``, SD 1.x with ``<|endoftext|>``)."""
+def load_tokenizer(choice: ConfigChoice, name: str, part: str = "tokenizer"):
+    """The CLIP tokenizer ``part`` (``tokenizer``, SDXL's ``tokenizer_2``): the vocabulary files
+    (``tokenizer_files``) with the chosen configs' tokenizer settings (SD 2.x and SDXL's second pad
+    with ``!``, SD 1.x and SDXL's first with ``<|endoftext|>``)."""
     from transformers import CLIPTokenizer  # noqa: PLC0415  start-up time
 
-    files = tokenizer_files(choice)
+    files = tokenizer_files(choice, part)
     if files is None:
         raise ModelError(f"model file '{name}' needs the CLIP tokenizer's vocabulary (vocab.json, merges.txt; not "
                          "shipped: 2 MB) and it is not on this machine: download only those files once with "
@@ -379,7 +425,7 @@ def load_tokenizer(choice: ConfigChoice, name: str):
         for source in files:
             shutil.copyfile(source, Path(folder) / source.name)
         for config in ("tokenizer_config.json", "special_tokens_map.json"):
-            given = choice.folder / "tokenizer" / config
+            given = choice.folder / part / config
             if given.is_file():
                 shutil.copyfile(given, Path(folder) / config)
         try:
@@ -448,6 +494,49 @@ def load_text_encoder(state: Mapping[str, torch.Tensor], choice: ConfigChoice, d
     except RuntimeError as error:   # shape mismatch
         raise ModelError(f"model file '{name}': its text encoder does not fit the {choice.label} configs "
                          f"({one_line(error)}); pass --model-config with its configs") from None
+    return model.to(dtype).eval()
+
+
+def load_xl_text_encoder(state: Mapping[str, torch.Tensor], choice: ConfigChoice, part: str, dtype: torch.dtype,
+                         name: str):
+    """SDXL's ``text_encoder`` (``CLIPTextModel`` from ``conditioner.embedders.0.transformer.*``) or
+    ``text_encoder_2`` (``CLIPTextModelWithProjection`` from the OpenCLIP ``conditioner.embedders.1.model.*``:
+    fused q/k/v split, ``text_projection`` transposed; all its layers are used, as SDXL takes the
+    penultimate hidden states through ``output_hidden_states``), converted by diffusers' public
+    single-file helpers, in ``dtype``."""
+    from diffusers.loaders.single_file_utils import (  # noqa: PLC0415  start-up time
+        convert_ldm_clip_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: PLC0415  (as above)
+
+    config = CLIPTextConfig.from_pretrained(str(choice.folder / part))
+    with torch.device("meta"):
+        model = (CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel)(config)
+    try:
+        weights = (convert_open_clip_checkpoint(model, state, prefix=XL_OPEN_CLIP) if part == "text_encoder_2"
+                   else convert_ldm_clip_checkpoint(state, remove_prefix=XL_CLIP))
+    except Exception as error:
+        raise ModelError(f"could not convert the {part} of model file '{name}' ({one_line(error)}): it is damaged "
+                         f"or does not fit the {choice.label} configs; pass --model-config with its configs") from None
+    # transformers 5's CLIPTextModel names its weights without "text_model." (WithProjection keeps it)
+    weights = {key.removeprefix("text_model."): value for key, value in weights.items()}
+    own = {key.removeprefix("text_model."): key for key in model.state_dict()}
+    shapes = {key.removeprefix("text_model."): tuple(value.shape) for key, value in model.state_dict().items()}
+    missing = [key for key, _ in model.named_parameters() if key.removeprefix("text_model.") not in weights]
+    wrong = [key for key in own if key in weights and tuple(weights[key].shape) != shapes[key]]
+    if missing or wrong:
+        what = f"lacks {len(missing)} {part} weights (e.g. {missing[0]})" if missing else (
+            f"has a {part} weight {wrong[0]} of shape {list(weights[wrong[0]].shape)} (config: {list(shapes[wrong[0]])})")
+        raise ModelError(f"model file '{name}' {what}: it does not fit the {choice.label} configs; pass "
+                         "--model-config with its configs")
+    model.load_state_dict({name: weights[key].to(dtype) for key, name in own.items() if key in weights},
+                          strict=False, assign=True)
+    for key, buffer in list(model.named_buffers()):   # position_ids when the file has none
+        if buffer.is_meta:
+            owner, _, leaf = key.rpartition(".")
+            model.get_submodule(owner).register_buffer(leaf, torch.arange(buffer.shape[-1]).expand(buffer.shape),
+                                                       persistent=False)
     return model.to(dtype).eval()
 
 
