@@ -77,6 +77,21 @@ def xl_shapes(refiner=False):
     return shapes
 
 
+def test_shipped_xl_configs_build_sdxl_base():
+    """Parameter counts of SDXL base 1.0 (UNet, VAE, CLIP-L, OpenCLIP bigG with projection), on meta."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = single_file.CONFIGS / "sdxl"
+    with torch.device("meta"):
+        modules = (UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+                   AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+                   CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+                   CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
+    counts = [sum(p.numel() for p in m.parameters()) for m in modules]
+    assert counts == [2_567_463_684, 83_653_863, 123_060_480, 694_659_840]
+
+
 def test_real_sdxl_shapes_choose_the_shipped_xl_configs(tmp_path, xl_file, sample_clip, capsys):
     path = tmp_path / "x.safetensors"
     choice = single_file.choose_config("x", path, xl_shapes(), {}, None)

@@ -191,7 +191,7 @@ def test_checkpoints_tokenflow_cannot_run_are_refused_by_name(change, needle):
 def test_model_config_for_another_family_is_refused(tmp_path):
     with pytest.raises(ModelError, match=r"Stable Diffusion 1.x checkpoint .*not 2.1: pass --model-config 1.5"):
         single_file.choose_config("m", tmp_path / "m.safetensors", sd_shapes("sd1"), {}, "2.1")
-    with pytest.raises(ModelError, match="neither 1.5, 2.0, 2.1, 2-depth nor a folder"):
+    with pytest.raises(ModelError, match="neither 1.5, 2.0, 2.1, 2-depth, xl nor a folder"):
         single_file.choose_config("m", tmp_path / "m.safetensors", sd_shapes("sd1"), {}, "3.0")
 
 
