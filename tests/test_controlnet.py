@@ -30,7 +30,8 @@ def ldm_key(key, layers):
     here, the inverse of what diffusers' single-file conversion reads)."""
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
              "conv_in": "input_blocks.0.0", "controlnet_cond_embedding.conv_in": "input_hint_block.0",
-             "controlnet_cond_embedding.conv_out": "input_hint_block.14", "controlnet_mid_block": "middle_block_out.0"}
+             "controlnet_cond_embedding.conv_out": "input_hint_block.14", "controlnet_mid_block": "middle_block_out.0",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}   # SDXL
     prefix, leaf = key.rsplit(".", 1)
     if prefix in fixed:
         return f"{fixed[prefix]}.{leaf}"

@@ -221,6 +221,26 @@ def xl_controlnet(tiny_xl, tmp_path_factory):
     return folder
 
 
+def test_an_sdxl_controlnet_single_file_loads_as_its_folder(tiny_xl, tiny_sd, xl_controlnet, tmp_path):
+    """The original layout (control_model.*, with label_emb) converted offline with the SDXL UNet's
+    architecture; the same file on an SD model is refused naming both."""
+    from diffusers import ControlNetModel
+
+    from tokenflow.models.controlnet import load_controlnet
+
+    from .test_controlnet import write_ldm_file
+
+    folder_net = ControlNetModel.from_pretrained(str(xl_controlnet))
+    path = tmp_path / "xl-net.safetensors"
+    write_ldm_file(folder_net, path)
+    assert any(".label_emb.0.0." in k for k in load_file(str(path)))
+    net, _ = load_controlnet(str(path), tiny_xl.unet, CPU, torch.float32, model_name="tiny-xl")
+    ours, theirs = net.state_dict(), folder_net.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(ModelError, match="is an SDXL ControlNet but model 'tiny' is Stable Diffusion 1.x/2.x"):
+        load_controlnet(str(path), tiny_sd.unet, CPU, torch.float32, model_name="tiny")
+
+
 def test_sdxl_controlnet_residuals_are_diffusers_with_explicit_added_conditioning(tiny_xl, xl_controlnet):
     from diffusers import ControlNetModel
 

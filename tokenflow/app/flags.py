@@ -63,8 +63,8 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     g.add_argument("--allow-pickle", action="store_true", default=None, help="also load pickle weights (.bin/.ckpt); "
                    "default: safetensors only (pickle can run code: only for weights you trust)")
     g.add_argument("--model-config", metavar="NAME|DIR", help="for a single-file checkpoint (--model file.safetensors): "
-                   "which Stable Diffusion it is, 1.5, 2.0, 2.1 (512px base) or 2-depth, or a diffusers folder with its "
-                   "configs (default: read from the checkpoint's keys and shapes)")
+                   "which Stable Diffusion it is, 1.5, 2.0, 2.1 (512px base), 2-depth or xl (SDXL base), or a "
+                   "diffusers folder with its configs (default: read from the checkpoint's keys and shapes)")
     g.add_argument("--vae", metavar="DIR|ID", help="another VAE instead of the model's own (a diffusers AutoencoderKL "
                    "folder or Hub id), e.g. madebyollin/sdxl-vae-fp16-fix: SDXL's own VAE overflows in float16, so "
                    "without one it runs in float32 under --dtype float16/bfloat16 (docs/models.md)")

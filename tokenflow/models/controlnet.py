@@ -174,6 +174,12 @@ def _from_file(path: Path, name: str, unet: Any, allow_pickle: bool, base: str) 
         raise ModelError(f"ControlNet file '{name}' is not a Stable Diffusion ControlNet ({one_line(error)}): "
                          "give a ControlNet made for this base model") from None
     converted = {k: v for k, v in converted.items() if v is not None}
+    if is_text_time(config):   # diffusers' converter leaves SDXL's added embedding (label_emb) behind
+        for ours, theirs in (("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")):
+            for leaf in ("weight", "bias"):
+                for prefix in ("control_model.", ""):
+                    if f"{ours}.{leaf}" not in converted and f"{prefix}{theirs}.{leaf}" in checkpoint:
+                        converted[f"{ours}.{leaf}"] = checkpoint[f"{prefix}{theirs}.{leaf}"]
     with torch.device("meta"):
         net = ControlNetModel.from_config(config)
     expected = net.state_dict()
