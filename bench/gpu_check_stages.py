@@ -346,7 +346,8 @@ def _step_clock(device):
     return StepClock()
 
 
-def _edit(model, ctx: Ctx, frames: int, size: int, inv_steps: int, steps: int, spacing: int) -> dict:
+def _edit(model, ctx: Ctx, frames: int, size: int, inv_steps: int, steps: int, spacing: int,
+          arch: str = "sd21", budget: str = "16GB") -> dict:
     from tokenflow.benchmark import run
     from tokenflow.benchmark.config import BenchConfig, Variant
     from tokenflow.engine.backends import describe_ran, what_ran
@@ -355,9 +356,9 @@ def _edit(model, ctx: Ctx, frames: int, size: int, inv_steps: int, steps: int, s
     from tokenflow.method.editor import Editor
 
     dtype = model.dtype
-    config = BenchConfig(arch="sd21", frames=frames, size=(size, size), inversion_steps=inv_steps, steps=steps,
+    config = BenchConfig(arch=arch, frames=frames, size=(size, size), inversion_steps=inv_steps, steps=steps,
                          keyframe_spacing=spacing)
-    overrides = {"memory_budget": "16GB"} if ctx.cuda else {}
+    overrides = {"memory_budget": budget} if ctx.cuda else {}
     cfg = run.edit_config(config, Variant("gpu_check", overrides), ctx.device, dtype, model.name)
     clip = run.synthetic_clip(frames, (size, size))
     clock = _step_clock(ctx.device)
@@ -430,6 +431,63 @@ def stage_end_to_end(ctx: Ctx, res: Result) -> Tuple[str, str]:
                            f"reserved_over_plan_peak_{key}": out.get("reserved_over_plan")})
         if not out["finite"]:
             return "FAIL", f"{frames} frames: non-finite latents"
+    return "PASS", ""
+
+
+# ----------------------------------------------------------------------------- 8 SDXL (opt-in)
+
+SDXL_TARGET_FRAMES = 200
+
+
+def sdxl_extrapolation(out: dict, frames: int) -> dict:
+    """Per-stage seconds of a ``frames``-frame SDXL edit at 50 + 50 steps from a shorter run ``out``
+    (``_edit``'s result): encode, decode and every step scale with the frames (fixed keyframe
+    spacing: keyframes, propagation rows and VAE frames all grow linearly); the rest (plan, prompts,
+    setup) does not."""
+    scale = frames / out["frames"]
+    t = out["timings_s"]
+    stages = {"encode": scale * t.get("encode", 0.0),
+              "invert": scale * EXTRAPOLATE_STEPS * statistics.median(out["inversion_step_s"]),
+              "edit": scale * EXTRAPOLATE_STEPS * statistics.median(out["edit_step_s"]),
+              "decode": scale * t.get("decode", 0.0), "other": out["other_s"]}
+    return {**stages, "total": sum(stages.values())}
+
+
+def stage_sdxl(ctx: Ctx, res: Result) -> Tuple[str, str]:
+    """SDXL base 1.0 (random weights, fp16, its VAE float32) at 1024^2, 40 frames, few steps:
+    per-stage times extrapolated to 200 frames and 50 + 50 steps (opt-in: ``--stages 8``).
+    Dry run: the tiny SDXL at 64^2, 2 frames."""
+    from tokenflow.benchmark import architectures
+    from tokenflow.models.load import load_model
+
+    if not ctx.cuda and not ctx.dry_run:
+        return "SKIP", "no CUDA device"
+    if ctx.cuda:
+        dtype, size, spacing, (frames, inv_steps, steps), budget = torch.float16, 1024, 8, (40, 3, 3), "80GB"
+    else:
+        dtype, size, spacing, (frames, inv_steps, steps), budget = torch.float32, 64, 2, (2, 2, 2), ""
+    started = time.perf_counter()
+    model = (architectures.build_model("sdxl", ctx.device, dtype) if ctx.cuda
+             else load_model("tiny-xl", ctx.device, dtype))
+    res.detail("model", {"arch": "sdxl" if ctx.cuda else "tiny-xl", "dtype": str(dtype), "vae_upcast": model.vae_upcast,
+                         "build_s": time.perf_counter() - started, "budget": budget or "default (CPU)"})
+    res.detail("extrapolation", f"x {SDXL_TARGET_FRAMES} / frames for encode, decode and the steps; "
+                                f"{EXTRAPOLATE_STEPS} x median step s for inversion and edit; other_s as measured")
+    try:
+        out = _edit(model, ctx, frames, size, inv_steps, steps, spacing, arch="sdxl", budget=budget)
+    except Exception as exc:
+        res.detail("run", {"error": _error(exc), "traceback": traceback.format_exc()[-2000:]})
+        return "FAIL", f"{frames} frames: {_error(exc)}"
+    res.detail("run", out)
+    per_stage = sdxl_extrapolation(out, SDXL_TARGET_FRAMES)
+    res.detail("extrapolated_200_frames_50_50_s", per_stage)
+    res.measure(sdxl_extrapolated_s_200_frames=per_stage["total"],
+                **{f"sdxl_{k}_s_{frames}_frames": float(v) for k, v in out["timings_s"].items()})
+    if "peak_reserved_bytes" in out:
+        res.measure(sdxl_peak_reserved_gb=out["peak_reserved_bytes"] / GB,
+                    sdxl_plan_peak_gb=out["plan"]["peak"] / GB if out["plan"] else None)
+    if not out["finite"]:
+        return "FAIL", "non-finite latents"
     return "PASS", ""
 
 
@@ -613,7 +671,7 @@ def stage_original(ctx: Ctx, res: Result) -> Tuple[str, str]:
 
 
 STAGE_FUNCTIONS = {0: stage_machine, 1: stage_triton_warmup, 2: stage_gpu_tests, 3: stage_kernels,
-                   4: stage_end_to_end, 5: stage_call_sweep, 6: stage_compile, 7: stage_original}
+                   4: stage_end_to_end, 5: stage_call_sweep, 6: stage_compile, 7: stage_original, 8: stage_sdxl}
 
 
 def run(number: int, result_path: Path, context: Path, dry_run: bool, time_limit: float) -> int:

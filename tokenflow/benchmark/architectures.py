@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.5 / 2.1-base architectures with random weights, built in memory (the
+"""Stable Diffusion 1.5 / 2.1-base / XL base 1.0 architectures with random weights, built in memory (the
 configs live in ``tokenflow.models.architectures``, which ``--plan`` shares).
 
 A throughput benchmark needs the real layer shapes, not the real weights: the cost of a UNet
@@ -20,6 +20,11 @@ from a generator seeded by its name; norms near 1, other weights U(+-1/sqrt(fan_
 activations O(1) through the residual stacks, so float16 runs stay finite. Outputs are noise:
 these models time edits, nothing else.
 
+``"sdxl"`` is SDXL base 1.0's UNet (70 transformer blocks, the added text/time embedding) and
+VAE (kept float32 under a 16-bit dtype: ``force_upcast``, as ``models.load`` does), with both text
+encoders at their real widths (768, and 1280 with a 1280 projection) but one layer each: text rows
+``[1, 78, 2048]`` (``models.text``).
+
 ``"sd2-depth"`` is SD 2.1-base's shapes with SD 2-depth's 5-channel UNet input (the benchmark
 supplies depth maps: ``benchmark.conditions``); ``"tiny-depth"`` the tiny model with a random
 5-channel UNet of the tiny widths, built in memory.
@@ -35,18 +40,27 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from tokenflow.errors import ConfigError
-from tokenflow.models.architectures import ARCHITECTURES, SD15_UNET, SD21_UNET, SD_VAE  # noqa: F401  (re-exported)
+from tokenflow.models.architectures import (  # noqa: F401  (re-exported)
+    ARCHITECTURES,
+    SD15_UNET,
+    SD21_UNET,
+    SD_VAE,
+    SDXL_UNET,
+    SDXL_VAE,
+    TEXT_ENCODERS_2,
+    VAES,
+)
 from tokenflow.models.hf import quiet_hf_libraries
 from tokenflow.models.load import SDModel, load_model, move_to_device
 from tokenflow.models.random_weights import build_random, clip_text_encoder, load_tokenizer, scheduler_config
 
-ARCH_CHOICES = ("sd15", "sd21", "sd2-depth", "tiny", "tiny-depth")
+ARCH_CHOICES = ("sd15", "sd21", "sd2-depth", "sdxl", "tiny", "tiny-depth")
 TEXT_LAYERS = 1
 SEED = 0   # random_weights seed of every architecture (values never matter here, only reproducibility)
 
 
 def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> SDModel:
-    """``"sd15"`` / ``"sd21"`` / ``"sd2-depth"``: random-weight SD model on ``device`` in ``dtype``;
+    """``"sd15"`` / ``"sd21"`` / ``"sd2-depth"`` / ``"sdxl"``: random-weight model on ``device`` in ``dtype``;
     ``"tiny"``: the tiny offline model; ``"tiny-depth"``: it with a random 5-channel UNet."""
     device = torch.device(device)
     if arch == "tiny":
@@ -63,19 +77,25 @@ def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> SDModel:
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCH_CHOICES)}")
     unet_config = ARCHITECTURES[arch][0]
+    vae_config = VAES.get(arch, SD_VAE)
+    xl = arch in TEXT_ENCODERS_2
+    upcast = xl and bool(vae_config.get("force_upcast")) and dtype != torch.float32
     with quiet_hf_libraries():
         unet = build_random(lambda: UNet2DConditionModel(**unet_config), SEED, f"{arch}/unet", device=device, dtype=dtype)
-        vae = build_random(lambda: AutoencoderKL(**SD_VAE), SEED, f"{arch}/vae", device=device, dtype=dtype)
+        vae = build_random(lambda: AutoencoderKL(**vae_config), SEED, f"{arch}/vae", device=device,
+                           dtype=torch.float32 if upcast else dtype)
         tokenizer = load_tokenizer()
-        text_encoder = build_text_encoder(arch)
-    (text_encoder,) = move_to_device([text_encoder.to(dtype)], device, dtype, f"bench-random:{arch}")
-    for module in (unet, vae, text_encoder):
+        encoders = [build_text_encoder(arch)] + ([build_text_encoder_2(arch)] if xl else [])
+    encoders = move_to_device([e.to(dtype) for e in encoders], device, dtype, f"bench-random:{arch}")
+    for module in (unet, vae, *encoders):
         module.eval().requires_grad_(False)
-    return SDModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    return SDModel(unet=unet, vae=vae, text_encoder=encoders[0], tokenizer=tokenizer,
                    scheduler_config=scheduler_config(), name=f"bench-random:{arch}",
                    identity=f"bench-random:{arch}", is_tiny=False, device=device, dtype=dtype,
-                   vae_scale_factor=2 ** (len(SD_VAE["block_out_channels"]) - 1),
-                   scaling_factor=float(SD_VAE["scaling_factor"]))
+                   vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+                   scaling_factor=float(vae_config["scaling_factor"]),
+                   text_encoder_2=encoders[1] if xl else None, tokenizer_2=load_tokenizer() if xl else None,
+                   force_zeros_for_empty_prompt=xl, vae_upcast=upcast, vae_name="the model's own" if xl else "")
 
 
 def load(model: str, device: torch.device, dtype: torch.dtype) -> SDModel:
@@ -88,3 +108,11 @@ def build_text_encoder(arch: str):
     _, hidden, heads, act = ARCHITECTURES[arch]
     return clip_text_encoder(SEED, f"{arch}/text_encoder", hidden=hidden, intermediate=4 * hidden,
                              layers=TEXT_LAYERS, heads=heads, act=act)
+
+
+def build_text_encoder_2(arch: str):
+    """SDXL's second text encoder (``CLIPTextModelWithProjection``) at its width and projection,
+    ``TEXT_LAYERS`` layer(s), random weights (CPU)."""
+    hidden, heads, _, projection, act = TEXT_ENCODERS_2[arch]
+    return clip_text_encoder(SEED, f"{arch}/text_encoder_2", hidden=hidden, intermediate=4 * hidden,
+                             layers=TEXT_LAYERS, heads=heads, act=act, projection=projection, with_projection=True)

@@ -38,6 +38,7 @@ EPILOG = f"""examples:
   tokenflow bench --device cuda --compare eager,compile,onnx        # UNet backends (build time in the warm-up)
   tokenflow bench --device cuda --compare plain,controlnet1,controlnet2   # the cost of N ControlNets
   tokenflow bench --device cuda --arch sd2-depth                    # SD 2-depth's 5-channel UNet
+  tokenflow bench --device cuda --arch sdxl --size 1024x1024 --dtype float16   # SDXL base 1.0's shapes
 variants for --compare (join parts with '+', e.g. triton+chunk4 or onnx+chunk8):
 {textwrap.fill(VARIANT_NAMES, width=100, initial_indent='  ', subsequent_indent='  ')}
   (original: the original implementation's compute pattern)"""
@@ -59,6 +60,7 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("model and clip")
     g.add_argument("--arch", choices=list(ARCHES), help="architecture with random weights, built "
                    "in memory (default sd21); sd2-depth: SD 2-depth's 5-channel UNet (random depth maps); "
+                   "sdxl: SDXL base 1.0 (70 transformer blocks, two text encoders, float32 VAE); "
                    "tiny = the tiny offline model, tiny-depth its 5-channel variant")
     g.add_argument("--model", help="time a real model instead (Hub id, local diffusers folder, 1.5/2.1)")
     g.add_argument("--video", help="time this video instead of a synthetic clip")

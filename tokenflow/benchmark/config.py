@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 from tokenflow.errors import ConfigError
 
-ARCHES = ("sd15", "sd21", "sd2-depth", "tiny", "tiny-depth")   # --arch (benchmark.architectures)
+ARCHES = ("sd15", "sd21", "sd2-depth", "sdxl", "tiny", "tiny-depth")   # --arch (benchmark.architectures)
 MAX_CONTROLNETS = 8
 STAGES = ("encode", "invert", "keyframes", "propagate", "edit", "decode", "total")
 STAGE_LABELS = {"encode": "encode", "invert": "inversion", "keyframes": "keyframe pass",
@@ -44,7 +44,7 @@ class BenchConfig:
     of the printed ratios.
     """
 
-    arch: str = "sd21"                     # sd15, sd21, sd2-depth (random weights), tiny, tiny-depth
+    arch: str = "sd21"                     # sd15, sd21, sd2-depth, sdxl (random weights), tiny, tiny-depth
     model: Optional[str] = None            # a real model instead (load_model string)
     video: Optional[str] = None            # None: a synthetic clip
     frames: int = 16

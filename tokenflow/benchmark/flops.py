@@ -17,14 +17,20 @@ with no matrix products (well under 1% of the products' FLOPs for SD), and the t
 One UNet *sample* is one batch row: one frame of one branch. Per sample, for latents h x w,
 the UNet is walked from its config (conv_in, time embedding MLP, ResNets with 3x3 convs, time
 projections and 1x1 shortcuts, strided down-sampling convs, up-sampling convs, and the 16
-transformer blocks of SD 1.x/2.x, each at S = h_i * w_i tokens, C channels, T = 77 text tokens
-of width X):
+transformer blocks of SD 1.x/2.x (SDXL: 70, ``transformer_layers_per_block`` per level, reversed
+in the decoder, the last level's in the mid block; no attention at level 0), each at
+S = h_i * w_i tokens, C channels, T = 77 text tokens of width X (SDXL: 2048, both encoders'
+hidden states; its packed pooled/time-id token is unpacked before the UNet, ``models.text``):
 
     transformer  = 2*(2 S C^2)  proj_in / proj_out
                  + 4*(2 S C^2)  self-attention q, k, v, out projections  ("attn1 projections")
                  + 4 S S_kv C   self-attention products                  ("attn1 core")
                  + 2*(2 S C^2) + 2*(2 T X C) + 4 S T C   cross-attention
                  + 2 S C (8C) + 2 S (4C) C               GEGLU feed-forward
+
+SDXL's added embedding (``addition_embed_type="text_time"``): the 6 time ids' sinusoidal
+embeddings (no products) concatenated with the pooled text embedding, then a 2-layer MLP
+``projection_class_embeddings_input_dim`` (2816) -> 4 C_0 -> 4 C_0, added to the time embedding.
 
 Resolutions follow the convolutions: h_{i+1} = ceil(h_i / 2) (3x3, stride 2, padding 1), and
 the decoder up-samples back to the encoder's sizes.
@@ -170,26 +176,39 @@ def _transformer_base(channels: int, tokens: int, cross_dim: int, text_tokens: i
 
 
 def _block_shape(config):
-    """(block widths, layers per block, transformer depth, cross-attention width) of a UNet or ControlNet config."""
+    """(block widths, layers per block, transformer depth per level, cross-attention width) of a
+    UNet or ControlNet config (one depth for every level in SD 1.x/2.x, one per level in SDXL)."""
+    channels = list(_get(config, "block_out_channels"))
     per_block = _get(config, "layers_per_block")
     depth = _get(config, "transformer_layers_per_block", 1)
-    if not isinstance(per_block, int) or not isinstance(depth, int):
-        raise ValueError("per-block layer counts must be single integers for the FLOP model")
-    return list(_get(config, "block_out_channels")), per_block, depth, _get(config, "cross_attention_dim")
+    if not isinstance(per_block, int):
+        raise ValueError("layers_per_block must be a single integer for the FLOP model")
+    depths = [depth] * len(channels) if isinstance(depth, int) else list(depth)
+    if len(depths) != len(channels) or not all(isinstance(d, int) for d in depths):
+        raise ValueError("transformer_layers_per_block must be one integer per level for the FLOP model")
+    return channels, per_block, depths, _get(config, "cross_attention_dim")
+
+
+def _added_embedding(config, temb: int) -> float:
+    """SDXL's text/time embedding MLP (module docstring); 0 for SD 1.x/2.x."""
+    if _get(config, "addition_embed_type") != "text_time":
+        return 0.0
+    return linear(int(_get(config, "projection_class_embeddings_input_dim")), temb, 1) + linear(temb, temb, 1)
 
 
 def unet_cost(config, h: int, w: int, text_tokens: int = TEXT_TOKENS) -> UNetCost:
-    """Per-sample FLOPs of an SD 1.x/2.x ``UNet2DConditionModel`` (config) on latents h x w."""
-    channels, per_block, depth, cross = _block_shape(config)
+    """Per-sample FLOPs of an SD 1.x/2.x or SDXL ``UNet2DConditionModel`` (config) on latents h x w."""
+    channels, per_block, depths, cross = _block_shape(config)
     n = len(channels)
     k_in, k_out = _get(config, "conv_in_kernel", 3), _get(config, "conv_out_kernel", 3)
     temb = 4 * channels[0]
     res = resolutions(h, w, n)
     base = linear(channels[0], temb, 1) + linear(temb, temb, 1)          # time embedding MLP
+    base += _added_embedding(config, temb)
     base += conv(_get(config, "in_channels"), channels[0], k_in, h, w)
     layers: List[SelfAttentionLayer] = []
 
-    def transformer(c: int, hw: Tuple[int, int]) -> float:
+    def transformer(c: int, hw: Tuple[int, int], depth: int) -> float:
         s = hw[0] * hw[1]
         layers.extend(SelfAttentionLayer(s, c) for _ in range(depth))
         return _transformer_base(c, s, cross, text_tokens, depth)
@@ -200,14 +219,14 @@ def unet_cost(config, h: int, w: int, text_tokens: int = TEXT_TOKENS) -> UNetCos
         for j in range(per_block):
             base += _resnet(previous if j == 0 else out, out, hi, wi, temb)
             if "CrossAttn" in kind:
-                base += transformer(out, res[i])
+                base += transformer(out, res[i], depths[i])
         if i < n - 1:
             base += conv(out, out, 3, *res[i + 1])
         previous = out
     mid = channels[-1]
     base += 2 * _resnet(mid, mid, *res[-1], temb)
     if "CrossAttn" in str(_get(config, "mid_block_type")):
-        base += transformer(mid, res[-1])
+        base += transformer(mid, res[-1], depths[-1])
     reversed_channels = channels[::-1]
     previous = reversed_channels[0]
     for i, kind in enumerate(_get(config, "up_block_types")):
@@ -217,7 +236,7 @@ def unet_cost(config, h: int, w: int, text_tokens: int = TEXT_TOKENS) -> UNetCos
             skip = skip_last if j == per_block else out
             base += _resnet((previous if j == 0 else out) + skip, out, *res[level], temb)
             if "CrossAttn" in kind:
-                base += transformer(out, res[level])
+                base += transformer(out, res[level], depths[level])
         if i < n - 1:
             base += conv(out, out, 3, *res[level - 1])
         previous = out
@@ -229,11 +248,11 @@ def unet_cost(config, h: int, w: int, text_tokens: int = TEXT_TOKENS) -> UNetCos
 def controlnet_cost(config, h: int, w: int, height: int, width: int, text_tokens: int = TEXT_TOKENS) -> float:
     """FLOPs of one sample through a diffusers ``ControlNetModel`` (config) on latents h x w and a
     control image height x width (module docstring): its self-attention is always plain."""
-    channels, per_block, depth, cross = _block_shape(config)
+    channels, per_block, depths, cross = _block_shape(config)
     n = len(channels)
     temb = 4 * channels[0]
     res = resolutions(h, w, n)
-    flops = linear(channels[0], temb, 1) + linear(temb, temb, 1)
+    flops = linear(channels[0], temb, 1) + linear(temb, temb, 1) + _added_embedding(config, temb)
     flops += conv(_get(config, "in_channels"), channels[0], _get(config, "conv_in_kernel", 3) or 3, h, w)
     widths = list(_get(config, "conditioning_embedding_out_channels") or (16, 32, 96, 256))
     eh, ew = height, width
@@ -245,7 +264,7 @@ def controlnet_cost(config, h: int, w: int, height: int, width: int, text_tokens
     flops += conv(widths[-1], channels[0], 3, h, w)
     flops += conv(channels[0], channels[0], 1, h, w)                     # zero conv of conv_in's output
 
-    def transformer(c: int, hw: Tuple[int, int]) -> float:
+    def transformer(c: int, hw: Tuple[int, int], depth: int) -> float:
         layer = SelfAttentionLayer(hw[0] * hw[1], c)
         return depth * (layer.projections + layer.core(layer.tokens)) + \
             _transformer_base(c, layer.tokens, cross, text_tokens, depth)
@@ -256,14 +275,14 @@ def controlnet_cost(config, h: int, w: int, height: int, width: int, text_tokens
         for j in range(per_block):
             flops += _resnet(previous if j == 0 else out, out, *hw, temb) + conv(out, out, 1, *hw)
             if "CrossAttn" in kind:
-                flops += transformer(out, hw)
+                flops += transformer(out, hw, depths[i])
         if i < n - 1:
             flops += conv(out, out, 3, *res[i + 1]) + conv(out, out, 1, *res[i + 1])
         previous = out
     mid = channels[-1]
     flops += 2 * _resnet(mid, mid, *res[-1], temb) + conv(mid, mid, 1, *res[-1])
     if "CrossAttn" in str(_get(config, "mid_block_type", "UNetMidBlock2DCrossAttn")):
-        flops += transformer(mid, res[-1])
+        flops += transformer(mid, res[-1], depths[-1])
     return flops
 
 

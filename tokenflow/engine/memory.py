@@ -7,9 +7,11 @@ Analytic model (elements per batch row, in the compute dtype), for latents h x w
 
     skips    = C_0 S_0 + sum_l [layers_per_block * C_l S_l + C_l S_{l+1} (downsampling, l < L-1)]
                (every down-block output is held until the decoder consumes it)
-    working  = max_l 20 C_l S_l
+    working  = max_l 20 C_l S_l                     (levels with attention)
                (the widest moment of a transformer block: its input and residual, and the GEGLU
                feed-forward's 8C projection, 4C gate and 4C product alive at once)
+               or 4 (C_l + C_{l+1}) S_l              (levels without: SDXL's level 0)
+               (a decoder ResNet's concatenated input, its norm, activation and conv output)
     unet row = skips + working
 
     ControlNet row = max(skips + max(working, (3 + 2 E_0) H W), 2 residuals)   (one controlled row
@@ -34,7 +36,8 @@ dtype, model architecture and torch version.
 
 Largest single tensors (for the int32-indexing guard and the GPU call caps, ``planner``):
 
-    UNet row   = max_l 8 C_l S_l        (the GEGLU projection [S, 8C] of a transformer block)
+    UNet row   = max_l 8 C_l S_l        (the GEGLU projection [S, 8C] of a transformer block;
+                                     (C_l + C_{l+1}) S_l at a level without attention)
     VAE frame  = max over the decoder's resolutions of the widest tensor there: at full size,
                  the previous level's channels upsampled (SD: 256 x H x W = 67M at 512^2)
 
@@ -98,9 +101,22 @@ def skip_elements(unet_config, h: int, w: int) -> int:
     return skips
 
 
+def attention_levels(unet_config) -> list:
+    """Whether each UNet level has transformer blocks (SD 1.x/2.x: all but the last; SDXL: the last two)."""
+    return ["CrossAttn" in str(kind) for kind in unet_config["down_block_types"]]
+
+
+def _resnet_width(channels: list, level: int) -> int:
+    """The widest ResNet input of a level: the decoder's first ResNet there takes the level above's
+    output (upsampled) concatenated with a skip of this level, C_{l+1} + C_l channels."""
+    return channels[level] + channels[min(level + 1, len(channels) - 1)]
+
+
 def _working(unet_config, h: int, w: int) -> int:
     channels = list(unet_config["block_out_channels"])
-    return max(20 * c * s for c, s in zip(channels, level_tokens(h, w, len(channels))))
+    tokens = level_tokens(h, w, len(channels))
+    return max(20 * c * s if attention else RESNET_WORKING * _resnet_width(channels, level) * s
+               for level, (c, s, attention) in enumerate(zip(channels, tokens, attention_levels(unet_config))))
 
 
 def unet_row_elements(unet_config, h: int, w: int) -> int:
@@ -153,14 +169,20 @@ def attention_layer_shapes(unet, h: int, w: int) -> Dict[str, Tuple[int, int]]:
     return shapes
 
 
+# a level without attention (SDXL's level 0): a decoder ResNet's input, its group norm and its
+# activation at the input width (``_resnet_width``), and the conv's output beside them: ~4 x the input
+RESNET_WORKING = 4
 INT32_ELEMENTS = 2**31 - 1   # kernels index with int32: no single tensor of a planned call may exceed it
 
 
 def unet_largest_row_elements(unet_config, h: int, w: int) -> int:
     """Elements of the largest tensor of one UNet batch row at latents h x w: the GEGLU
-    projection [S_l, 8 C_l] of the widest level (SD 2.1, 64x64: 8 x 320 x 4096 = 10.5M)."""
+    projection [S_l, 8 C_l] of the widest attention level (SD 2.1, 64x64: 8 x 320 x 4096 = 10.5M), or
+    a level without attention's widest ResNet input [C_l + C_{l+1}, S_l] (SDXL's level 0)."""
     channels = list(unet_config["block_out_channels"])
-    return max(8 * c * s for c, s in zip(channels, level_tokens(h, w, len(channels))))
+    tokens = level_tokens(h, w, len(channels))
+    return max(8 * c * s if attention else _resnet_width(channels, level) * s
+               for level, (c, s, attention) in enumerate(zip(channels, tokens, attention_levels(unet_config))))
 
 
 def vae_largest_frame_elements(vae_config, height: int, width: int) -> int:

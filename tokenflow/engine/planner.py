@@ -417,7 +417,9 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     size = torch.empty((), dtype=model.dtype).element_size()
     scale = model.vae_scale_factor
     height, width = h * scale, w * scale
-    model_weights = module_bytes(model.unet, model.vae, model.text_encoder)
+    # every module the edit keeps on the device: SDXL's second text encoder too, its VAE in float32
+    # when upcast (module_bytes counts each parameter at its own dtype)
+    model_weights = module_bytes(model.unet, model.vae, model.text_encoder, getattr(model, "text_encoder_2", None))
     control_weights = module_bytes(*controls.nets)
     loaded = getattr(model, "weights_loaded", True)   # False: an architecture, whose weights no one holds yet
     nets_loaded = not any(p.is_meta for net in controls.nets for p in net.parameters())
@@ -447,16 +449,19 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
                                                           rows.controlled_edit * kf_call)
         return "device" if need <= usable else "host"
 
-    latents_on = place(inverted_latents, latents, 0)
-    store_on = place(keyframe_store, store, latents if latents_on == "device" else 0)
-    latents_resident = latents if latents_on == "device" else 0
-    resident = (store if store_on == "device" else 0) + latents_resident
-    offloaded = store_on == "host"
-
     # an offloaded store stages the slots a chunk of consecutive frames can read, padded to the
     # fixed count the store allocates (``store.staging_slots``; the spacing rounded down, so never
     # fewer); off the CPU they are gathered into a pinned host buffer of the same size first
     spacing = max(1, frames // max(1, keyframes))
+    latents_on = place(inverted_latents, latents, 0)
+    store_on = place(keyframe_store, store, latents if latents_on == "device" else 0)
+    if inverted_latents == "auto" and latents_on == "device" and store_on == "host":
+        # the offloaded store's staging (at least one frame's slots) is on the device beside the
+        # latents: at SDXL's sizes a slot is 0.8 GiB, so the latents must leave room for it
+        latents_on = place("auto", latents, staging_slots(1, spacing, keyframes) * per_kf)
+    latents_resident = latents if latents_on == "device" else 0
+    resident = (store if store_on == "device" else 0) + latents_resident
+    offloaded = store_on == "host"
 
     def staged(chunk: int) -> int:
         return staging_slots(chunk, spacing, keyframes) if offloaded else keyframes
@@ -618,4 +623,5 @@ def _check_fits(plan: MemoryPlan) -> None:
     raise ResourceError(
         f"the memory budget {gib(plan.budget)} ({plan.budget_source}){usable} is too small: {'; '.join(problems)}. "
         f"Set --memory-budget to at least {math.ceil(need / 2**30 * 10) / 10:.1f}GiB if the device has it, "
-        "or use fewer frames (--frames), a smaller --size or --dtype float16")
+        "or use fewer frames (--frames)" + (", a smaller --size or --dtype float16" if plan.dtype == "float32"
+                                           else " or a smaller --size"))
