@@ -41,6 +41,10 @@ def depth_condition(editor, clip: Clip, config: EditConfig) -> Tuple[Optional[to
     a ConfigError unless a ``--control depth`` reads them."""
     model = editor.model
     if model.unet.config.in_channels != DEPTH_CHANNELS:
+        if model.family == "sdxl" and config.depth_model and "depth" not in config.controls:
+            raise ConfigError(f"--depth-model {config.depth_model} given, but model {model.name} is SDXL: the depth "
+                              "model (--model 2-depth) is SD 2's and SDXL has none; drop --depth-model, or add "
+                              "--controlnet MODEL --control depth")
         if config.depth_maps and "depth" not in config.controls:
             raise ConfigError(f"--depth-maps {config.depth_maps} given, but model {model.name} is no depth "
                               "model (its UNet has no depth input) and no --control depth reads them: use --model 2-depth, "
