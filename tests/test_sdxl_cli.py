@@ -1,13 +1,16 @@
 """SDXL on the command line (``tokenflow.app.cli.main``, as a user runs it) with the tiny SDXL
 folder: PnP and SDEdit edits end to end, several prompts, keyframe windows, the default size, which
 VAE ran in which dtype, the inversion cache, and one-line errors for what cannot work."""
+import dataclasses
 import json
 
 import av
+import numpy as np
 import pytest
 import torch
 
 from tokenflow.app.cli import main
+from tokenflow.app.jobs import vae_facts
 from tokenflow.config import SD_VERSIONS, EditConfig, default_size
 from tokenflow.io.cache import InversionCache
 from tokenflow.io.read import read_video
@@ -33,7 +36,7 @@ def _size(path):
 
 def test_pnp_edit_with_two_prompts_and_keyframe_windows(tmp_path, capsys, tiny_xl_dir, sample_clip):
     code, events, err = edit(capsys, sample_clip, "--model", tiny_xl_dir, "--prompt", "glass", "--prompt", "marble",
-                             "--keyframe-window", "1", *FAST, "-o", tmp_path / "out")
+                             "--keyframe-window", "1", *FAST, "-o", f"{tmp_path / 'out'}/")
     assert code == 0, err
     done = [e for e in events if e["event"] == "done"][0]
     assert len(done["outputs"]) == 2 and done["prompts"] == ["glass", "marble"]
@@ -41,23 +44,21 @@ def test_pnp_edit_with_two_prompts_and_keyframe_windows(tmp_path, capsys, tiny_x
     assert done["vae"] == {"name": "the model's own", "dtype": "float32", "upcast": False}
 
 
-def test_sdedit_edit_and_the_inversion_cache(tmp_path, capsys, tiny_xl_dir, sample_clip):
-    args = [sample_clip, "--model", tiny_xl_dir, "--prompt", "glass", "--method", "sdedit", *FAST]
-    code, events, err = edit(capsys, *args, "-o", tmp_path / "a.mp4")
+def test_sdedit_with_another_vae_and_the_inversion_cache(tmp_path, capsys, tiny_xl_dir, sample_clip):
+    """SDEdit (3 steps: 0.9 of 2 is too few), --vae (here the model's own folder: the summary names
+    it); the second run reuses the first's inversion (same model, VAE, size and so time ids)."""
+    vae = tiny_xl_dir / "vae"
+    args = [sample_clip, "--model", tiny_xl_dir, "--prompt", "glass", "--method", "sdedit", "--vae", vae,
+            *FAST[:-1], "--steps", "3"]
+    code, _, err = edit(capsys, *args, "-o", tmp_path / "a.mp4")
     assert code == 0, err
     assert _size(tmp_path / "a.mp4") == (4, (64, 64))
-    code, events, err = edit(capsys, *args, "-o", tmp_path / "b.mp4")   # the same inversion: from the cache
+    assert f"  vae: {vae}, float32\n" in err
+    code, events, err = edit(capsys, *args, "--log-json", "-o", tmp_path / "b.mp4")
     assert code == 0, err
     assert any("reusing cached latents" in e.get("message", "") for e in events)
-
-
-def test_the_summary_says_which_vae_ran_in_which_dtype(tmp_path, capsys, tiny_xl_dir, sample_clip):
-    vae = tiny_xl_dir / "vae"
-    code, events, err = edit(capsys, sample_clip, "--model", tiny_xl_dir, "--prompt", "glass", "--vae", vae,
-                             "--dtype", "bfloat16", *[a for a in FAST if a != "--log-json"], "--steps", "1",
-                             "-o", tmp_path / "v.mp4")
-    assert code == 0, err
-    assert f"vae: {vae}, float32 (upcast from bfloat16: its config's force_upcast)" in err
+    done = [e for e in events if e["event"] == "done"][0]
+    assert done["vae"] == {"name": str(vae), "dtype": "float32", "upcast": False} and done["method"] == "sdedit"
 
 
 @pytest.mark.parametrize("vae,why", [("missing-vae-dir/", "is not a diffusers VAE folder"),
@@ -74,11 +75,14 @@ def test_bad_vae_is_one_line(tmp_path, capsys, tiny_xl_dir, sample_clip, vae, wh
     assert not (tmp_path / "v.mp4").exists()
 
 
-def test_depth_model_options_with_sdxl_are_refused(tmp_path, capsys, tiny_xl_dir, sample_clip):
-    code, _, err = edit(capsys, sample_clip, "--model", tiny_xl_dir, "--prompt", "glass",
-                        "--depth-model", "Intel/dpt-hybrid-midas", *FAST, "-o", tmp_path / "d.mp4")
-    last = err.strip().splitlines()[-1]
-    assert code == 2 and last.startswith("tokenflow: error: --depth-model") and "SDXL" in last, err
+@pytest.mark.parametrize("flag", ["--depth-model", "--depth-maps"])
+def test_depth_options_with_sdxl_are_refused_before_loading(tmp_path, capsys, tiny_xl_dir, sample_clip, flag):
+    value = "Intel/dpt-hybrid-midas" if flag == "--depth-model" else tmp_path / "maps.npy"
+    np.save(tmp_path / "maps.npy", np.ones((4, 64, 64), dtype=np.float32))
+    code, _, err = edit(capsys, sample_clip, "--model", tiny_xl_dir, "--prompt", "glass", flag, value,
+                        *FAST[:-1], "-o", tmp_path / "d.mp4")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"tokenflow: error: {flag}") and "SDXL" in lines[0], err
     assert not (tmp_path / "d.mp4").exists()
 
 
@@ -103,6 +107,7 @@ def test_sdxl_vae_runs_in_float32_under_bfloat16(tiny_xl_dir):
     assert next(model.unet.parameters()).dtype == torch.bfloat16
     editor = Editor(model, cache=InversionCache(enabled=False))
     try:
+        assert vae_facts(editor) == {"name": "the model's own", "dtype": "float32", "upcast": True}
         frames = torch.rand(2, 3, 64, 64)
         z = editor.encode(frames)
         assert z.shape == (2, 4, 8, 8) and torch.isfinite(z).all()
@@ -126,7 +131,7 @@ class _RecordingCache(InversionCache):
 def test_inversion_cache_key_changes_with_size_and_model(tmp_path, tiny_xl, tiny_sd, sample_clip):
     """Size (and so the time ids, which are the frame size) and model identity are in the key."""
     keys = []
-    for model, size in ((tiny_xl, (64, 64)), (tiny_xl, (64, 128)), (tiny_sd, (64, 64))):
+    for model, size in ((tiny_xl, (64, 64)), (tiny_xl, (64, 128))):
         cache = _RecordingCache(root=tmp_path / "cache")
         editor = Editor(model, cache=cache)
         try:
@@ -136,5 +141,6 @@ def test_inversion_cache_key_changes_with_size_and_model(tmp_path, tiny_xl, tiny
         finally:
             editor.tokenflow.remove()
         keys.append(cache.keys[0])
-    assert keys[0].size == (64, 64) and keys[1].size == (64, 128)
-    assert len({k.digest() for k in keys}) == 3 and keys[0].model != keys[2].model
+    assert keys[0].size == (64, 64) and keys[1].size == (64, 128) and keys[0].digest() != keys[1].digest()
+    assert keys[0].model == tiny_xl.identity != tiny_sd.identity   # another model: another key
+    assert dataclasses.replace(keys[0], model=tiny_sd.identity).digest() != keys[0].digest()

@@ -40,6 +40,7 @@ from tokenflow.io.stamps import FOLDER_STAMP, sidecar_path, video_metadata, writ
 from tokenflow.io.write import video_settings, write_frames, write_video
 from tokenflow.kernels import check_backends
 from tokenflow.kernels.dispatch import forget_used, used
+from tokenflow.method.depth import refuse_depth_options
 from tokenflow.method.editor import Editor, EditResult, read_clip
 from tokenflow.method.schedule import check_steps
 from tokenflow.models.architectures import architecture_of, meta_model, weights_on_disk
@@ -266,7 +267,7 @@ def write_edit_report(result: EditResult, folder: str, config: EditConfig, score
 def _run_facts(config: EditConfig, editor: Editor, seconds: float) -> Dict:
     device = editor.model.device
     return {"model": str(config.model), "device": str(device), "dtype": str(editor.model.dtype).replace("torch.", ""),
-            "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(device),
+            "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(device), "vae": vae_facts(editor),
             "peak_memory_kind": "reserved by torch's allocator" if device.type == "cuda" else "process peak RSS"}
 
 
@@ -288,6 +289,7 @@ def check_model_and_steps(config: EditConfig) -> None:
     fit), from the model's scheduler config alone (the load checks the real one again). For a Hub
     model not downloaded yet, whose scheduler is only guessed (Stable Diffusion's), a misfit is a
     warning instead: its own scheduler may serve these steps."""
+    refuse_depth_options(config, family_of(config.model), config.model)
     known = scheduler_config_for(config.model, guess=False)
     if known is not None:
         check_steps(known, config)
