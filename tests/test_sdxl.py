@@ -102,9 +102,9 @@ def test_keyframe_pass_in_every_layer_and_injection_at_exactly_the_documented_la
         tokens.add(h.shape[1])
         stored = state.store.outputs[layer.name]
         if torch.allclose(stored, extended_attention_by_hand(attn, h, 3, injected=True), atol=1e-5):
-            injected.add(layer.name)
-        assert torch.allclose(stored, extended_attention_by_hand(attn, h, 3, injected=layer.name in injected),
-                              atol=1e-5), layer.name
+            injected.add(layer.name)   # (the source's Q/K differ from each branch's own: no layer fits both)
+        else:
+            assert torch.allclose(stored, extended_attention_by_hand(attn, h, 3, injected=False), atol=1e-5), layer.name
         assert torch.equal(state.store.features[layer.name], h[:2])
     assert tokens == {LATENT[0] * LATENT[1] // 4, LATENT[0] * LATENT[1] // 16}
     assert injected == {layer.name for layer in layers if layer.pnp_qk} and len(injected) == 35

@@ -49,7 +49,7 @@ def test_sdedit_with_another_vae_and_the_inversion_cache(tmp_path, capsys, tiny_
     it); the second run reuses the first's inversion (same model, VAE, size and so time ids)."""
     vae = tiny_xl_dir / "vae"
     args = [sample_clip, "--model", tiny_xl_dir, "--prompt", "glass", "--method", "sdedit", "--vae", vae,
-            *FAST[:-1], "--steps", "3"]
+            *FAST[:-1], "--steps", "3", "--inversion-steps", "3"]
     code, _, err = edit(capsys, *args, "-o", tmp_path / "a.mp4")
     assert code == 0, err
     assert _size(tmp_path / "a.mp4") == (4, (64, 64))

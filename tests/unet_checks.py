@@ -26,15 +26,14 @@ def extended_attention_by_hand(attn, h: torch.Tensor, n_branches: int, injected:
     n_kf = h.shape[0] // n_branches
     q, k, v = (lin(h.float()).double().view(n_branches, n_kf, seq, -1) for lin in (attn.to_q, attn.to_k, attn.to_v))
     heads, d = attn.heads, q.shape[-1] // attn.heads
+    by_head = lambda t: t.reshape(-1, heads, d).transpose(0, 1)   # noqa: E731  [tokens, C] -> [heads, tokens, d]
     out = torch.zeros_like(q)
     for b in range(n_branches):
         qb, kb = (q[0], k[0]) if (injected and b) else (q[b], k[b])
         for f in range(n_kf):
-            for hd in range(heads):
-                s = slice(hd * d, (hd + 1) * d)
-                keys = kb[f, :, s] if b == 0 else kb[:, :, s].reshape(-1, d)
-                vals = v[b, f, :, s] if b == 0 else v[b, :, :, s].reshape(-1, d)
-                out[b, f, :, s] = torch.softmax(qb[f, :, s] @ keys.T * d ** -0.5, -1) @ vals
+            keys, vals = (kb[f], v[b, f]) if b == 0 else (kb, v[b])   # source: its own frame; others: all K
+            weights = torch.softmax(by_head(qb[f]) @ by_head(keys).transpose(1, 2) * d ** -0.5, -1)
+            out[b, f] = (weights @ by_head(vals)).transpose(0, 1).reshape(seq, -1)
     return attn.to_out[0](out.float().reshape(n_branches * n_kf, seq, -1)).view(n_branches, n_kf, seq, -1)
 
 
