@@ -6,6 +6,8 @@ from tokenflow.engine import KeyframeStore, UNetRunner
 from tokenflow.engine.processors import PNP_FEATURE_RESNET, TokenFlowUNet, self_attention_layers
 from tokenflow.engine.state import PassKind, StepState
 
+from .unet_checks import capture_attn_inputs, extended_attention_by_hand
+
 ORIGINAL_PNP_QK_BLOCKS = [f"up_blocks.{r}.attentions.{b}.transformer_blocks.0.attn1"
                           for r, bs in {1: [1, 2], 2: [0, 1, 2], 3: [0, 1, 2]}.items() for b in bs]
 
@@ -56,19 +58,10 @@ def test_one_keyframe_extended_attention_is_plain_attention(tiny_sd, tokenflow_u
     assert len(state.store.outputs) == 16
 
 
-def _capture_attn_inputs(unet, names):
-    seen, handles = {}, []
-    for name in names:
-        def hook(module, args, kwargs, name=name):
-            seen[name] = (args[0] if args else kwargs["hidden_states"]).clone()
-        handles.append(unet.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
-    return seen, handles
-
-
 @pytest.mark.parametrize("inject", [False, True])
 def test_keyframe_pass_extended_attention_and_qk_injection(tiny_sd, tokenflow_unet, inject):
     pnp_layer, other_layer = ORIGINAL_PNP_QK_BLOCKS[0], "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
-    seen, handles = _capture_attn_inputs(tiny_sd.unet, [pnp_layer, other_layer])
+    seen, handles = capture_attn_inputs(tiny_sd.unet, [pnp_layer, other_layer])
     source, x, texts = _inputs(tiny_sd, 3, seed=1)
     state = StepState(PassKind.KEYFRAMES, 901, 3, _store(tiny_sd, 3), inject_qk=inject)
     try:
@@ -78,20 +71,7 @@ def test_keyframe_pass_extended_attention_and_qk_injection(tiny_sd, tokenflow_un
             h.remove()
     for name in (pnp_layer, other_layer):
         attn = tiny_sd.unet.get_submodule(name)
-        h = seen[name].double()
-        q, k, v = (lin(h.float()).double().view(3, 3, h.shape[1], -1) for lin in (attn.to_q, attn.to_k, attn.to_v))
-        injected = inject and name == pnp_layer
-        heads, d = attn.heads, q.shape[-1] // attn.heads
-        out = torch.zeros_like(q)
-        for b in range(3):
-            qb, kb = (q[0], k[0]) if (injected and b) else (q[b], k[b])
-            for f in range(3):
-                for hd in range(heads):
-                    s = slice(hd * d, (hd + 1) * d)
-                    keys = kb[f, :, s] if b == 0 else kb[:, :, s].reshape(-1, d)
-                    vals = v[b, f, :, s] if b == 0 else v[b, :, :, s].reshape(-1, d)
-                    out[b, f, :, s] = torch.softmax(qb[f, :, s] @ keys.T * d ** -0.5, -1) @ vals
-        expected = attn.to_out[0](out.float().reshape(9, h.shape[1], -1)).view(3, 3, h.shape[1], -1)
+        expected = extended_attention_by_hand(attn, seen[name], 3, inject and name == pnp_layer)
         assert torch.allclose(state.store.outputs[name], expected, atol=1e-5), name
         assert torch.equal(state.store.features[name], seen[name][:3])
 

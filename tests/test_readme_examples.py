@@ -48,7 +48,7 @@ def test_readme_python_blocks_run(tiny_model_dir, tmp_path, monkeypatch):
     unused = [old for old, _, _ in SUBSTITUTIONS if not any(old in code for _, code in blocks)]
     assert not unused, f"SUBSTITUTIONS lists {unused}, which no README python block contains: update the table"
 
-    monkeypatch.setattr(read, "default_size", lambda width, height: DEFAULT_SIZE)
+    monkeypatch.setattr(read, "default_size", lambda width, height, family="sd": DEFAULT_SIZE)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)

@@ -714,8 +714,12 @@ def load_yaml(path: str, base: EditConfig = EditConfig(), *, note: Optional[Call
     return from_mapping(data, base, source=f"config {path!r}", note=note)
 
 
-def default_size(width: int, height: int) -> Tuple[int, int]:
-    """The original's choice: 512x512 for square input, its recommended 672x384 / 384x672 otherwise."""
+def default_size(width: int, height: int, family: str = "sd") -> Tuple[int, int]:
+    """The edit size (W, H) when --size is not given, for a source of ``width`` x ``height``: the
+    original's choice for SD (512x512 for square input, its recommended 672x384 / 384x672
+    otherwise), twice that for SDXL (``family`` "sdxl": 1024x1024, 1344x768 / 768x1344), the
+    resolutions each was trained at."""
+    scale = 2 if family == "sdxl" else 1
     if width == height:
-        return 512, 512
-    return (672, 384) if width > height else (384, 672)
+        return 512 * scale, 512 * scale
+    return (672 * scale, 384 * scale) if width > height else (384 * scale, 672 * scale)

@@ -51,7 +51,8 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     g.add_argument("--start", metavar="I", help="first source frame index (default 0)")
     g.add_argument("--stride", type=int, metavar="S", help="take every S-th source frame (default 1)")
     g.add_argument("--size", type=size_flag, metavar="WxH", help="frame size, multiples of 8 (default 512x512 for "
-                   "square input, 672x384 / 384x672 otherwise)")
+                   "square input, 672x384 / 384x672 otherwise; SDXL models twice that: 1024x1024, 1344x768 / "
+                   "768x1344); multiples of 64 (SD) or 32 (SDXL) keep the UNet's levels even")
     g.add_argument("--crop", action="store_true", default=None,
                    help="centre-crop to the target aspect ratio instead of stretching")
     g = p.add_argument_group("model")

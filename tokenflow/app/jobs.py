@@ -40,10 +40,11 @@ from tokenflow.io.stamps import FOLDER_STAMP, sidecar_path, video_metadata, writ
 from tokenflow.io.write import video_settings, write_frames, write_video
 from tokenflow.kernels import check_backends
 from tokenflow.kernels.dispatch import forget_used, used
+from tokenflow.method.depth import refuse_depth_options
 from tokenflow.method.editor import Editor, EditResult, read_clip
 from tokenflow.method.schedule import check_steps
 from tokenflow.models.architectures import architecture_of, meta_model, weights_on_disk
-from tokenflow.models.load import scheduler_config_for
+from tokenflow.models.load import family_of, scheduler_config_for
 from tokenflow.models.random_weights import scheduler_config as default_scheduler_config
 from tokenflow.quality.cli import evaluate, load_scorer
 from tokenflow.quality.flow import require_cv2
@@ -266,7 +267,7 @@ def write_edit_report(result: EditResult, folder: str, config: EditConfig, score
 def _run_facts(config: EditConfig, editor: Editor, seconds: float) -> Dict:
     device = editor.model.device
     return {"model": str(config.model), "device": str(device), "dtype": str(editor.model.dtype).replace("torch.", ""),
-            "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(device),
+            "seconds": round(seconds, 3), "peak_memory_bytes": _peak_memory(device), "vae": vae_facts(editor),
             "peak_memory_kind": "reserved by torch's allocator" if device.type == "cuda" else "process peak RSS"}
 
 
@@ -275,7 +276,7 @@ def check_host_memory(config: EditConfig, prompts: int, device_type: str) -> Hos
     before anything is decoded or loaded: ResourceError (exit 6) with the numbers and the flags
     that fix it when it cannot fit. ``prompts`` 0: an inversion only."""
     count = count_selected(str(config.video), frames=config.frames, start=config.start_frame, stride=config.stride)
-    width, height = config.size or default_size(*count.source_size)
+    width, height = config.size or default_size(*count.source_size, family_of(config.model))
     return before_read(frames=count.frames, frames_source=count.how, width=width, height=height,
                        source_pixels=count.source_size[0] * count.source_size[1], prompts=prompts,
                        timesteps=config.steps + 1, device_type=device_type, inverted_latents=config.inverted_latents,
@@ -288,6 +289,7 @@ def check_model_and_steps(config: EditConfig) -> None:
     fit), from the model's scheduler config alone (the load checks the real one again). For a Hub
     model not downloaded yet, whose scheduler is only guessed (Stable Diffusion's), a misfit is a
     warning instead: its own scheduler may serve these steps."""
+    refuse_depth_options(config, family_of(config.model), config.model)
     known = scheduler_config_for(config.model, guess=False)
     if known is not None:
         check_steps(known, config)
@@ -302,7 +304,7 @@ def check_model_and_steps(config: EditConfig) -> None:
 def read_checked(config: EditConfig, reporter: Reporter, host: HostPlan) -> Clip:
     """Decode the frames ``config`` selects, checking ``host`` before each frame beyond the count
     it was checked for (a container that did not list them)."""
-    return read_clip(str(config.video), config, reporter, on_frame=host.check_frames)
+    return read_clip(str(config.video), config, reporter, on_frame=host.check_frames, family=family_of(config.model))
 
 
 def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
@@ -396,6 +398,7 @@ def _summary(results: List[EditResult], config: EditConfig, seconds: float, edit
         "seconds": round(seconds, 3), "frames_per_second": round(n * len(results) / seconds, 4) if seconds else None,
         "stages": {k: round(v, 3) for k, v in first.timings.items()},
         "peak_memory_bytes": _peak_memory(editor.model.device), "tiny_model": first.model_is_tiny,
+        "vae": vae_facts(editor),
         "plan": {k: first.plan.as_dict()[k] for k in ("budget", "chunk_frames", "keyframe_call", "inversion_frames",
                                                       "vae_frames", "store_on", "latents_on", "peak")}
         if first.plan else None,
@@ -405,6 +408,15 @@ def _summary(results: List[EditResult], config: EditConfig, seconds: float, edit
         summary["reports"] = [str(Path(folder) / "index.html")
                               for folder in per_prompt_folders(config.report, summary["prompts"])]
     return summary
+
+
+def vae_facts(editor: Editor) -> Dict:
+    """Which VAE ran and in which dtype: the model's own or --vae's; float32 under a 16-bit model
+    dtype when its config says ``force_upcast`` (SDXL's VAE overflows in float16)."""
+    model = editor.model
+    dtype = next(model.vae.parameters()).dtype
+    return {"name": model.vae_name or "the model's own", "dtype": str(dtype).replace("torch.", ""),
+            "upcast": bool(model.vae_upcast)}
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -434,6 +446,10 @@ def format_summary(s: Dict) -> str:
                      + (f", crf {video['crf']})" if video["crf"] is not None else ")"))
     if s.get("ran"):
         lines.append("  ran: " + "\n       ".join(describe_ran(s["ran"])))
+    if s.get("vae"):
+        vae = s["vae"]
+        lines.append(f"  vae: {vae['name']}, {vae['dtype']}"
+                     + (f" (upcast from {s['dtype']}: its config's force_upcast)" if vae["upcast"] else ""))
     if s["tiny_model"]:
         lines.append(f"  NOTE: {TINY_NOTE}")
     return "\n".join(lines)

@@ -103,12 +103,13 @@ class Clip:
 
 def read_video(path, *, frames: Optional[int] = None, start: int = 0, stride: int = 1,
                size: Optional[Size] = None, crop: bool = False, on_frame: Optional[FrameCheck] = None,
-               warn_short: bool = True) -> Clip:
+               warn_short: bool = True, family: str = "sd") -> Clip:
     """Decode source frames ``start, start + stride, ...`` (at most ``frames`` of them) into a Clip.
 
     ``path`` is a video file FFmpeg can decode or a folder of numbered images. ``frames=None``
     keeps every selected frame; if fewer exist than asked, the ones that exist are kept.
-    ``size`` (W, H) must be multiples of 8 and at least 64; None picks ``default_size``.
+    ``size`` (W, H) must be multiples of 8 and at least 64; None picks ``default_size`` for the
+    model ``family`` ("sd" or "sdxl").
     ``crop=True`` centre-crops each frame to the aspect ratio of ``size`` before resizing, so
     nothing is stretched; otherwise the whole frame is resized (possibly changing its aspect).
     Videos whose container asks for a display rotation (phone footage) are rotated upright.
@@ -128,8 +129,8 @@ def read_video(path, *, frames: Optional[int] = None, start: int = 0, stride: in
         raise InputError(f"input video '{path}' does not exist. Check the path.")
     selection = _Selection(start, stride, frames, warn_short)
     if os.path.isdir(path):
-        return _read_image_folder(path, selection, size, crop, on_frame)
-    return _read_video_file(path, selection, size, crop, on_frame)
+        return _read_image_folder(path, selection, size, crop, on_frame, family)
+    return _read_video_file(path, selection, size, crop, on_frame, family)
 
 
 def probe(path) -> dict:
@@ -245,7 +246,7 @@ def _round8(value: int) -> int:
 
 
 def _read_video_file(path: str, selection: _Selection, size: Optional[Size], crop: bool,
-                     on_frame: Optional[FrameCheck] = None) -> Clip:
+                     on_frame: Optional[FrameCheck] = None, family: str = "sd") -> Clip:
     av = require_av(f"reading the video '{path}'")
     try:
         with av.open(path) as container:
@@ -254,7 +255,7 @@ def _read_video_file(path: str, selection: _Selection, size: Optional[Size], cro
             fps = _stream_fps(stream)
             has_audio = bool(container.streams.audio)
             listed = int(stream.frames or 0)   # what the header says; 0 when the container does not say
-            decoded = _decode_selected(container, stream, selection, size, crop, fps, on_frame)
+            decoded = _decode_selected(container, stream, selection, size, crop, fps, on_frame, family)
     except InputError:
         raise
     except _decode_errors(av) as error:
@@ -286,7 +287,7 @@ def _stream_fps(stream) -> float:
 
 
 def _decode_selected(container, stream, selection: _Selection, size: Optional[Size], crop: bool,
-                     fps: float, on_frame: Optional[FrameCheck] = None):
+                     fps: float, on_frame: Optional[FrameCheck] = None, family: str = "sd"):
     """Decode up to the last selected frame; resize selected ones as they come (saves memory).
 
     Returns (uint8 [H, W, 3] images, kept indices, kept times in s, displayed source (W, H),
@@ -308,7 +309,7 @@ def _decode_selected(container, stream, selection: _Selection, size: Optional[Si
         rgb = _upright(frame.to_rgb().to_ndarray(), frame.rotation)
         source_size = source_size or (rgb.shape[1], rgb.shape[0])
         colour = colour or Colour.of(frame)
-        target = size or default_size(*source_size)
+        target = size or default_size(*source_size, family)
         images.append(_resize(Image.fromarray(rgb), target, crop))
         indices.append(index)
         times.append(float(frame.time) if frame.time is not None else index / fps)
@@ -378,7 +379,7 @@ def _hash_into(digest, path: str) -> None:
 
 
 def _read_image_folder(folder: str, selection: _Selection, size: Optional[Size], crop: bool,
-                       on_frame: Optional[FrameCheck] = None) -> Clip:
+                       on_frame: Optional[FrameCheck] = None, family: str = "sd") -> Clip:
     """Each picture is read, checked and resized before the next is opened (one source picture held)."""
     paths = _list_images(folder)
     chosen = list(range(selection.start, len(paths), selection.stride))[: selection.count]
@@ -395,7 +396,7 @@ def _read_image_folder(folder: str, selection: _Selection, size: Optional[Size],
                 f"images in '{folder}' differ in size: '{os.path.basename(paths[chosen[0]])}' is "
                 f"{source_size[0]}x{source_size[1]} but '{os.path.basename(paths[index])}' is "
                 f"{picture.size[0]}x{picture.size[1]}. Resize them to one size first.")
-        images.append(_resize(picture, size or default_size(*source_size), crop))
+        images.append(_resize(picture, size or default_size(*source_size, family), crop))
         del picture
     _warn_if_short(folder, len(paths), len(chosen), selection)
     return Clip(frames=_to_tensor(images), fps=FOLDER_FPS, source=folder, source_size=source_size,

@@ -41,6 +41,7 @@ def depth_condition(editor, clip: Clip, config: EditConfig) -> Tuple[Optional[to
     a ConfigError unless a ``--control depth`` reads them."""
     model = editor.model
     if model.unet.config.in_channels != DEPTH_CHANNELS:
+        refuse_depth_options(config, model.family, model.name)
         if config.depth_maps and "depth" not in config.controls:
             raise ConfigError(f"--depth-maps {config.depth_maps} given, but model {model.name} is no depth "
                               "model (its UNet has no depth input) and no --control depth reads them: use --model 2-depth, "
@@ -54,6 +55,18 @@ def depth_condition(editor, clip: Clip, config: EditConfig) -> Tuple[Optional[to
     lines = [f"depth: {_source(editor, config)}, {len(raw)} maps {width}x{height} -> {latent[1]}x{latent[0]}, "
              f"normalised per {config.depth_normalize} to [-1, 1]"]
     return maps.to(model.device), key, lines
+
+
+def refuse_depth_options(config: EditConfig, family: str, name: str) -> None:
+    """ConfigError for SD 2 depth's options (--depth-maps, --depth-model) with an SDXL model when no
+    ``--control depth`` reads them: SDXL has no depth UNet. Cheap: the CLI calls it before loading
+    (``family`` from ``models.load.family_of``)."""
+    if family != "sdxl" or "depth" in config.controls:
+        return
+    for flag, value in (("--depth-model", config.depth_model), ("--depth-maps", config.depth_maps)):
+        if value:
+            raise ConfigError(f"{flag} {value} given, but model {name} is SDXL: depth maps feed SD 2's depth model "
+                              f"(--model 2-depth) and SDXL has none; drop {flag}, or add --controlnet MODEL --control depth")
 
 
 def raw_depth_maps(editor, clip: Clip, config: EditConfig) -> torch.Tensor:

@@ -66,12 +66,14 @@ class EditResult:
     plan: Optional[MemoryPlan] = None
 
 
-def read_clip(video: str, config: EditConfig, reporter: Reporter, on_frame: Optional[FrameCheck] = None) -> Clip:
+def read_clip(video: str, config: EditConfig, reporter: Reporter, on_frame: Optional[FrameCheck] = None,
+              family: str = "sd") -> Clip:
     """Decode the frames ``config`` selects from a video file or image folder (``on_frame``: see
-    ``io.read.read_video``; the CLI checks host memory there)."""
+    ``io.read.read_video``; the CLI checks host memory there; ``family``: the model's, for the
+    default size)."""
     with reporter.stage("read"):
         return read_video(video, frames=config.frames, start=config.start_frame, stride=config.stride,
-                          size=config.size, crop=config.crop, on_frame=on_frame)
+                          size=config.size, crop=config.crop, on_frame=on_frame, family=family)
 
 
 def _oom_as_resource_error(fn: Callable) -> Callable:
@@ -223,7 +225,8 @@ class Editor:
     # --- inversion -------------------------------------------------------------------------
 
     def load_clip(self, video: Union[str, Clip], config: EditConfig) -> Clip:
-        return video if isinstance(video, Clip) else read_clip(str(video), config, self.reporter)
+        return video if isinstance(video, Clip) else read_clip(str(video), config, self.reporter,
+                                                               family=self.model.family)
 
     @_oom_as_resource_error
     @torch.no_grad()

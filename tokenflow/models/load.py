@@ -513,6 +513,32 @@ def scheduler_config_for(model: str, guess: bool = True) -> Optional[dict]:
     return check_prediction(config, model)
 
 
+def family_of(model: str) -> str:
+    """``"sdxl"`` or ``"sd"`` for a ``--model`` string without loading (or downloading) anything, for
+    what must be known before the frames are read (the default size): ``tiny-xl``, the ``xl``
+    version, a folder or a Hub model in the Hugging Face cache whose ``unet/config.json`` asks for
+    SDXL's added conditioning. Anything else (a Hub model not downloaded, a single file) is taken
+    for SD; the load finds the real family."""
+    try:
+        kind, value = model_kind(model)
+    except ModelError:   # the checks before the load say what is wrong
+        return "sd"
+    if kind == "tiny":
+        return "sdxl" if _tiny_is_xl(str(model).strip()) else "sd"
+    if kind == "hub" and value == SD_VERSIONS["xl"]:
+        return "sdxl"
+    if kind == "path":
+        path = Path(value).expanduser() / "unet" / "config.json"
+    elif kind == "hub":
+        path = _cached_hub_file(value, "unet/config.json")
+    else:
+        return "sd"
+    try:
+        return "sdxl" if text.is_text_time(json.loads(path.read_text(encoding="utf-8"))) else "sd"
+    except (OSError, ValueError, TypeError, AttributeError):
+        return "sd"
+
+
 def _cached_hub_file(repo_id: str, filename: str) -> Optional[Path]:
     """``filename`` of ``repo_id`` when the Hugging Face cache holds it (no network)."""
     from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415  only for Hub ids
