@@ -266,7 +266,7 @@ def test_farm_on_two_nodes_survives_losing_one(tmp_path, tiny_model_dir, sample_
     first, second = job["attempt_log"]
     assert (first["node_id"], first["outcome"]) == (b_node, "worker lost")
     assert first["child_pid"] == killed["attempt"]["child_pid"] and first["worker_pid"] in killed["pids"]
-    assert first.get("child_exit_code") is None   # SIGKILLed with its node: it reported nothing more
+    assert first["child_exit_code"] is None and "no run_done" in first["child_exit_note"]   # SIGKILLed with its node
     assert (second["node_id"], second["outcome"], second["exit_code"]) == (a_node, "done", 0)
     assert second["worker_pid"] not in killed["pids"]
     assert len(job["resumed"]) == 1 and job["resumed"][0].startswith("resuming the ")
