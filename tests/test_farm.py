@@ -24,7 +24,9 @@ from tokenflow.app.farm.status import FARM_DIR
 from tokenflow.app.farm.task import JobAttempts
 from tokenflow.app.locks import same_process
 
-TINY = {"inversion_steps": 40, "steps": 5, "size": "64x64", "frames": 5, "keyframe_spacing": 4, "device": "cpu",
+from .inprocess import run_tokenflow
+
+TINY = {"inversion_steps": 20, "steps": 5, "size": "64x64", "frames": 5, "keyframe_spacing": 4, "device": "cpu",
         "checkpoint_every": 1}
 
 
@@ -78,16 +80,15 @@ def test_bad_jobs_are_refused_before_anything_is_submitted(tmp_path, sample_clip
     assert "nothing was submitted" in err
 
 
-def test_missing_ray_gives_the_install_hint(tmp_path, sample_clip):
+def test_missing_ray_gives_the_install_hint(tmp_path, sample_clip, monkeypatch):
     job = _write_job(tmp_path, "job", video=str(sample_clip), output=str(tmp_path / "out.mp4"), prompt="x",
                      model="tiny")
-    code = ("import sys; sys.modules['ray'] = None\n"
-            "from tokenflow.app.cli import main\n"
-            f"sys.exit(main(['farm', {str(job)!r}, '--ray', 'local', '--report', {str(tmp_path / 'r.json')!r}]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` raises ImportError, as where it is not installed
+    proc = run_tokenflow("farm", job, "--ray", "local", "--report", tmp_path / "r.json")
     assert proc.returncode == 2, proc.stderr
     assert "pip install 'tokenflow[farm]'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_bad_flags_are_config_errors(tmp_path, sample_clip):
@@ -238,7 +239,7 @@ def test_a_retry_wakes_a_stopped_lost_child_and_reads_its_exit(tmp_path, monkeyp
         child.wait()
     lost = result["attempt_log"][0]
     assert (result["status"], result["attempts"]) == ("ok", 2), lost
-    assert lost["child_end"] == "exited after this retry's SIGTERM", lost
+    assert lost["child_end"] == "gone after this retry's SIGTERM", lost
     assert (lost["child_exit_code"], lost["child_exit_note"], lost["job_status"]) == (75, None, "interrupted"), lost
 
 
@@ -374,7 +375,7 @@ def test_farm_on_local_ray_survives_killed_workers(tmp_path, tiny_model_dir, sam
         _job_story(root, "a", first)
     # SIGTERM on parent death: a checkpoint, run_done with exit 75 (child_end/child_exit_note say why not)
     assert first["child_exit_code"] == 75 and first["job_status"] == "interrupted", _job_story(root, "a", first)
-    assert first["child_end"] in ("exited before this retry looked", "exited after this retry's SIGTERM"), \
+    assert first["child_end"] in ("gone before this retry looked", "gone after this retry's SIGTERM"), \
         _job_story(root, "a", first)
     assert a["attempt_log"][1]["worker_pid"] != killed["a"]["worker_pid"], _job_story(root, "a", a)
     assert a["resumed"] and a["resumed"][0].startswith("resuming"), _job_story(root, "a", a)

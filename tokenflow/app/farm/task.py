@@ -133,7 +133,7 @@ class JobAttempts:
         if previous.get("host") != self.host:
             return self.wait_for_locks(previous)
         if not same_process(pid, start):
-            return "exited before this retry looked"
+            return "gone before this retry looked"
         # Normally sent already by the parent-death signal; a second SIGTERM only repeats the stop
         # request. SIGCONT: a stopped child (job control, a debugger) could not save anything.
         for sig in (signal.SIGTERM, signal.SIGCONT):
@@ -145,7 +145,7 @@ class JobAttempts:
         while time.time() < deadline and same_process(pid, start):
             time.sleep(0.2)
         if not same_process(pid, start):
-            return "exited after this retry's SIGTERM"
+            return "gone after this retry's SIGTERM"
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
