@@ -5,8 +5,6 @@ entry (written by ``InversionCache``); file times are set so the least recently 
 """
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from tokenflow.io import caches
 from tokenflow.io.cache import InversionCache, InversionKey
 from tokenflow.io.outputs import TEMP_MARK
 
+from .inprocess import run_tokenflow
 from .test_leftovers import LIVE, kill, python
 
 DAY = 86400.0
@@ -179,10 +178,8 @@ def test_links_are_never_followed_out_of_the_root(tmp_path, capsys):
 def test_a_real_inversion_is_listed_and_pruned(tmp_path, tiny_model_dir, sample_clip, capsys):
     """`tokenflow invert` writes where `tokenflow cache` looks (the entry and calibration names)."""
     root = tmp_path / "cache"
-    env = {**os.environ, "TOKENFLOW_CACHE": str(root)}
-    run = subprocess.run([sys.executable, "-m", "tokenflow", "invert", str(sample_clip), "--model", str(tiny_model_dir),
-                          "--frames", "4", "--size", "64x64", "--inversion-steps", "5", "--steps", "5", "--device", "cpu", "-q"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = run_tokenflow("invert", sample_clip, "--model", tiny_model_dir, "--frames", "4", "--size", "64x64",
+                        "--inversion-steps", "5", "--steps", "5", "--device", "cpu", "-q", env={"TOKENFLOW_CACHE": str(root)})
     assert run.returncode == 0, run.stderr
     kinds = {k["kind"]: k for k in ls(capsys, root)["kinds"]}
     assert kinds["inversions"]["entries"] == 1 and kinds["inversions"]["bytes"] > 4 * 4 * 8 * 8 * 4

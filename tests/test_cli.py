@@ -16,14 +16,22 @@ import pytest
 from tokenflow import __version__
 
 from .conftest import SHARED_DATA
+from .inprocess import run_tokenflow
 
 FAST = ["--inversion-steps", "10", "--steps", "5", "--size", "64x64", "--device", "cpu", "--keyframe-spacing", "4"]
 
 
-def tokenflow(*args, cwd=None, env=None):
+def tokenflow_process(*args, cwd=None, env=None):
+    """``python -m tokenflow ARGS`` in a fresh interpreter: the end-to-end edit and the doctor (whose
+    checks read the environment at import: HF_HUB_CACHE, TRITON_INTERPRET)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "tokenflow", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=600)
+
+
+def tokenflow(*args, cwd=None, env=None):
+    """The same command through tokenflow.app.cli.main in this process (tests/inprocess.py)."""
+    return run_tokenflow(*args, cwd=cwd, env=env)
 
 
 def frames_in(path):
@@ -45,7 +53,7 @@ def test_version_and_help_explain_every_flag():
 
 def test_edit_end_to_end_with_cache_and_json_events(tmp_path, tiny_model_dir, sample_clip):
     out, lat = tmp_path / "out" / "edit.mp4", tmp_path / "lat.npy"
-    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "glass", "--inversion-prompt", "shapes",
+    run = tokenflow_process("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "glass", "--inversion-prompt", "shapes",
                     "--frames", "10", *FAST, "-o", out, "--save-latents", lat, "--save-frames", tmp_path / "png",
                     "--log-json")
     assert run.returncode == 0, run.stderr
@@ -170,7 +178,7 @@ def test_doctor_lists_every_op_and_backend_with_reasons(tmp_path):
     (cache / "onnx" / "plain-0123456789abcdef").mkdir(parents=True)
     (cache / "onnx" / "plain-0123456789abcdef" / "unet.onnx").write_bytes(b"x" * 1234)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "TOKENFLOW_CACHE": str(cache)}
-    run = tokenflow("doctor", "--json", "--device", "cpu", env=env)
+    run = tokenflow_process("doctor", "--json", "--device", "cpu", env=env)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["environment"]["packages"]["torch"]
@@ -195,7 +203,7 @@ def test_doctor_lists_every_op_and_backend_with_reasons(tmp_path):
     assert rows[("keyframe_attention", "torch")]["chosen"]
     for r in rows.values():  # every backend not chosen says why
         assert r["chosen"] or r["reasons"] or r["only_by_name"], r
-    text = tokenflow("doctor", "--device", "cpu", env=env).stdout
+    text = tokenflow_process("doctor", "--device", "cpu", env=env).stdout
     assert "keyframe_attention on cpu (float32)" in text and "CHOSEN" in text
     assert f"model: {DEFAULT_MODEL} is not in the Hugging Face cache" in text and "--model DIR" in text
     assert f"caches: {cache} (from $TOKENFLOW_CACHE), 1.23 kB in all" in text and "RAM available" in text
@@ -204,7 +212,7 @@ def test_doctor_lists_every_op_and_backend_with_reasons(tmp_path):
 
 def test_doctor_check_runs_the_backends_against_the_reference():
     pytest.importorskip("triton")
-    run = tokenflow("doctor", "--check", "--device", "cpu", "--json", env={"TRITON_INTERPRET": "1"})
+    run = tokenflow_process("doctor", "--check", "--device", "cpu", "--json", env={"TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr
     checks = json.loads(run.stdout)["checks"]
     assert {(c["op"], c["backend"]) for c in checks} >= {("keyframe_attention", "triton"), ("cosine_nearest", "triton"),

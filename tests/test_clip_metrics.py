@@ -19,6 +19,8 @@ from tokenflow.models.hf import quiet_hf_libraries
 from tokenflow.models.random_weights import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, tokenizer_vocab, write_tokenizer
 from tokenflow.quality.clip_metrics import CLIP_SKIPPED, clip_metrics, load_clip_scorer
 
+from .inprocess import run_tokenflow
+
 PROMPT = "a shiny silver robotic wolf"
 
 
@@ -208,9 +210,6 @@ def test_broken_preprocessor_config(clip_dir, tmp_path):
 
 def test_metrics_and_report_commands_use_the_clip_model(clip_dir, scorer, tmp_path):
     """`tokenflow metrics/report --clip-model`: the scores of the written frames, as the API computes them."""
-    import os
-    import subprocess
-    import sys
 
     pytest.importorskip("cv2")
     from tokenflow.io.read import read_video
@@ -219,9 +218,8 @@ def test_metrics_and_report_commands_use_the_clip_model(clip_dir, scorer, tmp_pa
     frames = smooth_frames(6, height=64, width=96)
     write_video(frames, str(tmp_path / "src.mp4"), 8)
     write_video(frames.flip(0), str(tmp_path / "edit.mp4"), 8)
-    run = subprocess.run([sys.executable, "-m", "tokenflow", "metrics", tmp_path / "src.mp4", tmp_path / "edit.mp4",
-                          "--clip-model", clip_dir, "--prompt", "a red fox", "--device", "cpu",
-                          "--json", tmp_path / "m.json"], capture_output=True, text=True, timeout=300, env={**os.environ})
+    run = run_tokenflow("metrics", tmp_path / "src.mp4", tmp_path / "edit.mp4", "--clip-model", clip_dir,
+                        "--prompt", "a red fox", "--device", "cpu", "--json", tmp_path / "m.json")
     assert run.returncode == 0, run.stderr
     assert "CLIP (" in run.stdout and "skipped" not in run.stdout
     got = json.loads((tmp_path / "m.json").read_text())["clip"]
@@ -229,7 +227,6 @@ def test_metrics_and_report_commands_use_the_clip_model(clip_dir, scorer, tmp_pa
     want = clip_metrics(scorer, written, "a red fox")
     assert got["text_alignment"] == pytest.approx(want["text_alignment"], abs=1e-6)
     assert got["frame_consistency"] == pytest.approx(want["frame_consistency"], abs=1e-6)
-    missing = subprocess.run([sys.executable, "-m", "tokenflow", "report", tmp_path / "src.mp4", tmp_path / "edit.mp4",
-                              "-o", tmp_path / "rep", "--clip-model", tmp_path / "no-such-clip"],
-                             capture_output=True, text=True, timeout=300, env={**os.environ})
+    missing = run_tokenflow("report", tmp_path / "src.mp4", tmp_path / "edit.mp4", "-o", tmp_path / "rep",
+                            "--clip-model", tmp_path / "no-such-clip")
     assert missing.returncode == 4 and "no-such-clip" in missing.stderr and not (tmp_path / "rep").exists()

@@ -8,13 +8,21 @@ import sys
 from tokenflow.errors import EXIT_CODES, EXIT_NAMES
 from tokenflow.io.progress import EVENT_FIELDS
 
+from .inprocess import run_tokenflow
+
 FAST = ["--inversion-steps", "10", "--steps", "5", "--size", "64x64", "--device", "cpu", "--keyframe-spacing", "4",
         "--frames", "5", "--no-cache"]
 
 
-def tokenflow(*args):
+def tokenflow_process(*args):
+    """``python -m tokenflow ARGS`` in a fresh interpreter: what a real process leaves on stdout."""
     return subprocess.run([sys.executable, "-m", "tokenflow", *map(str, args)], capture_output=True, text=True,
                           timeout=600, env={**os.environ})
+
+
+def tokenflow(*args):
+    """The same command through tokenflow.app.cli.main in this process (tests/inprocess.py)."""
+    return run_tokenflow(*args)
 
 
 def check_event(event):
@@ -62,7 +70,7 @@ def test_exit_codes_and_names_are_the_documented_ones():
 
 def test_stdout_holds_only_the_written_paths(tmp_path, tiny_model_dir, sample_clip):
     out = tmp_path / "o.mp4"
-    run = tokenflow("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "p", *FAST, "-o", out, "-q")
+    run = tokenflow_process("edit", sample_clip, "--model", tiny_model_dir, "--prompt", "p", *FAST, "-o", out, "-q")
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [str(out)] and run.stderr == ""
 

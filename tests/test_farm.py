@@ -24,7 +24,9 @@ from tokenflow.app.farm.status import FARM_DIR
 from tokenflow.app.farm.task import JobAttempts
 from tokenflow.app.locks import same_process
 
-TINY = {"inversion_steps": 40, "steps": 5, "size": "64x64", "frames": 5, "keyframe_spacing": 4, "device": "cpu",
+from .inprocess import run_tokenflow
+
+TINY = {"inversion_steps": 20, "steps": 5, "size": "64x64", "frames": 5, "keyframe_spacing": 4, "device": "cpu",
         "checkpoint_every": 1}
 
 
@@ -78,16 +80,15 @@ def test_bad_jobs_are_refused_before_anything_is_submitted(tmp_path, sample_clip
     assert "nothing was submitted" in err
 
 
-def test_missing_ray_gives_the_install_hint(tmp_path, sample_clip):
+def test_missing_ray_gives_the_install_hint(tmp_path, sample_clip, monkeypatch):
     job = _write_job(tmp_path, "job", video=str(sample_clip), output=str(tmp_path / "out.mp4"), prompt="x",
                      model="tiny")
-    code = ("import sys; sys.modules['ray'] = None\n"
-            "from tokenflow.app.cli import main\n"
-            f"sys.exit(main(['farm', {str(job)!r}, '--ray', 'local', '--report', {str(tmp_path / 'r.json')!r}]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    monkeypatch.setitem(sys.modules, "ray", None)   # `import ray` raises ImportError, as where it is not installed
+    proc = run_tokenflow("farm", job, "--ray", "local", "--report", tmp_path / "r.json")
     assert proc.returncode == 2, proc.stderr
     assert "pip install 'tokenflow[farm]'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_bad_flags_are_config_errors(tmp_path, sample_clip):
@@ -170,6 +171,7 @@ def test_task_after_a_lost_worker(tmp_path):
     result = _FakeChildren(spec).run()
     assert (result["status"], result["attempts"]) == ("ok", 2)
     assert result["attempt_log"][0]["outcome"] == "worker lost"
+    assert result["attempt_log"][0]["child_end"] == "unknown: the lost attempt recorded no child"
     again = _FakeChildren(spec).run()                 # lost again after finishing: no third run
     assert (again["status"], again["attempts"]) == ("ok", 2)
     assert (Path(spec["status"]).parent / "runs").read_text() == "1"
@@ -184,10 +186,78 @@ def test_task_after_a_lost_worker(tmp_path):
                                                 "result": None}))
     result = _FakeChildren(finished).run()
     assert (result["status"], result["attempts"], result["stages"]) == ("ok", 1, {"edit": 2.0})
+    assert (result["attempt_log"][0]["child_exit_code"], result["attempt_log"][0]["child_exit_note"]) == (0, None)
     assert (Path(spec["status"]).parent / "runs").read_text() == "1"
     other = dict(spec, run_id="r2")                   # another farm run: a fresh history
     _FakeChildren.script = [0, 0]
     assert _FakeChildren(other).run()["attempts"] == 1
+
+
+def _lost_attempt(tmp_path, spec, on_sigterm: str) -> subprocess.Popen:
+    """A lost attempt of this host whose child is still running: ``on_sigterm`` "report" writes a
+    run_done event (exit 75) to the job's events file and exits; "ignore" keeps running."""
+    import socket
+
+    from tokenflow.app.locks import pid_start
+
+    Path(spec["status"]).parent.mkdir(parents=True, exist_ok=True)
+    ready = tmp_path / "ready"
+    code = textwrap.dedent(f"""
+        import json, signal, sys, time
+        def report(signum, frame):
+            print(json.dumps({{"event": "job_end", "status": "interrupted"}}))
+            print(json.dumps({{"event": "run_done", "exit_code": 75}}), flush=True)
+            sys.exit(75)
+        signal.signal(signal.SIGTERM, report if {on_sigterm!r} == "report" else signal.SIG_IGN)
+        open({str(ready)!r}, "w").close()
+        time.sleep(120)
+    """)
+    with open(spec["events"], "ab") as events:
+        offset = events.seek(0, os.SEEK_END)
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=events)
+    while not ready.exists():
+        time.sleep(0.02)
+    lost = {"attempt": 1, "host": socket.gethostname(), "worker_pid": 1, "child_pid": child.pid,
+            "child_start": pid_start(child.pid), "events_offset": offset, "outcome": "running",
+            "started": time.time() - 5}
+    Path(spec["status"]).write_text(json.dumps({"run_id": "r1", "attempts": [lost], "result": None}))
+    return child
+
+
+def test_a_retry_wakes_a_stopped_lost_child_and_reads_its_exit(tmp_path, monkeypatch):
+    """The lost child is frozen (SIGSTOP) when the retry starts: the retry's SIGTERM and SIGCONT let
+    it report and exit; its run_done gives the record's child_exit_code."""
+    spec = _spec(tmp_path, max_attempts=2)
+    child = _lost_attempt(tmp_path, spec, "report")
+    os.kill(child.pid, signal.SIGSTOP)
+    monkeypatch.setenv("TOKENFLOW_FARM_GRACE", "60")
+    _FakeChildren.script = [0]
+    try:
+        result = _FakeChildren(spec).run()
+    finally:
+        child.kill()
+        child.wait()
+    lost = result["attempt_log"][0]
+    assert (result["status"], result["attempts"]) == ("ok", 2), lost
+    assert lost["child_end"] == "gone after this retry's SIGTERM", lost
+    assert (lost["child_exit_code"], lost["child_exit_note"], lost["job_status"]) == (75, None, "interrupted"), lost
+
+
+def test_a_lost_child_that_outlives_the_grace_period_is_killed_and_the_record_says_so(tmp_path, monkeypatch):
+    spec = _spec(tmp_path, max_attempts=2)
+    child = _lost_attempt(tmp_path, spec, "ignore")
+    monkeypatch.setenv("TOKENFLOW_FARM_GRACE", "0.5")
+    _FakeChildren.script = [0]
+    try:
+        result = _FakeChildren(spec).run()
+    finally:
+        child.kill()
+        child.wait()
+    lost = result["attempt_log"][0]
+    assert child.returncode == -signal.SIGKILL
+    assert lost["child_end"] == "killed (SIGKILL) after the 0.5 s grace period (TOKENFLOW_FARM_GRACE)", lost
+    assert lost["child_exit_code"] is None and "no run_done" in lost["child_exit_note"], lost
+    assert result["status"] == "ok" and result["attempts"] == 2
 
 
 # ------------------------------------------------------------------------------------ on Ray
@@ -198,6 +268,20 @@ def _still_editing(events_file: Path, offset: int) -> bool:
         f.seek(offset)
         lines = f.read().decode("utf-8", "replace").splitlines()
     return not any('"stage_start"' in line and '"decode"' in line for line in lines)
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"<{exc}>"
+
+
+def _job_story(root: Path, job: str, record) -> str:
+    """For a failure message: an attempt's (or job's) record and the tails of the job's events and log."""
+    farm = root / FARM_DIR
+    return (f"\n--- record:\n{json.dumps(record, indent=1, default=str)}\n--- {job}.events.jsonl (tail):\n"
+            f"{_tail(farm / f'{job}.events.jsonl')}\n--- {job}.log (tail):\n{_tail(farm / f'{job}.log')}")
 
 
 def _kill_when_checkpointed(root: Path, targets: dict, farm_proc, deadline: float) -> dict:
@@ -265,7 +349,7 @@ def test_farm_on_local_ray_survives_killed_workers(tmp_path, tiny_model_dir, sam
             except subprocess.TimeoutExpired:
                 proc.kill()
     seconds = time.time() - start
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 0, stderr[-3000:] + "".join(_job_story(root, job, "see the files") for job in "abc")
 
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert [e["event"] for e in events][0] == "farm_start" and events[-1]["event"] == "farm_done"
@@ -283,17 +367,21 @@ def test_farm_on_local_ray_survives_killed_workers(tmp_path, tiny_model_dir, sam
         assert frames.shape == (5, 64, 64, 3)
 
     a, b, c = jobs_by_name["a"], jobs_by_name["b"], jobs_by_name["c"]
-    assert b["attempts"] == 1
+    assert b["attempts"] == 1, _job_story(root, "b", b)
     # a: its Ray worker was killed; Ray reran the task, which waited for the old child's checkpoint and resumed
-    assert a["attempts"] >= 2
+    assert a["attempts"] >= 2, _job_story(root, "a", a)
     first = a["attempt_log"][0]
-    assert first["outcome"] == "worker lost" and first["worker_pid"] == killed["a"]["worker_pid"]
-    assert first["child_exit_code"] == 75 and first["job_status"] == "interrupted"   # SIGTERM on parent death
-    assert a["attempt_log"][1]["worker_pid"] != killed["a"]["worker_pid"]
-    assert a["resumed"] and a["resumed"][0].startswith("resuming")
+    assert first["outcome"] == "worker lost" and first["worker_pid"] == killed["a"]["worker_pid"], \
+        _job_story(root, "a", first)
+    # SIGTERM on parent death: a checkpoint, run_done with exit 75 (child_end/child_exit_note say why not)
+    assert first["child_exit_code"] == 75 and first["job_status"] == "interrupted", _job_story(root, "a", first)
+    assert first["child_end"] in ("gone before this retry looked", "gone after this retry's SIGTERM"), \
+        _job_story(root, "a", first)
+    assert a["attempt_log"][1]["worker_pid"] != killed["a"]["worker_pid"], _job_story(root, "a", a)
+    assert a["resumed"] and a["resumed"][0].startswith("resuming"), _job_story(root, "a", a)
     # c: its child was killed; the same task reran it from the checkpoint
-    assert c["attempts"] >= 2 and c["attempt_log"][0]["outcome"] == "killed by SIGKILL"
-    assert c["attempt_log"][0]["child_pid"] == killed["c"]["child_pid"] and c["resumed"]
+    assert c["attempts"] >= 2 and c["attempt_log"][0]["outcome"] == "killed by SIGKILL", _job_story(root, "c", c)
+    assert c["attempt_log"][0]["child_pid"] == killed["c"]["child_pid"] and c["resumed"], _job_story(root, "c", c)
     # the interrupted job's result is the uninterrupted one's, bit for bit: latents and frames (the
     # videos are not compared: libx264 encodes the same frames differently now and then under load)
     assert np.array_equal(np.load(out / "a.npy"), np.load(out / "b.npy"))

@@ -27,7 +27,8 @@ No process of the head is touched. Then:
 
 Node death is detected by the GCS health check, made faster for the test (``RAY_health_check_*``
 on the head). Nothing waits for a fixed time: the test follows the farm's status files and the
-processes; the deadlines are only guards. About 2.5 minutes on two loaded cores.
+processes; the deadlines are only guards. The jobs are short (20 inversion steps): the freeze
+(SIGSTOP) makes the kill land mid-edit however soon after a checkpoint this test looks.
 """
 import glob
 import json
@@ -48,7 +49,7 @@ from tests.test_farm import _decode, _png_frames, _still_editing
 from tokenflow.app.farm.status import FARM_DIR
 from tokenflow.app.locks import same_process
 
-JOB_SETTINGS = {"inversion_steps": 200, "steps": 10, "size": "64x64", "frames": 5, "keyframe_spacing": 4,
+JOB_SETTINGS = {"inversion_steps": 20, "steps": 10, "size": "64x64", "frames": 5, "keyframe_spacing": 4,
                 "device": "cpu", "checkpoint_every": 5}
 PROMPTS = {"a": ("a marble statue", "shapes"), "b": ("a bronze statue", "moving shapes"),
            "c": ("a glass statue", "coloured shapes")}   # (prompt, inversion prompt): three different inversions
@@ -266,7 +267,7 @@ def test_farm_on_two_nodes_survives_losing_one(tmp_path, tiny_model_dir, sample_
     first, second = job["attempt_log"]
     assert (first["node_id"], first["outcome"]) == (b_node, "worker lost")
     assert first["child_pid"] == killed["attempt"]["child_pid"] and first["worker_pid"] in killed["pids"]
-    assert first.get("child_exit_code") is None   # SIGKILLed with its node: it reported nothing more
+    assert first["child_exit_code"] is None and "no run_done" in first["child_exit_note"]   # SIGKILLed with its node
     assert (second["node_id"], second["outcome"], second["exit_code"]) == (a_node, "done", 0)
     assert second["worker_pid"] not in killed["pids"]
     assert len(job["resumed"]) == 1 and job["resumed"][0].startswith("resuming the ")

@@ -10,8 +10,6 @@ import dataclasses
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -27,6 +25,8 @@ from tokenflow.io.read import count_selected, read_video
 from tokenflow.io.samples import render_frames
 from tokenflow.io.write import to_uint8_images
 
+from .inprocess import run_tokenflow
+
 GIB = 2**30
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--inversion-steps", "10", "--steps", "5", "--size", "64x64", "--device", "cpu", "--keyframe-spacing", "4",
@@ -35,9 +35,9 @@ BASE = dict(frames=10, frames_source="test", width=512, height=512, source_pixel
             timesteps=51, device_type="cuda", inverted_latents="auto", use_cache=True, available=(64 * GIB, "test"))
 
 
-def tokenflow(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "tokenflow", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
+def tokenflow(*args):
+    """``tokenflow ARGS`` through tokenflow.app.cli.main in this process (tests/inprocess.py)."""
+    return run_tokenflow(*args, cwd=ROOT)
 
 
 def _write(path: Path, text: str) -> Path:

@@ -1,9 +1,6 @@
 """Temporal metrics on constructed videos whose answer is known, and `tokenflow metrics` as users run it."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +13,7 @@ from tokenflow.quality.flow import consistent, pair_flows  # noqa: E402
 from tokenflow.quality.metrics import temporal_metrics, to_uint8  # noqa: E402
 
 from .conftest import SHARED_DATA  # noqa: E402
+from .inprocess import run_tokenflow  # noqa: E402
 
 SHIFT = (3, -2)   # content moves by (dx, dy) = (-3, +2) pixels per frame: frame_t(p) = big(p + t * SHIFT)
 
@@ -119,8 +117,8 @@ def test_real_video_source_floor_is_small_and_shuffling_is_not():
 
 
 def tokenflow(*args):
-    return subprocess.run([sys.executable, "-m", "tokenflow", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ})
+    """``tokenflow ARGS`` through tokenflow.app.cli.main in this process (tests/inprocess.py)."""
+    return run_tokenflow(*args)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,8 @@
 """The HTML report: its files, its links, replacing an old one safely, `edit --report`, and a real browser."""
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +14,16 @@ pytest.importorskip("matplotlib")
 
 from tokenflow.io.write import write_video  # noqa: E402
 
+from .inprocess import run_tokenflow  # noqa: E402
 from .test_quality_metrics import translating_video  # noqa: E402
 
 MAGENTA = (255, 0, 255)   # painted into the frames only: the page itself never uses it
 FAST = ["--inversion-steps", "10", "--steps", "5", "--size", "64x64", "--device", "cpu", "--keyframe-spacing", "4"]
 
 
-def tokenflow(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "tokenflow", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ})
+def tokenflow(*args):
+    """``tokenflow ARGS`` through tokenflow.app.cli.main in this process (tests/inprocess.py)."""
+    return run_tokenflow(*args)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from tokenflow.app.farm.child import CHILD_CODE, PARENT_ENV
 from tokenflow.app.farm.status import (
     DEFAULT_GRACE_S,
     FAILED_EXIT_CODE,
+    GRACE_ENV,
     LOCKED_EXIT_CODE,
     RETRIED_EXIT_CODES,
     describe_exit,
@@ -80,7 +81,7 @@ class JobAttempts:
         self.save()
         if attempts and attempts[-1].get("outcome") == "worker lost":
             lost = attempts[-1]
-            self.wait_for_previous(lost)
+            lost["child_end"] = self.wait_for_previous(lost)
             lost["child_gone_at"] = round(time.time(), 3)
             self.read_lost_events(lost)
             if lost.get("child_exit_code") == 0:   # the child finished after all: nothing to redo
@@ -123,28 +124,36 @@ class JobAttempts:
         return result
 
     # -- the previous attempt
-    def wait_for_previous(self, previous: Dict[str, Any]) -> None:
-        """Let the previous attempt's child finish saving (same machine) or its locks lapse (another one)."""
-        pid, grace = previous.get("child_pid"), grace_seconds()
-        if previous.get("host") == self.host and pid:
-            if same_process(pid, previous.get("child_start")):
-                try:
-                    os.kill(pid, signal.SIGTERM)       # normally sent already by the parent-death signal
-                except OSError:
-                    pass
-                deadline = time.time() + grace
-                while time.time() < deadline and same_process(pid, previous.get("child_start")):
-                    time.sleep(0.2)
-                if same_process(pid, previous.get("child_start")):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-                    time.sleep(0.5)
-        elif previous.get("host") and previous.get("child_pid"):
-            self.wait_for_locks(previous)
+    def wait_for_previous(self, previous: Dict[str, Any]) -> str:
+        """Let the previous attempt's child finish saving (same machine) or its locks lapse (another
+        one); how that child ended, as far as this task can tell (``child_end`` in its record)."""
+        pid, start, grace = previous.get("child_pid"), previous.get("child_start"), grace_seconds()
+        if not pid or not previous.get("host"):
+            return "unknown: the lost attempt recorded no child"
+        if previous.get("host") != self.host:
+            return self.wait_for_locks(previous)
+        if not same_process(pid, start):
+            return "gone before this retry looked"
+        # Normally sent already by the parent-death signal; a second SIGTERM only repeats the stop
+        # request. SIGCONT: a stopped child (job control, a debugger) could not save anything.
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and same_process(pid, start):
+            time.sleep(0.2)
+        if not same_process(pid, start):
+            return "gone after this retry's SIGTERM"
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        time.sleep(0.5)
+        return f"killed (SIGKILL) after the {grace:g} s grace period ({GRACE_ENV})"
 
-    def wait_for_locks(self, previous: Dict[str, Any]) -> None:
+    def wait_for_locks(self, previous: Dict[str, Any]) -> str:
         try:
             ttl = lock_ttl()
         except Exception:
@@ -159,20 +168,30 @@ class JobAttempts:
                         and record.get("pid") == previous["child_pid"]):
                     held = True
             if not held:
-                return
+                return f"on {previous['host']}: its output locks are released or stale"
             time.sleep(2.0)
+        return f"on {previous['host']}: its output locks were still held after {ttl + 30.0:g} s"
 
     def read_lost_events(self, lost: Dict[str, Any]) -> None:
-        """What the child of an attempt whose worker died wrote after the worker's last look."""
+        """What the child of an attempt whose worker died wrote after the worker's last look.
+        ``child_exit_code``: its ``run_done`` event's exit code; None, with ``child_exit_note``
+        saying why, when it wrote none (killed, crashed) or its events cannot be read."""
+        lost["child_exit_code"], lost["child_exit_note"] = None, None
         offset = lost.get("events_offset")
         if offset is None:
+            lost["child_exit_note"] = "no events offset was recorded for this attempt"
+            self.save()
             return
         try:
             with open(self.spec["events"], "rb") as events:
                 events.seek(offset)
                 lines = events.read().split(b"\n")
-        except OSError:
+        except OSError as exc:
+            lost["child_exit_note"] = f"cannot read {self.spec['events']}: {exc.strerror or exc}"
+            self.save()
             return
+        lost["child_exit_note"] = ("its events hold no run_done: it was killed or crashed before the end "
+                                   "of its run (see the job's log)")
         for line in lines:
             self.on_event(lost, line.decode("utf-8", "replace"))
             try:
@@ -180,7 +199,7 @@ class JobAttempts:
             except ValueError:
                 continue
             if isinstance(event, dict) and event.get("event") == "run_done":
-                lost["child_exit_code"] = event.get("exit_code")
+                lost["child_exit_code"], lost["child_exit_note"] = event.get("exit_code"), None
         self.save()
 
     # -- one child run

@@ -93,20 +93,23 @@ def run_jobs(args: argparse.Namespace, reporter: RunReporter) -> int:
         return 0
     from tokenflow.app import jobs as runner  # noqa: PLC0415 (imports torch and diffusers: not while parsing flags)
 
-    with stop_on_signals() as stop:   # one stop request for the whole run: no job starts after it
+    # One stop request for the whole run: no job starts after it. The handlers stay until run_done is
+    # written: a second SIGTERM (a farm retry repeats its worker's parent-death signal) must not
+    # kill the run between its last job and the event that reports how it ended.
+    with stop_on_signals() as stop:
         records = _run_in_order(jobs, runner, reporter, stop, keep_going=args.keep_going)
-    reporter.job = None
-    left = jobs[len(records):]
-    records += [{"job": j.name, "file": j.file, "status": "not run", "exit_code": None, "seconds": 0.0,
-                 "outputs": [], "message": ""} for j in left]
-    first = {status: next((r for r in records if r["status"] == status), None)
-             for status in ("interrupted", "failed", "locked")}
-    code = next((r["exit_code"] for r in first.values() if r is not None), 0)
-    if stop.requested and code == 0 and left:
-        code = Interrupted.exit_code   # stopped between jobs: the rest did not run; rerunning skips the done ones
-        fail(f"stopped by {stop.reason}: {len(left)} job(s) not run; run the same command again to do them "
-             "(finished outputs are skipped)", code)
-    reporter.event("run_done", exit_code=code, jobs=records)
+        reporter.job = None
+        left = jobs[len(records):]
+        records += [{"job": j.name, "file": j.file, "status": "not run", "exit_code": None, "seconds": 0.0,
+                     "outputs": [], "message": ""} for j in left]
+        first = {status: next((r for r in records if r["status"] == status), None)
+                 for status in ("interrupted", "failed", "locked")}
+        code = next((r["exit_code"] for r in first.values() if r is not None), 0)
+        if stop.requested and code == 0 and left:
+            code = Interrupted.exit_code   # stopped between jobs: the rest did not run; rerunning skips the done ones
+            fail(f"stopped by {stop.reason}: {len(left)} job(s) not run; run the same command again to do them "
+                 "(finished outputs are skipped)", code)
+        reporter.event("run_done", exit_code=code, jobs=records)
     if not args.quiet:
         print(format_run_summary(records), file=sys.stderr)
     return code
