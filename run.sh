@@ -46,7 +46,7 @@ case "$cmd" in
         if [ -x "$VENV/bin/python" ]; then PY="$VENV/bin/python"; fi
         exec "$PY" scripts/torch_command.py "$@" ;;
     demo) setup; demo "$@" ;;
-    test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    test) setup; exec "$VENV/bin/python" -m pytest -q --durations=30 "$@" ;;
     lint) setup; "$VENV/bin/lint-imports" --no-cache; exec "$VENV/bin/ruff" check . ;;
     *) echo "usage: ./run.sh [demo|test|lint|setup|torch-command] [args...]" >&2; exit 2 ;;
 esac
