@@ -517,8 +517,9 @@ def family_of(model: str) -> str:
     """``"sdxl"`` or ``"sd"`` for a ``--model`` string without loading (or downloading) anything, for
     what must be known before the frames are read (the default size): ``tiny-xl``, the ``xl``
     version, a folder or a Hub model in the Hugging Face cache whose ``unet/config.json`` asks for
-    SDXL's added conditioning. Anything else (a Hub model not downloaded, a single file) is taken
-    for SD; the load finds the real family."""
+    SDXL's added conditioning, a safetensors single file whose header has SDXL's OpenCLIP encoder.
+    Anything else (a Hub model not downloaded, a pickle checkpoint) is taken for SD; the load finds
+    the real family."""
     try:
         kind, value = model_kind(model)
     except ModelError:   # the checks before the load say what is wrong
@@ -531,6 +532,12 @@ def family_of(model: str) -> str:
         path = Path(value).expanduser() / "unet" / "config.json"
     elif kind == "hub":
         path = _cached_hub_file(value, "unet/config.json")
+    elif str(value).lower().endswith(single_file.SAFE_SUFFIXES):   # a safetensors file: its header names the parts
+        try:
+            shapes, _ = single_file.read_header(Path(value).expanduser(), str(model))
+        except (ModelError, OSError):
+            return "sd"
+        return "sdxl" if any(key.startswith(single_file.XL_OPEN_CLIP) for key in shapes) else "sd"
     else:
         return "sd"
     try:
