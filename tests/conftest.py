@@ -235,6 +235,20 @@ def _offline_and_isolated(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model calls (``pytestmark = pytest.mark.usefixtures(...)``):
+    their ops are far too small to split, and on a busy 2-core runner a second thread makes every op
+    wait for a descheduled peer (the tiny SDXL UNet: ~0.1 s a call with one thread, ~2.5 s with two
+    under load). Restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from tokenflow.models.tiny import build_tiny_model

@@ -18,6 +18,7 @@ from tokenflow.benchmark import architectures, flops
 from tokenflow.benchmark.config import BenchConfig
 from tokenflow.models.text import layout_of, unet_keywords
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny-model calls: see tests/conftest.py
 ROOT = Path(__file__).resolve().parents[1]
 REL = 1e-9
 
@@ -88,7 +89,7 @@ def test_the_sdxl_stage_is_opt_in_and_extrapolates_per_stage():
 
 def test_gpu_check_dry_run_of_the_sdxl_stage(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPU_CHECK_INJECT_NAN")}
-    env.update(HF_HUB_OFFLINE="1", TOKENFLOW_CACHE=str(tmp_path / "cache"),
+    env.update(HF_HUB_OFFLINE="1", TOKENFLOW_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",  # one_torch_thread
                PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--stages", "8",
                            "--deadline", "300", "--out", str(tmp_path / "out")],

@@ -21,6 +21,7 @@ from tokenflow.method.editor import Editor
 from tokenflow.models.architectures import architecture_of, meta_model
 from tokenflow.models.text import layout_of, unet_keywords
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny-model calls: see tests/conftest.py
 GIB = 2**30
 FRAMES, LATENT, KEYFRAMES, STEPS = 200, (128, 128), 25, 51   # 200 frames at 1024^2, spacing 8, 50 steps
 # stabilityai/stable-diffusion-xl-base-1.0's parameter counts: UNet, VAE, text_encoder, text_encoder_2

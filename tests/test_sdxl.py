@@ -17,6 +17,7 @@ from tokenflow.models.unet_layout import pnp_feature_resnet
 
 from .unet_checks import capture_attn_inputs, extended_attention_by_hand, gathered_by_hand, nearest_by_hand
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny-model calls: see tests/conftest.py
 SIZE = (64, 64)   # frames (W, H) -> latents 8x8: attention at 4x4 (16 tokens) and 2x2 (4 tokens)
 LATENT = (8, 8)
 

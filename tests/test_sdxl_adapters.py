@@ -20,6 +20,7 @@ from tokenflow.models.text import unet_keywords
 
 from .ldm_layout import unet_to_ldm, write_sdxl_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny-model calls: see tests/conftest.py
 CPU = torch.device("cpu")
 SIZE = (64, 64)
 
@@ -293,5 +294,7 @@ def test_sdxl_controlnet_edits_on_the_cli_and_other_families_are_refused(tiny_xl
     np.save(maps, np.ones((2, 64, 64), np.float32))
     assert main([*base, "--depth-maps", str(maps), "-o", str(tmp_path / "d.mp4")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--depth-maps given, but model" in err[0] and "is SDXL, which has no depth model" in err[0]
+    assert len(err) == 1 and err[0] == (f"tokenflow: error: --depth-maps {maps} given, but model {tiny_xl_dir} is SDXL: "
+                                        "depth maps feed SD 2's depth model (--model 2-depth) and SDXL has none; drop "
+                                        "--depth-maps, or add --controlnet MODEL --control depth"), err
     assert not (tmp_path / "d.mp4").exists() and not (tmp_path / "x.mp4").exists()

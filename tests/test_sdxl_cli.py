@@ -17,6 +17,7 @@ from tokenflow.io.read import read_video
 from tokenflow.method.editor import Editor
 from tokenflow.models.load import family_of, load_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny-model calls: see tests/conftest.py
 FAST = ["--frames", "4", "--size", "64x64", "--steps", "2", "--inversion-steps", "2", "--device", "cpu",
         "--keyframe-spacing", "2", "--inversion-prompt", "shapes", "--log-json"]
 

@@ -16,7 +16,6 @@ import torch
 
 from tokenflow.config import EditConfig
 from tokenflow.engine.conditioning import UNetConditions
-from tokenflow.errors import ConfigError
 from tokenflow.io.read import Clip
 from tokenflow.method import control, depth
 
@@ -35,8 +34,8 @@ class EditConditions:
 def build_conditions(editor, clip: Clip, config: EditConfig, timesteps: Sequence[int]) -> EditConditions:
     """The conditions of editing ``clip`` with ``config`` on ``editor``'s model; ``timesteps``: the
     edit's, noisiest first. Depth models get depth maps; ``config.controlnet`` ControlNets. SDXL
-    has no depth model: its depth options serve ``--control depth`` only (``check_sdxl_depth``)."""
-    check_sdxl_depth(editor.model, config)
+    has no depth model: its depth options serve ``--control depth`` only (``depth.refuse_depth_options``,
+    the one refusal, called by ``depth_condition`` and before loading by the CLI)."""
     maps, depth_key, depth_lines = depth.depth_condition(editor, clip, config)
     units, control_key, control_lines = control.control_units(editor, clip, config)
     during = bool(units) and config.control_during_inversion
@@ -47,18 +46,6 @@ def build_conditions(editor, clip: Clip, config: EditConfig, timesteps: Sequence
     parts = {k: v for k, v in (("depth", depth_key), ("controls", control_key if during else "")) if v}
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32] if parts else ""
     return EditConditions(inversion, edit, key, depth_lines + control_lines)
-
-
-def check_sdxl_depth(model, config: EditConfig) -> None:
-    """ConfigError for SD 2 depth-model options (--depth-maps, --depth-model) on an SDXL model with no
-    ``--control depth`` reading them: there is no SDXL depth UNet (an SDXL depth ControlNet is the way)."""
-    if getattr(model, "family", "sd") != "sdxl" or "depth" in config.controls:
-        return
-    given = [flag for flag, value in (("--depth-maps", config.depth_maps), ("--depth-model", config.depth_model)) if value]
-    if given:
-        raise ConfigError(f"{' and '.join(given)} given, but model {model.name} is SDXL, which has no depth model "
-                          "(SD 2 depth only): add an SDXL depth ControlNet with --controlnet MODEL --control depth, "
-                          f"or drop {' and '.join(given)}")
 
 
 def tensor_sha256(x: torch.Tensor) -> str:
