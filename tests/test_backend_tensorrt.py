@@ -37,7 +37,7 @@ STATIC_INPUTS = {"timestep", "inject_qk", "inject_conv"}
 
 
 def _profile(kind, b, frames=(1, 4, 6), keyframes=(1, 3, 5)):
-    return profile_shapes(kind, b, LAYERS, latent_size=(8, 8), text_dim=32, frames=frames, keyframes=keyframes)
+    return profile_shapes(kind, b, LAYERS, latent_size=(8, 8), text=(77, 32), frames=frames, keyframes=keyframes)
 
 
 @pytest.mark.parametrize("kind", ["plain", "keyframes", "propagate"])
@@ -144,7 +144,7 @@ def test_the_module_imports_without_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)          # makes `import tensorrt` raise ImportError
     fresh = importlib.import_module(name)
     assert fresh is not trt_backend
-    assert fresh.profile_shapes("plain", 1, LAYERS, latent_size=(8, 8), text_dim=32, frames=(1, 4, 6),
+    assert fresh.profile_shapes("plain", 1, LAYERS, latent_size=(8, 8), text=(77, 32), frames=(1, 4, 6),
                                 keyframes=(1, 3, 5)) == _profile("plain", 1)
 
 

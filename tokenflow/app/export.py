@@ -2,6 +2,7 @@
 
     tokenflow export --model stabilityai/stable-diffusion-2-1-base --size 512x512 --device cuda
     tokenflow export --model tiny --size 64x64 --out graphs/ --json
+    tokenflow export --model xl --size 1024x1024 --device cuda     # SDXL: text rows [R, 78, 2048]
     tokenflow export --model 2.1 --lora style.safetensors:0.8 --device cuda   # graphs of the fused model
 
 Graphs go to ``--out`` or to the cache folder ``--backend onnx`` reads (``<cache>/onnx``), each
@@ -22,13 +23,14 @@ MAX_PROMPTS = 100   # prompts per edit the graphs are exported for (B = 1 + 2P b
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export the UNet passes to ONNX (for --backend onnx / tensorrt)")
-    p.add_argument("--model", default=None, help="Hub id, local diffusers folder, SD version or 'tiny' "
-                   "(default stabilityai/stable-diffusion-2-1-base)")
+    p.add_argument("--model", default=None, help="Hub id, local diffusers folder, SD version (1.5, 2.1, xl, ...), "
+                   "'tiny' or 'tiny-xl' (default stabilityai/stable-diffusion-2-1-base)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH_OR_ID[:SCALE]", help="LoRA fused into the "
                    "UNet before the export, as in `tokenflow edit --lora` (the graphs' key names it); repeatable")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]", help="as in `tokenflow edit "
                    "--embedding`: give the edit's embeddings too, so that its model identity finds these graphs")
-    p.add_argument("--size", default="512x512", metavar="WxH", help="frame size the graphs are for (default 512x512)")
+    p.add_argument("--size", default="512x512", metavar="WxH", help="frame size the graphs are for, as the edit's "
+                   "--size (default 512x512; SDXL edits usually run at 1024x1024)")
     p.add_argument("--prompts", type=Ranged("--prompts", int, Rule(minimum=1, maximum=MAX_PROMPTS)), default=1,
                    metavar="P", help="prompts per edit: B = 1 + 2P branches (default 1)")
     p.add_argument("--propagation", choices=PROPAGATIONS, default="original",

@@ -3,15 +3,19 @@
 Compiled and exported backends (``torch.compile``, ONNX, TensorRT) need each pass as a function
 of tensors only. These wrappers install a graph-mode ``StepState`` around one UNet call:
 
-    PlainPass     (sample [R,4,h,w], timestep [], text [R,77,D]) -> eps [R,4,h,w]
+    PlainPass     (sample [R,4,h,w], timestep [], text [R,T,D]) -> eps [R,4,h,w]
     KeyframePass  (sample, timestep, text, inject_qk [] bool, inject_conv [] bool)
                   -> (eps, features_0..L-1 [K,S_l,C_l], outputs_0..L-1 [B*K,S_l,C_l])
     PropagatePass (sample, timestep, text, inject_conv, pairs [m,P] int64, weights [m,P] float32,
                    features_0..L-1 [K',S_l,C_l], outputs_0..L-1 [B*K',S_l,C_l]) -> eps
 
 R = B*K (keyframe pass) or B*m (propagation) rows, branches [source, uncond_1, cond_1, ...];
-L = 16 self-attention layers in module order (``layer_names``). The injection switches are
-inputs, not graph variants, so one graph serves every step. Keyframe outputs are returned with
+L self-attention layers in module order (``layer_names``: 16 for SD, 70 for SDXL). Text rows are
+the packed conditioning of ``models.text``: T = 77 for SD; for SDXL T = 77 + E, the pooled text
+embedding and the 6 time ids in the last E tokens, unpacked inside the graph (``unet_keywords``)
+into the UNet's ``added_cond_kwargs``, so SDXL's added conditioning is a graph input with the
+text and no pass has another signature. The injection switches are inputs, not graph variants,
+so one graph serves every step. Keyframe outputs are returned with
 branches folded into the batch ([B*K, S, C]) so every tensor has the batch-like axis first.
 """
 from __future__ import annotations

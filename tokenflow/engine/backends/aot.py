@@ -7,9 +7,10 @@ runner pads calls to the planned size), compiles it with AOTInductor into a ``.p
 same generated code as ``compile``; what changes is when the cost is paid: once per model,
 shape, dtype, machine and code version, not once per process.
 
-Package key: pass, model identity, branch count, propagation mode, kernels, every input's shape
-and dtype, device type and CPU ISA / GPU name, torch version and a fingerprint of the code that
-defines the graph. Packages are written to a temp name and renamed (``io.outputs.atomic_path``).
+Package key: pass, model identity, branch count, propagation mode, kernels, the text rows' layout
+(``onnx.text_spec``: SD or SDXL, packed tokens), every input's shape and dtype, device type and
+CPU ISA / GPU name, torch version and a fingerprint of the code that defines the graph. Packages
+are written to a temp name and renamed (``io.outputs.atomic_path``).
 
 Kernels: the static torch backends (AOTInductor cannot embed the Python-registered Triton
 custom ops). CUDA: UNVERIFIED (no GPU was available while this was written).
@@ -28,7 +29,7 @@ import torch
 from tokenflow import __version__
 from tokenflow.engine.backends.base import switch
 from tokenflow.engine.backends.compiled import CompiledBackend, exported_kernels
-from tokenflow.engine.backends.onnx import graph_code_fingerprint
+from tokenflow.engine.backends.onnx import graph_code_fingerprint, text_spec
 from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.engine.state import timestep_tensor
@@ -74,6 +75,7 @@ class AotBackend(CompiledBackend):
     def _spec(self, kind: str, n_branches: int, match_on: str, args) -> dict:
         return {"format": FORMAT, "pass": kind, "model": self.model_identity, "n_branches": n_branches,
                 "match_on": match_on, "kernels": [self.kernels.attention, self.kernels.nearest],
+                "text": text_spec(self.tokenflow.unet),
                 "inputs": [[list(a.shape), str(a.dtype).replace("torch.", "")] for a in args],
                 "machine": machine_tag(self.device), "torch": torch.__version__, "tokenflow": __version__,
                 "graph_code": graph_code_fingerprint()}

@@ -3,7 +3,7 @@
 ``eager`` runs diffusers' UNet with the TokenFlow processors directly (the keyframe pass writes
 into the store in place). Every other backend runs the graph-mode passes of ``engine.passes``:
 
-    plain(sample [R,4,h,w], t, text [R,77,D]) -> eps [R,4,h,w]
+    plain(sample [R,4,h,w], t, text [R,T,D]) -> eps [R,4,h,w]   (T = 77, SDXL 77 + E: models.text)
     keyframes(sample, t, text, inject_qk, inject_conv, n_branches, match_on)
         -> (eps, features [K,S_l,C_l] per layer, outputs [B*K,S_l,C_l] per layer)
     propagate(sample, t, text, inject_conv, pairs [m,P], weights [m,P], store, n_branches, match_on)

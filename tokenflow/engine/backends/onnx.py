@@ -3,10 +3,13 @@
 Export (``export_pass``, also ``tokenflow export``): ``torch.onnx.export(dynamo=True)`` of the
 graph-mode pass modules (``engine.passes``) with a dynamic batch axis (rows = B * frames;
 keyframe features [K', S, C], store outputs [B*K', S, C], pairs/weights [m, P]); spatial size,
-branch count and dtype are fixed per graph. Injection switches are inputs. Weights go to an
-external-data file next to the graph (SD UNets exceed protobuf's 2 GB limit in float32).
+branch count, dtype and the text rows' layout are fixed per graph. Injection switches are inputs.
+Text rows are ``[R, 77 + E, D]`` (``models.text``): SDXL's pooled embedding and time ids travel
+packed in the last E tokens and are unpacked inside the graph, so the added conditioning is a graph
+input like the text. Weights go to an external-data file next to the graph (SD UNets exceed
+protobuf's 2 GB limit in float32).
 
-Every graph is written with a ``manifest.json`` (model identity, pass, shapes, dtype, opset,
+Every graph is written with a ``manifest.json`` (model identity, pass, shapes, dtype, text layout, opset,
 input/output names, torch/onnx versions, sha256 of the graph) into
 ``<dir>/<pass>-<key>/``; a graph whose manifest matches what is asked for is reused, not
 re-exported. The default folder is ``<tokenflow cache>/onnx``.
@@ -50,6 +53,7 @@ from tokenflow.kernels import KernelChoice
 from tokenflow.kernels import gather as gather_op
 from tokenflow.kernels import keyframe_attention as keyframe_attention_op
 from tokenflow.kernels import nearest as nearest_op
+from tokenflow.models.text import layout_of
 
 # 20: GELU exports as ONNX's Gelu op, which ORT runs as one kernel; opset 18's erf decomposition
 # (0.5 * (1 + erf(x / sqrt 2)) * x) was left unfused: the tiny UNet's plain pass measured
@@ -68,12 +72,27 @@ def graph_spec(tokenflow: TokenFlowUNet, kind: str, *, latent_size: Tuple[int, i
     return {
         "format": MANIFEST_FORMAT, "pass": kind, "model": model_identity, "latent_size": list(latent_size),
         "n_branches": n_branches if kind != "plain" else None, "match_on": match_on if kind != "plain" else None,
-        "dtype": str(param.dtype).replace("torch.", ""), "text_dim": int(tokenflow.unet.config.cross_attention_dim),
+        "dtype": str(param.dtype).replace("torch.", ""), "text": text_spec(tokenflow.unet),
         "layers": [[n, *shapes[n]] for n in layers], "opset": OPSET,
         "kernels": {"attention": kernels.attention, "nearest": kernels.nearest} if kind != "plain" else None,
         "inputs": input_names(kind, layers), "outputs": output_names(kind, layers),
         "versions": _versions(),
     }
+
+
+def text_spec(unet) -> dict:
+    """The text input of a pass graph, from the UNet's config (``models.text.layout_of``): SD
+    ``[R, 77, D]``; SDXL ``[R, 77 + E, D]`` with its pooled embedding and time ids in the last E
+    tokens (``family`` "sdxl"). Part of every exported graph's key."""
+    layout = layout_of(unet.config)
+    return {"family": "sdxl" if layout.extra else "sd", "tokens": layout.tokens, "extra": layout.extra,
+            "dim": layout.dim, "pooled": layout.pooled, "time_ids": layout.time_ids}
+
+
+def text_shape(spec: dict) -> Tuple[int, int]:
+    """(tokens per row, width) of a graph's text input: ``[R, tokens, width]``."""
+    text = spec["text"]
+    return text["tokens"] + text["extra"], text["dim"]
 
 
 def _versions() -> dict:
@@ -106,7 +125,7 @@ def _example(tokenflow: TokenFlowUNet, spec: dict, frames: int = 2):
     rows = b * frames
     channels = int(tokenflow.unet.config.in_channels)   # 4, or 5 for a depth model (latents + depth)
     base = (torch.randn(rows, channels, h, w, device=dev, dtype=dt), timestep_tensor(501, dev),
-            torch.randn(rows, 77, spec["text_dim"], device=dev, dtype=dt))
+            torch.randn(rows, *text_shape(spec), device=dev, dtype=dt))
     dyn = {"sample": {0: b * m}, "timestep": None, "text": {0: b * m}}
     if spec["pass"] == "plain":
         return base, dyn

@@ -6,7 +6,8 @@ score matrix and no repeated K/V exist in memory. The source branch streams its 
 keys; the other branches (uncond/cond per prompt) stream all K*S keys of their branch, frame by frame (the inner function).
 With ``inject_qk`` the uncond/cond programs read q and k from the source branch's memory.
 
-Head dims that are not a power of two (40, 80, 160 in SD 1.5) are padded to BLOCK_D with masks.
+Head dims that are not a power of two (40, 80, 160 in SD 1.5) are padded to BLOCK_D with masks;
+SD 2.x's and SDXL's 64 (every attention layer) fill BLOCK_D = 64 exactly.
 Offsets of branch/frame/head bases are int64 so long videos cannot overflow 32-bit indexing.
 Registered as the custom op ``tokenflow::keyframe_attention`` so torch.compile traces through it.
 """

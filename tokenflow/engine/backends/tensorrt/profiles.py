@@ -10,24 +10,25 @@ import json
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
-from tokenflow.engine.backends.onnx import MAX_ROWS
+from tokenflow.engine.backends.onnx import MAX_ROWS, text_shape
 from tokenflow.engine.passes import GRAPH_PAIRS
 from tokenflow.errors import ConfigError
 
-TEXT_TOKENS = 77
 Range = Tuple[int, int, int]                 # (min, opt, max) calls' frames or keyframes
 Shape = Tuple[int, ...]
 Profile = Dict[str, Tuple[Shape, Shape, Shape]]
 
 
 def profile_shapes(kind: str, n_branches: int, layers: Sequence[Sequence], *, latent_size: Tuple[int, int],
-                   text_dim: int, frames: Range, keyframes: Range, in_channels: int = 4) -> Profile:
+                   text: Tuple[int, int], frames: Range, keyframes: Range, in_channels: int = 4) -> Profile:
     """{input: (min, opt, max) shape} for every input of the ``kind`` graph with a dynamic axis.
 
     layers: [(name, S_l, C_l)] as in ``graph_spec``; frames: frames per call of the plain and
     propagation passes; keyframes: keyframes per keyframe-pass call and keyframes K' in the store a
-    propagation call reads. Rows = n_branches * frames (plain graphs: n_branches = 1):
-        plain      sample [R,4,h,w], text [R,77,D]                        R = frames
+    propagation call reads. text: (T, D) of the text rows, ``onnx.text_shape`` of the graph spec:
+    SD (77, D); SDXL (77 + E, D), its pooled embedding and time ids packed in the last E tokens
+    (``models.text``). Rows = n_branches * frames (plain graphs: n_branches = 1):
+        plain      sample [R,4,h,w], text [R,T,D]                         R = frames
         keyframes  sample, text                                           R = B * keyframes
         propagate  sample, text (R = B * frames), pairs/weights [frames, P],
                    features_i [K', S_l, C_l], outputs_i [B*K', S_l, C_l]
@@ -47,7 +48,7 @@ def profile_shapes(kind: str, n_branches: int, layers: Sequence[Sequence], *, la
         return tuple(fn(n) for n in per_call)
 
     profile = {"sample": each(lambda n: (n_branches * n, in_channels, h, w)),
-               "text": each(lambda n: (n_branches * n, TEXT_TOKENS, text_dim))}
+               "text": each(lambda n: (n_branches * n, *text))}
     if kind in ("plain", "keyframes"):
         return profile
     if kind != "propagate":
@@ -61,7 +62,7 @@ def profile_shapes(kind: str, n_branches: int, layers: Sequence[Sequence], *, la
 
 def profile_for_spec(spec: dict, frames: Range, keyframes: Range, in_channels: int = 4) -> Profile:
     return profile_shapes(spec["pass"], spec["n_branches"] or 1, spec["layers"], latent_size=tuple(spec["latent_size"]),
-                          text_dim=spec["text_dim"], frames=frames, keyframes=keyframes, in_channels=in_channels)
+                          text=text_shape(spec), frames=frames, keyframes=keyframes, in_channels=in_channels)
 
 
 def profile_violation(profile: Profile, shapes: Dict[str, Shape]) -> Optional[str]:
