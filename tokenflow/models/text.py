@@ -101,6 +101,8 @@ def unpack(text: torch.Tensor, layout: TextLayout) -> Tuple[torch.Tensor, Option
 def unet_keywords(module: Any, text: torch.Tensor) -> Dict[str, Any]:
     """The conditioning keywords of a diffusers UNet or ControlNet call for packed ``text`` rows:
     ``encoder_hidden_states`` and, for SDXL-type models, ``added_cond_kwargs``."""
+    if not is_text_time(module.config):   # SD: the rows are the hidden states; the width needs no config
+        return {"encoder_hidden_states": text}
     hidden, added = unpack(text, layout_of(module.config))
     return {"encoder_hidden_states": hidden} if added is None else {"encoder_hidden_states": hidden,
                                                                     "added_cond_kwargs": added}
