@@ -59,6 +59,20 @@ def test_sdxl_single_file_loads_as_its_folder(xl_file, tiny_xl_dir, tiny_xl):
     assert model.identity.startswith("file:sha256:") and "+config:folder:" in model.identity
 
 
+def test_a_single_files_header_tells_its_family_before_the_load(xl_file, tmp_path):
+    """The default size is chosen before the frames are read: from the safetensors header alone."""
+    from safetensors.torch import save_file
+
+    from tokenflow.models.load import family_of
+
+    sd_file = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(sd_file))
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a header")
+    assert family_of(str(xl_file)) == "sdxl"
+    assert family_of(str(sd_file)) == family_of(str(broken)) == "sd"   # a broken file: the load says why
+
+
 def xl_shapes(refiner=False):
     """Key -> shape of a real SDXL base single file, from the shipped configs on the meta device."""
     from diffusers import UNet2DConditionModel
