@@ -107,10 +107,12 @@ def test_graph_specs_and_example_inputs_follow_the_sdxl_text_layout(tiny_xl, tin
         assert spec_key({**specs["plain"], "text": sd_layout}) != spec_key(specs["plain"])
         aot = AotBackend(tf, model_identity="same")
         assert aot._spec("plain", 0, "input", _inputs(tiny_xl.unet, 1))["text"] == XL_TEXT
+        assert "SDXL packages unverified" in aot.describe()   # the run summary says so
     finally:
         tf.remove()
     sd = TokenFlowUNet(tiny_sd.unet)
     try:
+        assert "unverified" not in AotBackend(sd, model_identity="same").describe()
         spec = graph_spec(sd, "plain", latent_size=(8, 8), n_branches=1, match_on="input", model_identity="same",
                           kernels=STATIC)
         assert spec["text"] == {"family": "sd", "tokens": 77, "extra": 0, "dim": 32, "pooled": 0, "time_ids": 0}

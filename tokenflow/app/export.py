@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from tokenflow.config import DEFAULT_MODEL, PROPAGATIONS, Ranged, Rule, parse_size
+from tokenflow.config import DEFAULT_MODEL, PROPAGATIONS, Ranged, Rule, default_size, parse_size
 from tokenflow.errors import ConfigError
 
 MAX_PROMPTS = 100   # prompts per edit the graphs are exported for (B = 1 + 2P branches per UNet call)
@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
                    "UNet before the export, as in `tokenflow edit --lora` (the graphs' key names it); repeatable")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]", help="as in `tokenflow edit "
                    "--embedding`: give the edit's embeddings too, so that its model identity finds these graphs")
-    p.add_argument("--size", default="512x512", metavar="WxH", help="frame size the graphs are for, as the edit's "
-                   "--size (default 512x512; SDXL edits usually run at 1024x1024)")
+    p.add_argument("--size", metavar="WxH", help="frame size the graphs are for, as the edit's --size (default: "
+                   "the edit's default for a square video: 512x512, 1024x1024 for SDXL models)")
     p.add_argument("--prompts", type=Ranged("--prompts", int, Rule(minimum=1, maximum=MAX_PROMPTS)), default=1,
                    metavar="P", help="prompts per edit: B = 1 + 2P branches (default 1)")
     p.add_argument("--propagation", choices=PROPAGATIONS, default="original",
@@ -54,13 +54,14 @@ def main(args: argparse.Namespace) -> int:
     from tokenflow.io.caches import default_cache_root  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
     from tokenflow.models.load import load_model  # noqa: PLC0415 (torch, diffusers, ONNX: not while the CLI parses flags)
 
-    width, height = parse_size(args.size)
+    size = parse_size(args.size) if args.size else None   # a bad --size fails before the load
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     reasons = not_supported_reasons("onnx", device, dtype)
     if reasons:
         raise ConfigError(f"tokenflow export needs the ONNX packages: {'; '.join(reasons)}")
     sd = load_model(args.model or DEFAULT_MODEL, device, dtype, loras=args.lora, embeddings=args.embedding)
+    width, height = size or default_size(1, 1, sd.family)
     scale = sd.vae_scale_factor
     folder = Path(args.out) if args.out else Path(args.cache_dir or default_cache_root()) / "onnx"
     tokenflow = TokenFlowUNet(sd.unet)

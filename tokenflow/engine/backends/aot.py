@@ -36,6 +36,7 @@ from tokenflow.engine.state import timestep_tensor
 from tokenflow.io.caches import default_cache_root
 from tokenflow.io.outputs import atomic_file, atomic_path
 from tokenflow.kernels import KernelChoice
+from tokenflow.models.text import is_text_time
 
 FORMAT = 1
 
@@ -65,8 +66,10 @@ class AotBackend(CompiledBackend):
         self._packages: Dict[Tuple, Callable] = {}
 
     def describe(self) -> str:
+        # tests/test_backends_sdxl.py checks the key only: no SDXL package was ever compiled (minutes of CPU)
+        xl = "; SDXL packages unverified: never built in the tests" if is_text_time(self.tokenflow.unet.config) else ""
         return f"aot (AOTInductor packages in {self.folder}; kernels: attention={self.kernels.attention}, " \
-               f"nearest={self.kernels.nearest})"
+               f"nearest={self.kernels.nearest}{xl})"
 
     def stats(self) -> dict:
         return {"packages_built": self.built, "packages_reused": self.reused, "folder": str(self.folder),
