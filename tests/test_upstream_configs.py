@@ -130,20 +130,23 @@ def test_every_key_the_original_reads_is_accepted():
     notes = []
     for key, value in EXAMPLES.items():
         from_mapping({key: value}, note=notes.append)   # no "unknown key"
-    assert len(notes) == 4 and all("changes nothing here" in n for n in notes)   # skip_steps, inversion, ...
+    assert len(notes) == 3 and all("changes nothing here" in n for n in notes)   # skip_steps, reconstruct, ...
+    # the DDPM-inversion fork's skip_steps is our skip once its inversion is DDPM
+    assert from_mapping({"inversion": "ddpm", "skip_steps": 5}).skip == 5
     with pytest.raises(ConfigError, match="unknown key 'config_path'"):
         from_mapping({"config_path": "configs/config_pnp.yaml"})
 
 
 @pytest.mark.parametrize("data,match", [
-    ({"inversion": "ddpm"}, "inversion='ddpm' is not supported.*DDPM inversion .*PR #24.* not implemented"),
+    ({"inversion": "ddpm_plus"}, "inversion"),
+    ({"inversion": "ddpm", "skip_steps": "five"}, "skip"),
     ({"local_files_only": True}, "HF_HUB_OFFLINE=1"),
     ({"skip_steps": "five"}, "skip_steps='five'"),
     ({"colour": "red"}, "unknown key 'colour'"),
 ])
 def test_keys_that_would_change_something_are_refused(data, match):
     with pytest.raises(ConfigError, match=match):
-        from_mapping(data)
+        from_mapping(data).validate(need_prompt=False)
 
 
 def test_ignored_keys_without_a_note_are_a_warning():

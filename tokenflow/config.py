@@ -47,6 +47,7 @@ SD_VERSION_ALIASES = {"depth": "2-depth"}
 METHODS = ("pnp", "sdedit")
 PLACES = ("auto", "device", "host")
 PROPAGATIONS = ("original", "paper")
+INVERSIONS = ("ddim", "ddpm")   # ddim: the original's; ddpm: edit-friendly DDPM (method/ddpm.py)
 DTYPES = ("float32", "float16", "bfloat16")
 ONNX_BF16 = ("bfloat16 cannot run with --backend onnx (tokenflow passes ONNX Runtime no bfloat16 tensors): "
              "use --dtype float16 (GPU) or float32 with it, or keep bfloat16 with another --backend")
@@ -164,6 +165,10 @@ class EditConfig:
     # inversion (the original's preprocess.py)
     inversion_prompt: str = ""
     inversion_steps: int = _field(500, minimum=1, maximum=TRAIN_STEPS)
+    # ddpm: edit-friendly DDPM inversion on the edit's own timesteps (noise maps; inversion_steps unused)
+    inversion: str = _field("ddim", choices=INVERSIONS)
+    eta: float = _field(1.0, above=0, maximum=1)     # ddpm: the sampler's eta (1: the DDPM posterior)
+    skip: int = _field(0, minimum=0, maximum=TRAIN_STEPS - 1)   # ddpm: edit from step `skip` of the schedule
     # frames per inversion call (None: the memory plan)
     inversion_batch_size: Optional[int] = _field(None, minimum=1, maximum=MAX_FRAMES)
 
@@ -290,7 +295,18 @@ class EditConfig:
             if reason:
                 found.append(ConfigError.of_field(name, reason))
         bad = {error.field for error in found}
-        if not bad & {"steps", "inversion_steps"} and self.steps > self.inversion_steps:
+        if self.inversion == "ddim" and not bad & {"inversion", "skip", "eta"}:
+            for name, default in (("skip", 0), ("eta", 1.0)):
+                if getattr(self, name) != default:
+                    found.append(ConfigError.of_field(
+                        name, f"applies to the DDPM inversion (--inversion ddpm), not the original's DDIM one: "
+                              f"drop --{name}, or add --inversion ddpm"
+                              + (" (with DDIM, --method sdedit --sdedit-start F starts the edit later)"
+                                 if name == "skip" else "")))
+        if self.inversion == "ddpm" and not bad & {"inversion", "skip", "steps"} and self.skip >= self.steps:
+            found.append(ConfigError.of_field(
+                "skip", f"{self.skip} skips every one of the {self.steps} steps: use a skip below --steps"))
+        if self.inversion == "ddim" and not bad & {"steps", "inversion_steps"} and self.steps > self.inversion_steps:
             found.append(ConfigError.of_field(
                 "steps", f"{self.steps} exceeds inversion_steps={self.inversion_steps}: every edit timestep must be "
                          "an inversion timestep; raise inversion_steps or lower steps"))
@@ -600,12 +616,10 @@ ORIGINAL_KEYS = {
 # mean what tokenflow does anyway, named in one info line; other values are refused.
 IGNORED_KEYS = {
     # omerbt/TokenFlow PR #24 (DDPM inversion): its configs' skip_steps (edit steps skipped), read only
-    # when `inversion: ddpm`; its preprocess.py's --inversion and --reconstruct
+    # when `inversion: ddpm` (then it is our `skip`: from_mapping); its preprocess.py's --reconstruct
     "skip_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                   "the DDPM-inversion fork's skipped steps, used only with its DDPM inversion; tokenflow inverts "
-                   "with DDIM", "a whole number >= 0"),
-    "inversion": (lambda v: v == "ddim", "tokenflow inverts with DDIM",
-                  "'ddim': the DDPM inversion of omerbt/TokenFlow PR #24 is not implemented here; remove the key"),
+                   "the DDPM-inversion fork's skipped steps, used only with a DDPM inversion; this config inverts "
+                   "with DDIM (add inversion: ddpm to use them as skip)", "a whole number >= 0"),
     "reconstruct": (lambda v: isinstance(v, bool), "the fork's preprocess.py flag for a reconstruction video",
                     "true or false"),
     # the cog predictor's (omerbt/TokenFlow PR #41) namespace
@@ -629,6 +643,8 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
     fields = set(_field_names())
     changes: dict = {}
     data = dict(data)
+    if "skip_steps" in data and "skip" not in data and data.get("inversion", base.inversion) == "ddpm":
+        data["skip"] = data.pop("skip_steps")   # the fork reads it only for its DDPM inversion, as we do
     ignored = _pop_ignored(data, source)
     h, w = data.pop("H", None), data.pop("W", None)
     if h is not None or w is not None:

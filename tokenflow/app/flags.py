@@ -14,6 +14,7 @@ from tokenflow.config import (
     DEFAULT_NEGATIVE_PROMPT,
     DEPTH_NORMALIZE,
     FRAME_FORMATS,
+    INVERSIONS,
     METHODS,
     PLACES,
     PRESETS,
@@ -99,7 +100,19 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
     g.add_argument("--canny-high", type=int, metavar="T", help="canny's upper threshold (default 200)")
     g = p.add_argument_group("inversion")
     g.add_argument("--inversion-prompt", help="text describing the source video (default empty)")
-    g.add_argument("--inversion-steps", type=int, metavar="N", help="DDIM inversion steps (default 500)")
+    g.add_argument("--inversion", choices=INVERSIONS, help="ddim (default: the original's DDIM inversion) or ddpm "
+                   "(edit-friendly DDPM inversion, Huberman-Spiegelglas et al. 2024: noise maps on the edit's own "
+                   "timesteps, ~10x fewer UNet calls than 500 DDIM steps, exact reconstruction; results differ from "
+                   "the original's; docs/inversion.md)")
+    g.add_argument("--inversion-steps", type=int, metavar="N", help="DDIM inversion steps (default 500; unused "
+                   "with --inversion ddpm, which inverts at the edit's --steps timesteps)")
+    g.add_argument("--eta", type=float, metavar="E", help="--inversion ddpm: the sampler's eta in (0, 1] "
+                   "(default 1, the DDPM posterior)")
+    g.add_argument("--skip", type=int, metavar="S", help="--inversion ddpm: start the edit S steps into the schedule, "
+                   "from the inverted latent there (default 0; the paper's T_skip)")
+    if not edit:
+        g.add_argument("--seed", type=int, help="--inversion ddpm: seed of its noise (default 1; an edit's --seed "
+                       "is also its keyframe seed)")
     g.add_argument("--inversion-batch-size", type=int, metavar="B", help="frames per UNet call while inverting "
                    "(default: the memory plan's)")
     g.add_argument("--cache-dir", help="cache root: inversions, graphs, engines (default $TOKENFLOW_CACHE, else "

@@ -364,12 +364,15 @@ def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
                "frames": int(inversion.z0.shape[0]), "timesteps": sorted(inversion.latents),
                "tiny_model": editor.model.is_tiny,
                "from_cache": inversion.from_cache, "cache": str(editor.cache.root),
+               "inversion": inversion_facts(config),
                "seconds": round(time.perf_counter() - start, 3),
                "stages": {k: round(v, 3) for k, v in reporter.timings.items()}}
     reporter.event("done", **summary)
     if not reporter.quiet and reporter.json_stream is None:
         state = "reused from" if inversion.from_cache else "stored in"
-        print(f"inverted {summary['frames']} frames ({config.inversion_steps} steps); latents {state} "
+        how = (f"{config.inversion_steps} DDIM steps" if config.inversion == "ddim" else
+               f"edit-friendly DDPM at {config.steps} edit timesteps, skip {config.skip}; noise maps too")
+        print(f"inverted {summary['frames']} frames ({how}); latents {state} "
               f"{summary['cache']}; {summary['seconds']:.1f} s", file=sys.stderr)
     return summary
 
@@ -399,6 +402,7 @@ def _summary(results: List[EditResult], config: EditConfig, seconds: float, edit
         "stages": {k: round(v, 3) for k, v in first.timings.items()},
         "peak_memory_bytes": _peak_memory(editor.model.device), "tiny_model": first.model_is_tiny,
         "vae": vae_facts(editor),
+        "inversion": inversion_facts(config),
         "plan": {k: first.plan.as_dict()[k] for k in ("budget", "chunk_frames", "keyframe_call", "inversion_frames",
                                                       "vae_frames", "store_on", "latents_on", "peak")}
         if first.plan else None,
@@ -408,6 +412,14 @@ def _summary(results: List[EditResult], config: EditConfig, seconds: float, edit
         summary["reports"] = [str(Path(folder) / "index.html")
                               for folder in per_prompt_folders(config.report, summary["prompts"])]
     return summary
+
+
+def inversion_facts(config: EditConfig) -> Dict:
+    """How the source was inverted: the original's DDIM (its step count) or the edit-friendly DDPM
+    inversion (on the edit's timesteps; eta, noise seed, skipped steps)."""
+    if config.inversion == "ddpm":
+        return {"method": "ddpm", "steps": config.steps, "eta": config.eta, "seed": config.seed, "skip": config.skip}
+    return {"method": "ddim", "steps": config.inversion_steps}
 
 
 def vae_facts(editor: Editor) -> Dict:
@@ -446,6 +458,11 @@ def format_summary(s: Dict) -> str:
                      + (f", crf {video['crf']})" if video["crf"] is not None else ")"))
     if s.get("ran"):
         lines.append("  ran: " + "\n       ".join(describe_ran(s["ran"])))
+    if s.get("inversion"):
+        inv = s["inversion"]
+        lines.append(f"  inversion: DDIM, {inv['steps']} steps (the original's)" if inv["method"] == "ddim" else
+                     f"  inversion: edit-friendly DDPM at the edit's {inv['steps']} timesteps (eta {inv['eta']}, noise "
+                     f"seed {inv['seed']}, skip {inv['skip']}; not the original's DDIM: results differ)")
     if s.get("vae"):
         vae = s["vae"]
         lines.append(f"  vae: {vae['name']}, {vae['dtype']}"

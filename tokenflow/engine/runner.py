@@ -9,7 +9,7 @@ and padding calls to the planned size for static-shape backends.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -69,9 +69,10 @@ class UNetRunner:
     def backend_name(self) -> str:
         return "eager" if self.backend is None else self.backend.name
 
-    def eps(self, latents: torch.Tensor, t: int, text: torch.Tensor, pad_to: Optional[int] = None,
+    def eps(self, latents: torch.Tensor, t: Union[int, torch.Tensor], text: torch.Tensor, pad_to: Optional[int] = None,
             frames: Optional[FrameIndex] = None, *, n_branches: int = 1) -> torch.Tensor:
-        """Plain UNet noise prediction. latents [R,4,h,w], text [R,77,D] -> [R,4,h,w] float32.
+        """Plain UNet noise prediction. latents [R,4,h,w], text [R,77,D] -> [R,4,h,w] float32; t: a
+        timestep, or (eager only) an int64 tensor [R] of one per row.
 
         pad_to: rows a static-shape backend is padded to (the plan's inversion batch).
         frames: the clip frames of the rows (needed under ``conditioned``); with ``n_branches`` > 1
@@ -84,6 +85,8 @@ class UNetRunner:
         if self.backend is None:
             return self.unet(x, timestep_tensor(t, latents.device), **unet_keywords(self.unet, text),
                              **extra).sample.float()
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            raise ValueError(f"backend {self.backend.name} takes one timestep per call, not one per row")
         text = text.contiguous()   # static-shape graphs guard on strides (an expanded text has stride 0)
         if self.backend.pads_calls and pad_to and rows < pad_to:
             x, text = _pad_rows(x, pad_to), _pad_rows(text, pad_to)

@@ -15,8 +15,11 @@ import torch
 from tokenflow.kernels import KernelChoice
 
 
-def timestep_tensor(t: int, device: torch.device) -> torch.Tensor:
-    """The UNet's timestep argument: a 0-dim int64 tensor on the UNet's device."""
+def timestep_tensor(t, device: torch.device) -> torch.Tensor:
+    """The UNet's timestep argument: a 0-dim int64 tensor on the UNet's device (``t`` an int), or
+    ``t`` itself there when it is a tensor of one timestep per row (the DDPM inversion's calls)."""
+    if isinstance(t, torch.Tensor) and t.dim() > 0:
+        return t.to(device=device, dtype=torch.long)
     return torch.tensor(int(t), dtype=torch.long, device=device)
 
 

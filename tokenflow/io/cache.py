@@ -58,11 +58,16 @@ class InversionKey:
     dtype: str
     device: str                     # device type: kernels differ numerically across devices
     conditions: str = ""            # depth maps / controls of the inversion (method.conditions); "" for none
+    # "" for DDIM; "ddpm:eta=E:seed=S" (steps: the edit's) for the DDPM inversion's latents, + ":noise" for its noise maps
+    inversion: str = ""
+
+    def fields(self) -> dict:
+        """The key as meta.json records it; blank later fields left out, so that keys without them keep
+        the digests (and entries) they had before the fields existed."""
+        return {k: v for k, v in asdict(self).items() if v or k not in ("conditions", "inversion")}
 
     def digest(self) -> str:
-        fields = asdict(self)
-        if not fields["conditions"]:   # keys without conditions keep the digests they had before the field
-            del fields["conditions"]
+        fields = self.fields()
         blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -113,7 +118,7 @@ class InversionCache:
         entry = self._entry(key)
         try:
             data = save_safetensors({f"t_{t}": v.detach().float().cpu().contiguous() for t, v in latents.items()})
-            meta = {"format": FORMAT_VERSION, "key": asdict(key), "timesteps": sorted(int(t) for t in latents),
+            meta = {"format": FORMAT_VERSION, "key": key.fields(), "timesteps": sorted(int(t) for t in latents),
                     "sha256": hashlib.sha256(data).hexdigest()}
             with atomic_path(entry, durable=True, make_parents=True) as tmp:
                 os.mkdir(tmp)                           # mode 0777 less the umask: entries are shareable
@@ -142,7 +147,8 @@ def _read_entry(entry: Path, key: InversionKey, needed: set) -> Optional[Dict[in
         meta = json.loads(_read_at(folder, entry, META))
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-        if meta.get("key") != json.loads(json.dumps(asdict(key))):
+        recorded = {k: v for k, v in (meta.get("key") or {}).items() if v or k not in ("conditions", "inversion")}
+        if recorded != json.loads(json.dumps(key.fields())):
             raise ValueError("key fields differ")
         timesteps = [int(t) for t in meta["timesteps"]]
         if not needed <= set(timesteps):

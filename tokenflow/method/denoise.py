@@ -28,6 +28,7 @@ from tokenflow.errors import ConfigError, ResourceError
 from tokenflow.io.progress import Reporter
 from tokenflow.kernels import KernelChoice
 from tokenflow.method import schedule
+from tokenflow.method.ddpm import DDIMStepper
 from tokenflow.method.keyframes import KeyframeSampler, groups, keyframe_windows, original_plan, paper_plan, plan_rows
 from tokenflow.models.load import is_out_of_memory, release_device_memory
 
@@ -45,15 +46,19 @@ class Denoiser:
     @torch.no_grad()
     def run(self, x0: torch.Tensor, source: Mapping, texts: torch.Tensor, config, scheduler,
             timesteps: List[int], record_correspondences: bool = False, *, start: Optional[Mapping] = None,
-            checkpoint=None) -> Tuple[torch.Tensor, dict]:
+            checkpoint=None, stepper=None) -> Tuple[torch.Tensor, dict]:
         """x0: [N,4,h,w] start latents; source: {t: [N,4,h,w]} with ``rows(t, index, device)``;
         texts: [B,77,D]. Returns (xs [P,N,4,h,w], record of keyframes / correspondences).
+
+        stepper: how the guided noise moves the latents a step (``method.ddpm``: DDIM's step, the
+        default, or the DDPM one with the inversion's noise maps);
 
         start: a checkpointed state (what ``resume_state`` gives) to continue from instead of x0,
         bit-identically;
         checkpoint: a ``checkpoint.Checkpointer`` told about every step boundary (it saves every few
         steps and after the last, and saves and raises when a stop was requested)."""
         n, device = x0.shape[0], x0.device
+        stepper = stepper or DDIMStepper(scheduler)
         n_prompts = (texts.shape[0] - 1) // 2
         all_timesteps = [int(t) for t in scheduler.timesteps]
         pnp = config.method == "pnp"
@@ -117,7 +122,7 @@ class Denoiser:
                 on_nn = (functools.partial(_record, record["correspondences"], step)
                          if record_correspondences else None)
                 call = functools.partial(self._propagate, xs=xs, new_xs=new_xs, source=source, texts=texts,
-                                         t=t, plans=plans, store=store, scheduler=scheduler,
+                                         t=t, plans=plans, store=store, stepper=stepper,
                                          guidance=config.guidance_scale, on_nn=on_nn,
                                          state_args=dict(inject_conv=t in conv_ts, **common))
                 with self.reporter.timed("propagate", self.synchronize):
@@ -131,14 +136,14 @@ class Denoiser:
                 checkpoint.between_steps("edit", len(timesteps), len(timesteps), resume_state, final=True)
         return xs, record
 
-    def _propagate(self, c: int, a: int, b: int, *, xs, new_xs, source, texts, t, plans, store, scheduler,
+    def _propagate(self, c: int, a: int, b: int, *, xs, new_xs, source, texts, t, plans, store, stepper,
                    guidance: float, on_nn, state_args: Dict) -> None:
         """new_xs[:, a:b]. The first out-of-memory halves the frames per call for the rest of the edit
         (results do not depend on chunking); a second one is raised."""
         if b - a > self.frames_per_call:
             for s in range(a, b, self.frames_per_call):
                 self._propagate(c, s, min(s + self.frames_per_call, b), xs=xs, new_xs=new_xs, source=source,
-                                texts=texts, t=t, plans=plans, store=store, scheduler=scheduler,
+                                texts=texts, t=t, plans=plans, store=store, stepper=stepper,
                                 guidance=guidance, on_nn=on_nn, state_args=state_args)
             return
         device = xs.device
@@ -168,13 +173,13 @@ class Denoiser:
                           f"{self.frames_per_call} for the rest of the edit (set --chunk-frames "
                           f"{self.frames_per_call} or a --memory-budget below the device's free memory)")
             self._propagate(c, a, b, xs=xs, new_xs=new_xs, source=source, texts=texts, t=t, plans=plans,
-                            store=store, scheduler=scheduler, guidance=guidance, on_nn=on_nn,
+                            store=store, stepper=stepper, guidance=guidance, on_nn=on_nn,
                             state_args=state_args)
             return
         uncond, cond = eps[1::2], eps[2::2]                    # [P, m, 4, h, w] each
         guided = uncond + guidance * (cond - uncond)
         m = b - a
-        prev = scheduler.step(guided.flatten(0, 1), t, xs[:, a:b].flatten(0, 1)).prev_sample
+        prev = stepper.step(guided.flatten(0, 1), t, xs[:, a:b].flatten(0, 1), slice(a, b))
         new_xs[:, a:b] = prev.view(-1, m, *prev.shape[1:])
 
 

@@ -9,6 +9,7 @@ live come from the memory plan (``engine.planner``); they change memory and spee
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -35,6 +36,7 @@ from tokenflow.io.read import Clip, FrameCheck, read_video
 from tokenflow.kernels import KernelChoice, check_backends
 from tokenflow.method import schedule
 from tokenflow.method.conditions import EditConditions, build_conditions
+from tokenflow.method.ddpm import DDIMStepper, DDPMSchedule, DDPMStepper, ddpm_invert, noisy_latents, row_groups
 from tokenflow.method.denoise import Denoiser, text_branches
 from tokenflow.method.inversion import (
     EDIT_FIELDS,
@@ -167,8 +169,11 @@ class Editor:
         n, _, height, width = clip.frames.shape
         scale = self.model.vae_scale_factor
         spacing = min(config.keyframe_spacing, n)
-        inv_ts = schedule.timesteps_of(self.model.scheduler_config, config.inversion_steps)
-        saved = schedule.inversion_save_timesteps(inv_ts, self._edit_timesteps(config)) | {max(inv_ts)}
+        if config.inversion == "ddpm":   # noisy latents and noise maps of every edit timestep
+            saved = [*self._edit_timesteps(config)] * 2
+        else:
+            inv_ts = schedule.timesteps_of(self.model.scheduler_config, config.inversion_steps)
+            saved = schedule.inversion_save_timesteps(inv_ts, self._edit_timesteps(config)) | {max(inv_ts)}
         if config.memory_budget is not None:
             budget, source = parse_bytes(config.memory_budget), "--memory-budget"
         else:
@@ -263,6 +268,8 @@ class Editor:
         needed = schedule.inversion_save_timesteps(inv_ts, self._edit_timesteps(config))
         with self.reporter.stage("encode"):
             z0 = self.encode(clip.frames, plan.vae_frames)
+        if config.inversion == "ddpm":
+            return self._invert_ddpm(clip, config, plan, checkpoint, conditions, z0)
         key = InversionKey(_pixels_sha256(clip.frames), tuple(clip.frames.shape[-1:-3:-1]), self.model.identity,
                            config.inversion_prompt, config.inversion_steps,
                            str(self.model.dtype).replace("torch.", ""), self.model.device.type,
@@ -303,15 +310,79 @@ class Editor:
                 checkpoint.discard("invert")
         return self._inversion(clip, z0, latents, config, conditions)
 
+    def _invert_ddpm(self, clip: Clip, config: EditConfig, plan: MemoryPlan, checkpoint: Optional[Checkpointer],
+                     conditions: EditConditions, z0: torch.Tensor) -> Inversion:
+        """``_invert`` for ``--inversion ddpm`` (``method.ddpm``): the noisy latents and noise maps of
+        the edit's timesteps, from the cache (two entries: latents, noise maps) or computed, with the
+        UNet calls batched across frames and timesteps."""
+        sched_cfg = self.model.scheduler_config
+        timesteps = self._edit_timesteps(config)
+        ddpm = DDPMSchedule.of(schedule.make_scheduler(sched_cfg, config.steps),
+                               edit_timesteps(sched_cfg, config.steps, config.method, config.sdedit_start), config.eta)
+        key = InversionKey(_pixels_sha256(clip.frames), tuple(clip.frames.shape[-1:-3:-1]), self.model.identity,
+                           config.inversion_prompt, config.steps, str(self.model.dtype).replace("torch.", ""),
+                           self.model.device.type, conditions=conditions.key,
+                           inversion=f"ddpm:eta={config.eta!r}:seed={config.seed}")
+        noise_key = dataclasses.replace(key, inversion=key.inversion + ":noise")
+        cached = self.cache.load(key, timesteps)
+        cached_noise = self.cache.load(noise_key, timesteps) if cached is not None else None
+        if cached_noise is not None:
+            self.reporter.info(f"inversion: reusing cached DDPM latents and noise maps ({len(timesteps)} timesteps)")
+            latents = InvertedLatents.stack({t: cached[t] for t in timesteps}, z0.device, plan.latents_on)
+            noise = InvertedLatents.stack({t: cached_noise[t] for t in timesteps}, z0.device, plan.latents_on)
+            return self._inversion(clip, z0, latents, config, conditions, from_cache=True, noise=noise)
+        start = checkpoint.restored("invert") if checkpoint is not None else None
+        if start is not None:   # the interrupted run's z0: the same start, whatever this encode gave
+            z0 = start["z0"].to(z0.device)
+        # graph backends take one timestep per call; ControlNet residuals are computed per timestep
+        across = self.runner.backend is None and not (conditions.inversion is not None and conditions.inversion.controls)
+        rows = plan.inversion_frames
+        calls = len(row_groups(timesteps, z0.shape[0], rows, across))
+        if start is not None and start["step"] >= start["total"]:
+            latents = noisy_latents(z0, ddpm, timesteps, config.seed, plan.latents_on)
+            noise = InvertedLatents.stack(start["noise"], z0.device, plan.latents_on)
+        else:
+            cond = encode_prompt(self.model, config.inversion_prompt, self.frame_size(z0))
+            self.use_backend(config, plan)
+            across = across and self.runner.backend is None
+            calls = len(row_groups(timesteps, z0.shape[0], rows, across))
+            how = "frames and timesteps together" if across else (
+                "one timestep per call: " + ("the ControlNets' residuals" if self.runner.backend is None
+                                             else f"backend {self.runner.backend.name}'s graphs take one timestep"))
+            self.reporter.info(f"inversion: edit-friendly DDPM (not the original's DDIM) at {len(timesteps)} "
+                               f"timesteps, eta {config.eta}, noise seed {config.seed}: {calls} UNet calls of up to "
+                               f"{rows} rows, batching {how}")
+
+            def eps_fn(x: torch.Tensor, t, frames: torch.Tensor) -> torch.Tensor:
+                return self.runner.eps(x, t, cond.expand(x.shape[0], -1, -1), pad_to=rows, frames=frames)
+
+            first = int(start["step"]) if start is not None else 0
+            with self.reporter.stage("invert", total=calls, done_before=first) as stage, \
+                    self.runner.conditioned(conditions.inversion):
+                latents, noise = ddpm_invert(eps_fn, z0, ddpm, timesteps, config.seed, rows, across_timesteps=across,
+                                             place=plan.latents_on, on_call=lambda i, n: stage.update(step=i),
+                                             start=start, checkpoint=checkpoint)
+        stored = self.cache.save(key, latents) is not None and self.cache.save(noise_key, noise) is not None
+        if checkpoint is not None and checkpoint.folder is not None:
+            if not stored:   # --no-cache (or an unwritable cache): the checkpoint keeps the noise maps
+                if start is None or start["step"] < start["total"]:
+                    checkpoint.save("invert", calls, calls, {"z0": z0, "noise": dict(noise)})
+            else:
+                checkpoint.discard("invert")
+        return self._inversion(clip, z0, latents, config, conditions, noise=noise)
+
     def _inversion(self, clip: Clip, z0: torch.Tensor, latents: Mapping[int, torch.Tensor], config: EditConfig,
-                   conditions: EditConditions, from_cache: bool = False) -> Inversion:
+                   conditions: EditConditions, from_cache: bool = False,
+                   noise: Optional[Mapping[int, torch.Tensor]] = None) -> Inversion:
         return Inversion(clip, z0, latents, inversion_prompt=config.inversion_prompt,
                          inversion_steps=config.inversion_steps, steps=config.steps, method=config.method,
                          sdedit_start=config.sdedit_start, model=self.model.identity, from_cache=from_cache,
-                         conditions=conditions.key)
+                         conditions=conditions.key, inversion=config.inversion, noise=noise, eta=config.eta,
+                         seed=config.seed, skip=config.skip)
 
     def _edit_timesteps(self, config: EditConfig) -> List[int]:
-        return edit_timesteps(self.model.scheduler_config, config.steps, config.method, config.sdedit_start)
+        return edit_timesteps(self.model.scheduler_config, config.steps, config.method, config.sdedit_start,
+                              config.skip)
 
     # --- editing ---------------------------------------------------------------------------
 
@@ -415,7 +486,14 @@ class Editor:
         embed = functools.partial(encode_prompt, self.model, size=self.frame_size(inversion.z0))
         texts = text_branches(embed(config.inversion_prompt), embed(config.negative_prompt, negative=True),
                               [embed(p) for p in config.prompts])
-        x0 = self._initial_latents(inversion, timesteps[0], config, scheduler)
+        if inversion.inversion == "ddpm":   # every prompt starts at the stored noisy latent, steps with its noise maps
+            x0 = inversion.latents[timesteps[0]].to(inversion.z0.device)
+            stepper = DDPMStepper(DDPMSchedule.of(scheduler, edit_timesteps(
+                self.model.scheduler_config, config.steps, config.method, config.sdedit_start), config.eta),
+                inversion.noise)
+        else:
+            x0 = self._initial_latents(inversion, timesteps[0], config, scheduler)
+            stepper = DDIMStepper(scheduler)
         source = inversion.latents
         if config.inverted_latents == "disk":
             source = DiskLatents(source)
@@ -425,7 +503,7 @@ class Editor:
             denoiser = Denoiser(self.runner, self.reporter, plan, choice, synchronizer(x0.device))
             start = checkpoint.restored("edit") if checkpoint is not None else None
             return denoiser.run(x0, source, texts, config, scheduler, timesteps, record_correspondences,
-                                start=start, checkpoint=checkpoint)
+                                start=start, checkpoint=checkpoint, stepper=stepper)
         finally:
             if isinstance(source, DiskLatents):
                 source.close()

@@ -17,9 +17,9 @@ from tokenflow.io.read import Clip
 from tokenflow.method import schedule
 
 # The EditConfig fields that decide which timesteps an edit needs (``edit_timesteps``).
-EDIT_FIELDS = ("steps", "method", "sdedit_start")
+EDIT_FIELDS = ("steps", "method", "sdedit_start", "skip")
 # The EditConfig fields that say how the source was inverted: the edit's source branch uses them.
-INVERSION_FIELDS = ("inversion_prompt", "inversion_steps")
+INVERSION_FIELDS = ("inversion_prompt", "inversion_steps", "inversion", "eta")
 # The EditConfig fields that select and size the clip: an Inversion's clip is fixed, so an edit of
 # one cannot change them (a keyword naming one is refused rather than silently ignored).
 CLIP_FIELDS = ("video", "frames", "start_frame", "stride", "size", "crop")
@@ -27,14 +27,18 @@ CLIP_FIELDS = ("video", "frames", "start_frame", "stride", "size", "crop")
 
 @dataclass
 class Inversion:
-    """A DDIM-inverted clip and the edit it was made for (``Editor.invert``).
+    """An inverted clip and the edit it was made for (``Editor.invert``).
 
     clip: the frames [N,3,H,W]; z0: [N,4,h,w] float32, their VAE latents.
     latents: {t: [N,4,h,w] float32} (``InvertedLatents``, one tensor on the device or in host
         memory): the inverted latents of the timesteps that edit needs, plus the noisiest one.
     inversion_prompt, inversion_steps: how it was inverted (the ``EditConfig`` fields of those names).
-    steps, method, sdedit_start: the edit it was made for (the ``EditConfig`` fields of those
-        names). ``Editor.edit(inversion, prompt)`` runs that edit unless the call names other
+    inversion: "ddim" (the original's) or "ddpm" (edit-friendly, ``method.ddpm``): then ``latents``
+        are the noisy latents x_t of the edit's timesteps, ``noise`` the noise maps z_t of the
+        same timesteps (same container), drawn from ``seed``, for a sampler of ``eta``;
+        inversion_steps is unused and only an edit of the same ``steps`` fits its noise maps.
+    steps, method, sdedit_start, skip: the edit it was made for (the ``EditConfig`` fields of
+        those names). ``Editor.edit(inversion, prompt)`` runs that edit unless the call names other
         values; any edit whose timesteps it holds works (``serves``).
     model: identity of the model that inverted it ("" if unknown); another model's edit is refused.
     conditions: ``method.conditions.EditConditions.key`` of its depth maps / controls; an edit with
@@ -52,10 +56,15 @@ class Inversion:
     model: str = ""
     from_cache: bool = False
     conditions: str = ""   # key of the depth maps / controls it was inverted with ("" for none)
+    inversion: str = "ddim"
+    noise: Optional[Mapping[int, torch.Tensor]] = None   # ddpm: {t: z_t [N,4,h,w]}
+    eta: float = 1.0
+    seed: int = 1
+    skip: int = 0
 
     def made_for(self) -> str:
         """The edit it was made for, as keywords: "steps=10" (+ method and start for SDEdit)."""
-        return _describe(self.steps, self.method, self.sdedit_start)
+        return _describe(self.steps, self.method, self.sdedit_start, self.skip)
 
     def serves(self, scheduler_config: dict, method: Optional[str] = None,
                sdedit_start: Optional[float] = None) -> List[int]:
@@ -64,15 +73,20 @@ class Inversion:
         method = method or self.method
         start = self.sdedit_start if sdedit_start is None else sdedit_start
         held = set(self.latents)
+        if self.inversion == "ddpm":   # noise maps belong to one schedule: only its step count fits
+            return [self.steps] if set(edit_timesteps(scheduler_config, self.steps, method, start)[self.skip:]) <= held \
+                else []
         # an edit needs about steps (PnP) or start * steps (SDEdit) timesteps: more are never held
         most = len(held) if method != "sdedit" else math.ceil((len(held) + 2) / start)
         return schedule.served_steps(held, schedule.timesteps_function(scheduler_config), method, start,
                                      min(most, TRAIN_STEPS))
 
 
-def edit_timesteps(scheduler_config: dict, steps: int, method: str, sdedit_start: float) -> List[int]:
-    """The timesteps an edit denoises at, noisiest first (SDEdit: the truncated schedule)."""
-    return schedule.edit_timesteps_with(schedule.timesteps_function(scheduler_config), steps, method, sdedit_start)
+def edit_timesteps(scheduler_config: dict, steps: int, method: str, sdedit_start: float, skip: int = 0) -> List[int]:
+    """The timesteps an edit denoises at, noisiest first (SDEdit: the truncated schedule; ``skip``:
+    the DDPM inversion's later start, dropping that many)."""
+    return schedule.edit_timesteps_with(schedule.timesteps_function(scheduler_config), steps, method,
+                                        sdedit_start)[skip:]
 
 
 def refuse_clip_keywords(inversion: Inversion, keywords: AbstractSet[str]) -> None:
@@ -104,10 +118,14 @@ def edit_config_for(inversion: Inversion, config: EditConfig, named: AbstractSet
                           f"({model}): invert the video with this editor")
     config = config.replace(**{name: getattr(inversion, name) for name in INVERSION_FIELDS},
                             **{name: getattr(inversion, name) for name in EDIT_FIELDS if name not in named})
-    needed = edit_timesteps(scheduler_config, config.steps, config.method, config.sdedit_start)
+    if inversion.inversion == "ddpm" and config.steps != inversion.steps:
+        raise ConfigError(f"steps={config.steps}, but the given Inversion is a DDPM one made for steps={inversion.steps}: "
+                          f"its noise maps belong to that schedule; leave steps out, or invert again with "
+                          f"steps={config.steps}")
+    needed = edit_timesteps(scheduler_config, config.steps, config.method, config.sdedit_start, config.skip)
     missing = sorted(set(needed) - set(inversion.latents), reverse=True)
     if missing:
-        asked = _describe(config.steps, config.method, config.sdedit_start)
+        asked = _describe(config.steps, config.method, config.sdedit_start, config.skip)
         served = inversion.serves(scheduler_config, config.method, config.sdedit_start)
         serves = (f"with {config.method} it serves steps {', '.join(map(str, served[:8]))}"
                   f"{' and fewer' if len(served) > 8 else ''}" if served else f"it serves no {config.method} edit")
@@ -120,8 +138,9 @@ def edit_config_for(inversion: Inversion, config: EditConfig, named: AbstractSet
     return config
 
 
-def _describe(steps: int, method: str, sdedit_start: float) -> str:
-    return f"steps={steps}" + (f", method='sdedit', sdedit_start={sdedit_start}" if method == "sdedit" else "")
+def _describe(steps: int, method: str, sdedit_start: float, skip: int = 0) -> str:
+    return f"steps={steps}" + (f", method='sdedit', sdedit_start={sdedit_start}" if method == "sdedit" else "") \
+        + (f", skip={skip}" if skip else "")
 
 
 def ddim_invert(eps_fn: Callable[[torch.Tensor, int, slice], torch.Tensor], z0: torch.Tensor,

@@ -66,6 +66,12 @@ def check_steps(scheduler_config: dict, config: EditConfig) -> Set[int]:
     counts that fit: the nearest ``steps`` this inversion serves, or the ``inversion_steps`` that
     serves these edit steps."""
     timesteps = timesteps_function(scheduler_config)
+    if config.inversion == "ddpm":   # inverted on the edit's own timesteps: nothing to fit
+        edit = edit_timesteps_with(timesteps, config.steps, config.method, config.sdedit_start)
+        if config.skip >= len(edit):
+            raise ConfigError.of_field("skip", f"{config.skip} skips all {len(edit)} timesteps the edit denoises at; "
+                                               f"use a skip below {len(edit)}")
+        return set(edit[config.skip:])
     inversion = timesteps(config.inversion_steps)
 
     edit_timesteps = edit_timesteps_with(timesteps, config.steps, config.method, config.sdedit_start)
