@@ -20,7 +20,8 @@ from .test_checkpoint import assert_same_as, edit_args, resumed_at, run, run_sig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny-model calls: see tests/conftest.py
 
-DDPM = dict(inversion="ddpm", inversion_prompt="shapes", steps=5, size=(64, 64), frames=6, keyframe_spacing=3,
+DDPM = dict(inversion="ddpm", inversion_prompt="shapes", steps=5, inversion_steps=1,   # unused by ddpm
+            size=(64, 64), frames=6, keyframe_spacing=3,
             device="cpu", seed=4)
 
 

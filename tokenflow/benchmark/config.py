@@ -15,6 +15,9 @@ settings; names combine with ``+`` (``triton+chunk4``):
     window=W   keyframe windows of W keyframes (extended attention within each window)
     controlnetN / controlnet=N   N random-weight ControlNets (``benchmark.conditions``) on the edit's
                non-source rows at every step, random control images (N in 1..8)
+    inversion=ddimN / ddimN    DDIM inversion with N steps (the original's: ddim500)
+    inversion=ddpm / ddpm / ddpmN   the edit-friendly DDPM inversion on the edit's timesteps (N, when
+               given, must be --steps: the DDPM inversion has no step count of its own)
     original   the original implementation's compute pattern: "original" kernel backends
                (tokenflow/benchmark/original_kernels.py), one propagation call per keyframe group
                (chunk = keyframe spacing), inverted latents re-read from disk for every group
@@ -117,13 +120,15 @@ _BACKENDS = {"torch": ("torch", "torch"), "triton": ("triton", "triton"), "faiss
              "xformers": ("xformers", None), "auto": ("auto", "auto"), "default": (None, None)}
 _CHUNK = re.compile(r"^chunk(?:=)?(\d+)$")
 _CONTROLNETS = re.compile(r"^controlnet(?:=)?(\d+)$")
+_INVERSION = re.compile(r"^(?:inversion=)?(ddim|ddpm)(\d*)$")
 LATENT_PLACES = ("auto", "device", "host", "disk")
 UNET_BACKENDS = ("eager", "compile", "aot", "onnx", "tensorrt")   # --backend; compile/export time falls in the warm-up
 KERNEL_VARIANTS = tuple(_BACKENDS)
 # every variant word, as `--help` and the unknown-variant error list them
 VARIANT_NAMES = (f"{', '.join(KERNEL_VARIANTS)} (kernel backends), {', '.join(UNET_BACKENDS)} (UNet backends: --backend), "
                  f"original, chunkN (or chunk=N), attn=NAME, nearest=NAME, latents={{{','.join(LATENT_PLACES)}}}, "
-                 "window=W, plain, controlnetN (or controlnet=N: N random ControlNets)")
+                 "window=W, plain, controlnetN (or controlnet=N: N random ControlNets), "
+                 "ddimN / ddpm[N] (or inversion=...: the inversion)")
 
 
 def variant_overrides(name: str) -> dict:
@@ -136,7 +141,20 @@ def variant_overrides(name: str) -> dict:
         part = part.strip()
         chunk = _CHUNK.match(part)
         controlnets = _CONTROLNETS.match(part)
+        inversion = _INVERSION.match(part)
         if part == "plain":
+            continue
+        if inversion:
+            kind, steps = inversion.group(1), inversion.group(2)
+            if kind == "ddim" and not steps:
+                raise ConfigError(f"variant {name!r}: say the DDIM inversion's steps, e.g. ddim500")
+            if steps and not 1 <= int(steps) <= 1000:
+                raise ConfigError(f"variant {name!r}: 1 to 1000 inversion steps")
+            overrides["inversion"] = kind
+            if kind == "ddim":
+                overrides["inversion_steps"] = int(steps)
+            elif steps:
+                overrides["_ddpm_steps"] = int(steps)
             continue
         if controlnets:
             if not 1 <= int(controlnets.group(1)) <= MAX_CONTROLNETS:

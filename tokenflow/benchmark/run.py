@@ -65,12 +65,19 @@ def load_clip(config: BenchConfig) -> Clip:
 
 
 def check_schedule(config: BenchConfig) -> None:
-    """ConfigError now (before any model builds) if the step counts do not fit together."""
-    if config.steps > config.inversion_steps:
-        raise ConfigError(f"--steps {config.steps} exceeds --inversion-steps {config.inversion_steps}")
-    sched = scheduler_config()
-    schedule.inversion_save_timesteps(schedule.timesteps_of(sched, config.inversion_steps),
-                                      schedule.timesteps_of(sched, config.steps))
+    """ConfigError now (before any model builds) if a variant's step counts do not fit together
+    (variants may set their own inversion: ddimN, ddpm)."""
+    for name in config.variants:
+        overrides = variant_overrides(name)
+        if overrides.get("inversion", "ddim") == "ddpm":
+            continue
+        inversion_steps = overrides.get("inversion_steps", config.inversion_steps)
+        if config.steps > inversion_steps:
+            raise ConfigError(f"--steps {config.steps} exceeds the {inversion_steps} inversion steps of variant "
+                              f"{name!r} (--inversion-steps, or ddimN)")
+        sched = scheduler_config()
+        schedule.inversion_save_timesteps(schedule.timesteps_of(sched, inversion_steps),
+                                          schedule.timesteps_of(sched, config.steps))
 
 
 def edit_config(config: BenchConfig, variant: Variant, device: torch.device, dtype: torch.dtype,
@@ -85,6 +92,10 @@ def edit_config(config: BenchConfig, variant: Variant, device: torch.device, dty
                 seed=config.seed)
     overrides = dict(variant.overrides)
     overrides.pop("_controlnets", None)   # the runner gives the editor its ControlNets
+    ddpm_steps = overrides.pop("_ddpm_steps", None)
+    if ddpm_steps is not None and ddpm_steps != config.steps:
+        raise ConfigError(f"variant {variant.name!r}: the DDPM inversion runs at the edit's timesteps, so its "
+                          f"steps are --steps ({config.steps}): use --steps {ddpm_steps}, or name the variant ddpm")
     if overrides.pop("_original", False):  # the original propagates one keyframe group per UNet call
         overrides.setdefault("chunk_frames", min(config.keyframe_spacing, config.frames))
     for key in list(overrides):
@@ -108,7 +119,9 @@ def work_of(model, result, cfg: EditConfig, n_frames: int, latent_hw, nets=()) -
                  paper_plan(g, n_frames, spacing, torch.tensor(keyframes)) for g in range(n_groups)]
         pairs.append([int((row >= 0).sum()) for p in plans for row in p.pairs])
     prompts = len(cfg.prompts) if hasattr(cfg, "prompts") else 1
-    return flops.edit_work(model.unet.config, model.vae.config, n_frames, latent_hw, cfg.inversion_steps,
+    # the DDPM inversion evaluates every frame once per timestep the edit denoises at (after its skip)
+    inverted = len(result.timesteps) if getattr(cfg, "inversion", "ddim") == "ddpm" else cfg.inversion_steps
+    return flops.edit_work(model.unet.config, model.vae.config, n_frames, latent_hw, inverted,
                            calls, pairs, propagation=cfg.propagation, branches=1 + 2 * prompts,
                            text_tokens=int(getattr(model.tokenizer, "model_max_length", flops.TEXT_TOKENS)),
                            controlnet_config=nets[0].config if nets else None, controlnets=len(nets))

@@ -263,13 +263,13 @@ class Editor:
         """The inversion from the cache, else computed (continuing a checkpointed one when
         ``checkpoint`` restored one) and stored in the cache, or in the checkpoint folder when the
         cache cannot hold it, so a resumed edit does not invert again."""
-        sched_cfg = self.model.scheduler_config
-        inv_ts = schedule.timesteps_of(sched_cfg, config.inversion_steps)
-        needed = schedule.inversion_save_timesteps(inv_ts, self._edit_timesteps(config))
         with self.reporter.stage("encode"):
             z0 = self.encode(clip.frames, plan.vae_frames)
         if config.inversion == "ddpm":
             return self._invert_ddpm(clip, config, plan, checkpoint, conditions, z0)
+        sched_cfg = self.model.scheduler_config
+        inv_ts = schedule.timesteps_of(sched_cfg, config.inversion_steps)
+        needed = schedule.inversion_save_timesteps(inv_ts, self._edit_timesteps(config))
         key = InversionKey(_pixels_sha256(clip.frames), tuple(clip.frames.shape[-1:-3:-1]), self.model.identity,
                            config.inversion_prompt, config.inversion_steps,
                            str(self.model.dtype).replace("torch.", ""), self.model.device.type,
