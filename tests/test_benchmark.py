@@ -26,6 +26,7 @@ from tokenflow.benchmark.original_kernels import (
     keyframe_attention_original,
 )
 from tokenflow.config import EditConfig
+from tokenflow.errors import ConfigError
 from tokenflow.io.cache import InversionCache
 from tokenflow.io.progress import Reporter
 from tokenflow.kernels import explain, verify
@@ -119,6 +120,8 @@ def _edit_cases():
     cases = [dict(propagation="original"), dict(propagation="paper")]
     if "keyframe_window" in EditConfig.__dataclass_fields__:
         cases.append(dict(propagation="original", keyframe_window=2))
+    if "inversion" in EditConfig.__dataclass_fields__:   # frames x edit timesteps (after the skip) inverted
+        cases += [dict(propagation="original", inversion="ddpm"), dict(propagation="paper", inversion="ddpm", skip=1)]
     return cases
 
 
@@ -351,6 +354,22 @@ def test_variant_names():
     assert v("chunk=3") == {"chunk_frames": 3} and v("faiss") == {"nearest_backend": "faiss"}
     assert v("original")["inverted_latents"] == "disk"
     assert v("attn=xformers+latents=host") == {"attention_backend": "xformers", "inverted_latents": "host"}
+    assert v("inversion=ddim500") == v("ddim500") == {"inversion": "ddim", "inversion_steps": 500}
+    assert v("inversion=ddpm") == v("ddpm") == {"inversion": "ddpm"}
+    assert v("ddpm50+chunk2") == {"inversion": "ddpm", "_ddpm_steps": 50, "chunk_frames": 2}
+    for bad in ("ddim", "inversion=ddim0", "inversion=ddpm1001", "inversion=euler"):
+        with pytest.raises(ConfigError):
+            v(bad)
+
+
+def test_inversion_variants_check_their_steps_before_any_model_builds():
+    base = bench_config.BenchConfig(steps=50, inversion_steps=20)
+    run.check_schedule(base.replace(variants=("ddim500", "ddpm50")))   # each variant's own inversion
+    with pytest.raises(ConfigError, match="exceeds the 20 inversion steps of variant 'default'"):
+        run.check_schedule(base)
+    with pytest.raises(ConfigError, match="its steps are --steps \\(50\\): use --steps 10"):
+        run.edit_config(base, bench_config.Variant("ddpm10", bench_config.variant_overrides("ddpm10")), CPU,
+                        torch.float32, "tiny")
 
 
 # ----------------------------------------------------------------------------- helpers
