@@ -399,7 +399,8 @@ DOCS = [  # (job, valid) for the validator and the schema alike
 NOT_IN_SCHEMA = [({"size": "100x100"}, False), ({"steps": 60, "inversion_steps": 50}, False),
                  ({"output": "o.txt"}, False), ({"output": "results"}, False),   # a video name or a folder ('/')
                  ({"output": "clip.mp4"}, False), ({"save_frames": "."}, False),   # an output aliasing an input
-                 ({"codec": "ffv1", "output": "o.mp4"}, False)]   # the container of the codec (.mkv)
+                 ({"codec": "ffv1", "output": "o.mp4"}, False),   # the container of the codec (.mkv)
+                 ({"skip": 2}, False), ({"inversion": "ddpm", "skip": 50, "steps": 50}, False)]   # DDPM only, below steps
 
 
 @pytest.mark.parametrize("extra, valid", DOCS + NOT_IN_SCHEMA)
@@ -422,6 +423,8 @@ def test_schema_agrees_with_the_validator_under_jsonschema(schema, folder):
         for value, valid in boundary_values(prop):
             doc = {"video": "clip.mp4", "prompt": "x", "output": "o/", "steps": 1, "inversion_steps": 1000,
                    "checkpoint_dir": "ck", name: value}   # steps <= inversion_steps (a cross-field rule) holds; o/: any codec
+            if name in ("eta", "skip"):   # cross-field rules: DDPM-inversion settings, a skip below the steps
+                doc.update(inversion="ddpm", steps=1000)
             assert validator.is_valid(doc) == valid, (name, value)
             assert (not jobfile.collect_problems(doc, str(folder / "j.yaml"))) == valid, (name, value)
             checked += 1
