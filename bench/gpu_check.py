@@ -14,6 +14,8 @@ Stages run in priority order, each in its own subprocess (``--run-stage N``, bod
   8 sdxl           (opt-in: ``--stages 8``, not in a default run) SDXL base 1.0 (random weights, fp16,
                    float32 VAE) at 1024^2, 40 frames, 3 + 3 steps, 80 GB budget: per-stage times
                    extrapolated to 200 frames and 50 + 50 steps (issue 20)
+  9 inversion      (opt-in: ``--stages 9``) SD 2.1-base 512^2, 40 frames, whole edits at the original's
+                   defaults: DDIM inversion 500 + 50 edit steps against ``--inversion ddpm`` at 50 (issue 21)
 
 Time (``limits``): the own timeouts of a full run sum to the usable deadline (deadline less
 ``RESERVE_S``); the original's is 0, "whatever is left". At each stage's start its limit is its own
@@ -80,6 +82,7 @@ STAGES = [
 # 460 s above; alone they get the whole deadline (``allotment`` scales a subset up)
 OPT_IN_STAGES = [
     Stage(8, "sdxl", 240, 150),
+    Stage(9, "inversion", 180, 90),
 ]
 
 # the issue's targets on the H200: (stage, key in that stage's "measured", goal text, test)
@@ -96,6 +99,8 @@ TARGETS = [
      None),
     (8, "sdxl_extrapolated_s_200_frames", "SDXL base 1.0 1024^2, 200 frames, 50+50 steps (extrapolated; issue 20 "
      "sets no goal)", None),
+    (9, "ddim500_over_ddpm50_total", "SD 2.1-base 512^2, 40 frames: DDIM 500 + 50 edit steps over DDPM inversion at 50 "
+     "(whole-edit ratio, > 1: DDPM faster; issue 21 sets no goal)", None),
 ]
 
 
@@ -384,7 +389,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=DEADLINE_S, help="global deadline in seconds (default 470)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter (CI)")
     p.add_argument("--stages", type=lambda s: {int(x) for x in s.split(",")}, default=None,
-                   help="comma-separated stage numbers to run (default all but the opt-in 8, sdxl)")
+                   help="comma-separated stage numbers to run (default all but the opt-in 8, sdxl, and 9, inversion)")
     p.add_argument("--run-stage", type=int, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--context", help=argparse.SUPPRESS)

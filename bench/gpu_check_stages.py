@@ -347,7 +347,7 @@ def _step_clock(device):
 
 
 def _edit(model, ctx: Ctx, frames: int, size: int, inv_steps: int, steps: int, spacing: int,
-          arch: str = "sd21", budget: str = "16GB") -> dict:
+          arch: str = "sd21", budget: str = "16GB", extra: Optional[dict] = None) -> dict:
     from tokenflow.benchmark import run
     from tokenflow.benchmark.config import BenchConfig, Variant
     from tokenflow.engine.backends import describe_ran, what_ran
@@ -358,7 +358,7 @@ def _edit(model, ctx: Ctx, frames: int, size: int, inv_steps: int, steps: int, s
     dtype = model.dtype
     config = BenchConfig(arch=arch, frames=frames, size=(size, size), inversion_steps=inv_steps, steps=steps,
                          keyframe_spacing=spacing)
-    overrides = {"memory_budget": budget} if ctx.cuda else {}
+    overrides = {**({"memory_budget": budget} if ctx.cuda else {}), **(extra or {})}
     cfg = run.edit_config(config, Variant("gpu_check", overrides), ctx.device, dtype, model.name)
     clip = run.synthetic_clip(frames, (size, size))
     clock = _step_clock(ctx.device)
@@ -488,6 +488,42 @@ def stage_sdxl(ctx: Ctx, res: Result) -> Tuple[str, str]:
                     sdxl_plan_peak_gb=out["plan"]["peak"] / GB if out["plan"] else None)
     if not out["finite"]:
         return "FAIL", "non-finite latents"
+    return "PASS", ""
+
+
+# ----------------------------------------------------------------------------- 9 inversion (opt-in)
+
+
+def stage_inversion(ctx: Ctx, res: Result) -> Tuple[str, str]:
+    """Whole SD 2.1-base edits (random weights, fp16, 512^2, 40 frames, 16 GB budget) at the
+    original's defaults: DDIM inversion of 500 steps + 50 edit steps, then ``--inversion ddpm`` at
+    the same 50 steps, measured, not extrapolated (opt-in: ``--stages 9``). Dry run: the tiny model,
+    2 frames, DDIM 4 + 2 against DDPM at 2."""
+    from tokenflow.benchmark import architectures
+
+    if not ctx.cuda and not ctx.dry_run:
+        return "SKIP", "no CUDA device"
+    if ctx.cuda:
+        arch, dtype, size, spacing, frames, ddim_steps, steps = "sd21", torch.float16, 512, 8, 40, 500, 50
+    else:
+        arch, dtype, size, spacing, frames, ddim_steps, steps = "tiny", torch.float32, 64, 2, 2, 4, 2
+    model = architectures.build_model(arch, ctx.device, dtype)
+    res.detail("model", {"arch": arch, "dtype": str(dtype), "frames": frames, "size": size})
+    runs = {}
+    for name, inv_steps, extra in ((f"ddim{ddim_steps}", ddim_steps, {"inversion": "ddim"}),
+                                   (f"ddpm{steps}", steps, {"inversion": "ddpm"})):
+        try:
+            runs[name] = _edit(model, ctx, frames, size, inv_steps, steps, spacing, arch=arch, extra=extra)
+        except Exception as exc:
+            res.detail(name, {"error": _error(exc), "traceback": traceback.format_exc()[-2000:]})
+            return "FAIL", f"{name}: {_error(exc)}"
+        res.detail(name, runs[name])
+        if not runs[name]["finite"]:
+            return "FAIL", f"{name}: non-finite latents"
+    ddim, ddpm = (runs[k] for k in runs)
+    res.measure(ddim500_over_ddpm50_total=ddim["wall_s"] / ddpm["wall_s"],
+                ddim_over_ddpm_invert=ddim["timings_s"].get("invert", 0.0) / max(ddpm["timings_s"].get("invert", 0.0), 1e-9),
+                ddim_wall_s=ddim["wall_s"], ddpm_wall_s=ddpm["wall_s"])
     return "PASS", ""
 
 
@@ -671,7 +707,8 @@ def stage_original(ctx: Ctx, res: Result) -> Tuple[str, str]:
 
 
 STAGE_FUNCTIONS = {0: stage_machine, 1: stage_triton_warmup, 2: stage_gpu_tests, 3: stage_kernels,
-                   4: stage_end_to_end, 5: stage_call_sweep, 6: stage_compile, 7: stage_original, 8: stage_sdxl}
+                   4: stage_end_to_end, 5: stage_call_sweep, 6: stage_compile, 7: stage_original, 8: stage_sdxl,
+                   9: stage_inversion}
 
 
 def run(number: int, result_path: Path, context: Path, dry_run: bool, time_limit: float) -> int:

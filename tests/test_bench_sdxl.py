@@ -79,7 +79,7 @@ def _gpu_check():
 
 def test_the_sdxl_stage_is_opt_in_and_extrapolates_per_stage():
     gc, stages = _gpu_check()
-    assert [s.name for s in gc.OPT_IN_STAGES] == ["sdxl"] and "sdxl" not in [s.name for s in gc.STAGES]
+    assert [s.name for s in gc.OPT_IN_STAGES] == ["sdxl", "inversion"] and "sdxl" not in [s.name for s in gc.STAGES]
     out = {"frames": 40, "timings_s": {"encode": 2.0, "invert": 9.0, "edit": 30.0, "decode": 4.0},
            "inversion_step_s": [3.0, 3.0, 5.0], "edit_step_s": [10.0, 9.0, 11.0], "other_s": 1.5}
     got = stages.sdxl_extrapolation(out, 200)

@@ -147,3 +147,27 @@ def test_sigkill_then_resume_is_bit_identical(phase, step, tmp_path, ddpm_refere
     assert step <= resumed_at(events, "edit" if phase == "edit" else "inversion") <= step + 1
     assert_same_as(ddpm_reference, out)
     assert state_files(folder) == []
+
+
+def test_gpu_check_dry_run_of_the_inversion_stage(tmp_path):
+    """The opt-in GPU stage 9 (DDIM 500 + 50 against DDPM at 50, SD 2.1 512^2 on the GPU) on the CPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GPU_CHECK_INJECT_NAN")}
+    env.update(HF_HUB_OFFLINE="1", TOKENFLOW_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    done = subprocess.run([sys.executable, str(root / "bench" / "gpu_check.py"), "--dry-run", "--stages", "9",
+                           "--deadline", "200", "--out", str(tmp_path / "out")],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "out" / "gpu_check_summary.json").read_text())
+    stage = summary["stages"]["inversion"]
+    assert stage["status"] == "PASS" and stage["measured"]["ddim500_over_ddpm50_total"] > 0
+    assert stage["details"]["ddim4"]["inversion_steps"] == 4 and stage["details"]["ddpm2"]["finite"]
+    keys = [t["key"] for t in summary["targets"]]   # opt-in stages not chosen (8, sdxl) get no row
+    assert keys[-1] == "ddim500_over_ddpm50_total" and not any(k.startswith("sdxl") for k in keys)
