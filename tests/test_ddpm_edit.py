@@ -171,3 +171,24 @@ def test_gpu_check_dry_run_of_the_inversion_stage(tmp_path):
     assert stage["details"]["ddim4"]["inversion_steps"] == 4 and stage["details"]["ddpm2"]["finite"]
     keys = [t["key"] for t in summary["targets"]]   # opt-in stages not chosen (8, sdxl) get no row
     assert keys[-1] == "ddim500_over_ddpm50_total" and not any(k.startswith("sdxl") for k in keys)
+
+
+def test_graph_backends_invert_one_timestep_per_call_and_agree(tiny_model_dir, sample_clip, monkeypatch):
+    """``--backend compile`` (dynamo's graph, ``aot_eager``: no code generation) takes one timestep per
+    call: the inversion groups rows by timestep, says so, and gives eager's noise maps."""
+    monkeypatch.setenv("TOKENFLOW_COMPILER", "aot_eager")
+    editor = Editor.from_pretrained(str(tiny_model_dir), device="cpu", use_cache=False)
+    infos = []
+    editor.reporter.info = infos.append
+    config = EditConfig(**DDPM, use_cache=False).replace(inversion_batch_size=4)
+    clip = editor.load_clip(str(sample_clip), config)
+    try:
+        eager = editor.invert(clip, config=config)
+        graph = editor.invert(clip, config=config.replace(backend="compile"))
+    finally:
+        editor.tokenflow.remove()
+    said = [m for m in infos if m.startswith("inversion: edit-friendly DDPM")]
+    assert "frames and timesteps together" in said[0] and "backend compile's graphs take one timestep" in said[1]
+    assert "8 UNet calls" in said[0] and "10 UNet calls" in said[1]   # 30 rows by 4 / 5 timesteps x (4 + 2)
+    for t in eager.noise:
+        assert torch.allclose(graph.noise[t], eager.noise[t], atol=1e-4), t
