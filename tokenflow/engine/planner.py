@@ -128,6 +128,7 @@ class MemoryPlan:
     chunk_forced: bool = False    # --chunk-frames given
     host: Optional[HostPlan] = None   # host memory, checked with the device's
     made_from: str = ""           # "": the loaded model; else what stood in for it (an architecture, no weights)
+    latents_note: str = ""        # what the inverted latents are when not DDIM's (the DDPM inversion's noise maps too)
     # {name: bytes} taken off the budget before any call is sized (memory.device_overheads)
     overheads: Dict[str, int] = field(default_factory=dict)
     reserved_factor: float = 1.0  # predicted reserved / allocated bytes of the calls' activations
@@ -193,7 +194,8 @@ class MemoryPlan:
             f"  weights {gib(self.weights_bytes)}; per UNet row {self.unet_row_bytes / 2**20:.1f} MiB; "
             f"per VAE frame {self.vae_row_bytes / 2**20:.1f} MiB ({self.calibration})",
             f"  keyframe store {gib(self.store_bytes)} on {self.store_on}{staged}",
-            f"  inverted latents {gib(self.latents_bytes)} on {self.latents_on}",
+            f"  inverted latents {gib(self.latents_bytes)} on {self.latents_on}"
+            + (f" ({self.latents_note})" if self.latents_note else ""),
         ]
         if self.nearest:
             rows.append(f"  nearest-neighbour search ({NEAREST_WORDS[self.nearest]}): {gib(self.nearest_bytes)} "

@@ -192,7 +192,7 @@ class Editor:
             controls = Controls()
         with self.reporter.stage("plan"):
             calibration = calibrate(self.model, cache_root)  # its own small cache, also with --no-cache
-            return make_plan(self.model, frames=n, latent_size=(height // scale, width // scale),
+            plan = make_plan(self.model, frames=n, latent_size=(height // scale, width // scale),
                              branches=1 + 2 * max(1, len(config.prompts)), keyframes=math.ceil(n / spacing),
                              window=config.keyframe_window or 0, steps=len(saved), budget=budget,
                              budget_source=source, calibration=calibration, chunk_frames=config.chunk_frames,
@@ -200,6 +200,10 @@ class Editor:
                              inverted_latents="host" if config.inverted_latents == "disk" else config.inverted_latents,
                              use_cache=config.use_cache, backend=config.backend,
                              nearest_backend=config.nearest_backend, controls=controls)
+        if config.inversion == "ddpm":
+            plan = dataclasses.replace(plan, latents_note=f"DDPM inversion: {len(saved) // 2} noisy latents and "
+                                                          f"{len(saved) // 2} noise maps")
+        return plan
 
     # --- frames <-> latents ----------------------------------------------------------------
 
