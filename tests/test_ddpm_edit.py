@@ -192,3 +192,15 @@ def test_graph_backends_invert_one_timestep_per_call_and_agree(tiny_model_dir, s
     assert "8 UNet calls" in said[0] and "10 UNet calls" in said[1]   # 30 rows by 4 / 5 timesteps x (4 + 2)
     for t in eager.noise:
         assert torch.allclose(graph.noise[t], eager.noise[t], atol=1e-4), t
+
+
+def test_the_plan_sizes_ddpm_inversion_calls_in_rows_beyond_the_frames(editor, clip):
+    """Eager DDPM inversions batch (timestep, frame) rows: the plan may give a call more rows than
+    the clip has frames (here all 6 x 5); DDIM's and a graph backend's calls stay within the frames."""
+    config = EditConfig(**DDPM, use_cache=False)
+    assert editor._plan(clip, config).inversion_frames == 30
+    assert editor._plan(clip, config.replace(backend="compile")).inversion_frames <= 6
+    assert editor._plan(clip, config.replace(inversion="ddim", inversion_steps=5)).inversion_frames <= 6
+    assert "5 noisy latents and 5 noise maps" in editor._plan(clip, config).describe()
+    with pytest.raises(ConfigError, match="skip: 5 skips every timestep this sdedit edit"):
+        editor.edit(clip, config=config.replace(prompt="x", method="sdedit", sdedit_start=0.6, steps=8, skip=5))

@@ -117,3 +117,21 @@ def test_steppers_apply_the_same_noise_to_every_prompt():
     _, nearly = _schedule(5, eta=1e-6)
     ddim = DDIMStepper(scheduler).step(eps, t, x, slice(1, 3))
     assert torch.allclose(DDPMStepper(nearly, z).step(eps, t, x, slice(1, 3)), ddim, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", [dict(set_alpha_to_one=True), dict(timestep_spacing="linspace", steps_offset=0)])
+def test_a_last_step_without_noise_is_deterministic_not_nan(change):
+    """Schedulers whose last step has sigma 0 (onto alpha_bar 1, or a linspace schedule ending at
+    timestep 0): that noise map is 0 and every value stays finite; the steps before reconstruct."""
+    scheduler = make_scheduler({**SD_SCHEDULER, **change}, 5)
+    sched = DDPMSchedule.of(scheduler, [int(t) for t in scheduler.timesteps], 1.0)
+    last = sched.timesteps[-1]
+    assert sched.coefficients([last], torch.device("cpu"))[0, 4].item() == 0.0
+    z0 = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(4))
+    latents, noise = ddpm_invert(_eps, z0, sched, sched.timesteps, seed=2, rows_per_call=3)
+    assert torch.equal(noise[last], torch.zeros_like(noise[last]))
+    assert all(torch.isfinite(noise[t]).all() for t in sched.timesteps)
+    x = ddpm_sample(_eps, latents[sched.timesteps[0]], sched, sched.timesteps[:-1], noise)
+    assert torch.allclose(x, latents[last], atol=1e-5)   # exact up to the deterministic last step
+    out = ddpm_sample(_eps, latents[sched.timesteps[0]], sched, sched.timesteps, noise)
+    assert torch.isfinite(out).all()

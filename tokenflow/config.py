@@ -618,8 +618,8 @@ IGNORED_KEYS = {
     # omerbt/TokenFlow PR #24 (DDPM inversion): its configs' skip_steps (edit steps skipped), read only
     # when `inversion: ddpm` (then it is our `skip`: from_mapping); its preprocess.py's --reconstruct
     "skip_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                   "the DDPM-inversion fork's skipped steps, used only with a DDPM inversion; this config inverts "
-                   "with DDIM (add inversion: ddpm to use them as skip)", "a whole number >= 0"),
+                   "the DDPM-inversion fork's skipped steps, used only with a DDPM inversion; read as skip only "
+                   "when this YAML says inversion: ddpm (DDIM otherwise)", "a whole number >= 0"),
     "reconstruct": (lambda v: isinstance(v, bool), "the fork's preprocess.py flag for a reconstruction video",
                     "true or false"),
     # the cog predictor's (omerbt/TokenFlow PR #41) namespace

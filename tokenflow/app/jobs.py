@@ -271,6 +271,13 @@ def _run_facts(config: EditConfig, editor: Editor, seconds: float) -> Dict:
             "peak_memory_kind": "reserved by torch's allocator" if device.type == "cuda" else "process peak RSS"}
 
 
+def kept_latents(config: EditConfig) -> int:
+    """[N,4,h,w] tensors an edit keeps from its inversion, from the settings alone: DDIM's of every
+    edit timestep and the noisiest; the DDPM inversion's noisy latents and noise maps of the
+    timesteps after its skip (SDEdit: of its shorter schedule, so this bounds them)."""
+    return 2 * (config.steps - config.skip) if config.inversion == "ddpm" else config.steps + 1
+
+
 def check_host_memory(config: EditConfig, prompts: int, device_type: str) -> HostPlan:
     """The job's host memory (engine.planner.HostPlan) from the input's headers and the config,
     before anything is decoded or loaded: ResourceError (exit 6) with the numbers and the flags
@@ -279,7 +286,7 @@ def check_host_memory(config: EditConfig, prompts: int, device_type: str) -> Hos
     width, height = config.size or default_size(*count.source_size, family_of(config.model))
     return before_read(frames=count.frames, frames_source=count.how, width=width, height=height,
                        source_pixels=count.source_size[0] * count.source_size[1], prompts=prompts,
-                       timesteps=config.steps + 1, device_type=device_type, inverted_latents=config.inverted_latents,
+                       timesteps=kept_latents(config), device_type=device_type, inverted_latents=config.inverted_latents,
                        use_cache=config.use_cache).check()
 
 

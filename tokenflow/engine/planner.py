@@ -403,7 +403,7 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
               max_chunk: Optional[int] = None, use_cache: bool = True,
               host: Optional[Tuple[int, str]] = None, backend: str = "eager", nearest_backend: str = "auto",
               row_cap: Optional[int] = None, vae_cap: Optional[int] = None,
-              controls: Controls = Controls()) -> MemoryPlan:
+              controls: Controls = Controls(), inversion_rows: Optional[int] = None) -> MemoryPlan:
     """Choose chunk sizes under ``budget`` (less the device's overheads) and, on CPU, in what the
     host leaves (module doc); raise ResourceError naming the budget that would fit, or naming the
     host memory that does not: ``host`` is (bytes available, where from), default
@@ -412,7 +412,9 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     graphs hold); ``row_cap``/``vae_cap`` replace the device's call caps (for sweeps). ``controls``: the
     ControlNets every controlled UNet call runs (weights on the device, activations per controlled
     row, residuals per row, control images on the host); a depth UNet (more input than latent
-    channels) keeps its depth maps ``[N,1,h,w]`` float32 on the device."""
+    channels) keeps its depth maps ``[N,1,h,w]`` float32 on the device. ``inversion_rows``: the UNet rows
+    an inversion call may batch when it is not one call per timestep (the DDPM inversion's frames x
+    timesteps; default the frames): ``inversion_frames`` is then rows per call."""
     h, w = latent_size
     device = torch.device(model.device)
     on_cpu = device.type == "cpu"
@@ -512,11 +514,11 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     # on CPU each call gets what its phase leaves after the host parts and the weights
     room = {phase: host_plan.usable - sum(parts.values()) for phase, parts in host_plan.phases.items()}
 
-    def host_limit(per_frame: int, *phases: str) -> int:
+    def host_limit(per_frame: int, *phases: str, most: int = frames) -> int:
         if not on_cpu:
-            return frames
+            return most
         free_room = min(room[p] for p in phases) - fixed - SEARCH_TILE * 4
-        return max(1, min(frames, free_room // max(1, per_frame)))
+        return max(1, min(most, free_room // max(1, per_frame)))
 
     def rows_limit(cap: Optional[int], per_row: int) -> int:   # frames per call under a rows cap
         return frames if cap is None else max(1, cap // per_row)
@@ -526,7 +528,9 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
     prop_limit = min(max_chunk or frames, rows_limit(caps["propagation_rows"], branches),
                      host_limit(_per_frame(rows, "propagate", branches) + (2 * per_kf if offloaded else 0), "edit"))
     sizes["propagate"] = _largest(chunk_frames, prop_limit, lambda n: fits({**sizes, "propagate": n}))
-    inv_limit = min(rows_limit(caps["inversion_rows"], 1), host_limit(_per_frame(rows, "invert", branches), "invert"))
+    inv_rows = max(frames, inversion_rows or frames)
+    inv_limit = min(inv_rows if caps["inversion_rows"] is None else caps["inversion_rows"],
+                    host_limit(_per_frame(rows, "invert", branches), "invert", most=inv_rows))
     sizes["invert"] = _largest(inversion_frames, inv_limit, lambda n: fits({**sizes, "invert": n}))
     vae_limit = min(frames, caps["vae_frames"], host_limit(vae_row, "invert", "decode"))
     sizes["vae"] = _largest(0, vae_limit, lambda n: fits({**sizes, "vae": n}))

@@ -13,7 +13,9 @@ a_prev: a of the next timestep, or the scheduler's ``final_alpha_cumprod`` after
 DDIM scheduler's own rule for the last step).
 
 Sampling x_prev = mu_t(x_t) + sigma_t z_t gives back every x_prev, and in the end x0, to float
-rounding when eps is the inversion's (same prompt, no guidance); an edit samples with the edit's
+rounding when eps is the inversion's (same prompt, no guidance). A step with sigma_t = 0 (a
+scheduler whose last step lands on a_prev = a_t or 1: ``set_alpha_to_one``, ``linspace`` spacing)
+is deterministic, z_t = 0 there: the reconstruction ends at that step's DDIM estimate; an edit samples with the edit's
 (guided) eps and the same z_t. Every x_t depends on x0 alone, so the inversion's UNet calls are
 independent across timesteps: ``ddpm_invert`` batches (timestep, frame) rows freely.
 """
@@ -26,6 +28,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from tokenflow.engine.latents import InvertedLatents
+from tokenflow.errors import ConfigError
 
 INVERSIONS = ("ddim", "ddpm")
 SEED_STRIDE = 1_000_003   # a prime above the training timesteps: (seed, t) -> one generator seed
@@ -128,6 +131,10 @@ def ddpm_invert(eps_fn: EpsFn, z0: torch.Tensor, schedule: DDPMSchedule, timeste
     first = 0
     if start is not None:
         first = int(start["step"])
+        if int(start["total"]) != len(groups) or not set(start["noise"]) <= set(latents) \
+                or any(tuple(z.shape) != tuple(z0.shape) for z in start["noise"].values()):
+            raise ConfigError("the inversion checkpoint does not fit this run (other calls, timesteps or latent "
+                              "shapes); start over without --resume")
         for t, z in start["noise"].items():
             noise[t].copy_(z)
 
@@ -147,7 +154,9 @@ def ddpm_invert(eps_fn: EpsFn, z0: torch.Tensor, schedule: DDPMSchedule, timeste
         t_arg = ts[0] if len(set(ts)) == 1 else torch.tensor(ts, dtype=torch.long, device=z0.device)
         eps = eps_fn(x, t_arg, frames)
         c = schedule.coefficients(ts, z0.device)
-        z = (prev - schedule.mean(eps, x, c)) / c[:, 4]
+        sigma = c[:, 4]
+        # sigma 0 (a last step onto ā_prev = ā_t or 1: set_alpha_to_one, linspace spacing): a deterministic step
+        z = (prev - schedule.mean(eps, x, c)) / torch.where(sigma > 0, sigma, torch.ones_like(sigma)) * (sigma > 0)
         for r, (t, j) in enumerate(group):
             noise[t][j].copy_(z[r])
         if on_call is not None:

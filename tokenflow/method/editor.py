@@ -169,8 +169,11 @@ class Editor:
         n, _, height, width = clip.frames.shape
         scale = self.model.vae_scale_factor
         spacing = min(config.keyframe_spacing, n)
+        batched_rows = None
         if config.inversion == "ddpm":   # noisy latents and noise maps of every edit timestep
             saved = [*self._edit_timesteps(config)] * 2
+            if _ddpm_across_timesteps(config, conditions):   # calls batch (timestep, frame) rows: _invert_ddpm
+                batched_rows = n * len(saved) // 2
         else:
             inv_ts = schedule.timesteps_of(self.model.scheduler_config, config.inversion_steps)
             saved = schedule.inversion_save_timesteps(inv_ts, self._edit_timesteps(config)) | {max(inv_ts)}
@@ -199,7 +202,8 @@ class Editor:
                              inversion_frames=config.inversion_batch_size, keyframe_store=config.keyframe_store,
                              inverted_latents="host" if config.inverted_latents == "disk" else config.inverted_latents,
                              use_cache=config.use_cache, backend=config.backend,
-                             nearest_backend=config.nearest_backend, controls=controls)
+                             nearest_backend=config.nearest_backend, controls=controls,
+                             inversion_rows=batched_rows)
         if config.inversion == "ddpm":
             plan = dataclasses.replace(plan, latents_note=f"DDPM inversion: {len(saved) // 2} noisy latents and "
                                                           f"{len(saved) // 2} noise maps")
@@ -240,7 +244,8 @@ class Editor:
     @_oom_as_resource_error
     @torch.no_grad()
     def invert(self, video: Union[str, Clip], *, config: Optional[EditConfig] = None, **overrides) -> Inversion:
-        """DDIM-invert a clip for one edit, or reuse the cached inversion.
+        """Invert a clip for one edit (DDIM, or the DDPM inversion with ``inversion="ddpm"``), or
+        reuse the cached inversion.
 
         The inversion runs ``inversion_steps`` DDIM steps (default 500) with ``inversion_prompt``
         and keeps the latents of the timesteps the edit given by ``steps`` (edit steps, default
@@ -326,7 +331,7 @@ class Editor:
         key = InversionKey(_pixels_sha256(clip.frames), tuple(clip.frames.shape[-1:-3:-1]), self.model.identity,
                            config.inversion_prompt, config.steps, str(self.model.dtype).replace("torch.", ""),
                            self.model.device.type, conditions=conditions.key,
-                           inversion=f"ddpm:eta={config.eta!r}:seed={config.seed}")
+                           inversion=f"ddpm:eta={float(config.eta)!r}:seed={config.seed}")   # eta 1 is 1.0
         noise_key = dataclasses.replace(key, inversion=key.inversion + ":noise")
         cached = self.cache.load(key, timesteps)
         cached_noise = self.cache.load(noise_key, timesteps) if cached is not None else None
@@ -338,8 +343,7 @@ class Editor:
         start = checkpoint.restored("invert") if checkpoint is not None else None
         if start is not None:   # the interrupted run's z0: the same start, whatever this encode gave
             z0 = start["z0"].to(z0.device)
-        # graph backends take one timestep per call; ControlNet residuals are computed per timestep
-        across = self.runner.backend is None and not (conditions.inversion is not None and conditions.inversion.controls)
+        across = _ddpm_across_timesteps(config, conditions)
         rows = plan.inversion_frames
         calls = len(row_groups(timesteps, z0.shape[0], rows, across))
         if start is not None and start["step"] >= start["total"]:
@@ -348,8 +352,6 @@ class Editor:
         else:
             cond = encode_prompt(self.model, config.inversion_prompt, self.frame_size(z0))
             self.use_backend(config, plan)
-            across = across and self.runner.backend is None
-            calls = len(row_groups(timesteps, z0.shape[0], rows, across))
             how = "frames and timesteps together" if across else (
                 "one timestep per call: " + ("the ControlNets' residuals" if self.runner.backend is None
                                              else f"backend {self.runner.backend.name}'s graphs take one timestep"))
@@ -385,8 +387,12 @@ class Editor:
                          seed=config.seed, skip=config.skip)
 
     def _edit_timesteps(self, config: EditConfig) -> List[int]:
-        return edit_timesteps(self.model.scheduler_config, config.steps, config.method, config.sdedit_start,
-                              config.skip)
+        timesteps = edit_timesteps(self.model.scheduler_config, config.steps, config.method, config.sdedit_start,
+                                   config.skip)
+        if not timesteps:   # SDEdit's truncated schedule is shorter than --steps (validate checks skip < steps)
+            raise ConfigError.of_field("skip", f"{config.skip} skips every timestep this {config.method} edit "
+                                               f"denoises at; use a smaller skip")
+        return timesteps
 
     # --- editing ---------------------------------------------------------------------------
 
@@ -523,6 +529,16 @@ class Editor:
             shared = torch.randn(z0[:1].shape, generator=generator).to(eps.device)
             eps = shared.expand_as(z0)
         return scheduler.add_noise(z0, eps, torch.tensor(t0))
+
+
+def _ddpm_across_timesteps(config: EditConfig, conditions: Optional[EditConditions]) -> bool:
+    """Whether the DDPM inversion's UNet calls may mix timesteps: eager only (graph backends take one
+    timestep per call), and not with ControlNets on the inversion (their residuals are per timestep)."""
+    if conditions is not None and conditions.inversion is not None:
+        controlled = bool(conditions.inversion.controls)
+    else:   # a plan without loaded conditions: from the settings
+        controlled = bool(config.controlnets) and config.control_during_inversion
+    return config.backend == "eager" and not controlled
 
 
 def _pixels_sha256(frames: torch.Tensor) -> str:
