@@ -204,3 +204,17 @@ def test_the_plan_sizes_ddpm_inversion_calls_in_rows_beyond_the_frames(editor, c
     assert "5 noisy latents and 5 noise maps" in editor._plan(clip, config).describe()
     with pytest.raises(ConfigError, match="skip: 5 skips every timestep this sdedit edit"):
         editor.edit(clip, config=config.replace(prompt="x", method="sdedit", sdedit_start=0.6, steps=8, skip=5))
+
+
+def test_sdedit_with_the_ddpm_inversion_and_who_batches_across_timesteps(editor, clip):
+    from tokenflow.method.editor import _ddpm_across_timesteps
+
+    config = EditConfig(**DDPM, prompt="glass", use_cache=False).replace(method="sdedit", sdedit_start=0.6, steps=8)
+    result = editor.edit(clip, config=config)
+    full = [int(t) for t in make_scheduler(editor.model.scheduler_config, 8).timesteps]
+    assert result.timesteps == full[-3:] and torch.isfinite(result.latents).all()   # int(1 - 0.6 * 8) = -3
+    assert _ddpm_across_timesteps(config, None)
+    assert not _ddpm_across_timesteps(config.replace(backend="onnx"), None)
+    controlled = config.replace(controlnet="lllyasviel/sd-controlnet-canny", control="canny")
+    assert _ddpm_across_timesteps(controlled, None)   # ControlNets on the edit only: the inversion batches
+    assert not _ddpm_across_timesteps(controlled.replace(control_during_inversion=True), None)

@@ -356,7 +356,7 @@ class Editor:
                 "one timestep per call: " + ("the ControlNets' residuals" if self.runner.backend is None
                                              else f"backend {self.runner.backend.name}'s graphs take one timestep"))
             self.reporter.info(f"inversion: edit-friendly DDPM (not the original's DDIM) at {len(timesteps)} "
-                               f"timesteps, eta {config.eta}, noise seed {config.seed}: {calls} UNet calls of up to "
+                               f"timesteps, eta {config.eta}, noise seed {config.seed}: {calls} UNet call{'s' if calls != 1 else ''} of up to "
                                f"{rows} rows, batching {how}")
 
             def eps_fn(x: torch.Tensor, t, frames: torch.Tensor) -> torch.Tensor:
