@@ -356,8 +356,8 @@ class Editor:
                 "one timestep per call: " + ("the ControlNets' residuals" if self.runner.backend is None
                                              else f"backend {self.runner.backend.name}'s graphs take one timestep"))
             self.reporter.info(f"inversion: edit-friendly DDPM (not the original's DDIM) at {len(timesteps)} "
-                               f"timesteps, eta {config.eta}, noise seed {config.seed}: {calls} UNet call{'s' if calls != 1 else ''} of up to "
-                               f"{rows} rows, batching {how}")
+                               f"timesteps, eta {config.eta}, noise seed {config.seed}: {calls} UNet "
+                               f"call{'s' if calls != 1 else ''} of up to {rows} rows, batching {how}")
 
             def eps_fn(x: torch.Tensor, t, frames: torch.Tensor) -> torch.Tensor:
                 return self.runner.eps(x, t, cond.expand(x.shape[0], -1, -1), pad_to=rows, frames=frames)
