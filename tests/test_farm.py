@@ -224,36 +224,35 @@ def _lost_attempt(tmp_path, spec, on_sigterm: str) -> subprocess.Popen:
     return child
 
 
-def test_a_retry_wakes_a_stopped_lost_child_and_reads_its_exit(tmp_path, monkeypatch):
-    """The lost child is frozen (SIGSTOP) when the retry starts: the retry's SIGTERM and SIGCONT let
-    it report and exit; its run_done gives the record's child_exit_code."""
+def _retry_after_a_lost_child(tmp_path, monkeypatch, behaviour: str, grace: str, stopped: bool = False):
+    """A second attempt (the fake child exits 0) of a job whose first attempt's child (``behaviour``:
+    see ``_lost_attempt``) is still running, frozen with SIGSTOP when ``stopped``, under
+    TOKENFLOW_FARM_GRACE ``grace`` -> (result, the lost attempt's record, the lost child)."""
     spec = _spec(tmp_path, max_attempts=2)
-    child = _lost_attempt(tmp_path, spec, "report")
-    os.kill(child.pid, signal.SIGSTOP)
-    monkeypatch.setenv("TOKENFLOW_FARM_GRACE", "60")
+    child = _lost_attempt(tmp_path, spec, behaviour)
+    if stopped:
+        os.kill(child.pid, signal.SIGSTOP)
+    monkeypatch.setenv("TOKENFLOW_FARM_GRACE", grace)
     _FakeChildren.script = [0]
     try:
         result = _FakeChildren(spec).run()
     finally:
         child.kill()
         child.wait()
-    lost = result["attempt_log"][0]
+    return result, result["attempt_log"][0], child
+
+
+def test_a_retry_wakes_a_stopped_lost_child_and_reads_its_exit(tmp_path, monkeypatch):
+    """The lost child is frozen (SIGSTOP) when the retry starts: the retry's SIGTERM and SIGCONT let
+    it report and exit; its run_done gives the record's child_exit_code."""
+    result, lost, _ = _retry_after_a_lost_child(tmp_path, monkeypatch, "report", grace="60", stopped=True)
     assert (result["status"], result["attempts"]) == ("ok", 2), lost
     assert lost["child_end"] == "gone after this retry's SIGTERM", lost
     assert (lost["child_exit_code"], lost["child_exit_note"], lost["job_status"]) == (75, None, "interrupted"), lost
 
 
 def test_a_lost_child_that_outlives_the_grace_period_is_killed_and_the_record_says_so(tmp_path, monkeypatch):
-    spec = _spec(tmp_path, max_attempts=2)
-    child = _lost_attempt(tmp_path, spec, "ignore")
-    monkeypatch.setenv("TOKENFLOW_FARM_GRACE", "0.5")
-    _FakeChildren.script = [0]
-    try:
-        result = _FakeChildren(spec).run()
-    finally:
-        child.kill()
-        child.wait()
-    lost = result["attempt_log"][0]
+    result, lost, child = _retry_after_a_lost_child(tmp_path, monkeypatch, "ignore", grace="0.5")
     assert child.returncode == -signal.SIGKILL
     assert lost["child_end"] == "killed (SIGKILL) after the 0.5 s grace period (TOKENFLOW_FARM_GRACE)", lost
     assert lost["child_exit_code"] is None and "no run_done" in lost["child_exit_note"], lost
