@@ -39,6 +39,7 @@ from tokenflow.benchmark.measure import (  # noqa: E402
 )
 from tokenflow.benchmark.original_kernels import keyframe_attention_original, query_batch  # noqa: E402
 from tokenflow.engine.memory import host_available  # noqa: E402
+from tokenflow.errors import one_line  # noqa: E402
 from tokenflow.kernels.keyframe_attention import keyframe_attention, keyframe_attention_torch  # noqa: E402
 
 # (tokens S, heads, head dim): SD 2.1 at 512x512 has D = 64 at every resolution; SD 1.5 has 8 heads
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
                     row["peak_bytes"] = cuda_peak_bytes(build(name, case), device) if device.type == "cuda" \
                         else cpu_peak_bytes(build, name, case)
             except Exception as exc:  # an SDPA backend that refuses, an OOM: recorded, run goes on
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                row["error"] = one_line(exc)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             case_rows.append(row)

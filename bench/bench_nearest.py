@@ -35,6 +35,7 @@ from tokenflow.benchmark.measure import (  # noqa: E402
     resolve_kernel_args,
     write_results,
 )
+from tokenflow.errors import one_line  # noqa: E402
 from tokenflow.kernels.gather import gather_blend  # noqa: E402
 from tokenflow.kernels.nearest import cosine_nearest  # noqa: E402
 
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
                     row["peak_bytes"] = cuda_peak_bytes(build(name, case), device) if device.type == "cuda" \
                         else cpu_peak_bytes(build, name, case)
             except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                row["error"] = one_line(exc)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             case_rows.append(row)

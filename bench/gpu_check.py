@@ -224,6 +224,8 @@ class Check:
             short = {k: v for k, v in doc.items() if k not in ("stages", "targets")}
             short.update(statuses={n: str(r.get("status")) for n, r in self.results.items()}, errors=self.errors)
             text = json.dumps(finite(short), indent=1, default=str)
+        # The driver stays stdlib-only (it must report even when the carried wheels or torch fail to
+        # import), so it does not use tokenflow.io.outputs.atomic_file: temp file and rename by hand.
         tmp = self.summary_path.with_suffix(".json.tmp")
         tmp.write_text(text + "\n")
         os.replace(tmp, self.summary_path)

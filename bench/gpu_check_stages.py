@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from tokenflow.benchmark.measure import median_seconds  # noqa: E402
 from tokenflow.device import device_name, sync, versions  # noqa: E402
+from tokenflow.errors import one_line  # noqa: E402
+from tokenflow.io.outputs import atomic_file  # noqa: E402
 
 GB = 1e9
 KIT = ROOT / ".gpu" / "kit" / "gpu_run.sh"   # the reference kit (../shared/reference/gpu_kit.sh)
@@ -59,9 +61,8 @@ class Result:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.doc, default=str))   # NaN / Infinity tokens allowed: gpu_check.finite
-        os.replace(tmp, self.path)
+        with atomic_file(self.path) as f:
+            f.write(json.dumps(self.doc, default=str))   # NaN / Infinity tokens allowed: gpu_check.finite
 
 
 class Ctx:
@@ -82,7 +83,7 @@ class Ctx:
 
 
 def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return one_line(exc)
 
 
 # ----------------------------------------------------------------------------- 0 machine and ceilings

@@ -29,7 +29,7 @@ from tokenflow.benchmark.config import STAGES, BenchConfig, Variant, variant_ove
 from tokenflow.config import EditConfig
 from tokenflow.device import device_name, resolve_device, resolve_dtype, sync, versions
 from tokenflow.engine.backends import what_ran
-from tokenflow.errors import ConfigError, ResourceError, TokenFlowError, one_line
+from tokenflow.errors import ConfigError, ResourceError, TokenFlowError, first_line, one_line
 from tokenflow.io.cache import InversionCache
 from tokenflow.io.progress import Reporter
 from tokenflow.io.read import Clip, read_video
@@ -248,7 +248,7 @@ def failed_variant(variant: Variant, exc: BaseException) -> dict:
     """The entry of a variant that could not finish (out of memory, a kernel that raised, a bug): no
     numbers; the error's type and first line, and the exit code it would have had on its own
     (``tokenflow.errors``: its own for a TokenFlowError, 6 for host memory, else 1)."""
-    error = one_line(exc) if not isinstance(exc, TokenFlowError) else str(exc).strip().splitlines()[0]
+    error = one_line(exc) if not isinstance(exc, TokenFlowError) else first_line(exc)
     code = exc.exit_code if isinstance(exc, TokenFlowError) else (
         ResourceError.exit_code if isinstance(exc, MemoryError) else TokenFlowError.exit_code)
     stages = {stage: {"seconds": None, "repeats_s": [], "error": error} for stage in STAGES}

@@ -23,7 +23,6 @@ folder holds a complete checkpoint (the previous one until the new one is on dis
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -36,7 +35,8 @@ import torch
 
 from tokenflow import __version__
 from tokenflow.device import device_name
-from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint, OutputError
+from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint, OutputError, one_line
+from tokenflow.io.hashing import fingerprint
 from tokenflow.io.outputs import atomic_file, remove_path, temp_siblings
 
 FORMAT_VERSION = 1
@@ -103,10 +103,6 @@ def fingerprint_fields(config, *, model_identity: str, dtype: str, device_type: 
     fields.update(model_identity=model_identity, dtype=dtype, device_type=device_type, frames_sha256=frames_sha256,
                   tokenflow_version=__version__, checkpoint_format=FORMAT_VERSION)
     return json.loads(json.dumps(fields, sort_keys=True))   # tuples -> lists: what a loaded checkpoint holds
-
-
-def fingerprint(fields: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def remove_checkpoint(folder: Optional[str]) -> None:
@@ -247,7 +243,7 @@ class Checkpointer:
                 where = f"moved it to {aside.name}"
             except OSError:
                 where = "left it in place"
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}" if str(exc) else type(exc).__name__
+            reason = one_line(exc, 110)
             warnings.warn(f"checkpoint {path} is unreadable ({reason}); {where} and running the "
                           f"{PHASE_WORDS[phase]} from its start")
             return None

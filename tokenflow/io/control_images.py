@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from tokenflow.errors import ConfigError, InputError
-from tokenflow.io.read import IMAGE_EXTENSIONS, _natural_key, _open_rgb, _resize
+from tokenflow.io.hashing import image_names
+from tokenflow.io.read import _open_rgb, _resize
 
 OPENCV_MISSING = ("--control canny needs OpenCV, which is not installed: pip install opencv-python-headless "
                   "(or pip install 'tokenflow[control]')")
@@ -60,8 +61,7 @@ def folder_images(folder: str, count: int, size: Tuple[int, int], crop: bool = F
     if not os.path.isdir(folder):
         raise InputError(f"--control {folder}: no such folder; give canny, depth or a folder of control images "
                          "(one per edited frame)")
-    names = sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")),
-                   key=_natural_key)
+    names = image_names(folder)
     if len(names) != count:
         raise InputError(f"--control {folder} holds {len(names)} images but the edit has {count} frames: give one "
                          "control image per edited frame (after --frames/--start/--stride), numbered in order")

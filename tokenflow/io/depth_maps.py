@@ -13,7 +13,6 @@ Every problem (missing or unreadable input, wrong count, wrong size, NaN / infin
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import List, Tuple
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from tokenflow.errors import InputError, one_line
+from tokenflow.io.hashing import natural_key
 
 PNG_SUFFIX = ".png"
 _FLAG = "--depth-maps"
@@ -83,11 +83,7 @@ def _read_folder(folder: Path, path: str) -> np.ndarray:
 def png_files(folder: Path) -> List[Path]:
     """The PNGs of ``folder`` in the order of the numbers in their names."""
     names = [n for n in os.listdir(folder) if n.lower().endswith(PNG_SUFFIX) and not n.startswith(".")]
-    return [folder / n for n in sorted(names, key=_natural_key)]
-
-
-def _natural_key(name: str) -> list:
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name) if part]
+    return [folder / n for n in sorted(names, key=natural_key)]
 
 
 def _check(maps: np.ndarray, path: str, frames: int, size: Tuple[int, int]) -> None:

@@ -8,10 +8,8 @@ Tensors are float32 [N, 3, H, W] in [0, 1] unless stated otherwise. Sizes are (W
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
@@ -22,8 +20,8 @@ from PIL import Image
 
 from tokenflow.config import DEFAULT_FRAMES, default_size
 from tokenflow.errors import ConfigError, InputError
+from tokenflow.io.hashing import hash_file, hash_folder, list_images
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FOLDER_FPS = 10.0  # image folders carry no frame rate
 
 AV_INSTALL = "pip install 'av>=12'"
@@ -141,7 +139,7 @@ def probe(path) -> dict:
     if not os.path.exists(path):
         raise InputError(f"input video '{path}' does not exist. Check the path.")
     if os.path.isdir(path):
-        images = _list_images(path)
+        images = list_images(path)
         width, height = _image_size(images[0])
         return {"frames": len(images), "fps": FOLDER_FPS, "width": width, "height": height,
                 "audio": False, "duration": len(images) / FOLDER_FPS}
@@ -271,7 +269,7 @@ def _read_video_file(path: str, selection: _Selection, size: Optional[Size], cro
     elif exhausted:
         _warn_if_short(path, total, len(images), selection)
     return Clip(frames=_to_tensor(images), fps=fps, source=path, source_size=source_size,
-                indices=indices, content_hash=_hash_file(path), audio=has_audio,
+                indices=indices, content_hash=hash_file(path), audio=has_audio,
                 start_time=times[0], end_time=times[-1] + 1.0 / fps, colour=colour)
 
 
@@ -363,16 +361,8 @@ def _decode_error(path: str, error: BaseException) -> InputError:
                       "Is it a video file FFmpeg can read?")
 
 
-def _hash_file(path: str) -> str:
-    digest = hashlib.sha256()
-    _hash_into(digest, path)
-    return digest.hexdigest()
 
 
-def _hash_into(digest, path: str) -> None:
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -381,7 +371,7 @@ def _hash_into(digest, path: str) -> None:
 def _read_image_folder(folder: str, selection: _Selection, size: Optional[Size], crop: bool,
                        on_frame: Optional[FrameCheck] = None, family: str = "sd") -> Clip:
     """Each picture is read, checked and resized before the next is opened (one source picture held)."""
-    paths = _list_images(folder)
+    paths = list_images(folder)
     chosen = list(range(selection.start, len(paths), selection.stride))[: selection.count]
     if not chosen:
         raise InputError(f"--start {selection.start} is past the end of '{folder}' ({len(paths)} frames).")
@@ -400,23 +390,12 @@ def _read_image_folder(folder: str, selection: _Selection, size: Optional[Size],
         del picture
     _warn_if_short(folder, len(paths), len(chosen), selection)
     return Clip(frames=_to_tensor(images), fps=FOLDER_FPS, source=folder, source_size=source_size,
-                indices=chosen, content_hash=_hash_folder(paths), audio=False,
+                indices=chosen, content_hash=hash_folder(paths), audio=False,
                 start_time=chosen[0] / FOLDER_FPS, end_time=(chosen[-1] + 1) / FOLDER_FPS)
 
 
-def _list_images(folder: str) -> list:
-    """Image files of ``folder`` in natural order (frame2.png before frame10.png)."""
-    names = [name for name in os.listdir(folder)
-             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
-    if not names:
-        raise InputError(f"folder '{folder}' contains no images ({', '.join(IMAGE_EXTENSIONS)}). "
-                         "Give a video file or a folder of numbered frames.")
-    return [os.path.join(folder, name) for name in sorted(names, key=_natural_key)]
 
 
-def _natural_key(name: str) -> list:
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower())
-            for part in re.split(r"(\d+)", name) if part]
 
 
 def _open_rgb(path: str) -> Image.Image:
@@ -434,10 +413,3 @@ def _image_size(path: str) -> Size:
     except (OSError, ValueError) as error:
         raise InputError(f"could not read image '{path}': {error}. Is it a valid image file?") from error
 
-
-def _hash_folder(paths: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(os.path.basename(path).encode() + b"\0")
-        _hash_into(digest, path)
-    return digest.hexdigest()

@@ -19,9 +19,8 @@ import os
 from typing import Any, Dict, List, Mapping, Optional
 
 from tokenflow.errors import InputError
-from tokenflow.io.checkpoint import fingerprint
+from tokenflow.io.hashing import fingerprint, hash_file, hash_folder, list_images
 from tokenflow.io.outputs import FOLDER_STAMP
-from tokenflow.io.read import _hash_file, _hash_folder, _list_images
 
 STAMP_FORMAT = 1
 VIDEO_TAG = "tokenflow_job"
@@ -118,7 +117,7 @@ def input_hash(video: str) -> str:
     the ``content_hash`` of the Clip that ``io.read.read_video`` decodes from it, without decoding."""
     path = os.fspath(video)
     try:
-        return _hash_folder(_list_images(path)) if os.path.isdir(path) else _hash_file(path)
+        return hash_folder(list_images(path)) if os.path.isdir(path) else hash_file(path)
     except OSError as error:
         raise InputError(f"cannot read input video '{video}': {error.strerror or error}. "
                          "Check the path (the outputs' settings are checked against it)") from None

@@ -27,7 +27,7 @@ from tokenflow.engine.latents import DiskLatents, InvertedLatents
 from tokenflow.engine.memory import calibrate, default_budget
 from tokenflow.engine.planner import Controls, MemoryPlan, make_plan
 from tokenflow.engine.processors import TokenFlowUNet
-from tokenflow.errors import ConfigError, ResourceError
+from tokenflow.errors import ConfigError, ResourceError, one_line
 from tokenflow.interrupt import StopFlag
 from tokenflow.io.cache import InversionCache, InversionKey
 from tokenflow.io.checkpoint import Checkpointer, fingerprint_fields
@@ -87,7 +87,7 @@ def _oom_as_resource_error(fn: Callable) -> Callable:
             if not is_out_of_memory(exc):
                 raise
             raise ResourceError(
-                f"out of memory on the device ({str(exc).splitlines()[0][:120]}): set a --memory-budget below "
+                f"out of memory on the device ({one_line(exc, 120)}): set a --memory-budget below "
                 "what the device has free (see --plan), or use fewer frames (--frames), a smaller --size, "
                 "--dtype float16 or a --keyframe-window") from None
     return wrapper
