@@ -2,6 +2,7 @@
 is ``method.ddpm``'s (batched across timesteps or not), edits do not depend on chunking, windows
 or the number of prompts, Inversions and the cache keep their noise maps, the CLI runs it end to
 end and says so, and a killed run resumes bit-identically (edit and inversion)."""
+import dataclasses
 import signal
 
 import numpy as np
@@ -55,6 +56,7 @@ def test_the_editors_inversion_is_the_methods_batched_or_not(editor, clip):
         latents, noise = ddpm_invert(eps_fn, z0, sched, sched.timesteps, seed=4, rows_per_call=6,
                                      across_timesteps=False)
     for inv in found.values():
+        assert not inv.from_cache   # use_cache=False: each rows value inverts (not the first one's entry)
         assert inv.inversion == "ddpm" and set(inv.latents) == set(inv.noise) == set(sched.timesteps)
         for t in sched.timesteps:
             assert torch.equal(inv.latents[t], latents[t])   # drawn from the seed alone
@@ -80,6 +82,26 @@ def test_chunks_windows_and_prompts_do_not_change_the_edit(editor, clip):
     assert _rel(ddim, base) > 1e-2
     skipped = editor.edit(clip, config=config.replace(skip=2))
     assert skipped.timesteps == [int(t) for t in make_scheduler(editor.model.scheduler_config, 5).timesteps][2:]
+
+
+def test_the_edit_samples_with_the_inversions_noise_maps(editor, clip):
+    """Each edit step is mu_t + sigma_t z_t with the stored z_t: other noise maps give another edit,
+    scaled ones in proportion to sigma_t (a DDIM step, which has no z_t, would ignore both)."""
+    config = EditConfig(**DDPM, prompt="glass", use_cache=False)
+    inv = editor.invert(clip, config=config)
+    base = editor.edit(inv, config=config).latents
+    again = editor.edit(inv, config=config).latents
+    assert torch.equal(base, again)
+    zeroed = dataclasses.replace(inv, noise={t: torch.zeros_like(v) for t, v in inv.noise.items()})
+    assert _rel(editor.edit(zeroed, config=config).latents, base) > 1e-2
+    # the last step alone: only its z_t differs, so the final latents move by exactly sigma_t * dz
+    last = min(inv.noise)   # the final step
+    bump = torch.randn(inv.noise[last].shape, generator=torch.Generator().manual_seed(1))
+    moved = dataclasses.replace(inv, noise={t: v + bump if t == last else v for t, v in inv.noise.items()})
+    sigma = DDPMSchedule.of(make_scheduler(editor.model.scheduler_config, 5), sorted(inv.noise, reverse=True),
+                            1.0).coefficients([last], "cpu")[0, 4].item()
+    shift = editor.edit(moved, config=config).latents - base
+    assert sigma > 0 and torch.allclose(shift, sigma * bump.expand_as(shift), atol=1e-4), (shift - sigma * bump).abs().max()
 
 
 def test_inversions_and_the_cache_keep_the_noise_maps(editor, clip):

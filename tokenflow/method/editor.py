@@ -267,6 +267,11 @@ class Editor:
             self.reporter.info(line)
         return found
 
+    def _cache(self, config: EditConfig) -> InversionCache:
+        """The inversion cache for this call: the editor's, off when it or ``config.use_cache`` says so."""
+        return self.cache if config.use_cache or not self.cache.enabled else InversionCache(self.cache.root,
+                                                                                             enabled=False)
+
     def _invert(self, clip: Clip, config: EditConfig, plan: MemoryPlan,
                 checkpoint: Optional[Checkpointer] = None, *, conditions: EditConditions) -> Inversion:
         """The inversion from the cache, else computed (continuing a checkpointed one when
@@ -283,7 +288,8 @@ class Editor:
                            config.inversion_prompt, config.inversion_steps,
                            str(self.model.dtype).replace("torch.", ""), self.model.device.type,
                            conditions=conditions.key)
-        cached = self.cache.load(key, needed)
+        cache = self._cache(config)
+        cached = cache.load(key, needed)
         if cached is not None:
             self.reporter.info(f"inversion: reusing cached latents ({len(cached)} timesteps)")
             latents = InvertedLatents.stack(cached, z0.device, plan.latents_on)
@@ -310,7 +316,7 @@ class Editor:
                 latents = ddim_invert(eps_fn, z0, scheduler, needed, plan.inversion_frames,
                                       on_step=lambda i: stage.update(step=i), place=plan.latents_on,
                                       start=start, checkpoint=checkpoint)
-        stored = self.cache.save(key, latents)
+        stored = cache.save(key, latents)
         if checkpoint is not None and checkpoint.folder is not None:
             if stored is None:   # --no-cache (or an unwritable cache): the checkpoint keeps the inversion
                 if start is None or start["step"] < start["total"]:
@@ -333,8 +339,9 @@ class Editor:
                            self.model.device.type, conditions=conditions.key,
                            inversion=f"ddpm:eta={float(config.eta)!r}:seed={config.seed}")   # eta 1 is 1.0
         noise_key = dataclasses.replace(key, inversion=key.inversion + ":noise")
-        cached = self.cache.load(key, timesteps)
-        cached_noise = self.cache.load(noise_key, timesteps) if cached is not None else None
+        cache = self._cache(config)
+        cached = cache.load(key, timesteps)
+        cached_noise = cache.load(noise_key, timesteps) if cached is not None else None
         if cached_noise is not None:
             self.reporter.info(f"inversion: reusing cached DDPM latents and noise maps ({len(timesteps)} timesteps)")
             latents = InvertedLatents.stack({t: cached[t] for t in timesteps}, z0.device, plan.latents_on)
@@ -368,7 +375,7 @@ class Editor:
                 latents, noise = ddpm_invert(eps_fn, z0, ddpm, timesteps, config.seed, rows, across_timesteps=across,
                                              place=plan.latents_on, on_call=lambda i, n: stage.update(step=i),
                                              start=start, checkpoint=checkpoint)
-        stored = self.cache.save(key, latents) is not None and self.cache.save(noise_key, noise) is not None
+        stored = cache.save(key, latents) is not None and cache.save(noise_key, noise) is not None
         if checkpoint is not None and checkpoint.folder is not None:
             if not stored:   # --no-cache (or an unwritable cache): the checkpoint keeps the noise maps
                 if start is None or start["step"] < start["total"]:
