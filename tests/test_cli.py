@@ -167,13 +167,23 @@ def fake_hub_snapshot(hub, repo, files):
     return folder / "snapshots" / ("0" * 40)
 
 
+SD21_INDEX = {"_class_name": "StableDiffusionPipeline", "feature_extractor": ["transformers", "CLIPImageProcessor"],
+              "requires_safety_checker": False, "safety_checker": [None, None],
+              "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+              "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+              "vae": ["diffusers", "AutoencoderKL"]}
+
+
 def test_doctor_lists_every_op_and_backend_with_reasons(tmp_path):
     import torch
 
     from tokenflow.app.doctor import MODEL_FILES, model_cache
     from tokenflow.config import DEFAULT_MODEL
 
-    snapshot = fake_hub_snapshot(tmp_path / "hub", DEFAULT_MODEL, MODEL_FILES)
+    # SD 2.1-base's own files: no text_encoder_2 or depth_estimator (those are other families')
+    sd21 = [f for f in MODEL_FILES if f.split("/")[0] in ("model_index.json", "unet", "vae", "text_encoder")]
+    snapshot = fake_hub_snapshot(tmp_path / "hub", DEFAULT_MODEL, sd21)
+    (snapshot / "model_index.json").write_text(json.dumps(SD21_INDEX))
     cache = tmp_path / "tokenflow-cache"
     (cache / "onnx" / "plain-0123456789abcdef").mkdir(parents=True)
     (cache / "onnx" / "plain-0123456789abcdef" / "unet.onnx").write_bytes(b"x" * 1234)
@@ -193,7 +203,12 @@ def test_doctor_lists_every_op_and_backend_with_reasons(tmp_path):
     assert setup["memory"]["ram_available_bytes"] > 0 and len(vram) == torch.cuda.device_count()
     assert all(0 < v["free_bytes"] <= v["total_bytes"] for v in vram)
     partial = model_cache(DEFAULT_MODEL, str(tmp_path / "hub-partial"))
-    assert not partial["cached"] and partial["missing"] == list(MODEL_FILES)
+    assert not partial["cached"] and partial["missing"] == sd21
+    # an SDXL model needs its second text encoder too
+    xl = fake_hub_snapshot(tmp_path / "hub-xl", "someone/xl", sd21)
+    xl_index = {**SD21_INDEX, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+    (xl / "model_index.json").write_text(json.dumps(xl_index))
+    assert model_cache("someone/xl", str(tmp_path / "hub-xl"))["missing"] == ["text_encoder_2/model.safetensors"]
     (tmp_path / "hub" / f"models--{DEFAULT_MODEL.replace('/', '--')}" / "snapshots" / ("0" * 40) /
      "unet" / "diffusion_pytorch_model.safetensors").unlink()
     partial = model_cache(DEFAULT_MODEL, str(tmp_path / "hub"))

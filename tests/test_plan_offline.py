@@ -45,7 +45,9 @@ def files_under(folder):
 
 
 def test_plan_of_sd21_without_weights_is_made_from_its_architecture(tmp_path, long_clip):
-    done = plan(tmp_path, long_clip, "--model", "2.1", "--frames", "200", "--memory-budget", "24GB", "--device", "cpu")
+    # a budget this machine's RAM can hold even when busy: on CPU the host check counts the plan's calls
+    done = plan(tmp_path, long_clip, "--model", "2.1", "--frames", "200", "--size", "256x256", "--memory-budget", "8GB",
+                "--device", "cpu")
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "memory plan on cpu (float32)" in out

@@ -18,6 +18,7 @@ import json
 import platform
 import sys
 import warnings
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -67,7 +68,16 @@ EXTRAS = {"opencv": ("cv2", ("opencv-python", "opencv-python-headless", "opencv-
           "faiss": ("faiss", ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12"), "--nearest-backend faiss"),
           "xformers": ("xformers", ("xformers",), "--attention-backend xformers"),
           "triton": ("triton", ("triton",), "the fused GPU kernels and --backend compile on CUDA")}
-MODEL_FILES = tuple(p for p in HUB_ALLOW_PATTERNS if "*" not in p)   # model_index.json and the weights
+MODEL_FILES = tuple(p for p in HUB_ALLOW_PATTERNS if "*" not in p)   # model_index.json and every family's weights
+
+
+def model_files(model_index: Optional[Dict]) -> List[str]:
+    """The files of MODEL_FILES a model needs: model_index.json and the weights of the components its
+    model_index names (SD: unet, vae, text_encoder; SDXL adds text_encoder_2; SD 2 depth its
+    depth_estimator). Without a model_index (not cached yet): model_index.json and SD's three."""
+    named = {k for k, v in (model_index or {}).items() if isinstance(v, list) and v and v[0]} if model_index \
+        else {"unet", "vae", "text_encoder"}
+    return [f for f in MODEL_FILES if "/" not in f or f.split("/", 1)[0] in named]
 
 
 def model_cache(model: str = DEFAULT_MODEL, hub_cache: Optional[str] = None) -> Dict:
@@ -75,13 +85,22 @@ def model_cache(model: str = DEFAULT_MODEL, hub_cache: Optional[str] = None) -> 
     own: ``$HF_HUB_CACHE``, ``$HF_HOME/hub``, ...), looked up on disk only: no network."""
     from huggingface_hub import constants, try_to_load_from_cache  # noqa: PLC0415 (only here)
 
-    found, missing = {}, []
-    for name in MODEL_FILES:
+    def cached(name: str) -> Optional[str]:
         try:
             path = try_to_load_from_cache(model, name, cache_dir=hub_cache)
         except Exception:   # noqa: BLE001 - an unreadable cache is a miss here, never a crashed doctor
             path = None
-        if isinstance(path, str):
+        return path if isinstance(path, str) else None
+
+    index_path = cached("model_index.json")
+    try:
+        index = json.loads(Path(index_path).read_text()) if index_path else None
+    except (OSError, ValueError):   # damaged: SD's components are what is looked for
+        index = None
+    found, missing = {}, []
+    for name in model_files(index if isinstance(index, dict) else None):
+        path = cached(name)
+        if path is not None:
             found[name] = path
         else:
             missing.append(name)
