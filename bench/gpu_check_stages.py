@@ -14,6 +14,7 @@ seam tests/test_gpu_check.py uses to check that path).
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -440,18 +441,31 @@ def stage_end_to_end(ctx: Ctx, res: Result) -> Tuple[str, str]:
 SDXL_TARGET_FRAMES = 200
 
 
-def sdxl_extrapolation(out: dict, frames: int) -> dict:
+def sdxl_extrapolation(out: dict, frames: int, unet_config, latent_hw: Tuple[int, int], spacing: int) -> dict:
     """Per-stage seconds of a ``frames``-frame SDXL edit at 50 + 50 steps from a shorter run ``out``
-    (``_edit``'s result): encode, decode and every step scale with the frames (fixed keyframe
-    spacing: keyframes, propagation rows and VAE frames all grow linearly); the rest (plan, prompts,
-    setup) does not."""
+    (``_edit``'s result). Encode, decode, the inversion steps and the propagation scale with the
+    frames (one UNet sample per frame and branch; every frame is matched against its two nearest
+    keyframes). The keyframe pass does not: its extended attention grows with K^2 (K = ceil(frames /
+    spacing) keyframes, 5 at 40 frames, 25 at 200), so the median edit step is split between the
+    passes in the measured ratio of their times and the keyframe share scaled by the FLOP model's
+    ``keyframe_pass(K_target) / keyframe_pass(K_measured)`` (``tokenflow.benchmark.flops``). The rest
+    (plan, prompts, setup) is as measured."""
+    from tokenflow.benchmark import flops
+
     scale = frames / out["frames"]
     t = out["timings_s"]
+    k_now, k_then = math.ceil(out["frames"] / spacing), math.ceil(frames / spacing)
+    cost = flops.unet_cost(unet_config, *latent_hw)
+    keyframe_scale = cost.keyframe_pass(k_then) / cost.keyframe_pass(k_now)
+    passes = t.get("keyframes", 0.0) + t.get("propagate", 0.0)
+    keyframe_share = t.get("keyframes", 0.0) / passes if passes > 0 else 0.0
+    step = statistics.median(out["edit_step_s"])
     stages = {"encode": scale * t.get("encode", 0.0),
               "invert": scale * EXTRAPOLATE_STEPS * statistics.median(out["inversion_step_s"]),
-              "edit": scale * EXTRAPOLATE_STEPS * statistics.median(out["edit_step_s"]),
+              "edit": EXTRAPOLATE_STEPS * step * (keyframe_share * keyframe_scale + (1 - keyframe_share) * scale),
               "decode": scale * t.get("decode", 0.0), "other": out["other_s"]}
-    return {**stages, "total": sum(stages.values())}
+    return {**stages, "total": sum(stages.values()), "keyframe_share": keyframe_share,
+            "keyframe_pass_scale": keyframe_scale, "frame_scale": scale}
 
 
 def stage_sdxl(ctx: Ctx, res: Result) -> Tuple[str, str]:
@@ -472,15 +486,19 @@ def stage_sdxl(ctx: Ctx, res: Result) -> Tuple[str, str]:
              else load_model("tiny-xl", ctx.device, dtype))
     res.detail("model", {"arch": "sdxl" if ctx.cuda else "tiny-xl", "dtype": str(dtype), "vae_upcast": model.vae_upcast,
                          "build_s": time.perf_counter() - started, "budget": budget or "default (CPU)"})
-    res.detail("extrapolation", f"x {SDXL_TARGET_FRAMES} / frames for encode, decode and the steps; "
-                                f"{EXTRAPOLATE_STEPS} x median step s for inversion and edit; other_s as measured")
+    res.detail("extrapolation", f"x {SDXL_TARGET_FRAMES} / frames for encode, decode, the inversion steps and "
+                                "the propagation's share of the edit steps; the keyframe pass's share x the FLOP "
+                                "model's keyframe_pass(K_200) / keyframe_pass(K_measured) (extended attention grows "
+                                f"with K^2); {EXTRAPOLATE_STEPS} x median step s for inversion and edit; other_s "
+                                "as measured (sdxl_extrapolation)")
     try:
         out = _edit(model, ctx, frames, size, inv_steps, steps, spacing, arch="sdxl", budget=budget)
     except Exception as exc:
         res.detail("run", {"error": _error(exc), "traceback": traceback.format_exc()[-2000:]})
         return "FAIL", f"{frames} frames: {_error(exc)}"
     res.detail("run", out)
-    per_stage = sdxl_extrapolation(out, SDXL_TARGET_FRAMES)
+    latent = size // model.vae_scale_factor
+    per_stage = sdxl_extrapolation(out, SDXL_TARGET_FRAMES, model.unet.config, (latent, latent), spacing)
     res.detail("extrapolated_200_frames_50_50_s", per_stage)
     res.measure(sdxl_extrapolated_s_200_frames=per_stage["total"],
                 **{f"sdxl_{k}_s_{frames}_frames": float(v) for k, v in out["timings_s"].items()})

@@ -78,13 +78,30 @@ def _gpu_check():
 
 
 def test_the_sdxl_stage_is_opt_in_and_extrapolates_per_stage():
+    """Frames scale encode, decode, inversion steps and the propagation; the keyframe pass's share
+    of an edit step scales by its FLOPs at 25 keyframes over 5 (extended attention: K^2 terms),
+    here recomputed from the layer list rather than through ``keyframe_pass``."""
     gc, stages = _gpu_check()
     assert [s.name for s in gc.OPT_IN_STAGES] == ["sdxl", "inversion"] and "sdxl" not in [s.name for s in gc.STAGES]
-    out = {"frames": 40, "timings_s": {"encode": 2.0, "invert": 9.0, "edit": 30.0, "decode": 4.0},
+    out = {"frames": 40, "timings_s": {"encode": 2.0, "invert": 9.0, "edit": 30.0, "decode": 4.0,
+                                       "keyframes": 12.0, "propagate": 18.0},
            "inversion_step_s": [3.0, 3.0, 5.0], "edit_step_s": [10.0, 9.0, 11.0], "other_s": 1.5}
-    got = stages.sdxl_extrapolation(out, 200)
-    assert got == {"encode": 10.0, "invert": 5 * 50 * 3.0, "edit": 5 * 50 * 10.0, "decode": 20.0, "other": 1.5,
-                   "total": 10.0 + 750.0 + 2500.0 + 20.0 + 1.5}
+    config = architectures.ARCHITECTURES["sdxl"][0]
+    got = stages.sdxl_extrapolation(out, 200, config, (128, 128), spacing=8)
+    cost = flops.unet_cost(config, 128, 128)
+
+    def keyframe_pass(k):   # 3 branches: each keyframe's own attention, then 2 branches over all K frames
+        return 3 * k * (cost.base + sum(4 * 2 * lay.tokens * lay.channels ** 2 for lay in cost.layers)) + sum(
+            k * 4 * lay.tokens ** 2 * lay.channels + 2 * k * 4 * lay.tokens * (k * lay.tokens) * lay.channels
+            for lay in cost.layers)
+
+    ratio = keyframe_pass(25) / keyframe_pass(5)
+    assert 5 < ratio < 25 and got["keyframe_pass_scale"] == pytest.approx(ratio, rel=1e-9)
+    edit = 50 * 10.0 * (0.4 * ratio + 0.6 * 5)
+    assert got["edit"] == pytest.approx(edit) and got["edit"] > 5 * 50 * 10.0   # more than linear in the frames
+    assert {k: got[k] for k in ("encode", "invert", "decode", "other")} == {
+        "encode": 10.0, "invert": 5 * 50 * 3.0, "decode": 20.0, "other": 1.5}
+    assert got["total"] == pytest.approx(10.0 + 750.0 + edit + 20.0 + 1.5)
 
 
 def test_gpu_check_dry_run_of_the_sdxl_stage(tmp_path):
@@ -101,7 +118,9 @@ def test_gpu_check_dry_run_of_the_sdxl_stage(tmp_path):
     stage = summary["stages"]["sdxl"]
     assert stage["measured"]["sdxl_extrapolated_s_200_frames"] > 0
     per_stage = stage["details"]["extrapolated_200_frames_50_50_s"]
-    assert set(per_stage) == {"encode", "invert", "edit", "decode", "other", "total"}
+    assert set(per_stage) == {"encode", "invert", "edit", "decode", "other", "total", "keyframe_share",
+                              "keyframe_pass_scale", "frame_scale"}
+    assert 0 < per_stage["keyframe_share"] < 1 and per_stage["keyframe_pass_scale"] > 1   # the run timed both passes
     assert stage["details"]["model"]["arch"] == "tiny-xl" and stage["details"]["run"]["finite"]
     (target,) = summary["targets"][-1:]
     assert target["key"] == "sdxl_extrapolated_s_200_frames" and target["met"] is None
