@@ -145,3 +145,28 @@ def test_inversion_cache_key_changes_with_size_and_model(tmp_path, tiny_xl, tiny
     assert keys[0].size == (64, 64) and keys[1].size == (64, 128) and keys[0].digest() != keys[1].digest()
     assert keys[0].model == tiny_xl.identity != tiny_sd.identity   # another model: another key
     assert dataclasses.replace(keys[0], model=tiny_sd.identity).digest() != keys[0].digest()
+
+
+def test_a_hub_model_that_turns_out_sdxl_is_read_at_sdxl_size(tmp_path, capsys, monkeypatch, tiny_xl_dir, sample_clip):
+    """A Hub fine-tune not downloaded yet is taken for SD before the load (family_of cannot read its
+    config), so the frames are first read at SD's default size; once the load shows SDXL, without
+    --size they are read again at SDXL's (stood in for here by making family_of guess SD)."""
+    from tokenflow.app import jobs
+    from tokenflow.io.progress import Reporter
+
+    monkeypatch.setattr(jobs, "family_of", lambda model: "sd")
+    sd_size, xl_size = default_size(96, 64), default_size(96, 64, "sdxl")
+    assert sd_size != xl_size
+    code, events, err = edit(capsys, sample_clip, "--model", tiny_xl_dir, "--plan", "--frames", "2", "--device", "cpu",
+                             "--log-json")
+    assert code == 0, err
+    assert any("turned out to be an SDXL model once downloaded" in e.get("message", "") for e in events)
+    (plan,) = [e for e in events if e["event"] == "plan"]
+    assert plan["latent_size"] == [xl_size[1] // 8, xl_size[0] // 8]
+    config = EditConfig(video=str(sample_clip), model=str(tiny_xl_dir), frames=2, device="cpu", prompt="x")
+    host = jobs.check_host_memory(config, 1, "cpu")
+    clip, editor = jobs.read_and_load(config, Reporter(quiet=True), host, 1, "cpu")
+    assert tuple(clip.frames.shape[-1:-3:-1]) == xl_size and editor.model.family == "sdxl"
+    sized = config.replace(size=(64, 64))   # a --size is kept
+    clip, _ = jobs.read_and_load(sized, Reporter(quiet=True), jobs.check_host_memory(sized, 1, "cpu"), 1, "cpu")
+    assert tuple(clip.frames.shape[-2:]) == (64, 64)

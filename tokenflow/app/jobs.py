@@ -154,8 +154,7 @@ def _edit_locked(config: EditConfig, reporter: Reporter, locks: OutputLocks, sto
     if config.clip_model:   # (after the host check: loading CLIP takes time and memory)
         scorer = load_scorer(config.clip_model, config.device)   # a missing model fails before the decoding
     start = time.perf_counter()
-    clip = read_checked(config, reporter, host)
-    editor = _load_editor(config, reporter)
+    clip, editor = read_and_load(config, reporter, host, len(config.prompts), device.type)
     if stop.requested:   # during the read or the model load: no step has run, nothing new to save
         raise Interrupted(f"stopped by {stop.reason} before the edit began; nothing was written")
     forget_used()   # from here on, the kernel calls the dispatcher resolves are this edit's (the summary's "ran")
@@ -278,12 +277,13 @@ def kept_latents(config: EditConfig) -> int:
     return 2 * (config.steps - config.skip) if config.inversion == "ddpm" else config.steps + 1
 
 
-def check_host_memory(config: EditConfig, prompts: int, device_type: str) -> HostPlan:
+def check_host_memory(config: EditConfig, prompts: int, device_type: str, family: Optional[str] = None) -> HostPlan:
     """The job's host memory (engine.planner.HostPlan) from the input's headers and the config,
     before anything is decoded or loaded: ResourceError (exit 6) with the numbers and the flags
-    that fix it when it cannot fit. ``prompts`` 0: an inversion only."""
+    that fix it when it cannot fit. ``prompts`` 0: an inversion only. ``family``: the model's
+    (default: ``family_of`` the --model string, for the default size)."""
     count = count_selected(str(config.video), frames=config.frames, start=config.start_frame, stride=config.stride)
-    width, height = config.size or default_size(*count.source_size, family_of(config.model))
+    width, height = config.size or default_size(*count.source_size, family or family_of(config.model))
     return before_read(frames=count.frames, frames_source=count.how, width=width, height=height,
                        source_pixels=count.source_size[0] * count.source_size[1], prompts=prompts,
                        timesteps=kept_latents(config), device_type=device_type, inverted_latents=config.inverted_latents,
@@ -308,10 +308,39 @@ def check_model_and_steps(config: EditConfig) -> None:
                       "yet, its own is checked when it loads)")
 
 
-def read_checked(config: EditConfig, reporter: Reporter, host: HostPlan) -> Clip:
+def read_checked(config: EditConfig, reporter: Reporter, host: HostPlan, family: Optional[str] = None) -> Clip:
     """Decode the frames ``config`` selects, checking ``host`` before each frame beyond the count
-    it was checked for (a container that did not list them)."""
-    return read_clip(str(config.video), config, reporter, on_frame=host.check_frames, family=family_of(config.model))
+    it was checked for (a container that did not list them). ``family``: as ``check_host_memory``."""
+    return read_clip(str(config.video), config, reporter, on_frame=host.check_frames,
+                     family=family or family_of(config.model))
+
+
+FAMILY_WORDS = {"sdxl": "an SDXL model", "sd": "a Stable Diffusion 1.x/2.x model"}
+
+
+def read_and_load(config: EditConfig, reporter: Reporter, host: HostPlan, prompts: int,
+                  device_type: str) -> Tuple[Clip, Editor]:
+    """The clip and the editor. Without --size the frames are read at the default size of the
+    family ``family_of`` finds before the load; for a Hub model not downloaded yet that is a guess
+    (SD): see ``at_model_size``."""
+    guessed = family_of(config.model)   # before the load: afterwards the Hub cache holds its config
+    clip = read_checked(config, reporter, host, guessed)
+    editor = _load_editor(config, reporter)
+    return at_model_size(config, reporter, clip, guessed, editor, prompts, device_type), editor
+
+
+def at_model_size(config: EditConfig, reporter: Reporter, clip: Clip, guessed: str, editor: Editor, prompts: int,
+                  device_type: str) -> Clip:
+    """``clip``, or, when the loaded model is of another family than the one guessed before the
+    load (an SDXL fine-tune on the Hub, not downloaded yet) and no --size was given, the frames read
+    again at its default size (SDXL's 1024-pixel class, not SD's 512), after the host check there."""
+    actual = editor.model.family
+    if config.size is not None or actual == guessed:
+        return clip
+    host = check_host_memory(config, prompts, device_type, actual)
+    reporter.info(f"{config.model} turned out to be {FAMILY_WORDS.get(actual, actual)} once downloaded: "
+                  "reading the frames again at its default size (--size sets one)")
+    return read_checked(config, reporter, host, actual)
 
 
 def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
@@ -321,9 +350,12 @@ def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
     if not config.video:
         raise InputError("no input video: --plan needs the video whose edit it plans (tokenflow edit VIDEO --plan)")
     check_model_and_steps(config)
-    host = check_host_memory(config, max(1, len(config.prompts)), resolve_device(config.device).type)
-    clip = read_checked(config, reporter, host)
+    prompts, device_type = max(1, len(config.prompts)), resolve_device(config.device).type
+    host = check_host_memory(config, prompts, device_type)
+    guessed = family_of(config.model)   # before the load: afterwards the Hub cache holds its config
+    clip = read_checked(config, reporter, host, guessed)
     editor, made_from = _plan_editor(config, reporter)
+    clip = at_model_size(config, reporter, clip, guessed, editor, prompts, device_type)
     plan = editor.plan(clip, config.replace(prompt=config.prompts or ("plan",)))
     plan = dataclasses.replace(plan, made_from=made_from)
     reporter.event("plan", **plan.as_dict())
@@ -363,8 +395,7 @@ def run_invert(config: EditConfig, reporter: Reporter) -> Dict:
     device = resolve_device(config.device)
     reporter.use_device(device)   # stage timings wait for the device's queued work (CUDA, MPS)
     host = check_host_memory(config, 0, device.type)   # before anything is decoded or loaded
-    clip = read_checked(config, reporter, host)
-    editor = _load_editor(config, reporter)
+    clip, editor = read_and_load(config, reporter, host, 0, device.type)
     forget_used()
     inversion = editor.invert(clip, config=config)
     summary = {"ran": None if inversion.from_cache else ran_by(editor),   # null: the cache held it, nothing ran
