@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 
 from tokenflow.app.cli import main
 
@@ -85,6 +86,12 @@ def nets(tiny_sd, tmp_path_factory):
     wrong = random_controlnet(other, 3)
     wrong.save_pretrained(root / "sd-other", safe_serialization=True)
     write_ldm_file(wrong, root / "sd-other.safetensors")
+    tiny_sd.unet.save_pretrained(root / "a-unet", safe_serialization=True)   # not a ControlNet
+    (root / "half").mkdir()   # A's config, half of A's weights
+    (root / "half" / "config.json").write_bytes((root / "A" / "config.json").read_bytes())
+    weights = a.state_dict()
+    save_file({k: v.contiguous() for k, v in list(weights.items())[: len(weights) // 2]},
+              str(root / "half" / "diffusion_pytorch_model.safetensors"))
     images = root / "poses"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -284,6 +291,9 @@ def test_job_files_take_lists(edit, nets, tmp_path, tiny_model_dir, sample_clip,
     (("--controlnet", "{A}", "--control", "{nets}/poses", "--frames", "3"), 3, "holds 4 images but the edit has 3"),
     (("--controlnet", "{A}:-1", "--control", "canny"), 2, "scale -1.0 is out of range"),
     (("--controlnet", "{nets}/poses", "--control", "canny"), 4, "has no config.json"),
+    (("--controlnet", "{nets}/a-unet", "--control", "canny"), 4, "is not a ControlNet: its config.json is a "
+                                                               "UNet2DConditionModel's"),
+    (("--controlnet", "{nets}/half", "--control", "canny"), 4, "lacks"),
 ])
 def test_bad_controlnets_are_refused_before_any_work(edit, nets, flags, status, message):
     flags = [f.format(A=nets / "A", nets=nets) for f in flags]

@@ -134,6 +134,10 @@ def _from_folder(folder: Path, name: str, unet: Any, allow_pickle: bool, base: s
     except Exception as error:
         raise ModelError(f"could not read the config of ControlNet '{name}' ({one_line(error)}): "
                          f"fix or replace {folder / CONFIG_NAME}") from None
+    kind = config.get("_class_name") if isinstance(config, dict) else None
+    if kind and "ControlNet" not in str(kind):   # a UNet's or VAE's folder: from_pretrained would half-load it
+        raise ModelError(f"'{name}' is not a ControlNet: its {CONFIG_NAME} is a {kind}'s. Give a diffusers "
+                         "ControlNet folder (ControlNetModel) or a ControlNet weights file")
     check_base(config, unet, name, base)
     if not (folder / SAFE_WEIGHTS).is_file():
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -148,6 +152,10 @@ def _from_folder(folder: Path, name: str, unet: Any, allow_pickle: bool, base: s
     except Exception as error:
         raise ModelError(f"could not load the weights of ControlNet '{name}' ({one_line(error)}): "
                          f"the files in {folder} are damaged or incomplete; download them again") from None
+    missing = [n for n, p in net.named_parameters() if p.is_meta]   # weights the file did not hold
+    if missing:
+        raise ModelError(f"ControlNet '{name}': {folder / SAFE_WEIGHTS} lacks {len(missing)} of its weights "
+                         f"(e.g. {missing[0]}): it is not this config's ControlNet, or incomplete; download it again")
     return net, _fingerprint(folder)
 
 
@@ -184,6 +192,9 @@ def _from_file(path: Path, name: str, unet: Any, allow_pickle: bool, base: str) 
         net = ControlNetModel.from_config(config)
     expected = net.state_dict()
     _check_tensors(converted, expected, name, unet)
+    # own storage per weight: the converter returns views into split tensors, whose unaligned
+    # addresses make some CPU kernels round differently from the same weights loaded from a folder
+    converted = {k: v.clone(memory_format=torch.contiguous_format) for k, v in converted.items()}
     net.load_state_dict(converted, strict=True, assign=True)
     return net, _fingerprint(path)
 
