@@ -25,7 +25,7 @@ import torch
 
 from tokenflow.engine.backends.compiled import CompiledBackend
 from tokenflow.engine.memory import attention_layer_shapes
-from tokenflow.engine.passes import KeyframePass
+from tokenflow.engine.passes import KeyframePass, PlainPass, PropagatePass
 from tokenflow.engine.processors import TokenFlowUNet
 from tokenflow.kernels import support, verify
 from tokenflow.kernels.dispatch import TensorSpec, explain
@@ -169,6 +169,53 @@ def test_compiled_keyframe_pass_on_an_sdxl_unet_equals_eager(shallow_tf, tmp_pat
     other[:, -1, 32:38] += 64.0
     with torch.no_grad():
         assert not torch.allclose(backend.keyframes(sample, 301, other, True, True, 3, "input")[0], eps, atol=1e-3)
+
+
+def test_compiled_propagation_pass_on_an_sdxl_unet_equals_eager(shallow_tf, tmp_path):
+    """The propagation graph (the source branch's features matched, the keyframes' outputs gathered
+    into every layer) with SDXL's conditioning, against eager, on a store the keyframe pass made."""
+    unet = shallow_tf.unet
+    keyframes = KeyframePass(shallow_tf, 3, "input", STATIC)
+    propagate = PropagatePass(shallow_tf, 3, "input", STATIC)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        store = list(keyframes(*_inputs(unet, 2, seed=1), torch.tensor(True), torch.tensor(False))[1:])
+        sample, t, text = _inputs(unet, 3, seed=2)
+        pairs, weights = torch.randint(0, 2, (3, 2), generator=g), torch.rand(3, 2, generator=g)
+        eager = propagate(sample, t, text, torch.tensor(True), pairs, weights, *store)
+        backend = CompiledBackend(shallow_tf, compiler="aot_eager", cache_root=str(tmp_path))
+        got = backend.propagate(sample, 301, text, True, pairs, weights, store, 3, "input")
+        other = text.clone()
+        other[:, -1, 32:38] += 64.0   # other time ids: another eps
+        moved = backend.propagate(sample, 301, other, True, pairs, weights, store, 3, "input")
+    assert backend.stats()["graphs"] == {"propagate": 1}
+    assert torch.allclose(got, eager, atol=1e-6), (got - eager).abs().max()
+    assert not torch.allclose(moved, got, atol=1e-3)
+
+
+@SLOW
+def test_aot_packages_of_an_sdxl_unet_equal_eager(shallow_tf, tmp_path):
+    """AOTInductor packages (torch.export + code generation) of the plain and keyframe passes with
+    SDXL's conditioning against eager; a second backend loads them instead of compiling."""
+    from tokenflow.engine.backends.aot import AotBackend
+
+    unet = shallow_tf.unet
+    sample, t, text = _inputs(unet, 2, seed=3)
+    plain_rows = sample[:2], t, text[:2]
+    with torch.no_grad():
+        want_plain = PlainPass(shallow_tf)(*plain_rows)
+        want_kf = KeyframePass(shallow_tf, 3, "input", STATIC)(sample, t, text, torch.tensor(True), torch.tensor(True))
+        aot = AotBackend(shallow_tf, model_identity="shallow-xl", cache_root=str(tmp_path))
+        got_plain = aot.plain(sample[:2], 301, text[:2])
+        got_kf = aot.keyframes(sample, 301, text, True, True, 3, "input")
+        again = AotBackend(shallow_tf, model_identity="shallow-xl", cache_root=str(tmp_path))
+        reloaded = again.plain(sample[:2], 301, text[:2])
+    assert aot.built == 2 and again.built == 0 and again.reused == 1
+    assert torch.allclose(got_plain, want_plain, atol=1e-4) and torch.equal(reloaded, got_plain)
+    got_kf = (got_kf[0], *got_kf[1], *got_kf[2])
+    assert len(got_kf) == len(want_kf) == 1 + 2 * 7
+    err = max(float((a - b).abs().max()) for a, b in zip(got_kf, want_kf))
+    assert err < 1e-4, f"keyframe package: max abs error {err}"
 
 
 @SLOW

@@ -294,7 +294,8 @@ def test_kernel_backends_give_the_torch_passes(tiny_xl, tokenflow_xl, texts, bac
         choice = KernelChoice("torch", "faiss")
     else:
         if request.getfixturevalue("triton_device").type == "cpu":
-            pytest.skip("70 SDXL layers through the Triton interpreter take over ten minutes on a CPU")
+            pytest.skip("70 SDXL layers through the Triton interpreter take over ten minutes on a CPU; on CUDA "
+                        "tests/gpu/test_edit_gpu.py (bench/gpu_check stage 2) edits tiny-xl with Triton")
         choice = KernelChoice("triton", "triton")
     unet = tiny_xl.unet
     runner = UNetRunner(unet, tokenflow_xl)
