@@ -66,8 +66,9 @@ class AotBackend(CompiledBackend):
         self._packages: Dict[Tuple, Callable] = {}
 
     def describe(self) -> str:
-        # tests/test_backends_sdxl.py checks the key only: no SDXL package was ever compiled (minutes of CPU)
-        xl = "; SDXL packages unverified: never built in the tests" if is_text_time(self.tokenflow.unet.config) else ""
+        # tests/test_backends_sdxl.py builds SDXL packages only when TOKENFLOW_SDXL_BACKENDS=1 (minutes of CPU)
+        xl = ("; SDXL packages checked on CPU by an opt-in test, not in CI" if is_text_time(self.tokenflow.unet.config)
+              else "")
         return f"aot (AOTInductor packages in {self.folder}; kernels: attention={self.kernels.attention}, " \
                f"nearest={self.kernels.nearest}{xl})"
 
