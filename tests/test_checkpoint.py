@@ -30,7 +30,8 @@ from tokenflow.app.cli import main
 from tokenflow.config import EditConfig
 from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint
 from tokenflow.interrupt import stop_on_signals
-from tokenflow.io.checkpoint import ENVIRONMENT_KEYS, STATE_FILES, Checkpointer, fingerprint_fields, remove_checkpoint
+from tokenflow.io.checkpoint import ENVIRONMENT_KEYS, Checkpointer, fingerprint_fields, remove_checkpoint
+from tokenflow.io.outputs import STATE_FILES
 
 STEPS, INVERSION_STEPS = 6, 12
 SETTINGS = {"--prompt": "glass", "--inversion-prompt": "shapes", "--inversion-steps": str(INVERSION_STEPS),

@@ -271,7 +271,7 @@ def run_case(case: "Case", ctx: Ctx) -> Result:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(OLDER)
         argv.append("--overwrite")
-    if "--log-json" not in argv and command != "farm":   # farm has no -q (its lines are its report)
+    if "--log-json" not in argv and command not in ("farm", "metrics"):   # no -q there (their lines are their report)
         argv.append("-q")
     if case.before:
         case.before(ctx)
@@ -1097,7 +1097,26 @@ DATA_SAFETY: List[Case] = [   # an output that is, contains or lies inside an in
     Case("report-folder-holds-the-output", "data safety", "`--report` names the folder the video goes into",
          "`-o result.mp4 --report .` (the case's folder)", 5, "lies inside the report folder",
          lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "--report", x.root]),
+    Case("checkpoint-file-is-an-input", "data safety", "`--checkpoint-dir` holds an input named as its own state "
+         "file (it used to write over it and delete it, exit 0)", "`--embedding work/edit.pt --allow-pickle "
+         "--checkpoint-dir work`", 5, "would write and then delete 'edit.pt'",
+         lambda x: ["edit", x.clip, "--model", x.model, "--prompt", "x", "--allow-pickle", "--embedding",
+                    kept(x, _file(x.work / "edit.pt", b"a user's embedding")), "--checkpoint-dir", x.work],
+         answer=_alias("the embedding it would replace")),
+    Case("metrics-json-is-the-source", "data safety", "`tokenflow metrics --json` at the source video (it used to "
+         "write JSON over it)", "`metrics work/clip.mp4 EDIT --json work/clip.mp4`", 5, "is the source video",
+         lambda x: ["metrics", clip_copy(x), x.clip, "--json", x.work / "clip.mp4"], answer=_alias("the video")),
+    Case("farm-report-is-a-job-file", "data safety", "`tokenflow farm --report` at one of its job files (it used "
+         "to overwrite it)", "`farm work/job.yaml --report work/job.yaml`", 5, "is the job file",
+         lambda x: ["farm", kept(x, job(x, "job.yaml")),
+                    "--ray", "local", "--report", x.work / "job.yaml"],
+         answer="one line naming `--report` and the job file; nothing submitted; the job file byte-identical"),
 ]
+
+
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 def linked_frames(ctx: Ctx, n: int) -> Path:
     """A frames folder of ``n`` images: one 64x64 PNG and n - 1 symbolic links to it (cheap to make)."""

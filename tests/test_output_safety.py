@@ -17,6 +17,7 @@ from tokenflow.app.jobfile import load as jobfile
 from tokenflow.app.outputs import CODEC_SUFFIXES, resolve_output
 from tokenflow.config import EditConfig
 from tokenflow.errors import ConfigError, OutputError
+from tokenflow.io.aliasing import NEVER_OVER_INPUTS
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def test_an_output_that_is_no_video_name_is_a_config_error_listing_the_container
 
 def test_an_output_at_the_input_path_is_refused_naming_both(tmp_path, clip):
     found = problems(config(clip, clip))
-    assert found == [("output", f"'{clip}' is the input video '{clip}'; {safety.ALIAS_ADVICE}")]
+    assert found == [("output", f"'{clip}' is the input video '{clip}'; {NEVER_OVER_INPUTS}")]
     with pytest.raises(OutputError) as caught:
         safety.check_no_aliasing(safety.job_output_paths(config(clip, clip)), safety.job_inputs(config(clip, clip)))
     assert caught.value.exit_code == 5 and str(clip) in str(caught.value) and "--overwrite" in str(caught.value)
@@ -119,6 +120,24 @@ def test_folder_outputs_that_contain_the_input_are_refused(tmp_path, clip):
     assert label == "checkpoint_dir" and "is the input frame folder" in reason
     assert not problems(config(clip, out, save_frames=str(tmp_path / "png"), report=str(tmp_path / "rep"),
                                checkpoint_dir=str(tmp_path / "ck")))
+
+
+def test_a_checkpoint_folder_whose_own_files_are_inputs_is_refused(tmp_path, clip, capsys):
+    """The checkpoint folder may hold inputs, but not inputs named as its own state files: it would
+    write over them and delete them when the run ends (an embedding called edit.pt, ...)."""
+    for name in ("inversion.pt", "edit.pt"):
+        embedding = tmp_path / name
+        embedding.write_bytes(b"user's own file")
+        [(label, reason)] = problems(config(clip, tmp_path / "o.mp4", checkpoint_dir=str(tmp_path),
+                                            embedding=(str(embedding),)))
+        assert label == "checkpoint_dir" and f"would write and then delete '{name}'" in reason, reason
+        assert str(embedding) in reason
+        embedding.unlink()
+    (tmp_path / "edit.pt").write_bytes(b"user's own file")
+    code, _, err = run_cli(capsys, "edit", clip, "--model", "tiny", "--prompt", "x", "-o", tmp_path / "o.mp4",
+                           "--embedding", tmp_path / "edit.pt", "--allow-pickle", "--checkpoint-dir", tmp_path)
+    assert code == 5 and "would write and then delete 'edit.pt'" in err, err
+    assert (tmp_path / "edit.pt").read_bytes() == b"user's own file" and not (tmp_path / "o.mp4").exists()
 
 
 def test_outputs_inside_an_input_frame_folder_or_model_folder_are_refused(tmp_path):

@@ -162,3 +162,17 @@ def test_metrics_bad_input_is_one_line_and_nonzero(case, video_files, tmp_path):
     assert run.returncode in (3, 5), run.stderr
     assert run.stderr.startswith("tokenflow: error:") and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("which", ["source", "edited"])
+def test_metrics_json_or_report_at_an_input_is_refused_and_the_input_kept(which, video_files, tmp_path):
+    source, edited = tmp_path / "s.mp4", tmp_path / "e.mp4"
+    shutil.copyfile(video_files["source"], source)
+    shutil.copyfile(video_files["shuffled"], edited)
+    target = source if which == "source" else edited
+    before = target.read_bytes()
+    for args in (("metrics", source, edited, "--json", target), ("report", source, edited, "-o", tmp_path)):
+        run = tokenflow(*args)
+        assert run.returncode == 5 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert "tokenflow never writes over or into an input" in run.stderr
+        assert target.read_bytes() == before

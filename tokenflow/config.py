@@ -74,7 +74,7 @@ MAX_CRF = 51                       # libx264 / libx265: 0 (best) .. 51 (worst)
 NONEMPTY_PATTERN = r"\S"
 PIX_FMT_PATTERN = r"^[a-z0-9_]+$"                         # an FFmpeg pixel format name: yuv420p, yuv422p10le
 SIZE_PATTERN = r"^\s*([0-9]+)\s*[xX×]\s*([0-9]+)\s*$"      # WIDTHxHEIGHT
-BYTES_PATTERN = r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([bB]|[kKmMgGtT](?:[iI]?[bB])?)?\s*$"   # 12GB, 16GiB, 1.5e9
+BYTES_PATTERN = r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([bB]|[kKmMgGtTpP](?:[iI]?[bB])?)?\s*$"   # 12GB, 16GiB, 1.5e9
 
 
 def _any_case(word: str) -> str:
@@ -111,7 +111,8 @@ def parse_bytes(text, name: str = "memory_budget") -> int:
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+          "t": 10**12, "tb": 10**12, "p": 10**15, "pb": 10**15, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40, "pib": 2**50}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 from tokenflow.app.outputs import per_prompt_folders, prompt_outputs, resolve_output
 from tokenflow.config import SD_VERSIONS, EditConfig
 from tokenflow.errors import ConfigError, OutputError
+from tokenflow.io.aliasing import NEVER_OVER_INPUTS, alias_reason, inside
+from tokenflow.io.outputs import STATE_FILES
 from tokenflow.io.stamps import sidecar_path
 
 Pair = Tuple[str, str]   # (label, path)
@@ -34,12 +36,10 @@ INPUT_FIELDS = {
 }
 # fields a job writes besides its videos (per prompt where the job has several), in the order of the checks
 OUTPUT_FIELDS = ("save_latents", "save_frames", "report", "checkpoint_dir")
-# folder outputs that only ever write and remove their own files (io/checkpoint.STATE_FILES)
+# folder outputs that only ever write and remove their own files (io/outputs.STATE_FILES)
 _OWN_FILES_ONLY = ("checkpoint_dir",)
 # outputs replaced as a whole folder (swap_folder_into_place): anything inside them would be lost
 _WHOLE_FOLDERS = ("save_frames", "report")
-ALIAS_ADVICE = ("tokenflow never writes over or into an input, with or without --overwrite: "
-                "choose an output path outside the job's inputs")
 _TINY = re.compile(r"^tiny(?:-depth|-xl)?(?::.*)?$")
 
 
@@ -128,42 +128,6 @@ def job_output_paths(config: EditConfig, video_outputs: Optional[Sequence[str]] 
 # ----------------------------------------------------------------------------- aliasing
 
 
-def _inside(path: str, folder: str) -> bool:
-    """``path`` is ``folder`` or lies below it (both already real, absolute paths)."""
-    try:
-        return os.path.commonpath([path, folder]) == folder
-    except ValueError:   # different drives (Windows)
-        return False
-
-
-def _stat(path: str):
-    try:
-        return os.stat(path)
-    except (OSError, ValueError):
-        return None
-
-
-def alias_reason(output: str, input_label: str, input_path: str, *, may_contain: bool = False) -> Optional[str]:
-    """How the output path ``output`` aliases the input, as the rest of a sentence starting with the
-    output (``"is the input video 'a.mp4'"``), or None when it does not. ``may_contain``: a folder
-    output that only ever adds and removes its own files (the checkpoint folder) may hold inputs."""
-    real_out, real_in = os.path.realpath(output), os.path.realpath(input_path)
-    named = f"the {input_label} '{input_path}'"
-    if real_out == real_in:
-        if os.path.abspath(output) == os.path.abspath(input_path):
-            return f"is {named}"
-        return f"is {named} through a symbolic link (both resolve to '{real_in}')"
-    out_stat, in_stat = _stat(real_out), _stat(real_in)
-    if out_stat is not None and in_stat is not None and (out_stat.st_dev, out_stat.st_ino) == (in_stat.st_dev,
-                                                                                               in_stat.st_ino):
-        return f"is a hard link to {named} (the same file on disk)"
-    if _inside(real_in, real_out) and not may_contain:
-        return f"contains {named}"
-    if _inside(real_out, real_in):
-        return f"lies inside {named}"
-    return None
-
-
 def aliasing_problems(outputs: Iterable[Pair], inputs: Iterable[Pair]) -> List[Pair]:
     """(output label, reason) for every output that is, contains or lies inside an input that
     exists (a missing input is the input check's business), then for every output that collides
@@ -177,8 +141,12 @@ def aliasing_problems(outputs: Iterable[Pair], inputs: Iterable[Pair]) -> List[P
             continue   # its .npy is refused already (same folder): one line per output
         for in_label, in_path in inputs:
             reason = alias_reason(out_path, in_label, in_path, may_contain=out_label in _OWN_FILES_ONLY)
+            if reason is None and out_label in _OWN_FILES_ONLY:   # its own files must not be an input either
+                reason = next((f"would write and then delete '{name}', which is the {in_label} '{in_path}'"
+                               for name in STATE_FILES.values()
+                               if alias_reason(os.path.join(out_path, name), in_label, in_path) is not None), None)
             if reason is not None:
-                problems.append((out_label, f"'{out_path}' {reason}; {ALIAS_ADVICE}"))
+                problems.append((out_label, f"'{out_path}' {reason}; {NEVER_OVER_INPUTS}"))
                 refused.add(out_path)
                 break
     return problems + overlap_problems(outputs)
@@ -196,9 +164,9 @@ def overlap_problems(outputs: Sequence[Pair]) -> List[Pair]:
         for label_b, path_b, real_b in real[i + 1:]:
             if real_a == real_b:
                 reason = f"'{path_a}' is also the {label_b} output '{path_b}'"
-            elif label_a in _WHOLE_FOLDERS and _inside(real_b, real_a):
+            elif label_a in _WHOLE_FOLDERS and inside(real_b, real_a):
                 reason = f"'{path_a}' contains the {label_b} output '{path_b}', which replacing the folder would delete"
-            elif label_b in _WHOLE_FOLDERS and _inside(real_a, real_b):
+            elif label_b in _WHOLE_FOLDERS and inside(real_a, real_b):
                 reason = f"'{path_a}' lies inside the {label_b} folder '{path_b}', which is replaced as a whole"
             else:
                 continue
@@ -233,7 +201,7 @@ def outside_reason(path: str, root: str, flag: str) -> Optional[str]:
     """Why ``path`` is not inside ``root`` (a real path) after resolving ``..`` and every symbolic
     link of its existing part, or None when it is inside."""
     real = os.path.realpath(os.path.expanduser(path))
-    if _inside(real, root):
+    if inside(real, root):
         return None
     shown = f"'{path}'" if real == os.path.expanduser(path) else f"'{path}' (resolves to '{real}')"
     return f"{shown} is outside {flag} '{root}'"

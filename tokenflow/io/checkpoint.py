@@ -37,11 +37,10 @@ from tokenflow import __version__
 from tokenflow.device import device_name
 from tokenflow.errors import ConfigError, Interrupted, InterruptedWithCheckpoint, OutputError, one_line
 from tokenflow.io.hashing import fingerprint
-from tokenflow.io.outputs import atomic_file, remove_path, temp_siblings
+from tokenflow.io.outputs import STATE_FILES, atomic_file, remove_path, temp_siblings
 
 FORMAT_VERSION = 1
 MAGIC = "tokenflow-checkpoint"
-STATE_FILES = {"invert": "inversion.pt", "edit": "edit.pt"}
 PHASE_WORDS = {"invert": "inversion", "edit": "edit"}
 PLAN_SIZES = ("chunk_frames", "inversion_frames", "vae_frames")
 

@@ -60,6 +60,8 @@ from tokenflow.io.owners import TOKEN_PATTERN, elsewhere_words, my_token, owners
 
 TEMP_MARK = ".tmp-"   # every temp name: ".<target name>.tmp-<owner token>-<8 hex><suffix>"
 FOLDER_STAMP = "tokenflow-job.json"   # the job's settings in a frames or report folder (io.stamps)
+# the files a checkpoint folder (--checkpoint-dir) writes, per phase: all it ever writes or removes there
+STATE_FILES = {"invert": "inversion.pt", "edit": "edit.pt"}
 FOREIGN_TEMP_AGE_S = 3600.0   # another machine's (or an owner-less) temp untouched this long is a dead writer's
 _LEGACY = re.compile(r"[0-9a-f]{12}(\.|$)")   # what followed TEMP_MARK before names carried their owner
 _TEMP_NAME = re.compile(re.escape(TEMP_MARK) + f"({TOKEN_PATTERN}|{_LEGACY.pattern})")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from tokenflow.config import Ranged, parse_size
 from tokenflow.errors import InputError, OutputError
+from tokenflow.io.aliasing import check_not_an_input
 from tokenflow.io.outputs import atomic_file
 
 if TYPE_CHECKING:
@@ -71,12 +72,15 @@ def main(args: argparse.Namespace) -> int:
     from tokenflow.quality.flow import require_cv2  # noqa: PLC0415 (imports numpy: not while the CLI parses flags)
 
     require_cv2()
+    videos = [("source video", args.source), ("edited video", args.edited)]
     if args.command == "report":
+        check_not_an_input("-o", args.out, videos)
         from tokenflow.quality.report import check_report_support, check_report_target  # noqa: PLC0415 (imports torch: not while the CLI parses flags)
 
         check_report_support()
         check_report_target(args.out)
     elif args.json:
+        check_not_an_input("--json", args.json, videos)
         _check_json_target(args.json)
     scorer = load_scorer(args.clip_model, args.device)   # a missing model fails before any work
     from tokenflow.quality.provenance import read_edit_tags  # noqa: PLC0415 (imports av: not while the CLI parses flags)

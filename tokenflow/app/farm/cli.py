@@ -12,8 +12,10 @@ from tokenflow.app.farm.driver import Farm
 from tokenflow.app.farm.status import FARM_DIR, grace_seconds
 from tokenflow.app.jobfile.load import load_jobs
 from tokenflow.app.jobfile.run import add_root_flags, root_options
+from tokenflow.app.paths import job_inputs, job_output_paths
 from tokenflow.config import Ranged, Rule
 from tokenflow.errors import ConfigError, OutputError
+from tokenflow.io.aliasing import check_not_an_input
 
 INSTALL_HINT = "tokenflow farm needs Ray: pip install 'tokenflow[farm]' (or pip install 'ray>=2.9')"
 MAX_RETRIES = 100        # runs after the first of one job
@@ -64,6 +66,7 @@ def main(args: argparse.Namespace) -> int:
     root = os.path.abspath(args.checkpoint_root or os.path.join(os.path.dirname(report_path), "checkpoints"))
     roots = root_options(args)   # --output-root / --input-root: existing folders, as real paths
     jobs = validate_jobs(args.jobs, root, overwrite=args.overwrite, **roots)
+    check_report_path(report_path, args.report, jobs)
     ray = import_ray()
     for folder, what in ((os.path.dirname(report_path), "--report"), (os.path.join(root, FARM_DIR), "--checkpoint-root")):
         _check_writable_folder(folder, what)
@@ -84,6 +87,18 @@ def validate_jobs(patterns, root: str, overwrite: bool = False, output_root: Opt
     if not jobs:
         raise ConfigError("no job files given")
     return jobs
+
+
+def check_report_path(report_path: str, shown: str, jobs: list) -> None:
+    """OutputError (exit 5) when the farm's report would write over, or inside, a job's input (its
+    job file, video, model, ...) or would be one of a job's outputs."""
+    real = os.path.realpath(report_path)
+    for job in jobs:
+        check_not_an_input("--report", shown, job_inputs(job.config, [("job file", job.file)]))
+        for label, path in job_output_paths(job.config):
+            if os.path.realpath(path) == real:
+                raise OutputError(f"--report '{shown}' is also an output of job {job.name!r} (its {label}, {job.file}): "
+                                  "give the farm's report its own path")
 
 
 def import_ray():

@@ -45,8 +45,10 @@ def add_root_flags(parser) -> None:
     parser.add_argument("--output-root", metavar="DIR", help="every output, checkpoint_dir and cache_dir a job "
                         "file gives must resolve (after '..' and symbolic links) inside DIR, an existing folder; "
                         "a job that escapes it is refused before any job runs (exit 2)")
-    parser.add_argument("--input-root", metavar="DIR", help="every input a job file gives (video, local model "
-                        "and CLIP model folders) must resolve inside DIR, an existing folder (exit 2 otherwise)")
+    parser.add_argument("--input-root", metavar="DIR", help="every input a job file gives (video, depth maps, "
+                        "control image folders; local model, CLIP, VAE, depth model, model config, LoRA, embedding "
+                        "and ControlNet files or folders) must resolve inside DIR, an existing folder (exit 2 "
+                        "otherwise)")
 
 
 def root_options(args: argparse.Namespace) -> Dict[str, Optional[str]]:
