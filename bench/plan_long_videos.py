@@ -8,10 +8,11 @@ on a GPU, ``tokenflow edit --plan`` uses the probe measured there).
     .venv/bin/python bench/plan_long_videos.py [--out bench/results/plans_sd21_512_fp16.json]
     .venv/bin/python bench/plan_long_videos.py --arch sdxl [--table docs/...]
 
-``--arch sdxl`` plans SDXL base 1.0 (``models.architectures.meta_model``: both text encoders, its
-float32 VAE) for a CUDA device (the CUDA context, workspaces, 5 % margin and reserved-memory factor
-taken off, as ``--plan`` on a GPU does; host memory not checked) under 24 and 80 GiB budgets, and
-prints the markdown table of what the plan chooses (docs/memory.md).
+Both plan for a simulated CUDA device (``models.architectures.meta_model``): the CUDA context,
+workspaces, 5 % margin and reserved-memory factor taken off and the GPU call caps applied, as
+``--plan`` on a GPU does; host memory not checked. SD 2.1-base: 200 frames in 16 GB, 1000 in 24 GB
+with and without keyframe windows; ``--arch sdxl``: SDXL base 1.0 (both text encoders, its float32
+VAE) under 24 and 80 GiB budgets. Each prints the markdown table of what the plan chooses (docs/memory.md).
 """
 from __future__ import annotations
 
@@ -25,14 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # run from a checkout without installing
 RESULTS = ROOT / "bench" / "results"
 
-from tokenflow.benchmark.architectures import SD21_UNET, SD_VAE, build_text_encoder  # noqa: E402
 from tokenflow.benchmark.measure import write_results  # noqa: E402
 from tokenflow.engine.memory import Calibration, gib  # noqa: E402
 from tokenflow.engine.planner import make_plan  # noqa: E402
 from tokenflow.errors import ResourceError  # noqa: E402
-from tokenflow.models.hf import quiet_hf_libraries  # noqa: E402
-from tokenflow.models.load import SDModel  # noqa: E402
-from tokenflow.models.random_weights import load_tokenizer, scheduler_config  # noqa: E402
+from tokenflow.models.architectures import meta_model  # noqa: E402
 
 SDXL_CASES = [  # (frames, keyframe window, budget bytes): 24 GiB and 80 GiB cards
     (frames, window, gib * 2**30) for frames in (200, 1000) for gib in (24, 80) for window in (None, 8, 4)
@@ -44,17 +42,6 @@ CASES = [  # (frames, keyframe window, budget bytes)
     (1000, 16, 24 * 10**9),
     (1000, 8, 24 * 10**9),
 ]
-
-
-def meta_model(dtype: torch.dtype) -> SDModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    with torch.device("meta"), quiet_hf_libraries():
-        unet = UNet2DConditionModel(**SD21_UNET).to(dtype)
-        vae = AutoencoderKL(**SD_VAE).to(dtype)
-    return SDModel(unet=unet, vae=vae, text_encoder=build_text_encoder("sd21").to(dtype),
-                   tokenizer=load_tokenizer(), scheduler_config=scheduler_config(), name="sd21 (meta)",
-                   identity="meta:sd21", is_tiny=False, device=torch.device("meta"), dtype=dtype)
 
 
 def table(rows: list) -> str:
@@ -86,13 +73,11 @@ def main() -> int:
     xl = args.arch == "sdxl"
     name = "plans_sdxl_1024_fp16" if xl else "plans_sd21_512_fp16"
     out = args.out or str(RESULTS / f"{name}.json")
-    if xl:
-        from tokenflow.models.architectures import meta_model as architecture  # noqa: PLC0415
-
-        model = architecture("sdxl", "SDXL base 1.0", torch.device("cuda"), torch.float16)
-        cases, latent, host = SDXL_CASES, (128, 128), (2**60, "not checked: a GPU plan")
-    else:
-        model, cases, latent, host = meta_model(torch.float16), CASES, (64, 64), None
+    # both on a simulated CUDA device (shapes on ``meta``): the GPU planner's call caps, overheads and margins
+    model = meta_model("sdxl", "SDXL base 1.0", torch.device("cuda"), torch.float16) if xl else \
+        meta_model("sd21", "SD 2.1-base", torch.device("cuda"), torch.float16)
+    cases, latent = (SDXL_CASES, (128, 128)) if xl else (CASES, (64, 64))
+    host = (2**60, "not checked: a GPU plan")
     rows = []
     for frames, window, budget in cases:
         keyframes = -(-frames // 8)
@@ -100,8 +85,8 @@ def main() -> int:
         try:
             plan = make_plan(model, frames=frames, latent_size=latent, branches=3, keyframes=keyframes,
                              window=window or 0, steps=args.steps, budget=budget, budget_source="given",
-                             calibration=Calibration(source="analytic, uncalibrated"),
-                             **({"host": host, "nearest_backend": "triton"} if xl else {}))
+                             calibration=Calibration(source="analytic, uncalibrated"), host=host,
+                             nearest_backend="triton")
             case.update(fits=True, plan=plan.as_dict())
             print(f"{frames} frames, window {window or 'all'}: fits {gib(budget)}, predicted peak {gib(plan.peak)}; "
                   f"chunk {plan.chunk_frames}, keyframe call {plan.keyframe_call}, store {gib(plan.store_bytes)} "
@@ -110,15 +95,12 @@ def main() -> int:
             case.update(fits=False, error=str(exc))
             print(f"{frames} frames, window {window or 'all'}: does not fit {gib(budget)}: {exc}")
         rows.append(case)
-    if xl:
-        extra = {"what": "memory plans (analytic prediction, no GPU: a simulated CUDA device, calibration factor 1) "
-                         "of SDXL base 1.0 edits at 1024x1024 float16 (VAE float32), keyframe spacing 8, "
-                         "3 branches, 50 edit steps, eager with the Triton nearest search; host memory not checked",
-                 "table": table(rows)}
-        print(extra["table"])
-    else:
-        extra = {"what": "memory plans (analytic prediction, no GPU) of SD 2.1-base edits at 512x512 float16, "
-                         "keyframe spacing 8, 3 branches, 50 edit steps"}
+    family = ("SDXL base 1.0 edits at 1024x1024 float16 (VAE float32)" if xl
+              else "SD 2.1-base edits at 512x512 float16")
+    extra = {"what": f"memory plans (analytic prediction, no GPU: a simulated CUDA device, calibration factor 1) "
+                     f"of {family}, keyframe spacing 8, 3 branches, 50 edit steps, eager with the Triton nearest "
+                     "search; host memory not checked", "table": table(rows)}
+    print(extra["table"])
     write_results(name, torch.device("meta"), rows, out, extra, RESULTS)   # planned here, on no GPU
     print(f"wrote {out}")
     return 0
