@@ -224,6 +224,8 @@ def test_the_plan_sizes_ddpm_inversion_calls_in_rows_beyond_the_frames(editor, c
     assert editor._plan(clip, config.replace(backend="compile")).inversion_frames <= 6
     assert editor._plan(clip, config.replace(inversion="ddim", inversion_steps=5)).inversion_frames <= 6
     assert "5 noisy latents and 5 noise maps" in editor._plan(clip, config).describe()
+    assert "inversion:     30 rows (a frame at a timestep) per call" in editor._plan(clip, config).describe()
+    assert "frames per call" in editor._plan(clip, config.replace(backend="compile")).describe().split("inversion:")[1]
     with pytest.raises(ConfigError, match="skip: 5 skips every timestep this sdedit edit"):
         editor.edit(clip, config=config.replace(prompt="x", method="sdedit", sdedit_start=0.6, steps=8, skip=5))
 

@@ -114,7 +114,7 @@ def add_config_flags(p: argparse.ArgumentParser, edit: bool) -> None:
         g.add_argument("--seed", type=int, help="--inversion ddpm: seed of its noise (default 1; an edit's --seed "
                        "is also its keyframe seed)")
     g.add_argument("--inversion-batch-size", type=int, metavar="B", help="frames per UNet call while inverting "
-                   "(default: the memory plan's)")
+                   "(--inversion ddpm: rows, each a frame at one timestep; default: the memory plan's)")
     g.add_argument("--cache-dir", help="cache root: inversions, graphs, engines (default $TOKENFLOW_CACHE, else "
                    "$XDG_CACHE_HOME/tokenflow, else ~/.cache/tokenflow)")
     g.add_argument("--no-cache", action="store_true", default=None, help="neither read nor write the inversion cache")

@@ -113,7 +113,7 @@ class MemoryPlan:
     keyframes: int                # K per step
     keyframe_call: int            # keyframes per keyframe-pass call (K, or the window)
     chunk_frames: int             # frames per propagation call
-    inversion_frames: int         # frames per inversion call
+    inversion_frames: int         # frames per inversion call (rows when inversion_unit says so)
     vae_frames: int               # frames per VAE encode/decode call
     weights_bytes: int
     unet_row_bytes: int           # activations of one UNet batch row
@@ -129,6 +129,7 @@ class MemoryPlan:
     host: Optional[HostPlan] = None   # host memory, checked with the device's
     made_from: str = ""           # "": the loaded model; else what stood in for it (an architecture, no weights)
     latents_note: str = ""        # what the inverted latents are when not DDIM's (the DDPM inversion's noise maps too)
+    inversion_unit: str = "frames"   # what an inversion call batches: DDPM's across timesteps batches rows
     # {name: bytes} taken off the budget before any call is sized (memory.device_overheads)
     overheads: Dict[str, int] = field(default_factory=dict)
     reserved_factor: float = 1.0  # predicted reserved / allocated bytes of the calls' activations
@@ -217,7 +218,7 @@ class MemoryPlan:
             f"  keyframe pass: {self.keyframe_call} keyframes per call -> peak {gib(self.peaks['keyframes'])}",
             f"  propagation:   {self.chunk_frames} frames per call"
             + (" (--chunk-frames)" if self.chunk_forced else "") + f" -> peak {gib(self.peaks['propagate'])}",
-            f"  inversion:     {self.inversion_frames} frames per call -> peak {gib(self.peaks['invert'])}",
+            f"  inversion:     {self.inversion_frames} {self.inversion_unit} per call -> peak {gib(self.peaks['invert'])}",
             f"  VAE:           {self.vae_frames} frames per call -> peak {gib(self.peaks['vae'])}",
         ]
         if self.overheads:
@@ -576,6 +577,7 @@ def make_plan(model, *, frames: int, latent_size: tuple, branches: int, keyframe
         device=str(model.device), dtype=str(model.dtype).replace("torch.", ""), budget=budget,
         budget_source=budget_source, frames=frames, latent_size=(h, w), branches=branches,
         keyframes=keyframes, keyframe_call=kf_call, chunk_frames=chunk, inversion_frames=inv, vae_frames=vae,
+        inversion_unit="rows (a frame at a timestep)" if (inversion_rows or 0) > frames else "frames",
         weights_bytes=model_weights, unet_row_bytes=row, vae_row_bytes=vae_row,
         store_bytes=store, store_on=store_on, staging_bytes=staging, latents_bytes=latents,
         latents_on=latents_on, peaks=peaks, calibration=calibration.source, chunk_forced=chunk_frames is not None,
