@@ -24,11 +24,11 @@ RESULTS = ROOT / "bench" / "results"
 
 from bench.plan_long_videos import meta_model  # noqa: E402
 from tokenflow.benchmark import flops  # noqa: E402
-from tokenflow.benchmark.architectures import SD21_UNET, SD_VAE  # noqa: E402
 from tokenflow.benchmark.measure import write_results  # noqa: E402
 from tokenflow.engine.memory import Calibration, gib  # noqa: E402
 from tokenflow.engine.planner import make_plan  # noqa: E402
 from tokenflow.method.keyframes import groups, original_plan  # noqa: E402
+from tokenflow.models.architectures import SD21_UNET, SD_VAE  # noqa: E402
 
 STEPS, DDIM_STEPS, SPACING, LATENT = 50, 500, 8, (64, 64)
 

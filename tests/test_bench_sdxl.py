@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tokenflow.benchmark import architectures, flops
 from tokenflow.benchmark.config import BenchConfig
+from tokenflow.models import architectures as model_architectures
 from tokenflow.models.text import layout_of, unet_keywords
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny-model calls: see tests/conftest.py
@@ -37,8 +38,8 @@ def test_real_sdxl_unet_and_vae_flops_on_meta():
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**architectures.SDXL_UNET)
-        vae = AutoencoderKL(**architectures.SDXL_VAE)
+        unet = UNet2DConditionModel(**model_architectures.SDXL_UNET)
+        vae = AutoencoderKL(**model_architectures.SDXL_VAE)
         x, image = torch.randn(1, 4, 48, 40), torch.randn(1, 3, 96, 128)
         assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684   # the released UNet
         cost = flops.unet_cost(unet.config, 48, 40)
@@ -49,7 +50,7 @@ def test_real_sdxl_unet_and_vae_flops_on_meta():
     assert counter.get_total_flops() == pytest.approx(flops.vae_encode(vae.config, 96, 128)
                                                       + flops.vae_decode(vae.config, 12, 16), rel=REL)
     # the added embedding's MLP is in the count: 2816 -> 1280 -> 1280
-    plain = dict(architectures.SDXL_UNET, addition_embed_type=None)
+    plain = dict(model_architectures.SDXL_UNET, addition_embed_type=None)
     assert cost.base - flops.unet_cost(plain, 48, 40).base == 2 * (2816 * 1280 + 1280 * 1280)
 
 
@@ -86,7 +87,7 @@ def test_the_sdxl_stage_is_opt_in_and_extrapolates_per_stage():
     out = {"frames": 40, "timings_s": {"encode": 2.0, "invert": 9.0, "edit": 30.0, "decode": 4.0,
                                        "keyframes": 12.0, "propagate": 18.0},
            "inversion_step_s": [3.0, 3.0, 5.0], "edit_step_s": [10.0, 9.0, 11.0], "other_s": 1.5}
-    config = architectures.ARCHITECTURES["sdxl"][0]
+    config = model_architectures.ARCHITECTURES["sdxl"][0]
     got = stages.sdxl_extrapolation(out, 200, config, (128, 128), spacing=8)
     cost = flops.unet_cost(config, 128, 128)
 

@@ -33,6 +33,7 @@ from tokenflow.kernels import explain, verify
 from tokenflow.kernels.gather import gather_blend_torch
 from tokenflow.kernels.keyframe_attention import keyframe_attention, keyframe_attention_torch
 from tokenflow.kernels.nearest import cosine_nearest_torch
+from tokenflow.models import architectures as model_architectures
 from tokenflow.models.random_weights import build_random, tokenizer_vocab
 
 REL = 1e-9
@@ -72,10 +73,10 @@ def test_real_sd_unet_and_vae_flops_on_meta(arch):
     """The real architectures' shapes, run on the meta device (no memory, no arithmetic)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    unet_config = architectures.ARCHITECTURES[arch][0]
+    unet_config = model_architectures.ARCHITECTURES[arch][0]
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config)
-        vae = AutoencoderKL(**architectures.SD_VAE)
+        vae = AutoencoderKL(**model_architectures.SD_VAE)
         x, text = torch.randn(1, 4, 48, 40), torch.randn(1, 77, unet_config["cross_attention_dim"])
         image = torch.randn(1, 3, 96, 128)
     # the published parameter counts of SD 1.5 / 2.1-base's UNet and SD's VAE

@@ -190,7 +190,8 @@ def test_layout_check_takes_depth_unets_and_names_other_channel_counts(tmp_path)
     from diffusers import UNet2DConditionModel
 
     from tokenflow.models import tiny
-    from tokenflow.models.load import HUB_ALLOW_PATTERNS, check_unet_layout, model_kind
+    from tokenflow.models.load import HUB_ALLOW_PATTERNS, model_kind
+    from tokenflow.models.unet_layout import check_unet_layout
 
     check_unet_layout(UNet2DConditionModel(**tiny.DEPTH_UNET_CONFIG), "depth")
     with pytest.raises(ModelError, match="9 input channels instead of 4 .or 5 for a depth model.*inpainting"):

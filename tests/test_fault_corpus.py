@@ -563,7 +563,7 @@ def _sha256(path: Path) -> str:
 
 
 def _cache_root() -> Path:
-    from tokenflow.io.cache import default_cache_root
+    from tokenflow.io.caches import default_cache_root
 
     return default_cache_root()   # tests/conftest.py points $TOKENFLOW_CACHE at a session folder
 

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from tokenflow.engine import memory
+from tokenflow.engine.host_plan import HOST_MARGIN, HostPlan, before_read
 from tokenflow.engine.latents import InvertedLatents
-from tokenflow.engine.planner import HOST_MARGIN, SEARCH_TILE, HostPlan, before_read, make_plan
+from tokenflow.engine.planner import SEARCH_TILE, make_plan
 from tokenflow.errors import ResourceError
 from tokenflow.io.read import count_selected, read_video
 from tokenflow.io.samples import render_frames
@@ -296,7 +297,7 @@ def sd21_on_cpu():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tokenflow.benchmark.architectures import SD21_UNET, SD_VAE
+    from tokenflow.models.architectures import SD21_UNET, SD_VAE
 
     with torch.device("meta"):
         unet, vae = UNet2DConditionModel(**SD21_UNET), AutoencoderKL(**SD_VAE)

@@ -22,7 +22,8 @@ from tokenflow.app.skip import Skip, job_fields, job_outputs
 from tokenflow.config import EditConfig, default_size
 from tokenflow.device import resolve_device, resolve_dtype, versions
 from tokenflow.engine.backends import describe_ran, what_ran
-from tokenflow.engine.planner import HostPlan, MemoryPlan, before_read
+from tokenflow.engine.host_plan import HostPlan, before_read
+from tokenflow.engine.planner import MemoryPlan
 from tokenflow.errors import ConfigError, InputError, Interrupted, OutputError
 from tokenflow.interrupt import StopFlag, stop_on_signals
 from tokenflow.io.checkpoint import remove_checkpoint

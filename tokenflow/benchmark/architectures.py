@@ -40,16 +40,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from tokenflow.errors import ConfigError
-from tokenflow.models.architectures import (  # noqa: F401  (re-exported)
-    ARCHITECTURES,
-    SD15_UNET,
-    SD21_UNET,
-    SD_VAE,
-    SDXL_UNET,
-    SDXL_VAE,
-    TEXT_ENCODERS_2,
-    VAES,
-)
+from tokenflow.models.architectures import ARCHITECTURES, SD_VAE, TEXT_ENCODERS_2, VAES
 from tokenflow.models.hf import quiet_hf_libraries
 from tokenflow.models.load import SDModel, load_model, move_to_device
 from tokenflow.models.random_weights import build_random, clip_text_encoder, load_tokenizer, scheduler_config

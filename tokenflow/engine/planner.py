@@ -40,11 +40,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from tokenflow.engine.host_plan import (  # noqa: F401  HOST_MARGIN, before_read: re-exported
-    HOST_MARGIN,
-    HostPlan,
-    before_read,
-)
+from tokenflow.engine.host_plan import HostPlan
 from tokenflow.engine.memory import (
     GPU_MARGIN_FRACTION,
     GPU_MARGIN_MIN,

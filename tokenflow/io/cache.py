@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from tokenflow.io.caches import default_cache_root  # noqa: F401 (the root's one rule; imported from here too)
+from tokenflow.io.caches import default_cache_root
 from tokenflow.io.outputs import FOREIGN_TEMP_AGE_S, TEMP_MARK, atomic_path, sweep_folder_temps
 
 FORMAT_VERSION = 1

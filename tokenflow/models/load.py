@@ -24,7 +24,7 @@ from tokenflow.config import SD_VERSIONS
 from tokenflow.errors import ModelError, ResourceError, one_line
 from tokenflow.models import adapters, single_file, text, tiny
 from tokenflow.models.hf import download_command, quiet_hf_libraries
-from tokenflow.models.unet_layout import check_unet_layout  # noqa: F401  (re-exported: its users import it from here)
+from tokenflow.models.unet_layout import check_unet_layout
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")   # SDXL's second text encoder, present together
