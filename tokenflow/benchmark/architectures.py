@@ -44,6 +44,7 @@ from tokenflow.models.architectures import ARCHITECTURES, SD_VAE, TEXT_ENCODERS_
 from tokenflow.models.hf import quiet_hf_libraries
 from tokenflow.models.load import SDModel, load_model, move_to_device
 from tokenflow.models.random_weights import build_random, clip_text_encoder, load_tokenizer, scheduler_config
+from tokenflow.models.tiny import UNET_CONFIG
 
 ARCH_CHOICES = ("sd15", "sd21", "sd2-depth", "sdxl", "tiny", "tiny-depth")
 TEXT_LAYERS = 1
@@ -57,8 +58,6 @@ def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> SDModel:
     if arch == "tiny":
         return load_model("tiny", device, dtype)
     if arch == "tiny-depth":
-        from tokenflow.models.tiny import UNET_CONFIG  # noqa: PLC0415  (the tiny widths)
-
         tiny = load_model("tiny", device, dtype)
         with quiet_hf_libraries():
             unet = build_random(lambda: UNet2DConditionModel(**dict(UNET_CONFIG, in_channels=5)), SEED,

@@ -12,6 +12,7 @@ Weights load from safetensors only unless ``allow_pickle``. Every problem is a o
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -111,8 +112,6 @@ def _hub_snapshot(repo_id: str, allow_pickle: bool) -> Tuple[Path, str]:
 
 def _fingerprint(path: Path) -> str:
     """Config contents and (name, size, mtime) of the weights: cheap, weights are never read."""
-    import hashlib  # noqa: PLC0415  (only here)
-
     digest = hashlib.sha256()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     for file in files:

@@ -30,6 +30,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from tokenflow.models import adapters
+from tokenflow.models.hf import quiet_hf_libraries
+
 TIME_IDS = 6   # original (h, w), crop (top, left), target (h, w)
 
 
@@ -129,7 +132,6 @@ def encode_prompt(model: Any, text: str, size: Optional[Tuple[int, int]] = None,
     Warns when a prompt is cut at the tokenizer's length. A multi-vector embedding's token stands
     for all its vectors (``adapters.expand_prompt``).
     """
-    from tokenflow.models import adapters  # noqa: PLC0415  (adapters imports peft lazily; cheap)
 
     text = adapters.expand_prompt(text, model.embedding_tokens)
     if getattr(model, "text_encoder_2", None) is None:
@@ -151,7 +153,6 @@ def encode_prompt(model: Any, text: str, size: Optional[Tuple[int, int]] = None,
 
 
 def _token_ids(tokenizer: Any, text: str) -> torch.Tensor:
-    from tokenflow.models.hf import quiet_hf_libraries  # noqa: PLC0415  (transformers' logging only)
 
     max_length = tokenizer.model_max_length
     with quiet_hf_libraries():
