@@ -9,8 +9,8 @@ the history of every ref and writes into ``--out``:
 
 - ``<commit>-<name>.yaml``: each distinct version (blob) of ``configs/*.yaml``, named after the
   first commit that has it (oldest first, in topological order);
-- ``keys.json``: every key any version of the scripts reads from a config (``config["..."]``,
-  ``config.get("...")``, ``config.NAME`` of the cog predictor's namespace, ``opt.NAME`` and the
+- ``keys.json``: every key any version of the scripts reads from a config (``config["..."]`` or
+  ``self.config["..."]``, ``config.get("...")``, ``config.NAME`` of the cog predictor's namespace, ``opt.NAME`` and the
   ``--NAME`` flags of ``preprocess.py``), with the files and first commit that read it;
 - ``README.md``: the provenance (repository, commit, refs, path, blob) and the MIT copyright.
 
@@ -35,10 +35,10 @@ CONFIG_PATH = re.compile(r"^configs/[^/]+\.ya?ml$")
 SCRIPT_PATH = re.compile(r"^[^/]+\.py$")
 # how a script reads a config key (the names of model configs, e.g. scheduler.config.clip_sample, are
 # attributes of another object: the look-behind keeps them out)
-KEY_READS = (
-    re.compile(r"""(?<![\w.])config\[\s*["'](\w+)["']\s*\]"""),
-    re.compile(r"""(?<![\w.])config\.get\(\s*["'](\w+)["']"""),
-    re.compile(r"""(?<![\w.])config\.(?!yaml\b|get\b)(\w+)"""),
+KEY_READS = (   # ``config`` itself or ``self.config`` (the TokenFlow class keeps the dict there)
+    re.compile(r"""(?<![\w.])(?:self\.)?config\[\s*["'](\w+)["']\s*\]"""),
+    re.compile(r"""(?<![\w.])(?:self\.)?config\.get\(\s*["'](\w+)["']"""),
+    re.compile(r"""(?<![\w.])(?:self\.)?config\.(?!yaml\b|get\b)(\w+)"""),
     re.compile(r"""(?<![\w.])opt\.(\w+)"""),
     re.compile(r"""add_argument\(\s*["']--(\w+)["']"""),
 )

@@ -54,7 +54,7 @@ EXAMPLES = {
     "n_frames": 40, "n_inversion_steps": 500, "n_timesteps": 50, "negative_prompt": "", "output_path": "out",
     "pnp_attn_t": 0.5, "pnp_f_t": 0.8, "prompt": "a wolf", "reconstruct": False, "save_dir": "latents",
     "save_steps": 50, "sd_version": "2.1", "seed": 1, "skip_steps": 5, "start": 0.9, "steps": 50,
-    "use_ddim_noise": True,
+    "use_ddim_noise": True, "guidance_scale": 7.5,
 }
 NOT_KEYS = {"config_path": "the run scripts' flag naming the YAML file itself"}
 
