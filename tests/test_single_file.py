@@ -32,12 +32,6 @@ def tiny_file(tiny_model_dir, tmp_path_factory):
     return write_ldm_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 
 
-@pytest.fixture
-def empty_hub_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path / "hub"
-
-
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tokenflow: error: "), err
@@ -229,36 +223,34 @@ def test_bad_files_are_one_line_naming_the_file(content, needle, tmp_path, sampl
     assert f"'{path}'" in line and needle in line and not (tmp_path / "o.mp4").exists()
 
 
-def test_missing_tokenizer_vocabulary_gives_the_download_command(tiny_model_dir, tiny_file, tmp_path, sample_clip,
-                                                                 empty_hub_cache, capsys):
+def test_a_vocabulary_too_large_for_the_text_encoder_is_one_line(tiny_model_dir, tiny_file, tmp_path, sample_clip,
+                                                                  capsys):
+    """--model-config DIR without a tokenizer/: the shipped CLIP vocabulary (49,408 tokens) does not
+    fit the tiny text encoder; said in one line naming the folder to fix, before the weights load."""
     configs = tmp_path / "configs"
     shutil.copytree(tiny_model_dir, configs, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer"))
     assert main(["edit", str(sample_clip), "--model", str(tiny_file), "--model-config", str(configs), *FAST,
                  "-o", str(tmp_path / "o.mp4")]) == 4
     line = one_line_error(capsys)
-    assert "tiny.safetensors' needs the CLIP tokenizer's vocabulary" in line
-    assert "download openai/clip-vit-large-patch14 vocab.json merges.txt`" in line
+    assert "has 49408 tokens but the text encoder of" in line and str(configs / "tokenizer") in line
+    assert not (tmp_path / "o.mp4").exists()
 
 
-def test_tokenizer_vocabulary_from_the_hugging_face_cache(empty_hub_cache):
-    """A cached CLIP repository's vocabulary, with the shipped configs' padding (SD 2: '!', SD 1: EOS)."""
-    from tokenflow.models.random_weights import clip_byte_alphabet
-
-    snapshot = empty_hub_cache / "models--openai--clip-vit-large-patch14" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    alphabet = clip_byte_alphabet()
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    tokens += [f"filler{i}" for i in range(single_file.CLIP_VOCAB_SIZE - 2 - len(tokens))]
-    vocab = {t: i for i, t in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
-    (snapshot / "vocab.json").write_text(json.dumps(vocab))
-    (snapshot / "merges.txt").write_text("#version: 0.2\n")
-    sd2 = single_file.load_tokenizer(single_file.named_config("2.1"), "m")
-    sd1 = single_file.load_tokenizer(single_file.named_config("1.5"), "m")
-    assert sd2.pad_token == "!" and sd1.pad_token == "<|endoftext|>" and sd2.model_max_length == 77
-    ids = sd2("ab", padding="max_length", max_length=77).input_ids
-    assert ids[:4] == [49406, vocab["a"], vocab["b</w>"], 49407] and ids[4] == vocab["!"]
+@pytest.mark.parametrize("config,pad", [("1.5", "<|endoftext|>"), ("2.1", "!"), ("2-depth", "!")])
+def test_the_shipped_tokenizer_gives_clips_ids_offline(config, pad, monkeypatch, tmp_path):
+    """No download, no Hugging Face cache: the shipped vocabulary gives CLIP's known token ids, with
+    each family's padding (SD 2: '!', id 0; SD 1: the end token); SDXL's two tokenizers likewise."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    tokenizer = single_file.load_tokenizer(single_file.named_config(config), "m")
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    ids = tokenizer("a cat", padding="max_length", max_length=77).input_ids
+    assert tokenizer.pad_token == pad and len(ids) == 77 and ids[4] == tokenizer.convert_tokens_to_ids(pad)
+    if config == "1.5":
+        xl = single_file.named_config("xl")
+        first, second = (single_file.load_tokenizer(xl, "m", part) for part in ("tokenizer", "tokenizer_2"))
+        assert (first.pad_token, second.pad_token) == ("<|endoftext|>", "!")
+        assert first("a photo of a cat").input_ids == second("a photo of a cat").input_ids
 
 
 # ----------------------------------------------------------------------------- identity, dtype keyword

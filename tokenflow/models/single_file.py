@@ -17,9 +17,10 @@ SD 2.x base (512px, epsilon) and 768-v (v-prediction) have the same shapes: the 
 ``.yaml`` (``parameterization: v``) tells them apart, else ``--model-config``. TokenFlow needs
 epsilon prediction: a v-prediction checkpoint is refused with the reason.
 
-The small configs ship in ``tokenflow/models/configs`` (offline); the CLIP tokenizer's vocabulary
-(``vocab.json``, ``merges.txt``, 2 MB) does not: it comes from ``--model-config DIR``'s
-``tokenizer/``, else the Hugging Face cache (``tokenizer_files``). UNet and VAE are converted by
+The small configs ship in ``tokenflow/models/configs``, and so does the CLIP tokenizer's vocabulary
+(``configs/clip-vocab``: ``vocab.json``, ``merges.txt``, 1.5 MB, written by
+``scripts/make_clip_vocab.py`` from OpenAI's CLIP BPE table), so nothing is downloaded;
+``--model-config DIR``'s ``tokenizer/`` replaces it (``tokenizer_files``). UNet and VAE are converted by
 diffusers' ``from_single_file`` (given the state dict and our config folder); the text encoder by
 ``text_encoder_state_dict`` here (diffusers has no public single-file loader for transformers'
 ``CLIPTextModel``); SDXL's two by diffusers' ``convert_ldm_clip_checkpoint`` /
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -63,22 +63,9 @@ IN_CONV = UNET + "input_blocks.0.0.weight"  # [model channels, in channels, 3, 3
 _CONTEXT = re.compile(re.escape(UNET) + r"input_blocks\.(\d+)\.1\.transformer_blocks\.0\.attn2\.to_k\.weight$")
 CONTEXT_WIDTHS = {"sd1": 768, "sd2": 1024, "sd2-depth": 1024, "sdxl": 2048}
 
-# vocabulary files of the CLIP BPE tokenizer SD 1.x and 2.x share: (repository, folder in it)
-TOKENIZER_REPOS = (
-    ("stabilityai/stable-diffusion-2-1-base", "tokenizer/"),
-    ("stabilityai/stable-diffusion-2-base", "tokenizer/"),
-    ("stabilityai/stable-diffusion-2-depth", "tokenizer/"),
-    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer/"),
-    ("runwayml/stable-diffusion-v1-5", "tokenizer/"),
-    ("CompVis/stable-diffusion-v1-4", "tokenizer/"),
-    ("stabilityai/stable-diffusion-2-1", "tokenizer/"),
-    ("openai/clip-vit-large-patch14", ""),
-    ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", ""),
-    ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer/"),
-    ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2/"),
-)
+# the CLIP BPE tokenizer's vocabulary SD 1.x, 2.x and both SDXL tokenizers share (shipped)
+CLIP_VOCAB = CONFIGS / "clip-vocab"
 VOCAB_FILES = ("vocab.json", "merges.txt")
-CLIP_VOCAB_SIZE = 49408
 
 
 @dataclass(frozen=True)
@@ -357,57 +344,21 @@ def config_fingerprint(choice: ConfigChoice) -> str:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def hub_cache_dir() -> Optional[str]:
-    """The Hugging Face cache folder as the environment says *now* (huggingface_hub reads it at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return str(Path(os.environ["HF_HOME"]) / "hub")
-    return None
-
-
-def tokenizer_files(choice: ConfigChoice, part: str = "tokenizer") -> Optional[Tuple[Path, Path]]:
+def tokenizer_files(choice: ConfigChoice, part: str = "tokenizer") -> Tuple[Path, Path]:
     """(vocab.json, merges.txt) of the CLIP tokenizer: ``--model-config DIR``'s ``part`` folder
-    (``tokenizer/``, SDXL's ``tokenizer_2/``; then its ``tokenizer/``), else a cached SD or CLIP
-    repository's (known ones first, then any cached repository's ``tokenizer/``). SD 1.x, 2.x and
-    both SDXL tokenizers share one vocabulary."""
-    for own in dict.fromkeys((choice.folder / part, choice.folder / "tokenizer")):
+    (``tokenizer/``, SDXL's ``tokenizer_2/``; then its ``tokenizer/``) when it holds them, else the
+    shipped vocabulary (``CLIP_VOCAB``): SD 1.x, 2.x and both SDXL tokenizers share it."""
+    for own in (choice.folder / part, choice.folder / "tokenizer", CLIP_VOCAB):
         if all((own / f).is_file() for f in VOCAB_FILES):
             return own / VOCAB_FILES[0], own / VOCAB_FILES[1]
-    from huggingface_hub import scan_cache_dir, try_to_load_from_cache  # noqa: PLC0415  only for single files
+    raise ModelError(f"the CLIP vocabulary is missing from {CLIP_VOCAB}: reinstall tokenflow")
 
-    cache = hub_cache_dir()
-    for repo, folder in TOKENIZER_REPOS:
-        try:
-            found = [try_to_load_from_cache(repo, folder + f, cache_dir=cache) for f in VOCAB_FILES]
-        except Exception:   # an unreadable cache entry: try the next
-            continue
-        if all(isinstance(f, str) for f in found) and is_clip_vocab(Path(found[0])):
-            return Path(found[0]), Path(found[1])
+
+def _vocab_size(path: Path) -> int:
     try:
-        repos = scan_cache_dir(cache).repos
-    except Exception:   # no cache at all
-        return None
-    for repo in sorted(repos, key=lambda r: r.repo_id):
-        for revision in repo.revisions:
-            files = {f.file_name: f.file_path for f in revision.files if f.file_path.parent.name == "tokenizer"}
-            if all(f in files for f in VOCAB_FILES) and is_clip_vocab(files["vocab.json"]):
-                return files["vocab.json"], files["merges.txt"]
-    return None
-
-
-def is_clip_vocab(path: Path) -> bool:
-    try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return len(vocab) == CLIP_VOCAB_SIZE and "<|startoftext|>" in vocab and "<|endoftext|>" in vocab
-
-
-def tokenizer_download_command() -> str:
-    from tokenflow.models.hf import hub_cli  # noqa: PLC0415  start-up time (imports diffusers' logging)
-
-    return f"{hub_cli()} download openai/clip-vit-large-patch14 vocab.json merges.txt"
+        return len(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"tokenizer vocabulary {path} is unreadable ({one_line(error)}): replace it") from None
 
 
 def load_tokenizer(choice: ConfigChoice, name: str, part: str = "tokenizer"):
@@ -417,10 +368,15 @@ def load_tokenizer(choice: ConfigChoice, name: str, part: str = "tokenizer"):
     from transformers import CLIPTokenizer  # noqa: PLC0415  start-up time
 
     files = tokenizer_files(choice, part)
-    if files is None:
-        raise ModelError(f"model file '{name}' needs the CLIP tokenizer's vocabulary (vocab.json, merges.txt; not "
-                         "shipped: 2 MB) and it is not on this machine: download only those files once with "
-                         f"`{tokenizer_download_command()}`, or pass --model-config DIR with a tokenizer/ folder")
+    encoder = choice.folder / ("text_encoder_2" if part == "tokenizer_2" else "text_encoder") / "config.json"
+    try:
+        fits = json.loads(encoder.read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError):   # the text encoder's own load says what is wrong with its config
+        fits = None
+    if isinstance(fits, int) and _vocab_size(files[0]) > fits:
+        raise ModelError(f"model file '{name}': the tokenizer vocabulary {files[0]} has {_vocab_size(files[0])} "
+                         f"tokens but the text encoder of {choice.folder} takes {fits}: put the model's own "
+                         f"tokenizer (vocab.json, merges.txt) in {choice.folder / part}")
     with tempfile.TemporaryDirectory(prefix="tokenflow-tokenizer-") as folder:
         for source in files:
             shutil.copyfile(source, Path(folder) / source.name)
@@ -432,7 +388,7 @@ def load_tokenizer(choice: ConfigChoice, name: str, part: str = "tokenizer"):
             return CLIPTokenizer.from_pretrained(folder)
         except Exception as error:
             raise ModelError(f"could not load the tokenizer for model file '{name}' from {files[0].parent} "
-                             f"({one_line(error)}): download it again with `{tokenizer_download_command()}`") from None
+                             f"({one_line(error)}): replace its vocab.json and merges.txt") from None
 
 
 # ----------------------------------------------------------------------------- text encoder
