@@ -89,7 +89,11 @@ def test_dry_run_writes_json_lines_and_the_summary(dry_run):
     sweep = summary["stages"]["call_sweep"]["measured"]
     assert sweep["unet_rows_flat"] in (1, 2, 4) and sweep["vae_frames_flat"] in (1, 2)
     assert sweep["unet_best_rows_per_s"] > 0 and sweep["planner_unet_rows"] > 0 and sweep["planner_vae_frames"] > 0
-    assert "compile_tests_status" in summary["stages"]["compile"]["details"]
+    compiled = summary["stages"]["compile"]
+    assert "compile_tests_status" in compiled["details"]
+    variants = compiled["details"]["variants"]   # the compile backend ran (dynamo graphs through aot_eager)
+    assert set(variants) == {"eager", "compile"} and all("error" not in v for v in variants.values()), variants
+    assert variants["compile"]["max_abs_latent_diff_vs_eager"] < 1e-4 and compiled["measured"]["compile_stats"]["compile"]
     kernels = summary["stages"]["kernels"]["measured"]
     assert kernels["attention_triton_tflops"] > 0 and kernels["nearest_speedup_vs_matmul_argmax"] > 0
     targets = {t["key"]: t for t in summary["targets"]}
