@@ -76,3 +76,39 @@ def test_staging_slots_bound_every_chunk_of_both_plans(n_frames, spacing, chunk)
             for a, b in groups(n_frames, chunk):
                 pairs, _ = plan_rows(plans, a, b)
                 assert len(torch.unique(pairs[pairs >= 0])) <= bound
+
+
+def test_staging_gathers_into_the_pinned_buffer_in_place():
+    """Issue 18, defect 4: the slots are gathered straight into the (pinned) host staging buffer with
+    ``index_select(..., out=)`` (fancy indexing would make pageable temporaries, and the upload then
+    synchronous), and the whole buffer goes up in one copy per chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    store = _filled()
+    host = store._host_flat
+    pointer = host.untyped_storage().data_ptr()
+    stored = {t.untyped_storage().data_ptr() for part in (store.features, store.outputs) for t in part.values()}
+
+    class Ops(TorchDispatchMode):   # every op that reads the store, or reads the staging buffer
+        def __init__(self):
+            super().__init__()
+            self.on_store, self.from_staging = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            name = func.overloadpacket.__name__ + ("(out)" if "out" in kwargs else "")
+            if any(t.untyped_storage().data_ptr() in stored for t in tensors):
+                self.on_store.append(name)
+            if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == pointer for t in args[1:]):
+                self.from_staging.append(name)
+            return func(*args, **kwargs)
+
+    for view in (store._pinned.features["a"], store._pinned.outputs["b"]):   # the pinned views live in it
+        assert view.untyped_storage().data_ptr() == pointer
+    for pairs in (torch.tensor([[0, 1], [2, -1]]), torch.tensor([[3, 4], [5, 6]])):
+        with Ops() as ops:
+            store.staged(pairs)
+        assert ops.on_store == ["index_select(out)"] * (2 * len(SHAPES)), ops.on_store
+        assert ops.from_staging == ["copy_"], ops.from_staging   # one upload of the whole staging buffer
+        assert store._host_flat is host and host.untyped_storage().data_ptr() == pointer
