@@ -123,7 +123,7 @@ def test_edit_with_report_for_each_prompt(tmp_path, tiny_model_dir, sample_clip)
         assert len(record["keyframes"]) == 5 and all(len(k) == 2 and 0 <= min(k) and max(k) < 5
                                                      for k in record["keyframes"])
         page = (tmp_path / "rep" / folder / "index.html").read_text()
-        for shown in ("device, dtype</td><td>cpu, float32", "total time", "peak memory", "keyframes.png",
+        for shown in ("device, dtype</td><td>cpu, float32", "total time (before this report)", "peak memory", "keyframes.png",
                       "2 keyframes of 5 frames at each of 5 steps", str(tiny_model_dir), "random weights"):
             assert shown in page, shown
         assert (tmp_path / "rep" / folder / "keyframes.png").is_file()

@@ -58,7 +58,7 @@ def run_rows(record: Dict) -> List[Tuple[str, object]]:
     if run.get("device"):
         rows.append(("device, dtype", f"{run['device']}, {run.get('dtype') or '?'}"))
     if run.get("seconds") is not None:
-        rows.append(("total time", format_seconds(run["seconds"])))
+        rows.append(("total time (before this report)", format_seconds(run["seconds"])))
     if run.get("peak_memory_bytes"):
         kind = run.get("peak_memory_kind")
         rows.append(("peak memory", format_bytes(run["peak_memory_bytes"]) + (f" ({kind})" if kind else "")))
