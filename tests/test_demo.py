@@ -101,3 +101,29 @@ def test_device_auto_means_the_best_available_and_both_hints_name_one_command():
     assert demo.device_kind(["--device", "auto"]) == demo.device_kind([]) == default_device().type
     assert demo.device_kind(["--device", "cuda:1"]) == "cuda"
     assert demo.download_command("o/m") == load.download_command("o/m")
+
+
+def test_the_download_shows_progress_bars_and_fetches_only_what_tokenflow_loads(monkeypatch):
+    """The 5 GB download shows huggingface_hub's progress bars on stderr (even where something had
+    switched them off), unless the user set HF_HUB_DISABLE_PROGRESS_BARS; only HUB_ALLOW_PATTERNS."""
+    import huggingface_hub
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from tokenflow.app import demo as demo_module
+    from tokenflow.models.load import HUB_ALLOW_PATTERNS
+
+    was_disabled, seen = are_progress_bars_disabled(), []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: seen.append(
+        (repo, kw, are_progress_bars_disabled())) or "/somewhere")
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    disable_progress_bars()
+    assert demo_module.download("some/model") == "/somewhere"
+    assert seen == [("some/model", {"allow_patterns": HUB_ALLOW_PATTERNS}, False)]
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")   # the user's choice is kept
+    disable_progress_bars()
+    demo_module.download("some/model")
+    assert seen[-1][2] is True
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS")
+    (disable_progress_bars if was_disabled else enable_progress_bars)()   # as the other tests found it
+    run_sh = (ROOT / "run.sh").read_text()   # nothing sends the demo's output to /dev/null
+    assert "tokenflow.app.demo" in run_sh and "/dev/null" not in run_sh.split("demo() {")[1].split("}")[0]
