@@ -5,7 +5,9 @@ and is bit-identical to an uninterrupted run of its job, nothing else is left (n
 removal guard) anywhere under the work folder or the cache, and every cache entry verifies.
 
 Kills are driven by events: a worker is killed a seeded random delay after its n-th JSON event
-(n seeded too). The assertions never depend on when a kill lands. A worker that exits 7 (another
+(n seeded too). The assertions never depend on when a kill lands. After every kill the test also
+leaves what a kill inside a write would (a dead writer's temp beside the worker's outputs and in
+the cache): the end state must not hold any of them. A worker that exits 7 (another
 live worker holds one of its outputs) is restarted once a worker that was not locked out has ended
 (or none runs).
 """
@@ -15,6 +17,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +76,18 @@ def verify_cache(cache: Path) -> int:
     return len(entries)
 
 
+def plant_dead_writers_temps(paths: List[Path]) -> List[Path]:
+    """What a writer killed mid-write leaves: a temp beside each of ``paths``, named by
+    ``io.outputs.temp_sibling`` in a process that then exits (its owner is dead on this boot). The
+    kills themselves rarely land inside a millisecond write; these make every sweep path run."""
+    code = ("import sys\nfrom tokenflow.io.outputs import temp_sibling\n"
+            "for target in sys.argv[1:]:\n    open(temp_sibling(target), 'wb').write(b'half a file')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", code, *map(str, paths)], check=True, env=env, timeout=120)
+    return [t for p in paths for t in p.parent.glob(f".{p.name}.tmp-*")]
+
+
 @dataclass
 class Worker:
     """One job list, started again until it exits 0."""
@@ -118,6 +134,8 @@ def test_killed_and_restarted_workers_on_overlapping_jobs_end_in_one_clean_corre
         worker.proc = Proc(["run", *(work / "jobs" / f"{name}.yaml" for name in worker.jobs), "--checkpoint-root",
                             work / "checkpoints", "--resume", "--log-json"], env)
 
+    planted: List[Path] = []
+    (cache / "inversions").mkdir()
     for worker in workers:
         start(worker)
     guard = time.monotonic() + HANG_GUARD_S
@@ -145,6 +163,10 @@ def test_killed_and_restarted_workers_on_overlapping_jobs_end_in_one_clean_corre
                 worker.waiting = True
             else:
                 assert result.returncode == -signal.SIGKILL, (worker.jobs, worker.history, result.stderr[-3000:])
+                # as if the kill had landed inside a write: a dead writer's temp beside its jobs'
+                # outputs and in the cache's entry folder, which the next run touching them sweeps
+                planted += plant_dead_writers_temps([work / "out" / f"{name}.mp4" for name in worker.jobs]
+                                                    + [cache / "inversions" / "entry"])
                 start(worker)
         for worker in workers:
             if worker.waiting and (ended or not any(w.proc for w in workers)):
@@ -158,6 +180,7 @@ def test_killed_and_restarted_workers_on_overlapping_jobs_end_in_one_clean_corre
     assert sorted(produced) == sorted(expected), (sorted(os.listdir(work / "out")), history)   # once each, nothing else
     for name, data in expected.items():
         assert produced[name] == data, f"{name} differs from the uninterrupted run; {history}"
+    assert planted and not [p for p in planted if p.exists()], "a dead writer's temp was not swept"
     assert leftovers(work) == [] and leftovers(cache) == [], (leftovers(work), leftovers(cache), history)
     assert verify_cache(cache) >= 1
     print(f"soak: {history} ({kills} kills); reference {reference_s:.0f} s, soak {time.monotonic() - began - reference_s:.0f} s")
