@@ -127,6 +127,25 @@ def test_compiled_backend_gives_eager_result_with_a_lora(edits, tiny_model_dir, 
     assert rel < 1e-4
 
 
+def test_exported_graph_keys_name_the_lora_and_its_scale(tiny_model_dir, loras):
+    """ONNX / AOTInductor / TensorRT graphs are cached by a key holding the model identity, which
+    names each fused LoRA's content and scale: another LoRA or scale never reuses a graph."""
+    from tokenflow.engine.backends.onnx import graph_spec, spec_key
+    from tokenflow.engine.processors import TokenFlowUNet
+    from tokenflow.kernels import KernelChoice
+
+    keys = {}
+    for flags in ((), (loras["first"],), (f"{loras['first']}:0.5",), (loras["second"],)):
+        sd = load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32, loras=[str(f) for f in flags])
+        tf = TokenFlowUNet(sd.unet)
+        try:
+            keys[flags] = spec_key(graph_spec(tf, "propagate", latent_size=(8, 8), n_branches=3, match_on="input",
+                                              model_identity=sd.identity, kernels=KernelChoice("torch", "static")))
+        finally:
+            tf.remove()
+    assert len(set(keys.values())) == 4, keys
+
+
 def test_the_lora_and_its_scale_are_part_of_the_inversion_cache_key(tiny_model_dir, sample_clip, loras, tmp_path,
                                                                    capsys):
     def invert(*extra):
