@@ -173,6 +173,19 @@ def test_several_prompts_share_the_controlnets_whatever_the_chunks(edit, nets, t
     assert rel(first, single) < 1e-5 and rel(second, first) > 1e-3
 
 
+def test_keyframe_windows_with_a_controlnet_do_not_depend_on_the_chunks(edit, nets):
+    """--keyframe-window 1 (each keyframe its own window: the residuals follow the keyframes into
+    every window call) gives the same edit in chunks of 1 and of 3 propagated frames."""
+    flags = ("--controlnet", nets / "A", "--control", "canny", "--keyframe-window", "1")
+    _, _, whole = edit("--controlnet", nets / "A", "--control", "canny")
+    code, err, one = edit(*flags, "--chunk-frames", "1")
+    assert code == 0, err
+    code, err, three = edit(*flags, "--chunk-frames", "3")
+    assert code == 0, err
+    assert rel(three, one) < 1e-5 and np.isfinite(one).all()
+    assert rel(one, whole) > 1e-4   # windows change which keyframes attend together (docs/memory.md)
+
+
 def test_control_window_follows_diffusers_control_guidance():
     from tokenflow.engine.conditioning import ControlUnit, UNetConditions
 
