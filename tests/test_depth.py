@@ -238,3 +238,20 @@ def test_job_file_depth_keys(tmp_path):
     assert config.depth_maps == str(job.parent / "maps" / "raw.npy")   # relative to the job file
     assert config.depth_model == "Intel/dpt-hybrid-midas"                # a Hub id stays one
     assert config.depth_normalize == "clip" and config.model == "tiny-depth"
+
+
+def test_a_2_depth_single_file_edits_like_its_folder(tmp_path, clip, raw, capsys):
+    """The tiny depth model as one LDM-layout file (5-channel UNet input), with --model-config
+    pointing at its folder's configs and tokenizer: the CLI edit equals the folder's, bit for bit."""
+    from tests.ldm_layout import write_ldm_checkpoint
+    from tokenflow.models.tiny import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "tiny-depth", seed=0, depth=True)
+    single = write_ldm_checkpoint(folder, tmp_path / "tiny-depth.safetensors")
+    outs = {name: tmp_path / name for name in ("folder", "file")}
+    for out in outs.values():
+        out.mkdir()
+    from_folder, _ = run_ok(edit(clip, outs["folder"], "--depth-maps", raw["npy"], model=str(folder)), capsys)
+    from_file, _ = run_ok(edit(clip, outs["file"], "--depth-maps", raw["npy"], "--model-config", folder, model=str(single)),
+                          capsys)
+    assert np.array_equal(from_file, from_folder), float(np.abs(from_file - from_folder).max())
