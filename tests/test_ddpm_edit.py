@@ -143,7 +143,7 @@ def test_cli_edit_with_ddpm_inversion_says_so(tmp_path, tiny_model_dir, sample_c
         assert not (tmp_path / "bad.mp4").exists()
 
 
-DDPM_FLAGS = ("--inversion", "ddpm", "--inversion-batch-size", "4")
+DDPM_FLAGS = ("--inversion", "ddpm", "--inversion-batch-size", "4", "--keyframe-window", "1", "--chunk-frames", "2")
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,8 @@ def ddpm_reference(tmp_path_factory, tiny_model_dir, sample_clip):
 
 @pytest.mark.parametrize("phase,step", [("edit", 3), ("invert", 4)])
 def test_sigkill_then_resume_is_bit_identical(phase, step, tmp_path, ddpm_reference, tiny_model_dir, sample_clip):
-    """6 frames x 6 timesteps in calls of 4 rows: 9 inversion calls; killed in call or edit step ``step``."""
+    """6 frames x 6 timesteps in calls of 4 rows: 9 inversion calls; killed in call or edit step ``step``;
+    keyframe windows of 1 and propagation chunks of 2 frames (the checkpoint keeps both)."""
     out, folder = tmp_path / "out", tmp_path / "ckpt"
     out.mkdir()
     args = edit_args(sample_clip, tiny_model_dir, out, "--no-cache", "--checkpoint-dir", folder,
