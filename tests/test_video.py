@@ -447,6 +447,26 @@ def test_atomic_file_and_atomic_path_replace_the_target_or_leave_it_untouched(tm
     assert os.listdir(tmp_path) == ["state.bin"]
 
 
+def test_atomic_files_get_the_umask_mode_and_never_touch_the_umask(tmp_path, monkeypatch):
+    """A replaced file gets what a plain open would give (0666 less the umask, not mkstemp's 0600),
+    and the process umask is never changed (farm and lock threads may be creating files meanwhile)."""
+    changed = []
+    real_umask = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: changed.append(mask) or real_umask(mask))
+    old = real_umask(0o027)
+    try:
+        with outputs.atomic_file(tmp_path / "a.json") as f:
+            f.write("{}")
+        with outputs.atomic_path(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"x")
+        (tmp_path / "plain").write_text("x")
+    finally:
+        real_umask(old)
+    assert changed == []
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("a.json", "b.bin", "plain")}
+    assert modes == dict.fromkeys(modes, 0o640), modes
+
+
 @pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "move-aside"])
 def test_atomic_path_swaps_folders_with_and_without_an_atomic_exchange(tmp_path, monkeypatch, exchange):
     if not exchange:   # e.g. NFS or macOS: the old folder is renamed aside first
