@@ -403,3 +403,27 @@ def test_the_skip_rule_compares_condition_inputs_by_content(nets, sample_clip, t
     (poses / "frame1.png").write_bytes((poses / "frame4.png").read_bytes())
     assert job_fields(config)["condition_inputs"]["control"] != before["control"]
     assert "condition_inputs" not in job_fields(EditConfig(video=sample_clip, prompt="x"))
+
+
+def test_a_hub_controlnet_for_another_base_model_is_refused_before_its_weights_download(nets, tiny_sd, monkeypatch):
+    """A Hub id: its config.json is fetched alone and checked against the base model first; only a
+    fitting ControlNet's weights are then downloaded (the Hub stood in for by the local folders)."""
+    import huggingface_hub
+
+    from tokenflow.errors import ModelError
+    from tokenflow.models.controlnet import load_controlnet
+
+    asked = []
+
+    def snapshot(repo_id, allow_patterns=None, **kw):
+        asked.append((repo_id, tuple(allow_patterns or ())))
+        return str(nets / ("sd-other" if repo_id == "someone/other-base" else "A"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    with pytest.raises(ModelError, match="made for another base model"):
+        load_controlnet("someone/other-base", tiny_sd.unet, "cpu", torch.float32)
+    assert asked == [("someone/other-base", ("config.json",))]   # no weights fetched
+    asked.clear()
+    net, _ = load_controlnet("someone/fits", tiny_sd.unet, "cpu", torch.float32)
+    assert [patterns for _, patterns in asked] == [("config.json",), ("config.json", "diffusion_pytorch_model.safetensors")]
+    assert sum(p.numel() for p in net.parameters()) > 0

@@ -85,7 +85,8 @@ def load_controlnet(model: str, unet: Any, device: torch.device, dtype: torch.dt
                                  "a .safetensors file or a Hub id")
             net, identity = (_from_folder(path, model, unet, allow_pickle, base) if path.is_dir()
                              else _from_file(path, model, unet, allow_pickle, base))
-        else:
+        else:   # its config first: a ControlNet for another base model is refused before its weights download
+            _check_config(_hub_snapshot(model, allow_pickle, config_only=True)[0], model, unet, base)
             folder, identity = _hub_snapshot(model, allow_pickle)
             net, _ = _from_folder(folder, model, unet, allow_pickle, base)
         (net,) = move_to_device([net.to(dtype=dtype)], torch.device(device), dtype, f"ControlNet {model}")
@@ -96,11 +97,13 @@ def load_controlnet(model: str, unet: Any, device: torch.device, dtype: torch.dt
 # ----------------------------------------------------------------------------- sources
 
 
-def _hub_snapshot(repo_id: str, allow_pickle: bool) -> Tuple[Path, str]:
-    """A local snapshot of a Hub ControlNet with only its config and weights; (folder, identity)."""
+def _hub_snapshot(repo_id: str, allow_pickle: bool, config_only: bool = False) -> Tuple[Path, str]:
+    """A local snapshot of a Hub ControlNet with only its config and weights (``config_only``: its
+    config alone); (folder, identity)."""
     from huggingface_hub import snapshot_download  # noqa: PLC0415  only for Hub ids (start-up time)
 
-    patterns = [CONFIG_NAME, SAFE_WEIGHTS] + (["diffusion_pytorch_model.bin"] if allow_pickle else [])
+    patterns = [CONFIG_NAME] if config_only else \
+        [CONFIG_NAME, SAFE_WEIGHTS] + (["diffusion_pytorch_model.bin"] if allow_pickle else [])
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=hub_offline()))
     except Exception as error:  # offline, not found, gated, invalid id, network ...
@@ -122,7 +125,8 @@ def _fingerprint(path: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _from_folder(folder: Path, name: str, unet: Any, allow_pickle: bool, base: str) -> Tuple[Any, str]:
+def _check_config(folder: Path, name: str, unet: Any, base: str) -> None:
+    """ModelError unless ``folder`` holds a ControlNet config made for ``unet``'s base model."""
     from diffusers import ControlNetModel  # noqa: PLC0415  start-up time (see models.load.component_loader)
 
     if not (folder / CONFIG_NAME).is_file():
@@ -138,6 +142,12 @@ def _from_folder(folder: Path, name: str, unet: Any, allow_pickle: bool, base: s
         raise ModelError(f"'{name}' is not a ControlNet: its {CONFIG_NAME} is a {kind}'s. Give a diffusers "
                          "ControlNet folder (ControlNetModel) or a ControlNet weights file")
     check_base(config, unet, name, base)
+
+
+def _from_folder(folder: Path, name: str, unet: Any, allow_pickle: bool, base: str) -> Tuple[Any, str]:
+    from diffusers import ControlNetModel  # noqa: PLC0415  start-up time (see models.load.component_loader)
+
+    _check_config(folder, name, unet, base)
     if not (folder / SAFE_WEIGHTS).is_file():
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if not pickled:
