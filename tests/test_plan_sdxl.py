@@ -201,3 +201,32 @@ def test_long_videos_fit_24_gib_with_a_keyframe_window(sdxl):
         assert (p.store_on, p.latents_on) == ("host", "host") and p.peak <= p.usable, window
     with pytest.raises(ResourceError, match="int32 indexing allows. Use a keyframe window"):
         plan(sdxl, 80 * GIB, frames=1000, keyframes=125)   # 375 rows in one keyframe pass
+
+
+def test_the_documented_sdxl_plan_tables_are_the_recorded_plans():
+    """README's and docs/memory.md's SDXL tables at 1024² are bench/results/plans_sdxl_1024_fp16.json
+    (bench/plan_long_videos.py --arch sdxl): a planner change that moves them must regenerate them."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    recorded = json.loads((root / "bench" / "results" / "plans_sdxl_1024_fp16.json").read_text())
+    table_rows = [line for line in recorded["table"].splitlines() if re.match(r"\| \d+ \|", line)]
+    memory = [line for line in (root / "docs" / "memory.md").read_text().splitlines()
+              if re.match(r"\| (200|1000) \| (24|80) GiB \|", line) and ("GiB on" in line or "no (" in line)]
+    assert memory and all(line in table_rows for line in memory), [m for m in memory if m not in table_rows]
+    readme = (root / "README.md").read_text().split("<!-- sdxl-plan-table -->")[1].split("<!--")[0]
+    shown = [line.strip() for line in readme.splitlines() if re.match(r"\s*\| 200 \|", line)]
+    assert len(shown) == 3
+    for line in shown:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        frames, budget, window = int(cells[0]), float(cells[1].split()[0]) * 2**30, cells[2]
+        (case,) = [c for c in recorded["results"] if c["frames"] == frames and c["budget_bytes"] == budget
+                   and str(c["keyframe_window"] or "all") == window]
+        if not case["fits"]:
+            assert "does not fit" in cells[3] and re.search(r"at least ([\d.]+) ?GiB", case["error"]).group(1) in cells[3]
+            continue
+        plan = case["plan"]
+        assert cells[3] == f"{plan['store_bytes'] / 2**30:.1f} GiB on {plan['store_on']}", line
+        assert cells[4] == f"{plan['keyframe_call']} / {plan['chunk_frames']} / {plan['inversion_frames']}", line
+        assert cells[5] == f"{max(plan['peaks'].values()) / 2**30:.1f} GiB", line
