@@ -133,6 +133,8 @@ def test_every_key_the_original_reads_is_accepted():
     assert len(notes) == 3 and all("changes nothing here" in n for n in notes)   # skip_steps, reconstruct, ...
     # the DDPM-inversion fork's skip_steps is our skip once its inversion is DDPM
     assert from_mapping({"inversion": "ddpm", "skip_steps": 5}).skip == 5
+    # one side alone: the other is the original's default (preprocess.py --H/--W 512)
+    assert from_mapping({"W": 672}).size == (672, 512) and from_mapping({"H": 384}).size == (512, 384)
     with pytest.raises(ConfigError, match="unknown key 'config_path'"):
         from_mapping({"config_path": "configs/config_pnp.yaml"})
 

@@ -650,7 +650,8 @@ def from_mapping(data: dict, base: EditConfig = EditConfig(), *, source: str = "
     h, w = data.pop("H", None), data.pop("W", None)
     if h is not None or w is not None:
         try:
-            changes["size"] = (int(w if w is not None else h), int(h if h is not None else w))
+            # a side the mapping does not give is the original's default, 512 (its preprocess.py --H/--W)
+            changes["size"] = (int(w if w is not None else 512), int(h if h is not None else 512))
         except (TypeError, ValueError):
             raise ConfigError(f"{source}: H={short_repr(h)}, W={short_repr(w)} must be whole numbers of pixels") from None
     # the original's sdedit config is recognised by its keys
