@@ -117,6 +117,11 @@ def test_a_second_prompt_writes_a_second_file_and_reruns_skip_only_the_same_job(
     # another setting: named too
     code, _, err = run_cli(capsys, *edit, *wolf, "--seed", "7")
     assert code == 5 and "seed: 1 there, 7 now" in err, err
+    # the same job asking for a report too: the edit stays, the message says how to add its report
+    code, _, err = run_cli(capsys, *edit, "--prompt", "a cat", "--report", "cat-report/")
+    lines = error_lines(err)
+    assert code == 5 and len(lines) == 1 and "tokenflow report" in lines[0] and "cat-report" in lines[0], err
+    assert not (tmp_path / "cat-report").exists()
 
     # an output of the job that records nothing (a foreign file in its place): refused, named
     Path(sidecar_path("wolf.npy")).unlink()
