@@ -74,7 +74,9 @@ def keyframes_summary(keyframes: Sequence[Sequence[int]], n_frames: int) -> str:
     per_step = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
     drawn = {f for k in keyframes for f in k}
     never = n_frames - len(drawn)
-    return (f"{per_step} keyframes of {n_frames} frames at each of {len(keyframes)} steps; "
+    plural = "" if counts == [1] else "s"
+    return (f"{per_step} keyframe{plural} of {n_frames} frames at each of {len(keyframes)} "
+            f"step{'s' if len(keyframes) != 1 else ''}; "
             + ("every frame was a keyframe at least once" if never == 0
                else f"{never} frame{'s were' if never > 1 else ' was'} never a keyframe"))
 
