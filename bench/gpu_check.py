@@ -98,7 +98,7 @@ TARGETS = [
     (7, "original_over_ours_40_frames", "the original's 40-frame run beside ours (ratio, > 1: ours faster)",
      None),
     (7, "original_over_ours_method_40_frames", "the same, like for like: the method's work on both sides "
-     "(inversion, edit, decode; no model load, no reconstruction check, no setup)", None),
+     "(encode, inversion, edit, decode; no model load, no reconstruction check, no setup)", None),
     (8, "sdxl_extrapolated_s_200_frames", "SDXL base 1.0 1024^2, 200 frames, 50+50 steps (extrapolated; issue 20 "
      "sets no goal)", None),
     (9, "ddim500_over_ddpm50_total", "SD 2.1-base 512^2, 40 frames: DDIM 500 + 50 edit steps over DDPM inversion at 50 "

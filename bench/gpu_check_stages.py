@@ -697,6 +697,20 @@ def stage_compile(ctx: Ctx, res: Result) -> Tuple[str, str]:
 # ----------------------------------------------------------------------------- 7 the original
 
 
+ORIGINAL_METHOD_STAGES = ("pre_load_frames_vae_encode", "inversion", "editing_denoise", "decode")
+
+
+def original_method_seconds(timings: dict) -> Optional[float]:
+    """The original's own work in its GPU_RUN_RESULT ``timings_s`` (flat keys, shared/reference/gpu_run.sh),
+    like ours in stage 4's ``method_s``: encode once, invert, denoise, decode; not its imports,
+    model loads, reconstruction check of the preprocessing, or the edit's second encode. None when
+    the run did not get that far."""
+    parts = [timings.get(k) for k in ORIGINAL_METHOD_STAGES]
+    if not all(isinstance(p, (int, float)) and p > 0 for p in parts[1:3]):
+        return None
+    return float(sum(p for p in parts if isinstance(p, (int, float))))
+
+
 def stage_original(ctx: Ctx, res: Result) -> Tuple[str, str]:
     if not KIT.exists():
         return "SKIP", f"reference kit not prepared ({KIT.relative_to(ROOT)}; docs/benchmarks.md says how)"
@@ -720,11 +734,7 @@ def stage_original(ctx: Ctx, res: Result) -> Tuple[str, str]:
     timings = found.get("timings_s") or {}
     wall = timings.get("wall_total")
     ours = ctx.earlier("end_to_end", "extrapolated_s_40_frames")
-    # like for like: the method's own work on both sides (its inversion, edit and decode; ours:
-    # encode, 50 + 50 steps, decode), without model loading, the original's reconstruction check
-    # of its preprocessing, or our plan and setup
-    summary = timings.get("summary") or {}
-    method = sum(summary.get(k) or 0.0 for k in ("inversion", "editing_denoise", "decode")) or None
+    method = original_method_seconds(timings)
     ours_method = ctx.earlier("end_to_end", "method_s_40_frames")
     res.measure(original_wall_s_40_frames=wall, original_over_ours_40_frames=wall / ours if wall and ours else None,
                 original_method_s_40_frames=method,

@@ -184,3 +184,21 @@ def test_a_stage_result_with_nan_and_inf_still_gives_the_summary_and_status_line
     assert summary["errors"] == [] and summary["complete"] is True
     ended = next(e for e in events if e["event"] == "stage_end")
     assert ended["measured"]["injected_nan"] is None
+
+
+def test_the_originals_method_seconds_from_a_kit_result_line():
+    """Stage 7's like-for-like side: the flat ``timings_s`` a GPU_RUN_RESULT line carries
+    (shared/reference/gpu_run.sh): encode + inversion + denoise + decode, not loads or the reconstruction."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check_stages as stages
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    line = ('GPU_RUN_RESULT {"timings_s": {"import": 4.1, "pre_frames_extract": 0.5, "pre_model_load": 6.0, '
+            '"pre_load_frames_vae_encode": 1.5, "inversion": 20.0, "pre_reconstruction_ddim": 18.0, '
+            '"pre_reconstruction_decode": 2.0, "edit_model_load": 5.0, "edit_load_frames_vae_encode_eps": 1.4, '
+            '"editing_denoise": 30.0, "decode": 2.5, "wall_total": 95.0}}')
+    timings = json.loads(line.split(" ", 1)[1])["timings_s"]
+    assert stages.original_method_seconds(timings) == pytest.approx(1.5 + 20.0 + 30.0 + 2.5)
+    assert stages.original_method_seconds({**timings, "editing_denoise": 0.0}) is None   # stopped before the edit
+    assert stages.original_method_seconds({"inversion": 20.0, "editing_denoise": 30.0}) == 50.0
