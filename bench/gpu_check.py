@@ -290,7 +290,7 @@ def run_stage(check: Check, stage: Stage, context: Path) -> dict:
             _kill(proc)
             partial = _read(result_file)
             result_file.unlink(missing_ok=True)
-            result_file.with_suffix(".tmp").unlink(missing_ok=True)
+            _remove_temps(result_file)
             check.results[stage.name] = {"stage": stage.number, **partial, "status": "SKIP",
                                          "reason": f"interrupted by {exc} after {time.monotonic() - started:.0f} s "
                                                    "(partial results kept)"}
@@ -298,7 +298,7 @@ def run_stage(check: Check, stage: Stage, context: Path) -> dict:
     seconds = time.monotonic() - started
     result = _read(result_file)
     result_file.unlink(missing_ok=True)
-    result_file.with_suffix(".tmp").unlink(missing_ok=True)   # a write the kill interrupted
+    _remove_temps(result_file)   # a write the kill interrupted
     result["seconds"] = round(seconds, 2)
     if timed_out:
         cut = limit < own
@@ -315,6 +315,16 @@ def run_stage(check: Check, stage: Stage, context: Path) -> dict:
             (f"; {result['reason']}" if result.get("reason") else "")
     result.setdefault("status", "FAIL")
     return result
+
+
+def _remove_temps(path: Path) -> None:
+    """The temps a killed stage's save left beside ``path``: tokenflow.io.outputs names them
+    ``.<name>.tmp-<owner>-<hex>`` (matched here without importing tokenflow: the driver stays stdlib-only)."""
+    for temp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            temp.unlink()
+        except OSError:
+            pass
 
 
 def _kill(proc: subprocess.Popen) -> None:

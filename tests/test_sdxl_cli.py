@@ -160,7 +160,7 @@ def test_a_hub_model_that_turns_out_sdxl_is_read_at_sdxl_size(tmp_path, capsys, 
     code, events, err = edit(capsys, sample_clip, "--model", tiny_xl_dir, "--plan", "--frames", "2", "--device", "cpu",
                              "--log-json")
     assert code == 0, err
-    assert any("turned out to be an SDXL model once downloaded" in e.get("message", "") for e in events)
+    assert any("is an SDXL model (known once it loaded): reading the frames again" in e.get("message", "") for e in events)
     (plan,) = [e for e in events if e["event"] == "plan"]
     assert plan["latent_size"] == [xl_size[1] // 8, xl_size[0] // 8]
     config = EditConfig(video=str(sample_clip), model=str(tiny_xl_dir), frames=2, device="cpu", prompt="x")

@@ -322,26 +322,32 @@ FAMILY_WORDS = {"sdxl": "an SDXL model", "sd": "a Stable Diffusion 1.x/2.x model
 def read_and_load(config: EditConfig, reporter: Reporter, host: HostPlan, prompts: int,
                   device_type: str) -> Tuple[Clip, Editor]:
     """The clip and the editor. Without --size the frames are read at the default size of the
-    family ``family_of`` finds before the load; for a Hub model not downloaded yet that is a guess
-    (SD): see ``at_model_size``."""
+    family ``family_of`` finds before the load; for a Hub model not downloaded yet (or a pickle
+    file) that is a guess (SD): see ``loaded_family_differs``."""
     guessed = family_of(config.model)   # before the load: afterwards the Hub cache holds its config
     clip = read_checked(config, reporter, host, guessed)
     editor = _load_editor(config, reporter)
-    return at_model_size(config, reporter, clip, guessed, editor, prompts, device_type), editor
+    actual = loaded_family_differs(config, guessed, editor)
+    if actual:
+        clip = None   # the first read is not kept while the frames are read again
+        clip = read_at_family(config, reporter, actual, prompts, device_type)
+    return clip, editor
 
 
-def at_model_size(config: EditConfig, reporter: Reporter, clip: Clip, guessed: str, editor: Editor, prompts: int,
-                  device_type: str) -> Clip:
-    """``clip``, or, when the loaded model is of another family than the one guessed before the
-    load (an SDXL fine-tune on the Hub, not downloaded yet) and no --size was given, the frames read
-    again at its default size (SDXL's 1024-pixel class, not SD's 512), after the host check there."""
+def loaded_family_differs(config: EditConfig, guessed: str, editor: Editor) -> Optional[str]:
+    """The loaded model's family when it is not the one guessed before the load and no --size was
+    given (the frames were read at the wrong default size), else None."""
     actual = editor.model.family
-    if config.size is not None or actual == guessed:
-        return clip
-    host = check_host_memory(config, prompts, device_type, actual)
-    reporter.info(f"{config.model} turned out to be {FAMILY_WORDS.get(actual, actual)} once downloaded: "
-                  "reading the frames again at its default size (--size sets one)")
-    return read_checked(config, reporter, host, actual)
+    return actual if config.size is None and actual != guessed else None
+
+
+def read_at_family(config: EditConfig, reporter: Reporter, family: str, prompts: int, device_type: str) -> Clip:
+    """The frames read again at ``family``'s default size (SDXL's 1024-pixel class, not SD's 512),
+    after the host check at that size."""
+    host = check_host_memory(config, prompts, device_type, family)
+    reporter.info(f"{config.model} is {FAMILY_WORDS.get(family, family)} (known once it loaded): reading the "
+                  "frames again at its default size (--size sets one)")
+    return read_checked(config, reporter, host, family)
 
 
 def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
@@ -356,7 +362,10 @@ def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
     guessed = family_of(config.model)   # before the load: afterwards the Hub cache holds its config
     clip = read_checked(config, reporter, host, guessed)
     editor, made_from = _plan_editor(config, reporter)
-    clip = at_model_size(config, reporter, clip, guessed, editor, prompts, device_type)
+    actual = loaded_family_differs(config, guessed, editor)
+    if actual:
+        clip = None   # the first read is not kept while the frames are read again
+        clip = read_at_family(config, reporter, actual, prompts, device_type)
     plan = editor.plan(clip, config.replace(prompt=config.prompts or ("plan",)))
     plan = dataclasses.replace(plan, made_from=made_from)
     reporter.event("plan", **plan.as_dict())

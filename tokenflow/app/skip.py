@@ -153,9 +153,9 @@ class Skip:
             videos = [path for path, kind in existing if kind == "video"]
             if kinds == {"report"} and videos:   # a finished edit, now asked for a report too
                 raise OutputError(f"the edit exists ({', '.join(videos)}) but not its report ({', '.join(missing)}): "
-                                  f"make the report of the edit already made with `tokenflow report "
-                                  f"{self.config.video} {videos[0]} -o {missing[0]}`, or pass --overwrite to redo "
-                                  "the edit with it")
+                                  "pass --overwrite to redo the edit with its report; or keep the edit, drop --report "
+                                  "and make a report of it with `tokenflow report SOURCE EDITED -o DIR` (with the "
+                                  "job's --start/--stride/--crop)")
             raise OutputError(f"some outputs of this job exist and some do not (existing: {', '.join(have)}; "
                               f"missing: {', '.join(missing)}), as after an interrupted run or a changed job: pass "
                               "--overwrite to redo the job and replace them, or remove them")
