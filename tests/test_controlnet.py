@@ -306,7 +306,7 @@ def test_job_files_take_lists(edit, nets, tmp_path, tiny_model_dir, sample_clip,
     (("--controlnet", "{nets}/poses", "--control", "canny"), 4, "has no config.json"),
     (("--controlnet", "{nets}/a-unet", "--control", "canny"), 4, "is not a ControlNet: its config.json is a "
                                                                "UNet2DConditionModel's"),
-    (("--controlnet", "{nets}/half", "--control", "canny"), 4, "lacks"),
+    (("--controlnet", "{nets}/half", "--control", "canny"), 4, "incomplete"),   # "lacks N of its weights" here
 ])
 def test_bad_controlnets_are_refused_before_any_work(edit, nets, flags, status, message):
     flags = [f.format(A=nets / "A", nets=nets) for f in flags]

@@ -85,15 +85,18 @@ def test_a_report_at_a_job_file_or_input_or_output_is_refused(tmp_path, sample_c
 
     jobs = tmp_path / "jobs"
     jobs.mkdir()
-    job = _write_job(jobs, "a", video=str(sample_clip), output=str(tmp_path / "a.mp4"), prompt="x", model="tiny")
+    job = _write_job(jobs, "a", video=str(sample_clip), output=str(tmp_path / "a.mp4"), prompt="x", model="tiny",
+                     save_frames=str(tmp_path / "frames"))
     before = job.read_bytes()
     monkeypatch.setattr(farm_cli, "import_ray", lambda: pytest.fail("Ray was contacted"))
     for report, needle in ((job, "is the job file"), (sample_clip, "is the input video"),
-                           (tmp_path / "a.mp4", "is also an output of job 'a'")):
-        code = main(["farm", str(jobs), "--ray", "local", "--report", str(report)])
+                           (tmp_path / "a.mp4", "is also an output of job 'a'"),
+                           (tmp_path / "frames" / "r.json", "is also an output of job 'a' (its save_frames")):
+        code = main(["farm", str(jobs), "--ray", "local", "--report", str(report), "--checkpoint-root",
+                     str(tmp_path / "ck")])
         lines = capsys.readouterr().err.strip().splitlines()
         assert code == 5 and len(lines) == 1 and needle in lines[0], lines
-    assert job.read_bytes() == before and not (jobs / "checkpoints").exists()
+    assert job.read_bytes() == before and not (jobs / "checkpoints").exists() and not (tmp_path / "ck").exists()
 
 
 def test_missing_ray_gives_the_install_hint(tmp_path, sample_clip, monkeypatch):

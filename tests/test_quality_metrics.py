@@ -174,5 +174,5 @@ def test_metrics_json_or_report_at_an_input_is_refused_and_the_input_kept(which,
     for args in (("metrics", source, edited, "--json", target), ("report", source, edited, "-o", tmp_path)):
         run = tokenflow(*args)
         assert run.returncode == 5 and len(run.stderr.strip().splitlines()) == 1, run.stderr
-        assert "tokenflow never writes over or into an input" in run.stderr
+        assert "tokenflow never writes over or into what it reads" in run.stderr
         assert target.read_bytes() == before

@@ -58,4 +58,5 @@ def check_not_an_input(label: str, output: str, inputs: Iterable[Tuple[str, str]
             continue
         reason = alias_reason(output, in_label, in_path)
         if reason is not None:
-            raise OutputError(f"{label} '{output}' {reason}; {NEVER_OVER_INPUTS}")
+            raise OutputError(f"{label} '{output}' {reason}; tokenflow never writes over or into what it reads: "
+                              "choose another path")

@@ -203,7 +203,8 @@ def _from_file(path: Path, name: str, unet: Any, allow_pickle: bool, base: str) 
     _check_tensors(converted, expected, name, unet)
     # own storage per weight: the converter returns views into split tensors, whose unaligned
     # addresses make some CPU kernels round differently from the same weights loaded from a folder
-    converted = {k: v.clone(memory_format=torch.contiguous_format) for k, v in converted.items()}
+    del checkpoint   # the file's tensors live on only through the views being replaced here
+    converted = {k: converted.pop(k).clone(memory_format=torch.contiguous_format) for k in list(converted)}
     net.load_state_dict(converted, strict=True, assign=True)
     return net, _fingerprint(path)
 

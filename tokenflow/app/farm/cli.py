@@ -15,7 +15,7 @@ from tokenflow.app.jobfile.run import add_root_flags, root_options
 from tokenflow.app.paths import job_inputs, job_output_paths
 from tokenflow.config import Ranged, Rule
 from tokenflow.errors import ConfigError, OutputError
-from tokenflow.io.aliasing import check_not_an_input
+from tokenflow.io.aliasing import check_not_an_input, inside
 
 INSTALL_HINT = "tokenflow farm needs Ray: pip install 'tokenflow[farm]' (or pip install 'ray>=2.9')"
 MAX_RETRIES = 100        # runs after the first of one job
@@ -95,8 +95,9 @@ def check_report_path(report_path: str, shown: str, jobs: list) -> None:
     real = os.path.realpath(report_path)
     for job in jobs:
         check_not_an_input("--report", shown, job_inputs(job.config, [("job file", job.file)]))
-        for label, path in job_output_paths(job.config):
-            if os.path.realpath(path) == real:
+        for label, path in job_output_paths(job.config):   # save_frames and report folders are replaced whole
+            if os.path.realpath(path) == real or (label in ("save_frames", "report")
+                                                  and inside(real, os.path.realpath(path))):
                 raise OutputError(f"--report '{shown}' is also an output of job {job.name!r} (its {label}, {job.file}): "
                                   "give the farm's report its own path")
 
