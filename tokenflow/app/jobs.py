@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -319,35 +319,24 @@ def read_checked(config: EditConfig, reporter: Reporter, host: HostPlan, family:
 FAMILY_WORDS = {"sdxl": "an SDXL model", "sd": "a Stable Diffusion 1.x/2.x model"}
 
 
-def read_and_load(config: EditConfig, reporter: Reporter, host: HostPlan, prompts: int,
-                  device_type: str) -> Tuple[Clip, Editor]:
-    """The clip and the editor. Without --size the frames are read at the default size of the
-    family ``family_of`` finds before the load; for a Hub model not downloaded yet (or a pickle
-    file) that is a guess (SD): see ``loaded_family_differs``."""
+def read_and_load(config: EditConfig, reporter: Reporter, host: HostPlan, prompts: int, device_type: str,
+                  load: Optional[Callable[[], Editor]] = None) -> Tuple[Clip, Editor]:
+    """(clip, editor: ``load()``'s, by default the model of ``config``). Without
+    --size the frames are read at the default size of the family ``family_of`` finds before the
+    load; for a Hub model not downloaded yet (or a pickle file) that is a guess (SD), and when the
+    loaded model is of another family they are read again at its default size (SDXL's 1024-pixel
+    class, not SD's 512), after the host check at that size."""
     guessed = family_of(config.model)   # before the load: afterwards the Hub cache holds its config
     clip = read_checked(config, reporter, host, guessed)
-    editor = _load_editor(config, reporter)
-    actual = loaded_family_differs(config, guessed, editor)
-    if actual:
-        clip = None   # the first read is not kept while the frames are read again
-        clip = read_at_family(config, reporter, actual, prompts, device_type)
-    return clip, editor
-
-
-def loaded_family_differs(config: EditConfig, guessed: str, editor: Editor) -> Optional[str]:
-    """The loaded model's family when it is not the one guessed before the load and no --size was
-    given (the frames were read at the wrong default size), else None."""
+    editor = load() if load is not None else _load_editor(config, reporter)
     actual = editor.model.family
-    return actual if config.size is None and actual != guessed else None
-
-
-def read_at_family(config: EditConfig, reporter: Reporter, family: str, prompts: int, device_type: str) -> Clip:
-    """The frames read again at ``family``'s default size (SDXL's 1024-pixel class, not SD's 512),
-    after the host check at that size."""
-    host = check_host_memory(config, prompts, device_type, family)
-    reporter.info(f"{config.model} is {FAMILY_WORDS.get(family, family)} (known once it loaded): reading the "
-                  "frames again at its default size (--size sets one)")
-    return read_checked(config, reporter, host, family)
+    if config.size is None and actual != guessed:
+        clip = None   # the first read is not kept while the frames are read again
+        host = check_host_memory(config, prompts, device_type, actual)
+        reporter.info(f"{config.model} is {FAMILY_WORDS.get(actual, actual)} (known once it loaded): reading the "
+                      "frames again at its default size (--size sets one)")
+        clip = read_checked(config, reporter, host, actual)
+    return clip, editor
 
 
 def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
@@ -359,15 +348,15 @@ def run_plan(config: EditConfig, reporter: Reporter) -> MemoryPlan:
     check_model_and_steps(config)
     prompts, device_type = max(1, len(config.prompts)), resolve_device(config.device).type
     host = check_host_memory(config, prompts, device_type)
-    guessed = family_of(config.model)   # before the load: afterwards the Hub cache holds its config
-    clip = read_checked(config, reporter, host, guessed)
-    editor, made_from = _plan_editor(config, reporter)
-    actual = loaded_family_differs(config, guessed, editor)
-    if actual:
-        clip = None   # the first read is not kept while the frames are read again
-        clip = read_at_family(config, reporter, actual, prompts, device_type)
+    made = {}
+
+    def load() -> Editor:
+        editor, made["from"] = _plan_editor(config, reporter)
+        return editor
+
+    clip, editor = read_and_load(config, reporter, host, prompts, device_type, load=load)
     plan = editor.plan(clip, config.replace(prompt=config.prompts or ("plan",)))
-    plan = dataclasses.replace(plan, made_from=made_from)
+    plan = dataclasses.replace(plan, made_from=made["from"])
     reporter.event("plan", **plan.as_dict())
     if reporter.json_stream is None:
         print(plan.describe())

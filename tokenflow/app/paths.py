@@ -39,7 +39,7 @@ OUTPUT_FIELDS = ("save_latents", "save_frames", "report", "checkpoint_dir")
 # folder outputs that only ever write and remove their own files (io/outputs.STATE_FILES)
 _OWN_FILES_ONLY = ("checkpoint_dir",)
 # outputs replaced as a whole folder (swap_folder_into_place): anything inside them would be lost
-_WHOLE_FOLDERS = ("save_frames", "report")
+WHOLE_FOLDERS = ("save_frames", "report")
 _TINY = re.compile(r"^tiny(?:-depth|-xl)?(?::.*)?$")
 
 
@@ -164,9 +164,9 @@ def overlap_problems(outputs: Sequence[Pair]) -> List[Pair]:
         for label_b, path_b, real_b in real[i + 1:]:
             if real_a == real_b:
                 reason = f"'{path_a}' is also the {label_b} output '{path_b}'"
-            elif label_a in _WHOLE_FOLDERS and inside(real_b, real_a):
+            elif label_a in WHOLE_FOLDERS and inside(real_b, real_a):
                 reason = f"'{path_a}' contains the {label_b} output '{path_b}', which replacing the folder would delete"
-            elif label_b in _WHOLE_FOLDERS and inside(real_a, real_b):
+            elif label_b in WHOLE_FOLDERS and inside(real_a, real_b):
                 reason = f"'{path_a}' lies inside the {label_b} folder '{path_b}', which is replaced as a whole"
             else:
                 continue

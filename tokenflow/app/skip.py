@@ -148,10 +148,10 @@ class Skip:
             return True
         if existing and final:
             have = [path for path, _ in existing]
-            missing = [path for path, _ in self.targets if path not in have]
-            kinds = {kind for path, kind in self.targets if path not in have}
+            absent = [(path, kind) for path, kind in self.targets if path not in have]
+            missing = [path for path, _ in absent]
             videos = [path for path, kind in existing if kind == "video"]
-            if kinds == {"report"} and videos:   # a finished edit, now asked for a report too
+            if {kind for _, kind in absent} == {"report"} and videos:   # a finished edit, now asked for a report too
                 raise OutputError(f"the edit exists ({', '.join(videos)}) but not its report ({', '.join(missing)}): "
                                   "pass --overwrite to redo the edit with its report; or keep the edit, drop --report "
                                   "and make a report of it with `tokenflow report SOURCE EDITED -o DIR` (with the "

@@ -354,13 +354,6 @@ def tokenizer_files(choice: ConfigChoice, part: str = "tokenizer") -> Tuple[Path
     raise ModelError(f"the CLIP vocabulary is missing from {CLIP_VOCAB}: reinstall tokenflow")
 
 
-def _vocab_size(path: Path) -> int:
-    try:
-        return len(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError) as error:
-        raise ModelError(f"tokenizer vocabulary {path} is unreadable ({one_line(error)}): replace it") from None
-
-
 def load_tokenizer(choice: ConfigChoice, name: str, part: str = "tokenizer"):
     """The CLIP tokenizer ``part`` (``tokenizer``, SDXL's ``tokenizer_2``): the vocabulary files
     (``tokenizer_files``) with the chosen configs' tokenizer settings (SD 2.x and SDXL's second pad
@@ -368,15 +361,6 @@ def load_tokenizer(choice: ConfigChoice, name: str, part: str = "tokenizer"):
     from transformers import CLIPTokenizer  # noqa: PLC0415  start-up time
 
     files = tokenizer_files(choice, part)
-    encoder = choice.folder / ("text_encoder_2" if part == "tokenizer_2" else "text_encoder") / "config.json"
-    try:
-        fits = json.loads(encoder.read_text(encoding="utf-8")).get("vocab_size")
-    except (OSError, ValueError):   # the text encoder's own load says what is wrong with its config
-        fits = None
-    if isinstance(fits, int) and _vocab_size(files[0]) > fits:
-        raise ModelError(f"model file '{name}': the tokenizer vocabulary {files[0]} has {_vocab_size(files[0])} "
-                         f"tokens but the text encoder of {choice.folder} takes {fits}: put the model's own "
-                         f"tokenizer (vocab.json, merges.txt) in {choice.folder / part}")
     with tempfile.TemporaryDirectory(prefix="tokenflow-tokenizer-") as folder:
         for source in files:
             shutil.copyfile(source, Path(folder) / source.name)
@@ -385,10 +369,20 @@ def load_tokenizer(choice: ConfigChoice, name: str, part: str = "tokenizer"):
             if given.is_file():
                 shutil.copyfile(given, Path(folder) / config)
         try:
-            return CLIPTokenizer.from_pretrained(folder)
+            tokenizer = CLIPTokenizer.from_pretrained(folder)
         except Exception as error:
             raise ModelError(f"could not load the tokenizer for model file '{name}' from {files[0].parent} "
                              f"({one_line(error)}): replace its vocab.json and merges.txt") from None
+    encoder = choice.folder / ("text_encoder_2" if part == "tokenizer_2" else "text_encoder") / "config.json"
+    try:
+        fits = json.loads(encoder.read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError):   # the text encoder's own load says what is wrong with its config
+        fits = None
+    if isinstance(fits, int) and len(tokenizer) > fits:
+        raise ModelError(f"model file '{name}': the tokenizer vocabulary {files[0]} has {len(tokenizer)} "
+                         f"tokens but the text encoder of {choice.folder} takes {fits}: put the model's own "
+                         f"tokenizer (vocab.json, merges.txt) in {choice.folder / part}")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------- text encoder

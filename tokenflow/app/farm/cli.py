@@ -12,7 +12,7 @@ from tokenflow.app.farm.driver import Farm
 from tokenflow.app.farm.status import FARM_DIR, grace_seconds
 from tokenflow.app.jobfile.load import load_jobs
 from tokenflow.app.jobfile.run import add_root_flags, root_options
-from tokenflow.app.paths import job_inputs, job_output_paths
+from tokenflow.app.paths import WHOLE_FOLDERS, job_inputs, job_output_paths
 from tokenflow.config import Ranged, Rule
 from tokenflow.errors import ConfigError, OutputError
 from tokenflow.io.aliasing import check_not_an_input, inside
@@ -95,9 +95,8 @@ def check_report_path(report_path: str, shown: str, jobs: list) -> None:
     real = os.path.realpath(report_path)
     for job in jobs:
         check_not_an_input("--report", shown, job_inputs(job.config, [("job file", job.file)]))
-        for label, path in job_output_paths(job.config):   # save_frames and report folders are replaced whole
-            if os.path.realpath(path) == real or (label in ("save_frames", "report")
-                                                  and inside(real, os.path.realpath(path))):
+        for label, path in job_output_paths(job.config):
+            if os.path.realpath(path) == real or (label in WHOLE_FOLDERS and inside(real, os.path.realpath(path))):
                 raise OutputError(f"--report '{shown}' is also an output of job {job.name!r} (its {label}, {job.file}): "
                                   "give the farm's report its own path")
 
